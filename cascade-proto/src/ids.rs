@@ -137,7 +137,11 @@ impl std::str::FromStr for Role {
             "presenter" => Role::Presenter,
             "attendee" => Role::Attendee,
             "viewer" => Role::Viewer,
-            other => return Err(format!("unknown role {other:?} (host, co-host, presenter, attendee, viewer)")),
+            other => {
+                return Err(format!(
+                    "unknown role {other:?} (host, co-host, presenter, attendee, viewer)"
+                ))
+            }
         })
     }
 }
@@ -192,7 +196,13 @@ mod tests {
 
     #[test]
     fn roles_round_trip() {
-        for r in [Role::Host, Role::CoHost, Role::Presenter, Role::Attendee, Role::Viewer] {
+        for r in [
+            Role::Host,
+            Role::CoHost,
+            Role::Presenter,
+            Role::Attendee,
+            Role::Viewer,
+        ] {
             assert_eq!(r.as_str().parse::<Role>().unwrap(), r);
             let j = serde_json::to_string(&r).unwrap();
             assert_eq!(j, format!("\"{}\"", r.as_str()));

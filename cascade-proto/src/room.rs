@@ -3,6 +3,8 @@
 //! Every intent that expects an answer carries a [`RequestId`] chosen by the edge; the origin
 //! answers each with exactly one [`OriginToEdge::Reply`]. Room events carry a per-room sequence
 //! number ([`RoomEvent::seq`]) so an edge (and through it, a client) can tell when it missed one.
+//!
+//! The message enums are deliberately exhaustive: a new variant must be handled by every node.
 
 use crate::ids::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
 use serde::{Deserialize, Serialize};
@@ -42,10 +44,13 @@ pub struct TrackInfo {
 
 /// What a participant asks of the room, relayed by its edge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum Intent {
     /// Join with the identity and role the (already verified) token grants.
-    Join { identity: Identity, role: Role, name: String },
+    Join {
+        identity: Identity,
+        role: Role,
+        name: String,
+    },
     /// Leave (or the connection is gone).
     Leave { participant: ParticipantId },
     /// Announce a new published track.
@@ -56,9 +61,16 @@ pub enum Intent {
         layers: u8,
     },
     /// Withdraw a published track.
-    Unpublish { participant: ParticipantId, track: TrackId },
+    Unpublish {
+        participant: ParticipantId,
+        track: TrackId,
+    },
     /// Mute or unmute one's own track.
-    SetMuted { participant: ParticipantId, track: TrackId, muted: bool },
+    SetMuted {
+        participant: ParticipantId,
+        track: TrackId,
+        muted: bool,
+    },
 }
 
 /// Why the origin refused an intent. Codes are what clients see.
@@ -94,7 +106,6 @@ impl RoomError {
 
 /// The origin's answer to one intent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum Reply {
     /// Joined: who you are and the room as it stands (events after `seq` follow on the link).
     Joined {
@@ -103,7 +114,9 @@ pub enum Reply {
         tracks: Vec<TrackInfo>,
         seq: u64,
     },
-    Published { track: TrackInfo },
+    Published {
+        track: TrackInfo,
+    },
     Done,
     Refused(RoomError),
 }
@@ -118,27 +131,36 @@ pub struct RoomEvent {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum RoomEventBody {
     ParticipantJoined(ParticipantInfo),
-    ParticipantLeft { participant: ParticipantId },
+    ParticipantLeft {
+        participant: ParticipantId,
+    },
     TrackPublished(TrackInfo),
-    TrackUnpublished { track: TrackId, participant: ParticipantId },
-    TrackMuted { track: TrackId, muted: bool },
+    TrackUnpublished {
+        track: TrackId,
+        participant: ParticipantId,
+    },
+    TrackMuted {
+        track: TrackId,
+        muted: bool,
+    },
     /// The last participant left: the room is gone.
     RoomClosed,
 }
 
 /// Edge -> origin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum EdgeToOrigin {
-    Request { id: RequestId, room: RoomId, intent: Intent },
+    Request {
+        id: RequestId,
+        room: RoomId,
+        intent: Intent,
+    },
 }
 
 /// Origin -> edge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[non_exhaustive]
 pub enum OriginToEdge {
     Reply { id: RequestId, reply: Reply },
     Event(RoomEvent),

@@ -1,1 +1,4 @@
-fn main() { eprintln!("loadtest: not built yet; see the loadtest issue"); std::process::exit(2); }
+fn main() {
+    eprintln!("loadtest: not built yet; see the loadtest issue");
+    std::process::exit(2);
+}
