@@ -62,9 +62,7 @@ impl VideoCodec {
 /// Whether this RTP payload is the first packet of a keyframe.
 pub fn is_keyframe(codec: VideoCodec, payload: &[u8]) -> bool {
     match codec {
-        VideoCodec::Vp8 => {
-            Vp8Descriptor::parse(payload).is_ok_and(|d| d.starts_keyframe(payload))
-        }
+        VideoCodec::Vp8 => Vp8Descriptor::parse(payload).is_ok_and(|d| d.starts_keyframe(payload)),
         VideoCodec::Vp9 => vp9_is_keyframe(payload),
         VideoCodec::H264 => h264_is_keyframe(payload),
         VideoCodec::Av1 => av1_is_keyframe(payload),
@@ -177,12 +175,24 @@ mod tests {
         use VideoCodec::*;
         vec![
             // VP8: X=1 S=1 PID=0, I with 15-bit id, L, T; payload header P=0.
-            (Vp8, vec![0x90, 0xE0, 0x81, 0x23, 0x05, 0x40, 0x10, 0x02, 0x00, 0x9D], true),
+            (
+                Vp8,
+                vec![0x90, 0xE0, 0x81, 0x23, 0x05, 0x40, 0x10, 0x02, 0x00, 0x9D],
+                true,
+            ),
             (Vp8, vec![0x10, 0x10, 0x02, 0x00, 0x9D], true),
             // P=1: inter frame.
-            (Vp8, vec![0x90, 0xE0, 0x81, 0x23, 0x05, 0x40, 0x11, 0x02], false),
+            (
+                Vp8,
+                vec![0x90, 0xE0, 0x81, 0x23, 0x05, 0x40, 0x11, 0x02],
+                false,
+            ),
             // S=0: continuation packet of a keyframe.
-            (Vp8, vec![0x80, 0xE0, 0x81, 0x23, 0x05, 0x40, 0x10, 0x02], false),
+            (
+                Vp8,
+                vec![0x80, 0xE0, 0x81, 0x23, 0x05, 0x40, 0x10, 0x02],
+                false,
+            ),
             // S=1 but PID=1.
             (Vp8, vec![0x11, 0x10, 0x02], false),
             // VP9 I=1 (15-bit), L=1, B=1, P=0, SID=0.
@@ -201,9 +211,17 @@ mod tests {
             (H264, vec![0x41, 0x9A, 0x02], false),
             (H264, vec![0x68, 0xCE, 0x3C, 0x80], false),
             // STAP-A: SEI (type 6) then SPS.
-            (H264, vec![0x78, 0x00, 0x02, 0x06, 0x05, 0x00, 0x03, 0x67, 0x42, 0xC0], true),
+            (
+                H264,
+                vec![0x78, 0x00, 0x02, 0x06, 0x05, 0x00, 0x03, 0x67, 0x42, 0xC0],
+                true,
+            ),
             // STAP-A: two non-key NALs.
-            (H264, vec![0x78, 0x00, 0x02, 0x06, 0x05, 0x00, 0x02, 0x68, 0xCE], false),
+            (
+                H264,
+                vec![0x78, 0x00, 0x02, 0x06, 0x05, 0x00, 0x02, 0x68, 0xCE],
+                false,
+            ),
             // FU-A start of IDR, continuation of IDR, start of non-IDR.
             (H264, vec![0x7C, 0x85, 0x88, 0x84], true),
             (H264, vec![0x7C, 0x05, 0x88, 0x84], false),

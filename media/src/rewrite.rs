@@ -185,11 +185,7 @@ impl RtpRewriter {
                 )
             }
         };
-        let mut skipped = self
-            .mapping
-            .take()
-            .map(|m| m.skipped)
-            .unwrap_or_default();
+        let mut skipped = self.mapping.take().map(|m| m.skipped).unwrap_or_default();
         skipped.clear();
         self.mapping = Some(Mapping {
             layer: input.layer,
@@ -344,7 +340,14 @@ mod tests {
             (
                 "sequence and timestamp wrap",
                 &[
-                    Fwd(L0, 65534, u32::MAX - 1, 0, true, Some((65534, u32::MAX - 1))),
+                    Fwd(
+                        L0,
+                        65534,
+                        u32::MAX - 1,
+                        0,
+                        true,
+                        Some((65534, u32::MAX - 1)),
+                    ),
                     Fwd(L0, 65535, u32::MAX, 0, false, Some((65535, u32::MAX))),
                     Fwd(L0, 0, 2999, 33, false, Some((0, 2999))),
                     Fwd(L0, 65535, u32::MAX, 34, false, Some((65535, u32::MAX))),
@@ -354,7 +357,14 @@ mod tests {
             (
                 "switch across the output wrap",
                 &[
-                    Fwd(L0, 65535, u32::MAX - 100, 0, true, Some((65535, u32::MAX - 100))),
+                    Fwd(
+                        L0,
+                        65535,
+                        u32::MAX - 100,
+                        0,
+                        true,
+                        Some((65535, u32::MAX - 100)),
+                    ),
                     Fwd(L1, 300, 1, 10, true, Some((0, 799))),
                     Fwd(L1, 301, 1, 11, false, Some((1, 799))),
                     Skip(L1, 302, 1, 12),
@@ -395,7 +405,10 @@ mod tests {
         };
         rw.rewrite(&input(100_000), true).unwrap();
         rw.rewrite(&input(100_000 + 2000), false).unwrap();
-        assert_eq!(rw.rewrite(&input(100_000 + 2000 - MAX_REORDER - 1), false), None);
+        assert_eq!(
+            rw.rewrite(&input(100_000 + 2000 - MAX_REORDER - 1), false),
+            None
+        );
         assert!(rw
             .rewrite(&input(100_000 + 2000 - MAX_REORDER), false)
             .is_some());
@@ -438,7 +451,7 @@ mod tests {
                     if let Some((s, ts)) = last_out {
                         assert_eq!(out.seq, s.wrapping_add(1), "seed {seed} step {step}");
                         let adv = out.timestamp.wrapping_sub(ts);
-                        assert!(adv >= 1 && adv < 1 << 31, "seed {seed} step {step}");
+                        assert!((1..1 << 31).contains(&adv), "seed {seed} step {step}");
                     }
                     last_out = Some((out.seq, out.timestamp));
                     lost_since_last = 0;

@@ -377,7 +377,9 @@ mod tests {
         let d = Vp8Descriptor::parse(&key).unwrap();
         assert!(d.starts_keyframe(&key));
         let delta = packet(Some((1, true)), None, None, false);
-        assert!(!Vp8Descriptor::parse(&delta).unwrap().starts_keyframe(&delta));
+        assert!(!Vp8Descriptor::parse(&delta)
+            .unwrap()
+            .starts_keyframe(&delta));
         // Missing payload header: not a keyframe.
         let cut = &key[..d.header_len];
         assert!(!d.starts_keyframe(cut));
