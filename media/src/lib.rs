@@ -20,3 +20,6 @@ pub mod selector;
 pub mod seq;
 pub mod units;
 pub mod vp8;
+
+#[cfg(test)]
+mod forwarding_sim;
