@@ -254,7 +254,9 @@ impl LayerSelector {
                     now.saturating_duration_since(u) <= self.config.oscillation_window
                 });
                 self.hold_off = if oscillating {
-                    self.hold_off.saturating_mul(2).min(self.config.max_hold_off)
+                    self.hold_off
+                        .saturating_mul(2)
+                        .min(self.config.max_hold_off)
                 } else {
                     self.config.initial_hold_off
                 };
