@@ -134,6 +134,15 @@ const RATE_WINDOW: Duration = Duration::from_millis(500);
 /// as an enormous rate.
 const RATE_MIN_SPAN: Duration = Duration::from_millis(100);
 
+/// An inter-group delay variation beyond this (ms) is a receiver clock jump or a path change,
+/// not queueing: the delay detector starts afresh (libwebrtc's value).
+const ARRIVAL_JUMP_MS: f64 = 3000.0;
+/// Sending without any feedback for this long means the path (or the feedback path) is gone:
+/// the estimate is cut by [`FEEDBACK_TIMEOUT_FACTOR`] once per timeout. Browsers send feedback
+/// every 50-100 ms, so a second is many missed reports.
+const FEEDBACK_TIMEOUT: Duration = Duration::from_secs(1);
+const FEEDBACK_TIMEOUT_FACTOR: f64 = 0.8;
+
 /// Sent packets older than this cannot get useful feedback any more.
 const HISTORY_AGE: Duration = Duration::from_secs(2);
 /// Hard bound of the sent-packet history (2 s at 10 Mbit/s of 1200-byte packets is ~2100).
@@ -461,6 +470,9 @@ pub struct SendSideBwe {
     /// Sent bytes by send time (ms since `epoch`).
     sent_rate: RateWindow,
     rtt_samples: VecDeque<Duration>,
+    /// Send time of the oldest packet sent since the last feedback.
+    unreported_since: Option<Instant>,
+    last_timeout_decrease: Option<Instant>,
 }
 
 impl SendSideBwe {
@@ -493,6 +505,8 @@ impl SendSideBwe {
             acked_rate: RateWindow::default(),
             sent_rate: RateWindow::default(),
             rtt_samples: VecDeque::with_capacity(RTT_SAMPLES),
+            unreported_since: None,
+            last_timeout_decrease: None,
         }
     }
 
@@ -520,6 +534,7 @@ impl SendSideBwe {
         self.sent_rate.add(now_ms, size_bytes);
         self.sent_rate.trim(now_ms);
         self.prune_history(now);
+        self.check_feedback_timeout(now);
     }
 
     /// A transport-wide-cc feedback message arrived at `now`; `statuses` are its packets in
@@ -553,6 +568,7 @@ impl SendSideBwe {
         if total == 0 && acked.is_empty() {
             return;
         }
+        self.unreported_since = None;
 
         // RTT upper bound: the newest acked packet's feedback came back now.
         if let Some(&(_, send_time, _, _)) = acked.iter().max_by_key(|a| a.0) {
@@ -569,7 +585,12 @@ impl SendSideBwe {
             self.acked_rate.add(arrival_ms, size);
             let send_ms = self.ms_since_epoch(send_time);
             if let Some(delta) = self.inter_arrival.add(send_ms, arrival_ms) {
-                self.detector.update(delta);
+                if (delta.arrival_delta - delta.send_delta).abs() > ARRIVAL_JUMP_MS {
+                    self.inter_arrival = InterArrival::default();
+                    self.detector = DelayDetector::new();
+                } else {
+                    self.detector.update(delta);
+                }
             }
         }
         let newest_arrival = acked.iter().map(|a| a.2).fold(f64::NEG_INFINITY, f64::max);
@@ -616,6 +637,20 @@ impl SendSideBwe {
     /// browsers). `None` before the first feedback.
     pub fn rtt(&self) -> Option<Duration> {
         self.rtt_samples.iter().min().copied()
+    }
+
+    /// Cuts the estimate when packets sent long ago still have no feedback at all.
+    fn check_feedback_timeout(&mut self, now: Instant) {
+        let since = *self.unreported_since.get_or_insert(now);
+        let silent = now.saturating_duration_since(since) >= FEEDBACK_TIMEOUT;
+        let may_cut = self
+            .last_timeout_decrease
+            .is_none_or(|t| now.saturating_duration_since(t) >= FEEDBACK_TIMEOUT);
+        if silent && may_cut {
+            self.estimate = self.clamp(self.estimate * FEEDBACK_TIMEOUT_FACTOR);
+            self.delay_estimate = self.clamp(self.delay_estimate.min(self.estimate));
+            self.last_timeout_decrease = Some(now);
+        }
     }
 
     fn clamp(&self, bps: f64) -> f64 {
@@ -1058,11 +1093,8 @@ mod tests {
 
     #[test]
     fn total_loss_goes_to_min() {
-        let mut l = link(50_000_000);
-        l.random_loss = 1.0;
-        let mut sim = Sim::new(BweConfig::default(), l, 20_000_000, 9);
-        // Nothing arrives, so the receiver never reports: feed loss reports by hand.
-        let t0 = sim.t0;
+        // Reports of nothing but losses.
+        let t0 = Instant::now();
         let mut bwe = SendSideBwe::new(BweConfig::default(), t0);
         for i in 0..10_000u32 {
             let now = t0 + ms(u64::from(i));
@@ -1079,7 +1111,63 @@ mod tests {
         }
         assert_eq!(bwe.estimate(), BweConfig::default().min);
         assert_eq!(bwe.loss_fraction(), 1.0);
-        sim.run_until(100);
+    }
+
+    #[test]
+    fn no_feedback_while_sending_cuts_the_estimate() {
+        // Nothing arrives, so the receiver never reports.
+        let mut l = link(50_000_000);
+        l.random_loss = 1.0;
+        let mut sim = Sim::new(BweConfig::default(), l, 20_000_000, 9);
+        let est = sim.run_until(5_000);
+        // One cut per second of silence, the first after one second.
+        assert_eq!(est[5], 1_000_000);
+        assert_eq!(est[15], 800_000);
+        let last = *est.last().unwrap();
+        assert!((327_680..=409_600).contains(&last), "estimate {last}");
+    }
+
+    #[test]
+    fn idle_sender_is_not_cut() {
+        // Nothing sent for a long time (no subscriptions), then sending resumes: no timeout.
+        let t0 = Instant::now();
+        let mut bwe = SendSideBwe::new(BweConfig::default(), t0);
+        bwe.handle_sent(1, 1200, t0);
+        bwe.handle_feedback(
+            &[TwccPacketStatus {
+                seq: 1,
+                arrival: Some(ms(10)),
+            }],
+            t0 + ms(60),
+        );
+        let before = bwe.estimate();
+        bwe.handle_sent(2, 1200, t0 + ms(30_000));
+        assert_eq!(bwe.estimate(), before);
+    }
+
+    #[test]
+    fn receiver_clock_jump_does_not_signal_overuse() {
+        // Steady stream well under the estimate; the receiver's clock jumps 10 s ahead once.
+        let t0 = Instant::now();
+        let mut bwe = SendSideBwe::new(BweConfig::default(), t0);
+        let mut offset = 0;
+        for i in 0..3000u64 {
+            let send = t0 + ms(i * 10);
+            bwe.handle_sent(i as u16, 1200, send);
+            if i == 1500 {
+                offset = 10_000;
+            }
+            let arrival = Some(ms(i * 10 + 20 + offset));
+            bwe.handle_feedback(
+                &[TwccPacketStatus {
+                    seq: i as u16,
+                    arrival,
+                }],
+                send + ms(40),
+            );
+            assert_ne!(bwe.detector.usage, Usage::Over, "packet {i}");
+        }
+        assert!(bwe.estimate() > Bitrate::kbps(1000));
     }
 
     #[test]

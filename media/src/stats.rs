@@ -151,18 +151,19 @@ impl ReceiveStats {
     pub fn report_block(&mut self, now: Instant) -> Option<ReportBlock> {
         let base = self.base_seq?;
         let expected = self.max_seq - base + 1;
-        let lost = expected as i64 - self.received as i64;
-        let total_lost = lost.clamp(0, i64::from(MAX_TOTAL_LOST)) as u32;
+        // i128: the extended numbers come from the caller and may be anywhere in u64.
+        let lost = i128::from(expected) - i128::from(self.received);
+        let total_lost = lost.clamp(0, i128::from(MAX_TOTAL_LOST)) as u32;
 
-        let expected_interval = expected - self.expected_prior;
+        let expected_interval = expected.saturating_sub(self.expected_prior);
         let received_interval = self.received - self.received_prior;
         self.expected_prior = expected;
         self.received_prior = self.received;
-        let lost_interval = expected_interval as i64 - received_interval as i64;
+        let lost_interval = i128::from(expected_interval) - i128::from(received_interval);
         let fraction_lost = if expected_interval == 0 || lost_interval <= 0 {
             0
         } else {
-            ((lost_interval << 8) / expected_interval as i64).min(255) as u8
+            ((lost_interval << 8) / i128::from(expected_interval)).min(255) as u8
         };
 
         let (lsr, dlsr) = match self.last_sr {
