@@ -473,6 +473,7 @@ pub struct SendSideBwe {
     /// Send time of the oldest packet sent since the last feedback.
     unreported_since: Option<Instant>,
     last_timeout_decrease: Option<Instant>,
+    last_send: Option<Instant>,
 }
 
 impl SendSideBwe {
@@ -507,6 +508,7 @@ impl SendSideBwe {
             rtt_samples: VecDeque::with_capacity(RTT_SAMPLES),
             unreported_since: None,
             last_timeout_decrease: None,
+            last_send: None,
         }
     }
 
@@ -641,6 +643,14 @@ impl SendSideBwe {
 
     /// Cuts the estimate when packets sent long ago still have no feedback at all.
     fn check_feedback_timeout(&mut self, now: Instant) {
+        let resumed = self
+            .last_send
+            .is_some_and(|t| now.saturating_duration_since(t) >= FEEDBACK_TIMEOUT);
+        self.last_send = Some(now);
+        if resumed {
+            // After an idle pause, feedback missing for packets sent before it is no news.
+            self.unreported_since = Some(now);
+        }
         let since = *self.unreported_since.get_or_insert(now);
         let silent = now.saturating_duration_since(since) >= FEEDBACK_TIMEOUT;
         let may_cut = self
@@ -1143,6 +1153,21 @@ mod tests {
         let before = bwe.estimate();
         bwe.handle_sent(2, 1200, t0 + ms(30_000));
         assert_eq!(bwe.estimate(), before);
+    }
+
+    #[test]
+    fn idle_pause_after_unanswered_packet_is_not_cut() {
+        let t0 = Instant::now();
+        let mut bwe = SendSideBwe::new(BweConfig::default(), t0);
+        // Its feedback is lost, then nothing is sent for 10 s.
+        bwe.handle_sent(1, 1200, t0);
+        bwe.handle_sent(2, 1200, t0 + ms(10_000));
+        bwe.handle_sent(3, 1200, t0 + ms(10_020));
+        assert_eq!(bwe.estimate(), Bitrate::kbps(1000));
+        // But continued silence after resuming is.
+        bwe.handle_sent(4, 1200, t0 + ms(10_800));
+        bwe.handle_sent(5, 1200, t0 + ms(11_001));
+        assert_eq!(bwe.estimate(), Bitrate::kbps(800));
     }
 
     #[test]
