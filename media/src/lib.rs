@@ -11,13 +11,23 @@
 //! - [`cache`]: recently received packets and what was sent per output seq, for NACK resends.
 //! - [`selector`]: simulcast layer selection (max / target / current) per subscriber and track.
 //! - [`meter`]: sliding-window bitrate of an incoming stream.
+//! - [`bwe`]: send-side bandwidth estimation per subscriber transport from transport-wide-cc.
+//! - [`nack`]: NACK generation for streams received from publishers.
+//! - [`keyframe`]: coalescing and throttling of keyframe requests towards a publisher.
+//! - [`speaker`]: dominant speaker detection from audio levels.
+//! - [`stats`]: RTCP sender/receiver statistics and RTT.
 
+pub mod bwe;
 pub mod cache;
 pub mod codec;
+pub mod keyframe;
 pub mod meter;
+pub mod nack;
 pub mod rewrite;
 pub mod selector;
 pub mod seq;
+pub mod speaker;
+pub mod stats;
 pub mod units;
 pub mod vp8;
 
