@@ -163,7 +163,7 @@ pub enum TrackKind {
 /// What a track carries, so clients lay it out (screen shares large) and the origin can apply
 /// permissions per source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum TrackSource {
     Microphone,
     Camera,

@@ -1,0 +1,137 @@
+//! Starting an edge: shards, hub, origin link and the HTTP server, wired together.
+
+use crate::config::EdgeConfig;
+use crate::edge::Edge;
+use crate::metrics::Metrics;
+use crate::transport::dtls::DtlsCertificate;
+use anyhow::Context;
+use cascade_proto::room::EdgeId;
+use control_plane::token::{TokenSigner, TokenVerifier};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+/// A running edge.
+pub struct Running {
+    pub http: SocketAddr,
+    pub udp: Vec<SocketAddr>,
+    pub edge: Arc<Edge>,
+    pub server: tokio::task::JoinHandle<()>,
+}
+
+/// Starts an edge with an in-process origin (dev mode and single-node deployments).
+pub async fn start(
+    config: EdgeConfig,
+    verifier: TokenVerifier,
+    dev_signer: Option<TokenSigner>,
+) -> anyhow::Result<Running> {
+    crate::transport::install_crypto_provider();
+    let metrics = Arc::new(Metrics::default());
+    let cert = Arc::new(DtlsCertificate::generate().context("generating the DTLS certificate")?);
+    let fingerprint = cert.fingerprint_sha256();
+    let (room_events_tx, room_events_rx) = tokio::sync::mpsc::channel(1024);
+    let workers = config.worker_count();
+    let shards = crate::udp::start(&config, workers, cert, metrics.clone(), room_events_tx)
+        .with_context(|| format!("binding UDP {}", config.udp))?;
+    let udp = shards.local_addrs.clone();
+    let edge_id = EdgeId(0);
+    let (to_origin, from_origin) = crate::hub::spawn_local_origin(origin::RoomConfig::default(), edge_id);
+    let hub = crate::hub::spawn(edge_id, to_origin, from_origin, room_events_rx);
+    let ports = udp.iter().map(|a| a.port()).collect();
+    let edge = Arc::new(Edge::new(
+        config.clone(),
+        shards,
+        ports,
+        hub,
+        metrics,
+        verifier,
+        dev_signer,
+        fingerprint,
+    ));
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("binding HTTP {}", config.http))?;
+    let http = listener.local_addr()?;
+    let app = crate::http::router(edge.clone());
+    let server = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    tracing::info!(%http, udp = ?udp, workers, "edge listening");
+    Ok(Running {
+        http,
+        udp,
+        edge,
+        server,
+    })
+}
+
+/// The dev signing key: a 32-byte seed kept hex-encoded in `<data_dir>/dev-signing-key`,
+/// created on first use (mode 0600). Dev only: deployments mint tokens on the control plane.
+pub fn dev_signer(data_dir: &Path) -> anyhow::Result<TokenSigner> {
+    let path = data_dir.join("dev-signing-key");
+    let seed = match std::fs::read_to_string(&path) {
+        Ok(hex) => parse_seed(hex.trim()).with_context(|| format!("{} is not a 64-digit hex key", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+            let seed: [u8; 32] = rand::random();
+            let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+            write_private(&path, &hex).with_context(|| format!("writing {}", path.display()))?;
+            seed
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    Ok(TokenSigner::from_seed("dev", &seed))
+}
+
+fn parse_seed(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Parses `kid:hex` (a 32-byte Ed25519 public key) for `--token-public-key`.
+pub fn parse_public_key(s: &str) -> anyhow::Result<(String, [u8; 32])> {
+    let (kid, hex) = s
+        .split_once(':')
+        .context("expected KID:HEX (64 hex digits)")?;
+    let key = parse_seed(hex).context("the key must be 64 hex digits")?;
+    Ok((kid.to_string(), key))
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_key_persists_and_parses() {
+        let dir = std::env::temp_dir().join(format!("kcs-devkey-{}", rand::random::<u32>()));
+        let a = dev_signer(&dir).unwrap();
+        let b = dev_signer(&dir).unwrap();
+        assert_eq!(a.public_key(), b.public_key(), "the same key is reused");
+        std::fs::write(dir.join("dev-signing-key"), "zz").unwrap();
+        assert!(dev_signer(&dir).is_err());
+        let hex: String = a.public_key().iter().map(|b| format!("{b:02x}")).collect();
+        let (kid, key) = parse_public_key(&format!("dev:{hex}")).unwrap();
+        assert_eq!((kid.as_str(), key), ("dev", a.public_key()));
+        assert!(parse_public_key("nokid").is_err());
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

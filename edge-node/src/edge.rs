@@ -1,0 +1,155 @@
+//! The edge's shared state: what every signaling session and HTTP handler reaches.
+//!
+//! Ownership: media state belongs to the shards; room state to the origin (through the hub);
+//! this struct only holds handles, configuration and the registry of publications on this edge
+//! (so a subscriber can find the shard and codec of a track), each behind its own short lock.
+
+use crate::config::EdgeConfig;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::sdp::{Fingerprint, LocalTransport};
+use crate::sfu::{PublicationId, SessionId, SubscriptionId, TransportId};
+use crate::transport::ice::IceCredentials;
+use crate::udp::Shards;
+use cascade_proto::{ParticipantId, RoomId, TrackId, TrackSource};
+use control_plane::token::{TokenSigner, TokenVerifier};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// A track published on this edge, as subscribers need it.
+#[derive(Debug, Clone)]
+pub struct LocalPublication {
+    pub id: PublicationId,
+    pub participant: ParticipantId,
+    pub source: TrackSource,
+    pub codec: crate::sdp::Codec,
+    pub kind: crate::sdp::MediaKind,
+    pub layers: u8,
+}
+
+/// Everything shared.
+pub struct Edge {
+    pub config: EdgeConfig,
+    pub shards: Shards,
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+    pub verifier: RwLock<TokenVerifier>,
+    /// Present in dev mode only: mints tokens for `/dev/token`.
+    pub dev_signer: Option<TokenSigner>,
+    pub fingerprint: String,
+    /// ICE candidate addresses per shard.
+    candidates: Vec<Vec<SocketAddr>>,
+    publications: Mutex<HashMap<(RoomId, TrackId), LocalPublication>>,
+    /// WHIP/WHEP sessions by id, for DELETE.
+    pub http_sessions: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+    ids: AtomicU64,
+}
+
+impl Edge {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: EdgeConfig,
+        shards: Shards,
+        shard_ports: Vec<u16>,
+        hub: Hub,
+        metrics: Arc<Metrics>,
+        verifier: TokenVerifier,
+        dev_signer: Option<TokenSigner>,
+        fingerprint: String,
+    ) -> Self {
+        let ips = advertised_ips(&config);
+        let candidates = shard_ports
+            .iter()
+            .map(|port| ips.iter().map(|ip| SocketAddr::new(*ip, *port)).collect())
+            .collect();
+        Self {
+            config,
+            shards,
+            hub,
+            metrics,
+            verifier: RwLock::new(verifier),
+            dev_signer,
+            fingerprint,
+            candidates,
+            publications: Mutex::new(HashMap::new()),
+            http_sessions: Mutex::new(HashMap::new()),
+            ids: AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh id for a transport, publication, subscription or session (unique per edge).
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+    pub fn transport_id(&self) -> TransportId {
+        TransportId(self.next_id())
+    }
+    pub fn publication_id(&self) -> PublicationId {
+        PublicationId(self.next_id())
+    }
+    pub fn subscription_id(&self) -> SubscriptionId {
+        SubscriptionId(self.next_id())
+    }
+    pub fn session_id(&self) -> SessionId {
+        SessionId(self.next_id())
+    }
+
+    /// Our side of a new transport on `shard`: fresh ICE credentials, our certificate
+    /// fingerprint and the shard's candidates.
+    pub fn local_transport(&self, shard: usize) -> (IceCredentials, LocalTransport) {
+        let creds = IceCredentials::random();
+        let local = LocalTransport {
+            ice_ufrag: creds.ufrag.clone(),
+            ice_pwd: creds.pwd.clone(),
+            fingerprint: Fingerprint {
+                algorithm: "sha-256".into(),
+                value: self.fingerprint.clone(),
+            },
+            candidates: self.candidates.get(shard).cloned().unwrap_or_default(),
+        };
+        (creds, local)
+    }
+
+    pub fn add_publication(&self, room: &RoomId, track: TrackId, p: LocalPublication) {
+        lock(&self.publications).insert((room.clone(), track), p);
+    }
+    pub fn remove_publication(&self, room: &RoomId, track: TrackId) -> Option<LocalPublication> {
+        lock(&self.publications).remove(&(room.clone(), track))
+    }
+    pub fn publication(&self, room: &RoomId, track: TrackId) -> Option<LocalPublication> {
+        lock(&self.publications).get(&(room.clone(), track)).cloned()
+    }
+
+    pub fn verifier(&self) -> std::sync::RwLockReadGuard<'_, TokenVerifier> {
+        self.verifier.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The addresses we advertise: configured ones; else the UDP bind address if specific; else every
+/// IPv4 interface address (loopback included, so dev works in a browser on the same machine).
+fn advertised_ips(config: &EdgeConfig) -> Vec<IpAddr> {
+    if !config.advertise.is_empty() {
+        return config.advertise.clone();
+    }
+    if !config.udp.ip().is_unspecified() {
+        return vec![config.udp.ip()];
+    }
+    let mut ips: Vec<IpAddr> = webrtc_util::ifaces::ifaces()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|i| i.addr.map(|a| a.ip()))
+        .filter(|ip| ip.is_ipv4())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    if ips.is_empty() {
+        ips.push(IpAddr::from([127, 0, 0, 1]));
+    }
+    ips
+}

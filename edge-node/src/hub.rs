@@ -1,0 +1,210 @@
+//! The edge's side of the link to room origins.
+//!
+//! Sessions never touch room state: they send an [`Intent`] through the [`Hub`] and await the
+//! origin's [`Reply`]; the origin's [`RoomEvent`]s come back through the hub, which fans each out
+//! to the sessions of that room on this edge. In dev mode the origin runs in-process
+//! ([`spawn_local_origin`]), joined by channels carrying the same `cascade-proto` messages the
+//! QUIC link will carry, so single node and mesh are one code path.
+
+use crate::sfu::{Event as ShardEvent, PublicationId};
+use cascade_proto::room::{
+    EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomEvent, RoomEventBody,
+};
+use cascade_proto::{ParticipantId, RoomId};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Room events queued per session before it is considered stuck and dropped from the room.
+pub const SESSION_EVENT_QUEUE: usize = 1024;
+
+/// What a session hears from its room.
+#[derive(Debug, Clone)]
+pub enum RoomSignal {
+    Event(RoomEvent),
+    /// The dominant speaker changed (an edge-local publication, or silence).
+    ActiveSpeaker(Option<PublicationId>),
+}
+
+/// Why a request to the origin failed (as opposed to being refused by it).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the room's origin is unreachable")]
+pub struct OriginUnavailable;
+
+enum HubInput {
+    Request {
+        room: RoomId,
+        intent: Intent,
+        reply: oneshot::Sender<Reply>,
+        /// For joins: where the new participant's room signals go.
+        listener: Option<mpsc::Sender<RoomSignal>>,
+    },
+    Detach {
+        room: RoomId,
+        participant: ParticipantId,
+    },
+}
+
+/// Handle to the hub task.
+#[derive(Clone)]
+pub struct Hub {
+    tx: mpsc::Sender<HubInput>,
+    /// Rooms by shard-local publication id, for routing active-speaker events.
+    publication_rooms: Arc<Mutex<HashMap<PublicationId, RoomId>>>,
+}
+
+impl Hub {
+    /// Sends an intent and waits for the origin's reply. Joins pass a `listener` that will
+    /// receive the room's events from the join's own sequence number on.
+    pub async fn request(
+        &self,
+        room: &RoomId,
+        intent: Intent,
+        listener: Option<mpsc::Sender<RoomSignal>>,
+    ) -> Result<Reply, OriginUnavailable> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(HubInput::Request {
+                room: room.clone(),
+                intent,
+                reply,
+                listener,
+            })
+            .await
+            .map_err(|_| OriginUnavailable)?;
+        rx.await.map_err(|_| OriginUnavailable)
+    }
+
+    /// Stops delivering the room's events to a participant (after it left).
+    pub async fn detach(&self, room: &RoomId, participant: ParticipantId) {
+        let _ = self
+            .tx
+            .send(HubInput::Detach {
+                room: room.clone(),
+                participant,
+            })
+            .await;
+    }
+
+    pub fn note_publication(&self, id: PublicationId, room: RoomId) {
+        lock(&self.publication_rooms).insert(id, room);
+    }
+
+    pub fn forget_publication(&self, id: PublicationId) {
+        lock(&self.publication_rooms).remove(&id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Starts the hub for edge `edge`, talking to an origin through `to_origin` / `from_origin`, and
+/// consuming room-wide shard events (active speaker) from `shard_events`.
+pub fn spawn(
+    edge: EdgeId,
+    to_origin: mpsc::Sender<(EdgeId, EdgeToOrigin)>,
+    mut from_origin: mpsc::Receiver<OriginToEdge>,
+    mut shard_events: mpsc::Receiver<ShardEvent>,
+) -> Hub {
+    let (tx, mut rx) = mpsc::channel::<HubInput>(4096);
+    let publication_rooms: Arc<Mutex<HashMap<PublicationId, RoomId>>> = Arc::default();
+    let rooms_by_pub = publication_rooms.clone();
+    tokio::spawn(async move {
+        let mut next_id = 1u64;
+        let mut pending: HashMap<RequestId, (oneshot::Sender<Reply>, Option<(RoomId, mpsc::Sender<RoomSignal>)>)> =
+            HashMap::new();
+        let mut rooms: HashMap<RoomId, HashMap<ParticipantId, mpsc::Sender<RoomSignal>>> =
+            HashMap::new();
+        loop {
+            tokio::select! {
+                Some(input) = rx.recv() => match input {
+                    HubInput::Request { room, intent, reply, listener } => {
+                        let id = RequestId(next_id);
+                        next_id += 1;
+                        pending.insert(id, (reply, listener.map(|l| (room.clone(), l))));
+                        if to_origin.send((edge, EdgeToOrigin::Request { id, room, intent })).await.is_err() {
+                            pending.remove(&id); // dropping the sender tells the caller
+                        }
+                    }
+                    HubInput::Detach { room, participant } => {
+                        if let Some(members) = rooms.get_mut(&room) {
+                            members.remove(&participant);
+                            if members.is_empty() { rooms.remove(&room); }
+                        }
+                    }
+                },
+                Some(msg) = from_origin.recv() => match msg {
+                    OriginToEdge::Reply { id, reply } => {
+                        let Some((tx, listener)) = pending.remove(&id) else { continue };
+                        if let (Reply::Joined { you, .. }, Some((room, l))) = (&reply, listener) {
+                            rooms.entry(room).or_default().insert(you.id, l);
+                        }
+                        let _ = tx.send(reply);
+                    }
+                    OriginToEdge::Event(event) => {
+                        let Some(members) = rooms.get_mut(&event.room) else { continue };
+                        if let RoomEventBody::ParticipantLeft { participant } = &event.body {
+                            // Deliver to the leaver too (it may be mid-cleanup), then forget it.
+                            if let Some(l) = members.get(participant) {
+                                let _ = l.try_send(RoomSignal::Event(event.clone()));
+                            }
+                            members.remove(participant);
+                        }
+                        members.retain(|p, l| match l.try_send(RoomSignal::Event(event.clone())) {
+                            Ok(()) => true,
+                            Err(mpsc::error::TrySendError::Closed(_)) => false,
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                // A session this far behind has lost room state; dropping its
+                                // listener ends it, and the client reconnects.
+                                tracing::warn!(room = %event.room, participant = %p, "session too slow for room events; detached");
+                                false
+                            }
+                        });
+                    }
+                },
+                Some(ev) = shard_events.recv() => {
+                    if let ShardEvent::ActiveSpeaker { publication, room } = ev {
+                        let room_id = match publication {
+                            Some(p) => lock(&rooms_by_pub).get(&p).cloned(),
+                            None => RoomId::new(room).ok(),
+                        };
+                        let Some(room_id) = room_id else { continue };
+                        if let Some(members) = rooms.get(&room_id) {
+                            for l in members.values() {
+                                let _ = l.try_send(RoomSignal::ActiveSpeaker(publication));
+                            }
+                        }
+                    }
+                },
+                else => break,
+            }
+        }
+    });
+    Hub {
+        tx,
+        publication_rooms,
+    }
+}
+
+/// Runs an in-process origin (dev mode and single-node deployments) and returns its link ends.
+pub fn spawn_local_origin(
+    config: origin::RoomConfig,
+    edge: EdgeId,
+) -> (mpsc::Sender<(EdgeId, EdgeToOrigin)>, mpsc::Receiver<OriginToEdge>) {
+    let (to_origin, mut origin_rx) = mpsc::channel::<(EdgeId, EdgeToOrigin)>(4096);
+    let (edge_tx, edge_rx) = mpsc::channel::<OriginToEdge>(16384);
+    tokio::spawn(async move {
+        let mut state = origin::Origin::new(config);
+        while let Some((from, msg)) = origin_rx.recv().await {
+            for out in state.handle(from, msg) {
+                // One edge in-process: everything goes to it.
+                debug_assert_eq!(out.edge, edge);
+                if edge_tx.send(out.message).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (to_origin, edge_rx)
+}

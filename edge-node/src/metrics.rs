@@ -1,0 +1,146 @@
+//! Prometheus metrics for `/metrics`.
+//!
+//! Shards count into plain `u64` fields of their own [`ShardCounters`] (no atomics, no registry
+//! lookup per packet) and fold them into the process-wide [`Metrics`] atomics on every tick.
+//! Signaling code counts straight into [`Metrics`]. Rendering is the Prometheus text format
+//! (version 0.0.4): a fixed set of series does not need a metrics framework.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($($field:ident => $name:literal, $help:literal;)*) => {
+        /// Per-shard counters, folded into [`Metrics`] by [`Metrics::absorb`].
+        #[derive(Debug, Default, Clone)]
+        pub struct ShardCounters { $(pub $field: u64,)* }
+
+        /// Process-wide counters.
+        #[derive(Debug, Default)]
+        pub struct MediaCounters { $(pub $field: AtomicU64,)* }
+
+        impl MediaCounters {
+            fn absorb(&self, c: &mut ShardCounters) {
+                $( if c.$field != 0 { self.$field.fetch_add(c.$field, Relaxed); } )*
+                *c = ShardCounters::default();
+            }
+            fn render(&self, out: &mut String) {
+                $(
+                    let _ = writeln!(out, "# HELP kcs_{} {}", $name, $help);
+                    let _ = writeln!(out, "# TYPE kcs_{} counter", $name);
+                    let _ = writeln!(out, "kcs_{} {}", $name, self.$field.load(Relaxed));
+                )*
+            }
+        }
+    };
+}
+
+counters! {
+    packets_in => "rtp_packets_in_total", "SRTP packets received and decrypted";
+    bytes_in => "rtp_bytes_in_total", "SRTP bytes received";
+    packets_out => "rtp_packets_out_total", "SRTP packets forwarded";
+    bytes_out => "rtp_bytes_out_total", "SRTP bytes forwarded";
+    retransmits_out => "rtp_retransmits_out_total", "packets resent in answer to NACKs";
+    rtx_in => "rtx_packets_in_total", "RTX retransmissions received from publishers";
+    duplicates_in => "rtp_duplicates_in_total", "duplicate packets received";
+    keyframes_in => "keyframes_in_total", "keyframes received from publishers";
+    nacks_in => "nacks_in_total", "sequence numbers NACKed by subscribers";
+    nacks_missed => "nacks_unanswerable_total", "NACKed packets no longer in the cache";
+    nacks_out => "nacks_out_total", "sequence numbers NACKed towards publishers";
+    plis_in => "keyframe_requests_in_total", "PLI/FIR received from subscribers";
+    plis_out => "keyframe_requests_out_total", "PLI/FIR sent to publishers";
+    layer_switches => "layer_switches_total", "simulcast layer changes of subscriptions";
+    receiver_reports => "receiver_reports_in_total", "report blocks received from subscribers";
+    rtcp_out => "rtcp_packets_out_total", "compound RTCP packets sent";
+    transports_added => "transports_total", "ICE/DTLS transports created";
+    encrypt_failures => "srtp_encrypt_failures_total", "SRTP encryptions that failed";
+    rejected_stun_unknown => "rejected_stun_unknown_total", "STUN for no known transport";
+    rejected_stun_integrity => "rejected_stun_integrity_total", "STUN with a bad username or integrity";
+    rejected_unknown_source => "rejected_unknown_source_total", "media from an address with no nominated transport";
+    rejected_before_keys => "rejected_before_keys_total", "media before DTLS finished";
+    rejected_srtp => "rejected_srtp_total", "SRTP that failed authentication or replay checks";
+    rejected_srtcp => "rejected_srtcp_total", "SRTCP that failed authentication or replay checks";
+    rejected_rtp => "rejected_rtp_total", "malformed RTP";
+    rejected_rtcp => "rejected_rtcp_total", "malformed RTCP";
+    rejected_unknown_ssrc => "rejected_unknown_ssrc_total", "RTP of an SSRC no publication claims";
+    rejected_payload_type => "rejected_payload_type_total", "RTP with a payload type not forwarded";
+    rejected_garbage => "rejected_garbage_total", "datagrams that are neither STUN, DTLS nor RTP/RTCP";
+    rejected_dtls => "rejected_dtls_total", "DTLS from an address with no nominated transport or failed handshakes";
+}
+
+/// Everything `/metrics` shows.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub media: MediaCounters,
+    pub participants: AtomicI64,
+    pub publications: AtomicI64,
+    pub subscriptions: AtomicI64,
+    pub rooms: AtomicI64,
+    pub ws_connections: AtomicI64,
+    /// Signaling and HTTP inputs rejected, by reason code.
+    rejected: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    /// Folds a shard's counters in and zeroes them.
+    pub fn absorb(&self, c: &mut ShardCounters) {
+        self.media.absorb(c);
+    }
+
+    /// Counts one rejected signaling/HTTP input by its error code (cold path).
+    pub fn reject(&self, code: &str) {
+        // A poisoned lock only means a panic elsewhere mid-increment; the map is still usable.
+        let mut m = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry(code.to_string()).or_default() += 1;
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        self.media.render(&mut out);
+        for (name, help, v) in [
+            ("participants", "participants connected to this edge", &self.participants),
+            ("publications", "tracks published on this edge", &self.publications),
+            ("subscriptions", "track subscriptions on this edge", &self.subscriptions),
+            ("rooms", "rooms with participants on this edge", &self.rooms),
+            ("ws_connections", "open signaling WebSockets", &self.ws_connections),
+        ] {
+            let _ = writeln!(out, "# HELP kcs_{name} {help}");
+            let _ = writeln!(out, "# TYPE kcs_{name} gauge");
+            let _ = writeln!(out, "kcs_{name} {}", v.load(Relaxed));
+        }
+        let _ = writeln!(out, "# HELP kcs_signaling_rejected_total signaling and HTTP inputs rejected, by error code");
+        let _ = writeln!(out, "# TYPE kcs_signaling_rejected_total counter");
+        let m = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
+        for (code, n) in m.iter() {
+            let _ = writeln!(out, "kcs_signaling_rejected_total{{code=\"{code}\"}} {n}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_counters_fold_into_rendered_text() {
+        let m = Metrics::default();
+        let mut c = ShardCounters {
+            packets_in: 3,
+            rejected_srtp: 2,
+            ..Default::default()
+        };
+        m.absorb(&mut c);
+        assert_eq!(c.packets_in, 0, "absorbed counters are zeroed");
+        c.packets_in = 1;
+        m.absorb(&mut c);
+        m.reject("bad_request");
+        m.reject("bad_request");
+        m.participants.store(4, Relaxed);
+        let text = m.render();
+        assert!(text.contains("kcs_rtp_packets_in_total 4\n"));
+        assert!(text.contains("kcs_rejected_srtp_total 2\n"));
+        assert!(text.contains("kcs_signaling_rejected_total{code=\"bad_request\"} 2\n"));
+        assert!(text.contains("kcs_participants 4\n"));
+        assert!(text.contains("# TYPE kcs_rtp_packets_in_total counter"));
+    }
+}

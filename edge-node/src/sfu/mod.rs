@@ -1,0 +1,1393 @@
+//! The forwarding core of one shard: every transport, publication and subscription of the rooms
+//! this shard owns, driven sans-IO.
+//!
+//! A shard is one thread (architecture rule 3). Its shell (`crate::udp`) reads datagrams in
+//! batches, classifies them (RFC 7983) and hands STUN, SRTP and SRTCP to this core; DTLS goes to
+//! a handshake task in the shell, whose exported keys come back as [`Command::SetKeys`]. The core
+//! decrypts each incoming packet once, updates the publication's layer state (NACK cache, loss
+//! detection, bitrate, keyframe detection) and, for every subscription, lets its
+//! [`LayerSelector`] decide, rewrites the header for that subscriber and encrypts one copy.
+//! Everything the shell must send is queued as [`Transmit`]s; everything the signaling layer must
+//! hear is queued as [`Event`]s. Time comes in as `now`; the core never reads a clock.
+//!
+//! Ids ([`TransportId`], [`PublicationId`], [`SubscriptionId`]) are chosen by the caller (the
+//! signaling session that owns them), so commands can be sent without a round trip.
+
+mod rtp;
+mod twcc;
+
+pub use rtp::{RtpView, MAX_OUT_HEADER};
+
+use crate::metrics::ShardCounters;
+use crate::transport::ice::{IceCredentials, IceEvent, IceLite, StunOutcome};
+use crate::transport::srtp::SrtpSession;
+use crate::transport::dtls::SrtpKeys;
+use bytes::Bytes;
+use kcs_media::bwe::{BweConfig, SendSideBwe};
+use kcs_media::cache::{PacketCache, SentPacket, Sequencer};
+use kcs_media::codec::{is_keyframe, VideoCodec};
+use kcs_media::keyframe::{KeyframeRequestKind, KeyframeRequester, KeyframeRequesterConfig};
+use kcs_media::meter::BitrateMeter;
+use kcs_media::nack::{expand_nack_pairs, nack_pairs, NackGenerator};
+use kcs_media::rewrite::{RewriteInput, RtpRewriter};
+use kcs_media::selector::{Decision, LayerSelector};
+use kcs_media::seq::SeqUnwrapper;
+use kcs_media::speaker::ActiveSpeakerDetector;
+use kcs_media::stats::{ReceiveStats, SendStats};
+use kcs_media::units::{Bitrate, SpatialLayer};
+use kcs_media::vp8::Vp8Munger;
+use rtcp::packet::Packet as RtcpPacket;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How often the core runs its periodic work (NACKs, keyframe requests, allocation). 10 ms keeps
+/// NACK latency well under one video frame interval.
+pub const TICK: Duration = Duration::from_millis(10);
+/// Receiver and sender reports every second (RFC 3550 §6.2 allows more for few members).
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// TWCC feedback to publishers every 100 ms, as browsers expect (libwebrtc sends at ~10 Hz).
+const TWCC_FEEDBACK_INTERVAL: Duration = Duration::from_millis(100);
+/// Re-run the bandwidth allocation of each subscriber transport this often.
+const ALLOCATION_INTERVAL: Duration = Duration::from_millis(200);
+/// Packets kept per incoming layer for answering NACKs: ~2-4 s of 1.5 Mbit/s video.
+const PACKET_CACHE_SIZE: usize = 1024;
+/// Output packets remembered per subscription for mapping NACKs back to sources.
+const SEQUENCER_SIZE: usize = 1024;
+/// Budget set aside per audio subscription before video is allocated (Opus at its usual rate).
+const AUDIO_RESERVE: Bitrate = Bitrate::kbps(64);
+
+/// One peer connection's transport (ICE-lite + DTLS-SRTP), owned by a signaling session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransportId(pub u64);
+/// One incoming track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicationId(pub u64);
+/// One (subscriber transport, publication) forwarding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubscriptionId(pub u64);
+/// The signaling session that owns transports and receives their events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+/// Header extension ids negotiated on one transport direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExtIds {
+    pub mid: Option<u8>,
+    pub rid: Option<u8>,
+    pub repaired_rid: Option<u8>,
+    pub abs_send_time: Option<u8>,
+    pub transport_cc: Option<u8>,
+    pub audio_level: Option<u8>,
+}
+
+/// Audio or which video codec; decides keyframe detection and payload munging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaCodec {
+    Audio,
+    Video(VideoCodec),
+}
+
+/// One simulcast layer (or the only one) of a publication, as negotiated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LayerSpec {
+    pub rid: Option<String>,
+    pub ssrc: Option<u32>,
+    pub rtx_ssrc: Option<u32>,
+}
+
+/// Everything the core needs to receive a publication.
+#[derive(Debug, Clone)]
+pub struct PublicationSpec {
+    pub room: String,
+    pub transport: TransportId,
+    pub mid: String,
+    pub codec: MediaCodec,
+    pub clock_rate: u32,
+    pub payload_type: u8,
+    pub rtx_payload_type: Option<u8>,
+    /// Lowest resolution first.
+    pub layers: Vec<LayerSpec>,
+    /// Prefer FIR over PLI for keyframe requests (when only `ccm fir` was negotiated).
+    pub prefers_fir: bool,
+}
+
+/// Everything the core needs to forward a publication to one subscriber transport.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSpec {
+    pub transport: TransportId,
+    pub publication: PublicationId,
+    pub mid: String,
+    pub ssrc: u32,
+    pub rtx_ssrc: Option<u32>,
+    pub payload_type: u8,
+    pub rtx_payload_type: Option<u8>,
+    pub max_layer: Option<SpatialLayer>,
+    pub paused: bool,
+}
+
+/// Signaling -> core.
+#[derive(Debug)]
+pub enum Command {
+    AddTransport {
+        id: TransportId,
+        owner: SessionId,
+        local: IceCredentials,
+        /// Known from the peer's offer; for our own offers it comes with the answer.
+        remote: Option<IceCredentials>,
+        /// Extension ids the peer uses on packets it sends us.
+        ext_in: ExtIds,
+        /// Extension ids we put on packets we send the peer.
+        ext_out: ExtIds,
+    },
+    /// The peer's ICE credentials, once its answer arrived.
+    SetRemote { id: TransportId, remote: IceCredentials },
+    /// Renegotiation changed the extension ids.
+    SetExtensions { id: TransportId, ext_in: ExtIds, ext_out: ExtIds },
+    SetKeys { id: TransportId, keys: SrtpKeys },
+    RemoveTransport { id: TransportId },
+    AddPublication { id: PublicationId, spec: PublicationSpec },
+    RemovePublication { id: PublicationId },
+    /// Stop or restart forwarding a publication to everyone (host mute, publisher mute).
+    SetPublicationMuted { id: PublicationId, muted: bool },
+    AddSubscription { id: SubscriptionId, spec: SubscriptionSpec },
+    RemoveSubscription { id: SubscriptionId },
+    SetPaused { id: SubscriptionId, paused: bool },
+    SetMaxLayer { id: SubscriptionId, max: Option<SpatialLayer> },
+}
+
+/// Core -> signaling.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// ICE nominated an address and DTLS may start (the shell starts the handshake).
+    Nominated { transport: TransportId, addr: SocketAddr },
+    /// SRTP keys installed: media flows.
+    Connected { transport: TransportId },
+    /// The transport is gone (consent expired). The owner should clean up.
+    Closed { transport: TransportId, reason: &'static str },
+    LayerChanged {
+        subscription: SubscriptionId,
+        current: Option<SpatialLayer>,
+        target: Option<SpatialLayer>,
+    },
+    /// The room's dominant speaker changed (None: silence).
+    ActiveSpeaker { room: String, publication: Option<PublicationId> },
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub data: Bytes,
+}
+
+struct Transport {
+    owner: SessionId,
+    ice: IceLite,
+    addr: Option<SocketAddr>,
+    srtp: Option<SrtpSession>,
+    ext_in: ExtIds,
+    ext_out: ExtIds,
+    /// Our SSRC as sender of RTCP feedback on this transport.
+    rtcp_ssrc: u32,
+    /// Incoming SSRC -> (publication, layer, is_rtx).
+    ssrc_routes: HashMap<u32, (PublicationId, u8, bool)>,
+    /// mid -> publication, to learn SSRCs of rid-based simulcast.
+    mids: HashMap<String, PublicationId>,
+    /// Outgoing SSRC (and RTX SSRC) -> subscription, for RTCP from subscribers.
+    out_ssrcs: HashMap<u32, SubscriptionId>,
+    subscriptions: Vec<SubscriptionId>,
+    twcc_recorder: interceptor::twcc::Recorder,
+    twcc_pending: bool,
+    twcc_out_seq: u16,
+    bwe: SendSideBwe,
+    last_allocation: Option<Instant>,
+}
+
+struct Layer {
+    spec: LayerSpec,
+    unwrapper: SeqUnwrapper,
+    cache: PacketCache,
+    nack: NackGenerator,
+    meter: BitrateMeter,
+    stats: ReceiveStats,
+    keyframes: KeyframeRequester,
+    received_any: bool,
+}
+
+struct Publication {
+    spec: PublicationSpec,
+    layers: Vec<Layer>,
+    subscribers: Vec<SubscriptionId>,
+    muted: bool,
+}
+
+struct Subscription {
+    spec: SubscriptionSpec,
+    selector: LayerSelector,
+    rewriter: RtpRewriter,
+    sequencer: Sequencer,
+    vp8: Option<Vp8Munger>,
+    stats: SendStats,
+    rtx_seq: u16,
+    reported: (Option<SpatialLayer>, Option<SpatialLayer>),
+    started: bool,
+}
+
+/// The shard's forwarding state. See the module docs.
+pub struct ShardCore {
+    transports: HashMap<TransportId, Transport>,
+    by_addr: HashMap<SocketAddr, TransportId>,
+    by_ufrag: HashMap<String, TransportId>,
+    publications: HashMap<PublicationId, Publication>,
+    subscriptions: HashMap<SubscriptionId, Subscription>,
+    speakers: HashMap<String, ActiveSpeakerDetector>,
+    transmits: Vec<Transmit>,
+    events: Vec<(SessionId, Event)>,
+    room_events: Vec<Event>,
+    /// (Instant, wall clock) pair fixed at start, to turn `now` into NTP and abs-send-time.
+    epoch: (Instant, SystemTime),
+    last_reports: Option<Instant>,
+    last_twcc: Option<Instant>,
+    scratch: Vec<u8>,
+    pub counters: ShardCounters,
+}
+
+impl ShardCore {
+    /// `epoch` pairs an `Instant` with the wall clock at the same moment (read once by the shell).
+    pub fn new(epoch: (Instant, SystemTime)) -> Self {
+        Self {
+            transports: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            publications: HashMap::new(),
+            subscriptions: HashMap::new(),
+            speakers: HashMap::new(),
+            transmits: Vec::new(),
+            events: Vec::new(),
+            room_events: Vec::new(),
+            epoch,
+            last_reports: None,
+            last_twcc: None,
+            scratch: vec![0u8; 2048],
+            counters: ShardCounters::default(),
+        }
+    }
+
+    // ---- inputs -------------------------------------------------------------------------
+
+    pub fn handle_command(&mut self, cmd: Command, now: Instant) {
+        match cmd {
+            Command::AddTransport {
+                id,
+                owner,
+                local,
+                remote,
+                ext_in,
+                ext_out,
+            } => {
+                self.by_ufrag.insert(local.ufrag.clone(), id);
+                let ice = IceLite::new(local, remote, now);
+                self.transports.insert(
+                    id,
+                    Transport {
+                        owner,
+                        ice,
+                        addr: None,
+                        srtp: None,
+                        ext_in,
+                        ext_out,
+                        rtcp_ssrc: rand::random(),
+                        ssrc_routes: HashMap::new(),
+                        mids: HashMap::new(),
+                        out_ssrcs: HashMap::new(),
+                        subscriptions: Vec::new(),
+                        twcc_recorder: interceptor::twcc::Recorder::new(0),
+                        twcc_pending: false,
+                        twcc_out_seq: 0,
+                        bwe: SendSideBwe::new(BweConfig::default(), now),
+                        last_allocation: None,
+                    },
+                );
+                if let Some(t) = self.transports.get_mut(&id) {
+                    t.twcc_recorder = interceptor::twcc::Recorder::new(t.rtcp_ssrc);
+                }
+                self.counters.transports_added += 1;
+            }
+            Command::SetRemote { id, remote } => {
+                if let Some(t) = self.transports.get_mut(&id) {
+                    t.ice.set_remote(remote);
+                }
+            }
+            Command::SetExtensions {
+                id,
+                ext_in,
+                ext_out,
+            } => {
+                if let Some(t) = self.transports.get_mut(&id) {
+                    t.ext_in = ext_in;
+                    t.ext_out = ext_out;
+                }
+            }
+            Command::SetKeys { id, keys } => {
+                let Some(t) = self.transports.get_mut(&id) else {
+                    return;
+                };
+                match SrtpSession::new(&keys) {
+                    Ok(s) => {
+                        t.srtp = Some(s);
+                        self.events.push((t.owner, Event::Connected { transport: id }));
+                    }
+                    Err(e) => {
+                        tracing::warn!(transport = id.0, error = %e, "SRTP setup failed");
+                        let owner = t.owner;
+                        self.remove_transport(id);
+                        self.events.push((
+                            owner,
+                            Event::Closed {
+                                transport: id,
+                                reason: "srtp_setup_failed",
+                            },
+                        ));
+                    }
+                }
+            }
+            Command::RemoveTransport { id } => self.remove_transport(id),
+            Command::AddPublication { id, spec } => self.add_publication(id, spec, now),
+            Command::RemovePublication { id } => self.remove_publication(id),
+            Command::SetPublicationMuted { id, muted } => {
+                if let Some(p) = self.publications.get_mut(&id) {
+                    p.muted = muted;
+                }
+            }
+            Command::AddSubscription { id, spec } => self.add_subscription(id, spec, now),
+            Command::RemoveSubscription { id } => self.remove_subscription(id),
+            Command::SetPaused { id, paused } => {
+                if let Some(s) = self.subscriptions.get_mut(&id) {
+                    s.spec.paused = paused;
+                    s.selector
+                        .set_max_layer(if paused { None } else { s.spec.max_layer });
+                }
+            }
+            Command::SetMaxLayer { id, max } => {
+                if let Some(s) = self.subscriptions.get_mut(&id) {
+                    s.spec.max_layer = max;
+                    if !s.spec.paused {
+                        s.selector.set_max_layer(max);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Which transport a datagram from `from` belongs to, for the shell's DTLS routing.
+    pub fn transport_at(&self, from: SocketAddr) -> Option<TransportId> {
+        self.by_addr.get(&from).copied()
+    }
+
+    /// The nominated peer address of a transport.
+    pub fn transport_addr(&self, id: TransportId) -> Option<SocketAddr> {
+        self.transports.get(&id).and_then(|t| t.addr)
+    }
+
+    /// Whether this shard owns a transport with this local ICE ufrag.
+    pub fn owns_ufrag(&self, ufrag: &str) -> bool {
+        self.by_ufrag.contains_key(ufrag)
+    }
+
+    pub fn handle_stun(&mut self, from: SocketAddr, msg: &[u8], now: Instant) {
+        let id = match self.by_addr.get(&from) {
+            Some(id) => *id,
+            None => match crate::transport::ice::stun_username(msg)
+                .and_then(|(local, _)| self.by_ufrag.get(&local).copied())
+            {
+                Some(id) => id,
+                None => {
+                    self.counters.rejected_stun_unknown += 1;
+                    return;
+                }
+            },
+        };
+        let Some(t) = self.transports.get_mut(&id) else {
+            return;
+        };
+        match t.ice.handle_stun(from, msg, now) {
+            Ok(StunOutcome::Reply { to, bytes }) => self.transmits.push(Transmit {
+                to,
+                data: Bytes::from(bytes),
+            }),
+            Ok(StunOutcome::Ignore) => {}
+            Err(e) => {
+                self.counters.rejected_stun_integrity += 1;
+                tracing::debug!(transport = id.0, %from, error = %e, "STUN refused");
+                if let Some(reply) = e.reply() {
+                    self.transmits.push(Transmit {
+                        to: from,
+                        data: Bytes::copy_from_slice(reply),
+                    });
+                }
+            }
+        }
+        self.drain_ice_events(id);
+    }
+
+    fn drain_ice_events(&mut self, id: TransportId) {
+        let Some(t) = self.transports.get_mut(&id) else {
+            return;
+        };
+        while let Some(ev) = t.ice.poll_event() {
+            match ev {
+                IceEvent::Nominated(addr) => {
+                    if let Some(old) = t.addr.replace(addr) {
+                        self.by_addr.remove(&old);
+                    }
+                    self.by_addr.insert(addr, id);
+                    self.events.push((
+                        t.owner,
+                        Event::Nominated {
+                            transport: id,
+                            addr,
+                        },
+                    ));
+                }
+                IceEvent::ConsentExpired => {
+                    let owner = t.owner;
+                    self.events.push((
+                        owner,
+                        Event::Closed {
+                            transport: id,
+                            reason: "consent_expired",
+                        },
+                    ));
+                    self.remove_transport(id);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// An SRTP or SRTCP datagram from `from`.
+    pub fn handle_srtp(&mut self, from: SocketAddr, data: &[u8], is_rtcp: bool, now: Instant) {
+        let Some(&id) = self.by_addr.get(&from) else {
+            self.counters.rejected_unknown_source += 1;
+            return;
+        };
+        let Some(t) = self.transports.get_mut(&id) else {
+            return;
+        };
+        let Some(srtp) = t.srtp.as_mut() else {
+            self.counters.rejected_before_keys += 1;
+            return;
+        };
+        if is_rtcp {
+            match srtp.decrypt_rtcp(data) {
+                Ok(plain) => self.handle_rtcp(id, &plain, now),
+                Err(_) => self.counters.rejected_srtcp += 1,
+            }
+        } else {
+            match srtp.decrypt_rtp(data) {
+                Ok(plain) => {
+                    self.counters.packets_in += 1;
+                    self.counters.bytes_in += data.len() as u64;
+                    self.handle_rtp(id, &plain, now);
+                }
+                Err(_) => self.counters.rejected_srtp += 1,
+            }
+        }
+    }
+
+    fn handle_rtp(&mut self, tid: TransportId, plain: &[u8], now: Instant) {
+        let Ok(view) = RtpView::parse(plain) else {
+            self.counters.rejected_rtp += 1;
+            return;
+        };
+        let Some(t) = self.transports.get_mut(&tid) else {
+            return;
+        };
+        if let Some(seq) = t
+            .ext_in
+            .transport_cc
+            .and_then(|id| view.extension(id))
+            .filter(|v| v.len() == 2)
+            .map(|v| u16::from_be_bytes([v[0], v[1]]))
+        {
+            let us = now.duration_since(self.epoch.0).as_micros() as i64;
+            t.twcc_recorder.record(view.ssrc, seq, us);
+            t.twcc_pending = true;
+        }
+        let route = match t.ssrc_routes.get(&view.ssrc) {
+            Some(r) => Some(*r),
+            None => {
+                let learnt = learn_route(t, &self.publications, &view);
+                if let Some((pid, layer, is_rtx)) = learnt {
+                    if let Some(l) = self
+                        .publications
+                        .get_mut(&pid)
+                        .and_then(|p| p.layers.get_mut(layer as usize))
+                    {
+                        let slot = if is_rtx { &mut l.spec.rtx_ssrc } else { &mut l.spec.ssrc };
+                        *slot = Some(view.ssrc);
+                    }
+                }
+                learnt
+            }
+        };
+        let Some((pid, layer, is_rtx)) = route else {
+            self.counters.rejected_unknown_ssrc += 1;
+            return;
+        };
+        if is_rtx {
+            // RFC 4588 §4: the payload starts with the original sequence number.
+            let payload = view.payload();
+            if payload.len() < 2 {
+                self.counters.rejected_rtp += 1;
+                return;
+            }
+            let Some(p) = self.publications.get(&pid) else {
+                return;
+            };
+            let Some(media_ssrc) = p.layers.get(layer as usize).and_then(|l| l.spec.ssrc) else {
+                return; // media SSRC not learnt yet: nothing to repair
+            };
+            let osn = u16::from_be_bytes([payload[0], payload[1]]);
+            let mut rebuilt = Vec::with_capacity(plain.len());
+            let ext = rtp::OutExtensions::default();
+            let mut hdr = [0u8; MAX_OUT_HEADER];
+            let n = rtp::write_header(
+                &mut hdr,
+                view.marker,
+                p.spec.payload_type,
+                osn,
+                view.timestamp,
+                media_ssrc,
+                &ext,
+            );
+            rebuilt.extend_from_slice(&hdr[..n]);
+            rebuilt.extend_from_slice(&payload[2..]);
+            self.counters.rtx_in += 1;
+            if let Ok(orig) = RtpView::parse(&rebuilt) {
+                self.handle_media(pid, layer, &orig, None, now);
+            }
+        } else {
+            let level = self
+                .transports
+                .get(&tid)
+                .and_then(|t| t.ext_in.audio_level)
+                .and_then(|id| view.extension(id))
+                .and_then(|v| v.first().copied());
+            self.handle_media(pid, layer, &view, level, now);
+        }
+    }
+
+    /// One media packet of publication `pid`, layer `layer` (retransmissions already unwrapped).
+    fn handle_media(
+        &mut self,
+        pid: PublicationId,
+        layer_idx: u8,
+        view: &RtpView<'_>,
+        audio_level: Option<u8>,
+        now: Instant,
+    ) {
+        let Some(p) = self.publications.get_mut(&pid) else {
+            return;
+        };
+        if view.payload_type != p.spec.payload_type {
+            // Another codec of the m-line (e.g. comfort noise, FEC): not forwarded.
+            self.counters.rejected_payload_type += 1;
+            return;
+        }
+        let clock_rate = p.spec.clock_rate;
+        let codec = p.spec.codec;
+        let Some(layer) = p.layers.get_mut(layer_idx as usize) else {
+            return;
+        };
+        layer.received_any = true;
+        let ext_seq = layer.unwrapper.extend(view.seq);
+        if layer.cache.get(ext_seq).is_some() {
+            self.counters.duplicates_in += 1;
+            return; // duplicate (or an RTX of something we had)
+        }
+        layer.cache.insert(ext_seq, view.bytes(), now);
+        layer.nack.handle_packet(ext_seq, now);
+        layer.meter.handle_packet(view.bytes().len(), now);
+        layer.stats.handle_packet(ext_seq, view.timestamp, now, clock_rate);
+        let keyframe = match codec {
+            MediaCodec::Video(c) => is_keyframe(c, view.payload()),
+            MediaCodec::Audio => false,
+        };
+        if keyframe {
+            layer.keyframes.handle_keyframe(now);
+            self.counters.keyframes_in += 1;
+        }
+        if let (Some(level), MediaCodec::Audio) = (audio_level, codec) {
+            let room = p.spec.room.clone();
+            self.speakers
+                .entry(room)
+                .or_insert_with(ActiveSpeakerDetector::default)
+                .handle_level(pid.0, level & 0x7f, level & 0x80 != 0, now);
+        }
+        if p.muted {
+            return;
+        }
+        let subscribers = std::mem::take(&mut p.subscribers);
+        for sid in &subscribers {
+            self.forward(*sid, layer_idx, ext_seq, view, keyframe, audio_level, now);
+        }
+        if let Some(p) = self.publications.get_mut(&pid) {
+            p.subscribers = subscribers;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        sid: SubscriptionId,
+        layer: u8,
+        ext_seq: u64,
+        view: &RtpView<'_>,
+        keyframe: bool,
+        audio_level: Option<u8>,
+        now: Instant,
+    ) {
+        let Some(s) = self.subscriptions.get_mut(&sid) else {
+            return;
+        };
+        let Some(t) = self.transports.get_mut(&s.spec.transport) else {
+            return;
+        };
+        let (Some(addr), Some(srtp)) = (t.addr, t.srtp.as_mut()) else {
+            return;
+        };
+        if s.spec.paused {
+            return;
+        }
+        let input = RewriteInput {
+            layer: SpatialLayer(layer),
+            ext_seq,
+            timestamp: view.timestamp,
+            arrival: now,
+        };
+        let switch = match s.selector.handle_packet(SpatialLayer(layer), keyframe, now) {
+            Decision::Drop => {
+                if s.selector.current() == Some(SpatialLayer(layer)) {
+                    s.rewriter.skip(&input);
+                }
+                return;
+            }
+            Decision::Forward { switch } => switch || !s.started,
+        };
+        let Some(out) = s.rewriter.rewrite(&input, switch) else {
+            return;
+        };
+        s.started = true;
+        let twcc = t.ext_out.transport_cc.map(|id| {
+            let seq = t.twcc_out_seq;
+            t.twcc_out_seq = t.twcc_out_seq.wrapping_add(1);
+            (id, seq)
+        });
+        let ext = rtp::OutExtensions {
+            abs_send_time: t
+                .ext_out
+                .abs_send_time
+                .map(|id| (id, rtp::abs_send_time(micros_since(self.epoch, now)))),
+            transport_cc: twcc,
+            audio_level: t.ext_out.audio_level.zip(audio_level),
+            mid: None,
+        };
+        let payload = view.payload();
+        let buf = &mut self.scratch;
+        if buf.len() < MAX_OUT_HEADER + payload.len() {
+            buf.resize(MAX_OUT_HEADER + payload.len(), 0);
+        }
+        let n = rtp::write_header(
+            buf,
+            view.marker,
+            s.spec.payload_type,
+            out.seq,
+            out.timestamp,
+            s.spec.ssrc,
+            &ext,
+        );
+        buf[n..n + payload.len()].copy_from_slice(payload);
+        if let Some(m) = s.vp8.as_mut() {
+            // A payload the munger cannot parse is forwarded as it came.
+            let _ = m.rewrite(&mut buf[n..n + payload.len()], switch);
+        }
+        let len = n + payload.len();
+        match srtp.encrypt_rtp(&buf[..len]) {
+            Ok(data) => {
+                if let Some((_, seq)) = twcc {
+                    t.bwe.handle_sent(seq, data.len(), now);
+                }
+                s.stats.handle_sent(payload.len(), out.timestamp, now);
+                s.sequencer.record(
+                    out.seq,
+                    SentPacket {
+                        layer: SpatialLayer(layer),
+                        ext_seq,
+                        timestamp: out.timestamp,
+                    },
+                );
+                self.counters.packets_out += 1;
+                self.counters.bytes_out += data.len() as u64;
+                self.transmits.push(Transmit { to: addr, data });
+            }
+            Err(_) => self.counters.encrypt_failures += 1,
+        }
+    }
+
+    fn handle_rtcp(&mut self, tid: TransportId, plain: &[u8], now: Instant) {
+        let mut buf = plain;
+        let Ok(packets) = rtcp::packet::unmarshal(&mut buf) else {
+            self.counters.rejected_rtcp += 1;
+            return;
+        };
+        for pkt in packets {
+            let any = pkt.as_any();
+            if let Some(nack) =
+                any.downcast_ref::<rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack>()
+            {
+                let pairs: Vec<(u16, u16)> = nack
+                    .nacks
+                    .iter()
+                    .map(|n| (n.packet_id, n.lost_packets))
+                    .collect();
+                self.handle_nack(tid, nack.media_ssrc, &expand_nack_pairs(&pairs), now);
+            } else if let Some(pli) =
+                any.downcast_ref::<rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>()
+            {
+                self.handle_keyframe_request(tid, pli.media_ssrc, now);
+            } else if let Some(fir) =
+                any.downcast_ref::<rtcp::payload_feedbacks::full_intra_request::FullIntraRequest>()
+            {
+                for e in &fir.fir {
+                    self.handle_keyframe_request(tid, e.ssrc, now);
+                }
+            } else if let Some(fb) = any
+                .downcast_ref::<rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc>()
+            {
+                if let Some(t) = self.transports.get_mut(&tid) {
+                    t.bwe.handle_feedback(&twcc::statuses(fb), now);
+                }
+            } else if let Some(sr) =
+                any.downcast_ref::<rtcp::sender_report::SenderReport>()
+            {
+                self.handle_sender_report(tid, sr.ssrc, sr.ntp_time, now);
+            } else if let Some(rr) =
+                any.downcast_ref::<rtcp::receiver_report::ReceiverReport>()
+            {
+                for r in &rr.reports {
+                    self.counters.receiver_reports += 1;
+                    if r.fraction_lost > 0 {
+                        tracing::trace!(transport = tid.0, ssrc = r.ssrc, lost = r.fraction_lost, "subscriber reports loss");
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_sender_report(&mut self, tid: TransportId, ssrc: u32, ntp: u64, now: Instant) {
+        let Some(t) = self.transports.get(&tid) else {
+            return;
+        };
+        let Some(&(pid, layer, false)) = t.ssrc_routes.get(&ssrc) else {
+            return;
+        };
+        if let Some(l) = self
+            .publications
+            .get_mut(&pid)
+            .and_then(|p| p.layers.get_mut(layer as usize))
+        {
+            l.stats.handle_sender_report(ntp, now);
+        }
+    }
+
+    fn handle_keyframe_request(&mut self, tid: TransportId, media_ssrc: u32, now: Instant) {
+        let Some(sid) = self
+            .transports
+            .get(&tid)
+            .and_then(|t| t.out_ssrcs.get(&media_ssrc).copied())
+        else {
+            return;
+        };
+        self.counters.plis_in += 1;
+        let Some(s) = self.subscriptions.get(&sid) else {
+            return;
+        };
+        let layer = s.selector.current().or(s.selector.target()).map(|l| l.0).unwrap_or(0);
+        if let Some(l) = self
+            .publications
+            .get_mut(&s.spec.publication)
+            .and_then(|p| p.layers.get_mut(layer as usize))
+        {
+            l.keyframes.handle_request(now);
+        }
+    }
+
+    fn handle_nack(&mut self, tid: TransportId, media_ssrc: u32, seqs: &[u16], now: Instant) {
+        let Some(sid) = self
+            .transports
+            .get(&tid)
+            .and_then(|t| t.out_ssrcs.get(&media_ssrc).copied())
+        else {
+            return;
+        };
+        self.counters.nacks_in += seqs.len() as u64;
+        let Some(s) = self.subscriptions.get_mut(&sid) else {
+            return;
+        };
+        let Some(p) = self.publications.get(&s.spec.publication) else {
+            return;
+        };
+        let Some(t) = self.transports.get_mut(&s.spec.transport) else {
+            return;
+        };
+        let (Some(addr), Some(srtp)) = (t.addr, t.srtp.as_mut()) else {
+            return;
+        };
+        for &seq in seqs {
+            let Some(sent) = s.sequencer.lookup(seq) else {
+                self.counters.nacks_missed += 1;
+                continue;
+            };
+            let Some(original) = p
+                .layers
+                .get(sent.layer.0 as usize)
+                .and_then(|l| l.cache.get(sent.ext_seq))
+            else {
+                self.counters.nacks_missed += 1;
+                continue;
+            };
+            let Ok(view) = RtpView::parse(original) else {
+                continue;
+            };
+            let payload = view.payload();
+            let twcc = t.ext_out.transport_cc.map(|id| {
+                let seq = t.twcc_out_seq;
+                t.twcc_out_seq = t.twcc_out_seq.wrapping_add(1);
+                (id, seq)
+            });
+            let ext = rtp::OutExtensions {
+                transport_cc: twcc,
+                ..Default::default()
+            };
+            let mut out = vec![0u8; MAX_OUT_HEADER + 2 + payload.len()];
+            let (n, body_at) = match (s.spec.rtx_ssrc, s.spec.rtx_payload_type) {
+                (Some(rtx_ssrc), Some(rtx_pt)) => {
+                    let rtx_seq = s.rtx_seq;
+                    s.rtx_seq = s.rtx_seq.wrapping_add(1);
+                    let n = rtp::write_header(
+                        &mut out,
+                        view.marker,
+                        rtx_pt,
+                        rtx_seq,
+                        sent.timestamp,
+                        rtx_ssrc,
+                        &ext,
+                    );
+                    out[n..n + 2].copy_from_slice(&seq.to_be_bytes());
+                    (n + 2, n + 2)
+                }
+                _ => {
+                    let n = rtp::write_header(
+                        &mut out,
+                        view.marker,
+                        s.spec.payload_type,
+                        seq,
+                        sent.timestamp,
+                        s.spec.ssrc,
+                        &ext,
+                    );
+                    (n, n)
+                }
+            };
+            out[body_at..body_at + payload.len()].copy_from_slice(payload);
+            if let Some(m) = s.vp8.as_mut() {
+                let _ = m.rewrite(&mut out[body_at..body_at + payload.len()], false);
+            }
+            out.truncate(n + payload.len());
+            if let Ok(data) = srtp.encrypt_rtp(&out) {
+                if let Some((_, tseq)) = twcc {
+                    t.bwe.handle_sent(tseq, data.len(), now);
+                }
+                self.counters.retransmits_out += 1;
+                self.transmits.push(Transmit { to: addr, data });
+            }
+        }
+    }
+
+    // ---- timers -------------------------------------------------------------------------
+
+    /// When [`Self::handle_timeout`] wants to run next.
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        now + TICK
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // ICE consent freshness.
+        let ids: Vec<TransportId> = self.transports.keys().copied().collect();
+        for id in &ids {
+            if let Some(t) = self.transports.get_mut(id) {
+                t.ice.handle_timeout(now);
+            }
+            self.drain_ice_events(*id);
+        }
+        self.run_feedback(now);
+        self.run_allocation(now);
+        let reports_due = self
+            .last_reports
+            .is_none_or(|t| now.duration_since(t) >= REPORT_INTERVAL);
+        if reports_due {
+            self.last_reports = Some(now);
+            self.send_reports(now);
+        }
+        let twcc_due = self
+            .last_twcc
+            .is_none_or(|t| now.duration_since(t) >= TWCC_FEEDBACK_INTERVAL);
+        if twcc_due {
+            self.last_twcc = Some(now);
+            self.send_twcc_feedback();
+        }
+        for (room, det) in self.speakers.iter_mut() {
+            if let Some(change) = det.poll_change(now) {
+                self.room_events.push(Event::ActiveSpeaker {
+                    room: room.clone(),
+                    publication: change.map(PublicationId),
+                });
+            }
+        }
+        // Layer change notifications.
+        for (sid, s) in self.subscriptions.iter_mut() {
+            let now_layers = (s.selector.current(), s.selector.target());
+            if now_layers != s.reported {
+                s.reported = now_layers;
+                if let Some(t) = self.transports.get(&s.spec.transport) {
+                    self.counters.layer_switches += 1;
+                    self.events.push((
+                        t.owner,
+                        Event::LayerChanged {
+                            subscription: *sid,
+                            current: now_layers.0,
+                            target: now_layers.1,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+
+    /// NACKs and keyframe requests towards publishers.
+    fn run_feedback(&mut self, now: Instant) {
+        // Subscribers' selectors wanting a keyframe on a layer.
+        let mut wanted: Vec<(PublicationId, u8)> = Vec::new();
+        for s in self.subscriptions.values_mut() {
+            if let Some(l) = s.selector.poll_keyframe_request(now) {
+                wanted.push((s.spec.publication, l.0));
+            }
+        }
+        for (pid, layer) in wanted {
+            if let Some(l) = self
+                .publications
+                .get_mut(&pid)
+                .and_then(|p| p.layers.get_mut(layer as usize))
+            {
+                l.keyframes.handle_request(now);
+            }
+        }
+        let mut out: Vec<(TransportId, Box<dyn RtcpPacket + Send + Sync>)> = Vec::new();
+        for p in self.publications.values_mut() {
+            let Some(t) = self.transports.get(&p.spec.transport) else {
+                continue;
+            };
+            for l in p.layers.iter_mut() {
+                let Some(ssrc) = l.spec.ssrc else { continue };
+                if let Some(seqs) = l.nack.poll_nacks(now) {
+                    self.counters.nacks_out += seqs.len() as u64;
+                    let nacks = nack_pairs(&seqs)
+                        .into_iter()
+                        .map(|(packet_id, lost_packets)| rtcp::transport_feedbacks::transport_layer_nack::NackPair { packet_id, lost_packets })
+                        .collect();
+                    out.push((
+                        p.spec.transport,
+                        Box::new(rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack {
+                            sender_ssrc: t.rtcp_ssrc,
+                            media_ssrc: ssrc,
+                            nacks,
+                        }),
+                    ));
+                }
+                if l.nack.poll_keyframe_needed() {
+                    l.keyframes.handle_request(now);
+                }
+                if let Some(kind) = l.keyframes.poll_send(now) {
+                    self.counters.plis_out += 1;
+                    let pkt: Box<dyn RtcpPacket + Send + Sync> = match kind {
+                        KeyframeRequestKind::Pli => Box::new(
+                            rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication {
+                                sender_ssrc: t.rtcp_ssrc,
+                                media_ssrc: ssrc,
+                            },
+                        ),
+                        KeyframeRequestKind::Fir { seq_nr: seq } => Box::new(
+                            rtcp::payload_feedbacks::full_intra_request::FullIntraRequest {
+                                sender_ssrc: t.rtcp_ssrc,
+                                media_ssrc: ssrc,
+                                fir: vec![rtcp::payload_feedbacks::full_intra_request::FirEntry {
+                                    ssrc,
+                                    sequence_number: seq,
+                                }],
+                            },
+                        ),
+                    };
+                    out.push((p.spec.transport, pkt));
+                }
+            }
+        }
+        for (tid, pkt) in out {
+            self.send_rtcp(tid, &[pkt]);
+        }
+    }
+
+    /// Splits each subscriber transport's estimate over its subscriptions.
+    fn run_allocation(&mut self, now: Instant) {
+        for t in self.transports.values_mut() {
+            if t.subscriptions.is_empty()
+                || t
+                    .last_allocation
+                    .is_some_and(|l| now.duration_since(l) < ALLOCATION_INTERVAL)
+            {
+                continue;
+            }
+            t.last_allocation = Some(now);
+            let mut budget = t.bwe.estimate().as_bps();
+            // Audio first, then video subscriptions in order: screen shares and earlier
+            // subscriptions get their share first (the meetings issue adds pin/speaker priority).
+            let mut video: Vec<(SubscriptionId, Vec<Option<Bitrate>>)> = Vec::new();
+            for sid in &t.subscriptions {
+                let Some(s) = self.subscriptions.get(sid) else { continue };
+                let Some(p) = self.publications.get(&s.spec.publication) else { continue };
+                match p.spec.codec {
+                    MediaCodec::Audio => budget = budget.saturating_sub(AUDIO_RESERVE.as_bps()),
+                    MediaCodec::Video(_) => {
+                        if s.spec.paused {
+                            continue;
+                        }
+                        let rates = p.layers.iter().map(|l| l.meter.bitrate(now)).collect();
+                        video.push((*sid, rates));
+                    }
+                }
+            }
+            let n = video.len().max(1) as u64;
+            for (i, (sid, rates)) in video.into_iter().enumerate() {
+                // Equal split of what is left, the remainder rolling to later tracks.
+                let share = budget / (n - i as u64).max(1);
+                let Some(s) = self.subscriptions.get_mut(&sid) else { continue };
+                s.selector.handle_allocation(Bitrate::bps(share), &rates, now);
+                let used = s
+                    .selector
+                    .target()
+                    .and_then(|l| rates.get(l.0 as usize).copied().flatten())
+                    .map(|b| b.as_bps())
+                    .unwrap_or(0);
+                budget = budget.saturating_sub(used.min(share));
+            }
+        }
+    }
+
+    fn send_reports(&mut self, now: Instant) {
+        let ntp = ntp_at(self.epoch, now);
+        let mut out: Vec<(TransportId, Box<dyn RtcpPacket + Send + Sync>)> = Vec::new();
+        // Receiver reports to publishers.
+        for p in self.publications.values_mut() {
+            let Some(t) = self.transports.get(&p.spec.transport) else { continue };
+            let mut reports = Vec::new();
+            for l in p.layers.iter_mut() {
+                let (Some(ssrc), true) = (l.spec.ssrc, l.received_any) else { continue };
+                let Some(b) = l.stats.report_block(now) else { continue };
+                reports.push(rtcp::reception_report::ReceptionReport {
+                    ssrc,
+                    fraction_lost: b.fraction_lost,
+                    total_lost: b.total_lost,
+                    last_sequence_number: b.ext_highest_seq,
+                    jitter: b.jitter,
+                    last_sender_report: b.lsr,
+                    delay: b.dlsr,
+                });
+            }
+            if !reports.is_empty() {
+                out.push((
+                    p.spec.transport,
+                    Box::new(rtcp::receiver_report::ReceiverReport {
+                        ssrc: t.rtcp_ssrc,
+                        reports,
+                        profile_extensions: Bytes::new(),
+                    }),
+                ));
+            }
+        }
+        // Sender reports to subscribers, for lip sync and RTT.
+        for s in self.subscriptions.values_mut() {
+            let Some(p) = self.publications.get(&s.spec.publication) else { continue };
+            if let Some(info) = s.stats.sender_info(ntp, now, p.spec.clock_rate) {
+                out.push((
+                    s.spec.transport,
+                    Box::new(rtcp::sender_report::SenderReport {
+                        ssrc: s.spec.ssrc,
+                        ntp_time: info.ntp,
+                        rtp_time: info.rtp_ts,
+                        packet_count: info.packets,
+                        octet_count: info.octets,
+                        reports: vec![],
+                        profile_extensions: Bytes::new(),
+                    }),
+                ));
+            }
+        }
+        for (tid, pkt) in out {
+            self.send_rtcp(tid, &[pkt]);
+        }
+    }
+
+    fn send_twcc_feedback(&mut self) {
+        let mut out = Vec::new();
+        for (id, t) in self.transports.iter_mut() {
+            if t.twcc_pending {
+                t.twcc_pending = false;
+                let pkts = t.twcc_recorder.build_feedback_packet();
+                if !pkts.is_empty() {
+                    out.push((*id, pkts));
+                }
+            }
+        }
+        for (id, pkts) in out {
+            self.send_rtcp(id, &pkts);
+        }
+    }
+
+    fn send_rtcp(&mut self, tid: TransportId, pkts: &[Box<dyn RtcpPacket + Send + Sync>]) {
+        let Some(t) = self.transports.get_mut(&tid) else { return };
+        let (Some(addr), Some(srtp)) = (t.addr, t.srtp.as_mut()) else { return };
+        let Ok(plain) = rtcp::packet::marshal(pkts) else {
+            return;
+        };
+        if let Ok(data) = srtp.encrypt_rtcp(&plain) {
+            self.counters.rtcp_out += 1;
+            self.transmits.push(Transmit { to: addr, data });
+        }
+    }
+
+    // ---- outputs ------------------------------------------------------------------------
+
+    /// Moves queued datagrams into `out`.
+    pub fn poll_transmits(&mut self, out: &mut Vec<Transmit>) {
+        out.append(&mut self.transmits);
+    }
+
+    /// Next event for a session, or a room-wide event (owner `None`).
+    pub fn poll_event(&mut self) -> Option<(Option<SessionId>, Event)> {
+        if let Some((owner, ev)) = self.events.pop() {
+            return Some((Some(owner), ev));
+        }
+        self.room_events.pop().map(|e| (None, e))
+    }
+
+    /// Current layers of a subscription (for stats and tests).
+    pub fn subscription_layers(&self, id: SubscriptionId) -> Option<(Option<SpatialLayer>, Option<SpatialLayer>)> {
+        self.subscriptions
+            .get(&id)
+            .map(|s| (s.selector.current(), s.selector.target()))
+    }
+
+    /// Bandwidth estimate of a transport.
+    pub fn transport_estimate(&self, id: TransportId) -> Option<Bitrate> {
+        self.transports.get(&id).map(|t| t.bwe.estimate())
+    }
+
+    pub fn transport_count(&self) -> usize {
+        self.transports.len()
+    }
+    pub fn publication_count(&self) -> usize {
+        self.publications.len()
+    }
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    // ---- bookkeeping --------------------------------------------------------------------
+
+    fn add_publication(&mut self, id: PublicationId, spec: PublicationSpec, now: Instant) {
+        let Some(t) = self.transports.get_mut(&spec.transport) else {
+            return;
+        };
+        t.mids.insert(spec.mid.clone(), id);
+        for (i, l) in spec.layers.iter().enumerate() {
+            if let Some(ssrc) = l.ssrc {
+                t.ssrc_routes.insert(ssrc, (id, i as u8, false));
+            }
+            if let Some(ssrc) = l.rtx_ssrc {
+                t.ssrc_routes.insert(ssrc, (id, i as u8, true));
+            }
+        }
+        let layers = spec
+            .layers
+            .iter()
+            .map(|l| Layer {
+                spec: l.clone(),
+                unwrapper: SeqUnwrapper::new(),
+                cache: PacketCache::new(PACKET_CACHE_SIZE),
+                nack: NackGenerator::default(),
+                meter: BitrateMeter::new(),
+                stats: ReceiveStats::new(),
+                keyframes: KeyframeRequester::new(KeyframeRequesterConfig {
+                    prefer_fir: spec.prefers_fir,
+                    ..Default::default()
+                }),
+                received_any: false,
+            })
+            .collect();
+        let _ = now;
+        self.publications.insert(
+            id,
+            Publication {
+                spec,
+                layers,
+                subscribers: Vec::new(),
+                muted: false,
+            },
+        );
+    }
+
+    fn remove_publication(&mut self, id: PublicationId) {
+        let Some(p) = self.publications.remove(&id) else {
+            return;
+        };
+        if let Some(t) = self.transports.get_mut(&p.spec.transport) {
+            t.ssrc_routes.retain(|_, r| r.0 != id);
+            t.mids.retain(|_, pid| *pid != id);
+        }
+        for sid in p.subscribers {
+            self.remove_subscription(sid);
+        }
+        if let Some(det) = self.speakers.get_mut(&p.spec.room) {
+            det.remove(id.0);
+        }
+    }
+
+    fn add_subscription(&mut self, id: SubscriptionId, spec: SubscriptionSpec, now: Instant) {
+        let (Some(p), Some(t)) = (
+            self.publications.get_mut(&spec.publication),
+            self.transports.get_mut(&spec.transport),
+        ) else {
+            return;
+        };
+        p.subscribers.push(id);
+        t.subscriptions.push(id);
+        t.out_ssrcs.insert(spec.ssrc, id);
+        if let Some(r) = spec.rtx_ssrc {
+            t.out_ssrcs.insert(r, id);
+        }
+        let mut selector = LayerSelector::new(p.layers.len().max(1) as u8);
+        selector.set_max_layer(if spec.paused { None } else { spec.max_layer });
+        let rates: Vec<Option<Bitrate>> = p.layers.iter().map(|l| l.meter.bitrate(now)).collect();
+        selector.handle_allocation(t.bwe.estimate(), &rates, now);
+        let vp8 = matches!(p.spec.codec, MediaCodec::Video(VideoCodec::Vp8)).then(Vp8Munger::new);
+        let clock_rate = p.spec.clock_rate;
+        // A new subscriber needs a keyframe to start decoding.
+        for l in p.layers.iter_mut() {
+            if matches!(p.spec.codec, MediaCodec::Video(_)) {
+                l.keyframes.handle_request(now);
+            }
+        }
+        self.subscriptions.insert(
+            id,
+            Subscription {
+                spec,
+                selector,
+                rewriter: RtpRewriter::new(clock_rate),
+                sequencer: Sequencer::new(SEQUENCER_SIZE),
+                vp8,
+                stats: SendStats::new(),
+                rtx_seq: rand::random(),
+                reported: (None, None),
+                started: false,
+            },
+        );
+    }
+
+    fn remove_subscription(&mut self, id: SubscriptionId) {
+        let Some(s) = self.subscriptions.remove(&id) else {
+            return;
+        };
+        if let Some(p) = self.publications.get_mut(&s.spec.publication) {
+            p.subscribers.retain(|x| *x != id);
+        }
+        if let Some(t) = self.transports.get_mut(&s.spec.transport) {
+            t.subscriptions.retain(|x| *x != id);
+            t.out_ssrcs.retain(|_, x| *x != id);
+        }
+    }
+
+    fn remove_transport(&mut self, id: TransportId) {
+        let Some(t) = self.transports.remove(&id) else {
+            return;
+        };
+        if let Some(a) = t.addr {
+            self.by_addr.remove(&a);
+        }
+        self.by_ufrag.retain(|_, x| *x != id);
+        let pubs: Vec<PublicationId> = self
+            .publications
+            .iter()
+            .filter(|(_, p)| p.spec.transport == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for p in pubs {
+            self.remove_publication(p);
+        }
+        for s in t.subscriptions {
+            self.remove_subscription(s);
+        }
+    }
+}
+
+/// Learns the SSRC of a rid-based simulcast layer (or an unsignalled stream) from the mid / rid /
+/// repaired-rid header extensions of its first packets (RFC 8852 §3.3).
+fn learn_route(
+    t: &mut Transport,
+    publications: &HashMap<PublicationId, Publication>,
+    view: &RtpView<'_>,
+) -> Option<(PublicationId, u8, bool)> {
+    let mid = t.ext_in.mid.and_then(|id| view.extension(id))?;
+    let mid = std::str::from_utf8(mid).ok()?;
+    let pid = *t.mids.get(mid)?;
+    let p = publications.get(&pid)?;
+    let rrid = t.ext_in.repaired_rid.and_then(|id| view.extension(id));
+    let rid = t.ext_in.rid.and_then(|id| view.extension(id));
+    let (rid, is_rtx) = match (rrid, rid) {
+        (Some(r), _) => (Some(r), true),
+        (None, Some(r)) => (Some(r), p.spec.rtx_payload_type == Some(view.payload_type)),
+        (None, None) => (None, p.spec.rtx_payload_type == Some(view.payload_type)),
+    };
+    let layer = match rid {
+        Some(r) => p
+            .layers
+            .iter()
+            .position(|l| l.spec.rid.as_deref().map(str::as_bytes) == Some(r))?,
+        None if p.layers.len() == 1 => 0,
+        None => return None,
+    };
+    t.ssrc_routes.insert(view.ssrc, (pid, layer as u8, is_rtx));
+    Some((pid, layer as u8, is_rtx))
+}
+
+fn micros_since(epoch: (Instant, SystemTime), now: Instant) -> u64 {
+    let wall = epoch.1 + now.saturating_duration_since(epoch.0);
+    wall.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// NTP timestamp (RFC 3550 §4: seconds since 1900 in 32.32 fixed point) at `now`.
+fn ntp_at(epoch: (Instant, SystemTime), now: Instant) -> u64 {
+    kcs_media::stats::ntp_from_system_time(epoch.1 + now.saturating_duration_since(epoch.0))
+}

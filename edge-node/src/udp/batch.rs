@@ -1,0 +1,225 @@
+//! Batched UDP I/O: `recvmmsg(2)` and `sendmmsg(2)`, one syscall per batch.
+//!
+//! A forwarder sends one packet to many different peers, which GSO (same destination only) does
+//! not batch; `sendmmsg` does. Buffers are allocated once per shard and reused.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+
+/// Datagrams read per `recvmmsg` call. 32 keeps the buffers (64 KiB) in L2.
+pub const BATCH: usize = 32;
+/// Largest datagram we accept; anything longer is truncated by the kernel and dropped by us.
+pub const MAX_DATAGRAM: usize = 2048;
+
+/// Reusable receive buffers for one shard.
+pub struct RecvBatch {
+    bufs: Vec<[u8; MAX_DATAGRAM]>,
+    addrs: Vec<libc::sockaddr_storage>,
+    iovecs: Vec<libc::iovec>,
+    msgs: Vec<libc::mmsghdr>,
+    len: usize,
+}
+
+// The raw pointers inside point only into the struct's own heap buffers.
+unsafe impl Send for RecvBatch {}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RecvBatch {
+    pub fn new() -> Self {
+        Self {
+            bufs: vec![[0u8; MAX_DATAGRAM]; BATCH],
+            // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs; all-zero is valid.
+            addrs: vec![unsafe { zeroed() }; BATCH],
+            iovecs: vec![unsafe { zeroed() }; BATCH],
+            msgs: vec![unsafe { zeroed() }; BATCH],
+            len: 0,
+        }
+    }
+
+    /// Reads up to [`BATCH`] datagrams without blocking. `WouldBlock` when none is waiting.
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        for i in 0..BATCH {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.bufs[i].as_mut_ptr().cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            // SAFETY: zeroed mmsghdr is valid; we then point it at our own buffers.
+            self.msgs[i] = unsafe { zeroed() };
+            self.msgs[i].msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            self.msgs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as u32;
+            self.msgs[i].msg_hdr.msg_iov = &mut self.iovecs[i];
+            self.msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: msgs points at BATCH initialised headers whose buffers outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            self.len = 0;
+            return Err(io::Error::last_os_error());
+        }
+        self.len = n as usize;
+        Ok(self.len)
+    }
+
+    /// Datagram `i` of the last batch: sender and bytes. `None` for truncated datagrams or
+    /// addresses of other families.
+    pub fn get(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
+        if i >= self.len {
+            return None;
+        }
+        let m = &self.msgs[i];
+        if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            return None;
+        }
+        let addr = from_storage(&self.addrs[i])?;
+        Some((addr, &self.bufs[i][..m.msg_len as usize]))
+    }
+}
+
+/// Sends datagrams with as few `sendmmsg` calls as possible. Returns how many were sent; stops
+/// early on `WouldBlock` (the caller waits for writability and calls again with the rest).
+pub fn send_batch(fd: RawFd, items: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
+    let mut sent = 0;
+    while sent < items.len() {
+        let chunk = &items[sent..(sent + BATCH).min(items.len())];
+        let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
+        let mut iovecs: [libc::iovec; BATCH] = unsafe { zeroed() };
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
+        for (i, (to, data)) in chunk.iter().enumerate() {
+            let len = to_storage(to, &mut addrs[i]);
+            iovecs[i] = libc::iovec {
+                iov_base: data.as_ptr() as *mut _,
+                iov_len: data.len(),
+            };
+            msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
+            msgs[i].msg_hdr.msg_namelen = len;
+            msgs[i].msg_hdr.msg_iov = &mut iovecs[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: the headers point at stack arrays and caller-owned data that outlive the call.
+        let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), chunk.len() as u32, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if sent > 0 && err.kind() == io::ErrorKind::WouldBlock {
+                return Ok(sent);
+            }
+            return Err(err);
+        }
+        sent += n as usize;
+        if (n as usize) < chunk.len() {
+            return Ok(sent);
+        }
+    }
+    Ok(sent)
+}
+
+fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match s.ss_family as i32 {
+        libc::AF_INET => {
+            // SAFETY: the family says this storage holds a sockaddr_in.
+            let a: &libc::sockaddr_in = unsafe { &*(s as *const _ as *const libc::sockaddr_in) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                u16::from_be(a.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this storage holds a sockaddr_in6.
+            let a: &libc::sockaddr_in6 = unsafe { &*(s as *const _ as *const libc::sockaddr_in6) };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn to_storage(addr: &SocketAddr, s: &mut libc::sockaddr_storage) -> libc::socklen_t {
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let out: &mut libc::sockaddr_in = unsafe { &mut *(s as *mut _ as *mut libc::sockaddr_in) };
+            out.sin_family = libc::AF_INET as libc::sa_family_t;
+            out.sin_port = a.port().to_be();
+            out.sin_addr = libc::in_addr {
+                s_addr: u32::from(*a.ip()).to_be(),
+            };
+            size_of::<libc::sockaddr_in>() as libc::socklen_t
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let out: &mut libc::sockaddr_in6 = unsafe { &mut *(s as *mut _ as *mut libc::sockaddr_in6) };
+            out.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            out.sin6_port = a.port().to_be();
+            out.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
+            out.sin6_flowinfo = a.flowinfo();
+            out.sin6_scope_id = a.scope_id();
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn batch_round_trip_over_loopback() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_nonblocking(true).unwrap();
+        let to = b.local_addr().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 100 + i as usize]).collect();
+        let items: Vec<(SocketAddr, &[u8])> = payloads.iter().map(|p| (to, p.as_slice())).collect();
+        assert_eq!(send_batch(a.as_raw_fd(), &items).unwrap(), 40);
+        let mut batch = RecvBatch::new();
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            match batch.recv(b.as_raw_fd()) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let (from, data) = batch.get(i).unwrap();
+                        assert_eq!(from, a.local_addr().unwrap());
+                        got.push(data.to_vec());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if got.len() == 40 {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, payloads);
+    }
+
+    #[test]
+    fn ipv6_addresses_convert_both_ways() {
+        let addr: SocketAddr = "[2001:db8::1]:4242".parse().unwrap();
+        let mut s: libc::sockaddr_storage = unsafe { zeroed() };
+        to_storage(&addr, &mut s);
+        assert_eq!(from_storage(&s), Some(addr));
+    }
+}

@@ -1,0 +1,488 @@
+//! The media shell: one thread per shard, each with its own `SO_REUSEPORT` socket on the edge's
+//! one UDP port, driving a [`ShardCore`].
+//!
+//! Packets go socket -> classify (RFC 7983) -> core -> `sendmmsg` in one pass on the shard's
+//! thread: no task or channel per packet (architecture rule 3). Rooms are placed on shards by
+//! hash, so everything of one room is touched by one thread. The kernel spreads peers over the
+//! shards' sockets by flow hash, which need not be the room's shard: a datagram that arrives on
+//! the wrong shard is handed to the right one in batches through its bounded inbox ([`Router`]
+//! says which; a lookup happens only when the local core does not know the sender).
+//!
+//! DTLS is the one per-peer task: the handshake runs in the shard's runtime, fed the DTLS
+//! datagrams of its peer, and its exported keys come back to the core as [`Command::SetKeys`].
+
+pub mod batch;
+
+use crate::metrics::Metrics;
+use crate::sfu::{Command, Event, SessionId, ShardCore, TransportId, TICK};
+use crate::transport::demux::{classify, PacketClass};
+use crate::transport::dtls::{self, DtlsCertificate, DtlsSession, SrtpKeys};
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+
+/// Inbox depth per shard. Commands are few; handed-off datagrams come in batches of up to 32.
+const INBOX: usize = 4096;
+/// Socket buffers: ~4 MB absorbs a burst of keyframes to many subscribers.
+const SOCKET_BUFFER: usize = 4 << 20;
+/// A DTLS handshake that has not finished by then is abandoned (browsers give up after ~30 s).
+const DTLS_TIMEOUT: Duration = Duration::from_secs(20);
+/// DTLS datagrams queued per handshake before we drop (a handshake flight is a few packets).
+const DTLS_INBOUND: usize = 64;
+
+/// What the rest of the edge sends a shard.
+#[derive(Debug)]
+pub enum ShardInput {
+    Command(Command),
+    /// Events of transports owned by this session go to this sender.
+    Register { session: SessionId, events: mpsc::Sender<Event> },
+    Unregister { session: SessionId },
+    /// The remote DTLS fingerprint to verify for a transport (from its SDP).
+    ExpectDtls { transport: TransportId, fingerprint: String },
+    /// Datagrams another shard received for this one.
+    Datagrams(Vec<(SocketAddr, Vec<u8>)>),
+}
+
+/// Which shard owns which ICE ufrag and peer address (written on the cold path only).
+#[derive(Debug, Default)]
+pub struct Router {
+    by_ufrag: RwLock<HashMap<String, usize>>,
+    by_addr: RwLock<HashMap<SocketAddr, usize>>,
+}
+
+impl Router {
+    pub fn add_ufrag(&self, ufrag: &str, shard: usize) {
+        write(&self.by_ufrag).insert(ufrag.to_string(), shard);
+    }
+    pub fn remove_ufrag(&self, ufrag: &str) {
+        write(&self.by_ufrag).remove(ufrag);
+    }
+    fn add_addr(&self, addr: SocketAddr, shard: usize) {
+        write(&self.by_addr).insert(addr, shard);
+    }
+    fn remove_addr(&self, addr: &SocketAddr) {
+        write(&self.by_addr).remove(addr);
+    }
+    fn shard_for(&self, from: &SocketAddr, datagram: &[u8]) -> Option<usize> {
+        if let Some(s) = read(&self.by_addr).get(from) {
+            return Some(*s);
+        }
+        if classify(datagram) == PacketClass::Stun {
+            let (local, _) = crate::transport::ice::stun_username(datagram)?;
+            return read(&self.by_ufrag).get(&local).copied();
+        }
+        None
+    }
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    // A poisoned lock means a panic elsewhere; the map itself is intact.
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Handle to all shards, cloned into every signaling session.
+#[derive(Clone)]
+pub struct Shards {
+    inboxes: Arc<Vec<mpsc::Sender<ShardInput>>>,
+    pub router: Arc<Router>,
+    /// Each shard's socket address (all equal unless a port range is configured).
+    pub local_addrs: Vec<SocketAddr>,
+}
+
+impl Shards {
+    /// The shard a room lives on.
+    pub fn shard_of(&self, room: &str) -> usize {
+        // FNV-1a: stable across runs, so a room lands on the same shard after a restart.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in room.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % self.inboxes.len() as u64) as usize
+    }
+
+    pub fn count(&self) -> usize {
+        self.inboxes.len()
+    }
+
+    /// Sends to a shard, waiting if its inbox is full (signaling back-pressure, never media).
+    pub async fn send(&self, shard: usize, input: ShardInput) {
+        if self.inboxes[shard].send(input).await.is_err() {
+            tracing::error!(shard, "shard is gone");
+        }
+    }
+}
+
+/// Starts the shard threads: `count` sockets sharing the configured UDP port (`SO_REUSEPORT`),
+/// or, with a port range, one port per shard (as many shards as the range has ports, at most
+/// `count`). Port 0 picks one free port for all of them.
+pub fn start(
+    config: &crate::config::EdgeConfig,
+    count: usize,
+    cert: Arc<DtlsCertificate>,
+    metrics: Arc<Metrics>,
+    room_events: mpsc::Sender<Event>,
+) -> io::Result<Shards> {
+    let range = config
+        .port_range()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let mut sockets = Vec::new();
+    match range {
+        Some((first, last)) => {
+            let n = count.clamp(1, usize::from(last - first) + 1);
+            for i in 0..n {
+                sockets.push(bind(SocketAddr::new(config.udp.ip(), first + i as u16))?);
+            }
+        }
+        None => {
+            let first = bind(config.udp)?;
+            let shared = first.local_addr()?;
+            sockets.push(first);
+            for _ in 1..count.max(1) {
+                sockets.push(bind(shared)?);
+            }
+        }
+    }
+    let count = sockets.len();
+    let local_addrs = sockets
+        .iter()
+        .map(|s| s.local_addr())
+        .collect::<io::Result<Vec<_>>>()?;
+    let router = Arc::new(Router::default());
+    let mut inboxes = Vec::with_capacity(count);
+    let mut receivers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (tx, rx) = mpsc::channel(INBOX);
+        inboxes.push(tx);
+        receivers.push(rx);
+    }
+    let inboxes = Arc::new(inboxes);
+    for (index, (socket, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
+        let shard = ShardShell {
+            index,
+            socket,
+            inbox,
+            peers: inboxes.clone(),
+            router: router.clone(),
+            cert: cert.clone(),
+            metrics: metrics.clone(),
+            room_events: room_events.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("kcs-shard-{index}"))
+            .spawn(move || shard.run())?;
+    }
+    Ok(Shards {
+        inboxes,
+        router,
+        local_addrs,
+    })
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_port(true)?;
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+struct ShardShell {
+    index: usize,
+    socket: std::net::UdpSocket,
+    inbox: mpsc::Receiver<ShardInput>,
+    peers: Arc<Vec<mpsc::Sender<ShardInput>>>,
+    router: Arc<Router>,
+    cert: Arc<DtlsCertificate>,
+    metrics: Arc<Metrics>,
+    room_events: mpsc::Sender<Event>,
+}
+
+struct Handshake {
+    inbound: mpsc::Sender<Vec<u8>>,
+    /// Kept so the DTLS connection lives as long as the transport (close_notify on drop).
+    session: Option<DtlsSession>,
+}
+
+impl ShardShell {
+    fn run(self) {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(shard = self.index, error = %e, "cannot start shard runtime");
+                return;
+            }
+        };
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, self.run_loop());
+    }
+
+    async fn run_loop(mut self) {
+        let socket = match tokio::net::UdpSocket::from_std(
+            self.socket.try_clone().expect("dup of a bound socket"),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(shard = self.index, error = %e, "cannot register socket");
+                return;
+            }
+        };
+        let fd = socket.as_raw_fd();
+        let mut core = ShardCore::new((Instant::now(), SystemTime::now()));
+        let mut batch = batch::RecvBatch::new();
+        let mut sessions: HashMap<SessionId, mpsc::Sender<Event>> = HashMap::new();
+        let mut fingerprints: HashMap<TransportId, String> = HashMap::new();
+        let mut handshakes: HashMap<TransportId, Handshake> = HashMap::new();
+        let (dtls_out_tx, mut dtls_out) = mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
+        type Done = (TransportId, Result<(SrtpKeys, DtlsSession), dtls::DtlsError>);
+        let (done_tx, mut done_rx) = mpsc::channel::<Done>(64);
+        let mut handoff: HashMap<usize, Vec<(SocketAddr, Vec<u8>)>> = HashMap::new();
+        let mut transmits = Vec::new();
+        let mut next_tick = tokio::time::Instant::now() + TICK;
+
+        loop {
+            tokio::select! {
+                biased;
+                r = socket.readable() => {
+                    if r.is_err() { continue; }
+                    // Drain what is queued, a bounded number of batches per wake-up so timers
+                    // and commands are not starved under flood.
+                    for _ in 0..64 {
+                        match socket.try_io(tokio::io::Interest::READABLE, || batch.recv(fd)) {
+                            Ok(n) => {
+                                let now = Instant::now();
+                                for i in 0..n {
+                                    let Some((from, data)) = batch.get(i) else { continue };
+                                    self.dispatch(&mut core, from, data, now, &mut handshakes, &mut handoff, &fingerprints, &dtls_out_tx, &done_tx);
+                                }
+                                if n < batch::BATCH { break; }
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => { tracing::debug!(error = %e, "recvmmsg"); break; }
+                        }
+                    }
+                }
+                Some(input) = self.inbox.recv() => {
+                    let now = Instant::now();
+                    self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, now);
+                    // Take whatever else is queued in the same pass.
+                    while let Ok(input) = self.inbox.try_recv() {
+                        self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, now);
+                    }
+                }
+                Some((to, data)) = dtls_out.recv() => {
+                    let _ = socket.try_send_to(&data, to);
+                }
+                Some((tid, result)) = done_rx.recv() => {
+                    match result {
+                        Ok((keys, session)) => {
+                            if let Some(h) = handshakes.get_mut(&tid) { h.session = Some(session); }
+                            core.handle_command(Command::SetKeys { id: tid, keys }, Instant::now());
+                        }
+                        Err(e) => {
+                            tracing::info!(shard = self.index, transport = tid.0, error = %e, "DTLS handshake failed");
+                            core.counters.rejected_dtls += 1;
+                            handshakes.remove(&tid);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(next_tick) => {
+                    let now = Instant::now();
+                    core.handle_timeout(now);
+                    next_tick = tokio::time::Instant::now() + TICK;
+                    self.metrics.absorb(&mut core.counters);
+                }
+            }
+            // Flush: handed-off datagrams, transmits, events.
+            for (shard, items) in handoff.drain() {
+                if self.peers[shard].try_send(ShardInput::Datagrams(items)).is_err() {
+                    tracing::debug!(shard, "peer shard inbox full: dropped handed-off datagrams");
+                }
+            }
+            core.poll_transmits(&mut transmits);
+            if !transmits.is_empty() {
+                send_all(&socket, &transmits).await;
+                transmits.clear();
+            }
+            while let Some((owner, event)) = core.poll_event() {
+                match (&event, owner) {
+                    (Event::Nominated { transport, addr }, _) => {
+                        self.router.add_addr(*addr, self.index);
+                        let _ = transport;
+                    }
+                    (Event::Closed { transport, .. }, _) => {
+                        handshakes.remove(transport);
+                        fingerprints.remove(transport);
+                    }
+                    _ => {}
+                }
+                match owner {
+                    Some(session) => {
+                        if let Some(tx) = sessions.get(&session) {
+                            let _ = tx.try_send(event);
+                        }
+                    }
+                    None => {
+                        let _ = self.room_events.try_send(event);
+                    }
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dispatch(
+        &self,
+        core: &mut ShardCore,
+        from: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        handshakes: &mut HashMap<TransportId, Handshake>,
+        handoff: &mut HashMap<usize, Vec<(SocketAddr, Vec<u8>)>>,
+        fingerprints: &HashMap<TransportId, String>,
+        dtls_out: &mpsc::Sender<(SocketAddr, Vec<u8>)>,
+        done: &mpsc::Sender<(TransportId, Result<(SrtpKeys, DtlsSession), dtls::DtlsError>)>,
+    ) {
+        let class = classify(data);
+        let local = match class {
+            PacketClass::Stun => core.transport_at(from).is_some()
+                || crate::transport::ice::stun_username(data)
+                    .is_some_and(|(l, _)| core.owns_ufrag(&l)),
+            PacketClass::Unknown => {
+                core.counters.rejected_garbage += 1;
+                return;
+            }
+            _ => core.transport_at(from).is_some(),
+        };
+        if !local {
+            match self.router.shard_for(&from, data) {
+                Some(s) if s != self.index => {
+                    handoff.entry(s).or_default().push((from, data.to_vec()));
+                }
+                _ => match class {
+                    PacketClass::Stun => core.counters.rejected_stun_unknown += 1,
+                    PacketClass::Dtls => core.counters.rejected_dtls += 1,
+                    _ => core.counters.rejected_unknown_source += 1,
+                },
+            }
+            return;
+        }
+        match class {
+            PacketClass::Stun => core.handle_stun(from, data, now),
+            PacketClass::Rtp => core.handle_srtp(from, data, false, now),
+            PacketClass::Rtcp => core.handle_srtp(from, data, true, now),
+            PacketClass::Dtls => {
+                let Some(tid) = core.transport_at(from) else { return };
+                let h = handshakes.entry(tid).or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(DTLS_INBOUND);
+                    let cert = self.cert.clone();
+                    let fp = fingerprints.get(&tid).cloned().unwrap_or_default();
+                    let out = dtls_out.clone();
+                    let done = done.clone();
+                    tokio::task::spawn_local(async move {
+                        let r = match dtls::Fingerprint::parse_sha256(&fp) {
+                            Ok(fp) => dtls::accept(&cert, from, &fp, rx, out, DTLS_TIMEOUT).await,
+                            Err(e) => Err(e),
+                        };
+                        let _ = done.send((tid, r)).await;
+                    });
+                    Handshake { inbound: tx, session: None }
+                });
+                if h.inbound.try_send(data.to_vec()).is_err() {
+                    core.counters.rejected_dtls += 1;
+                }
+            }
+            PacketClass::Unknown => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_input(
+        &self,
+        input: ShardInput,
+        core: &mut ShardCore,
+        sessions: &mut HashMap<SessionId, mpsc::Sender<Event>>,
+        fingerprints: &mut HashMap<TransportId, String>,
+        handshakes: &mut HashMap<TransportId, Handshake>,
+        handoff: &mut HashMap<usize, Vec<(SocketAddr, Vec<u8>)>>,
+        dtls_out: &mpsc::Sender<(SocketAddr, Vec<u8>)>,
+        done: &mpsc::Sender<(TransportId, Result<(SrtpKeys, DtlsSession), dtls::DtlsError>)>,
+        now: Instant,
+    ) {
+        match input {
+            ShardInput::Command(cmd) => {
+                if let Command::RemoveTransport { id } = &cmd {
+                    handshakes.remove(id);
+                    fingerprints.remove(id);
+                    if let Some(addr) = core.transport_addr(*id) {
+                        self.router.remove_addr(&addr);
+                    }
+                }
+                core.handle_command(cmd, now);
+            }
+            ShardInput::Register { session, events } => {
+                sessions.insert(session, events);
+            }
+            ShardInput::Unregister { session } => {
+                sessions.remove(&session);
+            }
+            ShardInput::ExpectDtls {
+                transport,
+                fingerprint,
+            } => {
+                fingerprints.insert(transport, fingerprint);
+            }
+            ShardInput::Datagrams(items) => {
+                for (from, data) in items {
+                    // Dispatch as if received here; a datagram for nobody is dropped, not
+                    // bounced again (the router would send it straight back).
+                    if core.transport_at(from).is_none()
+                        && !(classify(&data) == PacketClass::Stun
+                            && crate::transport::ice::stun_username(&data)
+                                .is_some_and(|(l, _)| core.owns_ufrag(&l)))
+                    {
+                        core.counters.rejected_unknown_source += 1;
+                        continue;
+                    }
+                    self.dispatch(core, from, &data, now, handshakes, handoff, fingerprints, dtls_out, done);
+                }
+            }
+        }
+    }
+}
+
+/// Sends every transmit, waiting for writability when the socket buffer is full.
+async fn send_all(socket: &tokio::net::UdpSocket, transmits: &[crate::sfu::Transmit]) {
+    let items: Vec<(SocketAddr, &[u8])> = transmits.iter().map(|t| (t.to, &t.data[..])).collect();
+    let fd = socket.as_raw_fd();
+    let mut done = 0;
+    let mut spins = 0;
+    while done < items.len() {
+        match socket.try_io(tokio::io::Interest::WRITABLE, || batch::send_batch(fd, &items[done..])) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                spins += 1;
+                // Bounded: a socket that stays full this long means the host is overloaded;
+                // dropping is better than stalling the shard.
+                if spins > 16 || socket.writable().await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                // One bad destination (e.g. unreachable) must not block the rest: skip it.
+                tracing::trace!(error = %e, "sendmmsg");
+                done += 1;
+            }
+        }
+    }
+}
