@@ -70,3 +70,40 @@ export async function screenshot(page, name) {
   await page.screenshot({ path }).catch((err) => console.log(`screenshot ${name}: ${err.message}`));
   return path;
 }
+
+/**
+ * Waits until the page has joined and published (window.kcs.ready), or throws with the page's
+ * visible errors.
+ */
+export async function waitJoined(page, label, timeoutMs = 30_000) {
+  const result = await page
+    .waitForFunction(() => window.kcs !== undefined, null, { timeout: timeoutMs })
+    .then(() =>
+      page.evaluate(
+        (ms) =>
+          Promise.race([
+            window.kcs.ready.then(() => ({ ok: true }), (e) => ({ ok: false, error: String(e?.message ?? e) })),
+            new Promise((r) => setTimeout(() => r({ ok: false, error: `not joined within ${ms} ms` }), ms)),
+          ]),
+        timeoutMs,
+      ),
+    );
+  if (!result.ok) {
+    const errors = await page.evaluate(() => window.kcs?.errors ?? []).catch(() => []);
+    throw new Error(`${label} did not join: ${result.error}; page errors: ${JSON.stringify(errors)}`);
+  }
+}
+
+/**
+ * Inbound stats of the video this page receives from `identity`'s `source` (default camera),
+ * or null when it receives none.
+ */
+export async function remoteVideo(page, identity, source = 'camera') {
+  const all = await page.evaluate(() => window.kcs.stats.remoteVideo());
+  return all.find((v) => v.identity === identity && v.source === source) ?? null;
+}
+
+/** Page errors shown to the user (window.kcs.errors). */
+export function pageErrors(page) {
+  return page.evaluate(() => window.kcs?.errors ?? []).catch((err) => [`(page gone: ${err.message})`]);
+}
