@@ -5,7 +5,8 @@
  *
  * Query string: `room` (required), `token` (optional: without one the page asks the dev-only
  * `GET /dev/token?room=R`), `name`, `publish=0` (join as a viewer, no camera or microphone),
- * `fps` (camera frame rate, default 30).
+ * `fps` (camera frame rate, default 30), `simulcast=0` (send the camera as one 1280x720 stream, for
+ * servers without simulcast).
  *
  * Each tile asks for the simulcast layer its rendered size needs (`auto`), or the layer picked
  * in its quality selector (low / mid / high). For tests, the page's state is on `window.kcs`:
@@ -157,6 +158,7 @@ async function main() {
   $('room').textContent = room;
   const publish = params.get('publish') !== '0';
   const fps = Number(params.get('fps') ?? 30);
+  const simulcast = params.get('simulcast') !== '0';
 
   client.on('track', (/** @type {import('./kcs-client.js').RemoteTrack} */ remote) => {
     if (remote.kind === 'video') addVideoTile(remote);
@@ -205,8 +207,11 @@ async function main() {
   if (media) {
     const [video] = media.getVideoTracks();
     const [audio] = media.getAudioTracks();
-    if (video) await client.publishCamera(video);
-    if (audio) await client.publishMicrophone(audio);
+    /** @type {Array<{track: MediaStreamTrack, source: string, encodings?: RTCRtpEncodingParameters[]}>} */
+    const items = [];
+    if (video) items.push({ track: video, source: 'camera', ...(simulcast ? {} : { encodings: [{}] }) });
+    if (audio) items.push({ track: audio, source: 'microphone' });
+    await client.publishAll(items);
   }
   setState(`live as ${client.you?.identity ?? client.you?.id ?? '?'}`);
 }

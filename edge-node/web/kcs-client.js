@@ -336,39 +336,61 @@ export class KcsClient extends Emitter {
   /**
    * Publishes a local track and renegotiates the publisher PC.
    * @param {MediaStreamTrack} track
-   * @param {{source: string, encodings?: ReadonlyArray<RTCRtpEncodingParameters>}} opts `source` is one of
-   *   {@link SOURCES}; `encodings` defaults to {@link CAMERA_ENCODINGS} for the camera and to a
-   *   single encoding otherwise
+   * @param {{source: string, encodings?: ReadonlyArray<RTCRtpEncodingParameters>}} opts `source`
+   *   is one of {@link SOURCES}; `encodings` defaults to {@link CAMERA_ENCODINGS} for the camera
+   *   and to a single encoding otherwise
    * @returns {Promise<LocalPublication>} with the server's `trackId`
    */
-  publish(track, opts) {
-    const { source } = opts;
-    if (!SOURCES.includes(source)) {
-      return Promise.reject(new KcsError('bad_request', `unknown source ${source}`, 'produce'));
+  async publish(track, opts) {
+    const [publication] = await this.publishAll([{ track, ...opts }]);
+    return publication;
+  }
+
+  /**
+   * Publishes several tracks in one negotiation of the publisher PC (one `produce`): joining
+   * with camera and microphone costs one round trip, not two.
+   * @param {Array<{track: MediaStreamTrack, source: string,
+   *   encodings?: ReadonlyArray<RTCRtpEncodingParameters>}>} items
+   * @returns {Promise<LocalPublication[]>} in the order given, each with the server's `trackId`
+   */
+  publishAll(items) {
+    for (const { source } of items) {
+      if (!SOURCES.includes(source)) {
+        return Promise.reject(new KcsError('bad_request', `unknown source ${source}`, 'produce'));
+      }
     }
     return this._queuePub(async () => {
-      if (this.publications.has(source)) {
-        throw new KcsError('source_in_use', `${source} is already published`, 'produce');
+      const sources = new Set();
+      for (const { source } of items) {
+        if (this.publications.has(source) || sources.has(source)) {
+          throw new KcsError('source_in_use', `${source} is already published`, 'produce');
+        }
+        sources.add(source);
       }
       const pc = this._publisherPc();
-      /** @type {RTCRtpTransceiverInit} */
-      const init = { direction: 'sendonly' };
-      const encodings = opts.encodings ?? (source === 'camera' ? CAMERA_ENCODINGS : undefined);
-      if (encodings) init.sendEncodings = encodings.map((e) => ({ ...e }));
-      const transceiver = pc.addTransceiver(track, init);
-      /** @type {LocalPublication} */
-      const publication = { source, track, transceiver, trackId: null };
-      this.publications.set(source, publication);
+      /** @type {LocalPublication[]} */
+      const added = items.map(({ track, source, encodings }) => {
+        /** @type {RTCRtpTransceiverInit} */
+        const init = { direction: 'sendonly' };
+        const chosen = encodings ?? (source === 'camera' ? CAMERA_ENCODINGS : undefined);
+        if (chosen) init.sendEncodings = chosen.map((e) => ({ ...e }));
+        const transceiver = pc.addTransceiver(track, init);
+        const publication = { source, track, transceiver, trackId: null };
+        this.publications.set(source, publication);
+        return publication;
+      });
       try {
         await this._negotiatePublisher();
       } catch (err) {
-        this.publications.delete(source);
-        transceiver.direction = 'inactive';
-        transceiver.sender.replaceTrack(null).catch(() => {});
+        for (const p of added) {
+          this.publications.delete(p.source);
+          p.transceiver.direction = 'inactive';
+          p.transceiver.sender.replaceTrack(null).catch(() => {});
+        }
         throw err;
       }
-      this.emit('published', publication);
-      return publication;
+      for (const p of added) this.emit('published', p);
+      return added;
     });
   }
 
