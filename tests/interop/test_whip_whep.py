@@ -1,20 +1,18 @@
 #!/usr/bin/env python3
 """WHIP in, WHEP out, with aiortc: a WebRTC stack that is not ours.
 
-One aiortc peer publishes VP8 + Opus over WHIP (RFC 9725) to a real `kcs dev` edge; a second
-aiortc peer plays the room over WHEP. The test asserts what a viewer would see: video frames
-decoded at the size sent, audio frames received. Then the error answers a standard tool relies
-on: 401 without a token, 400 with a reason for bad SDP, 415 for a wrong content type, 404 for an
-unknown session or a room without a publisher.
+Against a real `kcs dev` edge, in two rooms:
+1. plain: an aiortc peer publishes VP8 + Opus over WHIP (RFC 9725), a second aiortc peer plays
+   the room over WHEP: video frames decoded at the size sent, audio frames received;
+2. simulcast: the same with VP8 in three rid layers (q 160x120, h 320x240, f 640x480, lowest
+   first): the room (seen by a WebSocket client) lists the camera with 3 layers, and the WHEP
+   player decodes frames of one of the layers' sizes, and audio.
+Then the error answers a standard tool relies on: 401 without a token, 400 with a reason for bad
+SDP, 415 for a wrong content type, 404 for an unknown session or a room without a publisher.
 
-Simulcast: aiortc 1.16 cannot send it. Its RTCRtpSender has one SSRC and one encoder
-(`_ssrc`, `__encoder`), it takes no `sendEncodings`, and its SDP code neither writes nor reads
-`a=rid` / `a=simulcast` (RFC 8851, RFC 8853); the rtp-stream-id header extension is parsed in
-rtp.py but never negotiated or set by the sender. So this publishes plain VP8. Sending simulcast
-from aiortc would need: rid and simulcast lines in its SDP writer, the
-`urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id` extension in its video header extensions, and a
-sender that runs one encoder, SSRC, sequence space and RTCP (PLI, REMB, NACK) per encoding, on
-frames scaled down per encoding.
+aiortc 1.16 cannot send simulcast by itself (one SSRC and one encoder per sender, no
+`sendEncodings`, no `a=rid` / `a=simulcast` in its SDP code): aiortc_simulcast.py beside this
+file adds it for the test (rid header extension, one encoder/SSRC per layer, offer rewriting).
 
 aiortc gathers only non-loopback host candidates; the edge here listens on loopback, so aioice's
 host address discovery is patched to 127.0.0.1 (shared/guides/testing.md).
@@ -26,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import json
 import math
 import os
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 from urllib.parse import urljoin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aioice.ice  # noqa: E402
 
@@ -51,8 +51,15 @@ from aiortc.mediastreams import MediaStreamError  # noqa: E402
 from av import AudioFrame, VideoFrame  # noqa: E402
 from kcs_edge import Edge  # noqa: E402
 
+import aiortc_simulcast as simulcast  # noqa: E402
+
+simulcast.enable_rid_extension()
+
 NAME = "whip_whep"
 ROOM = f"whip-whep-{os.getpid()}"
+SIMULCAST_ROOM = f"whip-whep-simulcast-{os.getpid()}"
+# (rid, scale-down, bitrate), lowest first: our convention, as in the web client.
+SIMULCAST_LAYERS = [("q", 4, 150_000), ("h", 2, 500_000), ("f", 1, 1_500_000)]
 WIDTH, HEIGHT = 640, 480
 FPS = 30
 AUDIO_RATE = 48_000
@@ -186,90 +193,141 @@ async def negative_cases(c: Checks, http, edge: Edge, pub_token: str, sample_off
     c.check("DELETE of an unknown WHIP session -> 404", status == 404, f"{status} {body[:120]!r}")
 
 
-async def run(edge: Edge, c: Checks) -> None:
-    pub_token = edge.token(ROOM, "whip-pub")
-    sub_token = edge.token(ROOM, "whep-sub")
+async def room_tracks(edge: Edge, room: str) -> list[dict]:
+    """The room's tracks as a signaling client sees them (join ack), without subscribing."""
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+        async with http.ws_connect(edge.url.replace("http", "ws", 1) + "/ws") as ws:
+            await ws.send_json({"id": 1, "type": "hello", "version": 1})
+            await ws.send_json({"id": 2, "type": "room:join", "token": edge.token(room, "observer"),
+                                "autoSubscribe": False})
+            while True:
+                msg = await ws.receive_json(timeout=10)
+                if msg.get("id") == 2:
+                    if msg.get("type") != "ack":
+                        raise RuntimeError(f"room:join failed: {msg}")
+                    await ws.send_json({"id": 3, "type": "room:leave"})
+                    return msg.get("tracks", [])
+
+
+async def publish_and_play(c: Checks, http, edge: Edge, room: str, layers: list | None) -> None:
+    """One WHIP publisher (simulcast when `layers`), one WHEP player; checks and DELETEs."""
+    tag = "simulcast" if layers else "plain"
+    pub_token = edge.token(room, f"whip-pub-{tag}")
+    sub_token = edge.token(room, f"whep-sub-{tag}")
     pub = RTCPeerConnection()
     sub = RTCPeerConnection()
     consumers: list[asyncio.Task] = []
     try:
-        async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
-            # A room with no publisher yet has nothing to play.
-            probe = RTCPeerConnection()
-            probe.addTransceiver("video", direction="recvonly")
-            await probe.setLocalDescription(await probe.createOffer())
-            status, _, body = await post_sdp(http, f"{edge.url}/whep/{ROOM}", probe.localDescription.sdp, sub_token)
-            c.check("WHEP of a room without publisher -> 404", status == 404, f"{status} {body[:120]!r}")
-            await probe.close()
+        video_tx = pub.addTransceiver(MovingBarTrack(), direction="sendonly")
+        prefer_vp8(video_tx)
+        sent_layers = []
+        if layers:
+            sent_layers = simulcast.make_simulcast(
+                video_tx.sender, [simulcast.Layer(rid, scale, rate) for rid, scale, rate in layers]
+            )
+        pub.addTransceiver(ToneTrack(), direction="sendonly")
+        await pub.setLocalDescription(await pub.createOffer())
+        offer = pub.localDescription.sdp
+        if layers:
+            offer = simulcast.offer_with_simulcast(offer, [rid for rid, _, _ in layers])
 
-            # Publish over WHIP.
-            video_tx = pub.addTransceiver(MovingBarTrack(), direction="sendonly")
-            prefer_vp8(video_tx)
-            pub.addTransceiver(ToneTrack(), direction="sendonly")
-            await pub.setLocalDescription(await pub.createOffer())
-            offer = pub.localDescription.sdp
-            await negative_cases(c, http, edge, pub_token, offer)
+        status, headers, answer = await post_sdp(http, f"{edge.url}/whip/{room}", offer, pub_token)
+        if not c.check(f"[{tag}] WHIP publish -> 201 with Location", status == 201 and "Location" in headers,
+                       f"{status} {answer[:200]!r}"):
+            return
+        pub_location = urljoin(edge.url + "/", headers["Location"])
+        if layers:
+            c.check(f"[{tag}] WHIP answer accepts the simulcast", "a=simulcast:recv" in answer
+                    and all(f"a=rid:{rid} recv" in answer for rid, _, _ in layers),
+                    " / ".join(l for l in answer.split("\r\n") if "rid" in l or "simulcast" in l))
+        await pub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await wait_connected(pub, f"{tag} WHIP publisher")
+        c.check(f"[{tag}] WHIP publisher connected (ICE + DTLS)", True)
 
-            status, headers, answer = await post_sdp(http, f"{edge.url}/whip/{ROOM}", offer, pub_token)
-            if not c.check("WHIP publish -> 201 with Location", status == 201 and "Location" in headers,
-                           f"{status} {answer[:200]!r}"):
-                return
-            pub_location = urljoin(edge.url + "/", headers["Location"])
-            await pub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-            await wait_connected(pub, "WHIP publisher")
-            c.check("WHIP publisher connected (ICE + DTLS)", True)
+        # Play over WHEP.
+        counts = {"video": 0, "audio": 0}
+        sizes: set[tuple[int, int]] = set()
 
-            # Play over WHEP.
-            counts = {"video": 0, "audio": 0}
-            sizes: set[tuple[int, int]] = set()
+        async def consume(track) -> None:
+            while True:
+                try:
+                    frame = await track.recv()
+                except MediaStreamError:  # the track ended
+                    return
+                counts[track.kind] += 1
+                if track.kind == "video":
+                    sizes.add((frame.width, frame.height))
 
-            async def consume(track) -> None:
-                while True:
-                    try:
-                        frame = await track.recv()
-                    except MediaStreamError:  # the track ended
-                        return
-                    counts[track.kind] += 1
-                    if track.kind == "video":
-                        sizes.add((frame.width, frame.height))
+        @sub.on("track")
+        def on_track(track) -> None:
+            consumers.append(asyncio.ensure_future(consume(track)))
 
-            @sub.on("track")
-            def on_track(track) -> None:
-                consumers.append(asyncio.ensure_future(consume(track)))
+        sub.addTransceiver("video", direction="recvonly")
+        sub.addTransceiver("audio", direction="recvonly")
+        await sub.setLocalDescription(await sub.createOffer())
+        status, headers, answer = await post_sdp(http, f"{edge.url}/whep/{room}", sub.localDescription.sdp, sub_token)
+        if not c.check(f"[{tag}] WHEP play -> 201 with Location", status == 201 and "Location" in headers,
+                       f"{status} {answer[:200]!r}"):
+            return
+        sub_location = urljoin(edge.url + "/", headers["Location"])
+        await sub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await wait_connected(sub, f"{tag} WHEP player")
 
-            sub.addTransceiver("video", direction="recvonly")
-            sub.addTransceiver("audio", direction="recvonly")
-            await sub.setLocalDescription(await sub.createOffer())
-            status, headers, answer = await post_sdp(http, f"{edge.url}/whep/{ROOM}", sub.localDescription.sdp, sub_token)
-            if not c.check("WHEP play -> 201 with Location", status == 201 and "Location" in headers,
-                           f"{status} {answer[:200]!r}"):
-                return
-            sub_location = urljoin(edge.url + "/", headers["Location"])
-            await sub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-            await wait_connected(sub, "WHEP player")
+        deadline = time.monotonic() + MEDIA_TIMEOUT_S
+        while time.monotonic() < deadline and (
+            counts["video"] < MIN_VIDEO_FRAMES or counts["audio"] < MIN_AUDIO_FRAMES
+        ):
+            await asyncio.sleep(0.25)
+        c.check(f"[{tag}] WHEP decoded > {MIN_VIDEO_FRAMES} video frames", counts["video"] >= MIN_VIDEO_FRAMES,
+                f"{counts['video']} frames")
+        if layers:
+            expected = {(WIDTH // scale, HEIGHT // scale) for _, scale, _ in layers}
+            c.check(f"[{tag}] decoded frames have a layer's size", bool(sizes) and sizes <= expected,
+                    f"sizes {sorted(sizes)}, layers {sorted(expected)}; packets sent per layer "
+                    + ", ".join(f"{l.rid}={l.packets}" for l in sent_layers))
+            tracks = await room_tracks(edge, room)
+            video = [t for t in tracks if t.get("kind") == "video"]
+            c.check(f"[{tag}] the room lists the camera with {len(layers)} layers",
+                    len(video) == 1 and video[0].get("layers") == len(layers), json.dumps(video))
+        else:
+            c.check(f"[{tag}] decoded frames are {WIDTH}x{HEIGHT}", sizes == {(WIDTH, HEIGHT)},
+                    f"sizes {sorted(sizes)}")
+        c.check(f"[{tag}] WHEP received > {MIN_AUDIO_FRAMES} audio frames", counts["audio"] >= MIN_AUDIO_FRAMES,
+                f"{counts['audio']} frames")
 
-            deadline = time.monotonic() + MEDIA_TIMEOUT_S
-            while time.monotonic() < deadline and (
-                counts["video"] < MIN_VIDEO_FRAMES or counts["audio"] < MIN_AUDIO_FRAMES
-            ):
-                await asyncio.sleep(0.25)
-            c.check(f"WHEP decoded > {MIN_VIDEO_FRAMES} video frames", counts["video"] >= MIN_VIDEO_FRAMES,
-                    f"{counts['video']} frames")
-            c.check(f"decoded frames are {WIDTH}x{HEIGHT}", sizes == {(WIDTH, HEIGHT)}, f"sizes {sorted(sizes)}")
-            c.check(f"WHEP received > {MIN_AUDIO_FRAMES} audio frames", counts["audio"] >= MIN_AUDIO_FRAMES,
-                    f"{counts['audio']} frames")
-
-            status, body = await delete(http, sub_location, sub_token)
-            c.check("DELETE of the WHEP session -> 2xx", 200 <= status < 300, f"{status} {body[:120]!r}")
-            status, body = await delete(http, pub_location, pub_token)
-            c.check("DELETE of the WHIP session -> 2xx", 200 <= status < 300, f"{status} {body[:120]!r}")
-            status, body = await delete(http, pub_location, pub_token)
-            c.check("DELETE of the same WHIP session again -> 404", status == 404, f"{status} {body[:120]!r}")
+        status, body = await delete(http, sub_location, sub_token)
+        c.check(f"[{tag}] DELETE of the WHEP session -> 2xx", 200 <= status < 300, f"{status} {body[:120]!r}")
+        status, body = await delete(http, pub_location, pub_token)
+        c.check(f"[{tag}] DELETE of the WHIP session -> 2xx", 200 <= status < 300, f"{status} {body[:120]!r}")
+        status, body = await delete(http, pub_location, pub_token)
+        c.check(f"[{tag}] DELETE of the same WHIP session again -> 404", status == 404, f"{status} {body[:120]!r}")
     finally:
         for task in consumers:
             task.cancel()
         await pub.close()
         await sub.close()
+
+
+async def run(edge: Edge, c: Checks) -> None:
+    async with aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http:
+        token = edge.token(ROOM, "prober")
+        # A room with no publisher yet has nothing to play.
+        probe = RTCPeerConnection()
+        try:
+            probe.addTransceiver("video", direction="recvonly")
+            await probe.setLocalDescription(await probe.createOffer())
+            status, _, body = await post_sdp(http, f"{edge.url}/whep/{ROOM}", probe.localDescription.sdp, token)
+            c.check("WHEP of a room without publisher -> 404", status == 404, f"{status} {body[:120]!r}")
+            # The error answers, with a valid offer where one is needed.
+            offer_pc = RTCPeerConnection()
+            offer_pc.addTransceiver(MovingBarTrack(), direction="sendonly")
+            await offer_pc.setLocalDescription(await offer_pc.createOffer())
+            await negative_cases(c, http, edge, token, offer_pc.localDescription.sdp)
+            await offer_pc.close()
+        finally:
+            await probe.close()
+        await publish_and_play(c, http, edge, ROOM, None)
+        await publish_and_play(c, http, edge, SIMULCAST_ROOM, SIMULCAST_LAYERS)
 
 
 async def main() -> int:

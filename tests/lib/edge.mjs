@@ -1,6 +1,9 @@
 // Test harness for Node tests: start a real `kcs dev` edge on free ports, mint tokens with
 // `kcs token`, and always stop it (also when the test fails or is interrupted).
 //
+// With KCS_MOCK_EDGE=1 it starts tests/lib/mock_edge.py instead (an aiortc stand-in for checking
+// the tests' own plumbing while the edge is being written; it proves nothing about the edge).
+//
 // The binary is $KCS_BIN, else $CARGO_TARGET_DIR/release/kcs, else <repo>/target/release/kcs
 // (scripts/test.sh builds it). Its output goes to artifacts/<name>-edge.log.
 import { spawn, execFileSync } from 'node:child_process';
@@ -87,8 +90,9 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
  * @param {string[]} [opts.extraArgs]
  */
 export async function startEdge({ name, httpHost = '127.0.0.1', udpHost = '0.0.0.0', extraArgs = [] }) {
+  const mock = process.env.KCS_MOCK_EDGE === '1';
   const bin = kcsBin();
-  if (!existsSync(bin)) throw new Error(`${bin} not found: build it with cargo build --release -p edge-node --bin kcs`);
+  if (!mock && !existsSync(bin)) throw new Error(`${bin} not found: build it with cargo build --release -p edge-node --bin kcs`);
   mkdirSync(ARTIFACTS, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), `kcs-${name}-`));
   const httpPort = await freeTcpPort(httpHost);
@@ -97,7 +101,10 @@ export async function startEdge({ name, httpHost = '127.0.0.1', udpHost = '0.0.0
   const log = openSync(logPath, 'w');
   const args = ['dev', '--http', `${httpHost}:${httpPort}`, '--udp', `${udpHost}:${udpPort}`,
     '--data-dir', dataDir, ...extraArgs];
-  const child = spawn(bin, args, {
+  const [exe, argv] = mock
+    ? ['python3', [join(REPO, 'tests', 'lib', 'mock_edge.py'), '--http', `${httpHost}:${httpPort}`]]
+    : [bin, args];
+  const child = spawn(exe, argv, {
     stdio: ['ignore', log, log],
     env: { RUST_LOG: 'info', ...process.env },
   });
@@ -112,6 +119,7 @@ export async function startEdge({ name, httpHost = '127.0.0.1', udpHost = '0.0.0
     url, httpPort, udpPort, dataDir, logPath, child,
     /** Mints a token with `kcs token` (same data dir, so the same dev key). */
     token(room, identity, role = 'host') {
+      if (mock) return `mock:${room}:${identity}`;
       return execFileSync(bin, ['token', '--room', room, '--identity', identity, '--role', role,
         '--data-dir', dataDir], { encoding: 'utf8' }).trim();
     },

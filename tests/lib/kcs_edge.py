@@ -1,5 +1,8 @@
 """Test harness for Python tests: a real `kcs dev` edge on free ports, tokens from `kcs token`.
 
+With KCS_MOCK_EDGE=1 it starts tests/lib/mock_edge.py instead (aiortc stand-in, for checking the
+tests' own plumbing while the edge is being written; it proves nothing about the edge).
+
 The binary is $KCS_BIN, else $CARGO_TARGET_DIR/release/kcs, else <repo>/target/release/kcs
 (scripts/test.sh builds it). Use it as a context manager so the edge is always stopped, also when
 the test fails; its output goes to artifacts/<name>-edge.log.
@@ -11,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -56,8 +60,10 @@ class Edge:
     def url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}"
 
+    mock = os.environ.get("KCS_MOCK_EDGE") == "1"
+
     def start(self) -> "Edge":
-        if not self.bin.exists():
+        if not self.mock and not self.bin.exists():
             raise RuntimeError(
                 f"{self.bin} not found: build it with cargo build --release -p edge-node --bin kcs"
             )
@@ -68,13 +74,17 @@ class Edge:
         self.udp_port = free_port(socket.SOCK_DGRAM, udp_probe)
         log = open(self.log_path, "wb")
         env = {"RUST_LOG": "info", **os.environ}
+        cmd = [
+            str(self.bin), "dev",
+            "--http", f"{self.http_host}:{self.http_port}",
+            "--udp", f"{self.udp_host}:{self.udp_port}",
+            "--data-dir", self.data_dir,
+        ]
+        if self.mock:
+            cmd = [sys.executable, str(REPO / "tests" / "lib" / "mock_edge.py"),
+                   "--http", f"{self.http_host}:{self.http_port}"]
         self.proc = subprocess.Popen(
-            [
-                str(self.bin), "dev",
-                "--http", f"{self.http_host}:{self.http_port}",
-                "--udp", f"{self.udp_host}:{self.udp_port}",
-                "--data-dir", self.data_dir,
-            ],
+            cmd,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()
@@ -96,6 +106,8 @@ class Edge:
             time.sleep(0.1)
 
     def token(self, room: str, identity: str, role: str = "host") -> str:
+        if self.mock:
+            return f"mock:{room}:{identity}"
         out = subprocess.run(
             [str(self.bin), "token", "--room", room, "--identity", identity, "--role", role,
              "--data-dir", self.data_dir],

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import aioice.ice
 
-aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+# aiortc gathers only non-loopback addresses: gather the HTTP listener's address instead.
+ICE_HOST = ["127.0.0.1"]
+aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: list(ICE_HOST)
 
 from aiohttp import WSMsgType, web  # noqa: E402
 from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
@@ -196,6 +198,57 @@ async def ws_handler(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+whip_sessions: dict[str, tuple[str, RTCPeerConnection, list]] = {}  # id -> (room, pc, tracks)
+room_publishers: dict[str, list[str]] = {}  # room -> WHIP session ids, latest last
+
+
+def bearer_ok(request: web.Request, room: str) -> bool:
+    auth = request.headers.get("Authorization", "")
+    parts = auth.removeprefix("Bearer ").split(":")
+    return auth.startswith("Bearer ") and len(parts) == 3 and parts[0] == "mock" and parts[1] == room
+
+
+async def sdp_exchange(request: web.Request, kind: str) -> web.Response:
+    room = request.match_info["room"]
+    if not bearer_ok(request, room):
+        return web.Response(status=401, text="missing or bad token", headers={"WWW-Authenticate": "Bearer"})
+    if request.content_type != "application/sdp":
+        return web.Response(status=415, text="expected application/sdp")
+    pc = RTCPeerConnection()
+    tracks: list = []
+    if kind == "whep":
+        sessions = [whip_sessions[s] for s in room_publishers.get(room, []) if s in whip_sessions]
+        if not sessions:
+            return web.Response(status=404, text="no publisher in this room")
+        for track in sessions[-1][2]:
+            pc.addTrack(relay.subscribe(track))
+    else:
+        pc.on("track", lambda track: tracks.append(track))
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(await request.text(), "offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as err:  # aiortc's parse errors are of many types
+        await pc.close()
+        return web.Response(status=400, text=f"bad SDP offer: {err}")
+    session = secrets.token_hex(4)
+    whip_sessions[session] = (room, pc, tracks)
+    if kind == "whip":
+        room_publishers.setdefault(room, []).append(session)
+    return web.Response(status=201, text=pc.localDescription.sdp, content_type="application/sdp",
+                        headers={"Location": f"/{kind}/{room}/{session}"})
+
+
+async def sdp_delete(request: web.Request) -> web.Response:
+    room = request.match_info["room"]
+    if not bearer_ok(request, room):
+        return web.Response(status=401, text="missing or bad token", headers={"WWW-Authenticate": "Bearer"})
+    entry = whip_sessions.pop(request.match_info["session"], None)
+    if entry is None:
+        return web.Response(status=404, text="no such session")
+    await entry[1].close()
+    return web.Response(status=200)
+
+
 async def dev_token(request: web.Request) -> web.Response:
     room = request.query.get("room", "")
     return web.json_response({"token": f"mock:{room}:guest-{secrets.token_hex(3)}"})
@@ -212,6 +265,7 @@ def main() -> None:
     ap.add_argument("--http", default="127.0.0.1:8080")
     args = ap.parse_args()
     host, port = args.http.rsplit(":", 1)
+    ICE_HOST[0] = host
     app = web.Application()
     app.router.add_get("/", static("index.html", "text/html"))
     app.router.add_get("/app.js", static("app.js", "text/javascript"))
@@ -220,6 +274,10 @@ def main() -> None:
     app.router.add_get("/healthz", lambda r: asyncio.sleep(0, web.Response(text="ok")))
     app.router.add_get("/dev/token", dev_token)
     app.router.add_get("/ws", ws_handler)
+    app.router.add_post("/whip/{room}", lambda r: sdp_exchange(r, "whip"))
+    app.router.add_post("/whep/{room}", lambda r: sdp_exchange(r, "whep"))
+    app.router.add_delete("/whip/{room}/{session}", sdp_delete)
+    app.router.add_delete("/whep/{room}/{session}", sdp_delete)
     print(f"mock-edge: http://{host}:{port}/?room=test", flush=True)
     web.run_app(app, host=host, port=int(port), print=None)
 
