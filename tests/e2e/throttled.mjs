@@ -53,7 +53,7 @@ async function main() {
   const subBrowser = await launchChromium({ executablePath: ns.wrapper('/usr/bin/chromium') });
   browsers.push(subBrowser);
 
-  pages.pub = await openRoomPage(pubBrowser, { base: edge.url, room: ROOM, token: edge.token(ROOM, 'pub'), label: 'pub' });
+  pages.pub = await openRoomPage(pubBrowser, { base: edge.url, room: ROOM, token: edge.token(ROOM, 'pub'), label: 'pub', query: { fps: '15' } });
   await waitJoined(pages.pub, 'publisher');
   pages.sub = await openRoomPage(subBrowser, {
     base: edge.url, room: ROOM, token: edge.token(ROOM, 'sub'), label: 'sub', query: { publish: '0' },
