@@ -129,8 +129,9 @@ export class Emitter {
    */
   once(type, filter, timeoutMs) {
     return new Promise((resolve, reject) => {
+      /** @type {ReturnType<typeof setTimeout> | undefined} */
       let timer;
-      const off = this.on(type, (payload) => {
+      const off = this.on(type, (/** @type {any} */ payload) => {
         if (filter && !filter(payload)) return;
         off();
         clearTimeout(timer);
