@@ -65,7 +65,7 @@ async function main() {
     return v && v.framesDecoded > 0 ? v : null;
   }, { timeoutMs: 30_000 });
   const trackId = first.trackId;
-  await pages.sub.evaluate((t) => window.kcs.setQuality(t, 'high'), trackId);
+  await pages.sub.selectOption(`figure[data-track="${trackId}"] select.quality`, 'high');
   const high = await waitFor(`subscriber at ${FULL_WIDTH} before the cap`, async () => {
     const v = await remoteVideo(pages.sub, 'pub');
     return v && v.frameWidth >= FULL_WIDTH ? v : null;

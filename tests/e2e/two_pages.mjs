@@ -43,8 +43,9 @@ async function decodesGrowing(page, from, label) {
   return second;
 }
 
+/** Picks a quality in the tile's selector, as a user would. */
 async function setQuality(page, trackId, quality) {
-  await page.evaluate(([t, q]) => window.kcs.setQuality(t, q), [trackId, quality]);
+  await page.selectOption(`figure[data-track="${trackId}"] select.quality`, quality);
 }
 
 /**
