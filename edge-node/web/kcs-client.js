@@ -1,0 +1,778 @@
+// @ts-check
+/**
+ * @file kcs-client.js — the browser client library of a KCS edge (client protocol version 1,
+ * docs/protocol.md).
+ *
+ * Why: every page that talks to an edge (the minimal page at `/`, the meeting UI, the tests)
+ * needs the same signaling and the same two peer connections; this module is that one copy.
+ *
+ * How it works:
+ * - One WebSocket to `/ws`. Every request carries a fresh `id` and gets exactly one reply, an
+ *   `ack` (the promise resolves with it) or an `error` (the promise rejects with a
+ *   {@link KcsError} whose `.code` is the server's code); a request with no reply within its
+ *   timeout rejects with code `timeout`, and all requests in flight reject with `closed` when the
+ *   socket closes.
+ * - A *publisher* RTCPeerConnection: the client offers. Each {@link KcsClient#publish} adds a
+ *   send-only transceiver (the camera with three simulcast encodings, lowest first: our
+ *   convention) and renegotiates: `produce` carries the offer and `tracks: [{mid, source}]` of
+ *   every track being published; the ack carries the answer and the server's track ids.
+ * - A *subscriber* RTCPeerConnection: the server offers (`sdp:offer` events, each with a
+ *   `revision` and the `tracks` its m-lines carry), the client answers with `sdp:answer` of the
+ *   same revision. Offers are handled one at a time in arrival order. After each, the client
+ *   compares the mid → track binding with the previous one and emits `track` for each new
+ *   binding and `trackended` for each one that went away, so an application never reads SDP.
+ * - Server events are re-emitted by their `type` (`participant:joined`, `track:published`,
+ *   `simulcast:layers`, ...) after the room model ({@link KcsClient#participants},
+ *   {@link KcsClient#tracks}) has been updated; a gap in the room's `seq` emits `seq-gap`.
+ *
+ * The edge is ICE-lite and puts all its candidates in its SDP, so this client never trickles
+ * candidates: its own are found by the edge as peer-reflexive ones from the connectivity checks.
+ *
+ * What it does not do: reconnect after a dropped socket, or any UI. It has no dependencies and
+ * no build step (a plain ES module).
+ *
+ * @example
+ *   const client = new KcsClient();
+ *   client.on('track', ({ track, info }) => attach(track, info));
+ *   await client.connect({ url: 'wss://edge.example/ws', token });
+ *   const media = await navigator.mediaDevices.getUserMedia({ video: true, audio: true });
+ *   await client.publish(media.getVideoTracks()[0], { source: 'camera' });
+ *   await client.publish(media.getAudioTracks()[0], { source: 'microphone' });
+ */
+
+/** Protocol version this client speaks (the `hello` request). */
+export const PROTOCOL_VERSION = 1;
+
+/**
+ * Default reply timeout of a request. An edge answers in milliseconds; an SDP negotiation can
+ * take the server a few hundred ms on a loaded machine, so 10 s only catches a dead server.
+ */
+export const DEFAULT_TIMEOUT_MS = 10_000;
+
+/**
+ * Camera simulcast encodings, lowest first (our convention: rid `q` is layer 0). The bitrates
+ * are what a 320x180 / 640x360 / 1280x720 VP8 layer needs for a talking head.
+ * @type {ReadonlyArray<Readonly<RTCRtpEncodingParameters>>}
+ */
+export const CAMERA_ENCODINGS = Object.freeze([
+  Object.freeze({ rid: 'q', scaleResolutionDownBy: 4, maxBitrate: 150_000 }),
+  Object.freeze({ rid: 'h', scaleResolutionDownBy: 2, maxBitrate: 500_000 }),
+  Object.freeze({ rid: 'f', maxBitrate: 1_500_000 }),
+]);
+
+/** Sources a published track can have (the protocol's `source` field). */
+export const SOURCES = Object.freeze(['microphone', 'camera', 'screen', 'screen-audio']);
+
+/**
+ * Highest simulcast layer worth receiving for a tile rendered `height` CSS pixels high (times
+ * the device pixel ratio when the caller wants device pixels). The thresholds are the heights
+ * of our layers: 180 (q), 360 (h), 720 (f); a tile never needs more than the next layer up.
+ * @param {number} height rendered height in pixels
+ * @returns {0|1|2} the `maxSpatial` to ask for
+ */
+export function maxSpatialForHeight(height) {
+  if (height <= 180) return 0;
+  if (height <= 360) return 1;
+  return 2;
+}
+
+/** An error reply of the server (or a local failure) with a machine-readable `code`. */
+export class KcsError extends Error {
+  /**
+   * @param {string} code protocol error code (`token_invalid`, `sdp_invalid`, ...) or a local
+   *   one: `timeout` (no reply in time), `closed` (socket closed), `not_connected`,
+   *   `protocol` (the server sent something this client cannot read)
+   * @param {string} message human-readable text
+   * @param {string} [requestType] type of the request that failed, when there was one
+   */
+  constructor(code, message, requestType) {
+    super(requestType ? `${requestType}: ${code}: ${message}` : `${code}: ${message}`);
+    this.name = 'KcsError';
+    this.code = code;
+    this.requestType = requestType;
+  }
+}
+
+/**
+ * A minimal event emitter: `on` returns the function that removes the listener. A listener that
+ * throws does not stop the others (the error is reported on the console).
+ */
+export class Emitter {
+  constructor() {
+    /** @type {Map<string, Set<Function>>} */
+    this._listeners = new Map();
+  }
+
+  /**
+   * @param {string} type event type; `*` receives every event as `(type, payload)`
+   * @param {Function} fn listener
+   * @returns {() => void} removes the listener
+   */
+  on(type, fn) {
+    let set = this._listeners.get(type);
+    if (!set) this._listeners.set(type, (set = new Set()));
+    set.add(fn);
+    return () => this.off(type, fn);
+  }
+
+  /** @param {string} type @param {Function} fn */
+  off(type, fn) {
+    this._listeners.get(type)?.delete(fn);
+  }
+
+  /**
+   * Resolves with the next event of `type` (optionally the next one `filter` accepts).
+   * @param {string} type
+   * @param {(payload: any) => boolean} [filter]
+   * @param {number} [timeoutMs] rejects with a `timeout` KcsError after this long
+   * @returns {Promise<any>}
+   */
+  once(type, filter, timeoutMs) {
+    return new Promise((resolve, reject) => {
+      /** @type {ReturnType<typeof setTimeout> | undefined} */
+      let timer;
+      const off = this.on(type, (/** @type {any} */ payload) => {
+        if (filter && !filter(payload)) return;
+        off();
+        clearTimeout(timer);
+        resolve(payload);
+      });
+      if (timeoutMs) {
+        timer = setTimeout(() => {
+          off();
+          reject(new KcsError('timeout', `no ${type} event within ${timeoutMs} ms`));
+        }, timeoutMs);
+      }
+    });
+  }
+
+  /** @param {string} type @param {any} [payload] */
+  emit(type, payload) {
+    for (const fn of [...(this._listeners.get(type) ?? [])]) {
+      try {
+        fn(payload);
+      } catch (err) {
+        console.error(`kcs: listener of ${type} threw`, err);
+      }
+    }
+    for (const fn of [...(this._listeners.get('*') ?? [])]) {
+      try {
+        fn(type, payload);
+      } catch (err) {
+        console.error('kcs: wildcard listener threw', err);
+      }
+    }
+  }
+}
+
+/**
+ * @typedef {object} Participant
+ * @property {string} id
+ * @property {string} identity
+ * @property {string} [name]
+ * @property {string} role
+ */
+
+/**
+ * @typedef {object} TrackInfo  a track published in the room (the protocol's `track` object)
+ * @property {string} id
+ * @property {string} participant participant id
+ * @property {string} source `microphone`, `camera`, `screen` or `screen-audio`
+ * @property {'audio'|'video'} kind
+ * @property {string} [codec]
+ * @property {number} [layers] simulcast layers the publisher sends
+ * @property {boolean} [muted]
+ */
+
+/**
+ * @typedef {object} RemoteTrack  payload of the `track` event
+ * @property {MediaStreamTrack} track the received media
+ * @property {string} trackId the room's track id
+ * @property {string} mid m-line of the subscriber PC carrying it
+ * @property {string} participant publisher's participant id
+ * @property {string} source
+ * @property {'audio'|'video'} kind
+ * @property {TrackInfo|undefined} info the room's track info, when known
+ * @property {RTCRtpReceiver} receiver
+ */
+
+/**
+ * @typedef {object} LocalPublication  a track this client publishes
+ * @property {string} source
+ * @property {MediaStreamTrack} track
+ * @property {RTCRtpTransceiver} transceiver
+ * @property {string|null} trackId the server's id, once `produce` was acked
+ */
+
+/**
+ * @typedef {object} ConnectOptions
+ * @property {string} [url] WebSocket URL; default `/ws` on the page's own host
+ * @property {string} token join token for the room
+ * @property {string} [name] display name
+ * @property {boolean} [autoSubscribe] let the server subscribe us to every track (default true)
+ * @property {RTCConfiguration} [rtcConfig] extra RTCPeerConnection settings
+ * @property {number} [timeoutMs] per-request reply timeout
+ */
+
+/**
+ * A connection to one room of a KCS edge.
+ *
+ * Events (listen with {@link Emitter#on}):
+ * - every server event by its type (`participant:joined`, `participant:left`,
+ *   `track:published`, `track:unpublished`, `sdp:offer`, `simulcast:layers`, `speaker:active`,
+ *   `room:close`), payload the message;
+ * - `track` ({@link RemoteTrack}): a remote track is now received;
+ * - `trackended` (`{trackId, mid}`): it no longer is;
+ * - `published` / `unpublished` ({@link LocalPublication});
+ * - `seq-gap` (`{expected, got}`): a room event was missed;
+ * - `error` ({@link KcsError}): a failure not tied to a caller's promise (an unsolicited
+ *   server error, a failed subscriber negotiation);
+ * - `close` (`{code, reason}`): the socket closed.
+ */
+export class KcsClient extends Emitter {
+  constructor() {
+    super();
+    /** @type {WebSocket|null} */
+    this.ws = null;
+    /** @type {RTCPeerConnection|null} the publisher PC (we offer) */
+    this.pubPc = null;
+    /** @type {RTCPeerConnection|null} the subscriber PC (the edge offers) */
+    this.subPc = null;
+    /** @type {Participant|null} ourselves, from the join ack */
+    this.you = null;
+    /** @type {string|null} */
+    this.room = null;
+    /** @type {Map<string, Participant>} everyone in the room, us included */
+    this.participants = new Map();
+    /** @type {Map<string, TrackInfo>} every track published in the room */
+    this.tracks = new Map();
+    /** @type {Map<string, LocalPublication>} our publications by source */
+    this.publications = new Map();
+    /** @type {Map<string, RemoteTrack>} received tracks by the room's track id */
+    this.remoteTracks = new Map();
+    /** @type {number|null} last room event sequence number seen */
+    this.seq = null;
+    /** @type {number} highest `sdp:offer` revision answered */
+    this.subRevision = 0;
+
+    this._nextId = 1;
+    /** @type {Map<number, {resolve: Function, reject: Function, timer: any, type: string}>} */
+    this._pending = new Map();
+    /** @type {Map<string, string>} subscriber mid → track id */
+    this._midToTrack = new Map();
+    /** Serializes publisher negotiations. */
+    this._pubChain = Promise.resolve();
+    /** Serializes subscriber negotiations (offers in arrival order). */
+    this._subChain = Promise.resolve();
+    this._timeoutMs = DEFAULT_TIMEOUT_MS;
+    /** @type {RTCConfiguration} */
+    this._rtcConfig = {};
+  }
+
+  /** @returns {boolean} whether the signaling socket is open */
+  get connected() {
+    return this.ws !== null && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  /**
+   * Opens the socket, says `hello` and joins the room the token is for.
+   * @param {ConnectOptions} opts
+   * @returns {Promise<any>} the `room:join` ack (`room`, `you`, `participants`, `tracks`, `seq`)
+   */
+  async connect(opts) {
+    if (this.ws) throw new KcsError('already_connected', 'connect() was already called');
+    this._timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+    this._rtcConfig = opts.rtcConfig ?? {};
+    const url = opts.url ?? defaultWsUrl();
+    const ws = new WebSocket(url);
+    this.ws = ws;
+    ws.onmessage = (ev) => this._onMessage(ev.data);
+    ws.onclose = (ev) => this._onClose(ev.code, ev.reason);
+    await new Promise((resolve, reject) => {
+      ws.onopen = resolve;
+      ws.onerror = () => reject(new KcsError('closed', `cannot open ${url}`));
+    });
+    ws.onerror = null;
+
+    await this.request('hello', { version: PROTOCOL_VERSION });
+    /** @type {Record<string, any>} */
+    const join = { token: opts.token, autoSubscribe: opts.autoSubscribe ?? true };
+    if (opts.name) join.name = opts.name;
+    const ack = await this.request('room:join', join);
+    this.room = ack.room ?? null;
+    this.you = ack.you ?? null;
+    this.seq = typeof ack.seq === 'number' ? ack.seq : null;
+    for (const p of ack.participants ?? []) this.participants.set(p.id, p);
+    if (this.you) this.participants.set(this.you.id, this.you);
+    for (const t of ack.tracks ?? []) this.tracks.set(t.id, t);
+    return ack;
+  }
+
+  /**
+   * Sends one request and waits for its reply.
+   * @param {string} type request type
+   * @param {Record<string, any>} [fields]
+   * @param {{timeoutMs?: number}} [opts]
+   * @returns {Promise<any>} the ack (without `type` and `id`)
+   * @throws {KcsError} the server's error, or `timeout` / `closed` / `not_connected`
+   */
+  request(type, fields = {}, opts = {}) {
+    if (!this.connected) {
+      return Promise.reject(new KcsError('not_connected', 'socket is not open', type));
+    }
+    const id = this._nextId++;
+    const timeoutMs = opts.timeoutMs ?? this._timeoutMs;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(new KcsError('timeout', `no reply within ${timeoutMs} ms`, type));
+      }, timeoutMs);
+      this._pending.set(id, { resolve, reject, timer, type });
+      /** @type {WebSocket} */ (this.ws).send(JSON.stringify({ ...fields, id, type }));
+    });
+  }
+
+  // --- publishing ---------------------------------------------------------------------------
+
+  /**
+   * Publishes a local track and renegotiates the publisher PC.
+   * @param {MediaStreamTrack} track
+   * @param {{source: string, encodings?: ReadonlyArray<RTCRtpEncodingParameters>}} opts `source`
+   *   is one of {@link SOURCES}; `encodings` defaults to {@link CAMERA_ENCODINGS} for the camera
+   *   and to a single encoding otherwise
+   * @returns {Promise<LocalPublication>} with the server's `trackId`
+   */
+  async publish(track, opts) {
+    const [publication] = await this.publishAll([{ track, ...opts }]);
+    return publication;
+  }
+
+  /**
+   * Publishes several tracks in one negotiation of the publisher PC (one `produce`): joining
+   * with camera and microphone costs one round trip, not two.
+   * @param {Array<{track: MediaStreamTrack, source: string,
+   *   encodings?: ReadonlyArray<RTCRtpEncodingParameters>}>} items
+   * @returns {Promise<LocalPublication[]>} in the order given, each with the server's `trackId`
+   */
+  publishAll(items) {
+    for (const { source } of items) {
+      if (!SOURCES.includes(source)) {
+        return Promise.reject(new KcsError('bad_request', `unknown source ${source}`, 'produce'));
+      }
+    }
+    return this._queuePub(async () => {
+      const sources = new Set();
+      for (const { source } of items) {
+        if (this.publications.has(source) || sources.has(source)) {
+          throw new KcsError('source_in_use', `${source} is already published`, 'produce');
+        }
+        sources.add(source);
+      }
+      const pc = this._publisherPc();
+      /** @type {LocalPublication[]} */
+      const added = items.map(({ track, source, encodings }) => {
+        /** @type {RTCRtpTransceiverInit} */
+        const init = { direction: 'sendonly' };
+        const chosen = encodings ?? (source === 'camera' ? CAMERA_ENCODINGS : undefined);
+        if (chosen) init.sendEncodings = chosen.map((e) => ({ ...e }));
+        const transceiver = pc.addTransceiver(track, init);
+        const publication = { source, track, transceiver, trackId: null };
+        this.publications.set(source, publication);
+        return publication;
+      });
+      try {
+        await this._negotiatePublisher();
+      } catch (err) {
+        for (const p of added) {
+          this.publications.delete(p.source);
+          p.transceiver.direction = 'inactive';
+          p.transceiver.sender.replaceTrack(null).catch(() => {});
+        }
+        throw err;
+      }
+      for (const p of added) this.emit('published', p);
+      return added;
+    });
+  }
+
+  /**
+   * Stops publishing `source`: `media:unpublish` (forwarding stops at once), then the m-line
+   * goes inactive in a renegotiation. The local MediaStreamTrack is left to the caller.
+   * @param {string} source
+   */
+  unpublish(source) {
+    return this._queuePub(async () => {
+      const publication = this.publications.get(source);
+      if (!publication) throw new KcsError('no_such_track', `${source} is not published`);
+      this.publications.delete(source);
+      if (publication.trackId) {
+        await this.request('media:unpublish', { track: publication.trackId });
+      }
+      await publication.transceiver.sender.replaceTrack(null);
+      publication.transceiver.direction = 'inactive';
+      await this._negotiatePublisher();
+      this.emit('unpublished', publication);
+    });
+  }
+
+  /** @param {MediaStreamTrack} track */
+  publishCamera(track) {
+    return this.publish(track, { source: 'camera' });
+  }
+
+  /** @param {MediaStreamTrack} track */
+  publishMicrophone(track) {
+    return this.publish(track, { source: 'microphone' });
+  }
+
+  /** @param {MediaStreamTrack} track */
+  publishScreen(track) {
+    return this.publish(track, { source: 'screen' });
+  }
+
+  // --- subscribing --------------------------------------------------------------------------
+
+  /** Subscribes to tracks (the server then sends an `sdp:offer`). @param {string[]} trackIds */
+  consume(trackIds) {
+    return this.request('consume', { tracks: trackIds });
+  }
+
+  /** Unsubscribes from tracks. @param {string[]} trackIds */
+  consumerClose(trackIds) {
+    return this.request('consumer:close', { tracks: trackIds });
+  }
+
+  /** Stops forwarding of a track to us without renegotiation. @param {string} trackId */
+  pause(trackId) {
+    return this.request('consumer:pause', { track: trackId });
+  }
+
+  /** @param {string} trackId */
+  resume(trackId) {
+    return this.request('consumer:resume', { track: trackId });
+  }
+
+  /**
+   * Asks for at most simulcast layer `maxSpatial` (0 = lowest) of a video track.
+   * @param {string} trackId
+   * @param {number} maxSpatial
+   */
+  setLayers(trackId, maxSpatial) {
+    return this.request('consumer:layers', { track: trackId, maxSpatial });
+  }
+
+  /**
+   * Keeps a track's layer preference fitted to the element that renders it: asks for
+   * {@link maxSpatialForHeight} of its rendered height (in device pixels) now and whenever it
+   * changes layer. Failures are emitted as `error`.
+   * @param {string} trackId
+   * @param {HTMLElement} element the tile's video element
+   * @returns {() => void} stops following the element
+   */
+  fitLayers(trackId, element) {
+    let last = -1;
+    const update = () => {
+      const height = element.getBoundingClientRect().height * (globalThis.devicePixelRatio || 1);
+      const layer = maxSpatialForHeight(height);
+      if (layer === last) return;
+      last = layer;
+      this.setLayers(trackId, layer).catch((err) => this.emit('error', err));
+    };
+    const observer = new ResizeObserver(update);
+    observer.observe(element);
+    update();
+    return () => observer.disconnect();
+  }
+
+  // --- leaving ------------------------------------------------------------------------------
+
+  /** Leaves the room (`room:leave`), then closes both PCs and the socket. */
+  async leave() {
+    try {
+      if (this.connected) await this.request('room:leave');
+    } finally {
+      this.close();
+    }
+  }
+
+  /** Closes everything at once, without telling the server. */
+  close() {
+    this.pubPc?.close();
+    this.subPc?.close();
+    this.pubPc = null;
+    this.subPc = null;
+    if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, 'bye');
+  }
+
+  // --- statistics ---------------------------------------------------------------------------
+
+  /**
+   * The inbound-rtp statistics of a received track, or null when it is not received.
+   * @param {string} trackId
+   * @returns {Promise<null|{kind: string, framesDecoded: number, frameWidth: number,
+   *   frameHeight: number, framesPerSecond: number, packetsReceived: number,
+   *   packetsLost: number, bytesReceived: number, jitter: number, totalSamplesReceived: number}>}
+   */
+  async inboundStats(trackId) {
+    const remote = this.remoteTracks.get(trackId);
+    if (!remote) return null;
+    const report = await remote.receiver.getStats();
+    for (const s of report.values()) {
+      if (s.type !== 'inbound-rtp') continue;
+      return {
+        kind: s.kind,
+        framesDecoded: s.framesDecoded ?? 0,
+        frameWidth: s.frameWidth ?? 0,
+        frameHeight: s.frameHeight ?? 0,
+        framesPerSecond: s.framesPerSecond ?? 0,
+        packetsReceived: s.packetsReceived ?? 0,
+        packetsLost: s.packetsLost ?? 0,
+        bytesReceived: s.bytesReceived ?? 0,
+        jitter: s.jitter ?? 0,
+        totalSamplesReceived: s.totalSamplesReceived ?? 0,
+      };
+    }
+    return null;
+  }
+
+  /**
+   * The outbound-rtp statistics of a published source, one entry per encoding (per `rid`).
+   * @param {string} source
+   * @returns {Promise<Array<{rid: string|undefined, frameWidth: number, frameHeight: number,
+   *   bytesSent: number, packetsSent: number, qualityLimitationReason: string|undefined}>>}
+   */
+  async outboundStats(source) {
+    const publication = this.publications.get(source);
+    if (!publication) return [];
+    const report = await publication.transceiver.sender.getStats();
+    const out = [];
+    for (const s of report.values()) {
+      if (s.type !== 'outbound-rtp') continue;
+      out.push({
+        rid: s.rid,
+        frameWidth: s.frameWidth ?? 0,
+        frameHeight: s.frameHeight ?? 0,
+        bytesSent: s.bytesSent ?? 0,
+        packetsSent: s.packetsSent ?? 0,
+        qualityLimitationReason: s.qualityLimitationReason,
+      });
+    }
+    return out.sort((a, b) => (a.frameWidth ?? 0) - (b.frameWidth ?? 0));
+  }
+
+  // --- internals ----------------------------------------------------------------------------
+
+  /** @param {() => Promise<any>} job */
+  _queuePub(job) {
+    const run = this._pubChain.then(job, job);
+    this._pubChain = run.catch(() => {});
+    return run;
+  }
+
+  _publisherPc() {
+    if (!this.pubPc) {
+      this.pubPc = new RTCPeerConnection({ bundlePolicy: 'max-bundle', ...this._rtcConfig });
+      this.pubPc.onconnectionstatechange = () => {
+        this.emit('pc:state', { pc: 'publisher', state: this.pubPc?.connectionState });
+      };
+    }
+    return this.pubPc;
+  }
+
+  _subscriberPc() {
+    if (!this.subPc) {
+      this.subPc = new RTCPeerConnection({ bundlePolicy: 'max-bundle', ...this._rtcConfig });
+      this.subPc.onconnectionstatechange = () => {
+        this.emit('pc:state', { pc: 'subscriber', state: this.subPc?.connectionState });
+      };
+    }
+    return this.subPc;
+  }
+
+  /** One offer/answer round of the publisher PC; must run inside `_queuePub`. */
+  async _negotiatePublisher() {
+    const pc = this._publisherPc();
+    const offer = await pc.createOffer();
+    await pc.setLocalDescription(offer);
+    const tracks = [];
+    for (const p of this.publications.values()) {
+      // Every transceiver has its mid once the offer is applied locally.
+      if (p.transceiver.mid !== null) tracks.push({ mid: p.transceiver.mid, source: p.source });
+    }
+    let ack;
+    try {
+      ack = await this.request('produce', { sdp: pc.localDescription?.sdp, tracks });
+    } catch (err) {
+      await pc.setLocalDescription({ type: 'rollback' }).catch(() => {});
+      throw err;
+    }
+    if (typeof ack.sdp !== 'string') {
+      await pc.setLocalDescription({ type: 'rollback' }).catch(() => {});
+      throw new KcsError('protocol', 'produce ack has no sdp', 'produce');
+    }
+    await pc.setRemoteDescription({ type: 'answer', sdp: ack.sdp });
+    for (const { mid, track } of ack.tracks ?? []) {
+      for (const p of this.publications.values()) {
+        if (p.transceiver.mid === mid) p.trackId = track;
+      }
+    }
+  }
+
+  /**
+   * Answers one `sdp:offer` of the subscriber PC and updates the mid bindings.
+   * @param {any} msg the event
+   */
+  async _answerOffer(msg) {
+    if (typeof msg.revision !== 'number' || typeof msg.sdp !== 'string') {
+      throw new KcsError('protocol', 'sdp:offer without revision or sdp');
+    }
+    if (msg.revision <= this.subRevision) return; // an older offer overtaken by a newer one
+    const pc = this._subscriberPc();
+    await pc.setRemoteDescription({ type: 'offer', sdp: msg.sdp });
+    const answer = await pc.createAnswer();
+    await pc.setLocalDescription(answer);
+    try {
+      await this.request('sdp:answer', { revision: msg.revision, sdp: answer.sdp });
+    } catch (err) {
+      // A newer offer is on its way; answering it will bring the state forward.
+      if (/** @type {KcsError} */ (err).code !== 'stale_revision') throw err;
+    }
+    this.subRevision = msg.revision;
+    this._rebind(pc, Array.isArray(msg.tracks) ? msg.tracks : []);
+  }
+
+  /**
+   * Emits `trackended` for mids no longer bound to their track and `track` for new bindings.
+   * @param {RTCPeerConnection} pc
+   * @param {Array<{mid: string, track: string, participant: string, source: string,
+   *   kind: 'audio'|'video'}>} entries
+   */
+  _rebind(pc, entries) {
+    const next = new Map(entries.map((e) => [String(e.mid), e]));
+    for (const [mid, trackId] of [...this._midToTrack]) {
+      if (next.get(mid)?.track !== trackId) {
+        this._midToTrack.delete(mid);
+        this.remoteTracks.delete(trackId);
+        this.emit('trackended', { trackId, mid });
+      }
+    }
+    for (const [mid, e] of next) {
+      if (this._midToTrack.get(mid) === e.track) continue;
+      const transceiver = pc.getTransceivers().find((t) => t.mid === mid);
+      if (!transceiver) {
+        this.emit('error', new KcsError('protocol', `sdp:offer names mid ${mid} not in its SDP`));
+        continue;
+      }
+      this._midToTrack.set(mid, e.track);
+      /** @type {RemoteTrack} */
+      const remote = {
+        track: transceiver.receiver.track,
+        trackId: e.track,
+        mid,
+        participant: e.participant,
+        source: e.source,
+        kind: e.kind,
+        info: this.tracks.get(e.track),
+        receiver: transceiver.receiver,
+      };
+      this.remoteTracks.set(e.track, remote);
+      this.emit('track', remote);
+    }
+  }
+
+  /** @param {any} data */
+  _onMessage(data) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      this.emit('error', new KcsError('protocol', 'server sent a frame that is not JSON'));
+      return;
+    }
+    if (msg === null || typeof msg !== 'object' || typeof msg.type !== 'string') {
+      this.emit('error', new KcsError('protocol', 'server sent a message without type'));
+      return;
+    }
+    if ((msg.type === 'ack' || msg.type === 'error') && typeof msg.id === 'number') {
+      const pending = this._pending.get(msg.id);
+      if (!pending) return; // its timeout already fired
+      this._pending.delete(msg.id);
+      clearTimeout(pending.timer);
+      if (msg.type === 'ack') {
+        const { type: _t, id: _i, ...result } = msg;
+        pending.resolve(result);
+      } else {
+        pending.reject(new KcsError(msg.code ?? 'internal', msg.message ?? '', pending.type));
+      }
+      return;
+    }
+    if (msg.type === 'error') {
+      this.emit('error', new KcsError(msg.code ?? 'internal', msg.message ?? ''));
+      return;
+    }
+    this._trackSeq(msg);
+    this._applyEvent(msg);
+    this.emit(msg.type, msg);
+  }
+
+  /** @param {any} msg */
+  _trackSeq(msg) {
+    if (typeof msg.seq !== 'number') return;
+    if (this.seq !== null && msg.seq > this.seq + 1) {
+      this.emit('seq-gap', { expected: this.seq + 1, got: msg.seq });
+    }
+    if (this.seq === null || msg.seq > this.seq) this.seq = msg.seq;
+  }
+
+  /** Updates the room model from a server event. @param {any} msg */
+  _applyEvent(msg) {
+    switch (msg.type) {
+      case 'participant:joined':
+        if (msg.participant?.id) this.participants.set(msg.participant.id, msg.participant);
+        break;
+      case 'participant:left': {
+        const id = typeof msg.participant === 'string' ? msg.participant : msg.participant?.id;
+        this.participants.delete(id);
+        for (const [tid, t] of [...this.tracks]) if (t.participant === id) this.tracks.delete(tid);
+        break;
+      }
+      case 'track:published':
+        if (msg.track?.id) this.tracks.set(msg.track.id, msg.track);
+        break;
+      case 'track:unpublished': {
+        const id = typeof msg.track === 'string' ? msg.track : msg.track?.id;
+        this.tracks.delete(id);
+        break;
+      }
+      case 'sdp:offer':
+        this._subChain = this._subChain
+          .then(() => this._answerOffer(msg))
+          .catch((err) => this.emit('error', asKcsError(err, 'sdp:answer')));
+        break;
+      default:
+        break;
+    }
+  }
+
+  /** @param {number} code @param {string} reason */
+  _onClose(code, reason) {
+    for (const [id, pending] of this._pending) {
+      clearTimeout(pending.timer);
+      pending.reject(new KcsError('closed', `socket closed (${code} ${reason})`, pending.type));
+      this._pending.delete(id);
+    }
+    this.emit('close', { code, reason });
+  }
+}
+
+/** @returns {string} `ws(s)://<this page's host>/ws` */
+function defaultWsUrl() {
+  const proto = globalThis.location?.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${proto}//${globalThis.location?.host}/ws`;
+}
+
+/** @param {any} err @param {string} requestType @returns {KcsError} */
+function asKcsError(err, requestType) {
+  if (err instanceof KcsError) return err;
+  return new KcsError('internal', String(err?.message ?? err), requestType);
+}

@@ -1,0 +1,132 @@
+// Real-browser test of the media path: two headless Chromium pages (fake camera and microphone)
+// join one room on a real `kcs dev` edge. Each must decode the other's camera (inbound-rtp
+// framesDecoded grows). Then B asks for the highest simulcast layer of A's camera and must decode
+// it at the width A's top encoding has (1280 unless Chromium scaled A down for CPU: at least
+// 640); asked for the lowest layer, B's width must drop to A's lowest encoding (320 for 1280);
+// asked for high again, it must grow back.
+//
+// Run: node tests/e2e/two_pages.mjs (after scripts/install-test-deps.sh and a release build).
+// Screenshots and the edge log go to artifacts/.
+import { startEdge, waitFor, sleep } from '../lib/edge.mjs';
+import { launchChromium, openRoomPage, screenshot, waitJoined, remoteVideo, pageErrors } from '../lib/browser.mjs';
+
+const NAME = 'two_pages';
+const ROOM = `two-pages-${process.pid}`;
+/**
+ * The camera captures 1280x720, scaled down by 4 and 2 for the lower layers (CAMERA_ENCODINGS).
+ * Chromium may scale all layers down when the machine's CPU is overused (2 cores, two encoders
+ * and two decoders here), so the test compares with what A actually sends, within these bounds.
+ */
+const MIN_TOP_WIDTH = 640;
+const MAX_LOW_WIDTH = 320;
+/** A 15 fps camera halves the encoding work of the default 30 (the fake device offers both). */
+const FPS = '15';
+/** Chromium's bandwidth estimate ramps up to the full layer's 1.5 Mbps in seconds on loopback. */
+const LAYER_TIMEOUT_MS = 30_000;
+
+let edge;
+let browser;
+const pages = {};
+const log = (...a) => console.log(`[${NAME}]`, ...a);
+
+async function decodesGrowing(page, from, label) {
+  const first = await waitFor(`${label} decoding ${from}'s camera`, async () => {
+    const v = await remoteVideo(page, from);
+    return v && v.framesDecoded > 0 ? v : null;
+  }, { timeoutMs: 30_000 });
+  await sleep(2000);
+  const second = await remoteVideo(page, from);
+  if (!second || second.framesDecoded <= first.framesDecoded) {
+    throw new Error(`${label}: framesDecoded of ${from}'s camera did not grow (${first.framesDecoded} -> ${second?.framesDecoded})`);
+  }
+  log(`${label} decodes ${from}: framesDecoded ${first.framesDecoded} -> ${second.framesDecoded}, ${second.frameWidth}x${second.frameHeight}`);
+  return second;
+}
+
+/** Picks a quality in the tile's selector, as a user would. */
+async function setQuality(page, trackId, quality) {
+  await page.selectOption(`figure[data-track="${trackId}"] select.quality`, quality);
+}
+
+/**
+ * Waits until bob's decoded video of alice's camera satisfies `pred(video, sentWidths)`, where
+ * `sentWidths` are the widths of alice's active encodings, ascending.
+ */
+async function waitLayer(page, what, pred) {
+  let last;
+  try {
+    return await waitFor(`bob receiving alice's ${what} layer`, async () => {
+      const v = await remoteVideo(page, 'alice');
+      const out = await pages.alice.evaluate(() => window.kcs.stats.outbound('camera'));
+      const sent = out.filter((o) => o.frameWidth > 0).map((o) => o.frameWidth).sort((a, b) => a - b);
+      last = { received: v && `${v.frameWidth}x${v.frameHeight}`, sent: out.map((o) => `${o.rid}:${o.frameWidth}x${o.frameHeight}(${o.qualityLimitationReason})`) };
+      return v && sent.length && pred(v, sent) ? v : null;
+    }, { timeoutMs: LAYER_TIMEOUT_MS, intervalMs: 500 });
+  } catch (err) {
+    throw new Error(`${err.message}; last seen ${JSON.stringify(last)}`);
+  }
+}
+
+async function main() {
+  edge = await startEdge({ name: NAME });
+  log(`edge at ${edge.url}, udp ${edge.udpPort}`);
+  browser = await launchChromium();
+  const tokens = { alice: edge.token(ROOM, 'alice'), bob: edge.token(ROOM, 'bob') };
+  for (const who of ['alice', 'bob']) {
+    pages[who] = await openRoomPage(browser, {
+      base: edge.url, room: ROOM, token: tokens[who], label: who, query: { fps: FPS },
+    });
+  }
+  await Promise.all(['alice', 'bob'].map((who) => waitJoined(pages[who], who)));
+  log('both pages joined and published');
+
+  await decodesGrowing(pages.alice, 'bob', 'alice');
+  const seen = await decodesGrowing(pages.bob, 'alice', 'bob');
+  await screenshot(pages.bob, `${NAME}-bob-decoding`);
+
+  await setQuality(pages.bob, seen.trackId, 'high');
+  const high = await waitLayer(pages.bob, 'high', (v, sent) => v.frameWidth >= MIN_TOP_WIDTH && v.frameWidth === sent.at(-1));
+  log(`bob at high: ${high.frameWidth}x${high.frameHeight}`);
+
+  await setQuality(pages.bob, seen.trackId, 'low');
+  const low = await waitLayer(pages.bob, 'low',
+    (v, sent) => v.frameWidth > 0 && v.frameWidth <= MAX_LOW_WIDTH && v.frameWidth === sent[0] && v.frameWidth < high.frameWidth);
+  log(`bob at low: ${low.frameWidth}x${low.frameHeight}`);
+  await screenshot(pages.bob, `${NAME}-bob-low`);
+
+  await setQuality(pages.bob, seen.trackId, 'high');
+  const back = await waitLayer(pages.bob, 'high again', (v, sent) => v.frameWidth >= MIN_TOP_WIDTH && v.frameWidth === sent.at(-1));
+  log(`bob back at high: ${back.frameWidth}x${back.frameHeight}`);
+  await screenshot(pages.bob, `${NAME}-bob-high`);
+
+  for (const who of ['alice', 'bob']) {
+    const errors = await pageErrors(pages[who]);
+    if (errors.length) throw new Error(`${who}'s page shows errors: ${JSON.stringify(errors)}`);
+  }
+}
+
+let failed = null;
+const hardTimeout = setTimeout(() => {
+  console.log(`FAIL ${NAME}: hard timeout`);
+  process.exit(1);
+}, 150_000);
+try {
+  await main();
+} catch (err) {
+  failed = err;
+  for (const [who, page] of Object.entries(pages)) {
+    await screenshot(page, `${NAME}-${who}-failure`);
+    log(`${who} page errors:`, JSON.stringify(await pageErrors(page)));
+    log(`${who} remote video:`, JSON.stringify(await page.evaluate(() => window.kcs?.stats.remoteVideo()).catch((e) => e.message)));
+  }
+  if (edge) log(`edge log tail:\n${edge.tail()}`);
+} finally {
+  await browser?.close().catch(() => {});
+  await edge?.stop();
+  clearTimeout(hardTimeout);
+}
+if (failed) {
+  console.log(`FAIL ${NAME}: ${failed.message}`);
+  process.exit(1);
+}
+console.log(`PASS ${NAME}`);

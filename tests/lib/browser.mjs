@@ -1,0 +1,109 @@
+// Launching Debian's Chromium for tests with the flags that work on this machine
+// (shared/guides/testing.md): headless, no sandbox (root), fake camera and microphone, loopback
+// ICE candidates allowed. playwright-core drives it over a pipe and never downloads a browser.
+import { createRequire } from 'node:module';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { ARTIFACTS, REPO } from './edge.mjs';
+
+// playwright-core is installed in tests/e2e/node_modules (package-lock.json there), which an
+// import from tests/lib/ would not find: resolve it from tests/e2e.
+const require = createRequire(join(REPO, 'tests', 'e2e', 'package.json'));
+/** @type {typeof import('playwright-core').chromium} */
+const chromium = require('playwright-core').chromium;
+
+export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+
+export const CHROMIUM_ARGS = [
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--use-fake-ui-for-media-stream',
+  '--use-fake-device-for-media-stream',
+  '--allow-loopback-in-peer-connection',
+  '--autoplay-policy=no-user-gesture-required',
+  // Headless tabs in the background must not throttle their timers or WebRTC.
+  '--disable-background-timer-throttling',
+  '--disable-renderer-backgrounding',
+  '--disable-backgrounding-occluded-windows',
+];
+
+/**
+ * @param {{executablePath?: string, args?: string[]}} [opts]
+ * @returns {Promise<import('playwright-core').Browser>}
+ */
+export function launchChromium(opts = {}) {
+  return chromium.launch({
+    executablePath: opts.executablePath ?? CHROMIUM,
+    headless: true,
+    args: [...CHROMIUM_ARGS, ...(opts.args ?? [])],
+    timeout: 30_000,
+  });
+}
+
+/**
+ * Opens the edge's page for a room in a new browser context (its own cookies and devices).
+ * Console errors of the page are echoed with a prefix.
+ */
+export async function openRoomPage(browser, { base, room, token, label, query = {} }) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+  const page = await context.newPage();
+  page.on('console', (msg) => {
+    if (msg.type() === 'error' || msg.type() === 'warning') {
+      console.log(`[${label} console.${msg.type()}] ${msg.text()}`);
+    }
+  });
+  page.on('pageerror', (err) => console.log(`[${label} pageerror] ${err.message}`));
+  const qs = new URLSearchParams({ room, ...(token ? { token } : {}), ...query });
+  await page.goto(`${base}/?${qs}`);
+  return page;
+}
+
+/** Saves a screenshot to artifacts/<name>.png (failures to do so are only logged). */
+export async function screenshot(page, name) {
+  mkdirSync(ARTIFACTS, { recursive: true });
+  const path = join(ARTIFACTS, `${name}.png`);
+  await page.screenshot({ path }).catch((err) => console.log(`screenshot ${name}: ${err.message}`));
+  return path;
+}
+
+/**
+ * Waits until the page has joined and published (window.kcs.ready), or throws with the page's
+ * visible errors.
+ */
+export async function waitJoined(page, label, timeoutMs = 30_000) {
+  const result = await page
+    .waitForFunction(() => window.kcs !== undefined, null, { timeout: timeoutMs })
+    .then(() =>
+      page.evaluate(
+        (ms) =>
+          Promise.race([
+            window.kcs.ready.then(() => ({ ok: true }), (e) => ({ ok: false, error: String(e?.message ?? e) })),
+            new Promise((r) => setTimeout(() => r({ ok: false, error: `not joined within ${ms} ms` }), ms)),
+          ]),
+        timeoutMs,
+      ),
+    );
+  if (!result.ok) {
+    const errors = await page.evaluate(() => window.kcs?.errors ?? []).catch(() => []);
+    throw new Error(`${label} did not join: ${result.error}; page errors: ${JSON.stringify(errors)}`);
+  }
+}
+
+/**
+ * Inbound stats of the video this page receives from `identity`'s `source` (default camera),
+ * or null when it receives none.
+ */
+export async function remoteVideo(page, identity, source = 'camera') {
+  const all = await page.evaluate(() => window.kcs.stats.remoteVideo());
+  return all.find((v) => v.identity === identity && v.source === source) ?? null;
+}
+
+/** Page errors shown to the user (window.kcs.errors). */
+export function pageErrors(page) {
+  return page.evaluate(() => window.kcs?.errors ?? []).catch((err) => [`(page gone: ${err.message})`]);
+}
