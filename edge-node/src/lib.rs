@@ -1,1 +1,2 @@
 //! Edge node.
+pub mod sdp;
