@@ -74,6 +74,8 @@ mod write;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
+mod hostile;
+#[cfg(test)]
 mod tests_common;
 
 use std::net::SocketAddr;
