@@ -68,7 +68,9 @@ fn ten_thousand_m_lines_within_lifted_limits_are_answered() {
 
 #[test]
 fn garbage_is_invalid() {
-    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let bytes: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let lossy = String::from_utf8_lossy(&bytes).into_owned();
     let cases = [
         "",
@@ -189,7 +191,10 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
             3 if !lines.is_empty() => {
                 let i = rng.below(n);
                 let cut = rng.below(lines[i].len() + 1);
-                let cut = (0..=cut).rev().find(|c| lines[i].is_char_boundary(*c)).unwrap_or(0);
+                let cut = (0..=cut)
+                    .rev()
+                    .find(|c| lines[i].is_char_boundary(*c))
+                    .unwrap_or(0);
                 lines[i].truncate(cut);
             }
             4 if !lines.is_empty() => {

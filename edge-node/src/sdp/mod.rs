@@ -76,6 +76,8 @@ mod fixtures;
 #[cfg(test)]
 mod hostile;
 #[cfg(test)]
+mod interop;
+#[cfg(test)]
 mod tests_common;
 
 use std::net::SocketAddr;

@@ -712,4 +712,27 @@ mod tests {
         let b = answer(fixtures::CHROME_PUBLISH_SIMULCAST);
         assert_eq!(a, b);
     }
+
+    /// When the offer's BUNDLE tag (its first mid) is an m-line we reject, its transport
+    /// attributes still describe the bundle transport, and our group starts at the first
+    /// accepted mid.
+    #[test]
+    fn rejected_bundle_tag_keeps_the_transport() {
+        let offer = fixtures::CHROME_PUBLISH_DATACHANNEL.replacen(
+            "a=group:BUNDLE 0 1 2",
+            "a=group:BUNDLE 2 0 1",
+            1,
+        );
+        let a = answer(&offer);
+        assert_eq!(a.rejected_mids, vec!["2"]);
+        assert_eq!(
+            a.media.iter().map(|m| m.mid.as_str()).collect::<Vec<_>>(),
+            vec!["0", "1"]
+        );
+        assert!(lines_of(&a.sdp, "session").contains(&"a=group:BUNDLE 0 1".to_owned()));
+        assert_eq!(a.remote.ice_ufrag, "RO09");
+        assert!(a
+            .sdp
+            .contains("m=application 0 UDP/DTLS/SCTP webrtc-datachannel\r\n"));
+    }
 }

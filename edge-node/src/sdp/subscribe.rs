@@ -140,6 +140,7 @@ pub fn parse_subscriber_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sdp::fixtures;
     use crate::sdp::tests_common::{lines_of, local, mline_blocks};
     use crate::sdp::{Codec, MediaKind};
 
@@ -381,5 +382,47 @@ mod tests {
         let a =
             parse_subscriber_answer(&no_setup, &["0", "1", "2"], &SdpLimits::default()).unwrap();
         assert_eq!(a.remote.setup, Setup::Active);
+    }
+
+    /// Real answers of Chromium and aiortc to our interop offer (interop.rs, mids 0 1 2).
+    #[test]
+    fn real_client_answers_are_accepted() {
+        let limits = SdpLimits::default();
+        let chrome = parse_subscriber_answer(
+            fixtures::CHROME_SUBSCRIBER_ANSWER,
+            &["0", "1", "2"],
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(chrome.accepted_mids, vec!["0", "1", "2"]);
+        assert_eq!(chrome.remote.ice_ufrag, "bTTW");
+        assert_eq!(chrome.remote.setup, Setup::Active);
+        assert_eq!(chrome.ext.transport_cc, Some(3));
+        let aiortc = parse_subscriber_answer(
+            fixtures::AIORTC_SUBSCRIBER_ANSWER,
+            &["0", "1", "2"],
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(aiortc.accepted_mids, vec!["0", "1", "2"]);
+        assert_eq!(aiortc.remote.setup, Setup::Active);
+        // aiortc does not do transport-wide congestion control.
+        assert_eq!(aiortc.ext.transport_cc, None);
+        assert_eq!(aiortc.ext.mid, Some(4));
+    }
+
+    #[test]
+    fn interop_offer_is_what_the_clients_answered() {
+        use crate::sdp::interop::{interop_outgoing, INTEROP_EXT};
+        let sdp = subscriber_offer(
+            7_000_000_001,
+            1,
+            &local(),
+            &interop_outgoing(),
+            &INTEROP_EXT,
+        );
+        let p = parse(&sdp, &SdpLimits::default()).unwrap();
+        let mids: Vec<_> = p.media.iter().filter_map(|m| m.mid.clone()).collect();
+        assert_eq!(mids, vec!["0", "1", "2"]);
     }
 }
