@@ -265,7 +265,7 @@ fn mutated_offers_never_panic_and_answers_stay_sound() {
         fixtures::LEGACY_SIM,
         fixtures::OBS_WHIP,
     ];
-    let mut rng = Rng(0x5eed_0f_5d9);
+    let mut rng = Rng(0x5eed_f5d9);
     let (mut ok, mut refused) = (0u32, 0u32);
     for round in 0..250 {
         for seed in seeds {
