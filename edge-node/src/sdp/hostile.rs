@@ -267,7 +267,7 @@ fn mutated_offers_never_panic_and_answers_stay_sound() {
     ];
     let mut rng = Rng(0x5eed_f5d9);
     let (mut ok, mut refused) = (0u32, 0u32);
-    for round in 0..250 {
+    for _ in 0..120 {
         for seed in seeds {
             let text = mutate(&mut rng, seed);
             match answer_publish(&text, &local(), &SdpLimits::default()) {
@@ -284,7 +284,6 @@ fn mutated_offers_never_panic_and_answers_stay_sound() {
                 check_answer(&a.sdp);
             }
             let _ = parse_subscriber_answer(&text, &["0", "1"], &SdpLimits::default());
-            let _ = round;
         }
     }
     // The mutations must exercise both outcomes, or this test proves little.

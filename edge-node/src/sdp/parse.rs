@@ -32,6 +32,8 @@ pub(crate) struct Parsed {
     pub(crate) bundle: Option<Vec<String>>,
     /// `a=extmap-allow-mixed` (RFC 8285 §6) at session level or on any m-line.
     pub(crate) extmap_allow_mixed: bool,
+    /// Session-level `a=ice-lite` (RFC 8839 §5.3): the peer does no connectivity checks.
+    pub(crate) ice_lite: bool,
     pub(crate) transport: TransportAttrs,
     pub(crate) media: Vec<Media>,
     by_mid: HashMap<String, usize>,
@@ -259,6 +261,7 @@ pub(crate) fn parse(text: &str, limits: &SdpLimits) -> Result<Parsed, SdpError> 
     let mut transport = TransportAttrs::default();
     let mut bundle = None;
     let mut extmap_allow_mixed = false;
+    let mut ice_lite = false;
     for a in &desc.attributes {
         let value = a.value.as_deref().unwrap_or("");
         match a.key.as_str() {
@@ -269,6 +272,7 @@ pub(crate) fn parse(text: &str, limits: &SdpLimits) -> Result<Parsed, SdpError> 
                 }
             }
             "extmap-allow-mixed" => extmap_allow_mixed = true,
+            "ice-lite" => ice_lite = true,
             _ => read_transport_attr(&mut transport, &a.key, value, Location::Session)?,
         }
     }
@@ -319,6 +323,7 @@ pub(crate) fn parse(text: &str, limits: &SdpLimits) -> Result<Parsed, SdpError> 
     Ok(Parsed {
         bundle,
         extmap_allow_mixed,
+        ice_lite,
         transport,
         media,
         by_mid,

@@ -95,6 +95,10 @@ pub fn answer_publish(
 pub(crate) fn offer_transport(
     parsed: &Parsed,
 ) -> Result<(RemoteTransport, HashSet<&str>), SdpError> {
+    // RFC 8445 §2.5: two lite agents never check connectivity, so never connect.
+    if parsed.ice_lite {
+        return Err(SdpError::IceLitePeer);
+    }
     let bundle = parsed.bundle.as_ref().ok_or(SdpError::MissingBundle)?;
     let tag = bundle
         .first()

@@ -62,6 +62,9 @@ pub fn parse_subscriber_answer(
     limits: &SdpLimits,
 ) -> Result<SubscriberAnswer, SdpError> {
     let parsed = parse(answer, limits)?;
+    if parsed.ice_lite {
+        return Err(SdpError::IceLitePeer);
+    }
     if parsed.media.len() != offered_mids.len() {
         return Err(SdpError::MediaCount {
             expected: offered_mids.len(),
@@ -347,6 +350,11 @@ mod tests {
                 "sdp_unsupported",
             ),
             ("garbage".into(), &mids, "sdp_invalid"),
+            (
+                base.replacen("t=0 0\r\n", "t=0 0\r\na=ice-lite\r\n", 1),
+                &mids,
+                "sdp_unsupported",
+            ),
         ];
         for (answer, offered, code) in cases {
             let err = parse_subscriber_answer(&answer, offered, &limits).unwrap_err();
