@@ -68,8 +68,8 @@ pub(crate) struct Media {
     /// Payload types with an rtpmap, in m= format order (audio/video only).
     pub(crate) codecs: Vec<OfferedCodec>,
     pub(crate) extmaps: Vec<ExtMap>,
-    /// Rids declared `send` by the peer, in `a=simulcast:send` order when there is one, else in
-    /// `a=rid` order; only filled when there is an `a=simulcast` naming send streams.
+    /// The rids of the peer's `a=simulcast:send` list, in its order (each checked against
+    /// `a=rid ... send`); empty without `a=simulcast`.
     pub(crate) simulcast_send: Vec<String>,
     pub(crate) ssrcs: Vec<SsrcInfo>,
     pub(crate) msid: Option<(String, String)>,
@@ -480,7 +480,9 @@ fn parse_media(index: usize, md: &sdp::MediaDescription) -> Result<(Media, bool)
             }
             "fmtp" if kind.is_some() => {
                 let (pt, rest) = split_pt("fmtp", loc, value)?;
-                raw.fmtps.entry(pt).or_insert(rest.trim());
+                if !rest.trim().is_empty() {
+                    raw.fmtps.entry(pt).or_insert(rest.trim());
+                }
             }
             "rtcp-fb" if kind.is_some() => {
                 let (pt, rest) = value.trim().split_once(' ').ok_or_else(|| {

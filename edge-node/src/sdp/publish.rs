@@ -16,8 +16,9 @@ use super::{
 /// RTP profiles we take: DTLS-SRTP with feedback (RFC 5764 §8), and its pre-RFC 5764 spelling.
 pub(crate) const RTP_PROTOS: [&str; 2] = ["UDP/TLS/RTP/SAVPF", "RTP/SAVPF"];
 
-/// Session version of our answers; answers are not renegotiated from a previous answer of ours,
-/// so it stays constant (RFC 3264 §8 asks for an increment only on a changed SDP of one session).
+/// Session version of our answers. We keep no state between answers, so a renegotiation's
+/// answer carries the same version; RFC 3264 §8 asks for growth when the SDP changes, but the
+/// clients we interoperate with (Chromium, aiortc) do not check it.
 const ANSWER_VERSION: u64 = 2;
 
 /// Answers a client's publish offer: one codec per audio/video m-line, simulcast rids, the
