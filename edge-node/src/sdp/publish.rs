@@ -19,11 +19,15 @@ pub(crate) const RTP_PROTOS: [&str; 2] = ["UDP/TLS/RTP/SAVPF", "RTP/SAVPF"];
 /// Session version of our answers. We keep no state between answers, so a renegotiation's
 /// answer carries the same version; RFC 3264 §8 asks for growth when the SDP changes, but the
 /// clients we interoperate with (Chromium, aiortc) do not check it.
-const ANSWER_VERSION: u64 = 2;
+pub(crate) const ANSWER_VERSION: u64 = 2;
 
 /// Answers a client's publish offer: one codec per audio/video m-line, simulcast rids, the
 /// header extensions we read; everything else rejected with port 0. See the module doc of
 /// [`crate::sdp`] for the policy.
+///
+/// An offer whose m-lines are all recvonly or inactive is still answered (every m-line
+/// `inactive`): that is a renegotiation after the client removed its tracks, and the PC lives
+/// on. Only an offer with no m-line we can bundle at all is refused (`sdp_unsupported`).
 pub fn answer_publish(
     offer: &str,
     local: &LocalTransport,

@@ -4,7 +4,7 @@ use super::codec::{self, SEND_AUDIO_FB, SEND_VIDEO_FB};
 use super::error::SdpError;
 use super::ext::{self, BundleExtCheck, Flow};
 use super::parse::parse;
-use super::publish::{bundleable, offer_transport, rejected_mline};
+use super::publish::{bundleable, offer_transport, rejected_mline, ANSWER_VERSION};
 use super::write::{self, MediaBuilder};
 use super::{
     Direction, HeaderExtIds, LocalTransport, MediaKind, SdpLimits, Setup, WhepAnswer, WhepMedia,
@@ -104,7 +104,7 @@ pub fn answer_subscribe(
     if bundle.is_empty() {
         return Err(SdpError::NothingAccepted);
     }
-    let mut sd = write::session(write::derived_session_id(&local.ice_ufrag), 2);
+    let mut sd = write::session(write::derived_session_id(&local.ice_ufrag), ANSWER_VERSION);
     write::session_common(&mut sd, &bundle);
     if parsed.extmap_allow_mixed {
         write::session_attr(&mut sd, "extmap-allow-mixed", None);
