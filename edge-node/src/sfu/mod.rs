@@ -232,6 +232,7 @@ struct Subscription {
     rtx_seq: u16,
     reported: (Option<SpatialLayer>, Option<SpatialLayer>),
     started: bool,
+    audio: bool,
 }
 
 /// The shard's forwarding state. See the module docs.
@@ -667,7 +668,13 @@ impl ShardCore {
             timestamp: view.timestamp,
             arrival: now,
         };
-        let switch = match s.selector.handle_packet(SpatialLayer(layer), keyframe, now) {
+        // Audio has no layers and no keyframes: every packet is forwarded.
+        let decision = if s.audio {
+            Decision::Forward { switch: false }
+        } else {
+            s.selector.handle_packet(SpatialLayer(layer), keyframe, now)
+        };
+        let switch = match decision {
             Decision::Drop => {
                 if s.selector.current() == Some(SpatialLayer(layer)) {
                     s.rewriter.skip(&input);
@@ -957,7 +964,7 @@ impl ShardCore {
             }
         }
         // Layer change notifications.
-        for (sid, s) in self.subscriptions.iter_mut() {
+        for (sid, s) in self.subscriptions.iter_mut().filter(|(_, s)| !s.audio) {
             let now_layers = (s.selector.current(), s.selector.target());
             if now_layers != s.reported {
                 s.reported = now_layers;
@@ -1292,6 +1299,7 @@ impl ShardCore {
         selector.handle_allocation(t.bwe.estimate(), &rates, now);
         let vp8 = matches!(p.spec.codec, MediaCodec::Video(VideoCodec::Vp8)).then(Vp8Munger::new);
         let clock_rate = p.spec.clock_rate;
+        let audio = p.spec.codec == MediaCodec::Audio;
         // A new subscriber needs a keyframe to start decoding.
         for l in p.layers.iter_mut() {
             if matches!(p.spec.codec, MediaCodec::Video(_)) {
@@ -1310,6 +1318,7 @@ impl ShardCore {
                 rtx_seq: rand::random(),
                 reported: (None, None),
                 started: false,
+                audio,
             },
         );
     }
