@@ -969,6 +969,14 @@ impl ShardCore {
             if now_layers != s.reported {
                 s.reported = now_layers;
                 if let Some(t) = self.transports.get(&s.spec.transport) {
+                    tracing::debug!(
+                        subscription = sid.0,
+                        current = ?now_layers.0,
+                        target = ?now_layers.1,
+                        estimate = %t.bwe.estimate(),
+                        loss = t.bwe.loss_fraction(),
+                        "layer change"
+                    );
                     self.counters.layer_switches += 1;
                     self.events.push((
                         t.owner,
