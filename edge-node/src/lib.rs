@@ -1,1 +1,3 @@
 //! Edge node.
+
+pub mod transport;

@@ -1,0 +1,423 @@
+//! SRTP/SRTCP protection of one transport (RFC 3711, RFC 7714), synchronous.
+//!
+//! Built from the [`SrtpKeys`] the DTLS handshake exported: an inbound webrtc-srtp
+//! `Context` keyed with the peer's (remote) master key decrypts what the peer sends, with
+//! replay protection; an outbound one keyed with ours (local) encrypts what we send. Plain
+//! `&mut self` calls, no I/O, so the shard that owns the transport calls them inline on the
+//! packet path (decrypt once per incoming packet, encrypt once per outgoing copy).
+//!
+//! Every input is peer-controlled, and webrtc-srtp 0.17 needs two guards in front of it:
+//! - it indexes SRTCP packets by their tail before checking their length (a panic on short
+//!   input), so lengths are checked here first;
+//! - with AES-CM it returns an SRTCP packet whose E flag is clear *without checking its
+//!   authentication tag*, although RFC 3711 §3.4 makes authentication mandatory whatever the
+//!   E flag says. Anyone who can send to our port from the peer's address could inject RTCP.
+//!   WebRTC always encrypts SRTCP, so we reject E=0 outright ([`SrtpError::UnencryptedSrtcp`]).
+//!
+//! Errors come back as [`SrtpError`] for the caller to drop and count.
+
+use bytes::Bytes;
+use webrtc_srtp::context::Context;
+use webrtc_srtp::option::{srtcp_replay_protection, srtp_replay_protection};
+use webrtc_srtp::protection_profile::ProtectionProfile;
+
+use super::dtls::{SrtpKeys, SrtpProfile};
+
+/// Inbound SRTP replay window, in packets. RFC 3711 §3.3.2 asks for at least 64; video
+/// arrives reordered by more than that at high bitrates, so we follow libwebrtc's 1024.
+const SRTP_REPLAY_WINDOW: usize = 1024;
+/// Inbound SRTCP replay window, in packets: RTCP is sparse and rarely reordered far.
+const SRTCP_REPLAY_WINDOW: usize = 128;
+
+/// RTCP header (V/P/RC, PT, length) plus sender SSRC (RFC 3550 §6.4.1): the part of an
+/// SRTCP packet that is never encrypted.
+const RTCP_FIXED_HEADER_LEN: usize = 8;
+/// SRTCP index with its E flag (RFC 3711 §3.4).
+const SRTCP_INDEX_LEN: usize = 4;
+/// HMAC-SHA1-80 authentication tag (RFC 3711 §5.2; RFC 5764 §4.1.2 for SRTCP too).
+const HMAC_SHA1_80_TAG_LEN: usize = 10;
+/// AES-GCM authentication tag (RFC 7714 §14.2).
+const AEAD_TAG_LEN: usize = 16;
+
+/// Why a packet was not protected or unprotected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SrtpError {
+    #[error("SRTP master key or salt has the wrong length for {profile:?}")]
+    BadKeys {
+        profile: SrtpProfile,
+        #[source]
+        source: webrtc_srtp::Error,
+    },
+    #[error("packet of {len} bytes is too short (minimum {min})")]
+    TooShort { len: usize, min: usize },
+    /// SRTCP with the E flag clear (RFC 3711 §3.4): never sent by WebRTC peers, and
+    /// webrtc-srtp would not authenticate it.
+    #[error("unencrypted SRTCP packet")]
+    UnencryptedSrtcp,
+    #[error("replayed or too old packet")]
+    Replayed,
+    #[error("authentication failed")]
+    AuthFailed,
+    #[error("SRTP processing failed")]
+    Srtp(#[source] webrtc_srtp::Error),
+}
+
+impl From<webrtc_srtp::Error> for SrtpError {
+    fn from(e: webrtc_srtp::Error) -> Self {
+        use webrtc_srtp::Error as E;
+        match e {
+            E::SrtpSsrcDuplicated(..) | E::SrtcpSsrcDuplicated(..) | E::ErrDuplicated => {
+                SrtpError::Replayed
+            }
+            E::ErrFailedToVerifyAuthTag
+            | E::RtpFailedToVerifyAuthTag
+            | E::RtcpFailedToVerifyAuthTag
+            | E::AesGcm(_) => SrtpError::AuthFailed,
+            other => SrtpError::Srtp(other),
+        }
+    }
+}
+
+/// SRTP state of one transport: see the module docs.
+pub struct SrtpSession {
+    inbound: Context,
+    outbound: Context,
+    profile: SrtpProfile,
+}
+
+impl std::fmt::Debug for SrtpSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SrtpSession")
+            .field("profile", &self.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SrtpSession {
+    pub fn new(keys: &SrtpKeys) -> Result<Self, SrtpError> {
+        let profile = match keys.profile {
+            SrtpProfile::Aes128CmHmacSha1_80 => ProtectionProfile::Aes128CmHmacSha1_80,
+            SrtpProfile::AeadAes128Gcm => ProtectionProfile::AeadAes128Gcm,
+        };
+        let bad_keys = |source| SrtpError::BadKeys {
+            profile: keys.profile,
+            source,
+        };
+        let inbound = Context::new(
+            &keys.remote_key,
+            &keys.remote_salt,
+            profile,
+            Some(srtp_replay_protection(SRTP_REPLAY_WINDOW)),
+            Some(srtcp_replay_protection(SRTCP_REPLAY_WINDOW)),
+        )
+        .map_err(bad_keys)?;
+        // Outbound needs no replay protection: we generate the sequence numbers.
+        let outbound = Context::new(&keys.local_key, &keys.local_salt, profile, None, None)
+            .map_err(bad_keys)?;
+        Ok(SrtpSession {
+            inbound,
+            outbound,
+            profile: keys.profile,
+        })
+    }
+
+    pub fn profile(&self) -> SrtpProfile {
+        self.profile
+    }
+
+    /// Authenticates and decrypts an SRTP packet from the peer into plain RTP.
+    pub fn decrypt_rtp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        Ok(self.inbound.decrypt_rtp(packet)?)
+    }
+
+    /// Authenticates and decrypts an SRTCP packet from the peer into plain RTCP.
+    pub fn decrypt_rtcp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        let min = RTCP_FIXED_HEADER_LEN + SRTCP_INDEX_LEN + self.rtcp_tag_len();
+        if packet.len() < min {
+            return Err(SrtpError::TooShort {
+                len: packet.len(),
+                min,
+            });
+        }
+        // RFC 3711 §3.4 (AES-CM): ... | E + SRTCP index | auth tag.
+        // RFC 7714 §17 (AEAD):    ... | auth tag (inside the ciphertext) | E + SRTCP index.
+        let e_flag_at = match self.profile {
+            SrtpProfile::Aes128CmHmacSha1_80 => {
+                packet.len() - SRTCP_INDEX_LEN - self.rtcp_tag_len()
+            }
+            SrtpProfile::AeadAes128Gcm => packet.len() - SRTCP_INDEX_LEN,
+        };
+        if packet[e_flag_at] & 0x80 == 0 {
+            return Err(SrtpError::UnencryptedSrtcp);
+        }
+        Ok(self.inbound.decrypt_rtcp(packet)?)
+    }
+
+    /// Encrypts and authenticates a plain RTP packet for the peer.
+    pub fn encrypt_rtp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        Ok(self.outbound.encrypt_rtp(packet)?)
+    }
+
+    /// Encrypts and authenticates a plain RTCP (compound) packet for the peer.
+    pub fn encrypt_rtcp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        if packet.len() < RTCP_FIXED_HEADER_LEN {
+            return Err(SrtpError::TooShort {
+                len: packet.len(),
+                min: RTCP_FIXED_HEADER_LEN,
+            });
+        }
+        Ok(self.outbound.encrypt_rtcp(packet)?)
+    }
+
+    fn rtcp_tag_len(&self) -> usize {
+        match self.profile {
+            SrtpProfile::Aes128CmHmacSha1_80 => HMAC_SHA1_80_TAG_LEN,
+            SrtpProfile::AeadAes128Gcm => AEAD_TAG_LEN,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{RngCore, SeedableRng};
+    use webrtc_util::{Marshal, Unmarshal};
+
+    const PROFILES: [SrtpProfile; 2] =
+        [SrtpProfile::AeadAes128Gcm, SrtpProfile::Aes128CmHmacSha1_80];
+
+    /// Mirrored key sets, as the DTLS client and server would export them.
+    fn key_pair(profile: SrtpProfile) -> (SrtpKeys, SrtpKeys) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3711);
+        let mut bytes = |n: usize| {
+            let mut v = vec![0u8; n];
+            rng.fill_bytes(&mut v);
+            v
+        };
+        let (ck, cs, sk, ss) = (
+            bytes(profile.key_len()),
+            bytes(profile.salt_len()),
+            bytes(profile.key_len()),
+            bytes(profile.salt_len()),
+        );
+        let client = SrtpKeys {
+            profile,
+            local_key: ck.clone(),
+            local_salt: cs.clone(),
+            remote_key: sk.clone(),
+            remote_salt: ss.clone(),
+        };
+        let server = SrtpKeys {
+            profile,
+            local_key: sk,
+            local_salt: ss,
+            remote_key: ck,
+            remote_salt: cs,
+        };
+        (client, server)
+    }
+
+    fn rtp(seq: u16, payload: &[u8]) -> Vec<u8> {
+        rtp::packet::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                payload_type: 111,
+                sequence_number: seq,
+                timestamp: 960 * u32::from(seq),
+                ssrc: 0x1234_5678,
+                ..Default::default()
+            },
+            payload: Bytes::copy_from_slice(payload),
+        }
+        .marshal()
+        .unwrap()
+        .to_vec()
+    }
+
+    fn pli() -> Vec<u8> {
+        rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication {
+            sender_ssrc: 0x1234_5678,
+            media_ssrc: 0x9abc_def0,
+        }
+        .marshal()
+        .unwrap()
+        .to_vec()
+    }
+
+    #[test]
+    fn client_encrypts_server_decrypts_rtp_and_rtcp() {
+        for profile in PROFILES {
+            let (ck, sk) = key_pair(profile);
+            let mut client = SrtpSession::new(&ck).unwrap();
+            let mut server = SrtpSession::new(&sk).unwrap();
+
+            for seq in [1u16, 2, 3, 65535, 0] {
+                let plain = rtp(seq, b"opus frame");
+                let protected = client.encrypt_rtp(&plain).unwrap();
+                assert_ne!(
+                    &protected[12..],
+                    &plain[12..],
+                    "{profile:?}: payload encrypted"
+                );
+                assert!(protected.len() > plain.len(), "{profile:?}: tag appended");
+                let got = server.decrypt_rtp(&protected).unwrap();
+                assert_eq!(&got[..], &plain[..], "{profile:?} seq {seq}");
+                let parsed =
+                    rtp::packet::Packet::unmarshal(&mut &got[..]).expect("decrypted RTP parses");
+                assert_eq!(parsed.header.sequence_number, seq);
+            }
+
+            let plain = pli();
+            let protected = client.encrypt_rtcp(&plain).unwrap();
+            let got = server.decrypt_rtcp(&protected).unwrap();
+            assert_eq!(&got[..], &plain[..], "{profile:?} RTCP");
+
+            // And the other direction.
+            let protected = server.encrypt_rtp(&rtp(9, b"down")).unwrap();
+            assert_eq!(
+                &client.decrypt_rtp(&protected).unwrap()[..],
+                &rtp(9, b"down")[..]
+            );
+        }
+    }
+
+    #[test]
+    fn replayed_packets_are_rejected() {
+        for profile in PROFILES {
+            let (ck, sk) = key_pair(profile);
+            let mut client = SrtpSession::new(&ck).unwrap();
+            let mut server = SrtpSession::new(&sk).unwrap();
+
+            let protected = client.encrypt_rtp(&rtp(100, b"x")).unwrap();
+            server.decrypt_rtp(&protected).unwrap();
+            assert!(
+                matches!(server.decrypt_rtp(&protected), Err(SrtpError::Replayed)),
+                "{profile:?} RTP replay"
+            );
+
+            let protected = client.encrypt_rtcp(&pli()).unwrap();
+            server.decrypt_rtcp(&protected).unwrap();
+            assert!(
+                matches!(server.decrypt_rtcp(&protected), Err(SrtpError::Replayed)),
+                "{profile:?} RTCP replay"
+            );
+        }
+    }
+
+    #[test]
+    fn tampered_packets_are_rejected_and_do_not_poison_the_window() {
+        for profile in PROFILES {
+            let (ck, sk) = key_pair(profile);
+            let mut client = SrtpSession::new(&ck).unwrap();
+            let mut server = SrtpSession::new(&sk).unwrap();
+
+            let protected = client.encrypt_rtp(&rtp(7, b"payload bytes")).unwrap();
+            // Flip one bit in the header (authenticated), the payload and the tag.
+            for at in [1, 14, protected.len() - 1] {
+                let mut bad = protected.to_vec();
+                bad[at] ^= 0x01;
+                let got = server.decrypt_rtp(&bad);
+                assert!(got.is_err(), "{profile:?}: byte {at} tampered, got {got:?}");
+            }
+            // The genuine packet still decrypts: failures did not mark seq 7 as seen.
+            server.decrypt_rtp(&protected).unwrap();
+
+            let protected = client.encrypt_rtcp(&pli()).unwrap();
+            let mut bad = protected.to_vec();
+            bad[9] ^= 0x80;
+            assert!(
+                matches!(server.decrypt_rtcp(&bad), Err(SrtpError::AuthFailed)),
+                "{profile:?} RTCP"
+            );
+            server.decrypt_rtcp(&protected).unwrap();
+
+            // A packet protected with other keys fails authentication.
+            let (other, _) = key_pair(profile);
+            let mut stranger = SrtpSession::new(&SrtpKeys {
+                local_key: vec![0x42; profile.key_len()],
+                ..other
+            })
+            .unwrap();
+            let forged = stranger.encrypt_rtp(&rtp(8, b"forged")).unwrap();
+            assert!(
+                matches!(server.decrypt_rtp(&forged), Err(SrtpError::AuthFailed)),
+                "{profile:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_and_garbage_input_is_an_error_not_a_panic() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5764);
+        for profile in PROFILES {
+            let (_, sk) = key_pair(profile);
+            let mut server = SrtpSession::new(&sk).unwrap();
+            for len in 0..64 {
+                for first in [0x80u8, 0x90, 0xa0, 0xbf] {
+                    let mut buf = vec![0u8; len];
+                    rng.fill_bytes(&mut buf);
+                    if let Some(b) = buf.first_mut() {
+                        *b = first;
+                    }
+                    assert!(server.decrypt_rtp(&buf).is_err(), "{profile:?} len {len}");
+                    if len > 1 {
+                        buf[1] = 200;
+                    }
+                    assert!(server.decrypt_rtcp(&buf).is_err(), "{profile:?} len {len}");
+                    let _ = server.encrypt_rtcp(&buf);
+                    let _ = server.encrypt_rtp(&buf);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unauthenticated_plain_srtcp_is_rejected() {
+        for profile in PROFILES {
+            let (_, sk) = key_pair(profile);
+            let mut server = SrtpSession::new(&sk).unwrap();
+            // A forged BYE-like packet: plain RTCP, E=0 index, made-up tag. webrtc-srtp alone
+            // returns it as genuine with AES-CM.
+            let mut forged = pli();
+            let tag_len = server.rtcp_tag_len();
+            match profile {
+                SrtpProfile::Aes128CmHmacSha1_80 => {
+                    forged.extend_from_slice(&1u32.to_be_bytes());
+                    forged.extend(std::iter::repeat_n(0xab, tag_len));
+                }
+                SrtpProfile::AeadAes128Gcm => {
+                    forged.extend(std::iter::repeat_n(0xab, tag_len));
+                    forged.extend_from_slice(&1u32.to_be_bytes());
+                }
+            }
+            assert!(
+                matches!(
+                    server.decrypt_rtcp(&forged),
+                    Err(SrtpError::UnencryptedSrtcp)
+                ),
+                "{profile:?}"
+            );
+            // With the E flag set the forgery is caught by authentication.
+            let e_at = match profile {
+                SrtpProfile::Aes128CmHmacSha1_80 => forged.len() - 4 - tag_len,
+                SrtpProfile::AeadAes128Gcm => forged.len() - 4,
+            };
+            forged[e_at] |= 0x80;
+            assert!(
+                matches!(server.decrypt_rtcp(&forged), Err(SrtpError::AuthFailed)),
+                "{profile:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_key_lengths_are_rejected() {
+        let (mut keys, _) = key_pair(SrtpProfile::AeadAes128Gcm);
+        keys.remote_salt.push(0);
+        assert!(matches!(
+            SrtpSession::new(&keys),
+            Err(SrtpError::BadKeys { .. })
+        ));
+    }
+}
