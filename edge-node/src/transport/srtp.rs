@@ -6,9 +6,15 @@
 //! `&mut self` calls, no I/O, so the shard that owns the transport calls them inline on the
 //! packet path (decrypt once per incoming packet, encrypt once per outgoing copy).
 //!
-//! Every input is peer-controlled. webrtc-srtp indexes SRTCP packets by their tail before
-//! checking their length, so lengths are checked here first; errors come back as
-//! [`SrtpError`] for the caller to drop and count.
+//! Every input is peer-controlled, and webrtc-srtp 0.17 needs two guards in front of it:
+//! - it indexes SRTCP packets by their tail before checking their length (a panic on short
+//!   input), so lengths are checked here first;
+//! - with AES-CM it returns an SRTCP packet whose E flag is clear *without checking its
+//!   authentication tag*, although RFC 3711 §3.4 makes authentication mandatory whatever the
+//!   E flag says. Anyone who can send to our port from the peer's address could inject RTCP.
+//!   WebRTC always encrypts SRTCP, so we reject E=0 outright ([`SrtpError::UnencryptedSrtcp`]).
+//!
+//! Errors come back as [`SrtpError`] for the caller to drop and count.
 
 use bytes::Bytes;
 use webrtc_srtp::context::Context;
@@ -45,6 +51,10 @@ pub enum SrtpError {
     },
     #[error("packet of {len} bytes is too short (minimum {min})")]
     TooShort { len: usize, min: usize },
+    /// SRTCP with the E flag clear (RFC 3711 §3.4): never sent by WebRTC peers, and
+    /// webrtc-srtp would not authenticate it.
+    #[error("unencrypted SRTCP packet")]
+    UnencryptedSrtcp,
     #[error("replayed or too old packet")]
     Replayed,
     #[error("authentication failed")]
@@ -130,6 +140,17 @@ impl SrtpSession {
                 min,
             });
         }
+        // RFC 3711 §3.4 (AES-CM): ... | E + SRTCP index | auth tag.
+        // RFC 7714 §17 (AEAD):    ... | auth tag (inside the ciphertext) | E + SRTCP index.
+        let e_flag_at = match self.profile {
+            SrtpProfile::Aes128CmHmacSha1_80 => {
+                packet.len() - SRTCP_INDEX_LEN - self.rtcp_tag_len()
+            }
+            SrtpProfile::AeadAes128Gcm => packet.len() - SRTCP_INDEX_LEN,
+        };
+        if packet[e_flag_at] & 0x80 == 0 {
+            return Err(SrtpError::UnencryptedSrtcp);
+        }
         Ok(self.inbound.decrypt_rtcp(packet)?)
     }
 
@@ -163,7 +184,8 @@ mod tests {
     use rand::{RngCore, SeedableRng};
     use webrtc_util::{Marshal, Unmarshal};
 
-    const PROFILES: [SrtpProfile; 2] = [SrtpProfile::AeadAes128Gcm, SrtpProfile::Aes128CmHmacSha1_80];
+    const PROFILES: [SrtpProfile; 2] =
+        [SrtpProfile::AeadAes128Gcm, SrtpProfile::Aes128CmHmacSha1_80];
 
     /// Mirrored key sets, as the DTLS client and server would export them.
     fn key_pair(profile: SrtpProfile) -> (SrtpKeys, SrtpKeys) {
@@ -233,7 +255,11 @@ mod tests {
             for seq in [1u16, 2, 3, 65535, 0] {
                 let plain = rtp(seq, b"opus frame");
                 let protected = client.encrypt_rtp(&plain).unwrap();
-                assert_ne!(&protected[12..], &plain[12..], "{profile:?}: payload encrypted");
+                assert_ne!(
+                    &protected[12..],
+                    &plain[12..],
+                    "{profile:?}: payload encrypted"
+                );
                 assert!(protected.len() > plain.len(), "{profile:?}: tag appended");
                 let got = server.decrypt_rtp(&protected).unwrap();
                 assert_eq!(&got[..], &plain[..], "{profile:?} seq {seq}");
@@ -249,7 +275,10 @@ mod tests {
 
             // And the other direction.
             let protected = server.encrypt_rtp(&rtp(9, b"down")).unwrap();
-            assert_eq!(&client.decrypt_rtp(&protected).unwrap()[..], &rtp(9, b"down")[..]);
+            assert_eq!(
+                &client.decrypt_rtp(&protected).unwrap()[..],
+                &rtp(9, b"down")[..]
+            );
         }
     }
 
@@ -340,6 +369,45 @@ mod tests {
                     let _ = server.encrypt_rtp(&buf);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn unauthenticated_plain_srtcp_is_rejected() {
+        for profile in PROFILES {
+            let (_, sk) = key_pair(profile);
+            let mut server = SrtpSession::new(&sk).unwrap();
+            // A forged BYE-like packet: plain RTCP, E=0 index, made-up tag. webrtc-srtp alone
+            // returns it as genuine with AES-CM.
+            let mut forged = pli();
+            let tag_len = server.rtcp_tag_len();
+            match profile {
+                SrtpProfile::Aes128CmHmacSha1_80 => {
+                    forged.extend_from_slice(&1u32.to_be_bytes());
+                    forged.extend(std::iter::repeat_n(0xab, tag_len));
+                }
+                SrtpProfile::AeadAes128Gcm => {
+                    forged.extend(std::iter::repeat_n(0xab, tag_len));
+                    forged.extend_from_slice(&1u32.to_be_bytes());
+                }
+            }
+            assert!(
+                matches!(
+                    server.decrypt_rtcp(&forged),
+                    Err(SrtpError::UnencryptedSrtcp)
+                ),
+                "{profile:?}"
+            );
+            // With the E flag set the forgery is caught by authentication.
+            let e_at = match profile {
+                SrtpProfile::Aes128CmHmacSha1_80 => forged.len() - 4 - tag_len,
+                SrtpProfile::AeadAes128Gcm => forged.len() - 4,
+            };
+            forged[e_at] |= 0x80;
+            assert!(
+                matches!(server.decrypt_rtcp(&forged), Err(SrtpError::AuthFailed)),
+                "{profile:?}"
+            );
         }
     }
 
