@@ -13,7 +13,10 @@
 //! Ids ([`TransportId`], [`PublicationId`], [`SubscriptionId`]) are chosen by the caller (the
 //! signaling session that owns them), so commands can be sent without a round trip.
 
+pub mod harness;
 mod rtp;
+#[cfg(test)]
+mod tests;
 mod twcc;
 
 pub use rtp::{RtpView, MAX_OUT_HEADER};
@@ -610,6 +613,7 @@ impl ShardCore {
         }
         layer.cache.insert(ext_seq, view.bytes(), now);
         layer.nack.handle_packet(ext_seq, now);
+        let newly_available = layer.meter.bitrate(now).is_none();
         layer.meter.handle_packet(view.bytes().len(), now);
         layer.stats.handle_packet(ext_seq, view.timestamp, now, clock_rate);
         let keyframe = match codec {
@@ -629,6 +633,18 @@ impl ShardCore {
         }
         if p.muted {
             return;
+        }
+        if newly_available && matches!(codec, MediaCodec::Video(_)) {
+            // A layer (re)appeared: let selectors see it now, so this very packet (often the
+            // keyframe that starts the layer) can be forwarded before the next allocation round.
+            let rates: Vec<Option<Bitrate>> = p.layers.iter().map(|l| l.meter.bitrate(now)).collect();
+            for sid in &p.subscribers {
+                if let Some(s) = self.subscriptions.get_mut(sid) {
+                    if let Some(t) = self.transports.get(&s.spec.transport) {
+                        s.selector.handle_allocation(t.bwe.estimate(), &rates, now);
+                    }
+                }
+            }
         }
         let subscribers = std::mem::take(&mut p.subscribers);
         for sid in &subscribers {
