@@ -46,7 +46,10 @@ pub enum TokenError {
     #[error("token malformed: {0}")]
     Malformed(String),
     #[error("token is for room {token_room}, not {requested}")]
-    WrongRoom { token_room: String, requested: String },
+    WrongRoom {
+        token_room: String,
+        requested: String,
+    },
 }
 
 impl TokenError {
