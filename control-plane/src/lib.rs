@@ -12,5 +12,6 @@ pub mod config;
 pub mod keys;
 pub mod nodes;
 pub mod placement;
+pub mod routing;
 pub mod store;
 pub mod token;
