@@ -357,7 +357,7 @@ mod maxmind {
             Some(Located {
                 region: region.clone(),
                 // The database's own network prefix: every address in it gets this answer.
-                scope: u8::try_from(prefix).ok(),
+                scope: Some(prefix),
             })
         }
     }
