@@ -9,6 +9,7 @@
 //! async shells around it only move data between the store, sockets and those cores.
 
 pub mod config;
+pub mod dns;
 pub mod keys;
 pub mod nodes;
 pub mod placement;
