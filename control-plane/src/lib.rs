@@ -8,11 +8,14 @@
 //! round trip. The decision logic (origin choice, edge routing, DNS answers) is sans-IO; the
 //! async shells around it only move data between the store, sockets and those cores.
 
+pub mod api;
 pub mod config;
 pub mod dns;
 pub mod keys;
+pub mod meetings;
 pub mod nodes;
 pub mod placement;
+pub mod ratelimit;
 pub mod routing;
 pub mod store;
 pub mod token;

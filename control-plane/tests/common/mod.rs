@@ -22,6 +22,7 @@ pub struct Member {
     pub client_url: String,
     pub peer_url: String,
     child: Option<Child>,
+    args: Vec<std::ffi::OsString>,
 }
 
 pub struct EtcdCluster {
@@ -61,6 +62,7 @@ impl EtcdCluster {
                 client_url: format!("http://127.0.0.1:{}", c.local_addr().unwrap().port()),
                 peer_url: format!("http://127.0.0.1:{}", p.local_addr().unwrap().port()),
                 child: None,
+                args: Vec::new(),
             })
             .collect();
         let initial: Vec<String> = members
@@ -76,30 +78,62 @@ impl EtcdCluster {
         drop(listeners);
         for m in &mut members {
             let data = dir.path().join(&m.name);
-            let log = std::fs::File::create(dir.path().join(format!("{}.log", m.name)))
-                .expect("log file");
-            let child = Command::new("etcd")
-                .args(["--name", &m.name])
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["--listen-client-urls", &m.client_url])
-                .args(["--advertise-client-urls", &m.client_url])
-                .args(["--listen-peer-urls", &m.peer_url])
-                .args(["--initial-advertise-peer-urls", &m.peer_url])
-                .args(["--initial-cluster", &initial])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", &token])
-                .args(["--log-level", "warn"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log))
-                .spawn()
-                .expect("spawn etcd");
-            m.child = Some(child);
+            m.args = [
+                "--name",
+                &m.name,
+                "--data-dir",
+                &data.to_string_lossy(),
+                "--listen-client-urls",
+                &m.client_url,
+                "--advertise-client-urls",
+                &m.client_url,
+                "--listen-peer-urls",
+                &m.peer_url,
+                "--initial-advertise-peer-urls",
+                &m.peer_url,
+                "--initial-cluster",
+                &initial,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                &token,
+                "--log-level",
+                "warn",
+            ]
+            .iter()
+            .map(std::ffi::OsString::from)
+            .collect();
         }
-        let cluster = Self { members, dir };
+        let mut cluster = Self { members, dir };
+        for i in 0..cluster.members.len() {
+            cluster.spawn(i);
+        }
         cluster.wait_healthy(START_TIMEOUT);
         cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{}.log", m.name)))
+            .expect("log file");
+        let child = Command::new("etcd")
+            .args(&m.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn etcd");
+        m.child = Some(child);
+    }
+
+    /// Starts a killed member again on its old data directory and ports (it rejoins).
+    pub fn restart(&mut self, i: usize) {
+        if self.members[i].child.is_none() {
+            self.spawn(i);
+        }
     }
 
     /// Client URLs of all members (including killed ones, as a deployment's config would).
