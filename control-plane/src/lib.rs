@@ -17,5 +17,10 @@ pub mod nodes;
 pub mod placement;
 pub mod ratelimit;
 pub mod routing;
+pub mod server;
 pub mod store;
 pub mod token;
+
+pub use nodes::{NodeInfo, NodeKind, NodeLoad, NodeRegistration, RegistrationConfig};
+pub use server::{run, ControlPlane, ControlPlaneConfig, ControlPlaneError, SigningKeyConfig};
+pub use store::{EtcdConfig, EtcdStore, MemStore, Store};
