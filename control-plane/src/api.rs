@@ -436,6 +436,7 @@ pub struct CreateMeeting {
     #[serde(default)]
     pub recording: bool,
     pub scheduled_start: Option<u64>,
+    pub region: Option<crate::nodes::Region>,
 }
 
 /// A generated room name: 12 characters from a 32-letter alphabet without look-alikes
@@ -469,6 +470,7 @@ async fn create_meeting(
         max_participants: req.max_participants,
         recording: req.recording,
         scheduled_start: req.scheduled_start,
+        region: req.region,
     };
     // Validate before spending a rate-limit token on a request that cannot succeed.
     options.validate((s.clock)())?;
@@ -657,7 +659,7 @@ async fn join_info(
     }
     let Query(q) = query.map_err(query_error)?;
     let client = q.client_ip.or(peer.map(|p| p.ip()));
-    s.meetings.get(&room).await?;
+    let meeting = s.meetings.get(&room).await?;
     let located = client.and_then(|ip| s.router.locate(ip));
     let region = located.as_ref().map(|l| l.region.clone());
     let edges: Vec<EdgeRef> = {
@@ -680,9 +682,13 @@ async fn join_info(
             "no edge accepts participants right now",
         )
     })?;
-    // Place the room near its first joiner's edge.
-    let edge_region = crate::nodes::Region::new(edge.region.clone()).ok();
-    let origin = s.placer.place(&room, edge_region.as_ref()).await?;
+    // Place the room in the host's region when the meeting names one, else near the first
+    // joiner's edge (placement is sticky: later joiners get the same origin).
+    let preferred = meeting
+        .options
+        .region
+        .or_else(|| crate::nodes::Region::new(edge.region.clone()).ok());
+    let origin = s.placer.place(&room, preferred.as_ref()).await?;
     Ok(Json(JoinInfo {
         room,
         client_region: region.map(|r| r.to_string()),

@@ -7,6 +7,7 @@
 //! two concurrent PATCHes cannot lose each other's changes silently.
 
 use crate::keys::KeyLayout;
+use crate::nodes::Region;
 use crate::store::{CreateOutcome, Store, StoreError, SwapOutcome};
 use cascade_proto::RoomId;
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,10 @@ pub struct MeetingOptions {
     /// Planned start, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_start: Option<u64>,
+    /// Where the host is: the room's origin is placed in this region when it has one
+    /// (none: near the first participant to join).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Region>,
 }
 
 /// A stored meeting.
@@ -69,6 +74,8 @@ pub struct MeetingPatch {
     pub recording: Option<bool>,
     #[serde(default, deserialize_with = "some")]
     pub scheduled_start: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "some")]
+    pub region: Option<Option<Region>>,
 }
 
 /// Distinguishes an explicit `null` (Some(None)) from an absent field (None).
@@ -155,6 +162,9 @@ impl MeetingPatch {
         }
         if let Some(v) = self.scheduled_start {
             o.scheduled_start = v;
+        }
+        if let Some(v) = &self.region {
+            o.region = v.clone();
         }
         o
     }

@@ -545,6 +545,36 @@ async fn join_info_routes_by_client_address_and_places_the_room() {
     // Same room, same origin, whoever asks.
     assert_eq!(j["origin"]["origin"], "origin-eu");
 
+    // A meeting that names the host's region is placed there, whoever joins first.
+    let (s, _, m) = call(
+        app,
+        Method::POST,
+        "/v1/meetings",
+        Some(KEY),
+        Some(json!({"room": "r3", "region": "us"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{m}");
+    let (_, _, j) = call(
+        app,
+        Method::GET,
+        "/v1/meetings/r3/join-info?client_ip=192.0.2.77",
+        Some(KEY),
+        None,
+    )
+    .await;
+    assert_eq!(j["edge"]["id"], "eu-2");
+    assert_eq!(j["origin"]["origin"], "origin-us");
+    let (s, _, e) = call(
+        app,
+        Method::POST,
+        "/v1/meetings",
+        Some(KEY),
+        Some(json!({"room": "r4", "region": "EU West"})),
+    )
+    .await;
+    assert_eq!((s, code(&e)), (StatusCode::BAD_REQUEST, "invalid_body"));
+
     // The token does not open another room.
     call(
         app,
@@ -594,6 +624,7 @@ async fn join_info_routes_by_client_address_and_places_the_room() {
     assert_eq!(rest["items"].as_array().unwrap().len(), 3);
     let (_, _, rooms) = call(app, Method::GET, "/v1/rooms", Some(KEY), None).await;
     assert_eq!(rooms["items"][0]["room"], "r1");
+    assert_eq!(rooms["items"][1]["room"], "r3");
 
     // Every edge drains: 503 no_edge.
     for r in &regs[..3] {
