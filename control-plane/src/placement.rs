@@ -257,6 +257,62 @@ impl Placer {
     }
 }
 
+/// A change to a room's placement, as an edge sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementChange {
+    /// The room was placed or moved (a higher `epoch` than before: reconnect to the origin).
+    Placed(Placement),
+    /// The placement was removed (the meeting was deleted).
+    Released(RoomId),
+}
+
+impl Placer {
+    /// Current placements under `rooms/` (all pages) and the revision they were read at, for
+    /// following with [`Placer::watch`] from `revision + 1`.
+    pub async fn snapshot(&self) -> Result<(Vec<Placement>, Revision), StoreError> {
+        let page = self
+            .store
+            .range(&self.keys.rooms_prefix(), None, None)
+            .await?;
+        let placements = page
+            .kvs
+            .iter()
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok())
+            .collect();
+        Ok((placements, page.revision))
+    }
+
+    /// Placement changes from revision `from` on: how edges learn that a room moved. The
+    /// stream ends or yields an error when the watch breaks; take a new snapshot then.
+    pub async fn watch(
+        &self,
+        from: Revision,
+    ) -> Result<
+        impl tokio_stream::Stream<Item = Result<Vec<PlacementChange>, StoreError>> + Send,
+        StoreError,
+    > {
+        let keys = self.keys.clone();
+        let prefix = keys.rooms_prefix();
+        let watch = self.store.watch_prefix(&prefix, from).await?;
+        Ok(watch.map(move |batch| {
+            let batch = batch?;
+            Ok(batch
+                .events
+                .iter()
+                .filter_map(|e| match e {
+                    WatchEvent::Put(kv) => serde_json::from_slice(&kv.value)
+                        .ok()
+                        .map(PlacementChange::Placed),
+                    WatchEvent::Delete { key, .. } => keys
+                        .room_of(&prefix, key)
+                        .and_then(|r| RoomId::new(r).ok())
+                        .map(PlacementChange::Released),
+                })
+                .collect())
+        }))
+    }
+}
+
 /// Rooms read per page while sweeping.
 const SWEEP_PAGE: usize = 500;
 

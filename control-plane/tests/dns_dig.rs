@@ -303,13 +303,17 @@ async fn dig_sees_geo_answers_ecs_scope_and_negative_answers() {
         "unhealthy edge still answered"
     );
 
-    // Malformed queries get FORMERR: two questions, and ECS with host bits past its prefix.
+    // Malformed queries get FORMERR: two questions, ECS with host bits past its prefix, a
+    // question cut short.
     let sock = StdUdp::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let server: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut truncated = header(1, 0);
+    truncated.extend([4, b'm', b'e']);
     for (what, msg) in [
         ("two questions", two_questions()),
         ("ecs host bits", ecs_host_bits()),
+        ("truncated question", truncated),
     ] {
         sock.send_to(&msg, server).unwrap();
         let mut buf = [0u8; 512];

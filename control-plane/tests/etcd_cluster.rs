@@ -8,7 +8,7 @@ use control_plane::keys::KeyLayout;
 use control_plane::nodes::{
     NodeId, NodeInfo, NodeKind, NodeLoad, NodeRegistration, Region, RegistrationConfig,
 };
-use control_plane::placement::Placer;
+use control_plane::placement::{PlacementChange, Placer};
 use control_plane::store::{
     CreateOutcome, EtcdConfig, EtcdStore, Revision, Store, SwapOutcome, WatchEvent,
 };
@@ -172,6 +172,11 @@ async fn dead_origin_vanishes_within_ttl_and_its_rooms_move() {
         );
     }
 
+    // An edge following placements (snapshot, then watch) is told about the moves.
+    let (snapshot, rev) = placer.snapshot().await.unwrap();
+    assert_eq!(snapshot.len(), rooms.len());
+    let mut changes = Box::pin(placer.watch(Revision(rev.0 + 1)).await.unwrap());
+
     // The survivor's keepalives hold its registration well past its TTL.
     tokio::time::sleep(TTL * 2).await;
     assert!(store.get(doomed.key()).await.unwrap().is_some());
@@ -202,6 +207,23 @@ async fn dead_origin_vanishes_within_ttl_and_its_rooms_move() {
     })
     .await;
     assert!(moved, "rooms not reassigned");
+    let mut told = BTreeSet::new();
+    while told.len() < rooms.len() {
+        let batch = tokio::time::timeout(Duration::from_secs(5), changes.next())
+            .await
+            .expect("placement change in time")
+            .expect("watch open")
+            .expect("watch ok");
+        for c in batch {
+            match c {
+                PlacementChange::Placed(p) => {
+                    assert_eq!((p.origin.as_str(), p.epoch), ("survivor", 1));
+                    told.insert(p.room);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
 
     reassigner.abort();
     let _ = stop_tx.send(());
