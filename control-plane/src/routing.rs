@@ -477,4 +477,158 @@ mod tests {
         let bad = serde_json::json!({"regions": {}, "latency": {}});
         assert!(serde_json::from_value::<RoutingConfig>(bad).is_err());
     }
+
+    /// A minimal MaxMind DB writer (format 2.0, IPv4 tree, 24-bit records), so the real
+    /// reader is exercised on data we control.
+    #[cfg(feature = "maxmind")]
+    mod mmdb {
+        fn ctrl(out: &mut Vec<u8>, ty: u8, size: usize) {
+            assert!(size < 29);
+            if ty <= 7 {
+                out.push((ty << 5) | size as u8);
+            } else {
+                out.push(size as u8);
+                out.push(ty - 7);
+            }
+        }
+        pub fn string(out: &mut Vec<u8>, s: &str) {
+            ctrl(out, 2, s.len());
+            out.extend(s.as_bytes());
+        }
+        pub fn uint(out: &mut Vec<u8>, ty: u8, v: u64) {
+            let bytes: Vec<u8> = v
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            ctrl(out, ty, bytes.len());
+            out.extend(bytes);
+        }
+        pub fn map(out: &mut Vec<u8>, n: usize) {
+            ctrl(out, 7, n);
+        }
+
+        enum Rec {
+            Node(usize),
+            Empty,
+            Data(usize),
+        }
+
+        /// `entries`: (network, prefix, country ISO code, continent code).
+        pub fn build(entries: &[([u8; 4], u8, &str, &str)]) -> Vec<u8> {
+            let mut data = Vec::new();
+            let mut nodes: Vec<[Rec; 2]> = vec![[Rec::Empty, Rec::Empty]];
+            for (net, prefix, country, continent) in entries {
+                let offset = data.len();
+                map(&mut data, 2);
+                string(&mut data, "continent");
+                map(&mut data, 1);
+                string(&mut data, "code");
+                string(&mut data, continent);
+                string(&mut data, "country");
+                map(&mut data, 1);
+                string(&mut data, "iso_code");
+                string(&mut data, country);
+                let ip = u32::from_be_bytes(*net);
+                let mut node = 0;
+                for i in 0..*prefix as usize {
+                    let bit = ((ip >> (31 - i)) & 1) as usize;
+                    if i + 1 == *prefix as usize {
+                        nodes[node][bit] = Rec::Data(offset);
+                    } else {
+                        node = match nodes[node][bit] {
+                            Rec::Node(n) => n,
+                            _ => {
+                                nodes.push([Rec::Empty, Rec::Empty]);
+                                let n = nodes.len() - 1;
+                                nodes[node][bit] = Rec::Node(n);
+                                n
+                            }
+                        };
+                    }
+                }
+            }
+            let count = nodes.len();
+            let mut out = Vec::new();
+            for n in &nodes {
+                for r in n {
+                    let v = match r {
+                        Rec::Node(i) => *i,
+                        Rec::Empty => count,
+                        Rec::Data(off) => count + 16 + off,
+                    } as u32;
+                    out.extend(&v.to_be_bytes()[1..]);
+                }
+            }
+            out.extend([0u8; 16]);
+            out.extend(data);
+            out.extend(b"\xab\xcd\xefMaxMind.com");
+            map(&mut out, 9);
+            string(&mut out, "binary_format_major_version");
+            uint(&mut out, 5, 2);
+            string(&mut out, "binary_format_minor_version");
+            uint(&mut out, 5, 0);
+            string(&mut out, "build_epoch");
+            uint(&mut out, 9, 1_800_000_000);
+            string(&mut out, "database_type");
+            string(&mut out, "KCS-Test-Country");
+            string(&mut out, "description");
+            map(&mut out, 0);
+            string(&mut out, "ip_version");
+            uint(&mut out, 5, 4);
+            string(&mut out, "languages");
+            ctrl(&mut out, 11, 0);
+            string(&mut out, "node_count");
+            uint(&mut out, 6, count as u64);
+            string(&mut out, "record_size");
+            uint(&mut out, 5, 24);
+            out
+        }
+    }
+
+    #[cfg(feature = "maxmind")]
+    #[test]
+    fn maxmind_country_then_continent_after_the_cidr_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.mmdb");
+        std::fs::write(
+            &path,
+            mmdb::build(&[
+                ([192, 0, 2, 0], 24, "DE", "EU"),
+                ([198, 51, 100, 0], 24, "US", "NA"),
+            ]),
+        )
+        .unwrap();
+        let config: RoutingConfig = serde_json::from_value(serde_json::json!({
+            "regions": {"eu-lab": ["192.0.2.128/25"]},
+            "maxmind": {
+                "database": path.to_str().unwrap(),
+                "countries": {"DE": "eu-central"},
+                "continents": {"NA": "us", "EU": "eu-west"}
+            }
+        }))
+        .unwrap();
+        let rt = EdgeRouter::new(&config).unwrap();
+        let loc = |ip: &str| {
+            rt.locate(ip.parse().unwrap())
+                .map(|l| (l.region.to_string(), l.scope))
+        };
+        assert_eq!(loc("192.0.2.5"), Some(("eu-central".into(), Some(24))));
+        assert_eq!(loc("192.0.2.200"), Some(("eu-lab".into(), Some(25))));
+        assert_eq!(loc("198.51.100.7"), Some(("us".into(), Some(24))));
+        assert_eq!(loc("203.0.113.1"), None);
+        assert_eq!(loc("2001:db8::1"), None);
+
+        let missing = RoutingConfig {
+            maxmind: Some(MaxMindConfig {
+                database: "/nonexistent.mmdb".into(),
+                ..MaxMindConfig::default()
+            }),
+            ..RoutingConfig::default()
+        };
+        assert!(matches!(
+            EdgeRouter::new(&missing),
+            Err(RoutingError::MaxMind { .. })
+        ));
+    }
 }
