@@ -360,6 +360,69 @@ fn ecs_host_bits() -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_mutated_queries_never_stop_the_server() {
+    use rand::{Rng, SeedableRng};
+    let store: Arc<dyn Store> = MemStore::start();
+    let keys = KeyLayout::default();
+    let dns = start_dns(store.clone(), keys.clone()).await;
+    let _reg = NodeRegistration::register(
+        store.clone(),
+        &keys,
+        edge("eu-1", "eu", &["192.0.2.10"], 0),
+        RegistrationConfig::default(),
+    )
+    .await
+    .unwrap();
+    let port = dns.port;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !values(&dig(port, &["meet.kcs.example", "A"]).await, "A").is_empty()
+        })
+        .await
+    );
+
+    // Seeded, so a failure replays: valid queries (with ECS) with bytes flipped, cut short or
+    // extended, and pure noise. Bounded: 3000 datagrams.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b6373);
+    let mut base = header(1, 1);
+    question(&mut base);
+    base.extend([0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0, 0, 11]);
+    base.extend([0, 8, 0, 7, 0, 1, 24, 0, 192, 0, 2]);
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let server: SocketAddr = ([127, 0, 0, 1], port).into();
+    for i in 0..3000 {
+        let msg: Vec<u8> = match i % 4 {
+            0 => {
+                let mut m = base.clone();
+                for _ in 0..rng.gen_range(1..4) {
+                    let at = rng.gen_range(0..m.len());
+                    m[at] = rng.gen();
+                }
+                m
+            }
+            1 => base[..rng.gen_range(0..base.len())].to_vec(),
+            2 => {
+                let mut m = base.clone();
+                m.extend((0..rng.gen_range(1..64)).map(|_| rng.gen::<u8>()));
+                m
+            }
+            _ => (0..rng.gen_range(0..600))
+                .map(|_| rng.gen::<u8>())
+                .collect(),
+        };
+        sock.send_to(&msg, server).await.unwrap();
+        if i % 200 == 0 {
+            // Let the server drain its socket; we are testing robustness, not overload.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let d = dig(port, &["meet.kcs.example", "A", "+subnet=192.0.2.0/24"]).await;
+    assert_eq!(d.status, "NOERROR", "{d:?}");
+    assert_eq!(values(&d, "A"), ["192.0.2.10"]);
+    assert!(!dns.tasks[1].is_finished(), "DNS server task ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_watch_change_reaches_dns_answers() {
     let cluster = EtcdCluster::start(3);
     let store: Arc<dyn Store> = Arc::new(
