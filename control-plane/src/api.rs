@@ -22,7 +22,7 @@ use crate::routing::EdgeRouter;
 use crate::store::{Store, StoreError};
 use crate::token::{Jwks, SigningKeys};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +40,9 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 /// Page size when the caller gives none, and the most we return in one page.
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
+
+/// Largest request body: every request body we accept is a few hundred bytes of JSON.
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Longest join token lifetime we mint: a day (a token only admits; sessions outlive it).
 const MAX_TOKEN_TTL_SECS: u64 = 24 * 3600;
@@ -367,6 +370,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 

@@ -1,6 +1,7 @@
 //! Serde helpers for human-friendly config values.
 
-/// Durations in configs as integer milliseconds (`request_timeout = 2000`).
+/// Durations in configs as integer milliseconds, in fields named `*_ms`
+/// (`request_timeout_ms = 2000`).
 pub mod duration_ms {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;

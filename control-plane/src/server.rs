@@ -373,6 +373,13 @@ mod tests {
         assert_eq!(c, ControlPlaneConfig::default());
         assert_eq!(c.http_listen.port(), 8080);
         assert!(c.reassign_rooms);
+        let c: ControlPlaneConfig = serde_json::from_str(
+            r#"{"etcd": {"endpoints": ["http://127.0.0.1:2379"], "request_timeout_ms": 500}}"#,
+        )
+        .unwrap();
+        let etcd = c.etcd.unwrap();
+        assert_eq!(etcd.request_timeout, std::time::Duration::from_millis(500));
+        assert_eq!(etcd.connect_timeout, std::time::Duration::from_secs(1));
         for bad in [
             r#"{"http_listn": "0.0.0.0:1"}"#,
             r#"{"dns": {"zone": "x.example", "ttl": 5}}"#,

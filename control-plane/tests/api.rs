@@ -200,6 +200,14 @@ async fn meetings_crud_validation_and_pagination() {
     let resp = app.clone().oneshot(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 
+    // Oversized body.
+    let huge = json!({"room": "big", "title": "x".repeat(100_000)});
+    let (s, _, e) = call(app, Method::POST, "/v1/meetings", Some(KEY), Some(huge)).await;
+    assert_eq!(
+        (s, code(&e)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large")
+    );
+
     // Generated room name.
     let (s, _, g) = call(
         app,
