@@ -30,12 +30,14 @@ pub struct EtcdConfig {
     /// Bound on one store call (default 2 s: well above a healthy cluster's few milliseconds,
     /// short enough that an API client sees a 503 before its own timeout).
     #[serde(
+        rename = "request_timeout_ms",
         default = "default_request_timeout",
         with = "crate::config::duration_ms"
     )]
     pub request_timeout: Duration,
     /// Bound on establishing a connection to one member (default 1 s; loopback or LAN).
     #[serde(
+        rename = "connect_timeout_ms",
         default = "default_connect_timeout",
         with = "crate::config::duration_ms"
     )]
