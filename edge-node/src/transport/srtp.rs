@@ -9,7 +9,7 @@
 //! Every input is peer-controlled, and webrtc-srtp 0.17 needs three guards in front of it:
 //! - it parses the RTP header with the rtp crate (0.17.2), which panics on an RFC 8285 header
 //!   extension element that runs past the packet (found by `fuzz/fuzz_targets/rtp_rtcp.rs`);
-//!   [`check_rtp_header`] walks the header first;
+//!   [`super::parse::check_rtp_header`] walks the header first;
 //! - it indexes SRTCP packets by their tail before checking their length (a panic on short
 //!   input), so lengths are checked here first;
 //! - with AES-CM it returns an SRTCP packet whose E flag is clear *without checking its
@@ -25,6 +25,7 @@ use webrtc_srtp::option::{srtcp_replay_protection, srtp_replay_protection};
 use webrtc_srtp::protection_profile::ProtectionProfile;
 
 use super::dtls::{SrtpKeys, SrtpProfile};
+use super::parse::{check_rtp_header, ParseError};
 
 /// Inbound SRTP replay window, in packets. RFC 3711 §3.3.2 asks for at least 64; video
 /// arrives reordered by more than that at high bitrates, so we follow libwebrtc's 1024.
@@ -68,6 +69,15 @@ pub enum SrtpError {
     MalformedRtpHeader,
     #[error("SRTP processing failed")]
     Srtp(#[source] webrtc_srtp::Error),
+}
+
+impl From<ParseError> for SrtpError {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::TooShort { len, min } => SrtpError::TooShort { len, min },
+            _ => SrtpError::MalformedRtpHeader,
+        }
+    }
 }
 
 impl From<webrtc_srtp::Error> for SrtpError {
@@ -134,7 +144,8 @@ impl SrtpSession {
     }
 
     /// Authenticates and decrypts an SRTP packet from the peer into plain RTP. The header of
-    /// what comes out has passed [`check_rtp_header`], so the rtp crate can parse it.
+    /// what comes out has passed [`check_rtp_header`], so the rtp crate can parse it
+    /// (or use [`super::parse::parse_rtp`]).
     pub fn decrypt_rtp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
         check_rtp_header(packet)?;
         Ok(self.inbound.decrypt_rtp(packet)?)
@@ -187,84 +198,6 @@ impl SrtpSession {
             SrtpProfile::AeadAes128Gcm => AEAD_TAG_LEN,
         }
     }
-}
-
-/// RTP fixed header (RFC 3550 §5.1).
-const RTP_FIXED_HEADER_LEN: usize = 12;
-/// RFC 8285 §4.2: profile of one-byte header extension elements.
-const EXTENSION_PROFILE_ONE_BYTE: u16 = 0xBEDE;
-/// RFC 8285 §4.3: profile of two-byte elements (the rtp crate knows only appbits 0).
-const EXTENSION_PROFILE_TWO_BYTE: u16 = 0x1000;
-/// RFC 8285 §4.2: one-byte ID 15 ends extension processing.
-const ONE_BYTE_ID_STOP: u8 = 15;
-
-/// Checks that an RTP header's CSRC list and header extension, down to every RFC 8285
-/// element, lie inside `packet`, walking them as the rtp crate's `Header::unmarshal` does.
-/// That parser trusts element lengths and panics when one runs past the packet; call this
-/// before handing it bytes that did not come out of [`SrtpSession::decrypt_rtp`].
-pub fn check_rtp_header(packet: &[u8]) -> Result<(), SrtpError> {
-    if packet.len() < RTP_FIXED_HEADER_LEN {
-        return Err(SrtpError::TooShort {
-            len: packet.len(),
-            min: RTP_FIXED_HEADER_LEN,
-        });
-    }
-    let has_extension = packet[0] & 0x10 != 0;
-    let csrc_count = usize::from(packet[0] & 0x0f);
-    let ext_start = RTP_FIXED_HEADER_LEN + 4 * csrc_count;
-    if !has_extension {
-        return if packet.len() >= ext_start {
-            Ok(())
-        } else {
-            Err(SrtpError::MalformedRtpHeader)
-        };
-    }
-    // RFC 3550 §5.3.1: 16-bit profile, 16-bit length in 32-bit words, then the data.
-    let ext_header = packet
-        .get(ext_start..ext_start + 4)
-        .ok_or(SrtpError::MalformedRtpHeader)?;
-    let profile = u16::from_be_bytes([ext_header[0], ext_header[1]]);
-    let words = usize::from(u16::from_be_bytes([ext_header[2], ext_header[3]]));
-    let data = packet
-        .get(ext_start + 4..ext_start + 4 + 4 * words)
-        .ok_or(SrtpError::MalformedRtpHeader)?;
-
-    let mut pos = 0;
-    match profile {
-        EXTENSION_PROFILE_ONE_BYTE => {
-            // RFC 8285 §4.2: ID (4 bits) | length - 1 (4 bits) | data; 0 bytes are padding.
-            while let Some(&b) = data.get(pos) {
-                if b == 0 {
-                    pos += 1;
-                    continue;
-                }
-                if b >> 4 == ONE_BYTE_ID_STOP {
-                    break;
-                }
-                pos += 1 + usize::from(b & 0x0f) + 1;
-                if pos > data.len() {
-                    return Err(SrtpError::MalformedRtpHeader);
-                }
-            }
-        }
-        EXTENSION_PROFILE_TWO_BYTE => {
-            // RFC 8285 §4.3: ID (8 bits) | length (8 bits) | data; 0 bytes are padding.
-            while let Some(&b) = data.get(pos) {
-                if b == 0 {
-                    pos += 1;
-                    continue;
-                }
-                let len = *data.get(pos + 1).ok_or(SrtpError::MalformedRtpHeader)?;
-                pos += 2 + usize::from(len);
-                if pos > data.len() {
-                    return Err(SrtpError::MalformedRtpHeader);
-                }
-            }
-        }
-        // Opaque RFC 3550 extension: its length was checked above.
-        _ => {}
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -497,96 +430,6 @@ mod tests {
                 matches!(server.decrypt_rtcp(&forged), Err(SrtpError::AuthFailed)),
                 "{profile:?}"
             );
-        }
-    }
-
-    #[test]
-    fn rtp_header_check_table() {
-        let fixed = |b0: u8| {
-            let mut p = vec![b0, 111, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3];
-            p.extend_from_slice(&[0xaa; 4]);
-            p
-        };
-        let with_ext = |profile: u16, data: &[u8], tail: &[u8]| {
-            let mut p = vec![0x90, 111, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3];
-            p.extend_from_slice(&profile.to_be_bytes());
-            p.extend_from_slice(&((data.len() / 4) as u16).to_be_bytes());
-            p.extend_from_slice(data);
-            p.extend_from_slice(tail);
-            p
-        };
-        let cases: Vec<(&str, Vec<u8>, bool)> = vec![
-            ("plain", fixed(0x80), true),
-            ("11 bytes", fixed(0x80)[..11].to_vec(), false),
-            ("one CSRC present", fixed(0x81), true),
-            ("two CSRCs, one present", fixed(0x82)[..16].to_vec(), false),
-            (
-                "X set, no extension header",
-                fixed(0x90)[..12].to_vec(),
-                false,
-            ),
-            (
-                "one-byte: abs-send-time (3 bytes) + pad",
-                with_ext(0xBEDE, &[0x32, 1, 2, 3], &[]),
-                true,
-            ),
-            (
-                "one-byte: element overruns block into payload",
-                with_ext(0xBEDE, &[0x1f, 1, 2, 3], &[0; 20]),
-                false,
-            ),
-            (
-                "one-byte: element overruns packet",
-                with_ext(0xBEDE, &[0, 0, 0, 0x1f], &[]),
-                false,
-            ),
-            (
-                "one-byte: padding only",
-                with_ext(0xBEDE, &[0, 0, 0, 0], &[]),
-                true,
-            ),
-            (
-                "one-byte: ID 15 stops processing",
-                with_ext(0xBEDE, &[0xff, 0xff, 0xff, 0xff], &[]),
-                true,
-            ),
-            (
-                "two-byte: 2-byte element",
-                with_ext(0x1000, &[5, 2, 9, 9], &[]),
-                true,
-            ),
-            (
-                "two-byte: length byte missing",
-                with_ext(0x1000, &[0, 0, 0, 5], &[]),
-                false,
-            ),
-            (
-                "two-byte: element overruns",
-                with_ext(0x1000, &[5, 200, 9, 9], &[0; 8]),
-                false,
-            ),
-            (
-                "RFC 3550 extension, length fits",
-                with_ext(0x1234, &[0xff; 8], &[]),
-                true,
-            ),
-            (
-                "extension length beyond packet",
-                {
-                    let mut p = with_ext(0xBEDE, &[0; 4], &[]);
-                    p[15] = 9;
-                    p
-                },
-                false,
-            ),
-        ];
-        for (what, packet, ok) in cases {
-            let got = check_rtp_header(&packet);
-            assert_eq!(got.is_ok(), ok, "{what}: {got:?}");
-            if ok {
-                // Whatever we pass, the rtp crate parses without panicking.
-                let _ = rtp::packet::Packet::unmarshal(&mut &packet[..]);
-            }
         }
     }
 
