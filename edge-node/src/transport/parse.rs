@@ -192,7 +192,7 @@ fn rtcp_packet_fits(packet_type: u8, format: u8, p: &[u8]) -> bool {
         }
         (PT_PSFB, FMT_FIR) => {
             p.len() >= RTCP_FEEDBACK_MIN_LEN
-                && (p.len() - RTCP_FEEDBACK_MIN_LEN) % FIR_ENTRY_LEN == 0
+                && (p.len() - RTCP_FEEDBACK_MIN_LEN).is_multiple_of(FIR_ENTRY_LEN)
         }
         (PT_PSFB, FMT_AFB) => {
             // Only REMB is parsed; other application feedback becomes a raw packet, but an
