@@ -135,9 +135,18 @@ const RTCP_FEEDBACK_MIN_LEN: usize = 12;
 /// RFC 4585 §6.1 packet types.
 const PT_RTPFB: u8 = 205;
 const PT_PSFB: u8 = 206;
-/// RFC 4585 §6.2.1 generic NACK, RFC 6051 RRR.
+/// RFC 4585 §6.2.1 generic NACK, RFC 6051 RRR, draft-holmer-rmcat-transport-wide-cc-extensions
+/// §3.1 transport-wide congestion control feedback.
 const FMT_NACK: u8 = 1;
 const FMT_RRR: u8 = 5;
+const FMT_TWCC: u8 = 15;
+/// TWCC: feedback header (12) + base seq (2) + status count (2) + reference time (3) +
+/// feedback count (1).
+const TWCC_FIXED_LEN: usize = 20;
+/// The rtcp crate adds a status vector chunk's 7 or 14 symbols to a u16 counter before
+/// clamping to the status count: counts this close to u16::MAX overflow it. No real feedback
+/// comes near (a packet covers at most a few thousand media packets).
+const TWCC_MAX_STATUS_COUNT: u16 = u16::MAX - 14;
 /// RFC 4585 §6.3.1 PLI, §6.3.2 SLI; RFC 5104 §4.3.1 FIR; draft-alvestrand-rmcat-remb REMB.
 const FMT_PLI: u8 = 1;
 const FMT_SLI: u8 = 2;
@@ -189,6 +198,9 @@ fn rtcp_packet_fits(packet_type: u8, format: u8, p: &[u8]) -> bool {
     match (packet_type, format) {
         (PT_RTPFB, FMT_NACK | FMT_RRR) | (PT_PSFB, FMT_PLI | FMT_SLI) => {
             p.len() >= RTCP_FEEDBACK_MIN_LEN
+        }
+        (PT_RTPFB, FMT_TWCC) => {
+            p.len() >= TWCC_FIXED_LEN && u16::from_be_bytes([p[14], p[15]]) <= TWCC_MAX_STATUS_COUNT
         }
         (PT_PSFB, FMT_FIR) => {
             p.len() >= RTCP_FEEDBACK_MIN_LEN
@@ -392,6 +404,10 @@ mod tests {
         let mut remb_ok = h(0x8f, 206, 6);
         remb_ok[12..16].copy_from_slice(b"REMB");
         remb_ok[16] = 1;
+        // fuzz/rtp_rtcp: 0xffff statuses, one two-bit status vector chunk.
+        let mut twcc_overflow = h(0x8f, 205, 5);
+        twcc_overflow[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+        twcc_overflow[20] = 0xc0;
         let cases: Vec<(&str, Vec<u8>, bool)> = vec![
             ("empty", vec![], false),
             ("receiver report, no blocks", h(0x80, 201, 1), true),
@@ -417,6 +433,13 @@ mod tests {
             ("REMB announcing missing SSRCs", remb_short, false),
             ("REMB with its SSRC", remb_ok, true),
             ("AFB too short", h(0x8f, 206, 3), false),
+            ("TWCC without its fixed part", h(0x8f, 205, 3), false),
+            ("TWCC, zero statuses", h(0x8f, 205, 4), true),
+            (
+                "TWCC with a status count overflowing the crate's counter",
+                twcc_overflow,
+                false,
+            ),
         ];
         for (what, packet, ok) in cases {
             let got = check_rtcp_compound(&packet);
