@@ -2,6 +2,13 @@
 //! demux, the guarded rtp and rtcp parsers (`transport::parse`), and SRTP/SRTCP
 //! unprotection (which runs before any authentication succeeds, so it sees attacker bytes)
 //! for both profiles.
+//!
+//! Run with `cargo fuzz run rtp_rtcp` (nightly), or on stable without cargo-fuzz: build with
+//! `RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
+//! -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table
+//! -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks"
+//! cargo build --release --target x86_64-unknown-linux-gnu` and run the binary with
+//! `-max_total_time=60` (same for `stun`).
 #![no_main]
 
 use edge_node::transport::demux::classify;
