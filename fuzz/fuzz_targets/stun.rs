@@ -50,7 +50,10 @@ fuzz_target!(|data: &[u8]| {
     match ice.handle_stun(from, &msg, now) {
         Ok(StunOutcome::Reply { to, bytes }) => {
             assert_eq!(to, from);
-            assert!(bytes.len() >= 20 && bytes[8..20] == msg[8..20], "reply keeps the transaction id");
+            assert!(
+                bytes.len() >= 20 && bytes[8..20] == msg[8..20],
+                "reply keeps the transaction id"
+            );
         }
         Ok(StunOutcome::Ignore) => {}
         Err(e) => {
@@ -72,7 +75,8 @@ fn signed_request(attrs: &[u8]) -> Vec<u8> {
     m.typ = BINDING_REQUEST;
     m.transaction_id = TransactionId([7; 12]);
     m.write_header();
-    let _ = TextAttribute::new(ATTR_USERNAME, format!("{LOCAL_UFRAG}:{REMOTE_UFRAG}")).add_to(&mut m);
+    let _ =
+        TextAttribute::new(ATTR_USERNAME, format!("{LOCAL_UFRAG}:{REMOTE_UFRAG}")).add_to(&mut m);
     let mut rest = attrs;
     while rest.len() >= 3 {
         let typ = u16::from_be_bytes([rest[0], rest[1]]);

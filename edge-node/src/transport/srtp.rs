@@ -6,7 +6,10 @@
 //! `&mut self` calls, no I/O, so the shard that owns the transport calls them inline on the
 //! packet path (decrypt once per incoming packet, encrypt once per outgoing copy).
 //!
-//! Every input is peer-controlled, and webrtc-srtp 0.17 needs two guards in front of it:
+//! Every input is peer-controlled, and webrtc-srtp 0.17 needs three guards in front of it:
+//! - it parses the RTP header with the rtp crate (0.17.2), which panics on an RFC 8285 header
+//!   extension element that runs past the packet (found by `fuzz/fuzz_targets/rtp_rtcp.rs`);
+//!   [`super::parse::check_rtp_header`] walks the header first;
 //! - it indexes SRTCP packets by their tail before checking their length (a panic on short
 //!   input), so lengths are checked here first;
 //! - with AES-CM it returns an SRTCP packet whose E flag is clear *without checking its
@@ -22,6 +25,7 @@ use webrtc_srtp::option::{srtcp_replay_protection, srtp_replay_protection};
 use webrtc_srtp::protection_profile::ProtectionProfile;
 
 use super::dtls::{SrtpKeys, SrtpProfile};
+use super::parse::{check_rtp_header, ParseError};
 
 /// Inbound SRTP replay window, in packets. RFC 3711 §3.3.2 asks for at least 64; video
 /// arrives reordered by more than that at high bitrates, so we follow libwebrtc's 1024.
@@ -59,8 +63,21 @@ pub enum SrtpError {
     Replayed,
     #[error("authentication failed")]
     AuthFailed,
+    /// RTP header whose CSRC list or header extension does not fit the packet
+    /// (RFC 3550 §5.1, §5.3.1; RFC 8285 §4.2, §4.3).
+    #[error("malformed RTP header")]
+    MalformedRtpHeader,
     #[error("SRTP processing failed")]
     Srtp(#[source] webrtc_srtp::Error),
+}
+
+impl From<ParseError> for SrtpError {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::TooShort { len, min } => SrtpError::TooShort { len, min },
+            _ => SrtpError::MalformedRtpHeader,
+        }
+    }
 }
 
 impl From<webrtc_srtp::Error> for SrtpError {
@@ -126,8 +143,11 @@ impl SrtpSession {
         self.profile
     }
 
-    /// Authenticates and decrypts an SRTP packet from the peer into plain RTP.
+    /// Authenticates and decrypts an SRTP packet from the peer into plain RTP. The header of
+    /// what comes out has passed [`check_rtp_header`], so the rtp crate can parse it
+    /// (or use [`super::parse::parse_rtp`]).
     pub fn decrypt_rtp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        check_rtp_header(packet)?;
         Ok(self.inbound.decrypt_rtp(packet)?)
     }
 
@@ -156,6 +176,8 @@ impl SrtpSession {
 
     /// Encrypts and authenticates a plain RTP packet for the peer.
     pub fn encrypt_rtp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        // Forwarded packets may carry extension bytes a publisher chose.
+        check_rtp_header(packet)?;
         Ok(self.outbound.encrypt_rtp(packet)?)
     }
 
@@ -408,6 +430,29 @@ mod tests {
                 matches!(server.decrypt_rtcp(&forged), Err(SrtpError::AuthFailed)),
                 "{profile:?}"
             );
+        }
+    }
+
+    #[test]
+    fn fuzzer_found_extension_overrun_is_rejected() {
+        // fuzz/rtp_rtcp crash-5a25a76d: a one-byte extension element reading past the packet
+        // made rtp::Header::unmarshal panic inside webrtc-srtp's decrypt_rtp.
+        let crash: &[u8] = &[
+            0xbb, 0xb0, 0x09, 0x00, 0x00, 0xbb, 0xbb, 0x10, 0x00, 0xfe, 0xff, 0xff, 0xff, 0x04,
+            0xbb, 0xbb, 0xff, 0xff, 0xff, 0xff, 0xff, 0x26, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0x2e, 0x00, 0x00, 0x2e, 0xb9,
+            0x10, 0x00, 0x00, 0x09, 0x00, 0x00, 0xbb, 0xbb, 0x10, 0x00, 0xfe, 0xff, 0xff, 0xff,
+            0x04, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ];
+        assert!(check_rtp_header(crash).is_err());
+        for profile in PROFILES {
+            let (_, sk) = key_pair(profile);
+            let mut server = SrtpSession::new(&sk).unwrap();
+            assert!(matches!(
+                server.decrypt_rtp(crash),
+                Err(SrtpError::MalformedRtpHeader)
+            ));
         }
     }
 
