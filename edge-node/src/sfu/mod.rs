@@ -760,8 +760,8 @@ impl ShardCore {
     }
 
     fn handle_rtcp(&mut self, tid: TransportId, plain: &[u8], now: Instant) {
-        let mut buf = plain;
-        let Ok(packets) = rtcp::packet::unmarshal(&mut buf) else {
+        // Through the guarded parser: the rtcp crate over-reads some malformed packets.
+        let Ok(packets) = crate::transport::parse::parse_rtcp(plain) else {
             self.counters.rejected_rtcp += 1;
             return;
         };
