@@ -22,7 +22,7 @@ fn forward(c: &mut Criterion) {
                 b.iter(|| {
                     let p = &packets[i % packets.len()];
                     i += 1;
-                    if i % packets.len() == 0 {
+                    if i.is_multiple_of(packets.len()) {
                         // The replay window would refuse a second lap: start a fresh core.
                         h = Harness::new(n, profile);
                     }

@@ -4,7 +4,10 @@
 use crate::app::Running;
 use anyhow::Context;
 use control_plane::nodes::{NodeId, Region};
-use control_plane::{ControlPlane, ControlPlaneConfig, NodeInfo, NodeKind, NodeLoad, NodeRegistration, RegistrationConfig, Store};
+use control_plane::{
+    ControlPlane, ControlPlaneConfig, NodeInfo, NodeKind, NodeLoad, NodeRegistration,
+    RegistrationConfig, Store,
+};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
@@ -45,7 +48,8 @@ pub async fn start_dev_control_plane(
     if let Some(dns) = dns {
         json["dns"] = serde_json::json!({"zone": zone, "listen": dns, "ttl_secs": 5});
     }
-    let config: ControlPlaneConfig = serde_json::from_value(json).context("dev control plane config")?;
+    let config: ControlPlaneConfig =
+        serde_json::from_value(json).context("dev control plane config")?;
     let store: Arc<dyn Store> = control_plane::MemStore::start();
     let cp = ControlPlane::bind(config, store.clone())
         .await
@@ -80,7 +84,8 @@ pub async fn register(
     let addresses: Vec<IpAddr> = running.edge.advertised_ips().to_vec();
     let mut regs = Vec::new();
     for (kind, suffix) in [(NodeKind::Edge, "edge"), (NodeKind::Origin, "origin")] {
-        let id = NodeId::new(format!("{node_id}-{suffix}")).map_err(|e| anyhow::anyhow!("node id: {e}"))?;
+        let id = NodeId::new(format!("{node_id}-{suffix}"))
+            .map_err(|e| anyhow::anyhow!("node id: {e}"))?;
         let info = NodeInfo {
             id,
             kind,
@@ -92,9 +97,14 @@ pub async fn register(
             draining: false,
             healthy: true,
         };
-        let reg = NodeRegistration::register(store.clone(), keys, info, RegistrationConfig::with_ttl(REGISTRATION_TTL))
-            .await
-            .with_context(|| format!("registering the {suffix}"))?;
+        let reg = NodeRegistration::register(
+            store.clone(),
+            keys,
+            info,
+            RegistrationConfig::with_ttl(REGISTRATION_TTL),
+        )
+        .await
+        .with_context(|| format!("registering the {suffix}"))?;
         regs.push(reg);
     }
     let metrics = running.edge.metrics.clone();
@@ -103,10 +113,12 @@ pub async fn register(
         let mut tick = tokio::time::interval(LOAD_REFRESH);
         loop {
             tick.tick().await;
-            let packets = metrics.media.packets_out.load(Relaxed) + metrics.media.packets_in.load(Relaxed);
+            let packets =
+                metrics.media.packets_out.load(Relaxed) + metrics.media.packets_in.load(Relaxed);
             let load = NodeLoad {
                 participants: metrics.participants.load(Relaxed).max(0) as u32,
-                packets_per_sec: packets.saturating_sub(last_packets) / LOAD_REFRESH.as_secs().max(1),
+                packets_per_sec: packets.saturating_sub(last_packets)
+                    / LOAD_REFRESH.as_secs().max(1),
                 cpu_percent: 0.0,
             };
             last_packets = packets;

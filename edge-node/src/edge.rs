@@ -121,7 +121,9 @@ impl Edge {
         lock(&self.publications).remove(&(room.clone(), track))
     }
     pub fn publication(&self, room: &RoomId, track: TrackId) -> Option<LocalPublication> {
-        lock(&self.publications).get(&(room.clone(), track)).cloned()
+        lock(&self.publications)
+            .get(&(room.clone(), track))
+            .cloned()
     }
 
     /// The addresses put in ICE candidates (and registered for geo-DNS).

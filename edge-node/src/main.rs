@@ -9,7 +9,11 @@ use edge_node::config::EdgeArgs;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "kcs", version, about = "KCS: an edge-distributed cascaded SFU for meetings")]
+#[command(
+    name = "kcs",
+    version,
+    about = "KCS: an edge-distributed cascaded SFU for meetings"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,7 +53,12 @@ enum Command {
         #[command(flatten)]
         edge: EdgeArgs,
         /// Token verification key as KID:HEX (32-byte Ed25519 public key); repeatable.
-        #[arg(long = "token-public-key", env = "KCS_TOKEN_PUBLIC_KEY", value_delimiter = ',', required = true)]
+        #[arg(
+            long = "token-public-key",
+            env = "KCS_TOKEN_PUBLIC_KEY",
+            value_delimiter = ',',
+            required = true
+        )]
         token_public_keys: Vec<String>,
         /// etcd endpoints to register this node in (comma-separated); none: no registration.
         #[arg(long, env = "KCS_ETCD", value_delimiter = ',')]
@@ -108,14 +117,21 @@ fn main() -> anyhow::Result<()> {
         } => {
             let signer = edge_node::app::dev_signer(&data_dir)?;
             if public_key {
-                let hex: String = signer.public_key().iter().map(|b| format!("{b:02x}")).collect();
+                let hex: String = signer
+                    .public_key()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
                 println!("{}:{hex}", signer.kid());
                 return Ok(());
             }
             let room = RoomId::new(room).context("--room")?;
             let identity = Identity::new(identity).context("--identity")?;
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
-            println!("{}", signer.mint(room, identity, role, name, unix_now(), ttl));
+            println!(
+                "{}",
+                signer.mint(room, identity, role, name, unix_now(), ttl)
+            );
             Ok(())
         }
         Command::Dev {
@@ -129,7 +145,14 @@ fn main() -> anyhow::Result<()> {
             init_logging(&config.log);
             let signer = edge_node::app::dev_signer(&config.data_dir)?;
             let room = RoomId::new(room).context("--room")?;
-            let host = signer.mint(room.clone(), Identity::new("host").context("identity")?, Role::Host, None, unix_now(), 12 * 3600);
+            let host = signer.mint(
+                room.clone(),
+                Identity::new("host").context("identity")?,
+                Role::Host,
+                None,
+                unix_now(),
+                12 * 3600,
+            );
             runtime()?.block_on(async move {
                 let cp = edge_node::cluster::start_dev_control_plane(&config.data_dir, control_plane_http, Some(dns), &region).await?;
                 let running = edge_node::app::start(config, cp.verifier.clone(), Some(signer)).await?;
@@ -153,17 +176,26 @@ fn main() -> anyhow::Result<()> {
         }
         Command::ControlPlane { config, log } => {
             init_logging(&log);
-            let text = std::fs::read_to_string(&config).with_context(|| format!("reading {}", config.display()))?;
-            let cfg: control_plane::ControlPlaneConfig = toml::from_str(&text).with_context(|| format!("{}", config.display()))?;
-            let etcd = cfg.etcd.clone().context("the control plane needs etcd endpoints ([etcd] endpoints = [...])")?;
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let cfg: control_plane::ControlPlaneConfig =
+                toml::from_str(&text).with_context(|| format!("{}", config.display()))?;
+            let etcd = cfg
+                .etcd
+                .clone()
+                .context("the control plane needs etcd endpoints ([etcd] endpoints = [...])")?;
             runtime()?.block_on(async move {
                 let store: std::sync::Arc<dyn control_plane::Store> = std::sync::Arc::new(
-                    control_plane::EtcdStore::connect(&etcd).await.context("connecting to etcd")?,
+                    control_plane::EtcdStore::connect(&etcd)
+                        .await
+                        .context("connecting to etcd")?,
                 );
                 let shutdown = async {
                     let _ = tokio::signal::ctrl_c().await;
                 };
-                control_plane::run(cfg, store, shutdown).await.context("control plane")?;
+                control_plane::run(cfg, store, shutdown)
+                    .await
+                    .context("control plane")?;
                 Ok(())
             })
         }
@@ -179,7 +211,8 @@ fn main() -> anyhow::Result<()> {
             init_logging(&config.log);
             let mut verifier = TokenVerifier::new();
             for k in &token_public_keys {
-                let (kid, key) = edge_node::app::parse_public_key(k).context("--token-public-key")?;
+                let (kid, key) =
+                    edge_node::app::parse_public_key(k).context("--token-public-key")?;
                 verifier.add_key(kid, &key);
             }
             runtime()?.block_on(async move {
@@ -187,18 +220,24 @@ fn main() -> anyhow::Result<()> {
                 if !etcd.is_empty() {
                     let store: std::sync::Arc<dyn control_plane::Store> = std::sync::Arc::new(
                         control_plane::EtcdStore::connect(
-                            &serde_json::from_value::<control_plane::EtcdConfig>(serde_json::json!({ "endpoints": etcd }))
-                                .context("etcd endpoints")?,
+                            &serde_json::from_value::<control_plane::EtcdConfig>(
+                                serde_json::json!({ "endpoints": etcd }),
+                            )
+                            .context("etcd endpoints")?,
                         )
                         .await
                         .context("connecting to etcd")?,
                     );
-                    let keys = control_plane::keys::KeyLayout::new(control_plane::keys::DEFAULT_ROOT);
+                    let keys =
+                        control_plane::keys::KeyLayout::new(control_plane::keys::DEFAULT_ROOT);
                     let id = node_id.unwrap_or_else(|| {
-                        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "edge".into())
+                        std::fs::read_to_string("/etc/hostname")
+                            .map(|h| h.trim().to_string())
+                            .unwrap_or_else(|_| "edge".into())
                     });
                     let url = public_url.unwrap_or_else(|| format!("http://{}", running.http));
-                    edge_node::cluster::register(store, &keys, &running, &id, &region, &url).await?;
+                    edge_node::cluster::register(store, &keys, &running, &id, &region, &url)
+                        .await?;
                 }
                 wait_for_shutdown(running).await
             })

@@ -34,7 +34,9 @@ pub struct Harness {
 fn keys(profile: SrtpProfile, seed: u8) -> (SrtpKeys, SrtpKeys) {
     let (klen, slen) = (profile.key_len(), profile.salt_len());
     let a: Vec<u8> = (0..klen as u8).map(|i| i ^ seed).collect();
-    let b: Vec<u8> = (0..klen as u8).map(|i| i.wrapping_add(seed).wrapping_mul(3)).collect();
+    let b: Vec<u8> = (0..klen as u8)
+        .map(|i| i.wrapping_add(seed).wrapping_mul(3))
+        .collect();
     let sa: Vec<u8> = (0..slen as u8).map(|i| i ^ seed.wrapping_add(7)).collect();
     let sb: Vec<u8> = (0..slen as u8).map(|i| i.wrapping_mul(5) ^ seed).collect();
     let server = SrtpKeys {
@@ -167,7 +169,13 @@ impl Harness {
 
     /// An SRTP packet from the publisher: VP8 (no picture id), keyframe or delta, `size` bytes
     /// of payload.
-    pub fn publisher_packet(&mut self, seq: u16, timestamp: u32, keyframe: bool, size: usize) -> Bytes {
+    pub fn publisher_packet(
+        &mut self,
+        seq: u16,
+        timestamp: u32,
+        keyframe: bool,
+        size: usize,
+    ) -> Bytes {
         let mut payload = vec![0u8; size.max(4)];
         payload[0] = 0x10; // S=1, PID=0, no extensions
         payload[1] = if keyframe { 0x00 } else { 0x01 }; // P bit: 0 = keyframe

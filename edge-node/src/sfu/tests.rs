@@ -30,17 +30,31 @@ fn forwards_to_every_subscriber_with_continuous_rewritten_sequence_across_wrapar
             let out = h.drain();
             for (i, plain) in decrypt_all(&mut h, &out) {
                 let v = RtpView::parse(&plain).unwrap();
-                assert_eq!(v.ssrc, h.subscribers[i].out_ssrc, "each subscriber sees its own SSRC");
+                assert_eq!(
+                    v.ssrc, h.subscribers[i].out_ssrc,
+                    "each subscriber sees its own SSRC"
+                );
                 assert_eq!(v.payload_type, VIDEO_PT);
                 assert_eq!(v.payload().len(), 200);
-                assert!(v.extension(3).is_some(), "transport-wide seq added for the subscriber's BWE");
+                assert!(
+                    v.extension(3).is_some(),
+                    "transport-wide seq added for the subscriber's BWE"
+                );
                 seen[i].push(v.seq);
             }
         }
         for s in &seen {
-            assert_eq!(s.len(), 26, "{profile:?}: every packet reaches every subscriber");
+            assert_eq!(
+                s.len(),
+                26,
+                "{profile:?}: every packet reaches every subscriber"
+            );
             for w in s.windows(2) {
-                assert_eq!(w[1], w[0].wrapping_add(1), "{profile:?}: contiguous output sequence");
+                assert_eq!(
+                    w[1],
+                    w[0].wrapping_add(1),
+                    "{profile:?}: contiguous output sequence"
+                );
             }
         }
         assert_eq!(h.core.counters.packets_in, 26);
@@ -67,7 +81,11 @@ fn nack_is_answered_from_the_cache() {
     let before = RtpView::parse(&sent[3]).unwrap();
     let after = RtpView::parse(&sent[4]).unwrap();
     let lost_seq = before.seq.wrapping_add(1);
-    assert_eq!(after.seq, lost_seq.wrapping_add(1), "the loss shows as a gap");
+    assert_eq!(
+        after.seq,
+        lost_seq.wrapping_add(1),
+        "the loss shows as a gap"
+    );
     let nack = rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack {
         sender_ssrc: 1,
         media_ssrc: h.subscribers[0].out_ssrc,
@@ -76,7 +94,9 @@ fn nack_is_answered_from_the_cache() {
             lost_packets: 0,
         }],
     };
-    let plain = rtcp::packet::marshal(&[Box::new(nack) as Box<dyn rtcp::packet::Packet + Send + Sync>]).unwrap();
+    let plain =
+        rtcp::packet::marshal(&[Box::new(nack) as Box<dyn rtcp::packet::Packet + Send + Sync>])
+            .unwrap();
     let enc = h.subscribers[0].srtp.encrypt_rtcp(&plain).unwrap();
     let addr = h.subscribers[0].addr;
     let now = h.now;
@@ -86,7 +106,11 @@ fn nack_is_answered_from_the_cache() {
     assert_eq!(resent.len(), 1, "one retransmission: {:?}", h.core.counters);
     let v = RtpView::parse(&resent[0].1).unwrap();
     assert_eq!(v.seq, lost_seq);
-    assert_eq!(v.payload().len(), 104, "the lost packet (payload of 104 bytes) again");
+    assert_eq!(
+        v.payload().len(),
+        104,
+        "the lost packet (payload of 104 bytes) again"
+    );
     assert_eq!(h.core.counters.retransmits_out, 1);
 }
 
@@ -105,10 +129,15 @@ fn hostile_datagrams_are_counted_and_media_keeps_flowing() {
     let stranger: SocketAddr = "203.0.113.9:4000".parse().unwrap();
     h.core.handle_srtp(stranger, &pkt, false, now);
     // STUN with the wrong password for a real ufrag.
-    let bad = crate::transport::ice::binding_request("srv00001:cli00001", "wrong-password-000000000", true);
+    let bad = crate::transport::ice::binding_request(
+        "srv00001:cli00001",
+        "wrong-password-000000000",
+        true,
+    );
     h.core.handle_stun(stranger, &bad, now);
     // STUN for an unknown ufrag.
-    let unknown = crate::transport::ice::binding_request("nobody00:cli", "whatever-password-000000", true);
+    let unknown =
+        crate::transport::ice::binding_request("nobody00:cli", "whatever-password-000000", true);
     h.core.handle_stun(stranger, &unknown, now);
     let c = &h.core.counters;
     assert_eq!(c.rejected_srtp, 2, "garbage and replay");
@@ -116,23 +145,46 @@ fn hostile_datagrams_are_counted_and_media_keeps_flowing() {
     assert_eq!(c.rejected_stun_integrity, 1);
     assert_eq!(c.rejected_stun_unknown, 1);
     // The bad STUN did not move subscriber 1's address.
-    assert_eq!(h.core.transport_at(h.subscribers[0].addr), Some(h.subscribers[0].transport));
+    assert_eq!(
+        h.core.transport_at(h.subscribers[0].addr),
+        Some(h.subscribers[0].transport)
+    );
     h.drain();
     let pkt = h.publisher_packet(2, 3000, false, 50);
     h.from_publisher(&pkt);
     let out = h.drain();
-    assert_eq!(decrypt_all(&mut h, &out).len(), 2, "everyone still gets media");
+    assert_eq!(
+        decrypt_all(&mut h, &out).len(),
+        2,
+        "everyone still gets media"
+    );
 }
 
 #[test]
 fn unknown_ssrc_and_payload_type_are_dropped() {
     let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
     let mut buf = vec![0u8; MAX_OUT_HEADER + 10];
-    let n = rtp::write_header(&mut buf, false, VIDEO_PT, 1, 0, PUBLISHER_SSRC + 1, &Default::default());
+    let n = rtp::write_header(
+        &mut buf,
+        false,
+        VIDEO_PT,
+        1,
+        0,
+        PUBLISHER_SSRC + 1,
+        &Default::default(),
+    );
     buf.truncate(n + 10);
     let enc = h.publisher.srtp.encrypt_rtp(&buf).unwrap();
     h.from_publisher(&enc);
-    let n = rtp::write_header(&mut buf, false, 13, 2, 0, PUBLISHER_SSRC, &Default::default());
+    let n = rtp::write_header(
+        &mut buf,
+        false,
+        13,
+        2,
+        0,
+        PUBLISHER_SSRC,
+        &Default::default(),
+    );
     buf.truncate(n + 10);
     let enc = h.publisher.srtp.encrypt_rtp(&buf).unwrap();
     h.from_publisher(&enc);

@@ -446,6 +446,36 @@ fn encode(
     m.raw
 }
 
+/// Builds the Binding request a controlling ICE agent sends us (RFC 8445 §7.1): USERNAME
+/// `"<our ufrag>:<their ufrag>"`, PRIORITY, ICE-CONTROLLING, optionally USE-CANDIDATE,
+/// MESSAGE-INTEGRITY with our password, FINGERPRINT. For tests, benches and load generators
+/// that play the client.
+pub fn binding_request(username: &str, pwd: &str, use_candidate: bool) -> Vec<u8> {
+    use stun::attributes::{ATTR_ICE_CONTROLLING, ATTR_PRIORITY};
+    use stun::message::BINDING_REQUEST;
+    use stun::textattrs::TextAttribute;
+    let mut m = Message::new();
+    m.typ = BINDING_REQUEST;
+    m.transaction_id = TransactionId::new();
+    m.write_header();
+    let mut ok = TextAttribute::new(ATTR_USERNAME, username.to_owned())
+        .add_to(&mut m)
+        .is_ok();
+    m.add(ATTR_PRIORITY, &1_853_824_767u32.to_be_bytes());
+    m.add(ATTR_ICE_CONTROLLING, &rand::random::<u64>().to_be_bytes());
+    if use_candidate {
+        m.add(ATTR_USE_CANDIDATE, &[]);
+    }
+    ok &= MessageIntegrity::new_short_term_integrity(pwd.to_owned())
+        .add_to(&mut m)
+        .is_ok();
+    ok &= FINGERPRINT.add_to(&mut m).is_ok();
+    // Adding attributes to an in-memory message cannot fail; a broken request would only make
+    // the caller's test fail, never the server.
+    debug_assert!(ok);
+    m.raw
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -993,34 +1023,4 @@ mod tests {
             "Debug must not leak the password"
         );
     }
-}
-
-/// Builds the Binding request a controlling ICE agent sends us (RFC 8445 §7.1): USERNAME
-/// `"<our ufrag>:<their ufrag>"`, PRIORITY, ICE-CONTROLLING, optionally USE-CANDIDATE,
-/// MESSAGE-INTEGRITY with our password, FINGERPRINT. For tests, benches and load generators
-/// that play the client.
-pub fn binding_request(username: &str, pwd: &str, use_candidate: bool) -> Vec<u8> {
-    use stun::attributes::{ATTR_ICE_CONTROLLING, ATTR_PRIORITY};
-    use stun::message::BINDING_REQUEST;
-    use stun::textattrs::TextAttribute;
-    let mut m = Message::new();
-    m.typ = BINDING_REQUEST;
-    m.transaction_id = TransactionId::new();
-    m.write_header();
-    let mut ok = TextAttribute::new(ATTR_USERNAME, username.to_owned())
-        .add_to(&mut m)
-        .is_ok();
-    m.add(ATTR_PRIORITY, &1_853_824_767u32.to_be_bytes());
-    m.add(ATTR_ICE_CONTROLLING, &rand::random::<u64>().to_be_bytes());
-    if use_candidate {
-        m.add(ATTR_USE_CANDIDATE, &[]);
-    }
-    ok &= MessageIntegrity::new_short_term_integrity(pwd.to_owned())
-        .add_to(&mut m)
-        .is_ok();
-    ok &= FINGERPRINT.add_to(&mut m).is_ok();
-    // Adding attributes to an in-memory message cannot fail; a broken request would only make
-    // the caller's test fail, never the server.
-    debug_assert!(ok);
-    m.raw
 }
