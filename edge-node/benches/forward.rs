@@ -35,5 +35,43 @@ fn forward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, forward);
+/// The ceiling the forward path is compared with, in the same run: decrypt one packet and
+/// encrypt N copies with bare SRTP contexts, no routing, rewriting or bookkeeping.
+fn raw_srtp(c: &mut Criterion) {
+    use edge_node::transport::srtp::SrtpSession;
+    let mut group = c.benchmark_group("raw_srtp_1200B");
+    for profile in [SrtpProfile::AeadAes128Gcm, SrtpProfile::Aes128CmHmacSha1_80] {
+        for n in [1usize, 10, 50] {
+            let mut h = Harness::new(0, profile);
+            let packets: Vec<_> = (0..4096u32)
+                .map(|k| h.publisher_packet(k as u16, k * 3000, false, 1200))
+                .collect();
+            let keys = |i: u8| edge_node::sfu::harness::test_keys(profile, i);
+            let mut inbound = SrtpSession::new(&keys(0).0).expect("srtp");
+            let mut outbound: Vec<SrtpSession> = (0..n)
+                .map(|i| SrtpSession::new(&keys(1 + i as u8).0).expect("srtp"))
+                .collect();
+            let mut i = 0usize;
+            group.throughput(Throughput::Elements(n as u64));
+            group.bench_with_input(BenchmarkId::new(format!("{profile:?}"), n), &n, |b, _| {
+                b.iter(|| {
+                    let p = &packets[i % packets.len()];
+                    i += 1;
+                    if i.is_multiple_of(packets.len()) {
+                        inbound = SrtpSession::new(&keys(0).0).expect("srtp");
+                    }
+                    let plain = inbound.decrypt_rtp(p).expect("decrypt");
+                    let mut out = Vec::with_capacity(n);
+                    for s in outbound.iter_mut() {
+                        out.push(s.encrypt_rtp(&plain).expect("encrypt"));
+                    }
+                    out
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, forward, raw_srtp);
 criterion_main!(benches);

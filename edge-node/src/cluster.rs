@@ -19,6 +19,9 @@ const REGISTRATION_TTL: Duration = Duration::from_secs(5);
 /// How often the registered load is refreshed from our metrics.
 const LOAD_REFRESH: Duration = Duration::from_secs(2);
 
+/// The REST API key of `kcs dev` (dev only; deployments configure their own).
+pub const DEV_API_KEY: &str = "kcs-dev-api-key";
+
 /// The control plane of `kcs dev`: embedded store (dev only), REST API and geo-DNS on loopback,
 /// signing with the dev key so `kcs token` and the API mint interchangeable tokens.
 pub struct DevControlPlane {
@@ -44,6 +47,7 @@ pub async fn start_dev_control_plane(
         "http_listen": http,
         "signing_keys": [{"kid": "dev", "seed_file": data_dir.join("dev-signing-key")}],
         "routing": {"default_region": region},
+        "api": {"api_keys": [DEV_API_KEY]},
     });
     if let Some(dns) = dns {
         json["dns"] = serde_json::json!({"zone": zone, "listen": dns, "ttl_secs": 5});

@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
                 println!("  Host token for {room}: {host}");
                 println!("  WHIP: POST {base}/whip/{room}   WHEP: POST {base}/whep/{room}");
                 println!("  Metrics: {base}/metrics   Health: {base}/healthz");
-                println!("  Control plane API: http://{}/v1 (OpenAPI at /openapi.json)", cp.http);
+                println!("  Control plane API: http://{}/v1 (OpenAPI at /openapi.json, API key {})", cp.http, edge_node::cluster::DEV_API_KEY);
                 if let Some(d) = cp.dns {
                     println!("  Geo-DNS: dig @{} -p {} meet.{} A", d.ip(), d.port(), cp.zone);
                 }

@@ -31,7 +31,8 @@ pub struct Harness {
     pub now: Instant,
 }
 
-fn keys(profile: SrtpProfile, seed: u8) -> (SrtpKeys, SrtpKeys) {
+/// Deterministic (server, client) SRTP keys for the harness's transport number `seed`.
+pub fn test_keys(profile: SrtpProfile, seed: u8) -> (SrtpKeys, SrtpKeys) {
     let (klen, slen) = (profile.key_len(), profile.salt_len());
     let a: Vec<u8> = (0..klen as u8).map(|i| i ^ seed).collect();
     let b: Vec<u8> = (0..klen as u8)
@@ -88,7 +89,7 @@ impl Harness {
             );
             let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 10_000 + i);
             core.handle_stun(addr, &binding_request(&username, &pwd, true), now);
-            let (server, client) = keys(profile, i as u8);
+            let (server, client) = test_keys(profile, i as u8);
             core.handle_command(Command::SetKeys { id, keys: server }, now);
             Client {
                 addr,

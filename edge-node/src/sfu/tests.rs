@@ -210,3 +210,86 @@ fn consent_expiry_closes_the_transport_and_its_publications() {
     assert_eq!(h.core.publication_count(), 0);
     assert_eq!(h.core.subscription_count(), 0);
 }
+
+/// RTCP the core sent to the publisher, decrypted and parsed.
+fn rtcp_to_publisher(
+    h: &mut Harness,
+    out: &[Transmit],
+) -> Vec<Box<dyn rtcp::packet::Packet + Send + Sync>> {
+    let mut pkts = Vec::new();
+    for t in out.iter().filter(|t| t.to == h.publisher.addr) {
+        if let Ok(plain) = h.publisher.srtp.decrypt_rtcp(&t.data) {
+            if let Ok(mut p) = crate::transport::parse::parse_rtcp(&plain) {
+                pkts.append(&mut p);
+            }
+        }
+    }
+    pkts
+}
+
+#[test]
+fn a_gap_from_the_publisher_is_nacked() {
+    let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
+    for seq in [10u16, 11, 12, 15, 16] {
+        let pkt = h.publisher_packet(seq, seq as u32 * 3000, seq == 10, 100);
+        h.from_publisher(&pkt);
+    }
+    h.drain();
+    let mut nacked = Vec::new();
+    for step in 1..=10u64 {
+        let now = h.now + Duration::from_millis(10 * step);
+        h.core.handle_timeout(now);
+        let out = h.drain();
+        for p in rtcp_to_publisher(&mut h, &out) {
+            if let Some(n) = p
+                .as_any()
+                .downcast_ref::<rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack>()
+            {
+                assert_eq!(n.media_ssrc, PUBLISHER_SSRC);
+                let pairs: Vec<(u16, u16)> = n.nacks.iter().map(|p| (p.packet_id, p.lost_packets)).collect();
+                nacked.extend(kcs_media::nack::expand_nack_pairs(&pairs));
+            }
+        }
+    }
+    nacked.sort();
+    nacked.dedup();
+    assert_eq!(
+        nacked,
+        vec![13, 14],
+        "exactly the missing packets are requested"
+    );
+}
+
+#[test]
+fn keyframe_requests_from_many_subscribers_coalesce_into_one_pli() {
+    let mut h = Harness::new(5, SrtpProfile::AeadAes128Gcm);
+    // Start the stream (the first keyframe satisfies the subscribe-time request).
+    let pkt = h.publisher_packet(1, 0, true, 100);
+    h.from_publisher(&pkt);
+    h.drain();
+    let now = h.now + Duration::from_secs(2);
+    for i in 0..5 {
+        let pli = rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication {
+            sender_ssrc: 1,
+            media_ssrc: h.subscribers[i].out_ssrc,
+        };
+        let plain =
+            rtcp::packet::marshal(&[Box::new(pli) as Box<dyn rtcp::packet::Packet + Send + Sync>])
+                .unwrap();
+        let enc = h.subscribers[i].srtp.encrypt_rtcp(&plain).unwrap();
+        let addr = h.subscribers[i].addr;
+        h.core.handle_srtp(addr, &enc, true, now);
+    }
+    h.core.handle_timeout(now);
+    let out = h.drain();
+    let plis = rtcp_to_publisher(&mut h, &out)
+        .iter()
+        .filter(|p| {
+            p.as_any()
+                .downcast_ref::<rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>()
+                .is_some()
+        })
+        .count();
+    assert_eq!(plis, 1, "five requests, one PLI");
+    assert_eq!(h.core.counters.plis_in, 5);
+}
