@@ -136,3 +136,104 @@ pub async fn register(
     });
     Ok(())
 }
+
+/// How often an edge refetches the control plane's token keys (the API says max-age=60).
+pub const KEYS_REFRESH: Duration = Duration::from_secs(60);
+
+/// Fetches the control plane's published token keys (`GET <base>/v1/keys`, a JWK set) and
+/// builds a verifier from them. Plain `http://` only: the control plane API is an internal
+/// service; put it behind the deployment's mTLS mesh or a local sidecar.
+pub async fn fetch_keys(base: &str) -> anyhow::Result<control_plane::token::TokenVerifier> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = base
+        .strip_prefix("http://")
+        .context("--control-plane must be an http:// URL")?;
+    let (authority, prefix) = match rest.split_once('/') {
+        Some((a, p)) => (a, format!("/{}", p.trim_end_matches('/'))),
+        None => (rest, String::new()),
+    };
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(authority),
+    )
+    .await
+    .context("connecting to the control plane timed out")?
+    .with_context(|| format!("connecting to {authority}"))?;
+    let request = format!(
+        "GET {prefix}/v1/keys HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        stream.take(1 << 20).read_to_end(&mut response),
+    )
+    .await
+    .context("reading the key set timed out")??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    anyhow::ensure!(status == "200", "GET /v1/keys answered {status}");
+    let jwks: control_plane::token::Jwks =
+        serde_json::from_str(body).context("the key set is not a JWK set")?;
+    control_plane::token::TokenVerifier::from_jwks(&jwks)
+        .map_err(|e| anyhow::anyhow!("key set: {e}"))
+}
+
+/// Keeps the edge's verifier in step with the control plane's keys (rotation), every
+/// [`KEYS_REFRESH`]; a failed fetch keeps the keys we have.
+pub fn follow_keys(edge: Arc<crate::edge::Edge>, base: String) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(KEYS_REFRESH).await;
+            match fetch_keys(&base).await {
+                Ok(v) => *edge.verifier.write().unwrap_or_else(|e| e.into_inner()) = v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "refreshing token keys failed; keeping the current ones")
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cascade_proto::{Identity, Role, RoomId};
+
+    #[tokio::test]
+    async fn an_edge_verifies_with_the_control_planes_published_keys() {
+        let dir = std::env::temp_dir().join(format!("kcs-keys-{}", rand::random::<u32>()));
+        let cp = start_dev_control_plane(&dir, "127.0.0.1:0".parse().unwrap(), None, "local")
+            .await
+            .unwrap();
+        let verifier = fetch_keys(&format!("http://{}", cp.http)).await.unwrap();
+        let signer = crate::app::dev_signer(&dir).unwrap();
+        let token = signer.mint(
+            RoomId::new("r").unwrap(),
+            Identity::new("a").unwrap(),
+            Role::Host,
+            None,
+            control_plane::token::unix_now(),
+            60,
+        );
+        assert_eq!(verifier.verify(&token).unwrap().identity.as_str(), "a");
+        let stranger = control_plane::token::TokenSigner::generate("dev");
+        let forged = stranger.mint(
+            RoomId::new("r").unwrap(),
+            Identity::new("a").unwrap(),
+            Role::Host,
+            None,
+            control_plane::token::unix_now(),
+            60,
+        );
+        assert!(verifier.verify(&forged).is_err());
+        assert!(
+            fetch_keys("https://example.invalid").await.is_err(),
+            "only http:// is supported"
+        );
+        std::fs::remove_dir_all(dir).ok();
+    }
+}

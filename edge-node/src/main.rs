@@ -48,7 +48,7 @@ enum Command {
         #[arg(long, env = "KCS_LOG", default_value = "info")]
         log: String,
     },
-    /// Run an edge node that trusts the given token public keys.
+    /// Run an edge node (tokens verified with --token-public-key or the control plane's keys).
     Edge {
         #[command(flatten)]
         edge: EdgeArgs,
@@ -57,9 +57,13 @@ enum Command {
             long = "token-public-key",
             env = "KCS_TOKEN_PUBLIC_KEY",
             value_delimiter = ',',
-            required = true
+            required_unless_present = "control_plane"
         )]
         token_public_keys: Vec<String>,
+        /// Control plane base URL (http://host:port): token keys are fetched from its
+        /// /v1/keys and refreshed every minute.
+        #[arg(long, env = "KCS_CONTROL_PLANE")]
+        control_plane: Option<String>,
         /// etcd endpoints to register this node in (comma-separated); none: no registration.
         #[arg(long, env = "KCS_ETCD", value_delimiter = ',')]
         etcd: Vec<String>,
@@ -202,6 +206,7 @@ fn main() -> anyhow::Result<()> {
         Command::Edge {
             edge,
             token_public_keys,
+            control_plane,
             etcd,
             region,
             node_id,
@@ -216,7 +221,15 @@ fn main() -> anyhow::Result<()> {
                 verifier.add_key(kid, &key);
             }
             runtime()?.block_on(async move {
+                if let Some(cp) = &control_plane {
+                    verifier = edge_node::cluster::fetch_keys(cp)
+                        .await
+                        .context("fetching token keys from the control plane")?;
+                }
                 let running = edge_node::app::start(config, verifier, None).await?;
+                if let Some(cp) = control_plane {
+                    edge_node::cluster::follow_keys(running.edge.clone(), cp);
+                }
                 if !etcd.is_empty() {
                     let store: std::sync::Arc<dyn control_plane::Store> = std::sync::Arc::new(
                         control_plane::EtcdStore::connect(
