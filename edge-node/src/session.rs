@@ -97,6 +97,10 @@ struct Subscriber {
     revision: u64,
     session_id: u64,
     next_mid: u32,
+    /// An offer is out and not answered yet.
+    awaiting_answer: bool,
+    /// Something changed while an offer was out: offer again after the answer.
+    renegotiate: bool,
 }
 
 /// A new offer of the subscriber PC for the client to answer.
@@ -466,6 +470,9 @@ impl Participant {
         max_layer: Option<SpatialLayer>,
     ) -> Result<Option<SubscriberOffer>, SessionError> {
         let mut added = false;
+        // A track that cannot be subscribed does not stop the others; its error is returned
+        // only when nothing could be subscribed.
+        let mut first_error = None;
         for &track in tracks {
             if self.subscriber.as_ref().is_some_and(|s| {
                 s.media
@@ -475,22 +482,25 @@ impl Participant {
                 continue; // already subscribed
             }
             let Some(info) = self.tracks.get(&track).cloned() else {
-                return Err(SessionError::new(
+                first_error.get_or_insert(SessionError::new(
                     "no_such_track",
                     format!("no track {track} in this room"),
                 ));
+                continue;
             };
             if info.participant == self.me.id {
-                return Err(SessionError::new(
+                first_error.get_or_insert(SessionError::new(
                     "bad_request",
                     "cannot subscribe to your own track",
                 ));
+                continue;
             }
             let Some(publ) = self.edge.publication(&self.room, track) else {
-                return Err(SessionError::new(
+                first_error.get_or_insert(SessionError::new(
                     "no_such_track",
                     format!("track {track} is not being received"),
                 ));
+                continue;
             };
             self.ensure_subscriber().await;
             let Some(sub) = self.subscriber.as_mut() else {
@@ -536,7 +546,11 @@ impl Participant {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             added = true;
         }
-        Ok(added.then(|| self.subscriber_offer()))
+        match (added, first_error) {
+            (true, _) => Ok(self.subscriber_offer()),
+            (false, Some(e)) => Err(e),
+            (false, None) => Ok(None),
+        }
     }
 
     /// Every track of the room not our own that we do not receive yet.
@@ -577,7 +591,11 @@ impl Participant {
                 .subscriptions
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
-        (!removed.is_empty()).then(|| self.subscriber_offer())
+        if removed.is_empty() {
+            None
+        } else {
+            self.subscriber_offer()
+        }
     }
 
     fn subscription_of(&self, track: TrackId) -> Result<SubscriptionId, SessionError> {
@@ -635,7 +653,13 @@ impl Participant {
     }
 
     /// The client's answer to our offer `revision`.
-    pub async fn handle_answer(&mut self, revision: u64, answer: &str) -> Result<(), SessionError> {
+    /// The client's answer to our offer `revision`; returns the next offer if changes queued up
+    /// while this one was out.
+    pub async fn handle_answer(
+        &mut self,
+        revision: u64,
+        answer: &str,
+    ) -> Result<Option<SubscriberOffer>, SessionError> {
         let Some(sub) = self.subscriber.as_mut() else {
             return Err(SessionError::new("stale_revision", "no offer outstanding"));
         };
@@ -651,6 +675,8 @@ impl Participant {
         let mids: Vec<&str> = sub.media.iter().map(|m| m.mid.as_str()).collect();
         let parsed = sdp::parse_subscriber_answer(answer, &mids, &SdpLimits::default())?;
         let transport = sub.transport;
+        sub.awaiting_answer = false;
+        let again = std::mem::take(&mut sub.renegotiate);
         let first = !sub.remote_known;
         sub.remote_known = true;
         let ext_out = ext_ids(&parsed.ext);
@@ -671,7 +697,7 @@ impl Participant {
             ext_out,
         })
         .await;
-        Ok(())
+        Ok(if again { self.subscriber_offer() } else { None })
     }
 
     async fn ensure_subscriber(&mut self) {
@@ -690,17 +716,21 @@ impl Participant {
             revision: 0,
             session_id: rand::random::<u32>() as u64,
             next_mid: 0,
+            awaiting_answer: false,
+            renegotiate: false,
         });
     }
 
-    fn subscriber_offer(&mut self) -> SubscriberOffer {
-        let Some(sub) = self.subscriber.as_mut() else {
-            return SubscriberOffer {
-                revision: 0,
-                sdp: String::new(),
-                tracks: Vec::new(),
-            };
-        };
+    /// The subscriber PC's next offer, or `None` while the previous one awaits its answer (the
+    /// change is then offered as soon as that answer arrives: one offer in flight at a time, so
+    /// the client never sees an offer while it is still applying the previous one).
+    fn subscriber_offer(&mut self) -> Option<SubscriberOffer> {
+        let sub = self.subscriber.as_mut()?;
+        if sub.awaiting_answer {
+            sub.renegotiate = true;
+            return None;
+        }
+        sub.awaiting_answer = true;
         sub.revision += 1;
         let media: Vec<OutgoingMedia> = sub
             .media
@@ -723,7 +753,7 @@ impl Participant {
             &media,
             &SUBSCRIBER_EXT,
         );
-        SubscriberOffer {
+        Some(SubscriberOffer {
             revision: sub.revision,
             sdp,
             tracks: sub
@@ -738,7 +768,7 @@ impl Participant {
                     kind: track_kind(m.kind),
                 })
                 .collect(),
-        }
+        })
     }
 
     /// Applies a room event to our view; returns a new subscriber offer when the event removed
@@ -915,6 +945,8 @@ pub async fn whep_subscribe(
         revision: 0,
         session_id: 0,
         next_mid: 0,
+        awaiting_answer: false,
+        renegotiate: false,
     });
     Ok(answer.sdp)
 }

@@ -29,6 +29,8 @@ const RATE_PER_SEC: f64 = 50.0;
 const RATE_BURST: f64 = 100.0;
 /// Requests refused for rate in a row before the connection is closed as abusive.
 const ABUSE_LIMIT: u32 = 200;
+/// How often auto-subscribe looks again for tracks it could not subscribe to yet.
+const RESUBSCRIBE_INTERVAL: Duration = Duration::from_millis(250);
 /// A client must join within this time after connecting.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -362,6 +364,8 @@ pub async fn serve(edge: Arc<Edge>, mut socket: WebSocket) {
     let (shard_tx, mut shard_rx) = mpsc::channel::<ShardEvent>(256);
     let join_deadline = tokio::time::sleep(JOIN_TIMEOUT);
     tokio::pin!(join_deadline);
+    let mut resubscribe = tokio::time::interval(RESUBSCRIBE_INTERVAL);
+    resubscribe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let out: Vec<String> = tokio::select! {
             msg = socket.recv() => match msg {
@@ -381,6 +385,11 @@ pub async fn serve(edge: Arc<Edge>, mut socket: WebSocket) {
                 Some(Ok(_)) => continue, // ping/pong handled by axum
             },
             Some(sig) = room_rx.recv() => conn.handle_room(sig).await,
+            _ = resubscribe.tick(), if conn.auto_subscribe && conn.participant.is_some() => {
+                // A track announced by the origin can reach us before its publisher's session
+                // has registered it on this edge; auto-subscribe picks it up on the next tick.
+                conn.subscribe_all().await.map(|o| vec![offer_event(&o)]).unwrap_or_default()
+            }
             Some(ev) = shard_rx.recv() => conn.handle_shard(ev).await,
             _ = &mut join_deadline, if conn.participant.is_none() => {
                 let _ = socket.send(Message::Text(Utf8Bytes::from(error(None, "not_joined", "no room:join within 30 s")))).await;
@@ -564,7 +573,9 @@ impl Connection {
                 p.set_max_layer(track, max_spatial).await.map(|_| json!({}))
             }
             Request::Answer { revision, sdp } => {
-                p.handle_answer(revision, &sdp).await?;
+                if let Some(o) = p.handle_answer(revision, &sdp).await? {
+                    out.push(offer_event(&o));
+                }
                 Ok(json!({}))
             }
         }

@@ -276,6 +276,8 @@ struct Subscription {
     reported: (Option<SpatialLayer>, Option<SpatialLayer>),
     started: bool,
     audio: bool,
+    /// Drop the current layer until the switch down (see `run_allocation`).
+    shed: bool,
 }
 
 /// The shard's forwarding state. See the module docs.
@@ -740,6 +742,10 @@ impl ShardCore {
         } else {
             s.selector.handle_packet(SpatialLayer(layer), keyframe, now)
         };
+        let decision = match decision {
+            Decision::Forward { switch: false } if s.shed => Decision::Drop,
+            d => d,
+        };
         let switch = match decision {
             Decision::Drop => {
                 if s.selector.current() == Some(SpatialLayer(layer)) {
@@ -1182,6 +1188,17 @@ impl ShardCore {
                 };
                 s.selector
                     .handle_allocation(Bitrate::bps(share), &rates, now);
+                // Over budget on the layer being forwarded and waiting for a lower layer's
+                // keyframe: shed the current layer now (a short freeze) rather than keep
+                // overfilling the subscriber's bottleneck until the keyframe comes (loss for
+                // every stream on that link, audio included).
+                let current_rate = s
+                    .selector
+                    .current()
+                    .and_then(|l| rates.get(l.0 as usize).copied().flatten())
+                    .map(|b| b.as_bps())
+                    .unwrap_or(0);
+                s.shed = s.selector.target() < s.selector.current() && current_rate > share;
                 let used = s
                     .selector
                     .target()
@@ -1426,6 +1443,7 @@ impl ShardCore {
                 reported: (None, None),
                 started: false,
                 audio,
+                shed: false,
             },
         );
     }
