@@ -60,7 +60,7 @@ async function waitLayer(page, what, pred) {
       const out = await pages.alice.evaluate(() => window.kcs.stats.outbound('camera'));
       const sent = out.filter((o) => o.frameWidth > 0).map((o) => o.frameWidth).sort((a, b) => a - b);
       last = { received: v && `${v.frameWidth}x${v.frameHeight}`, sent: out.map((o) => `${o.rid}:${o.frameWidth}x${o.frameHeight}(${o.qualityLimitationReason})`) };
-      return v && sent.length && pred(v, sent) ? v : null;
+      return v && sent.length && pred(v, sent) ? { ...v, sent: last.sent } : null;
     }, { timeoutMs: LAYER_TIMEOUT_MS, intervalMs: 500 });
   } catch (err) {
     throw new Error(`${err.message}; last seen ${JSON.stringify(last)}`);
@@ -84,19 +84,30 @@ async function main() {
   const seen = await decodesGrowing(pages.bob, 'alice', 'bob');
   await screenshot(pages.bob, `${NAME}-bob-decoding`);
 
+  // Chromium starts the top encoding once its bandwidth estimate allows (seconds on loopback).
+  let sending;
+  await waitFor('alice sending three simulcast layers', async () => {
+    const out = await pages.alice.evaluate(() => window.kcs.stats.outbound('camera'));
+    sending = out.map((o) => `${o.rid}:${o.frameWidth}x${o.frameHeight}(${o.qualityLimitationReason})`);
+    return out.filter((o) => o.frameWidth > 0).length === 3;
+  }, { timeoutMs: LAYER_TIMEOUT_MS, intervalMs: 500 }).catch((err) => {
+    throw new Error(`${err.message}; alice sends ${sending?.join(' ')}`);
+  });
+  log(`alice sends ${sending.join(' ')}`);
+
   await setQuality(pages.bob, seen.trackId, 'high');
   const high = await waitLayer(pages.bob, 'high', (v, sent) => v.frameWidth >= MIN_TOP_WIDTH && v.frameWidth === sent.at(-1));
-  log(`bob at high: ${high.frameWidth}x${high.frameHeight}`);
+  log(`bob at high: ${high.frameWidth}x${high.frameHeight}; alice sends ${high.sent.join(' ')}`);
 
   await setQuality(pages.bob, seen.trackId, 'low');
   const low = await waitLayer(pages.bob, 'low',
     (v, sent) => v.frameWidth > 0 && v.frameWidth <= MAX_LOW_WIDTH && v.frameWidth === sent[0] && v.frameWidth < high.frameWidth);
-  log(`bob at low: ${low.frameWidth}x${low.frameHeight}`);
+  log(`bob at low: ${low.frameWidth}x${low.frameHeight}; alice sends ${low.sent.join(' ')}`);
   await screenshot(pages.bob, `${NAME}-bob-low`);
 
   await setQuality(pages.bob, seen.trackId, 'high');
   const back = await waitLayer(pages.bob, 'high again', (v, sent) => v.frameWidth >= MIN_TOP_WIDTH && v.frameWidth === sent.at(-1));
-  log(`bob back at high: ${back.frameWidth}x${back.frameHeight}`);
+  log(`bob back at high: ${back.frameWidth}x${back.frameHeight}; alice sends ${back.sent.join(' ')}`);
   await screenshot(pages.bob, `${NAME}-bob-high`);
 
   for (const who of ['alice', 'bob']) {
