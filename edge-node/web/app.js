@@ -223,21 +223,26 @@ const stats = {
   /** @param {string} source */
   outbound: (source) => client.outboundStats(source),
   /** Inbound stats of every received video track, with its publisher. */
-  async remoteVideo() {
-    const out = [];
-    for (const [trackId, remote] of client.remoteTracks) {
-      if (remote.kind !== 'video') continue;
-      out.push({
-        trackId,
-        participant: remote.participant,
-        identity: client.participants.get(remote.participant)?.identity,
-        source: remote.source,
-        ...(await client.inboundStats(trackId)),
-      });
-    }
-    return out;
-  },
+  remoteVideo: () => remoteStats('video'),
+  /** Inbound stats of every received audio track, with its publisher. */
+  remoteAudio: () => remoteStats('audio'),
 };
+
+/** @param {'audio'|'video'} kind */
+async function remoteStats(kind) {
+  const out = [];
+  for (const [trackId, remote] of client.remoteTracks) {
+    if (remote.kind !== kind) continue;
+    out.push({
+      trackId,
+      participant: remote.participant,
+      identity: client.participants.get(remote.participant)?.identity,
+      source: remote.source,
+      ...(await client.inboundStats(trackId)),
+    });
+  }
+  return out;
+}
 
 const ready = main();
 ready.catch((err) => {

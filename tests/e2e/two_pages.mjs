@@ -1,14 +1,15 @@
 // Real-browser test of the media path: two headless Chromium pages (fake camera and microphone)
 // join one room on a real `kcs dev` edge. Each must decode the other's camera (inbound-rtp
-// framesDecoded grows). Then B asks for the highest simulcast layer of A's camera and must decode
-// it at the width A's top encoding has (1280 unless Chromium scaled A down for CPU: at least
-// 640); asked for the lowest layer, B's width must drop to A's lowest encoding (320 for 1280);
-// asked for high again, it must grow back.
+// framesDecoded grows) and hear the other's microphone (audio samples arrive). Once A sends its
+// three simulcast layers, B asks for the highest layer of A's camera and must decode it at the
+// width of A's top encoding (1280 unless Chromium scaled A down for CPU: at least 640); asked
+// for the lowest layer, B's width must drop to A's lowest encoding (320 for 1280); asked for high
+// again, it must grow back.
 //
 // Run: node tests/e2e/two_pages.mjs (after scripts/install-test-deps.sh and a release build).
 // Screenshots and the edge log go to artifacts/.
 import { startEdge, waitFor, sleep } from '../lib/edge.mjs';
-import { launchChromium, openRoomPage, screenshot, waitJoined, remoteVideo, pageErrors } from '../lib/browser.mjs';
+import { launchChromium, openRoomPage, screenshot, waitJoined, remoteVideo, remoteAudio, pageErrors } from '../lib/browser.mjs';
 
 const NAME = 'two_pages';
 const ROOM = `two-pages-${process.pid}`;
@@ -41,6 +42,20 @@ async function decodesGrowing(page, from, label) {
   }
   log(`${label} decodes ${from}: framesDecoded ${first.framesDecoded} -> ${second.framesDecoded}, ${second.frameWidth}x${second.frameHeight}`);
   return second;
+}
+
+/** `label` receives `from`'s microphone: audio samples keep arriving. */
+async function hearsGrowing(page, from, label) {
+  const first = await waitFor(`${label} receiving ${from}'s microphone`, async () => {
+    const a = await remoteAudio(page, from);
+    return a && a.totalSamplesReceived > 0 ? a : null;
+  }, { timeoutMs: 15_000 });
+  await sleep(1000);
+  const second = await remoteAudio(page, from);
+  if (!second || second.totalSamplesReceived <= first.totalSamplesReceived) {
+    throw new Error(`${label}: audio samples of ${from}'s microphone did not grow (${first.totalSamplesReceived} -> ${second?.totalSamplesReceived})`);
+  }
+  log(`${label} hears ${from}: samples ${first.totalSamplesReceived} -> ${second.totalSamplesReceived}, packets ${second.packetsReceived}`);
 }
 
 /** Picks a quality in the tile's selector, as a user would. */
@@ -110,6 +125,10 @@ async function main() {
   log(`bob back at high: ${back.frameWidth}x${back.frameHeight}; alice sends ${back.sent.join(' ')}`);
   await screenshot(pages.bob, `${NAME}-bob-high`);
 
+  // Audio last, so that a failure here still shows how video went.
+  await hearsGrowing(pages.alice, 'bob', 'alice');
+  await hearsGrowing(pages.bob, 'alice', 'bob');
+
   for (const who of ['alice', 'bob']) {
     const errors = await pageErrors(pages[who]);
     if (errors.length) throw new Error(`${who}'s page shows errors: ${JSON.stringify(errors)}`);
@@ -129,6 +148,8 @@ try {
     await screenshot(page, `${NAME}-${who}-failure`);
     log(`${who} page errors:`, JSON.stringify(await pageErrors(page)));
     log(`${who} remote video:`, JSON.stringify(await page.evaluate(() => window.kcs?.stats.remoteVideo()).catch((e) => e.message)));
+    log(`${who} remote audio:`, JSON.stringify(await page.evaluate(() => window.kcs?.stats.remoteAudio()).catch((e) => e.message)));
+    log(`${who} subscriber m-lines:`, JSON.stringify(await page.evaluate(() => window.kcs?.client.subPc?.getTransceivers().map((t) => `${t.mid}:${t.receiver.track.kind}:${t.currentDirection}`)).catch((e) => e.message)));
   }
   if (edge) log(`edge log tail:\n${edge.tail()}`);
 } finally {
