@@ -4,7 +4,7 @@
 // three simulcast layers, B asks for the highest layer of A's camera and must decode it at the
 // width of A's top encoding (1280 unless Chromium scaled A down for CPU: at least 640); asked
 // for the lowest layer, B's width must drop to A's lowest encoding (320 for 1280); asked for high
-// again, it must grow back.
+// again, it must grow back. Finally A leaves with the page's button and B's tile of A goes away.
 //
 // Run: node tests/e2e/two_pages.mjs (after scripts/install-test-deps.sh and a release build).
 // Screenshots and the edge log go to artifacts/.
@@ -125,14 +125,24 @@ async function main() {
   log(`bob back at high: ${back.frameWidth}x${back.frameHeight}; alice sends ${back.sent.join(' ')}`);
   await screenshot(pages.bob, `${NAME}-bob-high`);
 
-  // Audio last, so that a failure here still shows how video went.
-  await hearsGrowing(pages.alice, 'bob', 'alice');
-  await hearsGrowing(pages.bob, 'alice', 'bob');
+  // Audio after video, and not fatal at once, so that one failure does not hide the others.
+  const failures = [];
+  for (const [page, from, label] of [[pages.alice, 'bob', 'alice'], [pages.bob, 'alice', 'bob']]) {
+    await hearsGrowing(page, from, label).catch((err) => failures.push(err.message));
+  }
 
   for (const who of ['alice', 'bob']) {
     const errors = await pageErrors(pages[who]);
-    if (errors.length) throw new Error(`${who}'s page shows errors: ${JSON.stringify(errors)}`);
+    if (errors.length) failures.push(`${who}'s page shows errors: ${JSON.stringify(errors)}`);
   }
+
+  // Alice leaves with the page's button: bob's tile of her goes away.
+  await pages.alice.click('#leave');
+  await waitFor("alice's tile leaving bob's page", async () =>
+    (await pages.bob.locator(`figure[data-track="${seen.trackId}"]`).count()) === 0,
+  { timeoutMs: 10_000 }).then(() => log("alice left: bob's tile of her is gone"), (err) => failures.push(err.message));
+
+  if (failures.length) throw new Error(failures.join('; '));
 }
 
 let failed = null;
