@@ -36,15 +36,15 @@ if ! scripts/install-test-deps.sh; then
 fi
 
 cargo_failed=0
-step "cargo build --release -p edge-node --bin kcs"
+step "cargo build -p edge-node --bin kcs"
 if [ "${KCS_SKIP_BUILD:-0}" = 1 ]; then
     echo "skipped (KCS_SKIP_BUILD=1)"
-elif ! cargo build --release -p edge-node --bin kcs; then
+elif ! cargo build -p edge-node --bin kcs; then
     echo "build of the edge failed: the real-client suites cannot run"
     echo "0 passed, ${#SUITES[@]} failed"
     exit 1
 fi
-export KCS_BIN="${KCS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/kcs}"
+export KCS_BIN="${KCS_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/kcs}"
 
 if [ "${KCS_SKIP_CARGO_TEST:-0}" != 1 ] && [ "$#" -eq 0 ]; then
     step "cargo test --workspace"

@@ -196,6 +196,130 @@ impl TokenVerifier {
     }
 }
 
+/// One published public key, as a JWK (RFC 7517) of type OKP / Ed25519 (RFC 8037 §2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jwk {
+    /// Always `OKP` for Ed25519.
+    pub kty: String,
+    /// Always `Ed25519`.
+    pub crv: String,
+    pub kid: String,
+    /// The 32-byte public key, base64url without padding.
+    pub x: String,
+    /// Always `EdDSA`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alg: Option<String>,
+    /// Always `sig`.
+    #[serde(rename = "use", default, skip_serializing_if = "Option::is_none")]
+    pub key_use: Option<String>,
+}
+
+/// The key set the control plane publishes at `/v1/keys` (JWKS shape): edges fetch it and build
+/// a [`TokenVerifier`] with [`TokenVerifier::from_jwks`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Jwks {
+    pub keys: Vec<Jwk>,
+}
+
+impl Jwk {
+    pub fn ed25519(kid: impl Into<String>, public: &[u8; 32]) -> Self {
+        use base64::Engine;
+        Self {
+            kty: "OKP".into(),
+            crv: "Ed25519".into(),
+            kid: kid.into(),
+            x: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public),
+            alg: Some("EdDSA".into()),
+            key_use: Some("sig".into()),
+        }
+    }
+
+    /// The raw public key, if this is a well-formed Ed25519 JWK.
+    pub fn public_key(&self) -> Result<[u8; 32], TokenError> {
+        use base64::Engine;
+        if self.kty != "OKP" || self.crv != "Ed25519" {
+            return Err(TokenError::Malformed(format!(
+                "key {} is {}/{}, not OKP/Ed25519",
+                self.kid, self.kty, self.crv
+            )));
+        }
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(self.x.trim_end_matches('='))
+            .map_err(|e| TokenError::Malformed(format!("key {}: {e}", self.kid)))?;
+        bytes
+            .try_into()
+            .map_err(|_| TokenError::Malformed(format!("key {}: not 32 bytes", self.kid)))
+    }
+}
+
+impl TokenVerifier {
+    /// A verifier trusting every key of a published set.
+    pub fn from_jwks(jwks: &Jwks) -> Result<Self, TokenError> {
+        let mut v = Self::new();
+        for k in &jwks.keys {
+            v.add_key(k.kid.clone(), &k.public_key()?);
+        }
+        Ok(v)
+    }
+}
+
+/// The control plane's keys: one signs, older ones stay published until their tokens expire.
+pub struct SigningKeys {
+    current: TokenSigner,
+    retired: Vec<(String, [u8; 32])>,
+}
+
+impl SigningKeys {
+    pub fn new(current: TokenSigner) -> Self {
+        Self {
+            current,
+            retired: Vec::new(),
+        }
+    }
+
+    /// Keeps publishing a retired key (verification only).
+    pub fn with_retired(mut self, kid: impl Into<String>, public: [u8; 32]) -> Self {
+        self.retired.push((kid.into(), public));
+        self
+    }
+
+    /// Makes `next` the signing key; the old one stays published.
+    pub fn rotate(&mut self, next: TokenSigner) {
+        let old = std::mem::replace(&mut self.current, next);
+        self.retired
+            .insert(0, (old.kid().to_owned(), old.public_key()));
+    }
+
+    /// Stops publishing a retired key.
+    pub fn retire(&mut self, kid: &str) {
+        self.retired.retain(|(k, _)| k != kid);
+    }
+
+    pub fn signer(&self) -> &TokenSigner {
+        &self.current
+    }
+
+    pub fn jwks(&self) -> Jwks {
+        let mut keys = vec![Jwk::ed25519(self.current.kid(), &self.current.public_key())];
+        keys.extend(
+            self.retired
+                .iter()
+                .map(|(kid, pk)| Jwk::ed25519(kid.clone(), pk)),
+        );
+        Jwks { keys }
+    }
+
+    /// A verifier for every published key (what an edge builds from [`Self::jwks`]).
+    pub fn verifier(&self) -> TokenVerifier {
+        let mut v = TokenVerifier::new();
+        v.add_key(self.current.kid(), &self.current.public_key());
+        for (kid, pk) in &self.retired {
+            v.add_key(kid.clone(), pk);
+        }
+        v
+    }
+}
+
 /// Seconds since the Unix epoch, for minting and checking tokens in shells (not in cores).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -278,5 +402,31 @@ mod tests {
         v.remove_key(old.kid());
         assert!(v.verify(&t_old).is_err());
         assert!(v.verify(&t_new).is_ok());
+    }
+
+    #[test]
+    fn jwks_round_trip_and_rotation() {
+        let mut keys = SigningKeys::new(TokenSigner::generate("k1"));
+        let (room, who) = ids();
+        let t1 = keys
+            .signer()
+            .mint(room.clone(), who.clone(), Role::Host, None, unix_now(), 60);
+        keys.rotate(TokenSigner::generate("k2"));
+        let t2 = keys
+            .signer()
+            .mint(room, who, Role::Host, None, unix_now(), 60);
+        let json = serde_json::to_string(&keys.jwks()).unwrap();
+        assert!(json.contains("\"kty\":\"OKP\""));
+        let published: Jwks = serde_json::from_str(&json).unwrap();
+        assert_eq!(published.keys.len(), 2);
+        let v = TokenVerifier::from_jwks(&published).unwrap();
+        assert!(v.verify(&t1).is_ok());
+        assert!(v.verify(&t2).is_ok());
+        keys.retire("k1");
+        let v = TokenVerifier::from_jwks(&keys.jwks()).unwrap();
+        assert!(v.verify(&t1).is_err());
+        let mut bad = published.keys[0].clone();
+        bad.x = "AAAA".into();
+        assert!(bad.public_key().is_err());
     }
 }

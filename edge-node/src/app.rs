@@ -35,7 +35,8 @@ pub async fn start(
         .with_context(|| format!("binding UDP {}", config.udp))?;
     let udp = shards.local_addrs.clone();
     let edge_id = EdgeId(0);
-    let (to_origin, from_origin) = crate::hub::spawn_local_origin(origin::RoomConfig::default(), edge_id);
+    let (to_origin, from_origin) =
+        crate::hub::spawn_local_origin(origin::RoomConfig::default(), edge_id);
     let hub = crate::hub::spawn(edge_id, to_origin, from_origin, room_events_rx);
     let ports = udp.iter().map(|a| a.port()).collect();
     let edge = Arc::new(Edge::new(
@@ -72,9 +73,11 @@ pub async fn start(
 pub fn dev_signer(data_dir: &Path) -> anyhow::Result<TokenSigner> {
     let path = data_dir.join("dev-signing-key");
     let seed = match std::fs::read_to_string(&path) {
-        Ok(hex) => parse_seed(hex.trim()).with_context(|| format!("{} is not a 64-digit hex key", path.display()))?,
+        Ok(hex) => parse_seed(hex.trim())
+            .with_context(|| format!("{} is not a 64-digit hex key", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
             let seed: [u8; 32] = rand::random();
             let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
             write_private(&path, &hex).with_context(|| format!("writing {}", path.display()))?;

@@ -187,8 +187,10 @@ mod tests {
 
     #[test]
     fn port_ranges_are_validated() {
-        let mut c = EdgeConfig::default();
-        c.udp_ports = Some("50000-50003".into());
+        let mut c = EdgeConfig {
+            udp_ports: Some("50000-50003".into()),
+            ..Default::default()
+        };
         assert_eq!(c.port_range().unwrap(), Some((50000, 50003)));
         for bad in ["5-1", "x-3", "50000", "0-4"] {
             c.udp_ports = Some(bad.into());

@@ -41,6 +41,7 @@ pub struct Edge {
     pub fingerprint: String,
     /// ICE candidate addresses per shard.
     candidates: Vec<Vec<SocketAddr>>,
+    ips: Vec<IpAddr>,
     publications: Mutex<HashMap<(RoomId, TrackId), LocalPublication>>,
     /// WHIP/WHEP sessions by id, for DELETE.
     pub http_sessions: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
@@ -73,6 +74,7 @@ impl Edge {
             dev_signer,
             fingerprint,
             candidates,
+            ips,
             publications: Mutex::new(HashMap::new()),
             http_sessions: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
@@ -119,7 +121,14 @@ impl Edge {
         lock(&self.publications).remove(&(room.clone(), track))
     }
     pub fn publication(&self, room: &RoomId, track: TrackId) -> Option<LocalPublication> {
-        lock(&self.publications).get(&(room.clone(), track)).cloned()
+        lock(&self.publications)
+            .get(&(room.clone(), track))
+            .cloned()
+    }
+
+    /// The addresses put in ICE candidates (and registered for geo-DNS).
+    pub fn advertised_ips(&self) -> &[IpAddr] {
+        &self.ips
     }
 
     pub fn verifier(&self) -> std::sync::RwLockReadGuard<'_, TokenVerifier> {

@@ -92,14 +92,21 @@ pub fn router(edge: Arc<Edge>) -> Router {
         .route("/metrics", get(metrics))
         .route("/ws", get(ws))
         .route("/whip/{room}", post(whip).patch(no_trickle))
-        .route("/whip/{room}/{session}", axum::routing::delete(end_session).patch(no_trickle))
+        .route(
+            "/whip/{room}/{session}",
+            axum::routing::delete(end_session).patch(no_trickle),
+        )
         .route("/whep/{room}", post(whep_latest))
         .route("/whep/{room}/{participant}", post(whep_participant))
-        .route("/whep/{room}/session/{session}", axum::routing::delete(end_session).patch(no_trickle));
+        .route(
+            "/whep/{room}/session/{session}",
+            axum::routing::delete(end_session).patch(no_trickle),
+        );
     if edge.dev_signer.is_some() {
         r = r.route("/dev/token", get(dev_token));
     }
-    r.layer(DefaultBodyLimit::max(MAX_SDP + 1024)).with_state(edge)
+    r.layer(DefaultBodyLimit::max(MAX_SDP + 1024))
+        .with_state(edge)
 }
 
 async fn page() -> Response {
@@ -108,13 +115,23 @@ async fn page() -> Response {
 
 async fn asset(name: &str) -> Response {
     let (body, ty) = match name {
-        "index.html" => (include_str!("../web/index.html"), "text/html; charset=utf-8"),
+        "index.html" => (
+            include_str!("../web/index.html"),
+            "text/html; charset=utf-8",
+        ),
         "kcs-client.js" => (include_str!("../web/kcs-client.js"), "text/javascript"),
         "app.js" => (include_str!("../web/app.js"), "text/javascript"),
         "style.css" => (include_str!("../web/style.css"), "text/css"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
-    ([(header::CONTENT_TYPE, ty), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, ty),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {
@@ -158,7 +175,12 @@ struct DevTokenQuery {
 
 /// Dev mode only: a token for anyone who asks, so two browser tabs can join the printed URL.
 async fn dev_token(State(edge): State<Arc<Edge>>, Query(q): Query<DevTokenQuery>) -> HttpResult {
-    let bad = |m: String| Counted(edge.clone(), ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m));
+    let bad = |m: String| {
+        Counted(
+            edge.clone(),
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", m),
+        )
+    };
     let room = RoomId::new(q.room).map_err(|e| bad(format!("room: {e}")))?;
     let identity = match q.identity {
         Some(i) => Identity::new(i).map_err(|e| bad(format!("identity: {e}")))?,
@@ -172,7 +194,10 @@ async fn dev_token(State(edge): State<Arc<Edge>>, Query(q): Query<DevTokenQuery>
         .parse()
         .map_err(bad)?;
     let Some(signer) = edge.dev_signer.as_ref() else {
-        return Err(Counted(edge.clone(), ApiError::new(StatusCode::NOT_FOUND, "not_found", "dev mode only")));
+        return Err(Counted(
+            edge.clone(),
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "dev mode only"),
+        ));
     };
     let token = signer.mint(room, identity.clone(), role, None, unix_now(), 12 * 3600);
     Ok(axum::Json(json!({"token": token, "identity": identity, "role": role})).into_response())
@@ -189,7 +214,11 @@ fn authorize(edge: &Arc<Edge>, headers: &HeaderMap, room: &RoomId) -> Result<Cla
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| {
-            ApiError::new(StatusCode::UNAUTHORIZED, "token_missing", "Authorization: Bearer <token> required")
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_missing",
+                "Authorization: Bearer <token> required",
+            )
         })?;
     let claims = edge
         .verifier()
@@ -206,19 +235,30 @@ fn authorize(edge: &Arc<Edge>, headers: &HeaderMap, room: &RoomId) -> Result<Cla
 }
 
 fn parse_room(raw: &str) -> Result<RoomId, ApiError> {
-    RoomId::new(raw).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("room: {e}")))
+    RoomId::new(raw)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("room: {e}")))
 }
 
 fn offer_text(body: &Bytes) -> Result<&str, ApiError> {
     if body.len() > MAX_SDP {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "SDP offer over 64 KiB"));
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "SDP offer over 64 KiB",
+        ));
     }
     std::str::from_utf8(body)
         .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "sdp_invalid", "SDP is not UTF-8"))
 }
 
 /// Runs a WHIP/WHEP session until DELETE, transport loss or the room closing.
-fn keep_session(edge: Arc<Edge>, id: String, mut p: Participant, mut shard_rx: mpsc::Receiver<crate::sfu::Event>, mut room_rx: mpsc::Receiver<crate::hub::RoomSignal>) {
+fn keep_session(
+    edge: Arc<Edge>,
+    id: String,
+    mut p: Participant,
+    mut shard_rx: mpsc::Receiver<crate::sfu::Event>,
+    mut room_rx: mpsc::Receiver<crate::hub::RoomSignal>,
+) {
     let (stop_tx, mut stop_rx) = oneshot::channel();
     edge.http_sessions
         .lock()
@@ -263,21 +303,37 @@ fn created(location: String, answer: String) -> Response {
         .into_response()
 }
 
-async fn whip(State(edge): State<Arc<Edge>>, Path(room): Path<String>, headers: HeaderMap, body: Bytes) -> HttpResult {
+async fn whip(
+    State(edge): State<Arc<Edge>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult {
     let c = |e: ApiError| Counted(edge.clone(), e);
     let room = parse_room(&room).map_err(c)?;
     let claims = authorize(&edge, &headers, &room).map_err(c)?;
     if claims.role == Role::Viewer {
-        return Err(c(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "role viewer may not publish")));
+        return Err(c(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "role viewer may not publish",
+        )));
     }
     let offer = offer_text(&body).map_err(c)?;
     let (room_tx, room_rx) = mpsc::channel(SESSION_EVENT_QUEUE);
     let (shard_tx, shard_rx) = mpsc::channel(64);
-    let name = claims.name.clone().unwrap_or_else(|| claims.identity.to_string());
+    let name = claims
+        .name
+        .clone()
+        .unwrap_or_else(|| claims.identity.to_string());
     let (mut p, _) = Participant::join(
         edge.clone(),
         room.clone(),
-        Intent::Join { identity: claims.identity, role: claims.role, name },
+        Intent::Join {
+            identity: claims.identity,
+            role: claims.role,
+            name,
+        },
         room_tx,
         shard_tx,
     )
@@ -287,7 +343,11 @@ async fn whip(State(edge): State<Arc<Edge>>, Path(room): Path<String>, headers: 
         Ok((answer, published)) if !published.is_empty() => answer,
         Ok(_) => {
             p.leave().await;
-            return Err(c(ApiError::new(StatusCode::BAD_REQUEST, "sdp_unsupported", "the offer sends no media we can receive")));
+            return Err(c(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "sdp_unsupported",
+                "the offer sends no media we can receive",
+            )));
         }
         Err(e) => {
             p.leave().await;
@@ -301,7 +361,12 @@ async fn whip(State(edge): State<Arc<Edge>>, Path(room): Path<String>, headers: 
     Ok(created(location, answer))
 }
 
-async fn whep_latest(State(edge): State<Arc<Edge>>, Path(room): Path<String>, headers: HeaderMap, body: Bytes) -> HttpResult {
+async fn whep_latest(
+    State(edge): State<Arc<Edge>>,
+    Path(room): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult {
     whep(edge, room, None, headers, body).await
 }
 
@@ -314,19 +379,32 @@ async fn whep_participant(
     whep(edge, room, Some(participant), headers, body).await
 }
 
-async fn whep(edge: Arc<Edge>, room: String, who: Option<String>, headers: HeaderMap, body: Bytes) -> HttpResult {
+async fn whep(
+    edge: Arc<Edge>,
+    room: String,
+    who: Option<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> HttpResult {
     let c = |e: ApiError| Counted(edge.clone(), e);
     let room = parse_room(&room).map_err(c)?;
     let claims = authorize(&edge, &headers, &room).map_err(c)?;
     let offer = offer_text(&body).map_err(c)?;
     let (room_tx, room_rx) = mpsc::channel(SESSION_EVENT_QUEUE);
     let (shard_tx, shard_rx) = mpsc::channel(64);
-    let name = claims.name.clone().unwrap_or_else(|| claims.identity.to_string());
+    let name = claims
+        .name
+        .clone()
+        .unwrap_or_else(|| claims.identity.to_string());
     // WHEP is subscribe-only whatever the token allows.
     let (mut p, joined) = Participant::join(
         edge.clone(),
         room.clone(),
-        Intent::Join { identity: claims.identity, role: Role::Viewer, name },
+        Intent::Join {
+            identity: claims.identity,
+            role: Role::Viewer,
+            name,
+        },
         room_tx,
         shard_tx,
     )
@@ -337,7 +415,9 @@ async fn whep(edge: Arc<Edge>, room: String, who: Option<String>, headers: Heade
         Some(w) => joined
             .participants
             .iter()
-            .find(|q| q.identity.as_str() == w || q.id.to_string() == *w || q.id.0.to_string() == *w)
+            .find(|q| {
+                q.identity.as_str() == w || q.id.to_string() == *w || q.id.0.to_string() == *w
+            })
             .map(|q| q.id),
         None => joined
             .tracks
@@ -348,10 +428,14 @@ async fn whep(edge: Arc<Edge>, room: String, who: Option<String>, headers: Heade
     };
     let Some(publisher) = publisher else {
         p.leave().await;
-        return Err(c(ApiError::new(StatusCode::NOT_FOUND, "no_publisher", match who {
-            Some(w) => format!("no participant {w:?} in room {room}"),
-            None => format!("nobody publishes in room {room}"),
-        })));
+        return Err(c(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_publisher",
+            match who {
+                Some(w) => format!("no participant {w:?} in room {room}"),
+                None => format!("nobody publishes in room {room}"),
+            },
+        )));
     };
     // Its microphone and camera (screen and screen audio when that is all it has).
     let mut tracks = Vec::new();
@@ -361,14 +445,19 @@ async fn whep(edge: Arc<Edge>, room: String, who: Option<String>, headers: Heade
             .iter()
             .filter(|t| t.participant == publisher && t.kind == kind)
             .collect();
-        candidates.sort_by_key(|t| matches!(t.source, TrackSource::Screen | TrackSource::ScreenAudio));
+        candidates
+            .sort_by_key(|t| matches!(t.source, TrackSource::Screen | TrackSource::ScreenAudio));
         if let Some(t) = candidates.first() {
             tracks.push(t.id);
         }
     }
     if tracks.is_empty() {
         p.leave().await;
-        return Err(c(ApiError::new(StatusCode::NOT_FOUND, "no_publisher", "that participant publishes nothing")));
+        return Err(c(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_publisher",
+            "that participant publishes nothing",
+        )));
     }
     let answer = match whep_subscribe(&mut p, offer, &tracks).await {
         Ok(a) => a,
@@ -384,7 +473,11 @@ async fn whep(edge: Arc<Edge>, room: String, who: Option<String>, headers: Heade
     Ok(created(location, answer))
 }
 
-async fn end_session(State(edge): State<Arc<Edge>>, Path(params): Path<HashMap<String, String>>, headers: HeaderMap) -> HttpResult {
+async fn end_session(
+    State(edge): State<Arc<Edge>>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> HttpResult {
     let c = |e: ApiError| Counted(edge.clone(), e);
     let room = parse_room(params.get("room").map(String::as_str).unwrap_or("")).map_err(c)?;
     // The session id is the capability; the token, when given, must still be valid for the room.
@@ -395,7 +488,13 @@ async fn end_session(State(edge): State<Arc<Edge>>, Path(params): Path<HashMap<S
     {
         edge.verifier()
             .verify_for_room(token.trim(), &room)
-            .map_err(|e| c(ApiError::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string())))?;
+            .map_err(|e| {
+                c(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    e.code(),
+                    e.to_string(),
+                ))
+            })?;
     }
     let id = params.get("session").cloned().unwrap_or_default();
     let stop = edge
@@ -408,6 +507,10 @@ async fn end_session(State(edge): State<Arc<Edge>>, Path(params): Path<HashMap<S
             let _ = tx.send(());
             Ok(StatusCode::OK.into_response())
         }
-        None => Err(c(ApiError::new(StatusCode::NOT_FOUND, "no_such_session", format!("no session {id}")))),
+        None => Err(c(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_such_session",
+            format!("no session {id}"),
+        ))),
     }
 }

@@ -45,6 +45,12 @@ enum HubInput {
     },
 }
 
+/// A request awaiting the origin's reply, and for joins where the room's events go.
+type Pending = (
+    oneshot::Sender<Reply>,
+    Option<(RoomId, mpsc::Sender<RoomSignal>)>,
+);
+
 /// Handle to the hub task.
 #[derive(Clone)]
 pub struct Hub {
@@ -112,8 +118,7 @@ pub fn spawn(
     let rooms_by_pub = publication_rooms.clone();
     tokio::spawn(async move {
         let mut next_id = 1u64;
-        let mut pending: HashMap<RequestId, (oneshot::Sender<Reply>, Option<(RoomId, mpsc::Sender<RoomSignal>)>)> =
-            HashMap::new();
+        let mut pending: HashMap<RequestId, Pending> = HashMap::new();
         let mut rooms: HashMap<RoomId, HashMap<ParticipantId, mpsc::Sender<RoomSignal>>> =
             HashMap::new();
         loop {
@@ -191,7 +196,10 @@ pub fn spawn(
 pub fn spawn_local_origin(
     config: origin::RoomConfig,
     edge: EdgeId,
-) -> (mpsc::Sender<(EdgeId, EdgeToOrigin)>, mpsc::Receiver<OriginToEdge>) {
+) -> (
+    mpsc::Sender<(EdgeId, EdgeToOrigin)>,
+    mpsc::Receiver<OriginToEdge>,
+) {
     let (to_origin, mut origin_rx) = mpsc::channel::<(EdgeId, EdgeToOrigin)>(4096);
     let (edge_tx, edge_rx) = mpsc::channel::<OriginToEdge>(16384);
     tokio::spawn(async move {

@@ -9,7 +9,11 @@ use edge_node::config::EdgeArgs;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "kcs", version, about = "KCS: an edge-distributed cascaded SFU for meetings")]
+#[command(
+    name = "kcs",
+    version,
+    about = "KCS: an edge-distributed cascaded SFU for meetings"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,14 +29,49 @@ enum Command {
         /// Room the printed URL and token are for.
         #[arg(long, default_value = "demo")]
         room: String,
+        /// The in-process control plane's REST API [default: a free loopback port].
+        #[arg(long, env = "KCS_CONTROL_PLANE_HTTP", default_value = "127.0.0.1:0")]
+        control_plane_http: std::net::SocketAddr,
+        /// The in-process geo-DNS (zone kcs.localhost) [default: a free loopback port].
+        #[arg(long, env = "KCS_DNS", default_value = "127.0.0.1:0")]
+        dns: std::net::SocketAddr,
+        /// Region this machine is in.
+        #[arg(long, env = "KCS_REGION", default_value = "local")]
+        region: String,
+    },
+    /// Run the control plane (REST API, geo-DNS, placement) against etcd.
+    ControlPlane {
+        /// Configuration file (TOML; see docs/control-plane.md). Must name etcd endpoints.
+        #[arg(long, env = "KCS_CONTROL_PLANE_CONFIG")]
+        config: PathBuf,
+        /// Log filter.
+        #[arg(long, env = "KCS_LOG", default_value = "info")]
+        log: String,
     },
     /// Run an edge node that trusts the given token public keys.
     Edge {
         #[command(flatten)]
         edge: EdgeArgs,
         /// Token verification key as KID:HEX (32-byte Ed25519 public key); repeatable.
-        #[arg(long = "token-public-key", env = "KCS_TOKEN_PUBLIC_KEY", value_delimiter = ',', required = true)]
+        #[arg(
+            long = "token-public-key",
+            env = "KCS_TOKEN_PUBLIC_KEY",
+            value_delimiter = ',',
+            required = true
+        )]
         token_public_keys: Vec<String>,
+        /// etcd endpoints to register this node in (comma-separated); none: no registration.
+        #[arg(long, env = "KCS_ETCD", value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Region this node serves (for placement and geo-DNS).
+        #[arg(long, env = "KCS_REGION", default_value = "local")]
+        region: String,
+        /// Node id in the registry [default: the host name].
+        #[arg(long, env = "KCS_NODE_ID")]
+        node_id: Option<String>,
+        /// URL clients reach this node's HTTP side at [default: http://<http address>].
+        #[arg(long, env = "KCS_PUBLIC_URL")]
+        public_url: Option<String>,
     },
     /// Print a join token signed with the dev key.
     Token {
@@ -78,48 +117,128 @@ fn main() -> anyhow::Result<()> {
         } => {
             let signer = edge_node::app::dev_signer(&data_dir)?;
             if public_key {
-                let hex: String = signer.public_key().iter().map(|b| format!("{b:02x}")).collect();
+                let hex: String = signer
+                    .public_key()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
                 println!("{}:{hex}", signer.kid());
                 return Ok(());
             }
             let room = RoomId::new(room).context("--room")?;
             let identity = Identity::new(identity).context("--identity")?;
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
-            println!("{}", signer.mint(room, identity, role, name, unix_now(), ttl));
+            println!(
+                "{}",
+                signer.mint(room, identity, role, name, unix_now(), ttl)
+            );
             Ok(())
         }
-        Command::Dev { edge, room } => {
+        Command::Dev {
+            edge,
+            room,
+            control_plane_http,
+            dns,
+            region,
+        } => {
             let config = edge.resolve()?;
             init_logging(&config.log);
             let signer = edge_node::app::dev_signer(&config.data_dir)?;
-            let mut verifier = TokenVerifier::new();
-            verifier.add_key(signer.kid(), &signer.public_key());
             let room = RoomId::new(room).context("--room")?;
-            let host = signer.mint(room.clone(), Identity::new("host").context("identity")?, Role::Host, None, unix_now(), 12 * 3600);
+            let host = signer.mint(
+                room.clone(),
+                Identity::new("host").context("identity")?,
+                Role::Host,
+                None,
+                unix_now(),
+                12 * 3600,
+            );
             runtime()?.block_on(async move {
-                let running = edge_node::app::start(config, verifier, Some(signer)).await?;
+                let cp = edge_node::cluster::start_dev_control_plane(&config.data_dir, control_plane_http, Some(dns), &region).await?;
+                let running = edge_node::app::start(config, cp.verifier.clone(), Some(signer)).await?;
                 let url_host = match running.http.ip() {
                     ip if ip.is_unspecified() => "127.0.0.1".to_string(),
                     ip => ip.to_string(),
                 };
-                println!("KCS dev is running (dev signing key: .kcs/dev-signing-key; dev only).");
-                println!("  Open in two browser tabs: http://{url_host}:{}/?room={room}", running.http.port());
+                let base = format!("http://{url_host}:{}", running.http.port());
+                edge_node::cluster::register(cp.store.clone(), &cp.keys, &running, "dev", &region, &base).await?;
+                println!("KCS dev is running: edge, origin and control plane in one process (embedded store and dev signing key: dev only).");
+                println!("  Open in two browser tabs: {base}/?room={room}");
                 println!("  Host token for {room}: {host}");
-                println!("  WHIP: POST http://{url_host}:{}/whip/{room}   WHEP: POST http://{url_host}:{}/whep/{room}", running.http.port(), running.http.port());
-                println!("  Metrics: http://{url_host}:{}/metrics", running.http.port());
+                println!("  WHIP: POST {base}/whip/{room}   WHEP: POST {base}/whep/{room}");
+                println!("  Metrics: {base}/metrics   Health: {base}/healthz");
+                println!("  Control plane API: http://{}/v1 (OpenAPI at /openapi.json)", cp.http);
+                if let Some(d) = cp.dns {
+                    println!("  Geo-DNS: dig @{} -p {} meet.{} A", d.ip(), d.port(), cp.zone);
+                }
                 wait_for_shutdown(running).await
             })
         }
-        Command::Edge { edge, token_public_keys } => {
+        Command::ControlPlane { config, log } => {
+            init_logging(&log);
+            let text = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let cfg: control_plane::ControlPlaneConfig =
+                toml::from_str(&text).with_context(|| format!("{}", config.display()))?;
+            let etcd = cfg
+                .etcd
+                .clone()
+                .context("the control plane needs etcd endpoints ([etcd] endpoints = [...])")?;
+            runtime()?.block_on(async move {
+                let store: std::sync::Arc<dyn control_plane::Store> = std::sync::Arc::new(
+                    control_plane::EtcdStore::connect(&etcd)
+                        .await
+                        .context("connecting to etcd")?,
+                );
+                let shutdown = async {
+                    let _ = tokio::signal::ctrl_c().await;
+                };
+                control_plane::run(cfg, store, shutdown)
+                    .await
+                    .context("control plane")?;
+                Ok(())
+            })
+        }
+        Command::Edge {
+            edge,
+            token_public_keys,
+            etcd,
+            region,
+            node_id,
+            public_url,
+        } => {
             let config = edge.resolve()?;
             init_logging(&config.log);
             let mut verifier = TokenVerifier::new();
             for k in &token_public_keys {
-                let (kid, key) = edge_node::app::parse_public_key(k).context("--token-public-key")?;
+                let (kid, key) =
+                    edge_node::app::parse_public_key(k).context("--token-public-key")?;
                 verifier.add_key(kid, &key);
             }
             runtime()?.block_on(async move {
                 let running = edge_node::app::start(config, verifier, None).await?;
+                if !etcd.is_empty() {
+                    let store: std::sync::Arc<dyn control_plane::Store> = std::sync::Arc::new(
+                        control_plane::EtcdStore::connect(
+                            &serde_json::from_value::<control_plane::EtcdConfig>(
+                                serde_json::json!({ "endpoints": etcd }),
+                            )
+                            .context("etcd endpoints")?,
+                        )
+                        .await
+                        .context("connecting to etcd")?,
+                    );
+                    let keys =
+                        control_plane::keys::KeyLayout::new(control_plane::keys::DEFAULT_ROOT);
+                    let id = node_id.unwrap_or_else(|| {
+                        std::fs::read_to_string("/etc/hostname")
+                            .map(|h| h.trim().to_string())
+                            .unwrap_or_else(|_| "edge".into())
+                    });
+                    let url = public_url.unwrap_or_else(|| format!("http://{}", running.http));
+                    edge_node::cluster::register(store, &keys, &running, &id, &region, &url)
+                        .await?;
+                }
                 wait_for_shutdown(running).await
             })
         }

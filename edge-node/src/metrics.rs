@@ -97,17 +97,36 @@ impl Metrics {
         let mut out = String::with_capacity(8192);
         self.media.render(&mut out);
         for (name, help, v) in [
-            ("participants", "participants connected to this edge", &self.participants),
-            ("publications", "tracks published on this edge", &self.publications),
-            ("subscriptions", "track subscriptions on this edge", &self.subscriptions),
+            (
+                "participants",
+                "participants connected to this edge",
+                &self.participants,
+            ),
+            (
+                "publications",
+                "tracks published on this edge",
+                &self.publications,
+            ),
+            (
+                "subscriptions",
+                "track subscriptions on this edge",
+                &self.subscriptions,
+            ),
             ("rooms", "rooms with participants on this edge", &self.rooms),
-            ("ws_connections", "open signaling WebSockets", &self.ws_connections),
+            (
+                "ws_connections",
+                "open signaling WebSockets",
+                &self.ws_connections,
+            ),
         ] {
             let _ = writeln!(out, "# HELP kcs_{name} {help}");
             let _ = writeln!(out, "# TYPE kcs_{name} gauge");
             let _ = writeln!(out, "kcs_{name} {}", v.load(Relaxed));
         }
-        let _ = writeln!(out, "# HELP kcs_signaling_rejected_total signaling and HTTP inputs rejected, by error code");
+        let _ = writeln!(
+            out,
+            "# HELP kcs_signaling_rejected_total signaling and HTTP inputs rejected, by error code"
+        );
         let _ = writeln!(out, "# TYPE kcs_signaling_rejected_total counter");
         let m = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
         for (code, n) in m.iter() {

@@ -59,7 +59,10 @@ impl From<sdp::SdpError> for SessionError {
 fn refused(reply: Reply) -> SessionError {
     match reply {
         Reply::Refused(e) => SessionError::new(e.code(), e.to_string()),
-        other => SessionError::new("internal", format!("unexpected reply from origin: {other:?}")),
+        other => SessionError::new(
+            "internal",
+            format!("unexpected reply from origin: {other:?}"),
+        ),
     }
 }
 
@@ -422,7 +425,10 @@ impl Participant {
             .find(|(_, (t, _))| *t == track)
             .map(|(m, _)| m.clone())
         else {
-            return Err(SessionError::new("no_such_track", format!("track {track} is not yours")));
+            return Err(SessionError::new(
+                "no_such_track",
+                format!("track {track} is not yours"),
+            ));
         };
         let Some((_, pid)) = p.tracks.remove(&mid) else {
             return Ok(());
@@ -461,21 +467,30 @@ impl Participant {
     ) -> Result<Option<SubscriberOffer>, SessionError> {
         let mut added = false;
         for &track in tracks {
-            if self
-                .subscriber
-                .as_ref()
-                .is_some_and(|s| s.media.iter().any(|m| m.track == track && m.subscription.is_some()))
-            {
+            if self.subscriber.as_ref().is_some_and(|s| {
+                s.media
+                    .iter()
+                    .any(|m| m.track == track && m.subscription.is_some())
+            }) {
                 continue; // already subscribed
             }
             let Some(info) = self.tracks.get(&track).cloned() else {
-                return Err(SessionError::new("no_such_track", format!("no track {track} in this room")));
+                return Err(SessionError::new(
+                    "no_such_track",
+                    format!("no track {track} in this room"),
+                ));
             };
             if info.participant == self.me.id {
-                return Err(SessionError::new("bad_request", "cannot subscribe to your own track"));
+                return Err(SessionError::new(
+                    "bad_request",
+                    "cannot subscribe to your own track",
+                ));
             }
             let Some(publ) = self.edge.publication(&self.room, track) else {
-                return Err(SessionError::new("no_such_track", format!("track {track} is not being received")));
+                return Err(SessionError::new(
+                    "no_such_track",
+                    format!("track {track} is not being received"),
+                ));
             };
             self.ensure_subscriber().await;
             let Some(sub) = self.subscriber.as_mut() else {
@@ -508,7 +523,9 @@ impl Participant {
                     rtx_ssrc,
                     payload_type: publ.codec.payload_type,
                     rtx_payload_type: publ.codec.rtx_payload_type,
-                    max_layer: Some(max_layer.unwrap_or(SpatialLayer(publ.layers.saturating_sub(1)))),
+                    max_layer: Some(
+                        max_layer.unwrap_or(SpatialLayer(publ.layers.saturating_sub(1))),
+                    ),
                     paused: false,
                 },
             })
@@ -529,10 +546,11 @@ impl Participant {
             .values()
             .filter(|t| t.participant != self.me.id)
             .filter(|t| {
-                !self
-                    .subscriber
-                    .as_ref()
-                    .is_some_and(|s| s.media.iter().any(|m| m.track == t.id && m.subscription.is_some()))
+                !self.subscriber.as_ref().is_some_and(|s| {
+                    s.media
+                        .iter()
+                        .any(|m| m.track == t.id && m.subscription.is_some())
+                })
             })
             .map(|t| t.id)
             .collect();
@@ -567,7 +585,9 @@ impl Participant {
             .as_ref()
             .and_then(|s| s.media.iter().find(|m| m.track == track))
             .and_then(|m| m.subscription)
-            .ok_or_else(|| SessionError::new("no_such_track", format!("not subscribed to track {track}")))
+            .ok_or_else(|| {
+                SessionError::new("no_such_track", format!("not subscribed to track {track}"))
+            })
     }
 
     pub async fn set_paused(&self, track: TrackId, paused: bool) -> Result<(), SessionError> {
@@ -579,7 +599,10 @@ impl Participant {
     pub async fn set_max_layer(&self, track: TrackId, max: u8) -> Result<(), SessionError> {
         let id = self.subscription_of(track)?;
         if max > 2 {
-            return Err(SessionError::new("bad_request", "maxSpatial must be 0, 1 or 2"));
+            return Err(SessionError::new(
+                "bad_request",
+                "maxSpatial must be 0, 1 or 2",
+            ));
         }
         self.shard(Command::SetMaxLayer {
             id,
@@ -603,7 +626,11 @@ impl Participant {
     pub fn track_of_publication(&self, pid: PublicationId) -> Option<(TrackId, ParticipantId)> {
         self.tracks
             .values()
-            .find(|t| self.edge.publication(&self.room, t.id).is_some_and(|p| p.id == pid))
+            .find(|t| {
+                self.edge
+                    .publication(&self.room, t.id)
+                    .is_some_and(|p| p.id == pid)
+            })
             .map(|t| (t.id, t.participant))
     }
 
@@ -615,7 +642,10 @@ impl Participant {
         if revision != sub.revision {
             return Err(SessionError::new(
                 "stale_revision",
-                format!("answer is for revision {revision}, current offer is {}", sub.revision),
+                format!(
+                    "answer is for revision {revision}, current offer is {}",
+                    sub.revision
+                ),
             ));
         }
         let mids: Vec<&str> = sub.media.iter().map(|m| m.mid.as_str()).collect();
@@ -686,7 +716,13 @@ impl Participant {
                 active: m.subscription.is_some(),
             })
             .collect();
-        let sdp = sdp::subscriber_offer(sub.session_id, sub.revision, &sub.local, &media, &SUBSCRIBER_EXT);
+        let sdp = sdp::subscriber_offer(
+            sub.session_id,
+            sub.revision,
+            &sub.local,
+            &media,
+            &SUBSCRIBER_EXT,
+        );
         SubscriberOffer {
             revision: sub.revision,
             sdp,
@@ -753,8 +789,14 @@ impl Participant {
             .map(|s| s.media.iter().filter(|m| m.subscription.is_some()).count())
             .unwrap_or(0);
         use std::sync::atomic::Ordering::Relaxed;
-        self.edge.metrics.publications.fetch_sub(published.len() as i64, Relaxed);
-        self.edge.metrics.subscriptions.fetch_sub(subs as i64, Relaxed);
+        self.edge
+            .metrics
+            .publications
+            .fetch_sub(published.len() as i64, Relaxed);
+        self.edge
+            .metrics
+            .subscriptions
+            .fetch_sub(subs as i64, Relaxed);
         self.edge.metrics.participants.fetch_sub(1, Relaxed);
         for t in [
             self.publisher.as_ref().map(|p| p.transport),
@@ -836,7 +878,9 @@ pub async fn whep_subscribe(
         let (Some(i), Some(codec)) = (m.source, m.codec.as_ref()) else {
             continue;
         };
-        let Some((_, publ, ssrc, rtx)) = pubs.get(i) else { continue };
+        let Some((_, publ, ssrc, rtx)) = pubs.get(i) else {
+            continue;
+        };
         let sid = p.edge.subscription_id();
         // WHEP offers carry the client's payload types: use the ones the answer chose.
         p.shard(Command::AddSubscription {

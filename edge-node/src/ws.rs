@@ -35,17 +35,42 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// One client request, typed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    Hello { version: u64 },
-    Join { token: String, name: Option<String>, auto_subscribe: bool },
+    Hello {
+        version: u64,
+    },
+    Join {
+        token: String,
+        name: Option<String>,
+        auto_subscribe: bool,
+    },
     Leave,
-    Produce { sdp: String, tracks: Vec<(String, TrackSource)> },
-    Unpublish { track: TrackId },
-    Consume { tracks: Vec<TrackId> },
-    CloseConsumers { tracks: Vec<TrackId> },
-    Pause { track: TrackId },
-    Resume { track: TrackId },
-    Layers { track: TrackId, max_spatial: u8 },
-    Answer { revision: u64, sdp: String },
+    Produce {
+        sdp: String,
+        tracks: Vec<(String, TrackSource)>,
+    },
+    Unpublish {
+        track: TrackId,
+    },
+    Consume {
+        tracks: Vec<TrackId>,
+    },
+    CloseConsumers {
+        tracks: Vec<TrackId>,
+    },
+    Pause {
+        track: TrackId,
+    },
+    Resume {
+        track: TrackId,
+    },
+    Layers {
+        track: TrackId,
+        max_spatial: u8,
+    },
+    Answer {
+        revision: u64,
+        sdp: String,
+    },
 }
 
 /// Why a frame could not be decoded: `(id if readable, code, message)`.
@@ -118,26 +143,54 @@ struct HelloBody {
 pub fn decode(text: &str) -> Result<(u64, Request), DecodeError> {
     let err = |id, code, message: String| DecodeError { id, code, message };
     if text.len() > MAX_FRAME {
-        return Err(err(None, "too_large", format!("frame of {} bytes exceeds {MAX_FRAME}", text.len())));
+        return Err(err(
+            None,
+            "too_large",
+            format!("frame of {} bytes exceeds {MAX_FRAME}", text.len()),
+        ));
     }
     let mut v: Value = serde_json::from_str(text)
         .map_err(|e| err(None, "bad_request", format!("not JSON: {e}")))?;
     let Some(obj) = v.as_object_mut() else {
-        return Err(err(None, "bad_request", "a message must be a JSON object".into()));
+        return Err(err(
+            None,
+            "bad_request",
+            "a message must be a JSON object".into(),
+        ));
     };
     let id = match obj.remove("id") {
         Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
-            err(None, "bad_request", "id must be a non-negative integer".into())
+            err(
+                None,
+                "bad_request",
+                "id must be a non-negative integer".into(),
+            )
         })?,
-        Some(_) => return Err(err(None, "bad_request", "id must be a non-negative integer".into())),
+        Some(_) => {
+            return Err(err(
+                None,
+                "bad_request",
+                "id must be a non-negative integer".into(),
+            ))
+        }
         None => return Err(err(None, "bad_request", "missing id".into())),
     };
     let ty = match obj.remove("type") {
         Some(Value::String(s)) => s,
-        _ => return Err(err(Some(id), "bad_request", "missing or non-string type".into())),
+        _ => {
+            return Err(err(
+                Some(id),
+                "bad_request",
+                "missing or non-string type".into(),
+            ))
+        }
     };
     let body = Value::Object(std::mem::take(obj));
-    fn parse<T: serde::de::DeserializeOwned>(id: u64, ty: &str, body: Value) -> Result<T, DecodeError> {
+    fn parse<T: serde::de::DeserializeOwned>(
+        id: u64,
+        ty: &str,
+        body: Value,
+    ) -> Result<T, DecodeError> {
         serde_json::from_value(body).map_err(|e| DecodeError {
             id: Some(id),
             code: "bad_request",
@@ -151,7 +204,11 @@ pub fn decode(text: &str) -> Result<(u64, Request), DecodeError> {
         "room:join" => {
             let b: JoinBody = parse(id, &ty, body)?;
             if b.name.as_ref().is_some_and(|n| n.chars().count() > 64) {
-                return Err(err(Some(id), "bad_request", "name longer than 64 characters".into()));
+                return Err(err(
+                    Some(id),
+                    "bad_request",
+                    "name longer than 64 characters".into(),
+                ));
             }
             Request::Join {
                 token: b.token,
@@ -171,10 +228,18 @@ pub fn decode(text: &str) -> Result<(u64, Request), DecodeError> {
             track: TrackId(parse::<TrackBody>(id, &ty, body)?.track),
         },
         "consume" => Request::Consume {
-            tracks: parse::<TracksBody>(id, &ty, body)?.tracks.into_iter().map(TrackId).collect(),
+            tracks: parse::<TracksBody>(id, &ty, body)?
+                .tracks
+                .into_iter()
+                .map(TrackId)
+                .collect(),
         },
         "consumer:close" => Request::CloseConsumers {
-            tracks: parse::<TracksBody>(id, &ty, body)?.tracks.into_iter().map(TrackId).collect(),
+            tracks: parse::<TracksBody>(id, &ty, body)?
+                .tracks
+                .into_iter()
+                .map(TrackId)
+                .collect(),
         },
         "consumer:pause" => Request::Pause {
             track: TrackId(parse::<TrackBody>(id, &ty, body)?.track),
@@ -185,7 +250,11 @@ pub fn decode(text: &str) -> Result<(u64, Request), DecodeError> {
         "consumer:layers" => {
             let b: LayersBody = parse(id, &ty, body)?;
             if b.max_spatial > 2 {
-                return Err(err(Some(id), "bad_request", "maxSpatial must be 0, 1 or 2".into()));
+                return Err(err(
+                    Some(id),
+                    "bad_request",
+                    "maxSpatial must be 0, 1 or 2".into(),
+                ));
             }
             Request::Layers {
                 track: TrackId(b.track),
@@ -200,7 +269,11 @@ pub fn decode(text: &str) -> Result<(u64, Request), DecodeError> {
             }
         }
         other => {
-            return Err(err(Some(id), "unknown_type", format!("unknown message type {other:?}")));
+            return Err(err(
+                Some(id),
+                "unknown_type",
+                format!("unknown message type {other:?}"),
+            ));
         }
     };
     Ok((id, req))
@@ -222,7 +295,8 @@ impl RateLimit {
         }
     }
     fn allow(&mut self, now: Instant) -> bool {
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * RATE_PER_SEC).min(RATE_BURST);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * RATE_PER_SEC)
+            .min(RATE_BURST);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -248,7 +322,8 @@ fn error(id: Option<u64>, code: &str, message: &str) -> String {
 }
 
 fn offer_event(o: &SubscriberOffer) -> String {
-    json!({"type": "sdp:offer", "revision": o.revision, "sdp": o.sdp, "tracks": o.tracks}).to_string()
+    json!({"type": "sdp:offer", "revision": o.revision, "sdp": o.sdp, "tracks": o.tracks})
+        .to_string()
 }
 
 /// Translates a room event to the client's event JSON.
@@ -259,7 +334,9 @@ pub fn event_json(e: &RoomEvent) -> Option<String> {
         RoomEventBody::ParticipantLeft { participant } => {
             json!({"type": "participant:left", "seq": e.seq, "participant": participant})
         }
-        RoomEventBody::TrackPublished(t) => json!({"type": "track:published", "seq": e.seq, "track": t}),
+        RoomEventBody::TrackPublished(t) => {
+            json!({"type": "track:published", "seq": e.seq, "track": t})
+        }
         RoomEventBody::TrackUnpublished { track, participant } => {
             json!({"type": "track:unpublished", "seq": e.seq, "track": track, "participant": participant})
         }
@@ -312,7 +389,11 @@ pub async fn serve(edge: Arc<Edge>, mut socket: WebSocket) {
         };
         let mut closed = false;
         for o in out {
-            if socket.send(Message::Text(Utf8Bytes::from(o))).await.is_err() {
+            if socket
+                .send(Message::Text(Utf8Bytes::from(o)))
+                .await
+                .is_err()
+            {
                 closed = true;
                 break;
             }
@@ -345,7 +426,10 @@ impl Connection {
         if !self.rate.allow(Instant::now()) {
             self.edge.metrics.reject("rate_limited");
             let close = self.rate.strikes > ABUSE_LIMIT;
-            return (vec![error(None, "rate_limited", "too many requests; slow down")], close);
+            return (
+                vec![error(None, "rate_limited", "too many requests; slow down")],
+                close,
+            );
         }
         let (id, req) = match decode(text) {
             Ok(r) => r,
@@ -383,11 +467,21 @@ impl Connection {
                     format!("protocol version {version} is not supported; this server speaks {PROTOCOL_VERSION}"),
                 ));
             }
-            return Ok(json!({"version": PROTOCOL_VERSION, "server": concat!("kcs-edge/", env!("CARGO_PKG_VERSION"))}));
+            return Ok(
+                json!({"version": PROTOCOL_VERSION, "server": concat!("kcs-edge/", env!("CARGO_PKG_VERSION"))}),
+            );
         }
-        if let Request::Join { token, name, auto_subscribe } = req {
+        if let Request::Join {
+            token,
+            name,
+            auto_subscribe,
+        } = req
+        {
             if self.participant.is_some() {
-                return Err(SessionError::new("already_joined", "this connection already joined a room"));
+                return Err(SessionError::new(
+                    "already_joined",
+                    "this connection already joined a room",
+                ));
             }
             let claims = self
                 .edge
@@ -395,7 +489,9 @@ impl Connection {
                 .verify(&token)
                 .map_err(|e| SessionError::new(e.code(), e.to_string()))?;
             let room: RoomId = claims.room.clone();
-            let display = name.or(claims.name.clone()).unwrap_or_else(|| claims.identity.to_string());
+            let display = name
+                .or(claims.name.clone())
+                .unwrap_or_else(|| claims.identity.to_string());
             let (p, joined) = Participant::join(
                 self.edge.clone(),
                 room.clone(),
@@ -413,7 +509,9 @@ impl Connection {
             let participants: Vec<Value> = joined
                 .participants
                 .iter()
-                .map(|q| json!({"id": q.id, "identity": q.identity, "name": q.name, "role": q.role}))
+                .map(
+                    |q| json!({"id": q.id, "identity": q.identity, "name": q.name, "role": q.role}),
+                )
                 .collect();
             self.participant = Some(p);
             if auto_subscribe {
@@ -421,7 +519,9 @@ impl Connection {
                     out.push(offer_event(&o));
                 }
             }
-            return Ok(json!({"room": room, "you": you, "participants": participants, "tracks": joined.tracks, "seq": joined.seq}));
+            return Ok(
+                json!({"room": room, "you": you, "participants": participants, "tracks": joined.tracks, "seq": joined.seq}),
+            );
         }
         let Some(p) = self.participant.as_mut() else {
             return Err(SessionError::new("not_joined", "send room:join first"));
@@ -492,6 +592,9 @@ impl Connection {
         let mut out = Vec::new();
         match sig {
             RoomSignal::Event(e) => {
+                if matches!(&e.body, RoomEventBody::ParticipantJoined(info) if info.id == p.me.id) {
+                    return out; // our own join: the ack already carried it (and its seq)
+                }
                 let offer = p.handle_room_event(&e).await;
                 if let Some(j) = event_json(&e) {
                     out.push(j);
@@ -511,7 +614,10 @@ impl Connection {
                         Some((t, q)) => (Some(t), Some(q)),
                         None => (None, None),
                     };
-                out.push(json!({"type": "speaker:active", "participant": participant, "track": track}).to_string());
+                out.push(
+                    json!({"type": "speaker:active", "participant": participant, "track": track})
+                        .to_string(),
+                );
             }
         }
         out
@@ -552,23 +658,64 @@ mod tests {
     #[test]
     fn decodes_every_request_type() {
         let cases = [
-            (r#"{"id":1,"type":"hello","version":1}"#, Request::Hello { version: 1 }),
+            (
+                r#"{"id":1,"type":"hello","version":1}"#,
+                Request::Hello { version: 1 },
+            ),
             (
                 r#"{"id":2,"type":"room:join","token":"t"}"#,
-                Request::Join { token: "t".into(), name: None, auto_subscribe: true },
+                Request::Join {
+                    token: "t".into(),
+                    name: None,
+                    auto_subscribe: true,
+                },
             ),
             (r#"{"id":3,"type":"room:leave"}"#, Request::Leave),
             (
                 r#"{"id":4,"type":"produce","sdp":"v=0","tracks":[{"mid":"0","source":"screen-audio"}]}"#,
-                Request::Produce { sdp: "v=0".into(), tracks: vec![("0".into(), TrackSource::ScreenAudio)] },
+                Request::Produce {
+                    sdp: "v=0".into(),
+                    tracks: vec![("0".into(), TrackSource::ScreenAudio)],
+                },
             ),
-            (r#"{"id":5,"type":"media:unpublish","track":7}"#, Request::Unpublish { track: TrackId(7) }),
-            (r#"{"id":6,"type":"consume","tracks":[1,2]}"#, Request::Consume { tracks: vec![TrackId(1), TrackId(2)] }),
-            (r#"{"id":7,"type":"consumer:close","tracks":[1]}"#, Request::CloseConsumers { tracks: vec![TrackId(1)] }),
-            (r#"{"id":8,"type":"consumer:pause","track":1}"#, Request::Pause { track: TrackId(1) }),
-            (r#"{"id":9,"type":"consumer:resume","track":1}"#, Request::Resume { track: TrackId(1) }),
-            (r#"{"id":10,"type":"consumer:layers","track":1,"maxSpatial":0}"#, Request::Layers { track: TrackId(1), max_spatial: 0 }),
-            (r#"{"id":11,"type":"sdp:answer","revision":3,"sdp":"v=0"}"#, Request::Answer { revision: 3, sdp: "v=0".into() }),
+            (
+                r#"{"id":5,"type":"media:unpublish","track":7}"#,
+                Request::Unpublish { track: TrackId(7) },
+            ),
+            (
+                r#"{"id":6,"type":"consume","tracks":[1,2]}"#,
+                Request::Consume {
+                    tracks: vec![TrackId(1), TrackId(2)],
+                },
+            ),
+            (
+                r#"{"id":7,"type":"consumer:close","tracks":[1]}"#,
+                Request::CloseConsumers {
+                    tracks: vec![TrackId(1)],
+                },
+            ),
+            (
+                r#"{"id":8,"type":"consumer:pause","track":1}"#,
+                Request::Pause { track: TrackId(1) },
+            ),
+            (
+                r#"{"id":9,"type":"consumer:resume","track":1}"#,
+                Request::Resume { track: TrackId(1) },
+            ),
+            (
+                r#"{"id":10,"type":"consumer:layers","track":1,"maxSpatial":0}"#,
+                Request::Layers {
+                    track: TrackId(1),
+                    max_spatial: 0,
+                },
+            ),
+            (
+                r#"{"id":11,"type":"sdp:answer","revision":3,"sdp":"v=0"}"#,
+                Request::Answer {
+                    revision: 3,
+                    sdp: "v=0".into(),
+                },
+            ),
         ];
         for (text, want) in cases {
             let (_, got) = decode(text).unwrap_or_else(|e| panic!("{text}: {e:?}"));
@@ -585,16 +732,35 @@ mod tests {
             (r#"{"id":-1,"type":"hello"}"#, None, "bad_request"),
             (r#"{"id":1}"#, Some(1), "bad_request"),
             (r#"{"id":1,"type":"teleport"}"#, Some(1), "unknown_type"),
-            (r#"{"id":1,"type":"consume","tracks":"all"}"#, Some(1), "bad_request"),
-            (r#"{"id":1,"type":"consume","tracks":[1],"extra":true}"#, Some(1), "bad_request"),
-            (r#"{"id":1,"type":"consumer:layers","track":1,"maxSpatial":7}"#, Some(1), "bad_request"),
-            (r#"{"id":1,"type":"produce","sdp":"v=0","tracks":[{"mid":"0","source":"hologram"}]}"#, Some(1), "bad_request"),
+            (
+                r#"{"id":1,"type":"consume","tracks":"all"}"#,
+                Some(1),
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"consume","tracks":[1],"extra":true}"#,
+                Some(1),
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"consumer:layers","track":1,"maxSpatial":7}"#,
+                Some(1),
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"produce","sdp":"v=0","tracks":[{"mid":"0","source":"hologram"}]}"#,
+                Some(1),
+                "bad_request",
+            ),
         ];
         for (text, id, code) in cases {
             let e = decode(text).unwrap_err();
             assert_eq!((e.id, e.code), (id, code), "{text}: {}", e.message);
         }
-        let huge = format!(r#"{{"id":1,"type":"produce","sdp":"{}"}}"#, "a".repeat(MAX_FRAME));
+        let huge = format!(
+            r#"{{"id":1,"type":"produce","sdp":"{}"}}"#,
+            "a".repeat(MAX_FRAME)
+        );
         assert_eq!(decode(&huge).unwrap_err().code, "too_large");
     }
 

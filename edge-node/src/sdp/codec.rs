@@ -33,11 +33,14 @@ fn rank(kind: MediaKind, c: &OfferedCodec) -> Option<(u8, u8)> {
         MediaKind::Video if name.eq_ignore_ascii_case("H264") => h264_rank(c).map(|r| (1, r)),
         MediaKind::Video if name.eq_ignore_ascii_case("VP9") => {
             // RFC 9628 §6: profile-id absent means 0; 2 is 10-bit, fewer decoders have it.
-            Some((2, match c.fmtp_param("profile-id").unwrap_or("0") {
-                "0" => 0,
-                "2" => 1,
-                _ => 2,
-            }))
+            Some((
+                2,
+                match c.fmtp_param("profile-id").unwrap_or("0") {
+                    "0" => 0,
+                    "2" => 1,
+                    _ => 2,
+                },
+            ))
         }
         MediaKind::Video if name.eq_ignore_ascii_case("AV1") => {
             // AV1 RTP spec §7.2: profile absent means 0 (Main).
@@ -152,9 +155,21 @@ mod tests {
         let h264 = |pt, f: &str| c(pt, "H264", 90_000, Some(f));
         // (offered codecs, expected pt)
         let cases: Vec<(Vec<OfferedCodec>, Option<u8>)> = vec![
-            (vec![c(98, "VP9", 90_000, None), c(96, "VP8", 90_000, None)], Some(96)),
-            (vec![c(45, "AV1", 90_000, None), c(98, "VP9", 90_000, None)], Some(98)),
-            (vec![c(45, "AV1", 90_000, None), h264(102, "packetization-mode=0")], Some(102)),
+            (
+                vec![c(98, "VP9", 90_000, None), c(96, "VP8", 90_000, None)],
+                Some(96),
+            ),
+            (
+                vec![c(45, "AV1", 90_000, None), c(98, "VP9", 90_000, None)],
+                Some(98),
+            ),
+            (
+                vec![
+                    c(45, "AV1", 90_000, None),
+                    h264(102, "packetization-mode=0"),
+                ],
+                Some(102),
+            ),
             (
                 vec![
                     h264(102, "packetization-mode=1;profile-level-id=42001f"),
@@ -181,12 +196,21 @@ mod tests {
             ),
             (vec![h264(99, "packetization-mode=2")], None),
             (
-                vec![c(100, "VP9", 90_000, Some("profile-id=2")), c(98, "VP9", 90_000, Some("profile-id=0"))],
+                vec![
+                    c(100, "VP9", 90_000, Some("profile-id=2")),
+                    c(98, "VP9", 90_000, Some("profile-id=0")),
+                ],
                 Some(98),
             ),
             (vec![c(96, "vp8", 90_000, None)], Some(96)),
             (vec![c(96, "VP8", 48_000, None)], None),
-            (vec![c(96, "rtx", 90_000, Some("apt=97")), c(118, "red", 90_000, None)], None),
+            (
+                vec![
+                    c(96, "rtx", 90_000, Some("apt=97")),
+                    c(118, "red", 90_000, None),
+                ],
+                None,
+            ),
         ];
         for (offered, want) in cases {
             let got = choose_publish(MediaKind::Video, &offered).map(|c| c.pt);
@@ -199,10 +223,19 @@ mod tests {
         let mut mono = c(111, "opus", 48_000, None);
         mono.channels = Some(1);
         assert_eq!(choose_publish(MediaKind::Audio, &[mono]), None);
-        let offered = [c(0, "PCMU", 8000, None), c(111, "opus", 48_000, Some("minptime=10"))];
-        assert_eq!(choose_publish(MediaKind::Audio, &offered).map(|c| c.pt), Some(111));
+        let offered = [
+            c(0, "PCMU", 8000, None),
+            c(111, "opus", 48_000, Some("minptime=10")),
+        ];
+        assert_eq!(
+            choose_publish(MediaKind::Audio, &offered).map(|c| c.pt),
+            Some(111)
+        );
         // A video codec name on an audio m-line is not taken.
-        assert_eq!(choose_publish(MediaKind::Audio, &[c(96, "VP8", 90_000, None)]), None);
+        assert_eq!(
+            choose_publish(MediaKind::Audio, &[c(96, "VP8", 90_000, None)]),
+            None
+        );
     }
 
     #[test]
@@ -220,11 +253,21 @@ mod tests {
     #[test]
     fn feedback_is_the_intersection_without_duplicates() {
         let mut vp8 = c(96, "VP8", 90_000, None);
-        vp8.rtcp_fb = ["goog-remb", "transport-cc", "ccm fir", "nack", "nack pli", "nack"]
-            .map(str::to_owned)
-            .to_vec();
+        vp8.rtcp_fb = [
+            "goog-remb",
+            "transport-cc",
+            "ccm fir",
+            "nack",
+            "nack pli",
+            "nack",
+        ]
+        .map(str::to_owned)
+        .to_vec();
         let got = negotiated(&vp8, Some(97), PUBLISH_VIDEO_FB);
-        assert_eq!(got.rtcp_fb, vec!["transport-cc", "ccm fir", "nack", "nack pli"]);
+        assert_eq!(
+            got.rtcp_fb,
+            vec!["transport-cc", "ccm fir", "nack", "nack pli"]
+        );
         assert_eq!(got.rtx_payload_type, Some(97));
     }
 }

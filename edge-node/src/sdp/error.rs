@@ -58,6 +58,8 @@ pub enum SdpError {
     MissingBundle,
     #[error("accepted m-line {mid:?} is not in the BUNDLE group (RFC 8843)")]
     NotBundled { mid: String },
+    #[error("a=ice-lite: the edge is ICE-lite too, so the peer must run full ICE (RFC 8445 §2.5)")]
+    IceLitePeer,
     #[error("no a=ice-ufrag / a=ice-pwd")]
     MissingIceCredentials,
     #[error("no a=fingerprint (RFC 8122)")]
@@ -117,6 +119,7 @@ impl SdpError {
             | SdpError::MediaCount { .. } => "sdp_invalid",
             SdpError::MissingBundle
             | SdpError::NotBundled { .. }
+            | SdpError::IceLitePeer
             | SdpError::MissingIceCredentials
             | SdpError::MissingFingerprint
             | SdpError::UnsupportedFingerprint { .. }
@@ -157,10 +160,7 @@ mod tests {
     fn codes_split_invalid_from_unsupported() {
         assert_eq!(SdpError::MissingBundle.code(), "sdp_unsupported");
         assert_eq!(SdpError::NothingAccepted.code(), "sdp_unsupported");
-        assert_eq!(
-            SdpError::TooLarge { len: 2, max: 1 }.code(),
-            "sdp_invalid"
-        );
+        assert_eq!(SdpError::TooLarge { len: 2, max: 1 }.code(), "sdp_invalid");
         assert_eq!(
             SdpError::DuplicateMid { mid: "0".into() }.code(),
             "sdp_invalid"

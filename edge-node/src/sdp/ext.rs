@@ -29,9 +29,7 @@ pub(crate) enum Flow {
 fn supported(kind: MediaKind, flow: Flow) -> &'static [&'static str] {
     match (kind, flow) {
         (MediaKind::Audio, _) => &[MID, ABS_SEND_TIME, TRANSPORT_CC, AUDIO_LEVEL],
-        (MediaKind::Video, Flow::Receive) => {
-            &[MID, RID, REPAIRED_RID, ABS_SEND_TIME, TRANSPORT_CC]
-        }
+        (MediaKind::Video, Flow::Receive) => &[MID, RID, REPAIRED_RID, ABS_SEND_TIME, TRANSPORT_CC],
         (MediaKind::Video, Flow::Send) => &[MID, ABS_SEND_TIME, TRANSPORT_CC],
     }
 }
@@ -214,22 +212,41 @@ mod tests {
         let (_, lines) = negotiate(MediaKind::Audio, Flow::Receive, &offered, false);
         assert_eq!(
             lines,
-            vec![ExtLine { id: 1, uri: MID, direction: Some(Direction::RecvOnly) }]
+            vec![ExtLine {
+                id: 1,
+                uri: MID,
+                direction: Some(Direction::RecvOnly)
+            }]
         );
         let (_, lines) = negotiate(MediaKind::Audio, Flow::Send, &offered, false);
         assert_eq!(
             lines,
-            vec![ExtLine { id: 2, uri: ABS_SEND_TIME, direction: Some(Direction::SendOnly) }]
+            vec![ExtLine {
+                id: 2,
+                uri: ABS_SEND_TIME,
+                direction: Some(Direction::SendOnly)
+            }]
         );
     }
 
     #[test]
     fn bundle_check_rejects_one_id_for_two_extensions() {
         let mut check = BundleExtCheck::default();
-        let a = [ExtLine { id: 4, uri: MID, direction: None }];
-        let b = [ExtLine { id: 4, uri: TRANSPORT_CC, direction: None }];
+        let a = [ExtLine {
+            id: 4,
+            uri: MID,
+            direction: None,
+        }];
+        let b = [ExtLine {
+            id: 4,
+            uri: TRANSPORT_CC,
+            direction: None,
+        }];
         check.add(&a).unwrap();
         check.add(&a).unwrap();
-        assert!(matches!(check.add(&b), Err(SdpError::ExtIdConflict { id: 4, .. })));
+        assert!(matches!(
+            check.add(&b),
+            Err(SdpError::ExtIdConflict { id: 4, .. })
+        ));
     }
 }

@@ -13,7 +13,14 @@
 //! * [`answer_publish`]: client offer → our answer + what the client will send ([`AcceptedMedia`]).
 //! * [`subscriber_offer`] / [`parse_subscriber_answer`]: our offer for the subscriber PC, and the
 //!   check of the client's answer.
-//! * [`answer_subscribe`]: WHEP, client's recvonly offer → our sendonly answer.
+//! * [`answer_subscribe`]: WHEP, client's recvonly offer → our sendonly answer, one
+//!   [`WhepSource`] per m-line.
+//!
+//! Errors are [`SdpError`]s; [`SdpError::code`] gives the signaling error code (`sdp_invalid`
+//! or `sdp_unsupported`). [`SdpLimits`] bound the input before the parser sees it.
+//!
+//! Tests run on real SDP from headless Chromium and aiortc (testdata/README.md), and
+//! testdata/interop/run.sh feeds our SDP back to those clients' `setRemoteDescription`.
 //!
 //! Parsing and printing use webrtc-rs's `sdp` crate; the negotiation (codec choice, simulcast,
 //! BUNDLE, DTLS roles) is ours. All functions are pure: no I/O, no clock, no randomness, so the
@@ -73,6 +80,10 @@ mod write;
 
 #[cfg(test)]
 mod fixtures;
+#[cfg(test)]
+mod hostile;
+#[cfg(test)]
+mod interop;
 #[cfg(test)]
 mod tests_common;
 

@@ -32,6 +32,8 @@ pub(crate) struct Parsed {
     pub(crate) bundle: Option<Vec<String>>,
     /// `a=extmap-allow-mixed` (RFC 8285 §6) at session level or on any m-line.
     pub(crate) extmap_allow_mixed: bool,
+    /// Session-level `a=ice-lite` (RFC 8839 §5.3): the peer does no connectivity checks.
+    pub(crate) ice_lite: bool,
     pub(crate) transport: TransportAttrs,
     pub(crate) media: Vec<Media>,
     by_mid: HashMap<String, usize>,
@@ -66,8 +68,8 @@ pub(crate) struct Media {
     /// Payload types with an rtpmap, in m= format order (audio/video only).
     pub(crate) codecs: Vec<OfferedCodec>,
     pub(crate) extmaps: Vec<ExtMap>,
-    /// Rids declared `send` by the peer, in `a=simulcast:send` order when there is one, else in
-    /// `a=rid` order; only filled when there is an `a=simulcast` naming send streams.
+    /// The rids of the peer's `a=simulcast:send` list, in its order (each checked against
+    /// `a=rid ... send`); empty without `a=simulcast`.
     pub(crate) simulcast_send: Vec<String>,
     pub(crate) ssrcs: Vec<SsrcInfo>,
     pub(crate) msid: Option<(String, String)>,
@@ -156,7 +158,12 @@ fn check_ice_chars(
     min: usize,
 ) -> Result<(), SdpError> {
     if value.len() < min || value.len() > 256 {
-        return Err(SdpError::attr(attribute, loc, value, "wrong length (RFC 8839 §5.4)"));
+        return Err(SdpError::attr(
+            attribute,
+            loc,
+            value,
+            "wrong length (RFC 8839 §5.4)",
+        ));
     }
     if !value
         .bytes()
@@ -254,6 +261,7 @@ pub(crate) fn parse(text: &str, limits: &SdpLimits) -> Result<Parsed, SdpError> 
     let mut transport = TransportAttrs::default();
     let mut bundle = None;
     let mut extmap_allow_mixed = false;
+    let mut ice_lite = false;
     for a in &desc.attributes {
         let value = a.value.as_deref().unwrap_or("");
         match a.key.as_str() {
@@ -264,6 +272,7 @@ pub(crate) fn parse(text: &str, limits: &SdpLimits) -> Result<Parsed, SdpError> 
                 }
             }
             "extmap-allow-mixed" => extmap_allow_mixed = true,
+            "ice-lite" => ice_lite = true,
             _ => read_transport_attr(&mut transport, &a.key, value, Location::Session)?,
         }
     }
@@ -314,6 +323,7 @@ pub(crate) fn parse(text: &str, limits: &SdpLimits) -> Result<Parsed, SdpError> 
     Ok(Parsed {
         bundle,
         extmap_allow_mixed,
+        ice_lite,
         transport,
         media,
         by_mid,
@@ -366,10 +376,7 @@ struct Raw<'a> {
     groups: Vec<(&'a str, Vec<u32>)>,
 }
 
-fn parse_media(
-    index: usize,
-    md: &sdp::MediaDescription,
-) -> Result<(Media, bool), SdpError> {
+fn parse_media(index: usize, md: &sdp::MediaDescription) -> Result<(Media, bool), SdpError> {
     let loc = Location::Media(index);
     let kind_name = md.media_name.media.clone();
     let kind = match kind_name.as_str() {
@@ -463,12 +470,19 @@ fn parse_media(
                     ));
                 };
                 if raw.rtpmaps.insert(pt, (name, clock, channels)).is_some() {
-                    return Err(SdpError::attr("rtpmap", loc, value, "payload type mapped twice"));
+                    return Err(SdpError::attr(
+                        "rtpmap",
+                        loc,
+                        value,
+                        "payload type mapped twice",
+                    ));
                 }
             }
             "fmtp" if kind.is_some() => {
                 let (pt, rest) = split_pt("fmtp", loc, value)?;
-                raw.fmtps.entry(pt).or_insert(rest.trim());
+                if !rest.trim().is_empty() {
+                    raw.fmtps.entry(pt).or_insert(rest.trim());
+                }
             }
             "rtcp-fb" if kind.is_some() => {
                 let (pt, rest) = value.trim().split_once(' ').ok_or_else(|| {
@@ -525,7 +539,12 @@ fn parse_media(
                         SdpError::attr("ssrc-group", loc, value, "ssrc is not a 32-bit number")
                     })?;
                 if ssrcs.len() > MAX_SSRCS_PER_MEDIA {
-                    return Err(SdpError::attr("ssrc-group", loc, value, "more than 16 ssrcs"));
+                    return Err(SdpError::attr(
+                        "ssrc-group",
+                        loc,
+                        value,
+                        "more than 16 ssrcs",
+                    ));
                 }
                 raw.groups.push((semantics, ssrcs));
             }
@@ -592,14 +611,20 @@ fn parse_direction(s: &str) -> Option<Direction> {
 fn parse_extmap(loc: Location, value: &str) -> Result<ExtMap, SdpError> {
     let mut parts = value.split_whitespace();
     let (Some(id_dir), Some(uri)) = (parts.next(), parts.next()) else {
-        return Err(SdpError::attr("extmap", loc, value, "expected `<id> <uri>`"));
+        return Err(SdpError::attr(
+            "extmap",
+            loc,
+            value,
+            "expected `<id> <uri>`",
+        ));
     };
     let (id, direction) = match id_dir.split_once('/') {
         Some((id, dir)) => (
             id,
-            Some(parse_direction(dir).ok_or_else(|| {
-                SdpError::attr("extmap", loc, value, "unknown direction")
-            })?),
+            Some(
+                parse_direction(dir)
+                    .ok_or_else(|| SdpError::attr("extmap", loc, value, "unknown direction"))?,
+            ),
         ),
         None => (id_dir, None),
     };
@@ -693,7 +718,9 @@ fn simulcast_send(m: &Media, raw: &Raw<'_>) -> Result<Vec<String>, SdpError> {
     for &(id, dir) in &raw.rids {
         if id.is_empty()
             || id.len() > MAX_RID_LEN
-            || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         {
             return Err(bad(id, "not 1-16 letters, digits, - or _"));
         }
@@ -710,12 +737,13 @@ fn simulcast_send(m: &Media, raw: &Raw<'_>) -> Result<Vec<String>, SdpError> {
         return Ok(Vec::new());
     };
     let tokens: Vec<&str> = value.split_whitespace().collect();
-    if tokens.is_empty() || tokens.len() % 2 != 0 {
+    let pairs = tokens.chunks_exact(2);
+    if tokens.is_empty() || !pairs.remainder().is_empty() {
         return Err(bad(value, "a=simulcast is not `send <list> [recv <list>]`"));
     }
     let mut send = Vec::new();
     let mut seen = HashSet::new();
-    for pair in tokens.chunks(2) {
+    for pair in pairs {
         let is_send = match pair[0] {
             "send" => true,
             "recv" => false,
@@ -756,7 +784,10 @@ mod tests {
     #[test]
     fn chrome_simulcast_offer_is_read_completely() {
         let p = parse_ok(fixtures::CHROME_PUBLISH_SIMULCAST);
-        assert_eq!(p.bundle.as_deref(), Some(&["0".to_owned(), "1".to_owned()][..]));
+        assert_eq!(
+            p.bundle.as_deref(),
+            Some(&["0".to_owned(), "1".to_owned()][..])
+        );
         assert!(p.extmap_allow_mixed);
         assert_eq!(p.media.len(), 2);
         let audio = &p.media[0];
@@ -766,9 +797,18 @@ mod tests {
         assert!(audio.rtcp_mux);
         assert_eq!(audio.codecs[0].name, "opus");
         assert_eq!(audio.codecs[0].channels, Some(2));
-        assert_eq!(audio.codecs[0].fmtp.as_deref(), Some("minptime=10;useinbandfec=1"));
+        assert_eq!(
+            audio.codecs[0].fmtp.as_deref(),
+            Some("minptime=10;useinbandfec=1")
+        );
         assert_eq!(audio.codecs[0].rtcp_fb, vec!["transport-cc"]);
-        assert_eq!(audio.ssrcs, vec![SsrcInfo { ssrc: 2991828682, rtx_ssrc: None }]);
+        assert_eq!(
+            audio.ssrcs,
+            vec![SsrcInfo {
+                ssrc: 2991828682,
+                rtx_ssrc: None
+            }]
+        );
         let video = &p.media[1];
         assert_eq!(video.simulcast_send, vec!["q", "h", "f"]);
         assert!(video.ssrcs.is_empty());
@@ -791,16 +831,25 @@ mod tests {
         let p = parse_ok(fixtures::AIORTC_PUBLISH);
         assert_eq!(
             p.media[1].ssrcs,
-            vec![SsrcInfo { ssrc: 4227723284, rtx_ssrc: Some(3301386872) }]
+            vec![SsrcInfo {
+                ssrc: 4227723284,
+                rtx_ssrc: Some(3301386872)
+            }]
         );
     }
 
     #[test]
     fn sim_group_orders_legacy_simulcast() {
         let p = parse_ok(fixtures::LEGACY_SIM);
-        let ssrcs: Vec<(u32, Option<u32>)> =
-            p.media[0].ssrcs.iter().map(|s| (s.ssrc, s.rtx_ssrc)).collect();
-        assert_eq!(ssrcs, vec![(101, Some(201)), (102, Some(202)), (103, Some(203))]);
+        let ssrcs: Vec<(u32, Option<u32>)> = p.media[0]
+            .ssrcs
+            .iter()
+            .map(|s| (s.ssrc, s.rtx_ssrc))
+            .collect();
+        assert_eq!(
+            ssrcs,
+            vec![(101, Some(201)), (102, Some(202)), (103, Some(203))]
+        );
     }
 
     #[test]
@@ -833,22 +882,62 @@ mod tests {
         let base = fixtures::CHROME_PUBLISH_SIMULCAST;
         let cases: &[(&str, &str, &str)] = &[
             ("a=mid:1\r\n", "a=mid:0\r\n", "sdp_invalid"),
-            ("a=mid:1\r\n", "a=mid:this-mid-is-far-too-long\r\n", "sdp_invalid"),
+            (
+                "a=mid:1\r\n",
+                "a=mid:this-mid-is-far-too-long\r\n",
+                "sdp_invalid",
+            ),
             ("a=rid:h send\r\n", "a=rid:q send\r\n", "sdp_invalid"),
             ("a=rid:h send\r\n", "a=rid:h sideways\r\n", "sdp_invalid"),
             ("a=rid:h send\r\n", "a=rid:h/x send\r\n", "sdp_invalid"),
-            ("a=simulcast:send q;h;f", "a=simulcast:send q;h;x", "sdp_invalid"),
-            ("a=simulcast:send q;h;f", "a=simulcast:send q;h;h", "sdp_invalid"),
+            (
+                "a=simulcast:send q;h;f",
+                "a=simulcast:send q;h;x",
+                "sdp_invalid",
+            ),
+            (
+                "a=simulcast:send q;h;f",
+                "a=simulcast:send q;h;h",
+                "sdp_invalid",
+            ),
             ("a=simulcast:send q;h;f", "a=simulcast:send", "sdp_invalid"),
-            ("a=extmap:13 urn:3gpp", "a=extmap:14 urn:3gpp", "sdp_invalid"),
+            (
+                "a=extmap:13 urn:3gpp",
+                "a=extmap:14 urn:3gpp",
+                "sdp_invalid",
+            ),
             ("a=extmap:13 urn:3gpp", "a=extmap:0 urn:3gpp", "sdp_invalid"),
-            ("a=extmap:13 urn:3gpp", "a=extmap:256 urn:3gpp", "sdp_invalid"),
+            (
+                "a=extmap:13 urn:3gpp",
+                "a=extmap:256 urn:3gpp",
+                "sdp_invalid",
+            ),
             ("a=rtpmap:96 VP8/90000", "a=rtpmap:96 VP8", "sdp_invalid"),
-            ("a=rtpmap:97 rtx/90000", "a=rtpmap:96 rtx/90000", "sdp_invalid"),
-            ("m=video 37539 UDP/TLS/RTP/SAVPF 96", "m=video 37539 UDP/TLS/RTP/SAVPF 300", "sdp_invalid"),
-            ("m=video 37539 UDP/TLS/RTP/SAVPF 96 97", "m=video 37539 UDP/TLS/RTP/SAVPF 96 96", "sdp_invalid"),
-            ("a=ssrc:2991828682 cname", "a=ssrc:99999999999 cname", "sdp_invalid"),
-            ("a=setup:actpass\r\na=mid:0", "a=setup:sideways\r\na=mid:0", "sdp_invalid"),
+            (
+                "a=rtpmap:97 rtx/90000",
+                "a=rtpmap:96 rtx/90000",
+                "sdp_invalid",
+            ),
+            (
+                "m=video 37539 UDP/TLS/RTP/SAVPF 96",
+                "m=video 37539 UDP/TLS/RTP/SAVPF 300",
+                "sdp_invalid",
+            ),
+            (
+                "m=video 37539 UDP/TLS/RTP/SAVPF 96 97",
+                "m=video 37539 UDP/TLS/RTP/SAVPF 96 96",
+                "sdp_invalid",
+            ),
+            (
+                "a=ssrc:2991828682 cname",
+                "a=ssrc:99999999999 cname",
+                "sdp_invalid",
+            ),
+            (
+                "a=setup:actpass\r\na=mid:0",
+                "a=setup:sideways\r\na=mid:0",
+                "sdp_invalid",
+            ),
             ("a=group:BUNDLE 0 1", "a=group:BUNDLE 0 1 7", "sdp_invalid"),
             ("a=group:BUNDLE 0 1", "a=group:BUNDLE 0 1 1", "sdp_invalid"),
         ];
@@ -873,7 +962,10 @@ mod tests {
 
         let long_line = format!("v=0\r\na={}\r\n", "x".repeat(5000));
         let err = parse(&long_line, &SdpLimits::default()).unwrap_err();
-        assert!(matches!(err, SdpError::LineTooLong { line: 2, .. }), "{err}");
+        assert!(
+            matches!(err, SdpError::LineTooLong { line: 2, .. }),
+            "{err}"
+        );
 
         let lone_cr = fixtures::CHROME_PUBLISH_SIMULCAST.replacen("a=mid:0", "a=mid:0\rm=x", 1);
         let err = parse(&lone_cr, &SdpLimits::default()).unwrap_err();

@@ -16,13 +16,18 @@ use super::{
 /// RTP profiles we take: DTLS-SRTP with feedback (RFC 5764 §8), and its pre-RFC 5764 spelling.
 pub(crate) const RTP_PROTOS: [&str; 2] = ["UDP/TLS/RTP/SAVPF", "RTP/SAVPF"];
 
-/// Session version of our answers; answers are not renegotiated from a previous answer of ours,
-/// so it stays constant (RFC 3264 §8 asks for an increment only on a changed SDP of one session).
-const ANSWER_VERSION: u64 = 2;
+/// Session version of our answers. We keep no state between answers, so a renegotiation's
+/// answer carries the same version; RFC 3264 §8 asks for growth when the SDP changes, but the
+/// clients we interoperate with (Chromium, aiortc) do not check it.
+pub(crate) const ANSWER_VERSION: u64 = 2;
 
 /// Answers a client's publish offer: one codec per audio/video m-line, simulcast rids, the
 /// header extensions we read; everything else rejected with port 0. See the module doc of
 /// [`crate::sdp`] for the policy.
+///
+/// An offer whose m-lines are all recvonly or inactive is still answered (every m-line
+/// `inactive`): that is a renegotiation after the client removed its tracks, and the PC lives
+/// on. Only an offer with no m-line we can bundle at all is refused (`sdp_unsupported`).
 pub fn answer_publish(
     offer: &str,
     local: &LocalTransport,
@@ -95,6 +100,10 @@ pub fn answer_publish(
 pub(crate) fn offer_transport(
     parsed: &Parsed,
 ) -> Result<(RemoteTransport, HashSet<&str>), SdpError> {
+    // RFC 8445 §2.5: two lite agents never check connectivity, so never connect.
+    if parsed.ice_lite {
+        return Err(SdpError::IceLitePeer);
+    }
     let bundle = parsed.bundle.as_ref().ok_or(SdpError::MissingBundle)?;
     let tag = bundle
         .first()
@@ -112,7 +121,10 @@ pub(crate) fn offer_transport(
 
 /// Whether an offered m-line can share our one transport: audio/video with a mid in the
 /// BUNDLE group, a DTLS-SRTP profile and rtcp-mux.
-pub(crate) fn bundleable<'a>(m: &'a Media, bundled: &HashSet<&str>) -> Option<(MediaKind, &'a str)> {
+pub(crate) fn bundleable<'a>(
+    m: &'a Media,
+    bundled: &HashSet<&str>,
+) -> Option<(MediaKind, &'a str)> {
     let kind = m.kind?;
     let mid = m.mid.as_deref()?;
     (bundled.contains(mid) && RTP_PROTOS.contains(&m.proto.as_str()) && m.rtcp_mux)
@@ -238,7 +250,7 @@ pub(crate) fn rejected_mline(m: &Media) -> sdp::MediaDescription {
 mod tests {
     use super::*;
     use crate::sdp::fixtures;
-    use crate::sdp::tests_common::{local, lines_of, mline_blocks};
+    use crate::sdp::tests_common::{lines_of, local, mline_blocks};
     use crate::sdp::{Fingerprint, SsrcInfo};
 
     fn answer(offer: &str) -> PublishAnswer {
@@ -267,7 +279,10 @@ mod tests {
         assert!(audio.active);
         assert_eq!(audio.direction, Direction::SendOnly);
         assert_eq!(audio.codec.payload_type, 111);
-        assert_eq!(audio.codec.fmtp.as_deref(), Some("minptime=10;useinbandfec=1"));
+        assert_eq!(
+            audio.codec.fmtp.as_deref(),
+            Some("minptime=10;useinbandfec=1")
+        );
         assert_eq!(audio.codec.rtcp_fb, vec!["transport-cc"]);
         assert_eq!(
             audio.ext,
@@ -279,7 +294,13 @@ mod tests {
                 ..Default::default()
             }
         );
-        assert_eq!(audio.ssrcs, vec![SsrcInfo { ssrc: 2991828682, rtx_ssrc: None }]);
+        assert_eq!(
+            audio.ssrcs,
+            vec![SsrcInfo {
+                ssrc: 2991828682,
+                rtx_ssrc: None
+            }]
+        );
         assert!(audio.rids.is_empty());
 
         let video = &a.media[1];
@@ -319,7 +340,11 @@ mod tests {
             "a=msid-semantic: WMS *",
             "a=extmap-allow-mixed",
         ] {
-            assert!(session.contains(&want.to_owned()), "session lacks {want}:\n{}", a.sdp);
+            assert!(
+                session.contains(&want.to_owned()),
+                "session lacks {want}:\n{}",
+                a.sdp
+            );
         }
         let blocks = mline_blocks(&a.sdp);
         assert_eq!(blocks.len(), 2);
@@ -337,10 +362,17 @@ mod tests {
                 "a=candidate:2 1 udp 2130706175 2001:db8::1 40000 typ host",
                 "a=end-of-candidates",
             ] {
-                assert!(block.iter().any(|l| l == want), "m-line lacks {want}: {block:?}");
+                assert!(
+                    block.iter().any(|l| l == want),
+                    "m-line lacks {want}: {block:?}"
+                );
             }
-            assert!(block.iter().any(|l| l.starts_with("a=fingerprint:sha-256 AB:CD:")));
-            assert!(!block.iter().any(|l| l == "a=rtcp-rsize" || l.contains("goog-remb")));
+            assert!(block
+                .iter()
+                .any(|l| l.starts_with("a=fingerprint:sha-256 AB:CD:")));
+            assert!(!block
+                .iter()
+                .any(|l| l == "a=rtcp-rsize" || l.contains("goog-remb")));
         }
         let video = &blocks[1];
         for want in [
@@ -359,10 +391,17 @@ mod tests {
             "a=rid:f recv",
             "a=simulcast:recv q;h;f",
         ] {
-            assert!(video.iter().any(|l| l == want), "video lacks {want}: {video:?}");
+            assert!(
+                video.iter().any(|l| l == want),
+                "video lacks {want}: {video:?}"
+            );
         }
-        assert!(!video.iter().any(|l| l.contains("toffset") || l.contains("dependency")));
-        assert!(blocks[0].iter().any(|l| l == "a=fmtp:111 minptime=10;useinbandfec=1"));
+        assert!(!video
+            .iter()
+            .any(|l| l.contains("toffset") || l.contains("dependency")));
+        assert!(blocks[0]
+            .iter()
+            .any(|l| l == "a=fmtp:111 minptime=10;useinbandfec=1"));
         assert!(blocks[0]
             .iter()
             .any(|l| l == "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level"));
@@ -393,9 +432,18 @@ mod tests {
         let a = answer(fixtures::CHROME_PUBLISH_DATACHANNEL);
         assert_eq!(a.rejected_mids, vec!["2"]);
         assert_eq!(a.media.len(), 2);
-        assert_eq!(a.media[1].ssrcs, vec![SsrcInfo { ssrc: 3663166277, rtx_ssrc: Some(2997860586) }]);
+        assert_eq!(
+            a.media[1].ssrcs,
+            vec![SsrcInfo {
+                ssrc: 3663166277,
+                rtx_ssrc: Some(2997860586)
+            }]
+        );
         let blocks = mline_blocks(&a.sdp);
-        assert_eq!(blocks[2][0], "m=application 0 UDP/DTLS/SCTP webrtc-datachannel");
+        assert_eq!(
+            blocks[2][0],
+            "m=application 0 UDP/DTLS/SCTP webrtc-datachannel"
+        );
         assert!(blocks[2].contains(&"a=mid:2".to_owned()));
         assert!(!blocks[2].iter().any(|l| l.starts_with("a=candidate")));
         assert!(lines_of(&a.sdp, "session").contains(&"a=group:BUNDLE 0 1".to_owned()));
@@ -415,11 +463,17 @@ mod tests {
         assert_eq!(a.media[1].codec.rtcp_fb, vec!["nack", "nack pli"]);
         assert_eq!(
             a.media[1].ssrcs,
-            vec![SsrcInfo { ssrc: 4227723284, rtx_ssrc: Some(3301386872) }]
+            vec![SsrcInfo {
+                ssrc: 4227723284,
+                rtx_ssrc: Some(3301386872)
+            }]
         );
         assert_eq!(a.remote.ice_ufrag, "7ds4");
         let sendonly = answer(fixtures::AIORTC_PUBLISH_SENDONLY);
-        assert!(sendonly.media.iter().all(|m| m.active && m.direction == Direction::SendOnly));
+        assert!(sendonly
+            .media
+            .iter()
+            .all(|m| m.active && m.direction == Direction::SendOnly));
     }
 
     #[test]
@@ -432,7 +486,10 @@ mod tests {
             Some("profile-level-id=42e01f;packetization-mode=1;level-asymmetry-allowed=1")
         );
         assert_eq!(a.media[1].codec.rtx_payload_type, None);
-        assert_eq!(a.media[0].msid, Some(("obs-stream".into(), "obs-audio".into())));
+        assert_eq!(
+            a.media[0].msid,
+            Some(("obs-stream".into(), "obs-audio".into()))
+        );
         assert_eq!(a.media[0].ext, HeaderExtIds::default());
     }
 
@@ -453,8 +510,15 @@ mod tests {
     #[test]
     fn legacy_sim_simulcast_keeps_sim_order() {
         let a = answer(fixtures::LEGACY_SIM);
-        let ssrcs: Vec<_> = a.media[0].ssrcs.iter().map(|s| (s.ssrc, s.rtx_ssrc)).collect();
-        assert_eq!(ssrcs, vec![(101, Some(201)), (102, Some(202)), (103, Some(203))]);
+        let ssrcs: Vec<_> = a.media[0]
+            .ssrcs
+            .iter()
+            .map(|s| (s.ssrc, s.rtx_ssrc))
+            .collect();
+        assert_eq!(
+            ssrcs,
+            vec![(101, Some(201)), (102, Some(202)), (103, Some(203))]
+        );
         assert!(a.media[0].rids.is_empty());
     }
 
@@ -546,9 +610,18 @@ mod tests {
     fn transport_and_bundle_problems_are_unsupported() {
         let base = fixtures::CHROME_PUBLISH_SIMULCAST;
         let cases: Vec<(String, SdpError)> = vec![
-            (base.replacen("a=group:BUNDLE 0 1\r\n", "", 1), SdpError::MissingBundle),
-            (base.replace("a=ice-ufrag:Zhex\r\n", ""), SdpError::MissingIceCredentials),
-            (base.replace("a=ice-pwd:RBKTFlZtXXfHQrX4NragnhFA\r\n", ""), SdpError::MissingIceCredentials),
+            (
+                base.replacen("a=group:BUNDLE 0 1\r\n", "", 1),
+                SdpError::MissingBundle,
+            ),
+            (
+                base.replace("a=ice-ufrag:Zhex\r\n", ""),
+                SdpError::MissingIceCredentials,
+            ),
+            (
+                base.replace("a=ice-pwd:RBKTFlZtXXfHQrX4NragnhFA\r\n", ""),
+                SdpError::MissingIceCredentials,
+            ),
             (
                 base.lines()
                     .filter(|l| !l.starts_with("a=fingerprint"))
@@ -558,11 +631,15 @@ mod tests {
             ),
             (
                 base.replace("a=fingerprint:sha-256", "a=fingerprint:md5"),
-                SdpError::UnsupportedFingerprint { algorithm: "md5".into() },
+                SdpError::UnsupportedFingerprint {
+                    algorithm: "md5".into(),
+                },
             ),
             (
                 base.replace("a=setup:actpass", "a=setup:passive"),
-                SdpError::DtlsRole { setup: Setup::Passive },
+                SdpError::DtlsRole {
+                    setup: Setup::Passive,
+                },
             ),
         ];
         for (offer, want) in cases {
@@ -632,7 +709,10 @@ mod tests {
             1,
         );
         let err = answer_publish(&offer, &local(), &SdpLimits::default()).unwrap_err();
-        assert!(matches!(err, SdpError::ExtIdConflict { id: 10, .. }), "{err}");
+        assert!(
+            matches!(err, SdpError::ExtIdConflict { id: 10, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -640,5 +720,28 @@ mod tests {
         let a = answer(fixtures::CHROME_PUBLISH_SIMULCAST);
         let b = answer(fixtures::CHROME_PUBLISH_SIMULCAST);
         assert_eq!(a, b);
+    }
+
+    /// When the offer's BUNDLE tag (its first mid) is an m-line we reject, its transport
+    /// attributes still describe the bundle transport, and our group starts at the first
+    /// accepted mid.
+    #[test]
+    fn rejected_bundle_tag_keeps_the_transport() {
+        let offer = fixtures::CHROME_PUBLISH_DATACHANNEL.replacen(
+            "a=group:BUNDLE 0 1 2",
+            "a=group:BUNDLE 2 0 1",
+            1,
+        );
+        let a = answer(&offer);
+        assert_eq!(a.rejected_mids, vec!["2"]);
+        assert_eq!(
+            a.media.iter().map(|m| m.mid.as_str()).collect::<Vec<_>>(),
+            vec!["0", "1"]
+        );
+        assert!(lines_of(&a.sdp, "session").contains(&"a=group:BUNDLE 0 1".to_owned()));
+        assert_eq!(a.remote.ice_ufrag, "RO09");
+        assert!(a
+            .sdp
+            .contains("m=application 0 UDP/DTLS/SCTP webrtc-datachannel\r\n"));
     }
 }

@@ -62,6 +62,9 @@ pub fn parse_subscriber_answer(
     limits: &SdpLimits,
 ) -> Result<SubscriberAnswer, SdpError> {
     let parsed = parse(answer, limits)?;
+    if parsed.ice_lite {
+        return Err(SdpError::IceLitePeer);
+    }
     if parsed.media.len() != offered_mids.len() {
         return Err(SdpError::MediaCount {
             expected: offered_mids.len(),
@@ -140,6 +143,7 @@ pub fn parse_subscriber_answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sdp::fixtures;
     use crate::sdp::tests_common::{lines_of, local, mline_blocks};
     use crate::sdp::{Codec, MediaKind};
 
@@ -237,7 +241,10 @@ mod tests {
         assert!(has(&blocks[0], "a=sendonly"));
         assert!(has(&blocks[0], "a=msid:alice alice-mic"));
         assert!(has(&blocks[0], "a=ssrc:1111 cname:alice"));
-        assert!(has(&blocks[0], "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level"));
+        assert!(has(
+            &blocks[0],
+            "a=extmap:1 urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+        ));
         assert!(!blocks[0].iter().any(|l| l.starts_with("a=ssrc-group")));
         assert!(has(&blocks[1], "a=ssrc-group:FID 2222 3333"));
         assert!(has(&blocks[1], "a=ssrc:3333 cname:alice"));
@@ -245,7 +252,9 @@ mod tests {
         assert!(has(&blocks[1], "a=fmtp:97 apt=96"));
         assert!(!blocks[1].iter().any(|l| l.contains("ssrc-audio-level")));
         assert!(has(&blocks[2], "a=inactive"));
-        assert!(!blocks[2].iter().any(|l| l.starts_with("a=ssrc") || l.starts_with("a=msid")));
+        assert!(!blocks[2]
+            .iter()
+            .any(|l| l.starts_with("a=ssrc") || l.starts_with("a=msid")));
     }
 
     #[test]
@@ -255,7 +264,10 @@ mod tests {
         assert_eq!(p.media.len(), 3);
         assert_eq!(p.media[1].ssrcs[0].rtx_ssrc, Some(3333));
         assert_eq!(p.media[0].msid, Some(("alice".into(), "alice-mic".into())));
-        assert_eq!(p.remote_transport(&p.media[0]).unwrap().setup, Setup::ActPass);
+        assert_eq!(
+            p.remote_transport(&p.media[0]).unwrap().setup,
+            Setup::ActPass
+        );
     }
 
     #[test]
@@ -312,12 +324,37 @@ mod tests {
         let cases: Vec<(String, &[&str], &str)> = vec![
             (base.clone(), &["0", "1"], "sdp_invalid"),
             (base.replacen("a=mid:1", "a=mid:7", 1), &mids, "sdp_invalid"),
-            (base.replace("a=setup:active", "a=setup:passive"), &mids, "sdp_unsupported"),
-            (base.replace("a=setup:active", "a=setup:actpass"), &mids, "sdp_invalid"),
-            (base.replacen("a=group:BUNDLE 0 1 2", "a=group:BUNDLE 0 1", 1), &mids, "sdp_unsupported"),
-            (base.replacen("a=group:BUNDLE 0 1 2\r\n", "", 1), &mids, "sdp_unsupported"),
-            (base.replace("a=ice-ufrag:cLnT\r\n", ""), &mids, "sdp_unsupported"),
+            (
+                base.replace("a=setup:active", "a=setup:passive"),
+                &mids,
+                "sdp_unsupported",
+            ),
+            (
+                base.replace("a=setup:active", "a=setup:actpass"),
+                &mids,
+                "sdp_invalid",
+            ),
+            (
+                base.replacen("a=group:BUNDLE 0 1 2", "a=group:BUNDLE 0 1", 1),
+                &mids,
+                "sdp_unsupported",
+            ),
+            (
+                base.replacen("a=group:BUNDLE 0 1 2\r\n", "", 1),
+                &mids,
+                "sdp_unsupported",
+            ),
+            (
+                base.replace("a=ice-ufrag:cLnT\r\n", ""),
+                &mids,
+                "sdp_unsupported",
+            ),
             ("garbage".into(), &mids, "sdp_invalid"),
+            (
+                base.replacen("t=0 0\r\n", "t=0 0\r\na=ice-lite\r\n", 1),
+                &mids,
+                "sdp_unsupported",
+            ),
         ];
         for (answer, offered, code) in cases {
             let err = parse_subscriber_answer(&answer, offered, &limits).unwrap_err();
@@ -329,19 +366,71 @@ mod tests {
             &limits,
         )
         .unwrap_err();
-        assert_eq!(setup_error, SdpError::DtlsRole { setup: Setup::Passive });
+        assert_eq!(
+            setup_error,
+            SdpError::DtlsRole {
+                setup: Setup::Passive
+            }
+        );
     }
 
     #[test]
     fn rejected_m_lines_are_not_accepted() {
         let answer = chrome_answer()
-            .replacen("m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\nc=IN IP4 0.0.0.0", "m=video 0 UDP/TLS/RTP/SAVPF 96 97\r\nc=IN IP4 0.0.0.0", 2)
+            .replacen(
+                "m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\nc=IN IP4 0.0.0.0",
+                "m=video 0 UDP/TLS/RTP/SAVPF 96 97\r\nc=IN IP4 0.0.0.0",
+                2,
+            )
             .replacen("a=group:BUNDLE 0 1 2", "a=group:BUNDLE 0", 1);
         let a = parse_subscriber_answer(&answer, &["0", "1", "2"], &SdpLimits::default()).unwrap();
         assert_eq!(a.accepted_mids, vec!["0"]);
         // A missing setup reads as active (RFC 4145 §4).
         let no_setup = chrome_answer().replace("a=setup:active\r\n", "");
-        let a = parse_subscriber_answer(&no_setup, &["0", "1", "2"], &SdpLimits::default()).unwrap();
+        let a =
+            parse_subscriber_answer(&no_setup, &["0", "1", "2"], &SdpLimits::default()).unwrap();
         assert_eq!(a.remote.setup, Setup::Active);
+    }
+
+    /// Real answers of Chromium and aiortc to our interop offer (interop.rs, mids 0 1 2).
+    #[test]
+    fn real_client_answers_are_accepted() {
+        let limits = SdpLimits::default();
+        let chrome = parse_subscriber_answer(
+            fixtures::CHROME_SUBSCRIBER_ANSWER,
+            &["0", "1", "2"],
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(chrome.accepted_mids, vec!["0", "1", "2"]);
+        assert_eq!(chrome.remote.ice_ufrag, "bTTW");
+        assert_eq!(chrome.remote.setup, Setup::Active);
+        assert_eq!(chrome.ext.transport_cc, Some(3));
+        let aiortc = parse_subscriber_answer(
+            fixtures::AIORTC_SUBSCRIBER_ANSWER,
+            &["0", "1", "2"],
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(aiortc.accepted_mids, vec!["0", "1", "2"]);
+        assert_eq!(aiortc.remote.setup, Setup::Active);
+        // aiortc does not do transport-wide congestion control.
+        assert_eq!(aiortc.ext.transport_cc, None);
+        assert_eq!(aiortc.ext.mid, Some(4));
+    }
+
+    #[test]
+    fn interop_offer_is_what_the_clients_answered() {
+        use crate::sdp::interop::{interop_outgoing, INTEROP_EXT};
+        let sdp = subscriber_offer(
+            7_000_000_001,
+            1,
+            &local(),
+            &interop_outgoing(),
+            &INTEROP_EXT,
+        );
+        let p = parse(&sdp, &SdpLimits::default()).unwrap();
+        let mids: Vec<_> = p.media.iter().filter_map(|m| m.mid.clone()).collect();
+        assert_eq!(mids, vec!["0", "1", "2"]);
     }
 }

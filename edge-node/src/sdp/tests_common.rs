@@ -22,7 +22,10 @@ pub(crate) fn local() -> LocalTransport {
 /// The lines of an SDP before its first m-line ("session") — the only section asked for.
 pub(crate) fn lines_of(sdp: &str, section: &str) -> Vec<String> {
     assert_eq!(section, "session");
-    sdp.lines().take_while(|l| !l.starts_with("m=")).map(str::to_owned).collect()
+    sdp.lines()
+        .take_while(|l| !l.starts_with("m="))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The lines of each m-line section, the m= line first.

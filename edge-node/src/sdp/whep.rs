@@ -4,7 +4,7 @@ use super::codec::{self, SEND_AUDIO_FB, SEND_VIDEO_FB};
 use super::error::SdpError;
 use super::ext::{self, BundleExtCheck, Flow};
 use super::parse::parse;
-use super::publish::{bundleable, offer_transport, rejected_mline};
+use super::publish::{bundleable, offer_transport, rejected_mline, ANSWER_VERSION};
 use super::write::{self, MediaBuilder};
 use super::{
     Direction, HeaderExtIds, LocalTransport, MediaKind, SdpLimits, Setup, WhepAnswer, WhepMedia,
@@ -73,7 +73,8 @@ pub fn answer_subscribe(
             .rtx_ssrc
             .and_then(|_| codec::rtx_for(&m.codecs, offered.pt));
         let codec = codec::negotiated(offered, rtx, fb);
-        let (ids, ext_lines) = ext::negotiate(kind, Flow::Send, &m.extmaps, parsed.extmap_allow_mixed);
+        let (ids, ext_lines) =
+            ext::negotiate(kind, Flow::Send, &m.extmaps, parsed.extmap_allow_mixed);
         ext_check.add(&ext_lines)?;
 
         let mut b = MediaBuilder::new(&m.kind_name, &m.proto, write::formats_of(&codec), false);
@@ -82,7 +83,12 @@ pub fn answer_subscribe(
         b.direction(Direction::SendOnly);
         b.extmaps(&ext_lines);
         b.codec(&codec);
-        b.source(src.ssrc, src.rtx_ssrc.filter(|_| rtx.is_some()), src.stream_id, src.track_id);
+        b.source(
+            src.ssrc,
+            src.rtx_ssrc.filter(|_| rtx.is_some()),
+            src.stream_id,
+            src.track_id,
+        );
         b.candidates(&local.candidates);
         lines.push(b.finish());
         bundle.push(mid);
@@ -98,7 +104,7 @@ pub fn answer_subscribe(
     if bundle.is_empty() {
         return Err(SdpError::NothingAccepted);
     }
-    let mut sd = write::session(write::derived_session_id(&local.ice_ufrag), 2);
+    let mut sd = write::session(write::derived_session_id(&local.ice_ufrag), ANSWER_VERSION);
     write::session_common(&mut sd, &bundle);
     if parsed.extmap_allow_mixed {
         write::session_attr(&mut sd, "extmap-allow-mixed", None);
@@ -140,8 +146,13 @@ mod tests {
 
     #[test]
     fn chrome_whep_offer_gets_audio_and_video() {
-        let a = answer_subscribe(fixtures::CHROME_WHEP, &local(), &sources(), &SdpLimits::default())
-            .unwrap();
+        let a = answer_subscribe(
+            fixtures::CHROME_WHEP,
+            &local(),
+            &sources(),
+            &SdpLimits::default(),
+        )
+        .unwrap();
         assert_eq!(a.remote.ice_ufrag, "YR0k");
         assert_eq!(a.media.len(), 2);
         assert_eq!(a.media[0].source, Some(1));
@@ -168,14 +179,23 @@ mod tests {
             rtx_ssrc: None,
             ..sources()[0]
         }];
-        let a = answer_subscribe(fixtures::AIORTC_WHEP, &local(), &want, &SdpLimits::default())
-            .unwrap();
+        let a = answer_subscribe(
+            fixtures::AIORTC_WHEP,
+            &local(),
+            &want,
+            &SdpLimits::default(),
+        )
+        .unwrap();
         // aiortc offers 42001f then 42e01f; we take 42e01f; no rtx without an rtx ssrc.
         assert!(!a.media[0].accepted);
         assert!(a.sdp.contains("m=audio 0 "));
         let video = a.media[1].codec.as_ref().unwrap();
         assert_eq!(video.name, "H264");
-        assert!(video.fmtp.as_deref().unwrap().contains("profile-level-id=42e01f"));
+        assert!(video
+            .fmtp
+            .as_deref()
+            .unwrap()
+            .contains("profile-level-id=42e01f"));
         assert_eq!(video.rtx_payload_type, None);
         assert!(!a.sdp.contains("ssrc-group"));
         assert!(lines_of(&a.sdp, "session").contains(&"a=group:BUNDLE 1".to_owned()));
@@ -187,8 +207,13 @@ mod tests {
             codec: "AV1",
             ..sources()[0]
         }];
-        let err = answer_subscribe(fixtures::AIORTC_WHEP, &local(), &want, &SdpLimits::default())
-            .unwrap_err();
+        let err = answer_subscribe(
+            fixtures::AIORTC_WHEP,
+            &local(),
+            &want,
+            &SdpLimits::default(),
+        )
+        .unwrap_err();
         assert_eq!(err, SdpError::NothingAccepted);
         let err = answer_subscribe(fixtures::CHROME_WHEP, &local(), &[], &SdpLimits::default())
             .unwrap_err();
@@ -210,11 +235,16 @@ mod tests {
 
     #[test]
     fn two_video_m_lines_get_two_sources() {
-        let offer = fixtures::AIORTC_WHEP.replacen("m=audio", "m=video", 0);
-        let mut doubled = offer.clone();
-        // Append a copy of the video m-line with mid 2 and bundle it.
+        let offer = fixtures::AIORTC_WHEP;
+        let mut doubled = offer.to_owned();
+        // Append a copy of the video m-line with mid 2 (and its own ssrcs) and bundle it.
         let video_start = offer.find("m=video").unwrap();
-        doubled.push_str(&offer[video_start..].replace("a=mid:1", "a=mid:2"));
+        doubled.push_str(
+            &offer[video_start..]
+                .replace("a=mid:1", "a=mid:2")
+                .replace("700293715", "17")
+                .replace("3332337609", "18"),
+        );
         let doubled = doubled.replacen("a=group:BUNDLE 0 1", "a=group:BUNDLE 0 1 2", 1);
         let want = [
             sources()[0],

@@ -110,7 +110,10 @@ impl MediaBuilder {
         self.attr("ice-pwd", local.ice_pwd.as_str());
         self.attr(
             "fingerprint",
-            format!("{} {}", local.fingerprint.algorithm, local.fingerprint.value),
+            format!(
+                "{} {}",
+                local.fingerprint.algorithm, local.fingerprint.value
+            ),
         );
         self.attr("setup", setup.as_str());
         self.flag("rtcp-mux");
@@ -142,7 +145,10 @@ impl MediaBuilder {
                 "rtpmap",
                 format!("{pt} {}/{}/{ch}", codec.name, codec.clock_rate),
             ),
-            None => self.attr("rtpmap", format!("{pt} {}/{}", codec.name, codec.clock_rate)),
+            None => self.attr(
+                "rtpmap",
+                format!("{pt} {}/{}", codec.name, codec.clock_rate),
+            ),
         }
         for fb in &codec.rtcp_fb {
             self.attr("rtcp-fb", format!("{pt} {fb}"));

@@ -13,15 +13,18 @@
 //! Ids ([`TransportId`], [`PublicationId`], [`SubscriptionId`]) are chosen by the caller (the
 //! signaling session that owns them), so commands can be sent without a round trip.
 
+pub mod harness;
 mod rtp;
+#[cfg(test)]
+mod tests;
 mod twcc;
 
 pub use rtp::{RtpView, MAX_OUT_HEADER};
 
 use crate::metrics::ShardCounters;
+use crate::transport::dtls::SrtpKeys;
 use crate::transport::ice::{IceCredentials, IceEvent, IceLite, StunOutcome};
 use crate::transport::srtp::SrtpSession;
-use crate::transport::dtls::SrtpKeys;
 use bytes::Bytes;
 use kcs_media::bwe::{BweConfig, SendSideBwe};
 use kcs_media::cache::{PacketCache, SentPacket, Sequencer};
@@ -141,37 +144,77 @@ pub enum Command {
         ext_out: ExtIds,
     },
     /// The peer's ICE credentials, once its answer arrived.
-    SetRemote { id: TransportId, remote: IceCredentials },
+    SetRemote {
+        id: TransportId,
+        remote: IceCredentials,
+    },
     /// Renegotiation changed the extension ids.
-    SetExtensions { id: TransportId, ext_in: ExtIds, ext_out: ExtIds },
-    SetKeys { id: TransportId, keys: SrtpKeys },
-    RemoveTransport { id: TransportId },
-    AddPublication { id: PublicationId, spec: PublicationSpec },
-    RemovePublication { id: PublicationId },
+    SetExtensions {
+        id: TransportId,
+        ext_in: ExtIds,
+        ext_out: ExtIds,
+    },
+    SetKeys {
+        id: TransportId,
+        keys: SrtpKeys,
+    },
+    RemoveTransport {
+        id: TransportId,
+    },
+    AddPublication {
+        id: PublicationId,
+        spec: PublicationSpec,
+    },
+    RemovePublication {
+        id: PublicationId,
+    },
     /// Stop or restart forwarding a publication to everyone (host mute, publisher mute).
-    SetPublicationMuted { id: PublicationId, muted: bool },
-    AddSubscription { id: SubscriptionId, spec: SubscriptionSpec },
-    RemoveSubscription { id: SubscriptionId },
-    SetPaused { id: SubscriptionId, paused: bool },
-    SetMaxLayer { id: SubscriptionId, max: Option<SpatialLayer> },
+    SetPublicationMuted {
+        id: PublicationId,
+        muted: bool,
+    },
+    AddSubscription {
+        id: SubscriptionId,
+        spec: SubscriptionSpec,
+    },
+    RemoveSubscription {
+        id: SubscriptionId,
+    },
+    SetPaused {
+        id: SubscriptionId,
+        paused: bool,
+    },
+    SetMaxLayer {
+        id: SubscriptionId,
+        max: Option<SpatialLayer>,
+    },
 }
 
 /// Core -> signaling.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// ICE nominated an address and DTLS may start (the shell starts the handshake).
-    Nominated { transport: TransportId, addr: SocketAddr },
+    Nominated {
+        transport: TransportId,
+        addr: SocketAddr,
+    },
     /// SRTP keys installed: media flows.
     Connected { transport: TransportId },
     /// The transport is gone (consent expired). The owner should clean up.
-    Closed { transport: TransportId, reason: &'static str },
+    Closed {
+        transport: TransportId,
+        reason: &'static str,
+    },
     LayerChanged {
         subscription: SubscriptionId,
         current: Option<SpatialLayer>,
         target: Option<SpatialLayer>,
     },
     /// The room's dominant speaker changed (None: silence).
-    ActiveSpeaker { room: String, publication: Option<PublicationId> },
+    ActiveSpeaker {
+        room: String,
+        publication: Option<PublicationId>,
+    },
 }
 
 /// A datagram to send.
@@ -232,6 +275,7 @@ struct Subscription {
     rtx_seq: u16,
     reported: (Option<SpatialLayer>, Option<SpatialLayer>),
     started: bool,
+    audio: bool,
 }
 
 /// The shard's forwarding state. See the module docs.
@@ -336,7 +380,8 @@ impl ShardCore {
                 match SrtpSession::new(&keys) {
                     Ok(s) => {
                         t.srtp = Some(s);
-                        self.events.push((t.owner, Event::Connected { transport: id }));
+                        self.events
+                            .push((t.owner, Event::Connected { transport: id }));
                     }
                     Err(e) => {
                         tracing::warn!(transport = id.0, error = %e, "SRTP setup failed");
@@ -525,7 +570,11 @@ impl ShardCore {
                         .get_mut(&pid)
                         .and_then(|p| p.layers.get_mut(layer as usize))
                     {
-                        let slot = if is_rtx { &mut l.spec.rtx_ssrc } else { &mut l.spec.ssrc };
+                        let slot = if is_rtx {
+                            &mut l.spec.rtx_ssrc
+                        } else {
+                            &mut l.spec.ssrc
+                        };
                         *slot = Some(view.ssrc);
                     }
                 }
@@ -609,8 +658,11 @@ impl ShardCore {
         }
         layer.cache.insert(ext_seq, view.bytes(), now);
         layer.nack.handle_packet(ext_seq, now);
+        let newly_available = layer.meter.bitrate(now).is_none();
         layer.meter.handle_packet(view.bytes().len(), now);
-        layer.stats.handle_packet(ext_seq, view.timestamp, now, clock_rate);
+        layer
+            .stats
+            .handle_packet(ext_seq, view.timestamp, now, clock_rate);
         let keyframe = match codec {
             MediaCodec::Video(c) => is_keyframe(c, view.payload()),
             MediaCodec::Audio => false,
@@ -621,13 +673,28 @@ impl ShardCore {
         }
         if let (Some(level), MediaCodec::Audio) = (audio_level, codec) {
             let room = p.spec.room.clone();
-            self.speakers
-                .entry(room)
-                .or_insert_with(ActiveSpeakerDetector::default)
-                .handle_level(pid.0, level & 0x7f, level & 0x80 != 0, now);
+            self.speakers.entry(room).or_default().handle_level(
+                pid.0,
+                level & 0x7f,
+                level & 0x80 != 0,
+                now,
+            );
         }
         if p.muted {
             return;
+        }
+        if newly_available && matches!(codec, MediaCodec::Video(_)) {
+            // A layer (re)appeared: let selectors see it now, so this very packet (often the
+            // keyframe that starts the layer) can be forwarded before the next allocation round.
+            let rates: Vec<Option<Bitrate>> =
+                p.layers.iter().map(|l| l.meter.bitrate(now)).collect();
+            for sid in &p.subscribers {
+                if let Some(s) = self.subscriptions.get_mut(sid) {
+                    if let Some(t) = self.transports.get(&s.spec.transport) {
+                        s.selector.handle_allocation(t.bwe.estimate(), &rates, now);
+                    }
+                }
+            }
         }
         let subscribers = std::mem::take(&mut p.subscribers);
         for sid in &subscribers {
@@ -667,7 +734,13 @@ impl ShardCore {
             timestamp: view.timestamp,
             arrival: now,
         };
-        let switch = match s.selector.handle_packet(SpatialLayer(layer), keyframe, now) {
+        // Audio has no layers and no keyframes: every packet is forwarded.
+        let decision = if s.audio {
+            Decision::Forward { switch: false }
+        } else {
+            s.selector.handle_packet(SpatialLayer(layer), keyframe, now)
+        };
+        let switch = match decision {
             Decision::Drop => {
                 if s.selector.current() == Some(SpatialLayer(layer)) {
                     s.rewriter.skip(&input);
@@ -737,8 +810,8 @@ impl ShardCore {
     }
 
     fn handle_rtcp(&mut self, tid: TransportId, plain: &[u8], now: Instant) {
-        let mut buf = plain;
-        let Ok(packets) = rtcp::packet::unmarshal(&mut buf) else {
+        // Through the guarded parser: the rtcp crate over-reads some malformed packets.
+        let Ok(packets) = crate::transport::parse::parse_rtcp(plain) else {
             self.counters.rejected_rtcp += 1;
             return;
         };
@@ -814,7 +887,12 @@ impl ShardCore {
         let Some(s) = self.subscriptions.get(&sid) else {
             return;
         };
-        let layer = s.selector.current().or(s.selector.target()).map(|l| l.0).unwrap_or(0);
+        let layer = s
+            .selector
+            .current()
+            .or(s.selector.target())
+            .map(|l| l.0)
+            .unwrap_or(0);
         if let Some(l) = self
             .publications
             .get_mut(&s.spec.publication)
@@ -957,11 +1035,19 @@ impl ShardCore {
             }
         }
         // Layer change notifications.
-        for (sid, s) in self.subscriptions.iter_mut() {
+        for (sid, s) in self.subscriptions.iter_mut().filter(|(_, s)| !s.audio) {
             let now_layers = (s.selector.current(), s.selector.target());
             if now_layers != s.reported {
                 s.reported = now_layers;
                 if let Some(t) = self.transports.get(&s.spec.transport) {
+                    tracing::debug!(
+                        subscription = sid.0,
+                        current = ?now_layers.0,
+                        target = ?now_layers.1,
+                        estimate = %t.bwe.estimate(),
+                        loss = t.bwe.loss_fraction(),
+                        "layer change"
+                    );
                     self.counters.layer_switches += 1;
                     self.events.push((
                         t.owner,
@@ -1005,15 +1091,22 @@ impl ShardCore {
                     self.counters.nacks_out += seqs.len() as u64;
                     let nacks = nack_pairs(&seqs)
                         .into_iter()
-                        .map(|(packet_id, lost_packets)| rtcp::transport_feedbacks::transport_layer_nack::NackPair { packet_id, lost_packets })
+                        .map(|(packet_id, lost_packets)| {
+                            rtcp::transport_feedbacks::transport_layer_nack::NackPair {
+                                packet_id,
+                                lost_packets,
+                            }
+                        })
                         .collect();
                     out.push((
                         p.spec.transport,
-                        Box::new(rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack {
-                            sender_ssrc: t.rtcp_ssrc,
-                            media_ssrc: ssrc,
-                            nacks,
-                        }),
+                        Box::new(
+                            rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack {
+                                sender_ssrc: t.rtcp_ssrc,
+                                media_ssrc: ssrc,
+                                nacks,
+                            },
+                        ),
                     ));
                 }
                 if l.nack.poll_keyframe_needed() {
@@ -1052,8 +1145,7 @@ impl ShardCore {
     fn run_allocation(&mut self, now: Instant) {
         for t in self.transports.values_mut() {
             if t.subscriptions.is_empty()
-                || t
-                    .last_allocation
+                || t.last_allocation
                     .is_some_and(|l| now.duration_since(l) < ALLOCATION_INTERVAL)
             {
                 continue;
@@ -1064,8 +1156,12 @@ impl ShardCore {
             // subscriptions get their share first (the meetings issue adds pin/speaker priority).
             let mut video: Vec<(SubscriptionId, Vec<Option<Bitrate>>)> = Vec::new();
             for sid in &t.subscriptions {
-                let Some(s) = self.subscriptions.get(sid) else { continue };
-                let Some(p) = self.publications.get(&s.spec.publication) else { continue };
+                let Some(s) = self.subscriptions.get(sid) else {
+                    continue;
+                };
+                let Some(p) = self.publications.get(&s.spec.publication) else {
+                    continue;
+                };
                 match p.spec.codec {
                     MediaCodec::Audio => budget = budget.saturating_sub(AUDIO_RESERVE.as_bps()),
                     MediaCodec::Video(_) => {
@@ -1081,8 +1177,11 @@ impl ShardCore {
             for (i, (sid, rates)) in video.into_iter().enumerate() {
                 // Equal split of what is left, the remainder rolling to later tracks.
                 let share = budget / (n - i as u64).max(1);
-                let Some(s) = self.subscriptions.get_mut(&sid) else { continue };
-                s.selector.handle_allocation(Bitrate::bps(share), &rates, now);
+                let Some(s) = self.subscriptions.get_mut(&sid) else {
+                    continue;
+                };
+                s.selector
+                    .handle_allocation(Bitrate::bps(share), &rates, now);
                 let used = s
                     .selector
                     .target()
@@ -1099,11 +1198,17 @@ impl ShardCore {
         let mut out: Vec<(TransportId, Box<dyn RtcpPacket + Send + Sync>)> = Vec::new();
         // Receiver reports to publishers.
         for p in self.publications.values_mut() {
-            let Some(t) = self.transports.get(&p.spec.transport) else { continue };
+            let Some(t) = self.transports.get(&p.spec.transport) else {
+                continue;
+            };
             let mut reports = Vec::new();
             for l in p.layers.iter_mut() {
-                let (Some(ssrc), true) = (l.spec.ssrc, l.received_any) else { continue };
-                let Some(b) = l.stats.report_block(now) else { continue };
+                let (Some(ssrc), true) = (l.spec.ssrc, l.received_any) else {
+                    continue;
+                };
+                let Some(b) = l.stats.report_block(now) else {
+                    continue;
+                };
                 reports.push(rtcp::reception_report::ReceptionReport {
                     ssrc,
                     fraction_lost: b.fraction_lost,
@@ -1127,7 +1232,9 @@ impl ShardCore {
         }
         // Sender reports to subscribers, for lip sync and RTT.
         for s in self.subscriptions.values_mut() {
-            let Some(p) = self.publications.get(&s.spec.publication) else { continue };
+            let Some(p) = self.publications.get(&s.spec.publication) else {
+                continue;
+            };
             if let Some(info) = s.stats.sender_info(ntp, now, p.spec.clock_rate) {
                 out.push((
                     s.spec.transport,
@@ -1165,8 +1272,12 @@ impl ShardCore {
     }
 
     fn send_rtcp(&mut self, tid: TransportId, pkts: &[Box<dyn RtcpPacket + Send + Sync>]) {
-        let Some(t) = self.transports.get_mut(&tid) else { return };
-        let (Some(addr), Some(srtp)) = (t.addr, t.srtp.as_mut()) else { return };
+        let Some(t) = self.transports.get_mut(&tid) else {
+            return;
+        };
+        let (Some(addr), Some(srtp)) = (t.addr, t.srtp.as_mut()) else {
+            return;
+        };
         let Ok(plain) = rtcp::packet::marshal(pkts) else {
             return;
         };
@@ -1192,7 +1303,10 @@ impl ShardCore {
     }
 
     /// Current layers of a subscription (for stats and tests).
-    pub fn subscription_layers(&self, id: SubscriptionId) -> Option<(Option<SpatialLayer>, Option<SpatialLayer>)> {
+    pub fn subscription_layers(
+        &self,
+        id: SubscriptionId,
+    ) -> Option<(Option<SpatialLayer>, Option<SpatialLayer>)> {
         self.subscriptions
             .get(&id)
             .map(|s| (s.selector.current(), s.selector.target()))
@@ -1292,6 +1406,7 @@ impl ShardCore {
         selector.handle_allocation(t.bwe.estimate(), &rates, now);
         let vp8 = matches!(p.spec.codec, MediaCodec::Video(VideoCodec::Vp8)).then(Vp8Munger::new);
         let clock_rate = p.spec.clock_rate;
+        let audio = p.spec.codec == MediaCodec::Audio;
         // A new subscriber needs a keyframe to start decoding.
         for l in p.layers.iter_mut() {
             if matches!(p.spec.codec, MediaCodec::Video(_)) {
@@ -1310,6 +1425,7 @@ impl ShardCore {
                 rtx_seq: rand::random(),
                 reported: (None, None),
                 started: false,
+                audio,
             },
         );
     }

@@ -238,7 +238,10 @@ mod tests {
         let pkt = packet_with(&ext, b"hello");
         let v = RtpView::parse(&pkt).unwrap();
         assert!(v.marker);
-        assert_eq!((v.payload_type, v.seq, v.timestamp, v.ssrc), (96, 65535, 0xdead_beef, 42));
+        assert_eq!(
+            (v.payload_type, v.seq, v.timestamp, v.ssrc),
+            (96, 65535, 0xdead_beef, 42)
+        );
         assert_eq!(v.extension(3), Some(&[0x12, 0x34, 0x56][..]));
         assert_eq!(v.extension(5), Some(&[0xab, 0xcd][..]));
         assert_eq!(v.extension(1), Some(&[0x85][..]));
@@ -281,7 +284,10 @@ mod tests {
         let mut bad = pkt;
         bad[0] |= 0x0f;
         assert!(RtpView::parse(&bad[..20]).is_err());
-        assert_eq!(RtpView::parse(&[0x40; 12]).unwrap_err(), RtpError::BadVersion);
+        assert_eq!(
+            RtpView::parse(&[0x40; 12]).unwrap_err(),
+            RtpError::BadVersion
+        );
     }
 
     #[test]

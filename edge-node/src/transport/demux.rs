@@ -80,7 +80,11 @@ mod tests {
             (&[127, 0], PacketClass::Unknown, "just below RTP"),
             (&[0x80], PacketClass::Unknown, "RTP range but one byte"),
             (&[0x80, 96], PacketClass::Rtp, "RTP PT 96"),
-            (&[0x80, 96 | 0x80], PacketClass::Rtp, "RTP PT 96 with marker"),
+            (
+                &[0x80, 96 | 0x80],
+                PacketClass::Rtp,
+                "RTP PT 96 with marker",
+            ),
             (&[0x80, 0], PacketClass::Rtp, "RTP PT 0 (PCMU)"),
             (&[0x80, 191], PacketClass::Rtp, "just below RTCP types"),
             (&[0x80, 192], PacketClass::Rtcp, "lower RTCP bound"),

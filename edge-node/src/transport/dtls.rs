@@ -309,7 +309,7 @@ pub async fn accept(
     timeout: Duration,
 ) -> Result<(SrtpKeys, DtlsSession), DtlsError> {
     handshake(
-        false,
+        Side::SERVER,
         cert,
         peer,
         remote_fingerprint,
@@ -331,7 +331,7 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<(SrtpKeys, DtlsSession), DtlsError> {
     handshake(
-        true,
+        Side::CLIENT,
         cert,
         peer,
         remote_fingerprint,
@@ -342,8 +342,26 @@ pub async fn connect(
     .await
 }
 
-async fn handshake(
+/// Which end of the handshake we are, and the SRTP profiles we offer or accept there.
+#[derive(Debug, Clone, Copy)]
+struct Side {
     is_client: bool,
+    profiles: &'static [SrtpProtectionProfile],
+}
+
+impl Side {
+    const SERVER: Side = Side {
+        is_client: false,
+        profiles: &SRTP_PROFILES,
+    };
+    const CLIENT: Side = Side {
+        is_client: true,
+        profiles: &SRTP_PROFILES,
+    };
+}
+
+async fn handshake(
+    side: Side,
     cert: &DtlsCertificate,
     peer: SocketAddr,
     remote_fingerprint: &Fingerprint,
@@ -351,10 +369,11 @@ async fn handshake(
     outbound: mpsc::Sender<(SocketAddr, Vec<u8>)>,
     timeout: Duration,
 ) -> Result<(SrtpKeys, DtlsSession), DtlsError> {
+    let is_client = side.is_client;
     let mismatch = Arc::new(AtomicBool::new(false));
     let config = Config {
         certificates: vec![cert.cert.clone()],
-        srtp_protection_profiles: SRTP_PROFILES.to_vec(),
+        srtp_protection_profiles: side.profiles.to_vec(),
         // RFC 5763 §5: the server requests the client's certificate; any self-signed one
         // will do for the crate, the fingerprint callback below is the real check.
         client_auth: if is_client {
@@ -374,16 +393,15 @@ async fn handshake(
         outbound,
     });
 
-    let dtls = match tokio::time::timeout(timeout, DTLSConn::new(conn, config, is_client, None))
-        .await
-    {
-        Err(_) => return Err(DtlsError::Timeout(timeout)),
-        Ok(Err(_)) if mismatch.load(Ordering::SeqCst) => {
-            return Err(DtlsError::FingerprintMismatch)
-        }
-        Ok(Err(e)) => return Err(DtlsError::Handshake(e)),
-        Ok(Ok(c)) => c,
-    };
+    let dtls =
+        match tokio::time::timeout(timeout, DTLSConn::new(conn, config, is_client, None)).await {
+            Err(_) => return Err(DtlsError::Timeout(timeout)),
+            Ok(Err(_)) if mismatch.load(Ordering::SeqCst) => {
+                return Err(DtlsError::FingerprintMismatch)
+            }
+            Ok(Err(e)) => return Err(DtlsError::Handshake(e)),
+            Ok(Ok(c)) => c,
+        };
 
     let keys = match export_keys(&dtls, is_client).await {
         Ok(keys) => keys,
@@ -538,7 +556,7 @@ mod tests {
         let c2s = to_server.clone();
         tokio::spawn(async move {
             while let Some((to, d)) = client_out_rx.recv().await {
-                assert_eq!(to, SERVER_ADDR.parse().unwrap());
+                assert_eq!(to, SERVER_ADDR.parse::<SocketAddr>().unwrap());
                 if c2s.send(d).await.is_err() {
                     break;
                 }
@@ -547,7 +565,7 @@ mod tests {
         let s2c = to_client.clone();
         tokio::spawn(async move {
             while let Some((to, d)) = server_out_rx.recv().await {
-                assert_eq!(to, CLIENT_ADDR.parse().unwrap());
+                assert_eq!(to, CLIENT_ADDR.parse::<SocketAddr>().unwrap());
                 if s2c.send(d).await.is_err() {
                     break;
                 }
@@ -574,49 +592,141 @@ mod tests {
         Result<(SrtpKeys, DtlsSession), DtlsError>,
         Wire,
     ) {
+        run_pair_offering(
+            Side::CLIENT,
+            server_cert,
+            client_cert,
+            server_expects,
+            client_expects,
+            timeout,
+        )
+        .await
+    }
+
+    async fn run_pair_offering(
+        client_side: Side,
+        server_cert: &DtlsCertificate,
+        client_cert: &DtlsCertificate,
+        server_expects: Fingerprint,
+        client_expects: Fingerprint,
+        timeout: Duration,
+    ) -> (
+        Result<(SrtpKeys, DtlsSession), DtlsError>,
+        Result<(SrtpKeys, DtlsSession), DtlsError>,
+        Wire,
+    ) {
         super::super::install_crypto_provider();
         let ((s_in, s_out), (c_in, c_out), wire) = wire();
         let client_addr: SocketAddr = CLIENT_ADDR.parse().unwrap();
         let server_addr: SocketAddr = SERVER_ADDR.parse().unwrap();
         let (server, client) = tokio::join!(
-            accept(server_cert, client_addr, &server_expects, s_in, s_out, timeout),
-            connect(client_cert, server_addr, &client_expects, c_in, c_out, timeout),
+            accept(
+                server_cert,
+                client_addr,
+                &server_expects,
+                s_in,
+                s_out,
+                timeout
+            ),
+            handshake(
+                client_side,
+                client_cert,
+                server_addr,
+                &client_expects,
+                c_in,
+                c_out,
+                timeout
+            ),
         );
         (server, client, wire)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn handshake_derives_mirrored_keys() {
+    async fn handshake_derives_mirrored_keys_for_both_profiles() {
         let server_cert = DtlsCertificate::generate().unwrap();
         let client_cert = DtlsCertificate::generate().unwrap();
-        let (server, client, wire) = run_pair(
+        let cases: [(&'static [SrtpProtectionProfile], SrtpProfile); 3] = [
+            // Both offer GCM first, so GCM wins.
+            (&SRTP_PROFILES, SrtpProfile::AeadAes128Gcm),
+            (
+                &[SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80],
+                SrtpProfile::Aes128CmHmacSha1_80,
+            ),
+            // An older client preferring AES-CM, with an unsupported profile first.
+            (
+                &[
+                    SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_32,
+                    SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+                    SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+                ],
+                SrtpProfile::Aes128CmHmacSha1_80,
+            ),
+        ];
+        for (offer, want) in cases {
+            let client_side = Side {
+                is_client: true,
+                profiles: offer,
+            };
+            let (server, client, wire) = run_pair_offering(
+                client_side,
+                &server_cert,
+                &client_cert,
+                client_cert.fingerprint(),
+                server_cert.fingerprint(),
+                HANDSHAKE_TIMEOUT,
+            )
+            .await;
+            let (skeys, ssession) = server.unwrap();
+            let (ckeys, csession) = client.unwrap();
+
+            assert_eq!(skeys.profile, want, "offer {offer:?}");
+            assert_eq!(ckeys.profile, want);
+            assert_eq!(ssession.profile(), want);
+            assert_eq!(skeys.local_key.len(), want.key_len());
+            assert_eq!(skeys.local_salt.len(), want.salt_len());
+            assert_eq!(ckeys.local_key, skeys.remote_key);
+            assert_eq!(ckeys.local_salt, skeys.remote_salt);
+            assert_eq!(ckeys.remote_key, skeys.local_key);
+            assert_eq!(ckeys.remote_salt, skeys.local_salt);
+            assert_ne!(skeys.local_key, skeys.remote_key);
+
+            // The exported keys work: what the client protects, the server opens.
+            let mut c = super::super::srtp::SrtpSession::new(&ckeys).unwrap();
+            let mut s = super::super::srtp::SrtpSession::new(&skeys).unwrap();
+            let rtp = [0x80, 111, 0, 1, 0, 0, 0, 1, 0, 0, 0, 42, 0xde, 0xad];
+            let protected = c.encrypt_rtp(&rtp).unwrap();
+            assert_eq!(&s.decrypt_rtp(&protected).unwrap()[..], &rtp[..]);
+
+            // After the handshake, garbage still reaching the session must not hurt it.
+            wire.to_server
+                .send(vec![22, 0xfe, 0xfd, 0xff])
+                .await
+                .unwrap();
+            wire.to_client.send(vec![0xff; 3]).await.unwrap();
+            ssession.close().await.unwrap();
+            csession.close().await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_common_srtp_profile_fails() {
+        let server_cert = DtlsCertificate::generate().unwrap();
+        let client_cert = DtlsCertificate::generate().unwrap();
+        let client_side = Side {
+            is_client: true,
+            profiles: &[SrtpProtectionProfile::Srtp_Aead_Aes_256_Gcm],
+        };
+        let (server, client, _wire) = run_pair_offering(
+            client_side,
             &server_cert,
             &client_cert,
             client_cert.fingerprint(),
             server_cert.fingerprint(),
-            HANDSHAKE_TIMEOUT,
+            Duration::from_secs(5),
         )
         .await;
-        let (skeys, ssession) = server.unwrap();
-        let (ckeys, csession) = client.unwrap();
-
-        // Both offer GCM first, so GCM wins.
-        assert_eq!(skeys.profile, SrtpProfile::AeadAes128Gcm);
-        assert_eq!(ckeys.profile, skeys.profile);
-        assert_eq!(ssession.profile(), skeys.profile);
-        assert_eq!(skeys.local_key.len(), 16);
-        assert_eq!(skeys.local_salt.len(), 12);
-        assert_eq!(ckeys.local_key, skeys.remote_key);
-        assert_eq!(ckeys.local_salt, skeys.remote_salt);
-        assert_eq!(ckeys.remote_key, skeys.local_key);
-        assert_eq!(ckeys.remote_salt, skeys.local_salt);
-        assert_ne!(skeys.local_key, skeys.remote_key);
-
-        // After the handshake, garbage still reaching the session must not hurt it.
-        wire.to_server.send(vec![22, 0xfe, 0xfd, 0xff]).await.unwrap();
-        wire.to_client.send(vec![0xff; 3]).await.unwrap();
-        ssession.close().await.unwrap();
-        csession.close().await.unwrap();
+        assert!(server.is_err(), "server: {server:?}");
+        assert!(client.is_err(), "client: {client:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -674,11 +784,12 @@ mod tests {
         ] {
             wire.to_server.send(junk).await.unwrap();
         }
+        let (client_fp, server_fp) = (client_cert.fingerprint(), server_cert.fingerprint());
         let (server, client) = tokio::join!(
             accept(
                 &server_cert,
                 CLIENT_ADDR.parse().unwrap(),
-                &client_cert.fingerprint(),
+                &client_fp,
                 s_in,
                 s_out,
                 HANDSHAKE_TIMEOUT
@@ -686,7 +797,7 @@ mod tests {
             connect(
                 &client_cert,
                 SERVER_ADDR.parse().unwrap(),
-                &server_cert.fingerprint(),
+                &server_fp,
                 c_in,
                 c_out,
                 HANDSHAKE_TIMEOUT
@@ -742,7 +853,10 @@ mod tests {
         assert!(text
             .chars()
             .all(|c| c == ':' || c.is_ascii_digit() || c.is_ascii_uppercase()));
-        assert_eq!(Fingerprint::parse_sha256(&text).unwrap(), cert.fingerprint());
+        assert_eq!(
+            Fingerprint::parse_sha256(&text).unwrap(),
+            cert.fingerprint()
+        );
         assert_eq!(
             Fingerprint::parse_sha256(&text.to_lowercase()).unwrap(),
             cert.fingerprint()

@@ -30,7 +30,6 @@
 //! [`IceLite::handle_timeout`] at [`IceLite::poll_timeout`], and drain
 //! [`IceLite::poll_event`] after either.
 
-use stun::agent::TransactionId;
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
@@ -38,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use rand::distributions::Alphanumeric;
 use rand::Rng;
+use stun::agent::TransactionId;
 use stun::attributes::{
     ATTR_FINGERPRINT, ATTR_ICE_CONTROLLED, ATTR_MESSAGE_INTEGRITY, ATTR_USERNAME,
     ATTR_USE_CANDIDATE,
@@ -48,8 +48,8 @@ use stun::error_code::{
 use stun::fingerprint::FINGERPRINT;
 use stun::integrity::MessageIntegrity;
 use stun::message::{
-    Message, MessageType, Setter, BINDING_ERROR, BINDING_SUCCESS, CLASS_REQUEST,
-    MAGIC_COOKIE, MESSAGE_HEADER_SIZE, METHOD_BINDING,
+    Message, MessageType, Setter, BINDING_ERROR, BINDING_SUCCESS, CLASS_REQUEST, MAGIC_COOKIE,
+    MESSAGE_HEADER_SIZE, METHOD_BINDING,
 };
 use stun::xoraddr::XorMappedAddress;
 
@@ -256,10 +256,8 @@ impl IceLite {
         }
 
         let tid = req.transaction_id;
-        let (Ok(username), true) = (
-            req.get(ATTR_USERNAME),
-            req.contains(ATTR_MESSAGE_INTEGRITY),
-        ) else {
+        let (Ok(username), true) = (req.get(ATTR_USERNAME), req.contains(ATTR_MESSAGE_INTEGRITY))
+        else {
             return Err(IceError::BadRequest {
                 reply: error_response(tid, CODE_BAD_REQUEST, b"Bad Request", None),
             });
@@ -362,7 +360,9 @@ fn parse(msg: &[u8]) -> Result<Message, IceError> {
         return Err(IceError::Malformed("length not a multiple of 4"));
     }
     if msg.len() != MESSAGE_HEADER_SIZE + body_len {
-        return Err(IceError::Malformed("length field does not match the datagram"));
+        return Err(IceError::Malformed(
+            "length field does not match the datagram",
+        ));
     }
     let mut m = Message::new();
     m.raw = msg.to_vec();
@@ -446,6 +446,36 @@ fn encode(
     m.raw
 }
 
+/// Builds the Binding request a controlling ICE agent sends us (RFC 8445 §7.1): USERNAME
+/// `"<our ufrag>:<their ufrag>"`, PRIORITY, ICE-CONTROLLING, optionally USE-CANDIDATE,
+/// MESSAGE-INTEGRITY with our password, FINGERPRINT. For tests, benches and load generators
+/// that play the client.
+pub fn binding_request(username: &str, pwd: &str, use_candidate: bool) -> Vec<u8> {
+    use stun::attributes::{ATTR_ICE_CONTROLLING, ATTR_PRIORITY};
+    use stun::message::BINDING_REQUEST;
+    use stun::textattrs::TextAttribute;
+    let mut m = Message::new();
+    m.typ = BINDING_REQUEST;
+    m.transaction_id = TransactionId::new();
+    m.write_header();
+    let mut ok = TextAttribute::new(ATTR_USERNAME, username.to_owned())
+        .add_to(&mut m)
+        .is_ok();
+    m.add(ATTR_PRIORITY, &1_853_824_767u32.to_be_bytes());
+    m.add(ATTR_ICE_CONTROLLING, &rand::random::<u64>().to_be_bytes());
+    if use_candidate {
+        m.add(ATTR_USE_CANDIDATE, &[]);
+    }
+    ok &= MessageIntegrity::new_short_term_integrity(pwd.to_owned())
+        .add_to(&mut m)
+        .is_ok();
+    ok &= FINGERPRINT.add_to(&mut m).is_ok();
+    // Adding attributes to an in-memory message cannot fail; a broken request would only make
+    // the caller's test fail, never the server.
+    debug_assert!(ok);
+    m.raw
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,7 +544,10 @@ mod tests {
             if self.controlled {
                 m.add(ATTR_ICE_CONTROLLED, &7u64.to_be_bytes());
             } else {
-                m.add(ATTR_ICE_CONTROLLING, &0x1234_5678_9abc_def0u64.to_be_bytes());
+                m.add(
+                    ATTR_ICE_CONTROLLING,
+                    &0x1234_5678_9abc_def0u64.to_be_bytes(),
+                );
             }
             if self.use_candidate {
                 m.add(ATTR_USE_CANDIDATE, &[]);
@@ -671,9 +704,7 @@ mod tests {
         for (what, req, code) in cases {
             let mut ice = ice(now);
             let (tid, bytes) = req.build();
-            let err = ice
-                .handle_stun(addr(PEER_A), &bytes, now)
-                .expect_err(what);
+            let err = ice.handle_stun(addr(PEER_A), &bytes, now).expect_err(what);
             match (&err, code) {
                 (IceError::BadIntegrity { .. }, 401) if what.contains("password") => {}
                 (IceError::UnknownUsername { .. }, 401) if !what.contains("password") => {}
@@ -704,8 +735,7 @@ mod tests {
             ..Req::default()
         }
         .build();
-        let Ok(StunOutcome::Reply { bytes, .. }) = ice.handle_stun(addr(PEER_A), &req, now)
-        else {
+        let Ok(StunOutcome::Reply { bytes, .. }) = ice.handle_stun(addr(PEER_A), &req, now) else {
             panic!("expected a 487 reply");
         };
         let mut resp = decode(&bytes);
@@ -716,7 +746,11 @@ mod tests {
             .check(&mut resp)
             .unwrap();
         FINGERPRINT.check(&resp).unwrap();
-        assert_eq!(ice.selected(), None, "a conflicting request nominates nothing");
+        assert_eq!(
+            ice.selected(),
+            None,
+            "a conflicting request nominates nothing"
+        );
         assert_eq!(ice.poll_event(), None);
     }
 
@@ -814,7 +848,11 @@ mod tests {
         ice.handle_stun(addr(PEER_A), &r2, now + Duration::from_secs(1))
             .unwrap();
         assert_eq!(ice.poll_event(), Some(IceEvent::Nominated(addr(PEER_A))));
-        assert_eq!(ice.poll_event(), None, "same address nominated twice: one event");
+        assert_eq!(
+            ice.poll_event(),
+            None,
+            "same address nominated twice: one event"
+        );
 
         let (_, r3) = nominate.build();
         ice.handle_stun(addr(PEER_B), &r3, now + Duration::from_secs(2))
@@ -945,7 +983,8 @@ mod tests {
         let mut long_len = browser.clone();
         long_len[3] = long_len[3].wrapping_add(4);
         let pair = |a: &str, b: &str| Some((a.to_owned(), b.to_owned()));
-        let cases: Vec<(&str, &[u8], Option<(String, String)>)> = vec![
+        type Ufrags = Option<(String, String)>;
+        let cases: Vec<(&str, &[u8], Ufrags)> = vec![
             ("browser request", &browser, pair("srvUfrag", "cli1")),
             ("padded username", &odd_len, pair("abcde", "xyz")),
             ("no USERNAME", &no_user, None),
@@ -953,7 +992,13 @@ mod tests {
             ("bad cookie", &bad_cookie, None),
             ("length beyond datagram", &long_len, None),
             ("empty", &[], None),
-            ("DTLS", &[22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], None),
+            (
+                "DTLS",
+                &[
+                    22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                ],
+                None,
+            ),
         ];
         for (what, msg, want) in cases {
             assert_eq!(stun_username(msg), want, "{what}");
@@ -973,6 +1018,9 @@ mod tests {
             .chain(a.pwd.chars())
             .all(|c| c.is_ascii_alphanumeric()));
         assert_ne!(a, b);
-        assert!(!format!("{a:?}").contains(&a.pwd), "Debug must not leak the password");
+        assert!(
+            !format!("{a:?}").contains(&a.pwd),
+            "Debug must not leak the password"
+        );
     }
 }

@@ -13,6 +13,8 @@
 //!   peer certificate against the SDP `a=fingerprint` and exports the SRTP keys (RFC 5764).
 //! - SRTP/SRTCP is decrypted and encrypted by [`srtp::SrtpSession`], synchronously, on the
 //!   shard that owns the transport (no task or channel hop per packet).
+//! - Decrypted RTP/RTCP is parsed with [`parse::parse_rtp`] / [`parse::parse_rtcp`], never
+//!   with the rtp/rtcp crates directly: those panic on some malformed input.
 //!
 //! What this module does not do: own sockets, pick shards, parse SDP, or forward media.
 //!
@@ -22,6 +24,7 @@
 pub mod demux;
 pub mod dtls;
 pub mod ice;
+pub mod parse;
 pub mod srtp;
 
 /// Installs rustls' ring provider as the process-wide default, once; later calls do nothing.

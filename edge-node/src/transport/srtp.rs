@@ -6,9 +6,18 @@
 //! `&mut self` calls, no I/O, so the shard that owns the transport calls them inline on the
 //! packet path (decrypt once per incoming packet, encrypt once per outgoing copy).
 //!
-//! Every input is peer-controlled. webrtc-srtp indexes SRTCP packets by their tail before
-//! checking their length, so lengths are checked here first; errors come back as
-//! [`SrtpError`] for the caller to drop and count.
+//! Every input is peer-controlled, and webrtc-srtp 0.17 needs three guards in front of it:
+//! - it parses the RTP header with the rtp crate (0.17.2), which panics on an RFC 8285 header
+//!   extension element that runs past the packet (found by `fuzz/fuzz_targets/rtp_rtcp.rs`);
+//!   [`super::parse::check_rtp_header`] walks the header first;
+//! - it indexes SRTCP packets by their tail before checking their length (a panic on short
+//!   input), so lengths are checked here first;
+//! - with AES-CM it returns an SRTCP packet whose E flag is clear *without checking its
+//!   authentication tag*, although RFC 3711 §3.4 makes authentication mandatory whatever the
+//!   E flag says. Anyone who can send to our port from the peer's address could inject RTCP.
+//!   WebRTC always encrypts SRTCP, so we reject E=0 outright ([`SrtpError::UnencryptedSrtcp`]).
+//!
+//! Errors come back as [`SrtpError`] for the caller to drop and count.
 
 use bytes::Bytes;
 use webrtc_srtp::context::Context;
@@ -16,6 +25,7 @@ use webrtc_srtp::option::{srtcp_replay_protection, srtp_replay_protection};
 use webrtc_srtp::protection_profile::ProtectionProfile;
 
 use super::dtls::{SrtpKeys, SrtpProfile};
+use super::parse::{check_rtp_header, ParseError};
 
 /// Inbound SRTP replay window, in packets. RFC 3711 §3.3.2 asks for at least 64; video
 /// arrives reordered by more than that at high bitrates, so we follow libwebrtc's 1024.
@@ -45,12 +55,29 @@ pub enum SrtpError {
     },
     #[error("packet of {len} bytes is too short (minimum {min})")]
     TooShort { len: usize, min: usize },
+    /// SRTCP with the E flag clear (RFC 3711 §3.4): never sent by WebRTC peers, and
+    /// webrtc-srtp would not authenticate it.
+    #[error("unencrypted SRTCP packet")]
+    UnencryptedSrtcp,
     #[error("replayed or too old packet")]
     Replayed,
     #[error("authentication failed")]
     AuthFailed,
+    /// RTP header whose CSRC list or header extension does not fit the packet
+    /// (RFC 3550 §5.1, §5.3.1; RFC 8285 §4.2, §4.3).
+    #[error("malformed RTP header")]
+    MalformedRtpHeader,
     #[error("SRTP processing failed")]
     Srtp(#[source] webrtc_srtp::Error),
+}
+
+impl From<ParseError> for SrtpError {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::TooShort { len, min } => SrtpError::TooShort { len, min },
+            _ => SrtpError::MalformedRtpHeader,
+        }
+    }
 }
 
 impl From<webrtc_srtp::Error> for SrtpError {
@@ -116,8 +143,11 @@ impl SrtpSession {
         self.profile
     }
 
-    /// Authenticates and decrypts an SRTP packet from the peer into plain RTP.
+    /// Authenticates and decrypts an SRTP packet from the peer into plain RTP. The header of
+    /// what comes out has passed [`check_rtp_header`], so the rtp crate can parse it
+    /// (or use [`super::parse::parse_rtp`]).
     pub fn decrypt_rtp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        check_rtp_header(packet)?;
         Ok(self.inbound.decrypt_rtp(packet)?)
     }
 
@@ -130,11 +160,24 @@ impl SrtpSession {
                 min,
             });
         }
+        // RFC 3711 §3.4 (AES-CM): ... | E + SRTCP index | auth tag.
+        // RFC 7714 §17 (AEAD):    ... | auth tag (inside the ciphertext) | E + SRTCP index.
+        let e_flag_at = match self.profile {
+            SrtpProfile::Aes128CmHmacSha1_80 => {
+                packet.len() - SRTCP_INDEX_LEN - self.rtcp_tag_len()
+            }
+            SrtpProfile::AeadAes128Gcm => packet.len() - SRTCP_INDEX_LEN,
+        };
+        if packet[e_flag_at] & 0x80 == 0 {
+            return Err(SrtpError::UnencryptedSrtcp);
+        }
         Ok(self.inbound.decrypt_rtcp(packet)?)
     }
 
     /// Encrypts and authenticates a plain RTP packet for the peer.
     pub fn encrypt_rtp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        // Forwarded packets may carry extension bytes a publisher chose.
+        check_rtp_header(packet)?;
         Ok(self.outbound.encrypt_rtp(packet)?)
     }
 
@@ -163,7 +206,8 @@ mod tests {
     use rand::{RngCore, SeedableRng};
     use webrtc_util::{Marshal, Unmarshal};
 
-    const PROFILES: [SrtpProfile; 2] = [SrtpProfile::AeadAes128Gcm, SrtpProfile::Aes128CmHmacSha1_80];
+    const PROFILES: [SrtpProfile; 2] =
+        [SrtpProfile::AeadAes128Gcm, SrtpProfile::Aes128CmHmacSha1_80];
 
     /// Mirrored key sets, as the DTLS client and server would export them.
     fn key_pair(profile: SrtpProfile) -> (SrtpKeys, SrtpKeys) {
@@ -233,7 +277,11 @@ mod tests {
             for seq in [1u16, 2, 3, 65535, 0] {
                 let plain = rtp(seq, b"opus frame");
                 let protected = client.encrypt_rtp(&plain).unwrap();
-                assert_ne!(&protected[12..], &plain[12..], "{profile:?}: payload encrypted");
+                assert_ne!(
+                    &protected[12..],
+                    &plain[12..],
+                    "{profile:?}: payload encrypted"
+                );
                 assert!(protected.len() > plain.len(), "{profile:?}: tag appended");
                 let got = server.decrypt_rtp(&protected).unwrap();
                 assert_eq!(&got[..], &plain[..], "{profile:?} seq {seq}");
@@ -249,7 +297,10 @@ mod tests {
 
             // And the other direction.
             let protected = server.encrypt_rtp(&rtp(9, b"down")).unwrap();
-            assert_eq!(&client.decrypt_rtp(&protected).unwrap()[..], &rtp(9, b"down")[..]);
+            assert_eq!(
+                &client.decrypt_rtp(&protected).unwrap()[..],
+                &rtp(9, b"down")[..]
+            );
         }
     }
 
@@ -340,6 +391,68 @@ mod tests {
                     let _ = server.encrypt_rtp(&buf);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn unauthenticated_plain_srtcp_is_rejected() {
+        for profile in PROFILES {
+            let (_, sk) = key_pair(profile);
+            let mut server = SrtpSession::new(&sk).unwrap();
+            // A forged BYE-like packet: plain RTCP, E=0 index, made-up tag. webrtc-srtp alone
+            // returns it as genuine with AES-CM.
+            let mut forged = pli();
+            let tag_len = server.rtcp_tag_len();
+            match profile {
+                SrtpProfile::Aes128CmHmacSha1_80 => {
+                    forged.extend_from_slice(&1u32.to_be_bytes());
+                    forged.extend(std::iter::repeat_n(0xab, tag_len));
+                }
+                SrtpProfile::AeadAes128Gcm => {
+                    forged.extend(std::iter::repeat_n(0xab, tag_len));
+                    forged.extend_from_slice(&1u32.to_be_bytes());
+                }
+            }
+            assert!(
+                matches!(
+                    server.decrypt_rtcp(&forged),
+                    Err(SrtpError::UnencryptedSrtcp)
+                ),
+                "{profile:?}"
+            );
+            // With the E flag set the forgery is caught by authentication.
+            let e_at = match profile {
+                SrtpProfile::Aes128CmHmacSha1_80 => forged.len() - 4 - tag_len,
+                SrtpProfile::AeadAes128Gcm => forged.len() - 4,
+            };
+            forged[e_at] |= 0x80;
+            assert!(
+                matches!(server.decrypt_rtcp(&forged), Err(SrtpError::AuthFailed)),
+                "{profile:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fuzzer_found_extension_overrun_is_rejected() {
+        // fuzz/rtp_rtcp crash-5a25a76d: a one-byte extension element reading past the packet
+        // made rtp::Header::unmarshal panic inside webrtc-srtp's decrypt_rtp.
+        let crash: &[u8] = &[
+            0xbb, 0xb0, 0x09, 0x00, 0x00, 0xbb, 0xbb, 0x10, 0x00, 0xfe, 0xff, 0xff, 0xff, 0x04,
+            0xbb, 0xbb, 0xff, 0xff, 0xff, 0xff, 0xff, 0x26, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00, 0x2e, 0x00, 0x00, 0x2e, 0xb9,
+            0x10, 0x00, 0x00, 0x09, 0x00, 0x00, 0xbb, 0xbb, 0x10, 0x00, 0xfe, 0xff, 0xff, 0xff,
+            0x04, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+        ];
+        assert!(check_rtp_header(crash).is_err());
+        for profile in PROFILES {
+            let (_, sk) = key_pair(profile);
+            let mut server = SrtpSession::new(&sk).unwrap();
+            assert!(matches!(
+                server.decrypt_rtp(crash),
+                Err(SrtpError::MalformedRtpHeader)
+            ));
         }
     }
 

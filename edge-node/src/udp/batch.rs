@@ -52,7 +52,8 @@ impl RecvBatch {
             };
             // SAFETY: zeroed mmsghdr is valid; we then point it at our own buffers.
             self.msgs[i] = unsafe { zeroed() };
-            self.msgs[i].msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            self.msgs[i].msg_hdr.msg_name =
+                (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
             self.msgs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as u32;
             self.msgs[i].msg_hdr.msg_iov = &mut self.iovecs[i];
             self.msgs[i].msg_hdr.msg_iovlen = 1;
@@ -111,7 +112,14 @@ pub fn send_batch(fd: RawFd, items: &[(SocketAddr, &[u8])]) -> io::Result<usize>
             msgs[i].msg_hdr.msg_iovlen = 1;
         }
         // SAFETY: the headers point at stack arrays and caller-owned data that outlive the call.
-        let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), chunk.len() as u32, libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::sendmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                chunk.len() as u32,
+                libc::MSG_DONTWAIT,
+            )
+        };
         if n < 0 {
             let err = io::Error::last_os_error();
             if sent > 0 && err.kind() == io::ErrorKind::WouldBlock {
@@ -155,7 +163,8 @@ fn to_storage(addr: &SocketAddr, s: &mut libc::sockaddr_storage) -> libc::sockle
     match addr {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
-            let out: &mut libc::sockaddr_in = unsafe { &mut *(s as *mut _ as *mut libc::sockaddr_in) };
+            let out: &mut libc::sockaddr_in =
+                unsafe { &mut *(s as *mut _ as *mut libc::sockaddr_in) };
             out.sin_family = libc::AF_INET as libc::sa_family_t;
             out.sin_port = a.port().to_be();
             out.sin_addr = libc::in_addr {
@@ -165,7 +174,8 @@ fn to_storage(addr: &SocketAddr, s: &mut libc::sockaddr_storage) -> libc::sockle
         }
         SocketAddr::V6(a) => {
             // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
-            let out: &mut libc::sockaddr_in6 = unsafe { &mut *(s as *mut _ as *mut libc::sockaddr_in6) };
+            let out: &mut libc::sockaddr_in6 =
+                unsafe { &mut *(s as *mut _ as *mut libc::sockaddr_in6) };
             out.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             out.sin6_port = a.port().to_be();
             out.sin6_addr = libc::in6_addr {

@@ -39,10 +39,18 @@ const DTLS_INBOUND: usize = 64;
 pub enum ShardInput {
     Command(Command),
     /// Events of transports owned by this session go to this sender.
-    Register { session: SessionId, events: mpsc::Sender<Event> },
-    Unregister { session: SessionId },
+    Register {
+        session: SessionId,
+        events: mpsc::Sender<Event>,
+    },
+    Unregister {
+        session: SessionId,
+    },
     /// The remote DTLS fingerprint to verify for a transport (from its SDP).
-    ExpectDtls { transport: TransportId, fingerprint: String },
+    ExpectDtls {
+        transport: TransportId,
+        fingerprint: String,
+    },
     /// Datagrams another shard received for this one.
     Datagrams(Vec<(SocketAddr, Vec<u8>)>),
 }
@@ -208,6 +216,12 @@ struct ShardShell {
     room_events: mpsc::Sender<Event>,
 }
 
+/// A finished DTLS handshake: the transport and its SRTP keys (or why it failed).
+type HandshakeDone = (
+    TransportId,
+    Result<(SrtpKeys, DtlsSession), dtls::DtlsError>,
+);
+
 struct Handshake {
     inbound: mpsc::Sender<Vec<u8>>,
     /// Kept so the DTLS connection lives as long as the transport (close_notify on drop).
@@ -216,7 +230,10 @@ struct Handshake {
 
 impl ShardShell {
     fn run(self) {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 tracing::error!(shard = self.index, error = %e, "cannot start shard runtime");
@@ -244,8 +261,7 @@ impl ShardShell {
         let mut fingerprints: HashMap<TransportId, String> = HashMap::new();
         let mut handshakes: HashMap<TransportId, Handshake> = HashMap::new();
         let (dtls_out_tx, mut dtls_out) = mpsc::channel::<(SocketAddr, Vec<u8>)>(256);
-        type Done = (TransportId, Result<(SrtpKeys, DtlsSession), dtls::DtlsError>);
-        let (done_tx, mut done_rx) = mpsc::channel::<Done>(64);
+        let (done_tx, mut done_rx) = mpsc::channel::<HandshakeDone>(64);
         let mut handoff: HashMap<usize, Vec<(SocketAddr, Vec<u8>)>> = HashMap::new();
         let mut transmits = Vec::new();
         let mut next_tick = tokio::time::Instant::now() + TICK;
@@ -305,7 +321,10 @@ impl ShardShell {
             }
             // Flush: handed-off datagrams, transmits, events.
             for (shard, items) in handoff.drain() {
-                if self.peers[shard].try_send(ShardInput::Datagrams(items)).is_err() {
+                if self.peers[shard]
+                    .try_send(ShardInput::Datagrams(items))
+                    .is_err()
+                {
                     tracing::debug!(shard, "peer shard inbox full: dropped handed-off datagrams");
                 }
             }
@@ -351,13 +370,15 @@ impl ShardShell {
         handoff: &mut HashMap<usize, Vec<(SocketAddr, Vec<u8>)>>,
         fingerprints: &HashMap<TransportId, String>,
         dtls_out: &mpsc::Sender<(SocketAddr, Vec<u8>)>,
-        done: &mpsc::Sender<(TransportId, Result<(SrtpKeys, DtlsSession), dtls::DtlsError>)>,
+        done: &mpsc::Sender<HandshakeDone>,
     ) {
         let class = classify(data);
         let local = match class {
-            PacketClass::Stun => core.transport_at(from).is_some()
-                || crate::transport::ice::stun_username(data)
-                    .is_some_and(|(l, _)| core.owns_ufrag(&l)),
+            PacketClass::Stun => {
+                core.transport_at(from).is_some()
+                    || crate::transport::ice::stun_username(data)
+                        .is_some_and(|(l, _)| core.owns_ufrag(&l))
+            }
             PacketClass::Unknown => {
                 core.counters.rejected_garbage += 1;
                 return;
@@ -382,7 +403,9 @@ impl ShardShell {
             PacketClass::Rtp => core.handle_srtp(from, data, false, now),
             PacketClass::Rtcp => core.handle_srtp(from, data, true, now),
             PacketClass::Dtls => {
-                let Some(tid) = core.transport_at(from) else { return };
+                let Some(tid) = core.transport_at(from) else {
+                    return;
+                };
                 let h = handshakes.entry(tid).or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(DTLS_INBOUND);
                     let cert = self.cert.clone();
@@ -396,7 +419,10 @@ impl ShardShell {
                         };
                         let _ = done.send((tid, r)).await;
                     });
-                    Handshake { inbound: tx, session: None }
+                    Handshake {
+                        inbound: tx,
+                        session: None,
+                    }
                 });
                 if h.inbound.try_send(data.to_vec()).is_err() {
                     core.counters.rejected_dtls += 1;
@@ -416,7 +442,7 @@ impl ShardShell {
         handshakes: &mut HashMap<TransportId, Handshake>,
         handoff: &mut HashMap<usize, Vec<(SocketAddr, Vec<u8>)>>,
         dtls_out: &mpsc::Sender<(SocketAddr, Vec<u8>)>,
-        done: &mpsc::Sender<(TransportId, Result<(SrtpKeys, DtlsSession), dtls::DtlsError>)>,
+        done: &mpsc::Sender<HandshakeDone>,
         now: Instant,
     ) {
         match input {
@@ -454,7 +480,17 @@ impl ShardShell {
                         core.counters.rejected_unknown_source += 1;
                         continue;
                     }
-                    self.dispatch(core, from, &data, now, handshakes, handoff, fingerprints, dtls_out, done);
+                    self.dispatch(
+                        core,
+                        from,
+                        &data,
+                        now,
+                        handshakes,
+                        handoff,
+                        fingerprints,
+                        dtls_out,
+                        done,
+                    );
                 }
             }
         }
@@ -468,7 +504,9 @@ async fn send_all(socket: &tokio::net::UdpSocket, transmits: &[crate::sfu::Trans
     let mut done = 0;
     let mut spins = 0;
     while done < items.len() {
-        match socket.try_io(tokio::io::Interest::WRITABLE, || batch::send_batch(fd, &items[done..])) {
+        match socket.try_io(tokio::io::Interest::WRITABLE, || {
+            batch::send_batch(fd, &items[done..])
+        }) {
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 spins += 1;

@@ -1,0 +1,212 @@
+//! The core end to end: SRTP in from a publisher, rewritten SRTP out to subscribers, NACKs
+//! answered, hostile datagrams counted and ignored.
+
+use super::harness::{Harness, PUBLISHER_SSRC, VIDEO_PT};
+use super::*;
+use crate::transport::dtls::SrtpProfile;
+
+fn decrypt_all(h: &mut Harness, out: &[Transmit]) -> Vec<(usize, Vec<u8>)> {
+    let mut got = Vec::new();
+    for t in out {
+        if let Some(i) = h.subscribers.iter().position(|s| s.addr == t.to) {
+            if let Ok(plain) = h.subscribers[i].srtp.decrypt_rtp(&t.data) {
+                got.push((i, plain.to_vec()));
+            }
+        }
+    }
+    got
+}
+
+#[test]
+fn forwards_to_every_subscriber_with_continuous_rewritten_sequence_across_wraparound() {
+    for profile in [SrtpProfile::Aes128CmHmacSha1_80, SrtpProfile::AeadAes128Gcm] {
+        let mut h = Harness::new(3, profile);
+        let mut seen: Vec<Vec<u16>> = vec![Vec::new(); 3];
+        // Start near the 16-bit wrap: 65530..65535, 0..20.
+        for k in 0..26u16 {
+            let seq = 65530u16.wrapping_add(k);
+            let pkt = h.publisher_packet(seq, 3000 * k as u32, k == 0, 200);
+            h.from_publisher(&pkt);
+            let out = h.drain();
+            for (i, plain) in decrypt_all(&mut h, &out) {
+                let v = RtpView::parse(&plain).unwrap();
+                assert_eq!(
+                    v.ssrc, h.subscribers[i].out_ssrc,
+                    "each subscriber sees its own SSRC"
+                );
+                assert_eq!(v.payload_type, VIDEO_PT);
+                assert_eq!(v.payload().len(), 200);
+                assert!(
+                    v.extension(3).is_some(),
+                    "transport-wide seq added for the subscriber's BWE"
+                );
+                seen[i].push(v.seq);
+            }
+        }
+        for s in &seen {
+            assert_eq!(
+                s.len(),
+                26,
+                "{profile:?}: every packet reaches every subscriber"
+            );
+            for w in s.windows(2) {
+                assert_eq!(
+                    w[1],
+                    w[0].wrapping_add(1),
+                    "{profile:?}: contiguous output sequence"
+                );
+            }
+        }
+        assert_eq!(h.core.counters.packets_in, 26);
+        assert_eq!(h.core.counters.packets_out, 26 * 3);
+    }
+}
+
+#[test]
+fn nack_is_answered_from_the_cache() {
+    let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
+    let mut sent = Vec::new();
+    for k in 0..10u16 {
+        let pkt = h.publisher_packet(100 + k, 3000 * k as u32, k == 0, 100 + k as usize);
+        h.from_publisher(&pkt);
+        let out = h.drain();
+        if k == 4 {
+            continue; // lost on the way to the subscriber
+        }
+        for (_, plain) in decrypt_all(&mut h, &out) {
+            sent.push(plain);
+        }
+    }
+    assert_eq!(sent.len(), 9);
+    let before = RtpView::parse(&sent[3]).unwrap();
+    let after = RtpView::parse(&sent[4]).unwrap();
+    let lost_seq = before.seq.wrapping_add(1);
+    assert_eq!(
+        after.seq,
+        lost_seq.wrapping_add(1),
+        "the loss shows as a gap"
+    );
+    let nack = rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack {
+        sender_ssrc: 1,
+        media_ssrc: h.subscribers[0].out_ssrc,
+        nacks: vec![rtcp::transport_feedbacks::transport_layer_nack::NackPair {
+            packet_id: lost_seq,
+            lost_packets: 0,
+        }],
+    };
+    let plain =
+        rtcp::packet::marshal(&[Box::new(nack) as Box<dyn rtcp::packet::Packet + Send + Sync>])
+            .unwrap();
+    let enc = h.subscribers[0].srtp.encrypt_rtcp(&plain).unwrap();
+    let addr = h.subscribers[0].addr;
+    let now = h.now;
+    h.core.handle_srtp(addr, &enc, true, now);
+    let out = h.drain();
+    let resent = decrypt_all(&mut h, &out);
+    assert_eq!(resent.len(), 1, "one retransmission: {:?}", h.core.counters);
+    let v = RtpView::parse(&resent[0].1).unwrap();
+    assert_eq!(v.seq, lost_seq);
+    assert_eq!(
+        v.payload().len(),
+        104,
+        "the lost packet (payload of 104 bytes) again"
+    );
+    assert_eq!(h.core.counters.retransmits_out, 1);
+}
+
+#[test]
+fn hostile_datagrams_are_counted_and_media_keeps_flowing() {
+    let mut h = Harness::new(2, SrtpProfile::AeadAes128Gcm);
+    let now = h.now;
+    let pub_addr = h.publisher.addr;
+    // Garbage SRTP from the publisher's address: fails authentication.
+    h.core.handle_srtp(pub_addr, &[0x80; 60], false, now);
+    // A replayed packet.
+    let pkt = h.publisher_packet(1, 0, true, 50);
+    h.from_publisher(&pkt);
+    h.from_publisher(&pkt);
+    // Media from an address nobody nominated.
+    let stranger: SocketAddr = "203.0.113.9:4000".parse().unwrap();
+    h.core.handle_srtp(stranger, &pkt, false, now);
+    // STUN with the wrong password for a real ufrag.
+    let bad = crate::transport::ice::binding_request(
+        "srv00001:cli00001",
+        "wrong-password-000000000",
+        true,
+    );
+    h.core.handle_stun(stranger, &bad, now);
+    // STUN for an unknown ufrag.
+    let unknown =
+        crate::transport::ice::binding_request("nobody00:cli", "whatever-password-000000", true);
+    h.core.handle_stun(stranger, &unknown, now);
+    let c = &h.core.counters;
+    assert_eq!(c.rejected_srtp, 2, "garbage and replay");
+    assert_eq!(c.rejected_unknown_source, 1);
+    assert_eq!(c.rejected_stun_integrity, 1);
+    assert_eq!(c.rejected_stun_unknown, 1);
+    // The bad STUN did not move subscriber 1's address.
+    assert_eq!(
+        h.core.transport_at(h.subscribers[0].addr),
+        Some(h.subscribers[0].transport)
+    );
+    h.drain();
+    let pkt = h.publisher_packet(2, 3000, false, 50);
+    h.from_publisher(&pkt);
+    let out = h.drain();
+    assert_eq!(
+        decrypt_all(&mut h, &out).len(),
+        2,
+        "everyone still gets media"
+    );
+}
+
+#[test]
+fn unknown_ssrc_and_payload_type_are_dropped() {
+    let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
+    let mut buf = vec![0u8; MAX_OUT_HEADER + 10];
+    let n = rtp::write_header(
+        &mut buf,
+        false,
+        VIDEO_PT,
+        1,
+        0,
+        PUBLISHER_SSRC + 1,
+        &Default::default(),
+    );
+    buf.truncate(n + 10);
+    let enc = h.publisher.srtp.encrypt_rtp(&buf).unwrap();
+    h.from_publisher(&enc);
+    let n = rtp::write_header(
+        &mut buf,
+        false,
+        13,
+        2,
+        0,
+        PUBLISHER_SSRC,
+        &Default::default(),
+    );
+    buf.truncate(n + 10);
+    let enc = h.publisher.srtp.encrypt_rtp(&buf).unwrap();
+    h.from_publisher(&enc);
+    assert_eq!(h.core.counters.rejected_unknown_ssrc, 1);
+    assert_eq!(h.core.counters.rejected_payload_type, 1);
+    assert!(h.drain().is_empty());
+}
+
+#[test]
+fn consent_expiry_closes_the_transport_and_its_publications() {
+    let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
+    let later = h.now + Duration::from_secs(31);
+    h.core.handle_timeout(later);
+    let mut closed = 0;
+    while let Some((_, e)) = h.core.poll_event() {
+        if let Event::Closed { reason, .. } = e {
+            assert_eq!(reason, "consent_expired");
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 2, "publisher and subscriber both stopped answering");
+    assert_eq!(h.core.transport_count(), 0);
+    assert_eq!(h.core.publication_count(), 0);
+    assert_eq!(h.core.subscription_count(), 0);
+}
