@@ -6,7 +6,7 @@
 // for the lowest layer, B's width must drop to A's lowest encoding (320 for 1280); asked for high
 // again, it must grow back. Finally A leaves with the page's button and B's tile of A goes away.
 //
-// Run: node tests/e2e/two_pages.mjs (after scripts/install-test-deps.sh and a release build).
+// Run: node tests/e2e/two_pages.mjs (after scripts/install-test-deps.sh and a build of kcs).
 // Screenshots and the edge log go to artifacts/.
 import { startEdge, waitFor, sleep } from '../lib/edge.mjs';
 import { launchChromium, openRoomPage, screenshot, waitJoined, remoteVideo, remoteAudio, pageErrors } from '../lib/browser.mjs';
