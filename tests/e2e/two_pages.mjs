@@ -49,7 +49,13 @@ async function hearsGrowing(page, from, label) {
   const first = await waitFor(`${label} receiving ${from}'s microphone`, async () => {
     const a = await remoteAudio(page, from);
     return a && a.totalSamplesReceived > 0 ? a : null;
-  }, { timeoutMs: 15_000 });
+  }, { timeoutMs: 15_000 }).catch(async (err) => {
+    // What the subscriber PC carries tells a missing offer from missing packets.
+    const mlines = await page.evaluate(() => window.kcs.client.subPc?.getTransceivers()
+      .map((t) => `${t.mid}:${t.receiver.track.kind}:${t.currentDirection}`)).catch((e) => e.message);
+    throw new Error(`${err.message}; ${label}'s subscriber m-lines ${JSON.stringify(mlines)}, `
+      + `sdp:offer revision ${await page.evaluate(() => window.kcs.client.subRevision)}`);
+  });
   await sleep(1000);
   const second = await remoteAudio(page, from);
   if (!second || second.totalSamplesReceived <= first.totalSamplesReceived) {
