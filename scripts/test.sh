@@ -20,6 +20,7 @@ SUITE_TIMEOUT=240
 
 # name|command
 SUITES=(
+    "client_unit|node --test tests/e2e/client_unit.test.mjs"
     "whip_whep|python3 tests/interop/test_whip_whep.py"
     "two_pages|node tests/e2e/two_pages.mjs"
     "throttled|node tests/e2e/throttled.mjs"

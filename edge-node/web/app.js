@@ -12,7 +12,7 @@
  * in its quality selector (low / mid / high). For tests, the page's state is on `window.kcs`:
  * `client`, `ready` (a promise), `errors`, `tiles`, `setQuality(trackId, quality)` and `stats`.
  */
-import { KcsClient, maxSpatialForHeight } from './kcs-client.js';
+import { KcsClient, idOf, maxSpatialForHeight } from './kcs-client.js';
 
 /** Quality selector values → `maxSpatial`; `auto` follows the tile size. */
 const QUALITY_LAYERS = { low: 0, mid: 1, high: 2 };
@@ -27,11 +27,11 @@ const client = new KcsClient();
 const errors = [];
 /**
  * One tile per received video track.
- * @type {Map<string, {figure: HTMLElement, video: HTMLVideoElement, select: HTMLSelectElement,
- *   participant: string, stopFit: (() => void) | null}>}
+ * @type {Map<import('./kcs-client.js').Id, {figure: HTMLElement, video: HTMLVideoElement,
+ *   select: HTMLSelectElement, participant: import('./kcs-client.js').Id, stopFit: (() => void) | null}>}
  */
 const tiles = new Map();
-/** @type {Map<string, HTMLAudioElement>} */
+/** @type {Map<import('./kcs-client.js').Id, HTMLAudioElement>} */
 const audios = new Map();
 
 const $ = (/** @type {string} */ id) => /** @type {HTMLElement} */ (document.getElementById(id));
@@ -51,7 +51,7 @@ function setState(text) {
   $('state').textContent = text;
 }
 
-/** @param {string} participantId */
+/** @param {import('./kcs-client.js').Id} participantId */
 function participantLabel(participantId) {
   const p = client.participants.get(participantId);
   return p?.name || p?.identity || participantId;
@@ -59,7 +59,7 @@ function participantLabel(participantId) {
 
 /**
  * Applies a tile's quality selection: a fixed layer, or follow the tile's size.
- * @param {string} trackId
+ * @param {import('./kcs-client.js').Id} trackId
  * @param {string} quality `auto`, `low`, `mid` or `high`
  */
 async function setQuality(trackId, quality) {
@@ -81,8 +81,8 @@ async function setQuality(trackId, quality) {
 function addVideoTile(remote) {
   const figure = document.createElement('figure');
   figure.className = 'tile remote';
-  figure.dataset.track = remote.trackId;
-  figure.dataset.participant = remote.participant;
+  figure.dataset.track = String(remote.trackId);
+  figure.dataset.participant = String(remote.participant);
   const video = document.createElement('video');
   video.autoplay = true;
   video.muted = true;
@@ -116,7 +116,7 @@ function addAudio(remote) {
   const audio = document.createElement('audio');
   audio.autoplay = true;
   audio.srcObject = new MediaStream([remote.track]);
-  audio.dataset.track = remote.trackId;
+  audio.dataset.track = String(remote.trackId);
   document.body.append(audio);
   audios.set(remote.trackId, audio);
   audio.play().catch(() => {
@@ -125,7 +125,7 @@ function addAudio(remote) {
   });
 }
 
-/** @param {string} trackId */
+/** @param {import('./kcs-client.js').Id} trackId */
 function removeTrack(trackId) {
   const tile = tiles.get(trackId);
   if (tile) {
@@ -166,7 +166,7 @@ async function main() {
   });
   client.on('trackended', (/** @type {{trackId: string}} */ e) => removeTrack(e.trackId));
   client.on('participant:left', (/** @type {any} */ e) => {
-    const id = typeof e.participant === 'string' ? e.participant : e.participant?.id;
+    const id = idOf(e.participant);
     for (const [trackId, tile] of [...tiles]) if (tile.participant === id) removeTrack(trackId);
   });
   client.on('error', showError);
@@ -218,26 +218,31 @@ async function main() {
 
 /** Statistics helpers for tests and debugging. */
 const stats = {
-  /** @param {string} trackId */
+  /** @param {import('./kcs-client.js').Id} trackId */
   inbound: (trackId) => client.inboundStats(trackId),
   /** @param {string} source */
   outbound: (source) => client.outboundStats(source),
   /** Inbound stats of every received video track, with its publisher. */
-  async remoteVideo() {
-    const out = [];
-    for (const [trackId, remote] of client.remoteTracks) {
-      if (remote.kind !== 'video') continue;
-      out.push({
-        trackId,
-        participant: remote.participant,
-        identity: client.participants.get(remote.participant)?.identity,
-        source: remote.source,
-        ...(await client.inboundStats(trackId)),
-      });
-    }
-    return out;
-  },
+  remoteVideo: () => remoteStats('video'),
+  /** Inbound stats of every received audio track, with its publisher. */
+  remoteAudio: () => remoteStats('audio'),
 };
+
+/** @param {'audio'|'video'} kind */
+async function remoteStats(kind) {
+  const out = [];
+  for (const [trackId, remote] of client.remoteTracks) {
+    if (remote.kind !== kind) continue;
+    out.push({
+      trackId,
+      participant: remote.participant,
+      identity: client.participants.get(remote.participant)?.identity,
+      source: remote.source,
+      ...(await client.inboundStats(trackId)),
+    });
+  }
+  return out;
+}
 
 const ready = main();
 ready.catch((err) => {

@@ -166,8 +166,12 @@ export class Emitter {
 }
 
 /**
+ * @typedef {string|number} Id  a participant or track id: opaque, compared as given by the server
+ */
+
+/**
  * @typedef {object} Participant
- * @property {string} id
+ * @property {Id} id
  * @property {string} identity
  * @property {string} [name]
  * @property {string} role
@@ -175,8 +179,8 @@ export class Emitter {
 
 /**
  * @typedef {object} TrackInfo  a track published in the room (the protocol's `track` object)
- * @property {string} id
- * @property {string} participant participant id
+ * @property {Id} id
+ * @property {Id} participant participant id
  * @property {string} source `microphone`, `camera`, `screen` or `screen-audio`
  * @property {'audio'|'video'} kind
  * @property {string} [codec]
@@ -187,9 +191,9 @@ export class Emitter {
 /**
  * @typedef {object} RemoteTrack  payload of the `track` event
  * @property {MediaStreamTrack} track the received media
- * @property {string} trackId the room's track id
+ * @property {Id} trackId the room's track id
  * @property {string} mid m-line of the subscriber PC carrying it
- * @property {string} participant publisher's participant id
+ * @property {Id} participant publisher's participant id
  * @property {string} source
  * @property {'audio'|'video'} kind
  * @property {TrackInfo|undefined} info the room's track info, when known
@@ -201,7 +205,7 @@ export class Emitter {
  * @property {string} source
  * @property {MediaStreamTrack} track
  * @property {RTCRtpTransceiver} transceiver
- * @property {string|null} trackId the server's id, once `produce` was acked
+ * @property {Id|null} trackId the server's id, once `produce` was acked
  */
 
 /**
@@ -242,13 +246,13 @@ export class KcsClient extends Emitter {
     this.you = null;
     /** @type {string|null} */
     this.room = null;
-    /** @type {Map<string, Participant>} everyone in the room, us included */
+    /** @type {Map<Id, Participant>} everyone in the room, us included */
     this.participants = new Map();
-    /** @type {Map<string, TrackInfo>} every track published in the room */
+    /** @type {Map<Id, TrackInfo>} every track published in the room */
     this.tracks = new Map();
     /** @type {Map<string, LocalPublication>} our publications by source */
     this.publications = new Map();
-    /** @type {Map<string, RemoteTrack>} received tracks by the room's track id */
+    /** @type {Map<Id, RemoteTrack>} received tracks by the room's track id */
     this.remoteTracks = new Map();
     /** @type {number|null} last room event sequence number seen */
     this.seq = null;
@@ -258,7 +262,7 @@ export class KcsClient extends Emitter {
     this._nextId = 1;
     /** @type {Map<number, {resolve: Function, reject: Function, timer: any, type: string}>} */
     this._pending = new Map();
-    /** @type {Map<string, string>} subscriber mid → track id */
+    /** @type {Map<string, Id>} subscriber mid → track id */
     this._midToTrack = new Map();
     /** Serializes publisher negotiations. */
     this._pubChain = Promise.resolve();
@@ -432,29 +436,29 @@ export class KcsClient extends Emitter {
 
   // --- subscribing --------------------------------------------------------------------------
 
-  /** Subscribes to tracks (the server then sends an `sdp:offer`). @param {string[]} trackIds */
+  /** Subscribes to tracks (the server then sends an `sdp:offer`). @param {Id[]} trackIds */
   consume(trackIds) {
     return this.request('consume', { tracks: trackIds });
   }
 
-  /** Unsubscribes from tracks. @param {string[]} trackIds */
+  /** Unsubscribes from tracks. @param {Id[]} trackIds */
   consumerClose(trackIds) {
     return this.request('consumer:close', { tracks: trackIds });
   }
 
-  /** Stops forwarding of a track to us without renegotiation. @param {string} trackId */
+  /** Stops forwarding of a track to us without renegotiation. @param {Id} trackId */
   pause(trackId) {
     return this.request('consumer:pause', { track: trackId });
   }
 
-  /** @param {string} trackId */
+  /** @param {Id} trackId */
   resume(trackId) {
     return this.request('consumer:resume', { track: trackId });
   }
 
   /**
    * Asks for at most simulcast layer `maxSpatial` (0 = lowest) of a video track.
-   * @param {string} trackId
+   * @param {Id} trackId
    * @param {number} maxSpatial
    */
   setLayers(trackId, maxSpatial) {
@@ -465,7 +469,7 @@ export class KcsClient extends Emitter {
    * Keeps a track's layer preference fitted to the element that renders it: asks for
    * {@link maxSpatialForHeight} of its rendered height (in device pixels) now and whenever it
    * changes layer. Failures are emitted as `error`.
-   * @param {string} trackId
+   * @param {Id} trackId
    * @param {HTMLElement} element the tile's video element
    * @returns {() => void} stops following the element
    */
@@ -508,7 +512,7 @@ export class KcsClient extends Emitter {
 
   /**
    * The inbound-rtp statistics of a received track, or null when it is not received.
-   * @param {string} trackId
+   * @param {Id} trackId
    * @returns {Promise<null|{kind: string, framesDecoded: number, frameWidth: number,
    *   frameHeight: number, framesPerSecond: number, packetsReceived: number,
    *   packetsLost: number, bytesReceived: number, jitter: number, totalSamplesReceived: number}>}
@@ -644,7 +648,7 @@ export class KcsClient extends Emitter {
   /**
    * Emits `trackended` for mids no longer bound to their track and `track` for new bindings.
    * @param {RTCPeerConnection} pc
-   * @param {Array<{mid: string, track: string, participant: string, source: string,
+   * @param {Array<{mid: string, track: Id, participant: Id, source: string,
    *   kind: 'audio'|'video'}>} entries
    */
   _rebind(pc, entries) {
@@ -728,20 +732,21 @@ export class KcsClient extends Emitter {
   _applyEvent(msg) {
     switch (msg.type) {
       case 'participant:joined':
-        if (msg.participant?.id) this.participants.set(msg.participant.id, msg.participant);
+        if (msg.participant?.id != null) this.participants.set(msg.participant.id, msg.participant);
         break;
       case 'participant:left': {
-        const id = typeof msg.participant === 'string' ? msg.participant : msg.participant?.id;
+        const id = idOf(msg.participant);
+        if (id === undefined) break;
         this.participants.delete(id);
         for (const [tid, t] of [...this.tracks]) if (t.participant === id) this.tracks.delete(tid);
         break;
       }
       case 'track:published':
-        if (msg.track?.id) this.tracks.set(msg.track.id, msg.track);
+        if (msg.track?.id != null) this.tracks.set(msg.track.id, msg.track);
         break;
       case 'track:unpublished': {
-        const id = typeof msg.track === 'string' ? msg.track : msg.track?.id;
-        this.tracks.delete(id);
+        const id = idOf(msg.track);
+        if (id !== undefined) this.tracks.delete(id);
         break;
       }
       case 'sdp:offer':
@@ -763,6 +768,17 @@ export class KcsClient extends Emitter {
     }
     this.emit('close', { code, reason });
   }
+}
+
+/**
+ * The id of a reference that is either an id or an object with an `id` (events name
+ * participants and tracks both ways).
+ * @param {any} ref
+ * @returns {Id|undefined}
+ */
+export function idOf(ref) {
+  if (ref !== null && typeof ref === 'object') return ref.id;
+  return ref ?? undefined;
 }
 
 /** @returns {string} `ws(s)://<this page's host>/ws` */

@@ -8,10 +8,18 @@
 // width must drop to <= 640 and, over a steady window, loss (packetsLost / (packetsReceived +
 // packetsLost)) must stay under 2%. Without the cap it must be back at 1280 within ~30 s.
 //
+// The publisher's camera is a noisy test pattern (ffmpeg, fed to Chromium's fake capture) so that
+// its layers cost what CAMERA_ENCODINGS allow (about 150 / 500 / 1500 kbps): Chromium's built-in
+// fake camera is so compressible that its 1280x720 layer fits in 700 kbit/s at 15 fps.
+//
 // Needs root (exits 77, "SKIP", without). Run: node tests/e2e/throttled.mjs
 import { startEdge, waitFor, sleep } from '../lib/edge.mjs';
 import { launchChromium, openRoomPage, screenshot, waitJoined, remoteVideo, pageErrors } from '../lib/browser.mjs';
 import { canUseNetns, createNetns } from '../lib/netns.mjs';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 const NAME = 'throttled';
 const ROOM = `throttled-${process.pid}`;
@@ -36,6 +44,20 @@ if (!canUseNetns()) {
 
 let ns;
 let edge;
+let videoDir;
+
+/**
+ * Writes a 2 s loop of 1280x720 15 fps moving test pattern with temporal noise (y4m, ~40 MB):
+ * a camera whose layers fill their bitrate caps.
+ */
+function noisyCamera() {
+  videoDir = mkdtempSync(join(tmpdir(), 'kcs-throttled-'));
+  const path = join(videoDir, 'camera.y4m');
+  execFileSync('ffmpeg', ['-loglevel', 'error', '-y', '-f', 'lavfi',
+    '-i', 'testsrc2=size=1280x720:rate=15,noise=alls=25:allf=t+u',
+    '-frames:v', '30', '-pix_fmt', 'yuv420p', path]);
+  return path;
+}
 const browsers = [];
 const pages = {};
 
@@ -48,7 +70,9 @@ async function main() {
   log(`edge at ${edge.url}, udp ${ns.rootAddr}:${edge.udpPort}`);
 
   // http://198.51.100.x is not a secure context: let the publisher's page use the camera there.
-  const pubBrowser = await launchChromium({ args: [`--unsafely-treat-insecure-origin-as-secure=${edge.url}`] });
+  const pubBrowser = await launchChromium({
+    args: [`--unsafely-treat-insecure-origin-as-secure=${edge.url}`, `--use-file-for-fake-video-capture=${noisyCamera()}`],
+  });
   browsers.push(pubBrowser);
   const subBrowser = await launchChromium({ executablePath: ns.wrapper('/usr/bin/chromium') });
   browsers.push(subBrowser);
@@ -133,6 +157,7 @@ try {
   for (const b of browsers) await b.close().catch(() => {});
   await edge?.stop();
   ns?.remove();
+  if (videoDir) rmSync(videoDir, { recursive: true, force: true });
   clearTimeout(hardTimeout);
 }
 if (failed) {

@@ -103,6 +103,12 @@ export async function remoteVideo(page, identity, source = 'camera') {
   return all.find((v) => v.identity === identity && v.source === source) ?? null;
 }
 
+/** Inbound stats of the audio this page receives from `identity`'s microphone, or null. */
+export async function remoteAudio(page, identity, source = 'microphone') {
+  const all = await page.evaluate(() => window.kcs.stats.remoteAudio());
+  return all.find((a) => a.identity === identity && a.source === source) ?? null;
+}
+
 /** Page errors shown to the user (window.kcs.errors). */
 export function pageErrors(page) {
   return page.evaluate(() => window.kcs?.errors ?? []).catch((err) => [`(page gone: ${err.message})`]);

@@ -4,10 +4,11 @@
 // With KCS_MOCK_EDGE=1 it starts tests/lib/mock_edge.py instead (an aiortc stand-in for checking
 // the tests' own plumbing while the edge is being written; it proves nothing about the edge).
 //
-// The binary is $KCS_BIN, else $CARGO_TARGET_DIR/release/kcs, else <repo>/target/release/kcs
-// (scripts/test.sh builds it). Its output goes to artifacts/<name>-edge.log.
+// The binary is $KCS_BIN (scripts/test.sh sets it to the one it built), else the newer of
+// <target>/debug/kcs and <target>/release/kcs, <target> being $CARGO_TARGET_DIR or <repo>/target.
+// Its output goes to artifacts/<name>-edge.log.
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync, openSync, readFileSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, openSync, readFileSync, rmSync, existsSync, statSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { createSocket } from 'node:dgram';
 import { tmpdir } from 'node:os';
@@ -17,14 +18,18 @@ import { fileURLToPath } from 'node:url';
 export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 export const ARTIFACTS = join(REPO, 'artifacts');
 
-/** How long an edge may take to answer /healthz: a release binary starts in well under 1 s. */
+/** How long an edge may take to answer /healthz: the binary starts in well under 1 s. */
 const READY_TIMEOUT_MS = 15_000;
 
 /** @returns {string} path of the kcs binary */
 export function kcsBin() {
   if (process.env.KCS_BIN) return process.env.KCS_BIN;
   const target = process.env.CARGO_TARGET_DIR || join(REPO, 'target');
-  return join(target, 'release', 'kcs');
+  const built = ['debug', 'release']
+    .map((profile) => join(target, profile, 'kcs'))
+    .filter((path) => existsSync(path))
+    .sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs);
+  return built[0] ?? join(target, 'debug', 'kcs');
 }
 
 /** @param {string} host @returns {Promise<number>} a TCP port free right now on host */
@@ -92,7 +97,7 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
 export async function startEdge({ name, httpHost = '127.0.0.1', udpHost = '0.0.0.0', extraArgs = [] }) {
   const mock = process.env.KCS_MOCK_EDGE === '1';
   const bin = kcsBin();
-  if (!mock && !existsSync(bin)) throw new Error(`${bin} not found: build it with cargo build --release -p edge-node --bin kcs`);
+  if (!mock && !existsSync(bin)) throw new Error(`${bin} not found: build it with cargo build -p edge-node --bin kcs`);
   mkdirSync(ARTIFACTS, { recursive: true });
   const dataDir = mkdtempSync(join(tmpdir(), `kcs-${name}-`));
   const httpPort = await freeTcpPort(httpHost);

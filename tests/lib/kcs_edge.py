@@ -3,8 +3,9 @@
 With KCS_MOCK_EDGE=1 it starts tests/lib/mock_edge.py instead (aiortc stand-in, for checking the
 tests' own plumbing while the edge is being written; it proves nothing about the edge).
 
-The binary is $KCS_BIN, else $CARGO_TARGET_DIR/release/kcs, else <repo>/target/release/kcs
-(scripts/test.sh builds it). Use it as a context manager so the edge is always stopped, also when
+The binary is $KCS_BIN (scripts/test.sh sets it to the one it built), else the newer of
+<target>/debug/kcs and <target>/release/kcs, <target> being $CARGO_TARGET_DIR or <repo>/target.
+Use it as a context manager so the edge is always stopped, also when
 the test fails; its output goes to artifacts/<name>-edge.log.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
 
-# A release edge answers /healthz well under a second after start; 15 s only catches a hang.
+# The edge answers /healthz well under a second after start; 15 s only catches a hang.
 READY_TIMEOUT_S = 15.0
 
 
@@ -32,7 +33,8 @@ def kcs_bin() -> Path:
     if os.environ.get("KCS_BIN"):
         return Path(os.environ["KCS_BIN"])
     target = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
-    return target / "release" / "kcs"
+    built = [p for p in (target / "debug" / "kcs", target / "release" / "kcs") if p.exists()]
+    return max(built, key=lambda p: p.stat().st_mtime) if built else target / "debug" / "kcs"
 
 
 def free_port(kind: int, host: str = "127.0.0.1") -> int:
@@ -65,7 +67,7 @@ class Edge:
     def start(self) -> "Edge":
         if not self.mock and not self.bin.exists():
             raise RuntimeError(
-                f"{self.bin} not found: build it with cargo build --release -p edge-node --bin kcs"
+                f"{self.bin} not found: build it with cargo build -p edge-node --bin kcs"
             )
         ARTIFACTS.mkdir(exist_ok=True)
         self.data_dir = tempfile.mkdtemp(prefix=f"kcs-{self.name}-")
