@@ -99,6 +99,8 @@ struct Subscriber {
     next_mid: u32,
     /// An offer is out and not answered yet.
     awaiting_answer: bool,
+    /// The mids of the last offer sent.
+    offered_mids: Vec<String>,
     /// Something changed while an offer was out: offer again after the answer.
     renegotiate: bool,
 }
@@ -672,7 +674,9 @@ impl Participant {
                 ),
             ));
         }
-        let mids: Vec<&str> = sub.media.iter().map(|m| m.mid.as_str()).collect();
+        // Check against the m-lines of the offer that was sent: tracks added since then wait for
+        // the next offer.
+        let mids: Vec<&str> = sub.offered_mids.iter().map(String::as_str).collect();
         let parsed = sdp::parse_subscriber_answer(answer, &mids, &SdpLimits::default())?;
         let transport = sub.transport;
         sub.awaiting_answer = false;
@@ -717,6 +721,7 @@ impl Participant {
             session_id: rand::random::<u32>() as u64,
             next_mid: 0,
             awaiting_answer: false,
+            offered_mids: Vec::new(),
             renegotiate: false,
         });
     }
@@ -732,6 +737,7 @@ impl Participant {
         }
         sub.awaiting_answer = true;
         sub.revision += 1;
+        sub.offered_mids = sub.media.iter().map(|m| m.mid.clone()).collect();
         let media: Vec<OutgoingMedia> = sub
             .media
             .iter()
@@ -946,6 +952,7 @@ pub async fn whep_subscribe(
         session_id: 0,
         next_mid: 0,
         awaiting_answer: false,
+        offered_mids: Vec::new(),
         renegotiate: false,
     });
     Ok(answer.sdp)
