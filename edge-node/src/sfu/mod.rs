@@ -846,7 +846,13 @@ impl ShardCore {
                 .downcast_ref::<rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc>()
             {
                 if let Some(t) = self.transports.get_mut(&tid) {
+                    let before = t.bwe.estimate();
                     t.bwe.handle_feedback(&twcc::statuses(fb), now);
+                    // A sharp drop re-allocates at the next tick instead of within 200 ms:
+                    // every millisecond over the bottleneck's rate is queueing or loss.
+                    if t.bwe.estimate().as_bps() < before.as_bps() / 10 * 9 {
+                        t.last_allocation = None;
+                    }
                 }
             } else if let Some(sr) =
                 any.downcast_ref::<rtcp::sender_report::SenderReport>()
