@@ -267,7 +267,7 @@ impl Participant {
             .media
             .iter()
             .find(|m| m.active)
-            .map(|m| ext_ids(&m.ext))
+            .map(|m| m.ext)
             .unwrap_or_default();
         let answer_sdp = answer.sdp.clone();
         let transport = match (&self.publisher, creds) {
@@ -683,7 +683,7 @@ impl Participant {
         let again = std::mem::take(&mut sub.renegotiate);
         let first = !sub.remote_known;
         sub.remote_known = true;
-        let ext_out = ext_ids(&parsed.ext);
+        let ext_out = parsed.ext;
         if first {
             self.shard(Command::SetRemote {
                 id: transport,
@@ -904,7 +904,7 @@ pub async fn whep_subscribe(
         .media
         .iter()
         .find(|m| m.accepted)
-        .map(|m| ext_ids(&m.ext))
+        .map(|m| m.ext)
         .unwrap_or_default();
     let transport = p
         .new_transport(creds, Some(&answer.remote), ExtIds::default(), ext_out)
@@ -962,16 +962,5 @@ fn track_kind(k: MediaKind) -> TrackKind {
     match k {
         MediaKind::Audio => TrackKind::Audio,
         MediaKind::Video => TrackKind::Video,
-    }
-}
-
-fn ext_ids(e: &HeaderExtIds) -> ExtIds {
-    ExtIds {
-        mid: e.mid,
-        rid: e.rid,
-        repaired_rid: e.repaired_rid,
-        abs_send_time: e.abs_send_time,
-        transport_cc: e.transport_cc,
-        audio_level: e.audio_level,
     }
 }

@@ -73,16 +73,8 @@ pub struct SubscriptionId(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
 
-/// Header extension ids negotiated on one transport direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ExtIds {
-    pub mid: Option<u8>,
-    pub rid: Option<u8>,
-    pub repaired_rid: Option<u8>,
-    pub abs_send_time: Option<u8>,
-    pub transport_cc: Option<u8>,
-    pub audio_level: Option<u8>,
-}
+/// Header extension ids negotiated on one transport direction (as the SDP module reads them).
+pub type ExtIds = crate::sdp::HeaderExtIds;
 
 /// Audio or which video codec; decides keyframe detection and payload munging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
