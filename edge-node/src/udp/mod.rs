@@ -245,9 +245,11 @@ impl ShardShell {
     }
 
     async fn run_loop(mut self) {
-        let socket = match tokio::net::UdpSocket::from_std(
-            self.socket.try_clone().expect("dup of a bound socket"),
-        ) {
+        let socket = match self
+            .socket
+            .try_clone()
+            .and_then(tokio::net::UdpSocket::from_std)
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(shard = self.index, error = %e, "cannot register socket");
