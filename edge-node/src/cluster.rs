@@ -114,6 +114,7 @@ pub async fn register(
     let metrics = running.edge.metrics.clone();
     tokio::spawn(async move {
         let mut last_packets = 0u64;
+        let mut last_cpu = process_cpu_seconds();
         let mut tick = tokio::time::interval(LOAD_REFRESH);
         loop {
             tick.tick().await;
@@ -123,7 +124,13 @@ pub async fn register(
                 participants: metrics.participants.load(Relaxed).max(0) as u32,
                 packets_per_sec: packets.saturating_sub(last_packets)
                     / LOAD_REFRESH.as_secs().max(1),
-                cpu_percent: 0.0,
+                cpu_percent: {
+                    let cpu = process_cpu_seconds();
+                    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+                    let used = (cpu - last_cpu).max(0.0);
+                    last_cpu = cpu;
+                    (100.0 * used / LOAD_REFRESH.as_secs_f64() / cores) as f32
+                },
             };
             last_packets = packets;
             for r in &regs {
@@ -135,6 +142,27 @@ pub async fn register(
         }
     });
     Ok(())
+}
+
+/// CPU time (user + system) this process has used, from /proc/self/stat (0 where unavailable).
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf only reads a constant of the running system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
 }
 
 /// How often an edge refetches the control plane's token keys (the API says max-age=60).
