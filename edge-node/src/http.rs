@@ -291,6 +291,35 @@ fn keep_session(
     });
 }
 
+/// Joins a WHIP/WHEP session's participant with the token's identity and the given role,
+/// returning it with the channels its session task listens on.
+async fn join(
+    edge: &Arc<Edge>,
+    room: &RoomId,
+    claims: Claims,
+    role: Role,
+) -> Result<
+    (
+        Participant,
+        crate::session::Joined,
+        mpsc::Receiver<crate::hub::RoomSignal>,
+        mpsc::Receiver<crate::sfu::Event>,
+    ),
+    SessionError,
+> {
+    let (room_tx, room_rx) = mpsc::channel(SESSION_EVENT_QUEUE);
+    let (shard_tx, shard_rx) = mpsc::channel(64);
+    let name = claims.name.unwrap_or_else(|| claims.identity.to_string());
+    let intent = Intent::Join {
+        identity: claims.identity,
+        role,
+        name,
+    };
+    let (p, joined) =
+        Participant::join(edge.clone(), room.clone(), intent, room_tx, shard_tx).await?;
+    Ok((p, joined, room_rx, shard_rx))
+}
+
 fn created(location: String, answer: String) -> Response {
     (
         StatusCode::CREATED,
@@ -320,25 +349,10 @@ async fn whip(
         )));
     }
     let offer = offer_text(&body).map_err(c)?;
-    let (room_tx, room_rx) = mpsc::channel(SESSION_EVENT_QUEUE);
-    let (shard_tx, shard_rx) = mpsc::channel(64);
-    let name = claims
-        .name
-        .clone()
-        .unwrap_or_else(|| claims.identity.to_string());
-    let (mut p, _) = Participant::join(
-        edge.clone(),
-        room.clone(),
-        Intent::Join {
-            identity: claims.identity,
-            role: claims.role,
-            name,
-        },
-        room_tx,
-        shard_tx,
-    )
-    .await
-    .map_err(|e| c(e.into()))?;
+    let role = claims.role;
+    let (mut p, _, room_rx, shard_rx) = join(&edge, &room, claims, role)
+        .await
+        .map_err(|e| c(e.into()))?;
     let answer = match p.produce(offer, &HashMap::new()).await {
         Ok((answer, published)) if !published.is_empty() => answer,
         Ok(_) => {
@@ -390,26 +404,10 @@ async fn whep(
     let room = parse_room(&room).map_err(c)?;
     let claims = authorize(&edge, &headers, &room).map_err(c)?;
     let offer = offer_text(&body).map_err(c)?;
-    let (room_tx, room_rx) = mpsc::channel(SESSION_EVENT_QUEUE);
-    let (shard_tx, shard_rx) = mpsc::channel(64);
-    let name = claims
-        .name
-        .clone()
-        .unwrap_or_else(|| claims.identity.to_string());
     // WHEP is subscribe-only whatever the token allows.
-    let (mut p, joined) = Participant::join(
-        edge.clone(),
-        room.clone(),
-        Intent::Join {
-            identity: claims.identity,
-            role: Role::Viewer,
-            name,
-        },
-        room_tx,
-        shard_tx,
-    )
-    .await
-    .map_err(|e| c(e.into()))?;
+    let (mut p, joined, room_rx, shard_rx) = join(&edge, &room, claims, Role::Viewer)
+        .await
+        .map_err(|e| c(e.into()))?;
     // The publisher: the named one, or the one whose latest track is newest.
     let publisher = match &who {
         Some(w) => joined
