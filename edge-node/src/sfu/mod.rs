@@ -666,13 +666,14 @@ impl ShardCore {
             self.counters.keyframes_in += 1;
         }
         if let (Some(level), MediaCodec::Audio) = (audio_level, codec) {
-            let room = p.spec.room.clone();
-            self.speakers.entry(room).or_default().handle_level(
-                pid.0,
-                level & 0x7f,
-                level & 0x80 != 0,
-                now,
-            );
+            // Look up before inserting: no String clone per audio packet.
+            if !self.speakers.contains_key(&p.spec.room) {
+                self.speakers
+                    .insert(p.spec.room.clone(), ActiveSpeakerDetector::default());
+            }
+            if let Some(det) = self.speakers.get_mut(&p.spec.room) {
+                det.handle_level(pid.0, level & 0x7f, level & 0x80 != 0, now);
+            }
         }
         if p.muted {
             return;
@@ -1399,6 +1400,14 @@ impl ShardCore {
         }
         if let Some(det) = self.speakers.get_mut(&p.spec.room) {
             det.remove(id.0);
+        }
+        // The room's last publication on this shard: drop its detector too.
+        if !self
+            .publications
+            .values()
+            .any(|q| q.spec.room == p.spec.room)
+        {
+            self.speakers.remove(&p.spec.room);
         }
     }
 
