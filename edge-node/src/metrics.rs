@@ -40,6 +40,7 @@ counters! {
     packets_out => "rtp_packets_out_total", "SRTP packets forwarded";
     bytes_out => "rtp_bytes_out_total", "SRTP bytes forwarded";
     retransmits_out => "rtp_retransmits_out_total", "packets resent in answer to NACKs";
+    probe_packets_out => "rtp_probe_packets_out_total", "packets resent to probe subscribers' bandwidth";
     rtx_in => "rtx_packets_in_total", "RTX retransmissions received from publishers";
     duplicates_in => "rtp_duplicates_in_total", "duplicate packets received";
     keyframes_in => "keyframes_in_total", "keyframes received from publishers";

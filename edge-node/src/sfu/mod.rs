@@ -33,7 +33,7 @@ use kcs_media::keyframe::{KeyframeRequestKind, KeyframeRequester, KeyframeReques
 use kcs_media::meter::BitrateMeter;
 use kcs_media::nack::{expand_nack_pairs, nack_pairs, NackGenerator};
 use kcs_media::rewrite::{RewriteInput, RtpRewriter};
-use kcs_media::selector::{Decision, LayerSelector};
+use kcs_media::selector::{Decision, LayerSelector, LayerSelectorConfig};
 use kcs_media::seq::SeqUnwrapper;
 use kcs_media::speaker::ActiveSpeakerDetector;
 use kcs_media::stats::{ReceiveStats, SendStats};
@@ -59,6 +59,24 @@ const PACKET_CACHE_SIZE: usize = 1024;
 const SEQUENCER_SIZE: usize = 1024;
 /// Budget set aside per audio subscription before video is allocated (Opus at its usual rate).
 const AUDIO_RESERVE: Bitrate = Bitrate::kbps(64);
+/// A probe aims this much above what the wanted upgrade needs, so that its measured rate (which
+/// counts as a success from 85 % of the goal) still pays for the upgrade.
+const PROBE_HEADROOM: f64 = 1.1;
+/// A probe asks at most this multiple of the current estimate: a subscriber far below its wanted
+/// layers climbs in steps, and a probe its link cannot carry only fills the bottleneck's queue
+/// for a moment instead of overflowing it.
+const PROBE_MAX_STEP: f64 = 2.0;
+/// After a successful probe the next step may follow this soon (the upgrade it allowed is
+/// under way).
+const PROBE_AFTER_SUCCESS: Duration = Duration::from_secs(1);
+/// After a failed probe, wait this long before the next; doubling on each failure up to
+/// [`PROBE_BACKOFF_MAX`], so a capped link is probed rarely.
+const PROBE_BACKOFF_INITIAL: Duration = Duration::from_secs(2);
+const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(16);
+/// Probe padding resends the subscription's most recent packets, cycling over this many.
+const PADDING_WINDOW: u16 = 16;
+/// Bound on the padding packets one tick may send per transport.
+const PADDING_MAX_PACKETS: usize = 64;
 
 /// One peer connection's transport (ICE-lite + DTLS-SRTP), owned by a signaling session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -237,6 +255,11 @@ struct Transport {
     twcc_out_seq: u16,
     bwe: SendSideBwe,
     last_allocation: Option<Instant>,
+    /// Earliest time of the next bandwidth probe (`None`: now).
+    probe_at: Option<Instant>,
+    probe_backoff: Duration,
+    /// The subscription whose recent packets pad the running probe, and the next to resend.
+    padding: Option<(SubscriptionId, u16)>,
 }
 
 struct Layer {
@@ -265,6 +288,8 @@ struct Subscription {
     vp8: Option<Vp8Munger>,
     stats: SendStats,
     rtx_seq: u16,
+    /// Sequence number of the newest packet sent (probe padding resends from here back).
+    last_out_seq: Option<u16>,
     reported: (Option<SpatialLayer>, Option<SpatialLayer>),
     started: bool,
     audio: bool,
@@ -345,6 +370,9 @@ impl ShardCore {
                         twcc_out_seq: 0,
                         bwe: SendSideBwe::new(BweConfig::default(), now),
                         last_allocation: None,
+                        probe_at: None,
+                        probe_backoff: PROBE_BACKOFF_INITIAL,
+                        padding: None,
                     },
                 );
                 if let Some(t) = self.transports.get_mut(&id) {
@@ -792,6 +820,7 @@ impl ShardCore {
                     t.bwe.handle_sent(seq, data.len(), now);
                 }
                 s.stats.handle_sent(payload.len(), out.timestamp, now);
+                s.last_out_seq = Some(out.seq);
                 s.sequencer.record(
                     out.seq,
                     SentPacket {
@@ -925,76 +954,10 @@ impl ShardCore {
         let Some(t) = self.transports.get_mut(&s.spec.transport) else {
             return;
         };
-        let (Some(addr), Some(srtp)) = (t.addr, t.srtp.as_mut()) else {
-            return;
-        };
         for &seq in seqs {
-            let Some(sent) = s.sequencer.lookup(seq) else {
-                self.counters.nacks_missed += 1;
-                continue;
-            };
-            let Some(original) = p
-                .layers
-                .get(sent.layer.0 as usize)
-                .and_then(|l| l.cache.get(sent.ext_seq))
-            else {
-                self.counters.nacks_missed += 1;
-                continue;
-            };
-            let Ok(view) = RtpView::parse(original) else {
-                continue;
-            };
-            let payload = view.payload();
-            let twcc = t.ext_out.transport_cc.map(|id| {
-                let seq = t.twcc_out_seq;
-                t.twcc_out_seq = t.twcc_out_seq.wrapping_add(1);
-                (id, seq)
-            });
-            let ext = rtp::OutExtensions {
-                transport_cc: twcc,
-                ..Default::default()
-            };
-            let mut out = vec![0u8; MAX_OUT_HEADER + 2 + payload.len()];
-            let (n, body_at) = match (s.spec.rtx_ssrc, s.spec.rtx_payload_type) {
-                (Some(rtx_ssrc), Some(rtx_pt)) => {
-                    let rtx_seq = s.rtx_seq;
-                    s.rtx_seq = s.rtx_seq.wrapping_add(1);
-                    let n = rtp::write_header(
-                        &mut out,
-                        view.marker,
-                        rtx_pt,
-                        rtx_seq,
-                        sent.timestamp,
-                        rtx_ssrc,
-                        &ext,
-                    );
-                    out[n..n + 2].copy_from_slice(&seq.to_be_bytes());
-                    (n + 2, n + 2)
-                }
-                _ => {
-                    let n = rtp::write_header(
-                        &mut out,
-                        view.marker,
-                        s.spec.payload_type,
-                        seq,
-                        sent.timestamp,
-                        s.spec.ssrc,
-                        &ext,
-                    );
-                    (n, n)
-                }
-            };
-            out[body_at..body_at + payload.len()].copy_from_slice(payload);
-            if let Some(m) = s.vp8.as_mut() {
-                let _ = m.rewrite(&mut out[body_at..body_at + payload.len()], false);
-            }
-            out.truncate(n + payload.len());
-            if let Ok(data) = srtp.encrypt_rtp(&out) {
-                if let Some((_, tseq)) = twcc {
-                    t.bwe.handle_sent(tseq, data.len(), now);
-                }
-                self.counters.retransmits_out += 1;
-                self.transmits.push(Transmit { to: addr, data });
+            match retransmit(s, p, t, seq, now, &mut self.transmits) {
+                Some(_) => self.counters.retransmits_out += 1,
+                None => self.counters.nacks_missed += 1,
             }
         }
     }
@@ -1016,6 +979,7 @@ impl ShardCore {
             self.drain_ice_events(*id);
         }
         self.run_feedback(now);
+        self.run_probes(now);
         self.run_allocation(now);
         let reports_due = self
             .last_reports
@@ -1156,7 +1120,11 @@ impl ShardCore {
                 continue;
             }
             t.last_allocation = Some(now);
-            let mut budget = t.bwe.estimate().as_bps();
+            let estimate = t.bwe.estimate().as_bps();
+            let mut budget = estimate;
+            // What the allocation spends, and the cheapest upgrade it could not afford.
+            let mut allocated = 0u64;
+            let mut wanted: Option<(SubscriptionId, u64)> = None;
             // Audio first, then video subscriptions in order: screen shares and earlier
             // subscriptions get their share first (the meetings issue adds pin/speaker priority).
             let mut video: Vec<(SubscriptionId, Vec<Option<Bitrate>>)> = Vec::new();
@@ -1168,7 +1136,10 @@ impl ShardCore {
                     continue;
                 };
                 match p.spec.codec {
-                    MediaCodec::Audio => budget = budget.saturating_sub(AUDIO_RESERVE.as_bps()),
+                    MediaCodec::Audio => {
+                        budget = budget.saturating_sub(AUDIO_RESERVE.as_bps());
+                        allocated += AUDIO_RESERVE.as_bps();
+                    }
                     MediaCodec::Video(_) => {
                         if s.spec.paused {
                             continue;
@@ -1205,7 +1176,94 @@ impl ShardCore {
                     .map(|b| b.as_bps())
                     .unwrap_or(0);
                 budget = budget.saturating_sub(used.min(share));
+                allocated += used;
+                if wanted.is_none() {
+                    wanted = upgrade_cost(&s.selector, &rates).map(|extra| (sid, extra));
+                }
             }
+            // Not enough for what the subscriber wants: probe whether the link carries more
+            // (the estimate only rises above what is sent on a probe's evidence).
+            let Some((sid, extra)) = wanted else {
+                continue;
+            };
+            let needed = (allocated + extra) as f64 * PROBE_HEADROOM;
+            let goal = needed.min(estimate as f64 * PROBE_MAX_STEP) as u64;
+            if goal > estimate
+                && t.probe_at.is_none_or(|at| now >= at)
+                && t.bwe.start_probe(Bitrate::bps(goal), now).is_some()
+            {
+                tracing::debug!(
+                    subscription = sid.0,
+                    estimate = %Bitrate::bps(estimate),
+                    goal = %Bitrate::bps(goal),
+                    "bandwidth probe"
+                );
+                t.padding = Some((sid, 0));
+            }
+        }
+    }
+
+    /// Sends the running probes' padding and acts on their verdicts.
+    fn run_probes(&mut self, now: Instant) {
+        for t in self.transports.values_mut() {
+            let due = t.bwe.probe_bytes_due(now);
+            while let Some(r) = t.bwe.poll_probe_result() {
+                tracing::debug!(
+                    goal = %r.goal,
+                    measured = ?r.measured.map(|m| m.to_string()),
+                    success = r.success,
+                    estimate = %t.bwe.estimate(),
+                    "probe verdict"
+                );
+                if r.success {
+                    t.probe_backoff = PROBE_BACKOFF_INITIAL;
+                    t.probe_at = Some(now + PROBE_AFTER_SUCCESS);
+                    t.last_allocation = None;
+                } else {
+                    t.probe_at = Some(now + t.probe_backoff);
+                    t.probe_backoff = (t.probe_backoff * 2).min(PROBE_BACKOFF_MAX);
+                }
+            }
+            let Some((sid, mut cursor)) = t.padding else {
+                continue;
+            };
+            if !t.bwe.probing() {
+                t.padding = None;
+                continue;
+            }
+            // Pad with the subscription that wants the upgrade, or any video one sending.
+            let pad = [sid]
+                .into_iter()
+                .chain(t.subscriptions.iter().copied())
+                .find(|id| {
+                    self.subscriptions
+                        .get(id)
+                        .is_some_and(|s| !s.audio && !s.spec.paused && s.last_out_seq.is_some())
+                });
+            let Some(pad) = pad else {
+                continue;
+            };
+            let Some(s) = self.subscriptions.get_mut(&pad) else {
+                continue;
+            };
+            let Some(p) = self.publications.get(&s.spec.publication) else {
+                continue;
+            };
+            let newest = s.last_out_seq.unwrap_or_default();
+            let (mut sent, mut misses, mut packets) = (0usize, 0u16, 0usize);
+            while sent < due && packets < PADDING_MAX_PACKETS && misses < PADDING_WINDOW {
+                let seq = newest.wrapping_sub(cursor % PADDING_WINDOW);
+                cursor = cursor.wrapping_add(1);
+                match retransmit(s, p, t, seq, now, &mut self.transmits) {
+                    Some(n) if n > 0 => {
+                        sent += n;
+                        packets += 1;
+                        self.counters.probe_packets_out += 1;
+                    }
+                    _ => misses += 1,
+                }
+            }
+            t.padding = Some((sid, cursor));
         }
     }
 
@@ -1447,6 +1505,7 @@ impl ShardCore {
                 vp8,
                 stats: SendStats::new(),
                 rtx_seq: rand::random(),
+                last_out_seq: None,
                 reported: (None, None),
                 started: false,
                 audio,
@@ -1493,6 +1552,93 @@ impl ShardCore {
 
 /// Learns the SSRC of a rid-based simulcast layer (or an unsignalled stream) from the mid / rid /
 /// repaired-rid header extensions of its first packets (RFC 8852 §3.3).
+/// What upgrading the subscription one layer would cost on top of what it gets now (with the
+/// selector's upgrade margin), if it wants a higher layer than its target and one is received.
+fn upgrade_cost(selector: &LayerSelector, rates: &[Option<Bitrate>]) -> Option<u64> {
+    let max = selector.max_layer()?.0 as usize;
+    let target = selector.target().map(|l| l.0 as usize);
+    let rate = |l: usize| rates.get(l).copied().flatten().map(|b| b.as_bps());
+    let next = (target.map_or(0, |t| t + 1)..=max).find(|&l| rate(l).is_some())?;
+    let current = target.and_then(rate).unwrap_or(0);
+    let margin = LayerSelectorConfig::default().upgrade_margin_percent;
+    Some((rate(next)? * margin / 100).saturating_sub(current))
+}
+
+/// Resends what subscription `s` sent as `seq`: on its RTX stream when negotiated, else as it
+/// was. Returns the bytes put on the wire, `None` when the packet is no longer cached.
+fn retransmit(
+    s: &mut Subscription,
+    p: &Publication,
+    t: &mut Transport,
+    seq: u16,
+    now: Instant,
+    transmits: &mut Vec<Transmit>,
+) -> Option<usize> {
+    let sent = s.sequencer.lookup(seq)?;
+    let original = p
+        .layers
+        .get(sent.layer.0 as usize)
+        .and_then(|l| l.cache.get(sent.ext_seq))?;
+    let view = RtpView::parse(original).ok()?;
+    let (Some(addr), Some(srtp)) = (t.addr, t.srtp.as_mut()) else {
+        return Some(0);
+    };
+    let payload = view.payload();
+    let twcc = t.ext_out.transport_cc.map(|id| {
+        let seq = t.twcc_out_seq;
+        t.twcc_out_seq = t.twcc_out_seq.wrapping_add(1);
+        (id, seq)
+    });
+    let ext = rtp::OutExtensions {
+        transport_cc: twcc,
+        ..Default::default()
+    };
+    let mut out = vec![0u8; MAX_OUT_HEADER + 2 + payload.len()];
+    let (n, body_at) = match (s.spec.rtx_ssrc, s.spec.rtx_payload_type) {
+        (Some(rtx_ssrc), Some(rtx_pt)) => {
+            let rtx_seq = s.rtx_seq;
+            s.rtx_seq = s.rtx_seq.wrapping_add(1);
+            let n = rtp::write_header(
+                &mut out,
+                view.marker,
+                rtx_pt,
+                rtx_seq,
+                sent.timestamp,
+                rtx_ssrc,
+                &ext,
+            );
+            out[n..n + 2].copy_from_slice(&seq.to_be_bytes());
+            (n + 2, n + 2)
+        }
+        _ => {
+            let n = rtp::write_header(
+                &mut out,
+                view.marker,
+                s.spec.payload_type,
+                seq,
+                sent.timestamp,
+                s.spec.ssrc,
+                &ext,
+            );
+            (n, n)
+        }
+    };
+    out[body_at..body_at + payload.len()].copy_from_slice(payload);
+    if let Some(m) = s.vp8.as_mut() {
+        let _ = m.rewrite(&mut out[body_at..body_at + payload.len()], false);
+    }
+    out.truncate(n + payload.len());
+    let Ok(data) = srtp.encrypt_rtp(&out) else {
+        return Some(0);
+    };
+    let len = data.len();
+    if let Some((_, tseq)) = twcc {
+        t.bwe.handle_sent(tseq, len, now);
+    }
+    transmits.push(Transmit { to: addr, data });
+    Some(len)
+}
+
 fn learn_route(
     t: &mut Transport,
     publications: &HashMap<PublicationId, Publication>,

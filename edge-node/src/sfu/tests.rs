@@ -293,3 +293,166 @@ fn keyframe_requests_from_many_subscribers_coalesce_into_one_pli() {
     assert_eq!(plis, 1, "five requests, one PLI");
     assert_eq!(h.core.counters.plis_in, 5);
 }
+
+/// A subscriber that wants a layer above its estimate, on a simulated downlink of
+/// `capacity_bps` (a FIFO at that rate plus 5 ms; the subscriber's TWCC feedback every 100 ms
+/// reports when each packet got through). Returns (the subscription's target layer `secs` after
+/// it subscribed, probe packets sent, probe packets seen on the RTX stream).
+fn probe_scenario(capacity_bps: u64, secs: u64) -> (Option<SpatialLayer>, u64, usize) {
+    use interceptor::twcc::Recorder;
+    const LOW: u32 = 0x0A0A_0000;
+    const HIGH: u32 = 0x0B0B_0000;
+    const RTX: u32 = 0x3000_0001;
+    const RTX_PT: u8 = 97;
+    let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
+    let pid = PublicationId(2);
+    let sid = SubscriptionId(3);
+    h.core.handle_command(
+        Command::AddPublication {
+            id: pid,
+            spec: PublicationSpec {
+                room: "bench".into(),
+                transport: h.publisher.transport,
+                mid: "1".into(),
+                codec: MediaCodec::Video(VideoCodec::Vp8),
+                clock_rate: 90_000,
+                payload_type: VIDEO_PT,
+                rtx_payload_type: None,
+                layers: [LOW, HIGH]
+                    .map(|ssrc| LayerSpec {
+                        rid: None,
+                        ssrc: Some(ssrc),
+                        rtx_ssrc: None,
+                    })
+                    .to_vec(),
+                prefers_fir: false,
+            },
+        },
+        h.now,
+    );
+    let sub = h.subscribers[0].transport;
+    let vp8 = |key: bool, size: usize| {
+        let mut p = vec![7u8; size];
+        p[0] = 0x10;
+        p[1] = if key { 0x00 } else { 0x01 };
+        p
+    };
+    let mut rec = Recorder::new(1);
+    let t0 = h.now;
+    let mut link_free = t0;
+    let mut seqs = [0u16; 2];
+    let mut rtx_seen = 0;
+    // 1 ms steps: layer 0 ~100 kbit/s (250 B every 20 ms), layer 1 ~960 kbit/s (1200 B every
+    // 10 ms), keyframes every second on both. The subscriber comes after 1 s, when the layers'
+    // rates are known.
+    for ms in 0..(secs + 1) * 1000 {
+        h.now = t0 + Duration::from_millis(ms);
+        if ms == 1000 {
+            h.core.handle_command(
+                Command::AddSubscription {
+                    id: sid,
+                    spec: SubscriptionSpec {
+                        transport: sub,
+                        publication: pid,
+                        mid: "1".into(),
+                        ssrc: 0x2100_0000,
+                        rtx_ssrc: Some(RTX),
+                        payload_type: VIDEO_PT,
+                        rtx_payload_type: Some(RTX_PT),
+                        max_layer: Some(SpatialLayer(1)),
+                        paused: false,
+                    },
+                },
+                h.now,
+            );
+        }
+        for (layer, (ssrc, every, size)) in
+            [(LOW, 20, 250), (HIGH, 10, 1200)].into_iter().enumerate()
+        {
+            if ms % every == 0 {
+                let seq = seqs[layer];
+                seqs[layer] = seq.wrapping_add(1);
+                let mut buf = vec![0u8; MAX_OUT_HEADER + size];
+                let n = rtp::write_header(
+                    &mut buf,
+                    true,
+                    VIDEO_PT,
+                    seq,
+                    (ms * 90) as u32,
+                    ssrc,
+                    &rtp::OutExtensions::default(),
+                );
+                buf.truncate(n);
+                buf.extend_from_slice(&vp8(ms % 1000 == 0, size));
+                let data = h.publisher.srtp.encrypt_rtp(&buf).expect("encrypt");
+                h.from_publisher(&data);
+            }
+        }
+        if ms % 10 == 0 {
+            h.core.handle_timeout(h.now);
+        }
+        for t in h.drain() {
+            if t.to != h.subscribers[0].addr {
+                continue;
+            }
+            let Ok(plain) = h.subscribers[0].srtp.decrypt_rtp(&t.data) else {
+                continue; // SRTCP
+            };
+            let v = RtpView::parse(&plain).unwrap();
+            if v.ssrc == RTX {
+                assert_eq!(v.payload_type, RTX_PT);
+                rtx_seen += 1;
+            }
+            // Through the bottleneck.
+            let tx = Duration::from_secs_f64(t.data.len() as f64 * 8.0 / capacity_bps as f64);
+            link_free = link_free.max(h.now) + tx;
+            let arrival = link_free + Duration::from_millis(5);
+            if let Some(ext) = v.extension(3) {
+                let twcc = u16::from_be_bytes([ext[0], ext[1]]);
+                rec.record(RTX, twcc, (arrival - t0).as_micros() as i64);
+            }
+        }
+        if ms % 100 == 99 {
+            for fb in rec.build_feedback_packet() {
+                let raw = fb.marshal().unwrap();
+                let data = h.subscribers[0]
+                    .srtp
+                    .encrypt_rtcp(&raw)
+                    .expect("encrypt rtcp");
+                let addr = h.subscribers[0].addr;
+                h.core.handle_srtp(addr, &data, true, h.now);
+            }
+        }
+    }
+    let target = h
+        .core
+        .subscription_layers(sid)
+        .and_then(|(_, target)| target);
+    (target, h.core.counters.probe_packets_out, rtx_seen)
+}
+
+#[test]
+fn probe_on_a_wide_link_earns_the_upgrade() {
+    // Estimate starts at 1 Mbit/s: layer 1 (~1 Mbit/s with the 15 % upgrade margin) does not
+    // fit until a probe shows the 5 Mbit/s link carries it.
+    let (target, probes, rtx_seen) = probe_scenario(5_000_000, 4);
+    assert!(probes > 0, "no probe sent");
+    assert_eq!(
+        rtx_seen as u64, probes,
+        "probe packets go out on the RTX stream"
+    );
+    assert_eq!(
+        target,
+        Some(SpatialLayer(1)),
+        "upgrade after a successful probe"
+    );
+}
+
+#[test]
+fn probe_on_a_narrow_link_keeps_the_lower_layer() {
+    // 700 kbit/s: the probe saturates, the estimate stays, the subscriber stays on layer 0,
+    // and the failed probe backs off (2 s, then 4 s: three clusters at most in 8 s).
+    let (target, probes, _) = probe_scenario(700_000, 8);
+    assert!(probes > 0, "no probe sent");
+    assert_eq!(target, Some(SpatialLayer(0)));
+}
