@@ -211,11 +211,12 @@ impl Life {
         if self.spec.publish != Publish::None {
             let (peer, ice, offer, mids) = self.publish_peer().await?;
             let video_source = if self.spec.publish == Publish::Screen { "screen" } else { "camera" };
+            let has_video = self.spec.publish.video_layers() > 0;
             let tracks: Vec<Value> = mids
                 .iter()
                 .enumerate()
                 .map(|(i, mid)| {
-                    let source = if i == 0 && self.spec.publish.audio() { "microphone" } else { video_source };
+                    let source = if i == 0 && has_video { video_source } else { "microphone" };
                     json!({"mid": mid, "source": source})
                 })
                 .collect();
@@ -412,10 +413,9 @@ async fn send_media(
     peer.set_sender_ssrcs(ssrcs);
     let mut seqs: Vec<u16> = (0..4).map(|_| rand::random()).collect();
     let mut twcc: u16 = 0;
-    let audio_mid = mids.first().cloned().unwrap_or_default();
-    let video_mid = if audio.is_some() { mids.get(1) } else { mids.first() }
-        .cloned()
-        .unwrap_or_default();
+    // Video (when sent) is the first m-section, audio the last: see sdp::publish_offer.
+    let video_mid = mids.first().cloned().unwrap_or_default();
+    let audio_mid = mids.last().cloned().unwrap_or_default();
     let simulcast = publish.video_layers() > 1;
     let mut buf = Vec::with_capacity(1500);
     let mut lags: Vec<u64> = Vec::new();

@@ -108,7 +108,7 @@ pub struct Report {
     pub tool: ResourceReport,
     /// The tool's own lateness in sending media (how far behind schedule a send was).
     pub send_lag: Option<Summary>,
-    /// Whether the tool kept up: send lag p99 under 5 ms.
+    /// Whether the tool kept up: send lag p99 under 10 ms (tokio timers alone add up to 1 ms).
     pub tool_kept_up: Option<bool>,
     pub capacity_steps: Vec<CapacityStep>,
     /// Capacity search result: the most viewers whose step passed.
@@ -121,7 +121,7 @@ pub struct Report {
 
 /// Send lag p99 above which the tool says it did not keep up: a frame late by more than this
 /// distorts the delay it measures.
-const LAG_LIMIT_MS: f64 = 5.0;
+const LAG_LIMIT_MS: f64 = 10.0;
 
 impl Report {
     pub fn new(scenario: &Scenario, target: &str, server_pid: Option<u32>) -> Self {

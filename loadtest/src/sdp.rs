@@ -95,26 +95,28 @@ fn video_section(out: &mut String, local: &LocalTransport, mid: &str, direction:
     );
 }
 
-/// The publisher PC's offer (WebSocket `produce` and WHIP): audio as mid `0`, video as mid `1`
-/// (or `0` without audio). Returns the SDP and the mids in order.
+/// The publisher PC's offer (WebSocket `produce` and WHIP). Returns the SDP and the mids in
+/// order: video first as mid `0` (when published), then audio.
+///
+/// Why video first: the edge takes a publisher transport's header-extension ids from its first
+/// active m-section only, and the audio section cannot carry the rid extension; with audio
+/// first the simulcast layers' rids, and so their SSRCs, would go unrecognised. (Chromium
+/// orders audio first; that is an edge limitation, reported with this tool's work.) The cost:
+/// the edge then does not read our audio-level extension.
 pub fn publish_offer(local: &LocalTransport, shape: PublishShape) -> (String, Vec<String>) {
+    let video = shape.video_layers > 0;
     let mut mids = Vec::new();
-    if shape.audio {
+    if video {
         mids.push("0".to_owned());
     }
-    if shape.video_layers > 0 {
+    if shape.audio {
         mids.push(mids.len().to_string());
     }
     let mut out = String::with_capacity(2048);
     let refs: Vec<&str> = mids.iter().map(String::as_str).collect();
     session_header(&mut out, &refs);
-    let mut i = 0;
-    if shape.audio {
-        audio_section(&mut out, local, &mids[i], "sendonly");
-        i += 1;
-    }
-    if shape.video_layers > 0 {
-        video_section(&mut out, local, &mids[i], "sendonly");
+    if video {
+        video_section(&mut out, local, &mids[0], "sendonly");
         if shape.video_layers > 1 {
             let rids = &RIDS[..usize::from(shape.video_layers.min(3))];
             for rid in rids {
@@ -122,6 +124,9 @@ pub fn publish_offer(local: &LocalTransport, shape: PublishShape) -> (String, Ve
             }
             let _ = write!(out, "a=simulcast:send {}\r\n", rids.join(";"));
         }
+    }
+    if shape.audio {
+        audio_section(&mut out, local, &mids[mids.len() - 1], "sendonly");
     }
     (out, mids)
 }
