@@ -406,12 +406,12 @@ step = 2
     fn errors_name_the_line_and_field() {
         let cases = [
             // (edit, line, field, message fragment)
-            (GOOD.replace("count = 5", "count = 0"), 11, "group[1].count", "not in"),
-            (GOOD.replace("max_layer = 1", "max_layer = 7"), 13, "group[1].max_layer", "0, 1 or 2"),
-            (GOOD.replace("start = \"500ms\"", "start = \"5 parsecs\""), 15, "group[1].start", "unknown unit"),
+            (GOOD.replace("count = 5", "count = 0"), 10, "group[1].count", "not in"),
+            (GOOD.replace("max_layer = 1", "max_layer = 7"), 12, "group[1].max_layer", "0, 1 or 2"),
+            (GOOD.replace("start = \"500ms\"", "start = \"5 parsecs\""), 14, "group[1].start", "unknown unit"),
             (GOOD.replace("subscribe = true", "subscribe = true\nsubscibe = true"), 12, "(syntax)", "unknown field `subscibe`"),
-            (GOOD.replace("count = 5", "count = \"five\""), 11, "(syntax)", "invalid type"),
-            (GOOD.replace("group = \"v\"", "group = \"x\""), 17, "capacity.group", "no group named"),
+            (GOOD.replace("count = 5", "count = \"five\""), 10, "(syntax)", "invalid type"),
+            (GOOD.replace("group = \"v\"", "group = \"x\""), 16, "capacity.group", "no group named"),
         ];
         for (text, line, field, frag) in cases {
             let e = Scenario::from_toml("f.toml", &text).unwrap_err();
@@ -419,6 +419,19 @@ step = 2
             assert!(e.message.contains(frag), "{e}");
             assert!(e.to_string().starts_with(&format!("f.toml: line {line}: ")), "{e}");
         }
+    }
+
+    #[test]
+    fn shipped_scenario_files_read() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            Scenario::from_toml(&path.display().to_string(), &text).unwrap();
+            n += 1;
+        }
+        assert!(n >= 4);
     }
 
     #[test]

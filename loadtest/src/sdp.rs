@@ -369,7 +369,7 @@ mod tests {
         assert!(sdp.contains("a=simulcast:send q;h;f\r\n"));
         let r = read_remote(&sdp).unwrap();
         assert_eq!(r.ufrag, "abcd");
-        assert_eq!(r.candidates, ["127.0.0.1:5000".parse().unwrap()]);
+        assert_eq!(r.candidates, ["127.0.0.1:5000".parse::<SocketAddr>().unwrap()]);
         assert_eq!(r.media.len(), 2);
         assert_eq!(r.ext_ids(), OUR_EXT);
     }
@@ -383,7 +383,7 @@ a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extension
 m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=mid:1\r\na=sendonly\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
 m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=inactive\r\n";
         let r = read_remote(offer).unwrap();
-        assert_eq!(r.candidates, ["127.0.0.1:4000".parse().unwrap()]);
+        assert_eq!(r.candidates, ["127.0.0.1:4000".parse::<SocketAddr>().unwrap()]);
         assert_eq!(r.ext_ids().twcc, Some(3));
         let a = subscriber_answer(&r, &local());
         assert!(a.contains("a=group:BUNDLE 0 1\r\n"), "{a}");
