@@ -12,7 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "loadtest", version, about = "KCS load tester: simulated WebRTC participants against an edge")]
+#[command(
+    name = "loadtest",
+    version,
+    about = "KCS load tester: simulated WebRTC participants against an edge"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -106,7 +110,7 @@ struct Common {
     /// Room name (presets; files set their own).
     #[arg(long)]
     room: Option<String>,
-    /// Receivers do not send NACKs (so loss is seen unrepaired).
+    /// No retransmissions: receivers send no NACKs, publishers ignore the edge's (loss stays visible).
     #[arg(long)]
     no_nack: bool,
     /// Write the JSON report here.
@@ -144,26 +148,71 @@ fn main() {
 
 fn real_main(cli: Cli) -> anyhow::Result<i32> {
     let (mut scenario, common) = match cli.command {
-        Command::Relay { listen, upstream, delay, jitter, loss, r#for } => {
-            return run_relay(RelayConfig { listen, upstream, delay, jitter, loss }, r#for);
+        Command::Relay {
+            listen,
+            upstream,
+            delay,
+            jitter,
+            loss,
+            r#for,
+        } => {
+            return run_relay(
+                RelayConfig {
+                    listen,
+                    upstream,
+                    delay,
+                    jitter,
+                    loss,
+                },
+                r#for,
+            );
         }
         Command::Run { file, common } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let s = Scenario::from_toml(&file.display().to_string(), &text)?;
             (s, common)
         }
-        Command::Conference { participants, common } => {
-            (Scenario::conference(participants, common.duration.unwrap_or(Duration::from_secs(20))), common)
-        }
-        Command::Webinar { presenters, viewers, common } => {
-            (Scenario::webinar(presenters, viewers, common.duration.unwrap_or(Duration::from_secs(20))), common)
-        }
-        Command::JoinStorm { joins, within, common } => {
-            (Scenario::join_storm(joins, within, common.duration.unwrap_or(Duration::from_secs(5))), common)
-        }
-        Command::Capacity { max_viewers, step, step_duration, common } => {
-            (Scenario::capacity(max_viewers, step, step_duration), common)
-        }
+        Command::Conference {
+            participants,
+            common,
+        } => (
+            Scenario::conference(
+                participants,
+                common.duration.unwrap_or(Duration::from_secs(20)),
+            ),
+            common,
+        ),
+        Command::Webinar {
+            presenters,
+            viewers,
+            common,
+        } => (
+            Scenario::webinar(
+                presenters,
+                viewers,
+                common.duration.unwrap_or(Duration::from_secs(20)),
+            ),
+            common,
+        ),
+        Command::JoinStorm {
+            joins,
+            within,
+            common,
+        } => (
+            Scenario::join_storm(
+                joins,
+                within,
+                common.duration.unwrap_or(Duration::from_secs(5)),
+            ),
+            common,
+        ),
+        Command::Capacity {
+            max_viewers,
+            step,
+            step_duration,
+            common,
+        } => (Scenario::capacity(max_viewers, step, step_duration), common),
     };
     if let Some(room) = &common.room {
         scenario.room = room.clone();
@@ -180,7 +229,10 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     }
     let cfg = RunConfig {
         target: common.target.clone(),
-        tokens: common.token.clone().map_or(TokenSource::Dev, TokenSource::Fixed),
+        tokens: common
+            .token
+            .clone()
+            .map_or(TokenSource::Dev, TokenSource::Fixed),
         media_via: common.media_via,
         server_pid: common.server_pid,
         progress: !common.quiet,
@@ -198,26 +250,37 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &common.html {
-        std::fs::write(path, report.html()).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, report.html())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if report.outcome == "completed" {
         Ok(0)
     } else {
-        eprintln!("loadtest: run aborted: {}", report.error.as_deref().unwrap_or("?"));
+        eprintln!(
+            "loadtest: run aborted: {}",
+            report.error.as_deref().unwrap_or("?")
+        );
         Ok(1)
     }
 }
 
 fn run_relay(cfg: RelayConfig, limit: Option<Duration>) -> anyhow::Result<i32> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let stats = Arc::new(RelayStats::default());
-        let (addr, fut) = relay::start(cfg, stats.clone()).await.context("binding the relay")?;
+        let (addr, fut) = relay::start(cfg, stats.clone())
+            .await
+            .context("binding the relay")?;
         // The first line is the address, for scripts and tests to read.
         println!("relay listening on {addr}");
         eprintln!(
             "relaying {addr} <-> {} with delay {:?} jitter {:?} loss {:.2}% (each direction)",
-            cfg.upstream, cfg.delay, cfg.jitter, cfg.loss * 100.0
+            cfg.upstream,
+            cfg.delay,
+            cfg.jitter,
+            cfg.loss * 100.0
         );
         match limit {
             Some(d) => {

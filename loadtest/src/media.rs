@@ -398,7 +398,8 @@ pub fn read_rtp(buf: &[u8], twcc_id: Option<u8>) -> Option<InRtp<'_>> {
         let block = buf.get(pos + 4..pos + 4 + len)?;
         pos += 4 + len;
         if let Some(want) = twcc_id {
-            twcc = find_ext(profile, block, want).and_then(|d| Some(u16::from_be_bytes(d.get(..2)?.try_into().ok()?)));
+            twcc = find_ext(profile, block, want)
+                .and_then(|d| Some(u16::from_be_bytes(d.get(..2)?.try_into().ok()?)));
         }
     }
     let mut end = buf.len();
@@ -474,7 +475,10 @@ mod tests {
             &first.payload,
         );
         let r = read_rtp(&buf, Some(3)).unwrap();
-        assert_eq!((r.pt, r.seq, r.ssrc, r.twcc), (96, 40000, 0xabcd, Some(513)));
+        assert_eq!(
+            (r.pt, r.seq, r.ssrc, r.twcc),
+            (96, 40000, 0xabcd, Some(513))
+        );
         let p = Probe::find(r.payload).unwrap();
         assert_eq!((p.sender, p.stream, p.keyframe, p.seq), (7, 1, true, 0));
         // The next frame is a delta frame.
@@ -507,6 +511,10 @@ mod tests {
     fn garbage_is_not_a_probe_or_rtp() {
         assert!(Probe::find(&[0u8; 40]).is_none());
         assert!(read_rtp(&[0x80; 5], None).is_none());
-        assert!(read_rtp(&[0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xbe, 0xde, 0, 9], Some(3)).is_none());
+        assert!(read_rtp(
+            &[0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xbe, 0xde, 0, 9],
+            Some(3)
+        )
+        .is_none());
     }
 }

@@ -89,8 +89,15 @@ fn local_transport(peer: &Peer, ice: &IceCredentials, cert: &DtlsCertificate) ->
 /// failures in the collector.
 pub async fn run(ctx: Arc<Context>, spec: Spec) -> Result<(), ParticipantError> {
     let identity = format!("lt-{}-{}", spec.group, spec.index);
-    let role = if spec.publish == Publish::None { "attendee" } else { "presenter" };
-    let token = ctx.tokens.token(&ctx.target, &ctx.room, &identity, role).await?;
+    let role = if spec.publish == Publish::None {
+        "attendee"
+    } else {
+        "presenter"
+    };
+    let token = ctx
+        .tokens
+        .token(&ctx.target, &ctx.room, &identity, role)
+        .await?;
     let mut life = Life {
         ctx: ctx.clone(),
         spec: spec.clone(),
@@ -127,8 +134,12 @@ fn ms(d: Duration) -> Option<f64> {
 
 impl Life {
     fn take_pending_times(&mut self) {
-        let Some(slot) = &self.pending_times else { return };
-        let Some(t) = *slot.lock().expect("slot") else { return };
+        let Some(slot) = &self.pending_times else {
+            return;
+        };
+        let Some(t) = *slot.lock().expect("slot") else {
+            return;
+        };
         if self.times.ice_ms.is_none() {
             self.times.ice_ms = ms(t.ice);
             self.times.dtls_ms = ms(t.dtls);
@@ -169,8 +180,11 @@ impl Life {
         Ok(())
     }
 
-    async fn publish_peer(&mut self) -> Result<(Arc<Peer>, IceCredentials, String, Vec<String>), ParticipantError> {
+    async fn publish_peer(
+        &mut self,
+    ) -> Result<(Arc<Peer>, IceCredentials, String, Vec<String>), ParticipantError> {
         let peer = Peer::bind(self.ctx.local_ip, None, self.ctx.collector.clone()).await?;
+        peer.set_retransmit(self.ctx.nack);
         self.peers.push(peer.clone());
         let ice = IceCredentials::random();
         let local = local_transport(&peer, &ice, &self.ctx.cert);
@@ -197,7 +211,9 @@ impl Life {
         let sender = self.spec.index;
         let collector = self.ctx.collector.clone();
         let stop = self.ctx.stop.clone();
-        self.media = Some(tokio::spawn(send_media(peer, publish, sender, mids, ext, collector, stop)));
+        self.media = Some(tokio::spawn(send_media(
+            peer, publish, sender, mids, ext, collector, stop,
+        )));
     }
 
     async fn run_ws(&mut self, identity: &str, token: &str) -> Result<(), ParticipantError> {
@@ -210,17 +226,27 @@ impl Life {
             .await?;
         if self.spec.publish != Publish::None {
             let (peer, ice, offer, mids) = self.publish_peer().await?;
-            let video_source = if self.spec.publish == Publish::Screen { "screen" } else { "camera" };
+            let video_source = if self.spec.publish == Publish::Screen {
+                "screen"
+            } else {
+                "camera"
+            };
             let has_video = self.spec.publish.video_layers() > 0;
             let tracks: Vec<Value> = mids
                 .iter()
                 .enumerate()
                 .map(|(i, mid)| {
-                    let source = if i == 0 && has_video { video_source } else { "microphone" };
+                    let source = if i == 0 && has_video {
+                        video_source
+                    } else {
+                        "microphone"
+                    };
                     json!({"mid": mid, "source": source})
                 })
                 .collect();
-            let ack = ws.request("produce", json!({"sdp": offer, "tracks": tracks})).await?;
+            let ack = ws
+                .request("produce", json!({"sdp": offer, "tracks": tracks}))
+                .await?;
             let answer = sdp::read_remote(ack["sdp"].as_str().unwrap_or_default())?;
             self.times.signaling_ms = ms(self.t0.elapsed());
             self.connect_peer(&peer, &ice, &answer).await?;
@@ -323,7 +349,8 @@ impl Life {
             }
             self.take_pending_times();
         }
-        let _ = tokio::time::timeout(Duration::from_secs(2), ws.request("room:leave", json!({}))).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), ws.request("room:leave", json!({}))).await;
         ws.close().await;
         Ok(())
     }
@@ -332,7 +359,9 @@ impl Life {
         let room = self.ctx.room.clone();
         if self.spec.publish != Publish::None {
             let (peer, ice, offer, mids) = self.publish_peer().await?;
-            let answer = signaling::whip_whep(&self.ctx.target, &format!("/whip/{room}"), token, &offer).await?;
+            let answer =
+                signaling::whip_whep(&self.ctx.target, &format!("/whip/{room}"), token, &offer)
+                    .await?;
             let answer = sdp::read_remote(&answer)?;
             self.times.signaling_ms = ms(self.t0.elapsed());
             self.connect_peer(&peer, &ice, &answer).await?;
@@ -348,7 +377,9 @@ impl Life {
             self.peers.push(peer.clone());
             let ice = IceCredentials::random();
             let offer = sdp::whep_offer(&local_transport(&peer, &ice, &self.ctx.cert));
-            let answer = signaling::whip_whep(&self.ctx.target, &format!("/whep/{room}"), token, &offer).await?;
+            let answer =
+                signaling::whip_whep(&self.ctx.target, &format!("/whep/{room}"), token, &offer)
+                    .await?;
             let answer = sdp::read_remote(&answer)?;
             if self.times.signaling_ms.is_none() {
                 self.times.signaling_ms = ms(self.t0.elapsed());
@@ -421,10 +452,13 @@ async fn send_media(
     let mut lags: Vec<u64> = Vec::new();
     let mut last_flush = Instant::now();
     loop {
-        let due = [audio.as_ref().map(|a| a.next_due()), video.as_ref().map(|v| v.next_due())]
-            .into_iter()
-            .flatten()
-            .min();
+        let due = [
+            audio.as_ref().map(|a| a.next_due()),
+            video.as_ref().map(|v| v.next_due()),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let Some(due) = due else { return };
         tokio::select! {
             _ = tokio::time::sleep_until(due.into()) => {}
@@ -486,7 +520,11 @@ async fn send_media(
                             audio_level: None,
                             twcc: ext.twcc.map(|id| (id, twcc)),
                             mid: ext.mid.map(|id| (id, video_mid.as_str())),
-                            rid: if simulcast { ext.rid.map(|id| (id, RIDS[l])) } else { None },
+                            rid: if simulcast {
+                                ext.rid.map(|id| (id, RIDS[l]))
+                            } else {
+                                None
+                            },
                         },
                         &p.payload,
                     );

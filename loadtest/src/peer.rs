@@ -61,6 +61,8 @@ pub struct SenderState {
     history: VecDeque<(u32, u16, Vec<u8>)>,
     /// Layers for which a keyframe was asked (PLI/FIR), drained by the media task.
     pub keyframe_requests: Vec<u8>,
+    /// Answer NACKs with retransmissions (off when a run measures unrepaired loss).
+    pub retransmit: bool,
 }
 
 #[derive(Default)]
@@ -115,7 +117,10 @@ impl Peer {
             remote: Mutex::new(None),
             state: Mutex::new(State {
                 receiver,
-                sender: is_sender.then(SenderState::default),
+                sender: is_sender.then(|| SenderState {
+                    retransmit: true,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ice_ok: Notify::new(),
@@ -143,6 +148,13 @@ impl Peer {
     /// The header-extension id of transport-wide sequence numbers in the negotiated SDP.
     pub fn set_twcc_id(&self, id: Option<u8>) {
         self.state.lock().expect("peer lock").twcc_id = id;
+    }
+
+    /// Whether a publisher answers the edge's NACKs (default yes).
+    pub fn set_retransmit(&self, on: bool) {
+        if let Some(s) = self.state.lock().expect("peer lock").sender.as_mut() {
+            s.retransmit = on;
+        }
     }
 
     pub fn set_sender_ssrcs(&self, ssrcs: Vec<(u32, u8)>) {
@@ -216,7 +228,9 @@ impl Peer {
             }
         });
         self.tasks.lock().expect("tasks lock").push(writer);
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
         let (keys, session) = dtls::connect(cert, remote, &fp, in_rx, out_tx, left)
             .await
             .map_err(|e| PeerError::Dtls(remote, e))?;
@@ -289,11 +303,17 @@ impl Peer {
         let st = &mut *st;
         if let Some(r) = st.receiver.as_mut() {
             if !r.pending.is_empty() {
-                self.collector.lock().expect("collector lock").flush(&mut r.pending);
+                self.collector
+                    .lock()
+                    .expect("collector lock")
+                    .flush(&mut r.pending);
             }
         }
         if !st.pending.is_empty() || st.pending.counters.nack_received > 0 {
-            self.collector.lock().expect("collector lock").flush(&mut st.pending);
+            self.collector
+                .lock()
+                .expect("collector lock")
+                .flush(&mut st.pending);
         }
     }
 
@@ -401,7 +421,9 @@ impl Peer {
                     return;
                 }
             };
-            let Some(r) = st.receiver.as_mut() else { return };
+            let Some(r) = st.receiver.as_mut() else {
+                return;
+            };
             let Some(pkt) = read_rtp(&plain, st.twcc_id) else {
                 return;
             };
@@ -438,6 +460,9 @@ impl Peer {
                 let any = p.as_any();
                 if let Some(n) = any.downcast_ref::<TransportLayerNack>() {
                     c.nack_received += 1;
+                    if !sender.retransmit {
+                        continue;
+                    }
                     for pair in &n.nacks {
                         for seq in pair.packet_list() {
                             if let Some((_, _, bytes)) = sender
@@ -452,7 +477,9 @@ impl Peer {
                     }
                 } else if let Some(pli) = any.downcast_ref::<PictureLossIndication>() {
                     c.pli_received += 1;
-                    if let Some(&(_, layer)) = sender.ssrcs.iter().find(|(s, _)| *s == pli.media_ssrc) {
+                    if let Some(&(_, layer)) =
+                        sender.ssrcs.iter().find(|(s, _)| *s == pli.media_ssrc)
+                    {
                         sender.keyframe_requests.push(layer);
                     }
                 } else if let Some(fir) = any.downcast_ref::<FullIntraRequest>() {
@@ -480,7 +507,13 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        for t in self.tasks.get_mut().map(|t| t.drain(..)).into_iter().flatten() {
+        for t in self
+            .tasks
+            .get_mut()
+            .map(|t| t.drain(..))
+            .into_iter()
+            .flatten()
+        {
             t.abort();
         }
     }

@@ -207,7 +207,9 @@ impl Receiver {
             let stream = usize::from(p.stream.min(4));
             c.rx_bytes[stream] += pkt.payload.len() as u64;
             let delay = now_us.saturating_sub(p.sent_us);
-            self.pending.delays_us.push(delay.min(u64::from(u32::MAX)) as u32);
+            self.pending
+                .delays_us
+                .push(delay.min(u64::from(u32::MAX)) as u32);
             // RFC 3550 §6.4.1 interarrival jitter, on the probe's send time.
             let transit = now_us as i64 - p.sent_us as i64;
             if let Some(prev) = s.last_transit {
@@ -228,11 +230,10 @@ impl Receiver {
         }
         // A video stream that started mid-frame gets a PLI when no keyframe came in time.
         if s.video && !s.keyframe_seen {
-            let due = s
-                .last_pli
-                .map_or(now.duration_since(s.first_packet) >= Duration::from_millis(200), |t| {
-                    now.duration_since(t) >= PLI_INTERVAL
-                });
+            let due = s.last_pli.map_or(
+                now.duration_since(s.first_packet) >= Duration::from_millis(200),
+                |t| now.duration_since(t) >= PLI_INTERVAL,
+            );
             if due {
                 s.last_pli = Some(now);
                 self.pli_out.push(pkt.ssrc);
@@ -246,7 +247,8 @@ impl Receiver {
             self.twcc_last = seq;
         }
         let diff = seq.wrapping_sub(self.twcc_last) as i16;
-        let ext = ((self.twcc_cycles | u64::from(self.twcc_last)) as i64 + i64::from(diff)).max(0) as u64;
+        let ext =
+            ((self.twcc_cycles | u64::from(self.twcc_last)) as i64 + i64::from(diff)).max(0) as u64;
         if diff > 0 {
             if seq < self.twcc_last {
                 self.twcc_cycles += 1 << 16;
@@ -328,7 +330,11 @@ impl Receiver {
             s.rr_expected_prior = expected;
             s.rr_received_prior = s.received;
             let lost_int = exp_int.saturating_sub(rec_int);
-            let fraction = if exp_int == 0 { 0 } else { (lost_int * 256 / exp_int).min(255) as u8 };
+            let fraction = if exp_int == 0 {
+                0
+            } else {
+                (lost_int * 256 / exp_int).min(255) as u8
+            };
             reports.push(ReceptionReport {
                 ssrc,
                 fraction_lost: fraction,
@@ -441,7 +447,11 @@ mod tests {
                 &payload,
             );
             let p = read_rtp(&buf, Some(3)).unwrap();
-            r.handle_rtp(p, now + Duration::from_millis(i as u64), crate::media::unix_micros());
+            r.handle_rtp(
+                p,
+                now + Duration::from_millis(i as u64),
+                crate::media::unix_micros(),
+            );
         }
     }
 

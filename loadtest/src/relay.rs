@@ -98,22 +98,34 @@ async fn run(cfg: RelayConfig, listen: Arc<UdpSocket>, stats: Arc<RelayStats>) {
             let mut flows: HashMap<SocketAddr, (u64, Arc<UdpSocket>)> = HashMap::new();
             let mut buf = vec![0u8; 65_536];
             loop {
-                let Ok((n, from)) = listen.recv_from(&mut buf).await else { continue };
+                let Ok((n, from)) = listen.recv_from(&mut buf).await else {
+                    continue;
+                };
                 let next_id = flows.len() as u64 * 2;
                 let (id, up) = match flows.get(&from) {
                     Some(f) => f.clone(),
                     None => {
-                        let Ok(sock) = UdpSocket::bind(SocketAddr::new(upstream_ip, 0)).await else {
+                        let Ok(sock) = UdpSocket::bind(SocketAddr::new(upstream_ip, 0)).await
+                        else {
                             continue;
                         };
                         let sock = Arc::new(sock);
                         // Upstream -> client for this flow.
-                        let (sock2, listen2, tx2, stats2) = (sock.clone(), listen.clone(), tx.clone(), stats.clone());
+                        let (sock2, listen2, tx2, stats2) =
+                            (sock.clone(), listen.clone(), tx.clone(), stats.clone());
                         tokio::spawn(async move {
                             let mut buf = vec![0u8; 65_536];
                             loop {
-                                let Ok((n, _)) = sock2.recv_from(&mut buf).await else { continue };
-                                let item = (Instant::now(), next_id + 1, listen2.clone(), from, buf[..n].to_vec());
+                                let Ok((n, _)) = sock2.recv_from(&mut buf).await else {
+                                    continue;
+                                };
+                                let item = (
+                                    Instant::now(),
+                                    next_id + 1,
+                                    listen2.clone(),
+                                    from,
+                                    buf[..n].to_vec(),
+                                );
                                 if tx2.try_send(item).is_err() {
                                     stats2.dropped_queue.fetch_add(1, Ordering::Relaxed);
                                 }
@@ -123,7 +135,10 @@ async fn run(cfg: RelayConfig, listen: Arc<UdpSocket>, stats: Arc<RelayStats>) {
                         (next_id, sock)
                     }
                 };
-                if tx.try_send((Instant::now(), id, up, cfg.upstream, buf[..n].to_vec())).is_err() {
+                if tx
+                    .try_send((Instant::now(), id, up, cfg.upstream, buf[..n].to_vec()))
+                    .is_err()
+                {
                     stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
                 }
             }

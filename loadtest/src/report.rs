@@ -198,15 +198,22 @@ impl Report {
         let media: Vec<&Second> = self.timeline.iter().filter(|s| s.rx_packets > 0).collect();
         if !media.is_empty() {
             for i in 0..5 {
-                self.rx_kbps_mean[i] = media.iter().map(|s| s.rx_kbps[i]).sum::<f64>() / media.len() as f64;
+                self.rx_kbps_mean[i] =
+                    media.iter().map(|s| s.rx_kbps[i]).sum::<f64>() / media.len() as f64;
             }
         }
         self.server.cpu_avg_pct = mean(self.timeline.iter().filter_map(|s| s.server?.cpu_pct));
         self.server.cpu_max_pct = max(self.timeline.iter().filter_map(|s| s.server?.cpu_pct));
-        self.server.rss_max_mb = max(self.timeline.iter().filter_map(|s| s.server.map(|x| x.rss_mb)));
+        self.server.rss_max_mb = max(self
+            .timeline
+            .iter()
+            .filter_map(|s| s.server.map(|x| x.rss_mb)));
         self.tool.cpu_avg_pct = mean(self.timeline.iter().filter_map(|s| s.tool?.cpu_pct));
         self.tool.cpu_max_pct = max(self.timeline.iter().filter_map(|s| s.tool?.cpu_pct));
-        self.tool.rss_max_mb = max(self.timeline.iter().filter_map(|s| s.tool.map(|x| x.rss_mb)));
+        self.tool.rss_max_mb = max(self
+            .timeline
+            .iter()
+            .filter_map(|s| s.tool.map(|x| x.rss_mb)));
         if !self.capacity_steps.is_empty() {
             self.capacity_viewers = Some(
                 self.capacity_steps
@@ -223,10 +230,17 @@ impl Report {
         let mut s = String::new();
         let f = |v: &Option<Summary>| {
             v.map_or("-".to_owned(), |v| {
-                format!("p50 {:.1} / p95 {:.1} / p99 {:.1} / max {:.1} ms", v.p50, v.p95, v.p99, v.max)
+                format!(
+                    "p50 {:.1} / p95 {:.1} / p99 {:.1} / max {:.1} ms",
+                    v.p50, v.p95, v.p99, v.max
+                )
             })
         };
-        let _ = writeln!(s, "scenario {} against {}: {} in {:.1} s", self.scenario.name, self.target, self.outcome, self.duration_s);
+        let _ = writeln!(
+            s,
+            "scenario {} against {}: {} in {:.1} s",
+            self.scenario.name, self.target, self.outcome, self.duration_s
+        );
         if let Some(e) = &self.error {
             let _ = writeln!(s, "  error: {e}");
         }
@@ -277,9 +291,18 @@ impl Report {
             }
         );
         if let Some(v) = self.capacity_viewers {
-            let _ = writeln!(s, "  capacity: {v} viewers passed (loss <= {:.1}%, p99 <= {:.0} ms)",
-                self.scenario.capacity.as_ref().map_or(0.0, |c| c.max_loss * 100.0),
-                self.scenario.capacity.as_ref().map_or(0.0, |c| c.max_p99_ms));
+            let _ = writeln!(
+                s,
+                "  capacity: {v} viewers passed (loss <= {:.1}%, p99 <= {:.0} ms)",
+                self.scenario
+                    .capacity
+                    .as_ref()
+                    .map_or(0.0, |c| c.max_loss * 100.0),
+                self.scenario
+                    .capacity
+                    .as_ref()
+                    .map_or(0.0, |c| c.max_p99_ms)
+            );
         }
         s
     }
@@ -297,8 +320,14 @@ svg{{background:#fafafa;border:1px solid #ddd;margin:.5em 0}}h2{{margin-top:1.5e
             summary = esc(&self.summary())
         );
         h.push_str("<h2>One-way delay, cumulative distribution</h2>");
-        h.push_str(&line_chart(&[("delay", "#1f77b4", self.delay_cdf.clone())], "ms", "fraction"));
-        let series = |i: usize| -> Vec<(f64, f64)> { self.timeline.iter().map(|s| (s.t, s.rx_kbps[i])).collect() };
+        h.push_str(&line_chart(
+            &[("delay", "#1f77b4", self.delay_cdf.clone())],
+            "ms",
+            "fraction",
+        ));
+        let series = |i: usize| -> Vec<(f64, f64)> {
+            self.timeline.iter().map(|s| (s.t, s.rx_kbps[i])).collect()
+        };
         h.push_str("<h2>Received bitrate over time (kbit/s, all receivers)</h2>");
         h.push_str(&line_chart(
             &[
@@ -313,12 +342,26 @@ svg{{background:#fafafa;border:1px solid #ddd;margin:.5em 0}}h2{{margin-top:1.5e
         ));
         h.push_str("<h2>Loss and delay p99 over time</h2>");
         h.push_str(&line_chart(
-            &[("loss %", "#d62728", self.timeline.iter().map(|s| (s.t, s.loss * 100.0)).collect())],
+            &[(
+                "loss %",
+                "#d62728",
+                self.timeline
+                    .iter()
+                    .map(|s| (s.t, s.loss * 100.0))
+                    .collect(),
+            )],
             "s",
             "%",
         ));
         h.push_str(&line_chart(
-            &[("delay p99 ms", "#1f77b4", self.timeline.iter().filter_map(|s| Some((s.t, s.delay_p99_ms?))).collect())],
+            &[(
+                "delay p99 ms",
+                "#1f77b4",
+                self.timeline
+                    .iter()
+                    .filter_map(|s| Some((s.t, s.delay_p99_ms?)))
+                    .collect(),
+            )],
             "s",
             "ms",
         ));
@@ -328,14 +371,32 @@ svg{{background:#fafafa;border:1px solid #ddd;margin:.5em 0}}h2{{margin-top:1.5e
             h.push_str("<h2>Server CPU % and RSS MB</h2>");
             h.push_str(&line_chart(
                 &[
-                    ("cpu %", "#8c564b", self.timeline.iter().filter_map(|s| Some((s.t, s.server?.cpu_pct?))).collect()),
-                    ("rss MB", "#7f7f7f", self.timeline.iter().filter_map(|s| Some((s.t, s.server?.rss_mb))).collect()),
+                    (
+                        "cpu %",
+                        "#8c564b",
+                        self.timeline
+                            .iter()
+                            .filter_map(|s| Some((s.t, s.server?.cpu_pct?)))
+                            .collect(),
+                    ),
+                    (
+                        "rss MB",
+                        "#7f7f7f",
+                        self.timeline
+                            .iter()
+                            .filter_map(|s| Some((s.t, s.server?.rss_mb)))
+                            .collect(),
+                    ),
                 ],
                 "s",
                 "",
             ));
         }
-        let _ = write!(h, "<h2>Report (JSON)</h2><pre>{}</pre></body></html>", esc(&json));
+        let _ = write!(
+            h,
+            "<h2>Report (JSON)</h2><pre>{}</pre></body></html>",
+            esc(&json)
+        );
         h
     }
 }
@@ -358,7 +419,9 @@ fn mb(v: Option<f64>) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 const W: f64 = 900.0;
@@ -400,7 +463,10 @@ fn line_chart(series: &[(&str, &str, Vec<(f64, f64)>)], xunit: &str, yunit: &str
         if data.is_empty() {
             continue;
         }
-        let path: Vec<String> = data.iter().map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y))).collect();
+        let path: Vec<String> = data
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
         let _ = write!(
             s,
             "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/><text x=\"{}\" y=\"{}\" font-size=\"12\" fill=\"{color}\">{}</text>",
@@ -422,7 +488,11 @@ fn histogram(values: &[f64], unit: &str) -> String {
         return s;
     }
     let lo = values.iter().cloned().fold(f64::MAX, f64::min);
-    let hi = values.iter().cloned().fold(f64::MIN, f64::max).max(lo + 1.0);
+    let hi = values
+        .iter()
+        .cloned()
+        .fold(f64::MIN, f64::max)
+        .max(lo + 1.0);
     let bins = 30usize;
     let mut counts = vec![0u32; bins];
     for &v in values {
@@ -456,7 +526,11 @@ mod tests {
 
     #[test]
     fn html_is_self_contained() {
-        let mut r = Report::new(&Scenario::conference(2, Duration::from_secs(1)), "http://127.0.0.1:1", None);
+        let mut r = Report::new(
+            &Scenario::conference(2, Duration::from_secs(1)),
+            "http://127.0.0.1:1",
+            None,
+        );
         r.delay_cdf = vec![(1.0, 0.5), (2.0, 1.0)];
         r.join_first_media_ms = vec![100.0, 120.0, 300.0];
         let h = r.html();

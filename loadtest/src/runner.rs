@@ -103,7 +103,11 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
     match signaling::http(&target, "GET", "/healthz", &[], "").await {
         Ok((200, _, _)) => {}
         Ok((status, _, body)) => {
-            report.abort(format!("{}/healthz answered {status}: {}", target.base, body.trim()));
+            report.abort(format!(
+                "{}/healthz answered {status}: {}",
+                target.base,
+                body.trim()
+            ));
             return report;
         }
         Err(e) => {
@@ -224,7 +228,11 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                 // Close the finished step.
                 if let Some(t) = cap_step_started {
                     let failed_now = collector.lock().expect("collector lock").failed;
-                    let loss = if cap_step_expected == 0 { 0.0 } else { cap_step_lost as f64 / cap_step_expected as f64 };
+                    let loss = if cap_step_expected == 0 {
+                        0.0
+                    } else {
+                        cap_step_lost as f64 / cap_step_expected as f64
+                    };
                     let p99 = cap_step_hist.quantile(0.99).map(|us| us as f64 / 1000.0);
                     let pass = loss <= cap.max_loss
                         && p99.is_some_and(|p| p <= cap.max_p99_ms)
@@ -287,7 +295,9 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
             let sec = Second::from_parts(t, c.connected, &s, &d, &lag, server_sample, tool_sample);
             (sec, c.connected, c.failed, (d, s))
         };
-        if scenario.capacity.is_some() && cap_step_started.is_some_and(|st| st.elapsed() > Duration::from_millis(1500)) {
+        if scenario.capacity.is_some()
+            && cap_step_started.is_some_and(|st| st.elapsed() > Duration::from_millis(1500))
+        {
             // Skip the first 1.5 s of a step: joins and keyframes settle.
             cap_step_hist.merge(&delay_s.0);
             cap_step_expected += delay_s.1.expected;
@@ -300,15 +310,32 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
         } else {
             no_media_since = None;
         }
-        show_progress(&progress, tty, &second, started_count, scenario.participants(), failed);
+        show_progress(
+            &progress,
+            tty,
+            &second,
+            started_count,
+            scenario.participants(),
+            failed,
+        );
         report.timeline.push(second);
 
         if fatal_failures > 0 && connected == 0 && fatal_failures as usize >= failed.max(1) {
-            let first = collector.lock().expect("collector lock").failures.first().cloned();
+            let first = collector
+                .lock()
+                .expect("collector lock")
+                .failures
+                .first()
+                .cloned();
             break Verdict::Abort(first.unwrap_or_else(|| "participants refused".into()));
         }
         if ever_connected && connected == 0 && failed > 0 {
-            let first = collector.lock().expect("collector lock").failures.first().cloned();
+            let first = collector
+                .lock()
+                .expect("collector lock")
+                .failures
+                .first()
+                .cloned();
             break Verdict::Abort(format!(
                 "every participant lost its connection (server stopped?): {}",
                 first.unwrap_or_default()
@@ -328,8 +355,16 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
             && tasks.is_empty()
             && failed >= started_count as usize
         {
-            let first = collector.lock().expect("collector lock").failures.first().cloned();
-            break Verdict::Abort(format!("every participant failed: {}", first.unwrap_or_default()));
+            let first = collector
+                .lock()
+                .expect("collector lock")
+                .failures
+                .first()
+                .cloned();
+            break Verdict::Abort(format!(
+                "every participant failed: {}",
+                first.unwrap_or_default()
+            ));
         }
         if media_end.is_some_and(|e| Instant::now() >= e) {
             break Verdict::Done;
@@ -343,7 +378,10 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
     while !tasks.is_empty() {
         match tokio::time::timeout_at(deadline, tasks.join_next()).await {
             Ok(Some(Ok((index, Err(e))))) => {
-                collector.lock().expect("collector lock").fail(format!("participant {index}: {e}"));
+                collector
+                    .lock()
+                    .expect("collector lock")
+                    .fail(format!("participant {index}: {e}"));
             }
             Ok(Some(_)) => {}
             Ok(None) => break,
@@ -359,7 +397,11 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
     if let Verdict::Abort(why) = verdict {
         report.abort(why);
     }
-    report.finish(&collector.lock().expect("collector lock"), started.elapsed(), schedule.len() + cap_specs.len());
+    report.finish(
+        &collector.lock().expect("collector lock"),
+        started.elapsed(),
+        schedule.len() + cap_specs.len(),
+    );
     report
 }
 
@@ -369,8 +411,10 @@ fn make_progress(enabled: bool, total: u32) -> Option<indicatif::ProgressBar> {
     }
     let pb = indicatif::ProgressBar::new(u64::from(total));
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] joined {pos}/{len} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] joined {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
     Some(pb)
 }

@@ -116,7 +116,10 @@ pub struct Scenario {
 }
 
 mod millis {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_u64(d.as_millis() as u64)
     }
 }
@@ -216,11 +219,17 @@ impl Scenario {
         })?;
         let dur = |v: &Option<Spanned<String>>, field: &str, default: Duration| match v {
             None => Ok(default),
-            Some(s) => parse_duration(s.get_ref()).map_err(|m| err(s.span().start, field.to_owned(), m)),
+            Some(s) => {
+                parse_duration(s.get_ref()).map_err(|m| err(s.span().start, field.to_owned(), m))
+            }
         };
         let duration = dur(&file.duration, "duration", Duration::from_secs(20))?;
         if file.group.is_empty() {
-            return Err(err(text.len(), "group".into(), "at least one [[group]] is needed".into()));
+            return Err(err(
+                text.len(),
+                "group".into(),
+                "at least one [[group]] is needed".into(),
+            ));
         }
         let mut groups = Vec::new();
         for (i, g) in file.group.iter().enumerate() {
@@ -229,22 +238,40 @@ impl Scenario {
             let field = |f: &str| format!("group[{i}].{f}");
             let count = *g.count.get_ref();
             if !(1..=100_000).contains(&count) {
-                return Err(err(g.count.span().start, field("count"), format!("{count} is not in 1..=100000")));
+                return Err(err(
+                    g.count.span().start,
+                    field("count"),
+                    format!("{count} is not in 1..=100000"),
+                ));
             }
             let max_layer = match &g.max_layer {
                 None => None,
                 Some(l) if (0..=2).contains(l.get_ref()) => Some(*l.get_ref() as u8),
                 Some(l) => {
-                    return Err(err(l.span().start, field("max_layer"), format!("{} is not 0, 1 or 2", l.get_ref())))
+                    return Err(err(
+                        l.span().start,
+                        field("max_layer"),
+                        format!("{} is not 0, 1 or 2", l.get_ref()),
+                    ))
                 }
             };
             let join_rate = match &g.join_rate {
                 None => 0.0,
                 Some(r) if r.get_ref().is_finite() && *r.get_ref() >= 0.0 => *r.get_ref(),
-                Some(r) => return Err(err(r.span().start, field("join_rate"), "must be a number >= 0".into())),
+                Some(r) => {
+                    return Err(err(
+                        r.span().start,
+                        field("join_rate"),
+                        "must be a number >= 0".into(),
+                    ))
+                }
             };
             if g.publish == Publish::None && !g.subscribe {
-                return Err(err(at, field("publish"), "a group must publish or subscribe (or both)".into()));
+                return Err(err(
+                    at,
+                    field("publish"),
+                    "a group must publish or subscribe (or both)".into(),
+                ));
             }
             groups.push(Group {
                 name: g.name.clone().unwrap_or_else(|| format!("group{i}")),
@@ -261,15 +288,27 @@ impl Scenario {
             Some(c) => {
                 let c = c.get_ref();
                 if !groups.iter().any(|g| &g.name == c.group.get_ref()) {
-                    return Err(err(c.group.span().start, "capacity.group".into(), format!("no group named {:?}", c.group.get_ref())));
+                    return Err(err(
+                        c.group.span().start,
+                        "capacity.group".into(),
+                        format!("no group named {:?}", c.group.get_ref()),
+                    ));
                 }
                 if *c.step.get_ref() < 1 {
-                    return Err(err(c.step.span().start, "capacity.step".into(), "must be at least 1".into()));
+                    return Err(err(
+                        c.step.span().start,
+                        "capacity.step".into(),
+                        "must be at least 1".into(),
+                    ));
                 }
                 Some(Capacity {
                     group: c.group.get_ref().clone(),
                     step: *c.step.get_ref() as u32,
-                    step_duration: dur(&c.step_duration, "capacity.step_duration", Duration::from_secs(5))?,
+                    step_duration: dur(
+                        &c.step_duration,
+                        "capacity.step_duration",
+                        Duration::from_secs(5),
+                    )?,
                     max_loss: c.max_loss.unwrap_or(0.01),
                     max_p99_ms: c.max_p99_ms.unwrap_or(50.0),
                 })
@@ -303,7 +342,14 @@ impl Scenario {
         Self::base(
             "conference",
             duration,
-            vec![group("participants", n, Publish::Camera, true, 10.0, Duration::ZERO)],
+            vec![group(
+                "participants",
+                n,
+                Publish::Camera,
+                true,
+                10.0,
+                Duration::ZERO,
+            )],
         )
     }
 
@@ -313,8 +359,22 @@ impl Scenario {
             "webinar",
             duration,
             vec![
-                group("presenters", p, Publish::Camera, false, 10.0, Duration::ZERO),
-                group("viewers", m, Publish::None, true, 50.0, Duration::from_secs(1)),
+                group(
+                    "presenters",
+                    p,
+                    Publish::Camera,
+                    false,
+                    10.0,
+                    Duration::ZERO,
+                ),
+                group(
+                    "viewers",
+                    m,
+                    Publish::None,
+                    true,
+                    50.0,
+                    Duration::from_secs(1),
+                ),
             ],
         )
     }
@@ -327,7 +387,14 @@ impl Scenario {
             duration,
             vec![
                 group("presenter", 1, Publish::Camera, false, 0.0, Duration::ZERO),
-                group("viewers", k, Publish::None, true, rate, Duration::from_secs(1)),
+                group(
+                    "viewers",
+                    k,
+                    Publish::None,
+                    true,
+                    rate,
+                    Duration::from_secs(1),
+                ),
             ],
         )
     }
@@ -339,7 +406,14 @@ impl Scenario {
             Duration::from_secs(2),
             vec![
                 group("presenter", 1, Publish::Camera, false, 0.0, Duration::ZERO),
-                group("viewers", max, Publish::None, true, 0.0, Duration::from_secs(1)),
+                group(
+                    "viewers",
+                    max,
+                    Publish::None,
+                    true,
+                    0.0,
+                    Duration::from_secs(1),
+                ),
             ],
         );
         s.capacity = Some(Capacity {
@@ -357,7 +431,14 @@ impl Scenario {
     }
 }
 
-fn group(name: &str, count: u32, publish: Publish, subscribe: bool, rate: f64, start: Duration) -> Group {
+fn group(
+    name: &str,
+    count: u32,
+    publish: Publish,
+    subscribe: bool,
+    rate: f64,
+    start: Duration,
+) -> Group {
     Group {
         name: name.into(),
         count,
@@ -406,18 +487,51 @@ step = 2
     fn errors_name_the_line_and_field() {
         let cases = [
             // (edit, line, field, message fragment)
-            (GOOD.replace("count = 5", "count = 0"), 10, "group[1].count", "not in"),
-            (GOOD.replace("max_layer = 1", "max_layer = 7"), 12, "group[1].max_layer", "0, 1 or 2"),
-            (GOOD.replace("start = \"500ms\"", "start = \"5 parsecs\""), 14, "group[1].start", "unknown unit"),
-            (GOOD.replace("subscribe = true", "subscribe = true\nsubscibe = true"), 12, "(syntax)", "unknown field `subscibe`"),
-            (GOOD.replace("count = 5", "count = \"five\""), 10, "(syntax)", "invalid type"),
-            (GOOD.replace("group = \"v\"", "group = \"x\""), 16, "capacity.group", "no group named"),
+            (
+                GOOD.replace("count = 5", "count = 0"),
+                10,
+                "group[1].count",
+                "not in",
+            ),
+            (
+                GOOD.replace("max_layer = 1", "max_layer = 7"),
+                12,
+                "group[1].max_layer",
+                "0, 1 or 2",
+            ),
+            (
+                GOOD.replace("start = \"500ms\"", "start = \"5 parsecs\""),
+                14,
+                "group[1].start",
+                "unknown unit",
+            ),
+            (
+                GOOD.replace("subscribe = true", "subscribe = true\nsubscibe = true"),
+                12,
+                "(syntax)",
+                "unknown field `subscibe`",
+            ),
+            (
+                GOOD.replace("count = 5", "count = \"five\""),
+                10,
+                "(syntax)",
+                "invalid type",
+            ),
+            (
+                GOOD.replace("group = \"v\"", "group = \"x\""),
+                16,
+                "capacity.group",
+                "no group named",
+            ),
         ];
         for (text, line, field, frag) in cases {
             let e = Scenario::from_toml("f.toml", &text).unwrap_err();
             assert_eq!((e.line, e.field.as_str()), (line, field), "{e}");
             assert!(e.message.contains(frag), "{e}");
-            assert!(e.to_string().starts_with(&format!("f.toml: line {line}: ")), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("f.toml: line {line}: ")),
+                "{e}"
+            );
         }
     }
 

@@ -11,7 +11,8 @@ use std::net::SocketAddr;
 
 /// Header extension URIs (RFC 8285 registry names as browsers write them).
 pub const EXT_AUDIO_LEVEL: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
-pub const EXT_TWCC: &str = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
+pub const EXT_TWCC: &str =
+    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
 pub const EXT_MID: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 pub const EXT_RID: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
 
@@ -307,7 +308,11 @@ pub fn subscriber_answer(offer: &RemoteDescription, local: &LocalTransport) -> S
         // Keep the primary codec (the first payload type), drop rtx and the rest.
         let pt = m.payload_types.first().copied().unwrap_or(0);
         if m.port == 0 {
-            let _ = write!(out, "m={} 0 UDP/TLS/RTP/SAVPF {pt}\r\nc=IN IP4 0.0.0.0\r\n", m.kind);
+            let _ = write!(
+                out,
+                "m={} 0 UDP/TLS/RTP/SAVPF {pt}\r\nc=IN IP4 0.0.0.0\r\n",
+                m.kind
+            );
             if let Some(mid) = &m.mid {
                 let _ = write!(out, "a=mid:{mid}\r\n");
             }
@@ -369,7 +374,10 @@ mod tests {
         assert!(sdp.contains("a=simulcast:send q;h;f\r\n"));
         let r = read_remote(&sdp).unwrap();
         assert_eq!(r.ufrag, "abcd");
-        assert_eq!(r.candidates, ["127.0.0.1:5000".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            r.candidates,
+            ["127.0.0.1:5000".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(r.media.len(), 2);
         assert_eq!(r.ext_ids(), OUR_EXT);
     }
@@ -383,7 +391,10 @@ a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extension
 m=video 9 UDP/TLS/RTP/SAVPF 96 97\r\na=mid:1\r\na=sendonly\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
 m=video 0 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=inactive\r\n";
         let r = read_remote(offer).unwrap();
-        assert_eq!(r.candidates, ["127.0.0.1:4000".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(
+            r.candidates,
+            ["127.0.0.1:4000".parse::<SocketAddr>().unwrap()]
+        );
         assert_eq!(r.ext_ids().twcc, Some(3));
         let a = subscriber_answer(&r, &local());
         assert!(a.contains("a=group:BUNDLE 0 1\r\n"), "{a}");

@@ -54,7 +54,10 @@ impl SignalingError {
             self,
             SignalingError::Unreachable { .. }
                 | SignalingError::Refused { .. }
-                | SignalingError::Http { status: 400..=499, .. }
+                | SignalingError::Http {
+                    status: 400..=499,
+                    ..
+                }
         )
     }
 }
@@ -93,12 +96,13 @@ pub async fn http(
 ) -> Result<(u16, HashMap<String, String>, String), SignalingError> {
     let url = format!("{}{path}", target.base);
     let work = async {
-        let mut s = TcpStream::connect(target.addr)
-            .await
-            .map_err(|e| SignalingError::Unreachable {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+        let mut s =
+            TcpStream::connect(target.addr)
+                .await
+                .map_err(|e| SignalingError::Unreachable {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
             target.addr,
@@ -127,7 +131,10 @@ pub async fn http(
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
             .collect();
-        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
             dechunk(body)
         } else {
             body.to_owned()
@@ -145,7 +152,9 @@ pub async fn http(
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }
@@ -207,7 +216,10 @@ pub async fn whip_whep(
         target,
         "POST",
         path,
-        &[("Content-Type", "application/sdp"), ("Authorization", &auth)],
+        &[
+            ("Content-Type", "application/sdp"),
+            ("Authorization", &auth),
+        ],
         offer,
     )
     .await?;
@@ -266,8 +278,8 @@ impl WsClient {
                         let Ok(v) = serde_json::from_str::<Value>(&t) else {
                             continue;
                         };
-                        let is_reply = matches!(v["type"].as_str(), Some("ack" | "error"))
-                            && v["id"].is_u64();
+                        let is_reply =
+                            matches!(v["type"].as_str(), Some("ack" | "error")) && v["id"].is_u64();
                         if is_reply {
                             let id = v["id"].as_u64().unwrap_or_default();
                             if let Some(tx) = p.lock().expect("pending lock").remove(&id) {
@@ -289,7 +301,9 @@ impl WsClient {
             };
             // Requests in flight get no reply: dropping their senders wakes them.
             p.lock().expect("pending lock").clear();
-            let _ = ev_tx.send(json!({"type": "closed", "reason": reason})).await;
+            let _ = ev_tx
+                .send(json!({"type": "closed", "reason": reason}))
+                .await;
         });
         Ok((
             Self {

@@ -33,11 +33,19 @@ fn kcs_bin() -> PathBuf {
 }
 
 fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn free_udp() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `kcs dev`, killed on drop.
@@ -158,7 +166,8 @@ fn f(v: &Value, path: &[&str]) -> f64 {
     for p in path {
         v = &v[*p];
     }
-    v.as_f64().unwrap_or_else(|| panic!("{path:?} missing in report"))
+    v.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} missing in report"))
 }
 
 #[test]
@@ -169,8 +178,21 @@ fn webinar_over_websocket_reports_real_media_and_server_figures() {
     let pid = edge.pid().to_string();
     let (out, report) = loadtest(
         &[
-            "webinar", "--presenters", "1", "--viewers", "3", "--duration", "4s", "--room", "ws1",
-            "--target", &edge.url, "--server-pid", &pid, "--html", html.to_str().unwrap(),
+            "webinar",
+            "--presenters",
+            "1",
+            "--viewers",
+            "3",
+            "--duration",
+            "4s",
+            "--room",
+            "ws1",
+            "--target",
+            &edge.url,
+            "--server-pid",
+            &pid,
+            "--html",
+            html.to_str().unwrap(),
         ],
         Duration::from_secs(90),
     );
@@ -183,7 +205,11 @@ fn webinar_over_websocket_reports_real_media_and_server_figures() {
     // a probe that yields a delay sample.
     let rx = f(&r, &["counters", "rx_packets"]);
     assert!(rx > 1000.0, "received {rx} packets: {}", text(&out));
-    assert_eq!(f(&r, &["delay", "count"]), rx, "one delay sample per received packet");
+    assert_eq!(
+        f(&r, &["delay", "count"]),
+        rx,
+        "one delay sample per received packet"
+    );
     assert!(f(&r, &["delay", "p50"]) > 0.0);
     // Audio and video both arrive, at a plausible rate (audio ~32 kbit/s while talking).
     let kbps = r["rx_kbps_mean"].as_array().unwrap();
@@ -192,16 +218,31 @@ fn webinar_over_websocket_reports_real_media_and_server_figures() {
     assert!(video > 100.0, "video kbit/s {video}");
     // Join phases are all measured, and the viewers got media.
     for phase in ["signaling", "ice", "dtls", "first_media"] {
-        assert!(f(&r, &["join", phase, "count"]) >= 3.0, "{phase}: {}", r["join"]);
+        assert!(
+            f(&r, &["join", phase, "count"]) >= 3.0,
+            "{phase}: {}",
+            r["join"]
+        );
     }
     // Receivers sent feedback the edge had to process; the edge's own TWCC feedback reached the publisher.
     assert!(f(&r, &["counters", "twcc_sent"]) > 0.0);
     assert!(f(&r, &["counters", "rr_sent"]) > 0.0);
-    assert!(f(&r, &["counters", "twcc_received"]) > 0.0, "{}", r["counters"]);
-    assert!(f(&r, &["server", "rss_max_mb"]) > 1.0, "server sampled: {}", r["server"]);
+    assert!(
+        f(&r, &["counters", "twcc_received"]) > 0.0,
+        "{}",
+        r["counters"]
+    );
+    assert!(
+        f(&r, &["server", "rss_max_mb"]) > 1.0,
+        "server sampled: {}",
+        r["server"]
+    );
     assert!(!r["timeline"].as_array().unwrap().is_empty());
     let page = std::fs::read_to_string(&html).unwrap();
-    assert!(page.contains("<svg") && page.contains("<polyline"), "HTML has plots");
+    assert!(
+        page.contains("<svg") && page.contains("<polyline"),
+        "HTML has plots"
+    );
     assert!(!page.contains("<script"), "self-contained");
 }
 
@@ -209,7 +250,21 @@ fn webinar_over_websocket_reports_real_media_and_server_figures() {
 fn whip_and_whep_mode_carries_media() {
     let edge = Edge::start();
     let (out, report) = loadtest(
-        &["webinar", "--presenters", "1", "--viewers", "2", "--duration", "3s", "--mode", "whip", "--room", "wh1", "--target", &edge.url],
+        &[
+            "webinar",
+            "--presenters",
+            "1",
+            "--viewers",
+            "2",
+            "--duration",
+            "3s",
+            "--mode",
+            "whip",
+            "--room",
+            "wh1",
+            "--target",
+            &edge.url,
+        ],
         Duration::from_secs(90),
     );
     let r = report.unwrap_or_else(|| panic!("no report: {}", text(&out)));
@@ -222,16 +277,44 @@ fn whip_and_whep_mode_carries_media() {
 fn a_relay_delay_shows_up_in_the_measured_delay() {
     let edge = Edge::start();
     let mut relay = Command::new(loadtest_bin())
-        .args(["relay", "--upstream", &format!("127.0.0.1:{}", edge.udp), "--delay", "20ms", "--jitter", "1ms", "--for", "120s"])
+        .args([
+            "relay",
+            "--upstream",
+            &format!("127.0.0.1:{}", edge.udp),
+            "--delay",
+            "20ms",
+            "--jitter",
+            "1ms",
+            "--for",
+            "120s",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut first = String::new();
-    BufReader::new(relay.stdout.take().unwrap()).read_line(&mut first).unwrap();
-    let relay_addr = first.trim().strip_prefix("relay listening on ").expect(&first).to_owned();
+    BufReader::new(relay.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let relay_addr = first
+        .trim()
+        .strip_prefix("relay listening on ")
+        .expect(&first)
+        .to_owned();
     let run = |room: &str, via: Option<&str>| {
-        let mut args = vec!["webinar", "--presenters", "1", "--viewers", "2", "--duration", "3s", "--room", room, "--target", &edge.url];
+        let mut args = vec![
+            "webinar",
+            "--presenters",
+            "1",
+            "--viewers",
+            "2",
+            "--duration",
+            "3s",
+            "--room",
+            room,
+            "--target",
+            &edge.url,
+        ];
         if let Some(v) = via {
             args.extend(["--media-via", v]);
         }
@@ -246,12 +329,24 @@ fn a_relay_delay_shows_up_in_the_measured_delay() {
     let _ = relay.wait();
     // Publisher -> relay -> edge and edge -> relay -> viewer: 20 ms each way.
     let added = relayed - direct;
-    assert!(added >= 39.0, "relay adds 2 x 20 ms, measured {added:.1} ms (direct {direct:.1}, relayed {relayed:.1})");
-    assert!(added < 140.0, "measured {added:.1} ms added: far more than the relay's 40 ms");
+    assert!(
+        added >= 39.0,
+        "relay adds 2 x 20 ms, measured {added:.1} ms (direct {direct:.1}, relayed {relayed:.1})"
+    );
+    assert!(
+        added < 140.0,
+        "measured {added:.1} ms added: far more than the relay's 40 ms"
+    );
 }
 
-/// nftables on loopback: drop 5% of what the edge sends, see ~5% loss (NACK off, so losses
-/// stay lost). A dedicated table, removed afterwards.
+/// nftables on loopback: drop 5% of what clients send to the edge's UDP port, see ~5% loss at
+/// the viewers (no retransmissions, so losses stay lost; the edge keeps the publisher's
+/// sequence gaps when it rewrites). A dedicated table, removed afterwards.
+///
+/// Why the uplink: a 5% drop of what the edge *sends* shows up as only ~2% media loss at the
+/// viewers (20% as ~10%), while the tool's count matches the edge's own `rtp_packets_out`
+/// exactly without drops; that is an open question about the edge's send path (batched
+/// sends), reported with this work rather than hidden in a looser bound.
 #[test]
 fn an_nftables_random_drop_shows_up_as_loss() {
     // SAFETY: geteuid has no preconditions.
@@ -268,30 +363,61 @@ fn an_nftables_random_drop_shows_up_as_loss() {
     struct Table(String);
     impl Drop for Table {
         fn drop(&mut self) {
-            let _ = Command::new("nft").args(["delete", "table", "inet", &self.0]).status();
+            let _ = Command::new("nft")
+                .args(["delete", "table", "inet", &self.0])
+                .status();
         }
     }
     let nft = |cmd: &str| {
-        let o = Command::new("nft").args(cmd.split_whitespace()).output().unwrap();
-        assert!(o.status.success(), "nft {cmd}: {}", String::from_utf8_lossy(&o.stderr));
+        let o = Command::new("nft")
+            .args(cmd.split_whitespace())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "nft {cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
     nft(&format!("add table inet {table}"));
     let _guard = Table(table.clone());
-    nft(&format!("add chain inet {table} out {{ type filter hook output priority 0 ; }}"));
     nft(&format!(
-        "add rule inet {table} out ip daddr 127.0.0.1 udp sport {} numgen random mod 100 < 5 drop",
+        "add chain inet {table} out {{ type filter hook output priority 0 ; }}"
+    ));
+    nft(&format!(
+        "add rule inet {table} out ip daddr 127.0.0.1 udp dport {} numgen random mod 100 < 5 drop",
         edge.udp
     ));
     let (out, report) = loadtest(
-        &["webinar", "--presenters", "1", "--viewers", "3", "--duration", "6s", "--no-nack", "--room", "n1", "--target", &edge.url],
+        &[
+            "webinar",
+            "--presenters",
+            "1",
+            "--viewers",
+            "3",
+            "--duration",
+            "6s",
+            "--no-nack",
+            "--room",
+            "n1",
+            "--target",
+            &edge.url,
+        ],
         Duration::from_secs(120),
     );
     let r = report.unwrap_or_else(|| panic!("no report: {}", text(&out)));
     assert!(out.status.success(), "{}", text(&out));
     let loss = f(&r, &["loss"]);
     let expected = f(&r, &["counters", "expected"]);
-    assert!(expected > 2000.0, "{expected} packets is too few to measure 5%");
-    assert!((0.03..=0.075).contains(&loss), "5% drop measured as {:.2}% loss", loss * 100.0);
+    assert!(
+        expected > 2000.0,
+        "{expected} packets is too few to measure 5%"
+    );
+    assert!(
+        (0.03..=0.075).contains(&loss),
+        "5% drop measured as {:.2}% loss",
+        loss * 100.0
+    );
 }
 
 extern "C" {
@@ -303,12 +429,21 @@ extern "C" {
 fn an_unreachable_target_ends_with_a_clear_message_and_a_report() {
     let port = free_tcp();
     let (out, report) = loadtest(
-        &["webinar", "--viewers", "2", "--target", &format!("http://127.0.0.1:{port}")],
+        &[
+            "webinar",
+            "--viewers",
+            "2",
+            "--target",
+            &format!("http://127.0.0.1:{port}"),
+        ],
         Duration::from_secs(30),
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot reach") && err.contains(&port.to_string()), "{err}");
+    assert!(
+        err.contains("cannot reach") && err.contains(&port.to_string()),
+        "{err}"
+    );
     let r = report.expect("partial report written");
     assert_eq!(r["outcome"], "aborted");
     assert!(r["error"].as_str().unwrap().contains("cannot reach"));
@@ -318,12 +453,23 @@ fn an_unreachable_target_ends_with_a_clear_message_and_a_report() {
 fn a_refused_token_ends_with_the_servers_reason() {
     let edge = Edge::start();
     let (out, report) = loadtest(
-        &["webinar", "--viewers", "2", "--token", "not-a-token", "--target", &edge.url],
+        &[
+            "webinar",
+            "--viewers",
+            "2",
+            "--token",
+            "not-a-token",
+            "--target",
+            &edge.url,
+        ],
         Duration::from_secs(60),
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("refused") && err.contains("token_malformed"), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("token_malformed"),
+        "{err}"
+    );
     assert_eq!(report.expect("report")["outcome"], "aborted");
 }
 
@@ -333,7 +479,21 @@ fn a_server_stopping_mid_run_ends_the_run_with_a_partial_report() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
     let mut child = Command::new(loadtest_bin())
-        .args(["webinar", "--presenters", "1", "--viewers", "2", "--duration", "60s", "--quiet", "--room", "s1", "--target", &edge.url, "--json"])
+        .args([
+            "webinar",
+            "--presenters",
+            "1",
+            "--viewers",
+            "2",
+            "--duration",
+            "60s",
+            "--quiet",
+            "--room",
+            "s1",
+            "--target",
+            &edge.url,
+            "--json",
+        ])
         .arg(&json)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -356,7 +516,10 @@ fn a_server_stopping_mid_run_ends_the_run_with_a_partial_report() {
     assert!(err.contains("run aborted"), "{err}");
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["outcome"], "aborted");
-    assert!(f(&r, &["counters", "rx_packets"]) > 0.0, "media flowed before the stop");
+    assert!(
+        f(&r, &["counters", "rx_packets"]) > 0.0,
+        "media flowed before the stop"
+    );
     assert!(r["timeline"].as_array().unwrap().len() >= 4);
 }
 
@@ -364,9 +527,20 @@ fn a_server_stopping_mid_run_ends_the_run_with_a_partial_report() {
 fn a_scenario_file_error_names_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
-    std::fs::write(&file, "name = \"x\"\n[[group]]\ncount = 2\nsubscribe = true\nmax_layer = 9\n").unwrap();
-    let out = Command::new(loadtest_bin()).arg("run").arg(&file).output().unwrap();
+    std::fs::write(
+        &file,
+        "name = \"x\"\n[[group]]\ncount = 2\nsubscribe = true\nmax_layer = 9\n",
+    )
+    .unwrap();
+    let out = Command::new(loadtest_bin())
+        .arg("run")
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 5") && err.contains("group[0].max_layer"), "{err}");
+    assert!(
+        err.contains("line 5") && err.contains("group[0].max_layer"),
+        "{err}"
+    );
 }
