@@ -330,22 +330,23 @@ pub struct OutExt<'a> {
     pub rid: Option<(u8, &'a str)>,
 }
 
+/// The fixed RTP header fields of an outgoing packet (RFC 3550 §5.1).
+#[derive(Debug, Clone, Copy)]
+pub struct RtpHeader {
+    pub pt: u8,
+    pub marker: bool,
+    pub seq: u16,
+    pub timestamp: u32,
+    pub ssrc: u32,
+}
+
 /// Writes an RTP packet (RFC 3550 §5.1) with one-byte header extensions (RFC 8285 §4.2).
-pub fn write_rtp(
-    out: &mut Vec<u8>,
-    pt: u8,
-    marker: bool,
-    seq: u16,
-    timestamp: u32,
-    ssrc: u32,
-    ext: OutExt<'_>,
-    payload: &[u8],
-) {
+pub fn write_rtp(out: &mut Vec<u8>, h: RtpHeader, ext: OutExt<'_>, payload: &[u8]) {
     out.clear();
-    out.extend_from_slice(&[0x90, (u8::from(marker) << 7) | pt]);
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&timestamp.to_be_bytes());
-    out.extend_from_slice(&ssrc.to_be_bytes());
+    out.extend_from_slice(&[0x90, (u8::from(h.marker) << 7) | h.pt]);
+    out.extend_from_slice(&h.seq.to_be_bytes());
+    out.extend_from_slice(&h.timestamp.to_be_bytes());
+    out.extend_from_slice(&h.ssrc.to_be_bytes());
     out.extend_from_slice(&[0xbe, 0xde, 0, 0]);
     let start = out.len();
     let mut put = |id: u8, data: &[u8]| {
@@ -364,7 +365,7 @@ pub fn write_rtp(
     if let Some((id, rid)) = ext.rid {
         put(id, rid.as_bytes());
     }
-    while (out.len() - start) % 4 != 0 {
+    while !(out.len() - start).is_multiple_of(4) {
         out.push(0);
     }
     let words = ((out.len() - start) / 4) as u16;
@@ -461,11 +462,13 @@ mod tests {
         let mut buf = Vec::new();
         write_rtp(
             &mut buf,
-            96,
-            first.marker,
-            40000,
-            first.timestamp,
-            0xabcd,
+            RtpHeader {
+                pt: 96,
+                marker: first.marker,
+                seq: 40000,
+                timestamp: first.timestamp,
+                ssrc: 0xabcd,
+            },
             OutExt {
                 twcc: Some((3, 513)),
                 mid: Some((4, "1")),

@@ -10,7 +10,7 @@
 //! Failures end the participant and are recorded with the reason; a stop signal ends it
 //! cleanly (`room:leave`, DTLS close_notify).
 
-use crate::media::{write_rtp, AudioSource, OutExt, VideoProfile, VideoSource};
+use crate::media::{write_rtp, AudioSource, OutExt, RtpHeader, VideoProfile, VideoSource};
 use crate::peer::{ConnectTimes, Peer, PeerError};
 use crate::recv::Receiver;
 use crate::scenario::{Mode, Publish};
@@ -161,15 +161,7 @@ impl Life {
     ) -> Result<(), ParticipantError> {
         let addr = self.remote_addr(remote);
         let t = peer
-            .connect(
-                addr,
-                &remote.ufrag,
-                &remote.pwd,
-                &ice.ufrag,
-                &self.ctx.cert,
-                &remote.fingerprint,
-                CONNECT_TIMEOUT,
-            )
+            .connect(addr, remote, &ice.ufrag, &self.ctx.cert, CONNECT_TIMEOUT)
             .await?;
         // The first PC's phases are the participant's join phases.
         if self.times.ice_ms.is_none() {
@@ -308,7 +300,7 @@ impl Life {
                                 let slot = times_slot.clone();
                                 tokio::spawn(async move {
                                     let r = peer
-                                        .connect(addr, &remote.ufrag, &remote.pwd, &ice.ufrag, &cert, &remote.fingerprint, CONNECT_TIMEOUT)
+                                        .connect(addr, &remote, &ice.ufrag, &cert, CONNECT_TIMEOUT)
                                         .await;
                                     if let Ok(t) = &r {
                                         *slot.lock().expect("slot") = Some(*t);
@@ -483,11 +475,13 @@ async fn send_media(
                 twcc = twcc.wrapping_add(1);
                 write_rtp(
                     &mut buf,
-                    PT_OPUS,
-                    p.marker,
-                    seq,
-                    p.timestamp,
-                    audio_ssrc,
+                    RtpHeader {
+                        pt: PT_OPUS,
+                        marker: p.marker,
+                        seq,
+                        timestamp: p.timestamp,
+                        ssrc: audio_ssrc,
+                    },
                     OutExt {
                         audio_level: ext.audio_level.zip(p.audio_level),
                         twcc: ext.twcc.map(|id| (id, twcc)),
@@ -511,11 +505,13 @@ async fn send_media(
                     twcc = twcc.wrapping_add(1);
                     write_rtp(
                         &mut buf,
-                        PT_VP8,
-                        p.marker,
-                        seq,
-                        p.timestamp,
-                        video_ssrcs[l],
+                        RtpHeader {
+                            pt: PT_VP8,
+                            marker: p.marker,
+                            seq,
+                            timestamp: p.timestamp,
+                            ssrc: video_ssrcs[l],
+                        },
                         OutExt {
                             audio_level: None,
                             twcc: ext.twcc.map(|id| (id, twcc)),

@@ -16,6 +16,7 @@
 
 use crate::media::{read_rtp, unix_micros};
 use crate::recv::Receiver;
+use crate::sdp::RemoteDescription;
 use crate::stats::{Pending, Shared};
 use edge_node::transport::demux::{classify, PacketClass};
 use edge_node::transport::dtls::{self, DtlsCertificate, DtlsSession, Fingerprint};
@@ -183,14 +184,13 @@ impl Peer {
     pub async fn connect(
         self: &Arc<Self>,
         remote: SocketAddr,
-        remote_ufrag: &str,
-        remote_pwd: &str,
+        desc: &RemoteDescription,
         local_ufrag: &str,
         cert: &DtlsCertificate,
-        remote_fingerprint: &str,
         timeout: Duration,
     ) -> Result<ConnectTimes, PeerError> {
-        let fp = Fingerprint::parse_sha256(remote_fingerprint).map_err(PeerError::Fingerprint)?;
+        let (remote_ufrag, remote_pwd) = (&desc.ufrag, &desc.pwd);
+        let fp = Fingerprint::parse_sha256(&desc.fingerprint).map_err(PeerError::Fingerprint)?;
         *self.remote.lock().expect("peer lock") = Some(remote);
         let username = format!("{remote_ufrag}:{local_ufrag}");
         *self.ice_creds.lock().expect("peer lock") =
@@ -269,10 +269,10 @@ impl Peer {
             }
             p
         };
-        match self.socket.send_to(&protected, remote).await {
-            Ok(n) => n,
-            Err(_) => 0,
-        }
+        self.socket
+            .send_to(&protected, remote)
+            .await
+            .unwrap_or_default()
     }
 
     /// Layers the edge asked keyframes for since the last call.

@@ -330,11 +330,9 @@ impl Receiver {
             s.rr_expected_prior = expected;
             s.rr_received_prior = s.received;
             let lost_int = exp_int.saturating_sub(rec_int);
-            let fraction = if exp_int == 0 {
-                0
-            } else {
-                (lost_int * 256 / exp_int).min(255) as u8
-            };
+            let fraction = (lost_int * 256)
+                .checked_div(exp_int)
+                .map_or(0, |f| f.min(255) as u8);
             reports.push(ReceptionReport {
                 ssrc,
                 fraction_lost: fraction,
@@ -426,7 +424,7 @@ impl Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::media::{read_rtp, write_rtp, OutExt, VideoProfile, VideoSource};
+    use crate::media::{read_rtp, write_rtp, OutExt, RtpHeader, VideoProfile, VideoSource};
 
     fn feed(r: &mut Receiver, seqs: &[u16], now: Instant) {
         let mut src = VideoSource::new(1, VideoProfile::camera(1), now);
@@ -435,11 +433,13 @@ mod tests {
         for (i, &seq) in seqs.iter().enumerate() {
             write_rtp(
                 &mut buf,
-                96,
-                false,
-                seq,
-                0,
-                42,
+                RtpHeader {
+                    pt: 96,
+                    marker: false,
+                    seq,
+                    timestamp: 0,
+                    ssrc: 42,
+                },
                 OutExt {
                     twcc: Some((3, i as u16)),
                     ..Default::default()

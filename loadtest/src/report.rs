@@ -429,7 +429,10 @@ const H: f64 = 260.0;
 const PAD: f64 = 50.0;
 
 /// An inline SVG line chart of several series sharing axes.
-fn line_chart(series: &[(&str, &str, Vec<(f64, f64)>)], xunit: &str, yunit: &str) -> String {
+/// (name, colour, points) of one line.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+fn line_chart(series: &[Series<'_>], xunit: &str, yunit: &str) -> String {
     let pts = series.iter().flat_map(|s| s.2.iter());
     let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
     for &(x, y) in pts {

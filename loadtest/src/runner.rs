@@ -442,7 +442,7 @@ fn show_progress(
             pb.set_position(u64::from(started));
             pb.set_message(msg);
         }
-        None if !tty && (s.t.round() as u64) % 5 == 0 => {
+        None if !tty && (s.t.round() as u64).is_multiple_of(5) => {
             eprintln!("[{:>4.0}s] joined {started}/{total} {msg}", s.t);
         }
         None => {}
