@@ -15,20 +15,22 @@ fn loadtest_bin() -> &'static str {
     env!("CARGO_BIN_EXE_loadtest")
 }
 
-/// The `kcs` binary next to ours (same target dir and profile), built if missing.
+/// The `kcs` binary next to ours (same target dir and profile), or `$KCS_BIN`.
+///
+/// `cargo test --workspace` builds it (edge-node's own integration tests need it). Building it
+/// from here would run a nested cargo while this one holds the target-dir lock, so a missing
+/// binary is a clear failure instead.
 fn kcs_bin() -> PathBuf {
     if let Ok(p) = std::env::var("KCS_BIN") {
         return PathBuf::from(p);
     }
     let dir = Path::new(loadtest_bin()).parent().expect("bin dir");
     let kcs = dir.join("kcs");
-    if !kcs.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "edge-node", "--bin", "kcs"])
-            .status()
-            .expect("running cargo build for kcs");
-        assert!(status.success(), "building kcs failed");
-    }
+    assert!(
+        kcs.exists(),
+        "{} not found: run `cargo build -p edge-node --bin kcs` first (cargo test --workspace does), or set KCS_BIN",
+        kcs.display()
+    );
     kcs
 }
 
