@@ -1,4 +1,305 @@
+//! `loadtest`: run a scenario against an edge and write reports, or relay UDP with delay.
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use loadtest::relay::{self, RelayConfig, RelayStats};
+use loadtest::runner::{self, RunConfig};
+use loadtest::scenario::{parse_duration, Mode, Scenario};
+use loadtest::signaling::TokenSource;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "loadtest",
+    version,
+    about = "KCS load tester: simulated WebRTC participants against an edge"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario file (TOML; see loadtest/scenarios/).
+    Run {
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// N participants, each publishing camera + audio and seeing everyone.
+    Conference {
+        #[arg(long, default_value_t = 4)]
+        participants: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// P presenters publishing, M viewers receiving.
+    Webinar {
+        #[arg(long, default_value_t = 1)]
+        presenters: u32,
+        #[arg(long, default_value_t = 20)]
+        viewers: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// K viewers joining one presenter within T.
+    JoinStorm {
+        #[arg(long, default_value_t = 100)]
+        joins: u32,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        within: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Ramp viewers on one presenter until loss > 1% or p99 delay > 50 ms; report the largest
+    /// passing count.
+    Capacity {
+        #[arg(long, default_value_t = 200)]
+        max_viewers: u32,
+        #[arg(long, default_value_t = 20)]
+        step: u32,
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        step_duration: Duration,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// A userspace UDP relay adding delay, jitter and loss (both directions).
+    Relay {
+        /// Address clients send to.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// The server's UDP address.
+        #[arg(long)]
+        upstream: SocketAddr,
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        delay: Duration,
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        jitter: Duration,
+        #[arg(long, default_value = "0%", value_parser = relay::parse_loss)]
+        loss: f64,
+        /// Stop after this long (default: run until interrupted).
+        #[arg(long, value_parser = parse_duration)]
+        r#for: Option<Duration>,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// The edge's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "LOADTEST_TARGET")]
+    target: String,
+    /// One token for every participant; default: ask `kcs dev`'s /dev/token for each.
+    #[arg(long, env = "LOADTEST_TOKEN")]
+    token: Option<String>,
+    /// Send media to this address instead of the edge's candidate (a `loadtest relay`).
+    #[arg(long)]
+    media_via: Option<SocketAddr>,
+    /// Sample this process's CPU and RSS (the server under test).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Media time after the last join (presets; files set their own).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Signaling: ws, or whip (WHIP publishers, WHEP viewers).
+    #[arg(long)]
+    mode: Option<String>,
+    /// Room name (presets; files set their own).
+    #[arg(long)]
+    room: Option<String>,
+    /// No retransmissions: receivers send no NACKs, publishers ignore the edge's (loss stays visible).
+    #[arg(long)]
+    no_nack: bool,
+    /// Write the JSON report here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the HTML report here.
+    #[arg(long)]
+    html: Option<PathBuf>,
+    /// Tokio worker threads for all participants.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// No live progress.
+    #[arg(long)]
+    quiet: bool,
+}
+
 fn main() {
-    eprintln!("loadtest: not built yet; see the loadtest issue");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOADTEST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<i32> {
+    let (mut scenario, common) = match cli.command {
+        Command::Relay {
+            listen,
+            upstream,
+            delay,
+            jitter,
+            loss,
+            r#for,
+        } => {
+            return run_relay(
+                RelayConfig {
+                    listen,
+                    upstream,
+                    delay,
+                    jitter,
+                    loss,
+                },
+                r#for,
+            );
+        }
+        Command::Run { file, common } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let s = Scenario::from_toml(&file.display().to_string(), &text)?;
+            (s, common)
+        }
+        Command::Conference {
+            participants,
+            common,
+        } => (
+            Scenario::conference(
+                participants,
+                common.duration.unwrap_or(Duration::from_secs(20)),
+            ),
+            common,
+        ),
+        Command::Webinar {
+            presenters,
+            viewers,
+            common,
+        } => (
+            Scenario::webinar(
+                presenters,
+                viewers,
+                common.duration.unwrap_or(Duration::from_secs(20)),
+            ),
+            common,
+        ),
+        Command::JoinStorm {
+            joins,
+            within,
+            common,
+        } => (
+            Scenario::join_storm(
+                joins,
+                within,
+                common.duration.unwrap_or(Duration::from_secs(5)),
+            ),
+            common,
+        ),
+        Command::Capacity {
+            max_viewers,
+            step,
+            step_duration,
+            common,
+        } => (Scenario::capacity(max_viewers, step, step_duration), common),
+    };
+    if let Some(room) = &common.room {
+        scenario.room = room.clone();
+    }
+    if let Some(m) = &common.mode {
+        scenario.mode = match m.as_str() {
+            "ws" => Mode::Ws,
+            "whip" => Mode::Whip,
+            other => anyhow::bail!("--mode {other:?}: use ws or whip"),
+        };
+    }
+    if common.no_nack {
+        scenario.nack = false;
+    }
+    let cfg = RunConfig {
+        target: common.target.clone(),
+        tokens: common
+            .token
+            .clone()
+            .map_or(TokenSource::Dev, TokenSource::Fixed),
+        media_via: common.media_via,
+        server_pid: common.server_pid,
+        progress: !common.quiet,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(common.threads.max(1))
+        .enable_all()
+        .build()?;
+    let report = rt.block_on(runner::run(scenario, cfg));
+    // Participants' tasks may still hold sockets; the runtime goes with the process.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    print!("{}", report.summary());
+    if let Some(path) = &common.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &common.html {
+        std::fs::write(path, report.html())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if report.outcome == "completed" {
+        Ok(0)
+    } else {
+        eprintln!(
+            "loadtest: run aborted: {}",
+            report.error.as_deref().unwrap_or("?")
+        );
+        Ok(1)
+    }
+}
+
+fn run_relay(cfg: RelayConfig, limit: Option<Duration>) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let stats = Arc::new(RelayStats::default());
+        let (addr, fut) = relay::start(cfg, stats.clone())
+            .await
+            .context("binding the relay")?;
+        // The first line is the address, for scripts and tests to read.
+        println!("relay listening on {addr}");
+        eprintln!(
+            "relaying {addr} <-> {} with delay {:?} jitter {:?} loss {:.2}% (each direction)",
+            cfg.upstream,
+            cfg.delay,
+            cfg.jitter,
+            cfg.loss * 100.0
+        );
+        match limit {
+            Some(d) => {
+                let _ = tokio::time::timeout(d, fut).await;
+            }
+            None => {
+                tokio::select! {
+                    _ = fut => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+        }
+        let o = std::sync::atomic::Ordering::Relaxed;
+        eprintln!(
+            "relay done: {} forwarded, {} dropped (loss), {} dropped (queue full)",
+            stats.forwarded.load(o),
+            stats.dropped_loss.load(o),
+            stats.dropped_queue.load(o)
+        );
+        Ok(0)
+    })
 }

@@ -1,0 +1,28 @@
+//! KCS load tester: simulated participants that are real WebRTC clients, scenarios,
+//! measurements and reports; plus a userspace UDP delay relay.
+//!
+//! Each simulated participant speaks the edge's public protocol only — WebSocket signaling or
+//! WHIP/WHEP, ICE (controlling, nominating), DTLS client, SRTP, RTCP feedback (receiver reports,
+//! NACK, PLI, transport-wide congestion control) — so what a run measures is what browsers cost
+//! the server. Participants are tokio tasks, many per thread; the runtime has a few threads.
+//!
+//! Layout: [`media`] makes the synthetic audio/video and the probe each payload carries;
+//! [`recv`] is the sans-IO receiver (loss, delay, jitter, RTCP it owes); [`peer`] is one peer
+//! connection's async shell; [`signaling`] the WebSocket/WHIP/WHEP/token clients;
+//! [`participant`] one participant's life; [`scenario`] the scenario model and TOML files;
+//! [`runner`] runs a scenario; [`report`] writes JSON/HTML; [`relay`] is the delay relay.
+//!
+//! What it does not do: TURN, TCP candidates, trickle ICE (the edge is ICE-lite and needs
+//! none), real codecs (payloads are shaped like VP8/Opus, never decoded).
+
+pub mod media;
+pub mod participant;
+pub mod peer;
+pub mod recv;
+pub mod relay;
+pub mod report;
+pub mod runner;
+pub mod scenario;
+pub mod sdp;
+pub mod signaling;
+pub mod stats;

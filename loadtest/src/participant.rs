@@ -1,0 +1,539 @@
+//! One simulated participant from join to leave: signaling, its peer connections and its
+//! media. Participants are tokio tasks (many per thread), never threads of their own.
+//!
+//! WebSocket mode follows docs/protocol.md: `room:join`, then `produce` for the publisher PC
+//! (we offer, the edge answers) and, with `autoSubscribe`, the edge's `sdp:offer`s for the
+//! subscriber PC, answered with `sdp:answer` at each renegotiation; `consumer:layers` sets the
+//! wanted simulcast layer. WHIP mode publishes with `POST /whip/{room}` and receives with
+//! `POST /whep/{room}` (the room's latest publisher).
+//!
+//! Failures end the participant and are recorded with the reason; a stop signal ends it
+//! cleanly (`room:leave`, DTLS close_notify).
+
+use crate::media::{write_rtp, AudioSource, OutExt, RtpHeader, VideoProfile, VideoSource};
+use crate::peer::{ConnectTimes, Peer, PeerError};
+use crate::recv::Receiver;
+use crate::scenario::{Mode, Publish};
+use crate::sdp::{self, LocalTransport, PublishShape, RemoteDescription, PT_OPUS, PT_VP8, RIDS};
+use crate::signaling::{self, SignalingError, Target, TokenSource, WsClient};
+use crate::stats::{JoinTimes, Shared};
+use edge_node::transport::dtls::DtlsCertificate;
+use edge_node::transport::ice::IceCredentials;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// ICE + DTLS must finish within this.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A sender that falls this far behind its schedule skips ahead instead of bursting.
+const MAX_CATCH_UP: Duration = Duration::from_millis(500);
+
+/// What all participants of a run share.
+pub struct Context {
+    pub target: Target,
+    pub tokens: TokenSource,
+    pub cert: DtlsCertificate,
+    pub collector: Shared,
+    /// Send media here instead of the edge's candidate (a delay relay in the path).
+    pub media_via: Option<SocketAddr>,
+    /// Local address to bind peer sockets on.
+    pub local_ip: IpAddr,
+    pub room: String,
+    pub mode: Mode,
+    pub nack: bool,
+    pub stop: watch::Receiver<bool>,
+}
+
+/// One participant's part in the scenario.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub index: u32,
+    pub group: String,
+    pub publish: Publish,
+    pub subscribe: bool,
+    pub max_layer: Option<u8>,
+}
+
+/// Why a participant ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ParticipantError {
+    #[error(transparent)]
+    Signaling(#[from] SignalingError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("bad SDP from the server: {0}")]
+    Sdp(#[from] sdp::SdpReadError),
+    #[error("{0}")]
+    Server(String),
+}
+
+impl ParticipantError {
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, ParticipantError::Signaling(e) if e.is_fatal())
+    }
+}
+
+fn local_transport(peer: &Peer, ice: &IceCredentials, cert: &DtlsCertificate) -> LocalTransport {
+    LocalTransport {
+        ufrag: ice.ufrag.clone(),
+        pwd: ice.pwd.clone(),
+        fingerprint: cert.fingerprint_sha256(),
+        candidate: peer.local_addr(),
+    }
+}
+
+/// Runs a participant until `ctx.stop` or a failure. Records join times, connected state and
+/// failures in the collector.
+pub async fn run(ctx: Arc<Context>, spec: Spec) -> Result<(), ParticipantError> {
+    let identity = format!("lt-{}-{}", spec.group, spec.index);
+    let role = if spec.publish == Publish::None {
+        "attendee"
+    } else {
+        "presenter"
+    };
+    let token = ctx
+        .tokens
+        .token(&ctx.target, &ctx.room, &identity, role)
+        .await?;
+    let mut life = Life {
+        ctx: ctx.clone(),
+        spec: spec.clone(),
+        t0: Instant::now(),
+        times: JoinTimes::default(),
+        peers: Vec::new(),
+        counted_connected: false,
+        media: None,
+        pending_times: None,
+    };
+    let result = match ctx.mode {
+        Mode::Ws => life.run_ws(&identity, &token).await,
+        Mode::Whip => life.run_whip(&token).await,
+    };
+    life.finish().await;
+    result
+}
+
+struct Life {
+    ctx: Arc<Context>,
+    spec: Spec,
+    t0: Instant,
+    times: JoinTimes,
+    peers: Vec<Arc<Peer>>,
+    counted_connected: bool,
+    media: Option<tokio::task::JoinHandle<()>>,
+    /// Phase times of a subscriber PC connecting in the background.
+    pending_times: Option<Arc<std::sync::Mutex<Option<ConnectTimes>>>>,
+}
+
+fn ms(d: Duration) -> Option<f64> {
+    Some(d.as_secs_f64() * 1000.0)
+}
+
+impl Life {
+    fn take_pending_times(&mut self) {
+        let Some(slot) = &self.pending_times else {
+            return;
+        };
+        let Some(t) = *slot.lock().expect("slot") else {
+            return;
+        };
+        if self.times.ice_ms.is_none() {
+            self.times.ice_ms = ms(t.ice);
+            self.times.dtls_ms = ms(t.dtls);
+        }
+        self.pending_times = None;
+    }
+
+    fn remote_addr(&self, remote: &RemoteDescription) -> SocketAddr {
+        self.ctx
+            .media_via
+            .unwrap_or_else(|| remote.pick_candidate(Some(self.ctx.target.addr.ip())))
+    }
+
+    async fn connect_peer(
+        &mut self,
+        peer: &Arc<Peer>,
+        ice: &IceCredentials,
+        remote: &RemoteDescription,
+    ) -> Result<(), ParticipantError> {
+        let addr = self.remote_addr(remote);
+        let t = peer
+            .connect(addr, remote, &ice.ufrag, &self.ctx.cert, CONNECT_TIMEOUT)
+            .await?;
+        // The first PC's phases are the participant's join phases.
+        if self.times.ice_ms.is_none() {
+            self.times.ice_ms = ms(t.ice);
+            self.times.dtls_ms = ms(t.dtls);
+        }
+        peer.set_twcc_id(remote.ext_ids().twcc);
+        Ok(())
+    }
+
+    async fn publish_peer(
+        &mut self,
+    ) -> Result<(Arc<Peer>, IceCredentials, String, Vec<String>), ParticipantError> {
+        let peer = Peer::bind(self.ctx.local_ip, None, self.ctx.collector.clone()).await?;
+        peer.set_retransmit(self.ctx.nack);
+        self.peers.push(peer.clone());
+        let ice = IceCredentials::random();
+        let local = local_transport(&peer, &ice, &self.ctx.cert);
+        let (offer, mids) = sdp::publish_offer(
+            &local,
+            PublishShape {
+                audio: self.spec.publish.audio(),
+                video_layers: self.spec.publish.video_layers(),
+            },
+        );
+        Ok((peer, ice, offer, mids))
+    }
+
+    fn mark_connected(&mut self) {
+        if !self.counted_connected {
+            self.counted_connected = true;
+            self.ctx.collector.lock().expect("collector lock").connected += 1;
+        }
+    }
+
+    fn start_media(&mut self, peer: Arc<Peer>, mids: Vec<String>, remote: &RemoteDescription) {
+        let ext = remote.ext_ids();
+        let publish = self.spec.publish;
+        let sender = self.spec.index;
+        let collector = self.ctx.collector.clone();
+        let stop = self.ctx.stop.clone();
+        self.media = Some(tokio::spawn(send_media(
+            peer, publish, sender, mids, ext, collector, stop,
+        )));
+    }
+
+    async fn run_ws(&mut self, identity: &str, token: &str) -> Result<(), ParticipantError> {
+        let (ws, mut events) = WsClient::connect(&self.ctx.target).await?;
+        let _joined = ws
+            .request(
+                "room:join",
+                json!({"token": token, "name": identity, "autoSubscribe": self.spec.subscribe}),
+            )
+            .await?;
+        if self.spec.publish != Publish::None {
+            let (peer, ice, offer, mids) = self.publish_peer().await?;
+            let video_source = if self.spec.publish == Publish::Screen {
+                "screen"
+            } else {
+                "camera"
+            };
+            let has_video = self.spec.publish.video_layers() > 0;
+            let tracks: Vec<Value> = mids
+                .iter()
+                .enumerate()
+                .map(|(i, mid)| {
+                    let source = if i == 0 && has_video {
+                        video_source
+                    } else {
+                        "microphone"
+                    };
+                    json!({"mid": mid, "source": source})
+                })
+                .collect();
+            let ack = ws
+                .request("produce", json!({"sdp": offer, "tracks": tracks}))
+                .await?;
+            let answer = sdp::read_remote(ack["sdp"].as_str().unwrap_or_default())?;
+            self.times.signaling_ms = ms(self.t0.elapsed());
+            self.connect_peer(&peer, &ice, &answer).await?;
+            self.start_media(peer, mids, &answer);
+        }
+        if !self.spec.subscribe {
+            self.mark_connected();
+        }
+        let mut sub: Option<(Arc<Peer>, IceCredentials)> = None;
+        let mut layered: HashSet<u64> = HashSet::new();
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Result<(), ParticipantError>>(1);
+        let mut stop = self.ctx.stop.clone();
+        let mut check = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = check.tick() => {
+                    if self.times.first_media_ms.is_none() {
+                        if let Some(at) = sub.as_ref().and_then(|(p, _)| p.first_media()) {
+                            self.times.first_media_ms = ms(at.duration_since(self.t0));
+                        }
+                    }
+                }
+                Some(done) = conn_rx.recv() => {
+                    done?;
+                    self.mark_connected();
+                }
+                ev = events.recv() => {
+                    let Some(ev) = ev else { break };
+                    match ev["type"].as_str().unwrap_or_default() {
+                        "sdp:offer" => {
+                            let offer = sdp::read_remote(ev["sdp"].as_str().unwrap_or_default())?;
+                            let first = sub.is_none();
+                            if first {
+                                let peer = Peer::bind(
+                                    self.ctx.local_ip,
+                                    Some(Receiver::new(self.ctx.nack, Instant::now())),
+                                    self.ctx.collector.clone(),
+                                )
+                                .await?;
+                                self.peers.push(peer.clone());
+                                sub = Some((peer, IceCredentials::random()));
+                            }
+                            let (peer, ice) = sub.as_ref().expect("set above");
+                            let local = local_transport(peer, ice, &self.ctx.cert);
+                            let answer = sdp::subscriber_answer(&offer, &local);
+                            ws.request("sdp:answer", json!({"revision": ev["revision"], "sdp": answer})).await?;
+                            if first {
+                                if self.times.signaling_ms.is_none() {
+                                    self.times.signaling_ms = ms(self.t0.elapsed());
+                                }
+                                // Connect in the background: later offers must be answered meanwhile.
+                                let (peer, ice) = (peer.clone(), ice.clone());
+                                let addr = self.remote_addr(&offer);
+                                let cert = self.ctx.cert.clone();
+                                let tx = conn_tx.clone();
+                                let remote = offer.clone();
+                                let times_slot = Arc::new(std::sync::Mutex::new(None));
+                                let slot = times_slot.clone();
+                                tokio::spawn(async move {
+                                    let r = peer
+                                        .connect(addr, &remote, &ice.ufrag, &cert, CONNECT_TIMEOUT)
+                                        .await;
+                                    if let Ok(t) = &r {
+                                        *slot.lock().expect("slot") = Some(*t);
+                                        peer.set_twcc_id(remote.ext_ids().twcc);
+                                    }
+                                    let _ = tx.send(r.map(|_| ()).map_err(ParticipantError::from)).await;
+                                });
+                                self.pending_times = Some(times_slot);
+                            }
+                            if let Some(max) = self.spec.max_layer {
+                                for t in ev["tracks"].as_array().into_iter().flatten() {
+                                    if t["kind"] == "video" {
+                                        if let Some(id) = t["track"].as_u64() {
+                                            if layered.insert(id) {
+                                                ws.request("consumer:layers", json!({"track": id, "maxSpatial": max})).await?;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        "closed" => {
+                            if *self.ctx.stop.borrow() {
+                                break;
+                            }
+                            return Err(SignalingError::Closed(ev["reason"].as_str().unwrap_or("?").to_owned()).into());
+                        }
+                        "room:close" => {
+                            return Err(ParticipantError::Server(format!("room closed: {}", ev["reason"])));
+                        }
+                        "transport:closed" => {
+                            return Err(ParticipantError::Server(format!("server dropped a transport: {}", ev["reason"])));
+                        }
+                        _ => {}
+                    }
+                    self.take_pending_times();
+                }
+            }
+            self.take_pending_times();
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), ws.request("room:leave", json!({}))).await;
+        ws.close().await;
+        Ok(())
+    }
+
+    async fn run_whip(&mut self, token: &str) -> Result<(), ParticipantError> {
+        let room = self.ctx.room.clone();
+        if self.spec.publish != Publish::None {
+            let (peer, ice, offer, mids) = self.publish_peer().await?;
+            let answer =
+                signaling::whip_whep(&self.ctx.target, &format!("/whip/{room}"), token, &offer)
+                    .await?;
+            let answer = sdp::read_remote(&answer)?;
+            self.times.signaling_ms = ms(self.t0.elapsed());
+            self.connect_peer(&peer, &ice, &answer).await?;
+            self.start_media(peer, mids, &answer);
+        }
+        if self.spec.subscribe {
+            let peer = Peer::bind(
+                self.ctx.local_ip,
+                Some(Receiver::new(self.ctx.nack, Instant::now())),
+                self.ctx.collector.clone(),
+            )
+            .await?;
+            self.peers.push(peer.clone());
+            let ice = IceCredentials::random();
+            let offer = sdp::whep_offer(&local_transport(&peer, &ice, &self.ctx.cert));
+            let answer =
+                signaling::whip_whep(&self.ctx.target, &format!("/whep/{room}"), token, &offer)
+                    .await?;
+            let answer = sdp::read_remote(&answer)?;
+            if self.times.signaling_ms.is_none() {
+                self.times.signaling_ms = ms(self.t0.elapsed());
+            }
+            self.connect_peer(&peer, &ice, &answer).await?;
+        }
+        self.mark_connected();
+        let mut stop = self.ctx.stop.clone();
+        let mut check = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = check.tick() => {
+                    if self.times.first_media_ms.is_none() {
+                        if let Some(at) = self.peers.iter().find_map(|p| p.first_media()) {
+                            self.times.first_media_ms = ms(at.duration_since(self.t0));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) {
+        if let Some(m) = self.media.take() {
+            m.abort();
+        }
+        for p in self.peers.drain(..) {
+            p.close().await;
+        }
+        let mut c = self.ctx.collector.lock().expect("collector lock");
+        if self.counted_connected {
+            c.connected -= 1;
+        }
+        c.joins.push(self.times);
+    }
+}
+
+/// Sends the participant's audio and video on schedule until stopped; records its own lag.
+async fn send_media(
+    peer: Arc<Peer>,
+    publish: Publish,
+    sender: u32,
+    mids: Vec<String>,
+    ext: sdp::ExtIds,
+    collector: Shared,
+    mut stop: watch::Receiver<bool>,
+) {
+    let now = Instant::now();
+    let mut audio = publish.audio().then(|| AudioSource::new(sender, now));
+    let profile = if publish == Publish::Screen {
+        VideoProfile::screen()
+    } else {
+        VideoProfile::camera(publish.video_layers())
+    };
+    let mut video = (publish.video_layers() > 0).then(|| VideoSource::new(sender, profile, now));
+    let audio_ssrc: u32 = rand::random();
+    let video_ssrcs: Vec<u32> = (0..3).map(|_| rand::random()).collect();
+    let mut ssrcs = vec![(audio_ssrc, 255u8)];
+    ssrcs.extend(video_ssrcs.iter().enumerate().map(|(i, &s)| (s, i as u8)));
+    peer.set_sender_ssrcs(ssrcs);
+    let mut seqs: Vec<u16> = (0..4).map(|_| rand::random()).collect();
+    let mut twcc: u16 = 0;
+    // Video (when sent) is the first m-section, audio the last: see sdp::publish_offer.
+    let video_mid = mids.first().cloned().unwrap_or_default();
+    let audio_mid = mids.last().cloned().unwrap_or_default();
+    let simulcast = publish.video_layers() > 1;
+    let mut buf = Vec::with_capacity(1500);
+    let mut lags: Vec<u64> = Vec::new();
+    let mut last_flush = Instant::now();
+    loop {
+        let due = [
+            audio.as_ref().map(|a| a.next_due()),
+            video.as_ref().map(|v| v.next_due()),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let Some(due) = due else { return };
+        tokio::select! {
+            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = stop.changed() => return,
+        }
+        let now = Instant::now();
+        let lag = now.saturating_duration_since(due);
+        lags.push(lag.as_micros() as u64);
+        if let Some(v) = video.as_mut() {
+            for layer in peer.take_keyframe_requests() {
+                v.request_keyframe(layer);
+            }
+        }
+        if let Some(a) = audio.as_mut() {
+            if lag > MAX_CATCH_UP {
+                *a = AudioSource::new(sender, now);
+            }
+            while a.next_due() <= now {
+                let p = a.poll(now);
+                let seq = seqs[0];
+                seqs[0] = seqs[0].wrapping_add(1);
+                twcc = twcc.wrapping_add(1);
+                write_rtp(
+                    &mut buf,
+                    RtpHeader {
+                        pt: PT_OPUS,
+                        marker: p.marker,
+                        seq,
+                        timestamp: p.timestamp,
+                        ssrc: audio_ssrc,
+                    },
+                    OutExt {
+                        audio_level: ext.audio_level.zip(p.audio_level),
+                        twcc: ext.twcc.map(|id| (id, twcc)),
+                        mid: ext.mid.map(|id| (id, audio_mid.as_str())),
+                        rid: None,
+                    },
+                    &p.payload,
+                );
+                peer.send_rtp(&buf, audio_ssrc, seq).await;
+            }
+        }
+        if let Some(v) = video.as_mut() {
+            if lag > MAX_CATCH_UP {
+                *v = VideoSource::new(sender, profile, now);
+            }
+            while v.next_due() <= now {
+                for p in v.poll(now) {
+                    let l = usize::from(p.layer);
+                    let seq = seqs[1 + l];
+                    seqs[1 + l] = seq.wrapping_add(1);
+                    twcc = twcc.wrapping_add(1);
+                    write_rtp(
+                        &mut buf,
+                        RtpHeader {
+                            pt: PT_VP8,
+                            marker: p.marker,
+                            seq,
+                            timestamp: p.timestamp,
+                            ssrc: video_ssrcs[l],
+                        },
+                        OutExt {
+                            audio_level: None,
+                            twcc: ext.twcc.map(|id| (id, twcc)),
+                            mid: ext.mid.map(|id| (id, video_mid.as_str())),
+                            rid: if simulcast {
+                                ext.rid.map(|id| (id, RIDS[l]))
+                            } else {
+                                None
+                            },
+                        },
+                        &p.payload,
+                    );
+                    peer.send_rtp(&buf, video_ssrcs[l], seq).await;
+                }
+            }
+        }
+        if now.duration_since(last_flush) >= Duration::from_millis(100) {
+            last_flush = now;
+            let mut c = collector.lock().expect("collector lock");
+            for l in lags.drain(..) {
+                c.record_lag(l);
+            }
+        }
+    }
+}

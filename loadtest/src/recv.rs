@@ -1,0 +1,491 @@
+//! The receiving side of a simulated subscriber, sans-IO: what a browser's RTP receiver does
+//! that costs the server work (RFC 3550 receiver reports, RFC 4585 NACK and PLI,
+//! transport-wide congestion control feedback), plus the measurements.
+//!
+//! Feed decrypted RTP with [`Receiver::handle_rtp`]; call [`Receiver::poll_rtcp`] every tick
+//! (100 ms) and after each packet (NACKs go out at once) and encrypt and send what it returns.
+//! Measurements accumulate in [`Receiver::pending`] for the caller to flush.
+//!
+//! Loss is counted on the sequence numbers the edge sends (they are contiguous per forwarded
+//! stream, also across simulcast layer switches), so a layer the edge chooses not to forward is
+//! not loss. One-way delay comes from the probe in each payload ([`crate::media::Probe`]).
+
+use crate::media::{InRtp, Probe};
+use crate::stats::Pending;
+use rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtcp::receiver_report::ReceiverReport;
+use rtcp::reception_report::ReceptionReport;
+use rtcp::transport_feedbacks::transport_layer_cc::{
+    PacketStatusChunk, RecvDelta, RunLengthChunk, StatusChunkTypeTcc, SymbolTypeTcc,
+    TransportLayerCc,
+};
+use rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+use webrtc_util::Marshal;
+
+/// Transport-wide feedback interval: libwebrtc sends it every 50-250 ms; 100 ms is its default.
+pub const TWCC_INTERVAL: Duration = Duration::from_millis(100);
+/// Receiver reports once a second (RFC 3550 §6.2 allows more than the 5 s minimum for media).
+const RR_INTERVAL: Duration = Duration::from_secs(1);
+/// Ask again for a keyframe at most this often while none has come.
+const PLI_INTERVAL: Duration = Duration::from_secs(1);
+/// Gaps wider than this are a stream restart, not loss to NACK.
+const MAX_NACK_GAP: u64 = 256;
+/// Sequence window for duplicate detection.
+const WINDOW: u64 = 2048;
+
+#[derive(Debug)]
+struct Stream {
+    video: bool,
+    base: u64,
+    max: u64,
+    cycles: u64,
+    last_seq: u16,
+    seen: Vec<u64>,
+    received: u64,
+    nacked: Vec<u64>,
+    jitter_us: f64,
+    last_transit: Option<i64>,
+    last_stream_id: Option<u8>,
+    keyframe_seen: bool,
+    first_packet: Instant,
+    last_pli: Option<Instant>,
+    // For receiver reports.
+    rr_expected_prior: u64,
+    rr_received_prior: u64,
+}
+
+impl Stream {
+    fn new(seq: u16, video: bool, now: Instant) -> Self {
+        Self {
+            video,
+            base: u64::from(seq),
+            max: u64::from(seq),
+            cycles: 0,
+            last_seq: seq,
+            seen: vec![0; (WINDOW / 64) as usize],
+            received: 0,
+            nacked: Vec::new(),
+            jitter_us: 0.0,
+            last_transit: None,
+            last_stream_id: None,
+            keyframe_seen: false,
+            first_packet: now,
+            last_pli: None,
+            rr_expected_prior: 0,
+            rr_received_prior: 0,
+        }
+    }
+
+    /// RFC 3550 Appendix A.1: extend a 16-bit sequence number.
+    fn extend(&mut self, seq: u16) -> u64 {
+        let diff = seq.wrapping_sub(self.last_seq) as i16;
+        let mut ext = (self.cycles | u64::from(self.last_seq)) as i64 + i64::from(diff);
+        if ext < 0 {
+            ext = 0;
+        }
+        let ext = ext as u64;
+        if diff > 0 {
+            if seq < self.last_seq {
+                self.cycles += 1 << 16;
+            }
+            self.last_seq = seq;
+        }
+        ext
+    }
+
+    fn bit(&mut self, ext: u64) -> (usize, u64) {
+        let i = (ext % WINDOW) as usize;
+        (i / 64, 1u64 << (i % 64))
+    }
+}
+
+/// One subscriber peer connection's receive state.
+#[derive(Debug)]
+pub struct Receiver {
+    our_ssrc: u32,
+    nack: bool,
+    streams: HashMap<u32, Stream>,
+    twcc_arrivals: BTreeMap<u64, Instant>,
+    twcc_last: u16,
+    twcc_cycles: u64,
+    twcc_started: bool,
+    twcc_count: u8,
+    twcc_media_ssrc: u32,
+    epoch: Instant,
+    next_twcc: Instant,
+    next_rr: Instant,
+    nack_out: Vec<(u32, Vec<u16>)>,
+    pli_out: Vec<u32>,
+    pub pending: Pending,
+    pub first_media: Option<Instant>,
+}
+
+impl Receiver {
+    pub fn new(nack: bool, now: Instant) -> Self {
+        Self {
+            our_ssrc: rand::random(),
+            nack,
+            streams: HashMap::new(),
+            twcc_arrivals: BTreeMap::new(),
+            twcc_last: 0,
+            twcc_cycles: 0,
+            twcc_started: false,
+            twcc_count: 0,
+            twcc_media_ssrc: 0,
+            epoch: now,
+            next_twcc: now + TWCC_INTERVAL,
+            next_rr: now + RR_INTERVAL,
+            nack_out: Vec::new(),
+            pli_out: Vec::new(),
+            pending: Pending::default(),
+            first_media: None,
+        }
+    }
+
+    /// A decrypted media packet arrived at `now` (`now_us`: unix µs, the probes' clock).
+    pub fn handle_rtp(&mut self, pkt: InRtp<'_>, now: Instant, now_us: u64) {
+        self.first_media.get_or_insert(now);
+        if let Some(t) = pkt.twcc {
+            self.record_twcc(t, now);
+            self.twcc_media_ssrc = pkt.ssrc;
+        }
+        let probe = Probe::find(pkt.payload);
+        let video = probe.is_some_and(|p| p.stream != 0);
+        let s = self
+            .streams
+            .entry(pkt.ssrc)
+            .or_insert_with(|| Stream::new(pkt.seq, video, now));
+        let ext = s.extend(pkt.seq);
+        let c = &mut self.pending.counters;
+        if ext + WINDOW <= s.max {
+            // Too old to tell: count as a duplicate-or-stale arrival, nothing else.
+            c.duplicates += 1;
+            return;
+        }
+        let (word, mask) = s.bit(ext);
+        if ext <= s.max && ext >= s.base && s.received > 0 {
+            if s.seen[word] & mask != 0 {
+                c.duplicates += 1;
+                return;
+            }
+            s.seen[word] |= mask;
+            c.reordered += 1;
+            if s.nacked.contains(&ext) {
+                c.recovered += 1;
+                s.nacked.retain(|&n| n != ext);
+            }
+        } else {
+            let from = if s.received == 0 { ext } else { s.max + 1 };
+            // Clear window bits for the sequence numbers we pass over.
+            for missing in from..=ext {
+                let (w, m) = s.bit(missing);
+                s.seen[w] &= !m;
+            }
+            s.seen[word] |= mask;
+            let gap = ext - from;
+            c.expected += gap + 1;
+            c.lost += gap;
+            if gap > 0 && self.nack && gap <= MAX_NACK_GAP {
+                let seqs: Vec<u16> = (from..ext).map(|e| e as u16).collect();
+                s.nacked.extend(from..ext);
+                if s.nacked.len() > 512 {
+                    let cut = s.nacked.len() - 512;
+                    s.nacked.drain(..cut);
+                }
+                self.nack_out.push((pkt.ssrc, seqs));
+            }
+            if s.received == 0 {
+                s.base = ext;
+            }
+            s.max = ext;
+        }
+        s.received += 1;
+        c.rx_packets += 1;
+        if let Some(p) = probe {
+            let stream = usize::from(p.stream.min(4));
+            c.rx_bytes[stream] += pkt.payload.len() as u64;
+            let delay = now_us.saturating_sub(p.sent_us);
+            self.pending
+                .delays_us
+                .push(delay.min(u64::from(u32::MAX)) as u32);
+            // RFC 3550 §6.4.1 interarrival jitter, on the probe's send time.
+            let transit = now_us as i64 - p.sent_us as i64;
+            if let Some(prev) = s.last_transit {
+                let d = (transit - prev).unsigned_abs() as f64;
+                s.jitter_us += (d - s.jitter_us) / 16.0;
+            }
+            s.last_transit = Some(transit);
+            if p.stream != 0 {
+                if s.last_stream_id.is_some_and(|l| l != p.stream) {
+                    c.layer_switches += 1;
+                }
+                s.last_stream_id = Some(p.stream);
+            }
+            if p.keyframe {
+                s.keyframe_seen = true;
+                c.keyframes_received += 1;
+            }
+        }
+        // A video stream that started mid-frame gets a PLI when no keyframe came in time.
+        if s.video && !s.keyframe_seen {
+            let due = s.last_pli.map_or(
+                now.duration_since(s.first_packet) >= Duration::from_millis(200),
+                |t| now.duration_since(t) >= PLI_INTERVAL,
+            );
+            if due {
+                s.last_pli = Some(now);
+                self.pli_out.push(pkt.ssrc);
+            }
+        }
+    }
+
+    fn record_twcc(&mut self, seq: u16, now: Instant) {
+        if !self.twcc_started {
+            self.twcc_started = true;
+            self.twcc_last = seq;
+        }
+        let diff = seq.wrapping_sub(self.twcc_last) as i16;
+        let ext =
+            ((self.twcc_cycles | u64::from(self.twcc_last)) as i64 + i64::from(diff)).max(0) as u64;
+        if diff > 0 {
+            if seq < self.twcc_last {
+                self.twcc_cycles += 1 << 16;
+            }
+            self.twcc_last = seq;
+        }
+        self.twcc_arrivals.entry(ext).or_insert(now);
+    }
+
+    /// RTCP packets due now, each a plain (unencrypted) RTCP packet.
+    pub fn poll_rtcp(&mut self, now: Instant) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for (ssrc, seqs) in self.nack_out.drain(..) {
+            let mut nacks: Vec<NackPair> = Vec::new();
+            for seq in seqs {
+                match nacks.last_mut() {
+                    Some(p) if seq.wrapping_sub(p.packet_id).wrapping_sub(1) < 16 => {
+                        p.lost_packets |= 1 << seq.wrapping_sub(p.packet_id).wrapping_sub(1);
+                    }
+                    _ => nacks.push(NackPair {
+                        packet_id: seq,
+                        lost_packets: 0,
+                    }),
+                }
+            }
+            let pkt = TransportLayerNack {
+                sender_ssrc: self.our_ssrc,
+                media_ssrc: ssrc,
+                nacks,
+            };
+            if let Ok(b) = pkt.marshal() {
+                out.push(b.to_vec());
+                self.pending.counters.nack_sent += 1;
+            }
+        }
+        for ssrc in self.pli_out.drain(..) {
+            let pkt = PictureLossIndication {
+                sender_ssrc: self.our_ssrc,
+                media_ssrc: ssrc,
+            };
+            if let Ok(b) = pkt.marshal() {
+                out.push(b.to_vec());
+                self.pending.counters.pli_sent += 1;
+            }
+        }
+        if now >= self.next_twcc {
+            self.next_twcc = now + TWCC_INTERVAL;
+            if let Some(fb) = self.twcc_feedback() {
+                out.push(fb);
+                self.pending.counters.twcc_sent += 1;
+            }
+            // Jitter samples for the report, once per tick per stream.
+            for s in self.streams.values() {
+                if s.last_transit.is_some() {
+                    self.pending.jitter_us.push(s.jitter_us as u32);
+                }
+            }
+        }
+        if now >= self.next_rr {
+            self.next_rr = now + RR_INTERVAL;
+            if let Some(rr) = self.receiver_report() {
+                out.push(rr);
+                self.pending.counters.rr_sent += 1;
+            }
+        }
+        out
+    }
+
+    fn receiver_report(&mut self) -> Option<Vec<u8>> {
+        if self.streams.is_empty() {
+            return None;
+        }
+        let mut reports = Vec::new();
+        for (&ssrc, s) in self.streams.iter_mut().take(31) {
+            let expected = s.max - s.base + 1;
+            let lost = expected.saturating_sub(s.received);
+            let exp_int = expected - s.rr_expected_prior;
+            let rec_int = s.received - s.rr_received_prior;
+            s.rr_expected_prior = expected;
+            s.rr_received_prior = s.received;
+            let lost_int = exp_int.saturating_sub(rec_int);
+            let fraction = (lost_int * 256)
+                .checked_div(exp_int)
+                .map_or(0, |f| f.min(255) as u8);
+            reports.push(ReceptionReport {
+                ssrc,
+                fraction_lost: fraction,
+                total_lost: lost.min(0x7f_ffff) as u32,
+                last_sequence_number: s.max as u32,
+                // In RTP timestamp units: 90 kHz video, 48 kHz audio.
+                jitter: (s.jitter_us * if s.video { 0.09 } else { 0.048 }) as u32,
+                last_sender_report: 0,
+                delay: 0,
+            });
+        }
+        ReceiverReport {
+            ssrc: self.our_ssrc,
+            reports,
+            profile_extensions: Default::default(),
+        }
+        .marshal()
+        .ok()
+        .map(|b| b.to_vec())
+    }
+
+    /// draft-holmer-rmcat-transport-wide-cc-extensions-01 §3.1: one feedback covering every
+    /// transport sequence number from the lowest unreported to the highest received.
+    fn twcc_feedback(&mut self) -> Option<Vec<u8>> {
+        let (&first, _) = self.twcc_arrivals.first_key_value()?;
+        let (&last, _) = self.twcc_arrivals.last_key_value()?;
+        let last = last.min(first + 8000);
+        let reference = self.twcc_arrivals[&first].duration_since(self.epoch);
+        // Reference time in 64 ms units (24 bits), deltas in 250 µs units.
+        let ref_units = (reference.as_micros() / 64_000) as u32 & 0x00ff_ffff;
+        let mut prev_us = i64::from(ref_units) * 64_000;
+        let mut chunks: Vec<PacketStatusChunk> = Vec::new();
+        let mut deltas = Vec::new();
+        let mut run: Option<(SymbolTypeTcc, u16)> = None;
+        let push_run = |chunks: &mut Vec<PacketStatusChunk>, sym: SymbolTypeTcc, n: u16| {
+            chunks.push(PacketStatusChunk::RunLengthChunk(RunLengthChunk {
+                type_tcc: StatusChunkTypeTcc::RunLengthChunk,
+                packet_status_symbol: sym,
+                run_length: n,
+            }));
+        };
+        for seq in first..=last {
+            let sym = match self.twcc_arrivals.get(&seq) {
+                None => SymbolTypeTcc::PacketNotReceived,
+                Some(at) => {
+                    let us = at.duration_since(self.epoch).as_micros() as i64;
+                    let units = (us - prev_us) / 250;
+                    prev_us += units * 250;
+                    let sym = if (0..=255).contains(&units) {
+                        SymbolTypeTcc::PacketReceivedSmallDelta
+                    } else {
+                        SymbolTypeTcc::PacketReceivedLargeDelta
+                    };
+                    deltas.push(RecvDelta {
+                        type_tcc_packet: sym,
+                        delta: units.clamp(i64::from(i16::MIN), i64::from(i16::MAX)) * 250,
+                    });
+                    sym
+                }
+            };
+            run = match run {
+                Some((s, n)) if s == sym && n < 8191 => Some((s, n + 1)),
+                Some((s, n)) => {
+                    push_run(&mut chunks, s, n);
+                    Some((sym, 1))
+                }
+                None => Some((sym, 1)),
+            };
+        }
+        if let Some((s, n)) = run {
+            push_run(&mut chunks, s, n);
+        }
+        let fb = TransportLayerCc {
+            sender_ssrc: self.our_ssrc,
+            media_ssrc: self.twcc_media_ssrc,
+            base_sequence_number: first as u16,
+            packet_status_count: (last - first + 1) as u16,
+            reference_time: ref_units,
+            fb_pkt_count: self.twcc_count,
+            packet_chunks: chunks,
+            recv_deltas: deltas,
+        };
+        self.twcc_count = self.twcc_count.wrapping_add(1);
+        self.twcc_arrivals = self.twcc_arrivals.split_off(&(last + 1));
+        fb.marshal().ok().map(|b| b.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::{read_rtp, write_rtp, OutExt, RtpHeader, VideoProfile, VideoSource};
+
+    fn feed(r: &mut Receiver, seqs: &[u16], now: Instant) {
+        let mut src = VideoSource::new(1, VideoProfile::camera(1), now);
+        let payload = src.poll(now).remove(0).payload;
+        let mut buf = Vec::new();
+        for (i, &seq) in seqs.iter().enumerate() {
+            write_rtp(
+                &mut buf,
+                RtpHeader {
+                    pt: 96,
+                    marker: false,
+                    seq,
+                    timestamp: 0,
+                    ssrc: 42,
+                },
+                OutExt {
+                    twcc: Some((3, i as u16)),
+                    ..Default::default()
+                },
+                &payload,
+            );
+            let p = read_rtp(&buf, Some(3)).unwrap();
+            r.handle_rtp(
+                p,
+                now + Duration::from_millis(i as u64),
+                crate::media::unix_micros(),
+            );
+        }
+    }
+
+    #[test]
+    fn loss_duplicates_reordering_and_wraparound() {
+        let now = Instant::now();
+        let mut r = Receiver::new(true, now);
+        // 65534, 65535, (0 lost), 1, 1 again, 3, 2 late.
+        feed(&mut r, &[65534, 65535, 1, 1, 3, 2], now);
+        let c = r.pending.counters;
+        assert_eq!(c.expected, 6, "{c:?}");
+        assert_eq!(c.lost, 2, "gaps opened: {c:?}");
+        assert_eq!(c.net_lost(), 1, "{c:?}");
+        assert_eq!(c.duplicates, 1);
+        assert_eq!(c.reordered, 1);
+        assert_eq!(c.recovered, 1, "2 was nacked, then arrived");
+        assert_eq!(c.rx_packets, 5);
+        let rtcp = r.poll_rtcp(now + Duration::from_secs(2));
+        let parsed: Vec<_> = rtcp
+            .iter()
+            .flat_map(|b| edge_node::transport::parse::parse_rtcp(b).unwrap())
+            .collect();
+        let nack = parsed
+            .iter()
+            .find_map(|p| p.as_any().downcast_ref::<TransportLayerNack>())
+            .unwrap();
+        assert_eq!(nack.nacks[0].packet_id, 0);
+        let twcc = parsed
+            .iter()
+            .find_map(|p| p.as_any().downcast_ref::<TransportLayerCc>())
+            .unwrap();
+        assert_eq!(twcc.packet_status_count, 6);
+        assert!(parsed
+            .iter()
+            .any(|p| p.as_any().downcast_ref::<ReceiverReport>().is_some()));
+    }
+}

@@ -1,0 +1,543 @@
+//! The run's report: JSON for machines, one self-contained HTML page (inline SVG, no scripts
+//! from anywhere) for people, and a short text summary for the terminal.
+
+use crate::scenario::Scenario;
+use crate::stats::{Collector, Counters, Hist, Summary};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ServerSample {
+    pub cpu_pct: Option<f64>,
+    pub rss_mb: f64,
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Second {
+    pub t: f64,
+    pub connected: usize,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub loss: f64,
+    pub delay_p50_ms: Option<f64>,
+    pub delay_p99_ms: Option<f64>,
+    /// Received bitrate by stream: audio, video layer 0, 1, 2, screen.
+    pub rx_kbps: [f64; 5],
+    pub send_lag_max_ms: Option<f64>,
+    pub server: Option<ServerSample>,
+    pub tool: Option<ServerSample>,
+}
+
+impl Second {
+    pub fn from_parts(
+        t: f64,
+        connected: usize,
+        c: &Counters,
+        delay: &Hist,
+        lag: &Hist,
+        server: Option<ServerSample>,
+        tool: Option<ServerSample>,
+    ) -> Self {
+        let q = |h: &Hist, p: f64| h.quantile(p).map(|us| us as f64 / 1000.0);
+        Self {
+            t,
+            connected,
+            rx_packets: c.rx_packets,
+            tx_packets: c.tx_packets,
+            loss: c.loss(),
+            delay_p50_ms: q(delay, 0.5),
+            delay_p99_ms: q(delay, 0.99),
+            rx_kbps: c.rx_bytes.map(|b| b as f64 * 8.0 / 1000.0),
+            send_lag_max_ms: lag.summary_ms().map(|s| s.max),
+            server,
+            tool,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CapacityStep {
+    pub viewers: usize,
+    pub seconds: f64,
+    pub loss: f64,
+    pub p99_ms: Option<f64>,
+    pub failures: usize,
+    pub pass: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct JoinReport {
+    pub signaling: Option<Summary>,
+    pub ice: Option<Summary>,
+    pub dtls: Option<Summary>,
+    pub first_media: Option<Summary>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ResourceReport {
+    pub pid: Option<u32>,
+    pub cpu_avg_pct: Option<f64>,
+    pub cpu_max_pct: Option<f64>,
+    pub rss_max_mb: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub target: String,
+    /// "completed" or "aborted".
+    pub outcome: String,
+    /// Why the run was aborted.
+    pub error: Option<String>,
+    pub duration_s: f64,
+    pub participants_planned: usize,
+    pub participants_joined: usize,
+    pub participants_failed: usize,
+    pub failures: Vec<String>,
+    pub join: JoinReport,
+    pub delay: Option<Summary>,
+    pub jitter: Option<Summary>,
+    /// Packets never received / packets expected, over the whole run.
+    pub loss: f64,
+    /// Mean received bitrate per stream over seconds with media: audio, layer 0..=2, screen.
+    pub rx_kbps_mean: [f64; 5],
+    pub counters: Counters,
+    pub server: ResourceReport,
+    pub tool: ResourceReport,
+    /// The tool's own lateness in sending media (how far behind schedule a send was).
+    pub send_lag: Option<Summary>,
+    /// Whether the tool kept up: send lag p99 under 10 ms (tokio timers alone add up to 1 ms).
+    pub tool_kept_up: Option<bool>,
+    pub capacity_steps: Vec<CapacityStep>,
+    /// Capacity search result: the most viewers whose step passed.
+    pub capacity_viewers: Option<usize>,
+    pub timeline: Vec<Second>,
+    pub delay_cdf: Vec<(f64, f64)>,
+    /// First-media join times (ms) of every participant that got media.
+    pub join_first_media_ms: Vec<f64>,
+}
+
+/// Send lag p99 above which the tool says it did not keep up: a frame late by more than this
+/// distorts the delay it measures.
+const LAG_LIMIT_MS: f64 = 10.0;
+
+impl Report {
+    pub fn new(scenario: &Scenario, target: &str, server_pid: Option<u32>) -> Self {
+        Self {
+            scenario: scenario.clone(),
+            target: target.to_owned(),
+            outcome: "completed".into(),
+            error: None,
+            duration_s: 0.0,
+            participants_planned: scenario.participants() as usize,
+            participants_joined: 0,
+            participants_failed: 0,
+            failures: Vec::new(),
+            join: JoinReport::default(),
+            delay: None,
+            jitter: None,
+            loss: 0.0,
+            rx_kbps_mean: [0.0; 5],
+            counters: Counters::default(),
+            server: ResourceReport {
+                pid: server_pid,
+                ..Default::default()
+            },
+            tool: ResourceReport {
+                pid: Some(std::process::id()),
+                ..Default::default()
+            },
+            send_lag: None,
+            tool_kept_up: None,
+            capacity_steps: Vec::new(),
+            capacity_viewers: None,
+            timeline: Vec::new(),
+            delay_cdf: Vec::new(),
+            join_first_media_ms: Vec::new(),
+        }
+    }
+
+    pub fn abort(&mut self, why: String) {
+        self.outcome = "aborted".into();
+        if self.error.is_none() {
+            self.error = Some(why);
+        }
+    }
+
+    pub fn finish(&mut self, c: &Collector, elapsed: Duration, planned: usize) {
+        self.duration_s = elapsed.as_secs_f64();
+        self.participants_planned = planned;
+        self.participants_failed = c.failed;
+        self.failures = c.failures.clone();
+        let hist = |f: &dyn Fn(&crate::stats::JoinTimes) -> Option<f64>| {
+            let mut h = Hist::default();
+            for j in &c.joins {
+                if let Some(ms) = f(j) {
+                    h.record((ms * 1000.0) as u64);
+                }
+            }
+            h.summary_ms()
+        };
+        self.join = JoinReport {
+            signaling: hist(&|j| j.signaling_ms),
+            ice: hist(&|j| j.ice_ms),
+            dtls: hist(&|j| j.dtls_ms),
+            first_media: hist(&|j| j.first_media_ms),
+        };
+        self.participants_joined = c.joins.iter().filter(|j| j.dtls_ms.is_some()).count();
+        self.join_first_media_ms = c.joins.iter().filter_map(|j| j.first_media_ms).collect();
+        self.delay = c.delay_total.summary_ms();
+        self.jitter = c.jitter_total.summary_ms();
+        self.delay_cdf = c.delay_total.cdf_ms();
+        self.counters = c.total;
+        self.loss = c.total.loss();
+        self.send_lag = c.lag_total.summary_ms();
+        self.tool_kept_up = self.send_lag.map(|s| s.p99 <= LAG_LIMIT_MS);
+        let media: Vec<&Second> = self.timeline.iter().filter(|s| s.rx_packets > 0).collect();
+        if !media.is_empty() {
+            for i in 0..5 {
+                self.rx_kbps_mean[i] =
+                    media.iter().map(|s| s.rx_kbps[i]).sum::<f64>() / media.len() as f64;
+            }
+        }
+        self.server.cpu_avg_pct = mean(self.timeline.iter().filter_map(|s| s.server?.cpu_pct));
+        self.server.cpu_max_pct = max(self.timeline.iter().filter_map(|s| s.server?.cpu_pct));
+        self.server.rss_max_mb = max(self
+            .timeline
+            .iter()
+            .filter_map(|s| s.server.map(|x| x.rss_mb)));
+        self.tool.cpu_avg_pct = mean(self.timeline.iter().filter_map(|s| s.tool?.cpu_pct));
+        self.tool.cpu_max_pct = max(self.timeline.iter().filter_map(|s| s.tool?.cpu_pct));
+        self.tool.rss_max_mb = max(self
+            .timeline
+            .iter()
+            .filter_map(|s| s.tool.map(|x| x.rss_mb)));
+        if !self.capacity_steps.is_empty() {
+            self.capacity_viewers = Some(
+                self.capacity_steps
+                    .iter()
+                    .take_while(|s| s.pass)
+                    .last()
+                    .map_or(0, |s| s.viewers),
+            );
+        }
+    }
+
+    /// A few lines for the terminal.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let f = |v: &Option<Summary>| {
+            v.map_or("-".to_owned(), |v| {
+                format!(
+                    "p50 {:.1} / p95 {:.1} / p99 {:.1} / max {:.1} ms",
+                    v.p50, v.p95, v.p99, v.max
+                )
+            })
+        };
+        let _ = writeln!(
+            s,
+            "scenario {} against {}: {} in {:.1} s",
+            self.scenario.name, self.target, self.outcome, self.duration_s
+        );
+        if let Some(e) = &self.error {
+            let _ = writeln!(s, "  error: {e}");
+        }
+        let _ = writeln!(
+            s,
+            "  participants: {} planned, {} connected, {} failed",
+            self.participants_planned, self.participants_joined, self.participants_failed
+        );
+        let _ = writeln!(s, "  join signaling  {}", f(&self.join.signaling));
+        let _ = writeln!(s, "  join ICE        {}", f(&self.join.ice));
+        let _ = writeln!(s, "  join DTLS       {}", f(&self.join.dtls));
+        let _ = writeln!(s, "  first media     {}", f(&self.join.first_media));
+        let _ = writeln!(s, "  one-way delay   {}", f(&self.delay));
+        let _ = writeln!(s, "  jitter          {}", f(&self.jitter));
+        let _ = writeln!(
+            s,
+            "  loss {:.3}% ({} of {} packets), {} duplicates, {} reordered, {} recovered by NACK",
+            self.loss * 100.0,
+            self.counters.net_lost(),
+            self.counters.expected,
+            self.counters.duplicates,
+            self.counters.reordered,
+            self.counters.recovered
+        );
+        let k = self.rx_kbps_mean;
+        let _ = writeln!(
+            s,
+            "  received kbit/s: audio {:.0}, layer0 {:.0}, layer1 {:.0}, layer2 {:.0}, screen {:.0}; {} layer switches",
+            k[0], k[1], k[2], k[3], k[4], self.counters.layer_switches
+        );
+        if self.server.pid.is_some() {
+            let _ = writeln!(
+                s,
+                "  server CPU avg {} max {}, RSS max {}",
+                pct(self.server.cpu_avg_pct),
+                pct(self.server.cpu_max_pct),
+                mb(self.server.rss_max_mb)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "  tool CPU avg {}, send lag {}{}",
+            pct(self.tool.cpu_avg_pct),
+            f(&self.send_lag),
+            match self.tool_kept_up {
+                Some(false) => "  (THE TOOL DID NOT KEEP UP: figures are pessimistic)",
+                _ => "",
+            }
+        );
+        if let Some(v) = self.capacity_viewers {
+            let _ = writeln!(
+                s,
+                "  capacity: {v} viewers passed (loss <= {:.1}%, p99 <= {:.0} ms)",
+                self.scenario
+                    .capacity
+                    .as_ref()
+                    .map_or(0.0, |c| c.max_loss * 100.0),
+                self.scenario
+                    .capacity
+                    .as_ref()
+                    .map_or(0.0, |c| c.max_p99_ms)
+            );
+        }
+        s
+    }
+
+    pub fn html(&self) -> String {
+        let mut h = String::new();
+        let json = serde_json::to_string_pretty(self).unwrap_or_default();
+        let _ = write!(
+            h,
+            "<!doctype html><html><head><meta charset=\"utf-8\"><title>loadtest: {name}</title>\
+<style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}pre{{background:#f4f4f4;padding:1em;overflow:auto}}\
+svg{{background:#fafafa;border:1px solid #ddd;margin:.5em 0}}h2{{margin-top:1.5em}}</style></head><body>\
+<h1>loadtest: {name}</h1><pre>{summary}</pre>",
+            name = esc(&self.scenario.name),
+            summary = esc(&self.summary())
+        );
+        h.push_str("<h2>One-way delay, cumulative distribution</h2>");
+        h.push_str(&line_chart(
+            &[("delay", "#1f77b4", self.delay_cdf.clone())],
+            "ms",
+            "fraction",
+        ));
+        let series = |i: usize| -> Vec<(f64, f64)> {
+            self.timeline.iter().map(|s| (s.t, s.rx_kbps[i])).collect()
+        };
+        h.push_str("<h2>Received bitrate over time (kbit/s, all receivers)</h2>");
+        h.push_str(&line_chart(
+            &[
+                ("audio", "#2ca02c", series(0)),
+                ("layer 0", "#1f77b4", series(1)),
+                ("layer 1", "#ff7f0e", series(2)),
+                ("layer 2", "#d62728", series(3)),
+                ("screen", "#9467bd", series(4)),
+            ],
+            "s",
+            "kbit/s",
+        ));
+        h.push_str("<h2>Loss and delay p99 over time</h2>");
+        h.push_str(&line_chart(
+            &[(
+                "loss %",
+                "#d62728",
+                self.timeline
+                    .iter()
+                    .map(|s| (s.t, s.loss * 100.0))
+                    .collect(),
+            )],
+            "s",
+            "%",
+        ));
+        h.push_str(&line_chart(
+            &[(
+                "delay p99 ms",
+                "#1f77b4",
+                self.timeline
+                    .iter()
+                    .filter_map(|s| Some((s.t, s.delay_p99_ms?)))
+                    .collect(),
+            )],
+            "s",
+            "ms",
+        ));
+        h.push_str("<h2>Join to first media (histogram)</h2>");
+        h.push_str(&histogram(&self.join_first_media_ms, "ms"));
+        if self.server.pid.is_some() {
+            h.push_str("<h2>Server CPU % and RSS MB</h2>");
+            h.push_str(&line_chart(
+                &[
+                    (
+                        "cpu %",
+                        "#8c564b",
+                        self.timeline
+                            .iter()
+                            .filter_map(|s| Some((s.t, s.server?.cpu_pct?)))
+                            .collect(),
+                    ),
+                    (
+                        "rss MB",
+                        "#7f7f7f",
+                        self.timeline
+                            .iter()
+                            .filter_map(|s| Some((s.t, s.server?.rss_mb)))
+                            .collect(),
+                    ),
+                ],
+                "s",
+                "",
+            ));
+        }
+        let _ = write!(
+            h,
+            "<h2>Report (JSON)</h2><pre>{}</pre></body></html>",
+            esc(&json)
+        );
+        h
+    }
+}
+
+fn mean(it: impl Iterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = it.collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn max(it: impl Iterator<Item = f64>) -> Option<f64> {
+    it.fold(None, |m, x| Some(m.map_or(x, |m: f64| m.max(x))))
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0}%"))
+}
+
+fn mb(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1} MB"))
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+const W: f64 = 900.0;
+const H: f64 = 260.0;
+const PAD: f64 = 50.0;
+
+/// An inline SVG line chart of several series sharing axes.
+/// (name, colour, points) of one line.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
+fn line_chart(series: &[Series<'_>], xunit: &str, yunit: &str) -> String {
+    let pts = series.iter().flat_map(|s| s.2.iter());
+    let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
+    for &(x, y) in pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y1 = y1.max(y);
+    }
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\">");
+    if x0 > x1 {
+        s.push_str("<text x=\"20\" y=\"30\">no data</text></svg>");
+        return s;
+    }
+    if x1 - x0 < 1e-9 {
+        x1 = x0 + 1.0;
+    }
+    if y1 <= 0.0 {
+        y1 = 1.0;
+    }
+    let sx = |x: f64| PAD + (x - x0) / (x1 - x0) * (W - 2.0 * PAD);
+    let sy = |y: f64| H - PAD + -(y / y1) * (H - 2.0 * PAD);
+    let _ = write!(
+        s,
+        "<line x1=\"{PAD}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#333\"/><line x1=\"{PAD}\" y1=\"{PAD}\" x2=\"{PAD}\" y2=\"{b}\" stroke=\"#333\"/>\
+<text x=\"{PAD}\" y=\"{lb}\" font-size=\"11\">{x0:.1} {xunit}</text><text x=\"{r}\" y=\"{lb}\" font-size=\"11\" text-anchor=\"end\">{x1:.1} {xunit}</text>\
+<text x=\"4\" y=\"{PAD}\" font-size=\"11\">{y1:.1} {yunit}</text><text x=\"4\" y=\"{b}\" font-size=\"11\">0</text>",
+        b = H - PAD,
+        r = W - PAD,
+        lb = H - PAD + 15.0
+    );
+    for (i, (name, color, data)) in series.iter().enumerate() {
+        if data.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = data
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        let _ = write!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"1.5\" points=\"{}\"/><text x=\"{}\" y=\"{}\" font-size=\"12\" fill=\"{color}\">{}</text>",
+            path.join(" "),
+            PAD + 10.0 + 110.0 * i as f64,
+            PAD - 10.0,
+            esc(name)
+        );
+    }
+    s.push_str("</svg>");
+    s
+}
+
+/// An inline SVG histogram with 30 bins.
+fn histogram(values: &[f64], unit: &str) -> String {
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\">");
+    if values.is_empty() {
+        s.push_str("<text x=\"20\" y=\"30\">no data</text></svg>");
+        return s;
+    }
+    let lo = values.iter().cloned().fold(f64::MAX, f64::min);
+    let hi = values
+        .iter()
+        .cloned()
+        .fold(f64::MIN, f64::max)
+        .max(lo + 1.0);
+    let bins = 30usize;
+    let mut counts = vec![0u32; bins];
+    for &v in values {
+        let i = (((v - lo) / (hi - lo)) * bins as f64) as usize;
+        counts[i.min(bins - 1)] += 1;
+    }
+    let top = *counts.iter().max().unwrap_or(&1) as f64;
+    let bw = (W - 2.0 * PAD) / bins as f64;
+    for (i, &c) in counts.iter().enumerate() {
+        let h = c as f64 / top * (H - 2.0 * PAD);
+        let _ = write!(
+            s,
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{h:.1}\" fill=\"#1f77b4\"/>",
+            PAD + i as f64 * bw,
+            H - PAD - h,
+            bw - 1.0
+        );
+    }
+    let _ = write!(
+        s,
+        "<text x=\"{PAD}\" y=\"{y}\" font-size=\"11\">{lo:.0} {unit}</text><text x=\"{r}\" y=\"{y}\" font-size=\"11\" text-anchor=\"end\">{hi:.0} {unit}</text><text x=\"4\" y=\"{PAD}\" font-size=\"11\">{top} joins</text></svg>",
+        y = H - PAD + 15.0,
+        r = W - PAD
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn html_is_self_contained() {
+        let mut r = Report::new(
+            &Scenario::conference(2, Duration::from_secs(1)),
+            "http://127.0.0.1:1",
+            None,
+        );
+        r.delay_cdf = vec![(1.0, 0.5), (2.0, 1.0)];
+        r.join_first_media_ms = vec![100.0, 120.0, 300.0];
+        let h = r.html();
+        assert!(h.contains("<svg") && h.contains("<polyline") && h.contains("<rect"));
+        assert!(!h.contains("<script") && !h.contains("src=\"http"));
+    }
+}
