@@ -318,12 +318,7 @@ impl Participant {
             }
         };
         let answer = sdp::answer_publish(offer, &local, &limits)?;
-        let ext_in = answer
-            .media
-            .iter()
-            .find(|m| m.active)
-            .map(|m| m.ext)
-            .unwrap_or_default();
+        let ext_in = answer.ext_in();
         let answer_sdp = answer.sdp.clone();
         let transport = match (&self.publisher, creds) {
             (Some(p), _) => p.transport,

@@ -219,6 +219,22 @@ pub struct HeaderExtIds {
     pub audio_level: Option<u8>,
 }
 
+impl HeaderExtIds {
+    /// Each id from `self`, else from `other`. A BUNDLE group maps one URI to one id (RFC 8843
+    /// §9.2) but each m-section lists only the extensions it uses (audio has no rid), so the
+    /// transport's ids are the union over its m-sections.
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            mid: self.mid.or(other.mid),
+            rid: self.rid.or(other.rid),
+            repaired_rid: self.repaired_rid.or(other.repaired_rid),
+            abs_send_time: self.abs_send_time.or(other.abs_send_time),
+            transport_cc: self.transport_cc.or(other.transport_cc),
+            audio_level: self.audio_level.or(other.audio_level),
+        }
+    }
+}
+
 /// Media direction attribute (RFC 3264 §5.1); absent means `sendrecv`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -261,6 +277,17 @@ pub struct PublishAnswer {
     /// membership, rtcp-mux, or because of their kind (data channels); m-lines without a mid are
     /// rejected too but cannot be named here.
     pub rejected_mids: Vec<String>,
+}
+
+impl PublishAnswer {
+    /// Extension ids on the packets the client will send: the union over the active m-lines
+    /// (Chromium puts audio first, whose m-line has no rid extension).
+    pub fn ext_in(&self) -> HeaderExtIds {
+        self.media
+            .iter()
+            .filter(|m| m.active)
+            .fold(HeaderExtIds::default(), |ids, m| ids.or(m.ext))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -259,6 +259,17 @@ mod tests {
     }
 
     #[test]
+    fn transport_extension_ids_are_the_union_of_the_m_lines() {
+        // Audio first, as Chromium offers: rid and repaired-rid appear only on video.
+        let ids = answer(fixtures::CHROME_PUBLISH_SIMULCAST).ext_in();
+        assert_eq!(ids.audio_level, Some(1));
+        assert_eq!(ids.transport_cc, Some(3));
+        assert_eq!(ids.mid, Some(4));
+        assert_eq!(ids.rid, Some(10));
+        assert_eq!(ids.repaired_rid, Some(11));
+    }
+
+    #[test]
     fn chrome_simulcast_offer_is_answered() {
         let a = answer(fixtures::CHROME_PUBLISH_SIMULCAST);
         assert_eq!(a.remote.ice_ufrag, "Zhex");
