@@ -46,11 +46,12 @@ export function launchChromium(opts = {}) {
 }
 
 /**
- * Opens the edge's page for a room in a new browser context (its own cookies and devices).
+ * Opens an edge's page for a room in a new browser context (its own cookies and devices): the
+ * basic page (`/basic`, joins at once) unless `path` says otherwise (`/` is the meeting page).
  * Console errors of the page are echoed with a prefix.
  */
-export async function openRoomPage(browser, { base, room, token, label, query = {} }) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+export async function openRoomPage(browser, { base, room, token, label, query = {}, path = '/basic', contextOptions = {} }) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, ...contextOptions });
   const page = await context.newPage();
   page.on('console', (msg) => {
     if (msg.type() === 'error' || msg.type() === 'warning') {
@@ -59,7 +60,7 @@ export async function openRoomPage(browser, { base, room, token, label, query = 
   });
   page.on('pageerror', (err) => console.log(`[${label} pageerror] ${err.message}`));
   const qs = new URLSearchParams({ room, ...(token ? { token } : {}), ...query });
-  await page.goto(`${base}/?${qs}`);
+  await page.goto(`${base}${path}?${qs}`);
   return page;
 }
 
