@@ -20,7 +20,7 @@ SUITE_TIMEOUT=240
 
 # name|command
 SUITES=(
-    "client_unit|node --test tests/e2e/client_unit.test.mjs"
+    "client_unit|node --test tests/e2e/client_unit.test.mjs tests/e2e/meet_layout.test.mjs"
     "whip_whep|python3 tests/interop/test_whip_whep.py"
     "two_pages|node tests/e2e/two_pages.mjs"
 )

@@ -28,7 +28,7 @@
  *   `seq` emits `seq-gap`. Changes of the meeting features also emit `room` so a page can
  *   re-render from the model.
  * - Reconnect: when the socket drops while joined (not after a leave, a removal or the end of
- *   the meeting), the client opens a new one and resumes with `reconnect:attempt` and the
+ *   the meeting, nor when the server closed it with 1000 or 1008), the client opens a new one and resumes with `reconnect:attempt` and the
  *   resume token of the last join, for up to {@link RESUME_WINDOW_MS}; the peer connections
  *   stay as they are (the server keeps its side of them). Events missed meanwhile arrive after
  *   the ack, in order.
@@ -1249,7 +1249,9 @@ export class KcsClient extends Emitter {
       this._pending.delete(id);
     }
     if (this._resuming) return; // a failed attempt: _resume decides what is next
-    if (!this._final && this.resumeToken && this._url) {
+    // 1000: the server ended the session on purpose; 1008: closed for abuse. Anything else
+    // (1006 network drop, 1001 going away, 1011/1012 server trouble) is worth a resume.
+    if (!this._final && this.resumeToken && this._url && code !== 1000 && code !== 1008) {
       this._resume(code, reason);
       return;
     }
