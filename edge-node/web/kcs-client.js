@@ -56,6 +56,13 @@
 export const PROTOCOL_VERSION = 2;
 
 /**
+ * Versions this client can fall back to, newest first: an edge of version 1 answers `hello`
+ * 2 with `unsupported_version` and keeps the socket open, and version 1 has all the media
+ * (none of the meeting features: their requests get `unknown_type`).
+ */
+export const SUPPORTED_VERSIONS = Object.freeze([2, 1]);
+
+/**
  * Default reply timeout of a request. An edge answers in milliseconds; an SDP negotiation can
  * take the server a few hundred ms on a loaded machine, so 10 s only catches a dead server.
  */
@@ -335,6 +342,8 @@ export class KcsClient extends Emitter {
     this.seq = null;
     /** @type {number} highest `sdp:offer` revision answered */
     this.subRevision = 0;
+    /** @type {number} the protocol version agreed with `hello` */
+    this.version = PROTOCOL_VERSION;
     /** @type {boolean} joined, but waiting in the lobby for a moderator */
     this.waiting = false;
     /** @type {number} participants in the room (the roster may be paged: see members()) */
@@ -426,7 +435,7 @@ export class KcsClient extends Emitter {
     this._rtcConfig = opts.rtcConfig ?? {};
     this._url = opts.url ?? defaultWsUrl();
     await this._openSocket(this._url);
-    await this.request('hello', { version: PROTOCOL_VERSION });
+    await this._hello();
     /** @type {Record<string, any>} */
     const join = { token: opts.token, autoSubscribe: opts.autoSubscribe ?? true };
     if (opts.name) join.name = opts.name;
@@ -439,6 +448,19 @@ export class KcsClient extends Emitter {
     }
     this._applyJoin(ack);
     return ack;
+  }
+
+  /** Says `hello` with the newest version the server accepts. */
+  async _hello() {
+    for (const version of SUPPORTED_VERSIONS) {
+      try {
+        await this.request('hello', { version });
+        this.version = version;
+        return;
+      } catch (err) {
+        if (/** @type {KcsError} */ (err).code !== 'unsupported_version' || version === SUPPORTED_VERSIONS.at(-1)) throw err;
+      }
+    }
   }
 
   /**
@@ -1270,7 +1292,7 @@ export class KcsClient extends Emitter {
       this.emit('reconnecting', { attempt });
       try {
         await this._openSocket(/** @type {string} */ (this._url));
-        await this.request('hello', { version: PROTOCOL_VERSION });
+        await this._hello();
         const ack = await this.request('reconnect:attempt', { resumeToken: this.resumeToken });
         this._resuming = false;
         this._applyJoin(ack);

@@ -13,7 +13,8 @@
  * the screen cannot drift from the room state.
  *
  * Query string: `room` (required), `token` (else the dev-only `GET /dev/token` is asked, with
- * `role` when given), `name`. Everything else is chosen on the page.
+ * `role` when given), `name`, `fps` (camera frame rate, default 30: tests lower it to spare
+ * CPU). Everything else is chosen on the page.
  *
  * Keyboard: every control is a button or a form field (Tab / Shift+Tab, Enter / Space), and
  * Alt+A microphone, Alt+V camera, Alt+S screen share, Alt+H hand, Alt+P people, Alt+C chat.
@@ -28,8 +29,11 @@ import {
 
 /** @typedef {import('./kcs-client.js').Id} Id */
 
+const params = new URLSearchParams(location.search);
 /** Camera capture: 1280x720 so that Chromium sends all three simulcast layers. */
-const CAMERA_CONSTRAINTS = { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } };
+const CAMERA_CONSTRAINTS = {
+  width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: Number(params.get('fps') ?? 30) },
+};
 /** How often the quality dot is measured and reported (stats:report). */
 const QUALITY_INTERVAL_MS = 3000;
 /** How long a toast stays. */
@@ -40,7 +44,6 @@ const REACTION_NAMES = {
   '👍': 'thumbs up', '❤️': 'heart', '😂': 'laughing', '😮': 'surprised', '👏': 'applause', '🎉': 'celebration',
 };
 
-const params = new URLSearchParams(location.search);
 const client = new KcsClient();
 /** @type {string[]} */
 const errors = [];
@@ -570,6 +573,10 @@ function render() {
   rec.hidden = !state.recommendation;
   rec.textContent = state.recommendation ?? '';
 
+  $('room-controls').hidden = !client.can('lock');
+  /** @type {HTMLInputElement} */ ($('lobby-toggle')).checked = client.settings.lobby;
+  /** @type {HTMLInputElement} */ ($('lock-toggle')).checked = client.settings.locked;
+
   renderPeople();
   renderChatTargets();
 }
@@ -864,7 +871,9 @@ async function measureQuality() {
     state.quality = qualityOf({ rttMs: m.rttMs, loss });
     render();
   }
-  await client.reportStats({ rttMs: m.rttMs, loss, jitterMs: m.jitterMs, bitrate: m.bitrate });
+  if (client.version >= 2 && m.rttMs != null) {
+    await client.reportStats({ rttMs: m.rttMs, loss: loss ?? 0, jitterMs: m.jitterMs, bitrate: m.bitrate });
+  }
 }
 
 // --- wiring ------------------------------------------------------------------------------------
@@ -958,6 +967,10 @@ function wireControls() {
   button('people').addEventListener('click', () => togglePanel('people-panel'));
   button('chat').addEventListener('click', () => togglePanel('chat-panel'));
   button('leave').addEventListener('click', () => act(leave));
+  const lobbyToggle = /** @type {HTMLInputElement} */ ($('lobby-toggle'));
+  lobbyToggle.addEventListener('change', () => act(() => client.setLobby(lobbyToggle.checked).finally(render)));
+  const lockToggle = /** @type {HTMLInputElement} */ ($('lock-toggle'));
+  lockToggle.addEventListener('change', () => act(() => client.setLocked(lockToggle.checked).finally(render)));
   button('end').addEventListener('click', () => act(() => client.endForAll()));
   $('chat-form').addEventListener('submit', (ev) => {
     ev.preventDefault();

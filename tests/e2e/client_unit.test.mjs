@@ -391,3 +391,20 @@ test('no resume after a removal, and an expired resume token ends in close', asy
   assert.deepEqual(await closed2, { code: 1006, reason: '' });
   assert.equal(client2.connected, false);
 });
+
+test('hello falls back to version 1 when the edge does not speak 2', async () => {
+  const client = new KcsClient();
+  const done = client.connect({ url: 'ws://edge.test/ws', token: 'tok', timeoutMs: 200 });
+  await tick();
+  const ws = FakeSocket.last;
+  const h2 = await ws.waitSent(1);
+  assert.equal(h2.version, 2);
+  ws.deliver({ type: 'error', id: h2.id, code: 'unsupported_version', message: 'this server speaks 1' });
+  const h1 = await ws.waitSent(2);
+  assert.deepEqual([h1.type, h1.version], ['hello', 1]);
+  ws.deliver({ type: 'ack', id: h1.id, version: 1 });
+  const join = await ws.waitSent(3);
+  ws.deliver({ type: 'ack', id: join.id, room: 'r', you: { id: 1, identity: 'me', role: 'host' }, participants: [], tracks: [], seq: 0 });
+  await done;
+  assert.equal(client.version, 1);
+});
