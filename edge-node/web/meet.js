@@ -519,6 +519,11 @@ function render() {
   });
   // Screen shares not on the stage go to the grid's end.
   for (const s of screenTiles.values()) if (s.el !== onStage && s.el.parentElement !== grid) grid.append(s.el);
+  // As square a grid as the count allows, wider than high (screens are landscape).
+  const count = Math.max(1, grid.childElementCount);
+  const cols = Math.ceil(Math.sqrt(count));
+  grid.style.setProperty('--cols', String(cols));
+  grid.style.setProperty('--rows', String(Math.ceil(count / cols)));
 
   // Tiles' captions and badges
   const handSet = new Set(hands);
@@ -829,7 +834,7 @@ async function toggleShare() {
     return;
   }
   // Ask the server first: a role that may not share gets its answer before a browser prompt.
-  await client.request('screenshare:start');
+  if (client.version >= 2) await client.request('screenshare:start');
   const media = await navigator.mediaDevices.getDisplayMedia({ video: true, audio: false });
   const track = media.getVideoTracks()[0];
   local.screen = track;

@@ -123,7 +123,7 @@ async function main() {
   await inMeeting('alice');
   const alice = pages.alice;
   await alice.getByRole('button', { name: 'People' }).click();
-  await alice.getByLabel('Waiting room').check();
+  await alice.getByLabel('Waiting room', { exact: true }).check();
   await waitFor('the waiting room on', () => alice.evaluate(() => window.meet.client.settings.lobby === true));
   await shots('host-joined', ['alice']);
 
