@@ -6,7 +6,8 @@
 //     People panel;
 //  3. everyone decodes everyone else's camera (inbound-rtp framesDecoded grows);
 //  4. bob shares his screen (Chromium's fake screen capture): alice and carol get it on the
-//     large stage, named "bob is presenting", decoding frames, larger than the grid tiles;
+//     large stage, named "bob is presenting", decoding frames, larger than the grid tiles; the
+//     camera tiles, now small, ask for the lowest simulcast layer and get it;
 //  5. all three send a chat message at once: the three chat logs show the same messages in the
 //     same order;
 //  6. carol raises her hand: alice sees the badge on carol's tile and in the People list;
@@ -165,6 +166,14 @@ async function main() {
       throw new Error(`${who}: the shared screen is not large (${JSON.stringify(stageBox)} vs tile ${JSON.stringify(tileBox)})`);
     }
   }
+  // The camera tiles are now a strip of small tiles under the stage: each asks for the lowest
+  // simulcast layer (its height is under 180 px), so alice decodes bob's camera at bob's lowest
+  // encoding (1280 / 4 = 320 wide, or less when Chromium scaled bob down for CPU).
+  const small = await waitFor("alice receiving bob's camera at the lowest layer", async () => {
+    const v = await inbound(alice, 'bob', 'camera');
+    return v && v.frameWidth > 0 && v.frameWidth <= 320 ? v : null;
+  }, { timeoutMs: 20_000 });
+  log(`alice's strip tile of bob decodes ${small.frameWidth}x${small.frameHeight}`);
   await shots('screen-share');
 
   // 5. Chat from all three at once arrives everywhere in one order.
