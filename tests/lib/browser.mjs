@@ -40,7 +40,10 @@ export function launchChromium(opts = {}) {
   return chromium.launch({
     executablePath: opts.executablePath ?? CHROMIUM,
     headless: true,
-    args: [...CHROMIUM_ARGS, ...(opts.args ?? [])],
+    // Pages served from disk (KCS_WEB_DIR) have no address, and Chromium then blocks their
+    // socket to the loopback edge as a public page reaching a local one.
+    args: [...CHROMIUM_ARGS, ...(process.env.KCS_WEB_DIR ? ['--disable-features=LocalNetworkAccessChecks'] : []),
+      ...(opts.args ?? [])],
     timeout: 30_000,
   });
 }
