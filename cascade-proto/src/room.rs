@@ -3,11 +3,14 @@
 //! Every intent that expects an answer carries a [`RequestId`] chosen by the edge; the origin
 //! answers each with exactly one [`OriginToEdge::Reply`]. Room events carry a per-room sequence
 //! number ([`RoomEvent::seq`]) so an edge (and through it, a client) can tell when it missed one.
+//! Events meant for one participant or for the moderators ([`Audience`]) do not advance the
+//! sequence: a participant who is not told about them must not see a gap.
 //!
 //! The message enums are deliberately exhaustive: a new variant must be handled by every node.
 
 use crate::ids::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Identifies one edge node on the link (in dev mode there is one, `0`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -40,6 +43,92 @@ pub struct TrackInfo {
     /// Simulcast layers published (1 when not simulcast).
     pub layers: u8,
     pub muted: bool,
+    /// A moderator muted it: not forwarded, and its owner may not unmute it.
+    #[serde(rename = "hostMuted")]
+    pub host_muted: bool,
+}
+
+/// One chat message in the room's total order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// Room-wide, increasing: the order every participant sees.
+    pub id: u64,
+    /// Origin's clock, Unix milliseconds.
+    pub ts: u64,
+    pub from: ParticipantId,
+    #[serde(rename = "fromName")]
+    pub from_name: String,
+    /// The recipient of a direct message; `None` for the whole room.
+    pub to: Option<ParticipantId>,
+    pub text: String,
+}
+
+/// The room-wide view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Grid,
+    Speaker,
+}
+
+/// Room settings moderators change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomSettings {
+    /// New joins refused (moderators and invited identities excepted).
+    pub locked: bool,
+    /// New guests wait until a moderator admits them.
+    pub lobby: bool,
+    pub layout: Layout,
+    pub spotlight: Option<ParticipantId>,
+    /// A live stream is running (always false until the egress exists).
+    pub streaming: bool,
+}
+
+impl Default for RoomSettings {
+    fn default() -> Self {
+        Self {
+            locked: false,
+            lobby: false,
+            layout: Layout::Grid,
+            spotlight: None,
+            streaming: false,
+        }
+    }
+}
+
+/// Whether a participant's connection is up (a dropped one is kept for a while for resuming).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceStatus {
+    Connected,
+    Reconnecting,
+}
+
+/// The room as a joining participant first sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomSnapshot {
+    pub you: ParticipantInfo,
+    /// The first page of the roster, by id (the rest via [`Intent::Members`]).
+    pub participants: Vec<ParticipantInfo>,
+    pub participant_count: u32,
+    pub tracks: Vec<TrackInfo>,
+    /// The last messages the participant may see, oldest first.
+    pub chat: Vec<ChatMessage>,
+    /// Raised hands, oldest first.
+    pub hands: Vec<ParticipantId>,
+    pub settings: RoomSettings,
+    /// Those waiting in the lobby (for moderators; empty for others).
+    pub lobby: Vec<ParticipantInfo>,
+    /// Sequence number of the last room event included in this view.
+    pub seq: u64,
+}
+
+/// Permission-checked actions that need no state change of their own: asked before the client
+/// starts capturing (so a refused user is told before a browser prompt), and live streaming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    Publish(TrackSource),
+    LiveStream,
 }
 
 /// What a participant asks of the room, relayed by its edge.
@@ -51,7 +140,7 @@ pub enum Intent {
         role: Role,
         name: String,
     },
-    /// Leave (or the connection is gone).
+    /// Leave (or the connection is gone, or a waiting guest gave up).
     Leave { participant: ParticipantId },
     /// Announce a new published track.
     Publish {
@@ -71,6 +160,82 @@ pub enum Intent {
         track: TrackId,
         muted: bool,
     },
+    /// Is this participant allowed to do this? (Answers `Done` or a refusal.)
+    Authorize {
+        participant: ParticipantId,
+        action: Action,
+    },
+    /// A page of the roster: participants with ids above `after`.
+    Members {
+        participant: ParticipantId,
+        after: ParticipantId,
+        limit: u32,
+    },
+    /// The participant's connection dropped or came back.
+    SetStatus {
+        participant: ParticipantId,
+        status: PresenceStatus,
+    },
+    /// End the meeting for everyone.
+    Close { participant: ParticipantId },
+    SetLocked {
+        participant: ParticipantId,
+        locked: bool,
+    },
+    SetLobby {
+        participant: ParticipantId,
+        enabled: bool,
+    },
+    Admit {
+        participant: ParticipantId,
+        waiting: ParticipantId,
+    },
+    Deny {
+        participant: ParticipantId,
+        waiting: ParticipantId,
+    },
+    SetRole {
+        participant: ParticipantId,
+        target: ParticipantId,
+        role: Role,
+    },
+    Remove {
+        participant: ParticipantId,
+        target: ParticipantId,
+    },
+    /// Let `identity` in without the lobby and through the lock (participant:add).
+    Invite {
+        participant: ParticipantId,
+        identity: Identity,
+        role: Role,
+    },
+    /// Mute (or allow unmuting) all of `target`'s tracks of one kind.
+    MuteRemote {
+        participant: ParticipantId,
+        target: ParticipantId,
+        kind: TrackKind,
+        muted: bool,
+    },
+    RaiseHand { participant: ParticipantId },
+    LowerHand {
+        participant: ParticipantId,
+        target: ParticipantId,
+    },
+    Chat {
+        participant: ParticipantId,
+        text: String,
+        to: Option<ParticipantId>,
+    },
+    React {
+        participant: ParticipantId,
+        emoji: String,
+    },
+    SetLayout {
+        participant: ParticipantId,
+        layout: Option<Layout>,
+        /// `Some(None)` clears the spotlight; `None` leaves it.
+        spotlight: Option<Option<ParticipantId>>,
+    },
 }
 
 /// Why the origin refused an intent. Codes are what clients see.
@@ -89,6 +254,18 @@ pub enum RoomError {
     TooManyTracks(u32),
     #[error("already publishing a {0:?} track")]
     SourceInUse(TrackSource),
+    #[error("the meeting is locked")]
+    Locked,
+    #[error("no such participant")]
+    NoSuchParticipant,
+    #[error("a moderator muted this track")]
+    MutedByHost,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0} is not available yet")]
+    NotAvailable(String),
+    #[error("waiting in the lobby")]
+    InLobby,
 }
 
 impl RoomError {
@@ -100,6 +277,12 @@ impl RoomError {
             RoomError::RoomFull(_) => "room_full",
             RoomError::TooManyTracks(_) => "too_many_tracks",
             RoomError::SourceInUse(_) => "source_in_use",
+            RoomError::Locked => "room_locked",
+            RoomError::NoSuchParticipant => "no_such_participant",
+            RoomError::MutedByHost => "muted_by_host",
+            RoomError::BadRequest(_) => "bad_request",
+            RoomError::NotAvailable(_) => "not_available",
+            RoomError::InLobby => "in_lobby",
         }
     }
 }
@@ -108,33 +291,53 @@ impl RoomError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Reply {
     /// Joined: who you are and the room as it stands (events after `seq` follow on the link).
-    Joined {
-        you: ParticipantInfo,
+    Joined(Box<RoomSnapshot>),
+    /// Waiting in the lobby; [`RoomEventBody::Admitted`] or [`RoomEventBody::Denied`] follows.
+    Waiting { you: ParticipantInfo },
+    Published { track: TrackInfo },
+    Members {
         participants: Vec<ParticipantInfo>,
-        tracks: Vec<TrackInfo>,
-        seq: u64,
+        next: Option<ParticipantId>,
+        count: u32,
     },
-    Published {
-        track: TrackInfo,
-    },
+    Chat { message: ChatMessage },
     Done,
     Refused(RoomError),
+}
+
+/// Who an event is for. Only [`Audience::All`] events advance the room's sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Audience {
+    All,
+    Participant(ParticipantId),
+    /// Hosts and co-hosts (edges filter by the role they know).
+    Moderators,
 }
 
 /// One change to a room, in the room's total order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoomEvent {
     pub room: RoomId,
-    /// Per-room sequence number, starting at 1, without gaps.
+    /// Per-room sequence number, starting at 1, without gaps among [`Audience::All`] events;
+    /// personal events carry the sequence number of the last room event before them.
     pub seq: u64,
+    pub audience: Audience,
     pub body: RoomEventBody,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RoomEventBody {
-    ParticipantJoined(ParticipantInfo),
-    ParticipantLeft {
+    /// Joins batched over a short window (presence that scales: one event for many joins).
+    ParticipantsJoined(Vec<ParticipantInfo>),
+    ParticipantsLeft(Vec<ParticipantId>),
+    ParticipantStatus {
         participant: ParticipantId,
+        status: PresenceStatus,
+    },
+    RoleChanged {
+        participant: ParticipantId,
+        role: Role,
+        by: ParticipantId,
     },
     TrackPublished(TrackInfo),
     TrackUnpublished {
@@ -144,9 +347,51 @@ pub enum RoomEventBody {
     TrackMuted {
         track: TrackId,
         muted: bool,
+        host_muted: bool,
+        by: ParticipantId,
     },
-    /// The last participant left: the room is gone.
-    RoomClosed,
+    ScreenShare {
+        participant: ParticipantId,
+        track: TrackId,
+        active: bool,
+    },
+    Hand {
+        participant: ParticipantId,
+        by: ParticipantId,
+        raised: bool,
+        hands: Vec<ParticipantId>,
+    },
+    Chat(ChatMessage),
+    Reaction {
+        participant: ParticipantId,
+        emoji: String,
+        counts: BTreeMap<String, u64>,
+    },
+    Layout {
+        layout: Layout,
+        spotlight: Option<ParticipantId>,
+        by: ParticipantId,
+    },
+    Settings {
+        settings: RoomSettings,
+        by: ParticipantId,
+    },
+    /// The room ended: the last participant left (no audience), or a host ended it.
+    RoomClosed { by: Option<ParticipantId> },
+    /// Personal: a moderator admitted you from the lobby.
+    Admitted(Box<RoomSnapshot>),
+    /// Personal: a moderator denied you entry.
+    Denied,
+    /// Moderators: the lobby after a change.
+    Lobby(Vec<ParticipantInfo>),
+    /// Personal: please mute (the SFU already stopped forwarding), or you may unmute again.
+    MuteRequest {
+        kind: TrackKind,
+        muted: bool,
+        by: ParticipantId,
+    },
+    /// Personal: you were removed.
+    Removed { by: ParticipantId },
 }
 
 /// Edge -> origin.

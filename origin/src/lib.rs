@@ -2,20 +2,31 @@
 //!
 //! Edges never own roster, roles or track lists (architecture rule 1): they forward each
 //! participant's [`Intent`] to the room's origin and fan the origin's [`RoomEvent`]s back out.
-//! [`Origin`] is sans-IO: [`Origin::handle`] takes one message from an edge and returns the
-//! replies and events to deliver, each addressed to the edges that must see it. Dev mode drives it
-//! from one task over an in-memory link; the cascade issue drives the same type over QUIC.
+//! [`Origin`] is sans-IO: [`Origin::handle`] takes one message from an edge (and the time, for
+//! chat timestamps) and returns the replies and events to deliver, each addressed to the edges
+//! that must see it; [`Origin::tick`], called every [`PRESENCE_BATCH`], sends the batched joins
+//! and leaves. Dev mode drives it from one task over an in-memory link; the cascade issue drives
+//! the same type over QUIC.
 //!
-//! Invariants: every request gets exactly one reply; each room's events are numbered 1, 2, 3...
-//! without gaps; a refused intent changes nothing.
+//! Invariants: every request gets exactly one reply; each room's events for everyone are
+//! numbered 1, 2, 3... without gaps; a refused intent changes nothing.
+//!
+//! [`Intent`]: cascade_proto::room::Intent
 
 mod room;
 
-pub use room::{Room, RoomConfig};
+pub use room::{
+    allowed, is_moderator, Permission, Room, RoomConfig, MAX_CHAT_CHARS, MAX_ROSTER_PAGE,
+    REACTIONS,
+};
 
-use cascade_proto::room::{EdgeId, EdgeToOrigin, OriginToEdge, RoomEvent};
+use cascade_proto::room::{EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RoomError, RoomEvent};
 use cascade_proto::RoomId;
 use std::collections::HashMap;
+use std::time::Duration;
+
+/// How long joins and leaves collect before going out as one event.
+pub const PRESENCE_BATCH: Duration = Duration::from_millis(200);
 
 /// One message for one edge.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +42,14 @@ pub struct Origin {
     config: RoomConfig,
 }
 
+/// Milliseconds since the Unix epoch by the system clock.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Origin {
     pub fn new(config: RoomConfig) -> Self {
         Self {
@@ -39,26 +58,53 @@ impl Origin {
         }
     }
 
-    /// Handles one message from `edge`, returning what to send where.
+    /// Handles one message from `edge` at the system clock's time.
     pub fn handle(&mut self, edge: EdgeId, msg: EdgeToOrigin) -> Vec<Outgoing> {
+        self.handle_at(edge, msg, unix_millis())
+    }
+
+    /// Handles one message from `edge` at `now_ms` (Unix milliseconds), returning what to send
+    /// where. Only a join creates a room; anything else for an unknown room is refused.
+    pub fn handle_at(&mut self, edge: EdgeId, msg: EdgeToOrigin, now_ms: u64) -> Vec<Outgoing> {
         match msg {
             EdgeToOrigin::Request { id, room, intent } => {
-                let state = self
-                    .rooms
-                    .entry(room.clone())
-                    .or_insert_with(|| Room::new(room.clone(), self.config.clone()));
-                let (reply, events) = state.handle(edge, intent);
+                let state = match self.rooms.get_mut(&room) {
+                    Some(r) => r,
+                    None if matches!(intent, Intent::Join { .. }) => self
+                        .rooms
+                        .entry(room.clone())
+                        .or_insert_with(|| Room::new(room.clone(), self.config.clone())),
+                    None => {
+                        return vec![Outgoing {
+                            edge,
+                            message: OriginToEdge::Reply {
+                                id,
+                                reply: Reply::Refused(RoomError::NotInRoom),
+                            },
+                        }]
+                    }
+                };
+                let (reply, events) = state.handle(edge, intent, now_ms);
                 let mut out = vec![Outgoing {
                     edge,
                     message: OriginToEdge::Reply { id, reply },
                 }];
                 out.extend(fan_out(events));
-                if self.rooms.get(&room).is_some_and(Room::is_empty) {
+                if self.rooms.get(&room).is_some_and(Room::is_finished) {
                     self.rooms.remove(&room);
                 }
                 out
             }
         }
+    }
+
+    /// Sends every room's batched joins and leaves.
+    pub fn tick(&mut self) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for room in self.rooms.values_mut() {
+            out.extend(fan_out(room.flush_presence()));
+        }
+        out
     }
 
     pub fn room(&self, room: &RoomId) -> Option<&Room> {

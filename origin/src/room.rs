@@ -1,10 +1,18 @@
-//! One room's state machine: roster, tracks and the event sequence.
+//! One room's state machine: roster, roles and permissions, tracks, lobby, chat, hands and the
+//! event sequence.
+//!
+//! Everything a participant may change about a room goes through [`Room::handle`], which checks
+//! the one permission matrix ([`allowed`]) and either applies the intent and emits events, or
+//! refuses it and changes nothing. Joins and leaves are not broadcast one by one: they collect
+//! in a pending batch that goes out as one event at the next [`Room::flush_presence`] (the
+//! origin calls it on a short tick), or just before any other room event so order holds. A room
+//! of N participants thus costs O(N) presence messages per batch window rather than O(N²).
 
 use cascade_proto::room::{
-    EdgeId, Intent, ParticipantInfo, Reply, RoomError, RoomEvent, RoomEventBody, TrackInfo,
+    Action, Audience, ChatMessage, EdgeId, Intent, ParticipantInfo, Reply, RoomError, RoomEvent, RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
 };
-use cascade_proto::{ParticipantId, Role, RoomId, TrackId, TrackSource};
-use std::collections::BTreeMap;
+use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Limits for one room. Plain data with the defaults documented.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +21,14 @@ pub struct RoomConfig {
     pub max_participants: u32,
     /// Tracks one participant may publish at once (default 4: mic, camera, screen, screen audio).
     pub max_tracks_per_participant: u32,
+    /// Chat messages kept for history (default 200).
+    pub chat_history: usize,
+    /// Messages of history a joiner gets (default 50).
+    pub chat_on_join: usize,
+    /// Roster entries in a join snapshot; the rest is paged (default 100).
+    pub roster_page: u32,
+    /// Guests waiting in the lobby at most (default 1,000).
+    pub max_waiting: u32,
 }
 
 impl Default for RoomConfig {
@@ -20,7 +36,85 @@ impl Default for RoomConfig {
         Self {
             max_participants: 10_000,
             max_tracks_per_participant: 4,
+            chat_history: 200,
+            chat_on_join: 50,
+            roster_page: 100,
+            max_waiting: 1_000,
         }
+    }
+}
+
+/// Longest chat message, in characters.
+pub const MAX_CHAT_CHARS: usize = 2000;
+/// Largest roster page a client may ask for.
+pub const MAX_ROSTER_PAGE: u32 = 500;
+/// The reactions a client may send.
+pub const REACTIONS: [&str; 6] = ["👍", "❤️", "😂", "😮", "👏", "🎉"];
+
+/// Everything a role may or may not do: the one permission matrix (docs/protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    Publish(TrackSource),
+    Chat,
+    MuteOthers,
+    Remove,
+    ChangeRoles,
+    Admit,
+    Lock,
+    LowerOthersHands,
+    Layout,
+    Invite,
+    EndForAll,
+    LiveStream,
+}
+
+/// Whether `role` may do `what`. Targets (who is muted, removed...) get further checks in
+/// [`outranks`].
+pub fn allowed(role: Role, what: Permission) -> bool {
+    use Permission::*;
+    let moderator = is_moderator(role);
+    match what {
+        Publish(TrackSource::Microphone | TrackSource::Camera) => role != Role::Viewer,
+        Publish(TrackSource::Screen | TrackSource::ScreenAudio) => {
+            matches!(role, Role::Host | Role::CoHost | Role::Presenter)
+        }
+        Chat => true,
+        MuteOthers | Remove | Admit | Lock | LowerOthersHands | Layout | Invite | LiveStream => {
+            moderator
+        }
+        ChangeRoles | EndForAll => role == Role::Host,
+    }
+}
+
+pub fn is_moderator(role: Role) -> bool {
+    matches!(role, Role::Host | Role::CoHost)
+}
+
+/// Whether a moderator of role `actor` may mute (`remove: false`) or remove a participant of
+/// role `target`: hosts anyone; co-hosts may not mute hosts nor remove hosts or co-hosts.
+fn outranks(actor: Role, target: Role, remove: bool) -> bool {
+    match actor {
+        Role::Host => true,
+        Role::CoHost => match target {
+            Role::Host => false,
+            Role::CoHost => !remove,
+            _ => true,
+        },
+        _ => false,
+    }
+}
+
+#[derive(Debug)]
+struct Member {
+    info: ParticipantInfo,
+    /// Kinds a moderator muted: tracks of these kinds are (and start) host-muted.
+    host_muted: [bool; 2],
+}
+
+fn kind_index(k: TrackKind) -> usize {
+    match k {
+        TrackKind::Audio => 0,
+        TrackKind::Video => 1,
     }
 }
 
@@ -29,11 +123,23 @@ impl Default for RoomConfig {
 pub struct Room {
     id: RoomId,
     config: RoomConfig,
-    participants: BTreeMap<ParticipantId, ParticipantInfo>,
+    participants: BTreeMap<ParticipantId, Member>,
+    waiting: BTreeMap<ParticipantId, ParticipantInfo>,
+    /// Identities let in without the lobby and through the lock.
+    invited: HashMap<Identity, Role>,
     tracks: BTreeMap<TrackId, TrackInfo>,
+    hands: Vec<ParticipantId>,
+    chat: VecDeque<ChatMessage>,
+    reactions: BTreeMap<String, u64>,
+    settings: RoomSettings,
+    pending_joined: Vec<ParticipantInfo>,
+    pending_left: Vec<ParticipantId>,
     next_participant: u64,
     next_track: u64,
+    next_chat: u64,
+    last_chat_ts: u64,
     seq: u64,
+    closed: bool,
 }
 
 type Events = Vec<(RoomEvent, Vec<EdgeId>)>;
@@ -44,11 +150,27 @@ impl Room {
             id,
             config,
             participants: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+            invited: HashMap::new(),
             tracks: BTreeMap::new(),
+            hands: Vec::new(),
+            chat: VecDeque::new(),
+            reactions: BTreeMap::new(),
+            settings: RoomSettings::default(),
+            pending_joined: Vec::new(),
+            pending_left: Vec::new(),
             next_participant: 1,
             next_track: 1,
+            next_chat: 1,
+            last_chat_ts: 0,
             seq: 0,
+            closed: false,
         }
+    }
+
+    /// No one in it nor waiting, or a host ended it: the origin may forget it.
+    pub fn is_finished(&self) -> bool {
+        self.closed || (self.participants.is_empty() && self.waiting.is_empty())
     }
 
     pub fn is_empty(&self) -> bool {
@@ -56,11 +178,15 @@ impl Room {
     }
 
     pub fn participants(&self) -> impl Iterator<Item = &ParticipantInfo> {
-        self.participants.values()
+        self.participants.values().map(|m| &m.info)
     }
 
     pub fn tracks(&self) -> impl Iterator<Item = &TrackInfo> {
         self.tracks.values()
+    }
+
+    pub fn settings(&self) -> &RoomSettings {
+        &self.settings
     }
 
     /// Last event sequence number issued.
@@ -68,10 +194,11 @@ impl Room {
         self.seq
     }
 
-    /// Applies one intent from `edge`. A refused intent changes nothing and emits no event.
-    pub fn handle(&mut self, edge: EdgeId, intent: Intent) -> (Reply, Events) {
+    /// Applies one intent from `edge` at `now_ms` (Unix milliseconds, for chat timestamps).
+    /// A refused intent changes nothing and emits no event.
+    pub fn handle(&mut self, edge: EdgeId, intent: Intent, now_ms: u64) -> (Reply, Events) {
         let mut events = Vec::new();
-        let reply = match self.apply(edge, intent, &mut events) {
+        let reply = match self.apply(edge, intent, now_ms, &mut events) {
             Ok(reply) => reply,
             Err(e) => {
                 debug_assert!(events.is_empty(), "refused intents emit nothing");
@@ -81,10 +208,49 @@ impl Room {
         (reply, events)
     }
 
+    /// Sends the pending joins and leaves as (at most) two batched events.
+    pub fn flush_presence(&mut self) -> Events {
+        let mut events = Vec::new();
+        self.flush_into(&mut events);
+        events
+    }
+
+    fn flush_into(&mut self, events: &mut Events) {
+        if self.pending_joined.is_empty() && self.pending_left.is_empty() {
+            return;
+        }
+        // A guest who came and went within one window is news to no one.
+        let left = std::mem::take(&mut self.pending_left);
+        let mut joined = std::mem::take(&mut self.pending_joined);
+        let gone_before_told: Vec<ParticipantId> = joined
+            .iter()
+            .filter(|p| left.contains(&p.id))
+            .map(|p| p.id)
+            .collect();
+        joined.retain(|p| !gone_before_told.contains(&p.id));
+        let left: Vec<ParticipantId> = left
+            .into_iter()
+            .filter(|p| !gone_before_told.contains(p))
+            .collect();
+        // Refresh roles changed since the join was queued.
+        for p in &mut joined {
+            if let Some(m) = self.participants.get(&p.id) {
+                *p = m.info.clone();
+            }
+        }
+        if !joined.is_empty() {
+            self.push_to(RoomEventBody::ParticipantsJoined(joined), Audience::All, self.edges(), events);
+        }
+        if !left.is_empty() {
+            self.push_to(RoomEventBody::ParticipantsLeft(left), Audience::All, self.edges(), events);
+        }
+    }
+
     fn apply(
         &mut self,
         edge: EdgeId,
         intent: Intent,
+        now_ms: u64,
         events: &mut Events,
     ) -> Result<Reply, RoomError> {
         match intent {
@@ -92,49 +258,14 @@ impl Room {
                 identity,
                 role,
                 name,
-            } => {
-                if self.participants.len() as u32 >= self.config.max_participants {
-                    return Err(RoomError::RoomFull(self.config.max_participants));
-                }
-                let id = ParticipantId(self.next_participant);
-                self.next_participant += 1;
-                let info = ParticipantInfo {
-                    id,
-                    identity,
-                    name,
-                    role,
-                    edge,
-                };
-                self.participants.insert(id, info.clone());
-                self.emit(RoomEventBody::ParticipantJoined(info.clone()), events);
-                Ok(Reply::Joined {
-                    you: info,
-                    participants: self.participants.values().cloned().collect(),
-                    tracks: self.tracks.values().cloned().collect(),
-                    seq: self.seq,
-                })
-            }
+            } => self.join(edge, identity, role, name, events),
             Intent::Leave { participant } => {
+                if self.waiting.remove(&participant).is_some() {
+                    self.emit_lobby(events);
+                    return Ok(Reply::Done);
+                }
                 self.member(participant)?;
-                let gone: Vec<TrackId> = self
-                    .tracks
-                    .values()
-                    .filter(|t| t.participant == participant)
-                    .map(|t| t.id)
-                    .collect();
-                for track in gone {
-                    self.tracks.remove(&track);
-                    self.emit(
-                        RoomEventBody::TrackUnpublished { track, participant },
-                        events,
-                    );
-                }
-                // Emit before removing so the leaving participant's edge hears it too.
-                self.emit(RoomEventBody::ParticipantLeft { participant }, events);
-                self.participants.remove(&participant);
-                if self.participants.is_empty() {
-                    self.emit_to_nobody(RoomEventBody::RoomClosed, events);
-                }
+                self.remove_member(participant, events);
                 Ok(Reply::Done)
             }
             Intent::Publish {
@@ -143,10 +274,12 @@ impl Room {
                 codec,
                 layers,
             } => {
-                let role = self.member(participant)?.role;
-                if !may_publish(role, source) {
+                let me = self.member(participant)?;
+                let role = me.info.role;
+                if !allowed(role, Permission::Publish(source)) {
                     return Err(RoomError::Forbidden(role));
                 }
+                let host_muted = me.host_muted[kind_index(source.kind())];
                 let mine = self
                     .tracks
                     .values()
@@ -170,21 +303,28 @@ impl Room {
                     kind: source.kind(),
                     codec,
                     layers: layers.clamp(1, 3),
-                    muted: false,
+                    muted: host_muted,
+                    host_muted,
                 };
                 self.next_track += 1;
                 self.tracks.insert(track.id, track.clone());
                 self.emit(RoomEventBody::TrackPublished(track.clone()), events);
+                if source == TrackSource::Screen {
+                    self.emit(
+                        RoomEventBody::ScreenShare {
+                            participant,
+                            track: track.id,
+                            active: true,
+                        },
+                        events,
+                    );
+                }
                 Ok(Reply::Published { track })
             }
             Intent::Unpublish { participant, track } => {
                 self.member(participant)?;
                 self.own_track(participant, track)?;
-                self.tracks.remove(&track);
-                self.emit(
-                    RoomEventBody::TrackUnpublished { track, participant },
-                    events,
-                );
+                self.unpublish(track, events);
                 Ok(Reply::Done)
             }
             Intent::SetMuted {
@@ -194,19 +334,647 @@ impl Room {
             } => {
                 self.member(participant)?;
                 self.own_track(participant, track)?;
-                if let Some(t) = self.tracks.get_mut(&track) {
-                    if t.muted != muted {
-                        t.muted = muted;
-                        self.emit(RoomEventBody::TrackMuted { track, muted }, events);
+                let t = &self.tracks[&track];
+                if !muted && t.host_muted {
+                    return Err(RoomError::MutedByHost);
+                }
+                if t.muted != muted {
+                    self.set_track_muted(track, muted, t.host_muted, participant, events);
+                }
+                Ok(Reply::Done)
+            }
+            Intent::Authorize {
+                participant,
+                action,
+            } => {
+                let role = self.member(participant)?.info.role;
+                let what = match action {
+                    Action::Publish(source) => Permission::Publish(source),
+                    Action::LiveStream => Permission::LiveStream,
+                };
+                if !allowed(role, what) {
+                    return Err(RoomError::Forbidden(role));
+                }
+                if action == Action::LiveStream {
+                    return Err(RoomError::NotAvailable("live streaming".into()));
+                }
+                Ok(Reply::Done)
+            }
+            Intent::Members {
+                participant,
+                after,
+                limit,
+            } => {
+                self.member(participant)?;
+                let limit = limit.clamp(1, MAX_ROSTER_PAGE) as usize;
+                let mut page: Vec<ParticipantInfo> = self
+                    .participants
+                    .range(ParticipantId(after.0.saturating_add(1))..)
+                    .take(limit + 1)
+                    .map(|(_, m)| m.info.clone())
+                    .collect();
+                let next = if page.len() > limit {
+                    page.pop();
+                    page.last().map(|p| p.id)
+                } else {
+                    None
+                };
+                Ok(Reply::Members {
+                    participants: page,
+                    next,
+                    count: self.participants.len() as u32,
+                })
+            }
+            Intent::SetStatus {
+                participant,
+                status,
+            } => {
+                self.member(participant)?;
+                self.emit(
+                    RoomEventBody::ParticipantStatus {
+                        participant,
+                        status,
+                    },
+                    events,
+                );
+                Ok(Reply::Done)
+            }
+            Intent::Close { participant } => {
+                self.require(participant, Permission::EndForAll)?;
+                self.flush_into(events);
+                let mut to = self.edges();
+                to.extend(self.waiting.values().map(|w| w.edge));
+                to.sort_by_key(|e| e.0);
+                to.dedup();
+                self.push_to(
+                    RoomEventBody::RoomClosed {
+                        by: Some(participant),
+                    },
+                    Audience::All,
+                    to,
+                    events,
+                );
+                self.closed = true;
+                self.participants.clear();
+                self.waiting.clear();
+                self.tracks.clear();
+                Ok(Reply::Done)
+            }
+            Intent::SetLocked {
+                participant,
+                locked,
+            } => {
+                self.require(participant, Permission::Lock)?;
+                if self.settings.locked != locked {
+                    self.settings.locked = locked;
+                    self.emit_settings(participant, events);
+                }
+                Ok(Reply::Done)
+            }
+            Intent::SetLobby {
+                participant,
+                enabled,
+            } => {
+                self.require(participant, Permission::Lock)?;
+                if self.settings.lobby != enabled {
+                    self.settings.lobby = enabled;
+                    self.emit_settings(participant, events);
+                }
+                Ok(Reply::Done)
+            }
+            Intent::Admit {
+                participant,
+                waiting,
+            } => {
+                self.require(participant, Permission::Admit)?;
+                if !self.waiting.contains_key(&waiting) {
+                    return Err(RoomError::NoSuchParticipant);
+                }
+                self.admit(waiting, events)?;
+                Ok(Reply::Done)
+            }
+            Intent::Deny {
+                participant,
+                waiting,
+            } => {
+                self.require(participant, Permission::Admit)?;
+                let Some(w) = self.waiting.remove(&waiting) else {
+                    return Err(RoomError::NoSuchParticipant);
+                };
+                self.personal(w.id, w.edge, RoomEventBody::Denied, events);
+                self.emit_lobby(events);
+                Ok(Reply::Done)
+            }
+            Intent::SetRole {
+                participant,
+                target,
+                role,
+            } => {
+                self.require(participant, Permission::ChangeRoles)?;
+                if target == participant {
+                    return Err(RoomError::BadRequest(
+                        "use another host to change your own role".into(),
+                    ));
+                }
+                let old = self
+                    .participants
+                    .get(&target)
+                    .ok_or(RoomError::NoSuchParticipant)?
+                    .info
+                    .role;
+                if old == role {
+                    return Ok(Reply::Done);
+                }
+                self.participants
+                    .get_mut(&target)
+                    .expect("checked above")
+                    .info
+                    .role = role;
+                self.emit(
+                    RoomEventBody::RoleChanged {
+                        participant: target,
+                        role,
+                        by: participant,
+                    },
+                    events,
+                );
+                // Tracks the new role may not publish go.
+                let revoked: Vec<TrackId> = self
+                    .tracks
+                    .values()
+                    .filter(|t| t.participant == target && !allowed(role, Permission::Publish(t.source)))
+                    .map(|t| t.id)
+                    .collect();
+                for t in revoked {
+                    self.unpublish(t, events);
+                }
+                if is_moderator(old) != is_moderator(role) && is_moderator(role) {
+                    // A new moderator needs the lobby as it stands.
+                    let edge = self.participants[&target].info.edge;
+                    let lobby = self.waiting.values().cloned().collect();
+                    self.personal(target, edge, RoomEventBody::Lobby(lobby), events);
+                }
+                Ok(Reply::Done)
+            }
+            Intent::Remove {
+                participant,
+                target,
+            } => {
+                let actor = self.require(participant, Permission::Remove)?;
+                if target == participant {
+                    return Err(RoomError::BadRequest("use room:leave to leave".into()));
+                }
+                let t = self
+                    .participants
+                    .get(&target)
+                    .ok_or(RoomError::NoSuchParticipant)?;
+                if !outranks(actor, t.info.role, true) {
+                    return Err(RoomError::Forbidden(actor));
+                }
+                let edge = t.info.edge;
+                self.personal(target, edge, RoomEventBody::Removed { by: participant }, events);
+                self.remove_member(target, events);
+                Ok(Reply::Done)
+            }
+            Intent::Invite {
+                participant,
+                identity,
+                role,
+            } => {
+                let actor = self.require(participant, Permission::Invite)?;
+                if role == Role::Host && actor != Role::Host {
+                    return Err(RoomError::Forbidden(actor));
+                }
+                self.invited.insert(identity.clone(), role);
+                let waiting: Vec<ParticipantId> = self
+                    .waiting
+                    .values()
+                    .filter(|w| w.identity == identity)
+                    .map(|w| w.id)
+                    .collect();
+                for w in waiting {
+                    self.admit(w, events)?;
+                }
+                Ok(Reply::Done)
+            }
+            Intent::MuteRemote {
+                participant,
+                target,
+                kind,
+                muted,
+            } => {
+                let actor = self.require(participant, Permission::MuteOthers)?;
+                if target == participant {
+                    return Err(RoomError::BadRequest("use mute:self for your own tracks".into()));
+                }
+                let t = self
+                    .participants
+                    .get_mut(&target)
+                    .ok_or(RoomError::NoSuchParticipant)?;
+                if !outranks(actor, t.info.role, false) {
+                    return Err(RoomError::Forbidden(actor));
+                }
+                t.host_muted[kind_index(kind)] = muted;
+                let edge = t.info.edge;
+                let affected: Vec<(TrackId, bool)> = self
+                    .tracks
+                    .values()
+                    .filter(|tr| tr.participant == target && tr.kind == kind)
+                    .map(|tr| (tr.id, tr.muted))
+                    .collect();
+                for (track, was_muted) in affected {
+                    // Lifting a host mute leaves the track muted until its owner unmutes it.
+                    let now_muted = muted || was_muted;
+                    self.set_track_muted(track, now_muted, muted, participant, events);
+                }
+                self.personal(
+                    target,
+                    edge,
+                    RoomEventBody::MuteRequest {
+                        kind,
+                        muted,
+                        by: participant,
+                    },
+                    events,
+                );
+                Ok(Reply::Done)
+            }
+            Intent::RaiseHand { participant } => {
+                self.member(participant)?;
+                if !self.hands.contains(&participant) {
+                    self.hands.push(participant);
+                    self.emit_hand(participant, participant, true, events);
+                }
+                Ok(Reply::Done)
+            }
+            Intent::LowerHand {
+                participant,
+                target,
+            } => {
+                if target != participant {
+                    self.require(participant, Permission::LowerOthersHands)?;
+                    if !self.participants.contains_key(&target) {
+                        return Err(RoomError::NoSuchParticipant);
+                    }
+                } else {
+                    self.member(participant)?;
+                }
+                if let Some(i) = self.hands.iter().position(|p| *p == target) {
+                    self.hands.remove(i);
+                    self.emit_hand(target, participant, false, events);
+                }
+                Ok(Reply::Done)
+            }
+            Intent::Chat {
+                participant,
+                text,
+                to,
+            } => {
+                self.require(participant, Permission::Chat)?;
+                let chars = text.chars().count();
+                if chars > MAX_CHAT_CHARS {
+                    return Err(RoomError::BadRequest(format!(
+                        "chat text of {chars} characters exceeds {MAX_CHAT_CHARS}"
+                    )));
+                }
+                if text.trim().is_empty() {
+                    return Err(RoomError::BadRequest("empty chat text".into()));
+                }
+                let recipient_edge = match to {
+                    Some(r) if r == participant => {
+                        return Err(RoomError::BadRequest("a direct message to yourself".into()))
+                    }
+                    Some(r) => Some(
+                        self.participants
+                            .get(&r)
+                            .ok_or(RoomError::NoSuchParticipant)?
+                            .info
+                            .edge,
+                    ),
+                    None => None,
+                };
+                // Timestamps never go backwards within the room's order, even if the clock does.
+                let ts = now_ms.max(self.last_chat_ts);
+                self.last_chat_ts = ts;
+                let message = ChatMessage {
+                    id: self.next_chat,
+                    ts,
+                    from: participant,
+                    from_name: self.participants[&participant].info.name.clone(),
+                    to,
+                    text,
+                };
+                self.next_chat += 1;
+                self.chat.push_back(message.clone());
+                while self.chat.len() > self.config.chat_history {
+                    self.chat.pop_front();
+                }
+                match (to, recipient_edge) {
+                    (Some(r), Some(edge)) => {
+                        self.personal(r, edge, RoomEventBody::Chat(message.clone()), events)
+                    }
+                    _ => self.emit(RoomEventBody::Chat(message.clone()), events),
+                }
+                Ok(Reply::Chat { message })
+            }
+            Intent::React {
+                participant,
+                emoji,
+            } => {
+                self.member(participant)?;
+                if !REACTIONS.contains(&emoji.as_str()) {
+                    return Err(RoomError::BadRequest(format!(
+                        "reaction must be one of {}",
+                        REACTIONS.join(" ")
+                    )));
+                }
+                *self.reactions.entry(emoji.clone()).or_default() += 1;
+                let counts = self.reactions.clone();
+                self.emit(
+                    RoomEventBody::Reaction {
+                        participant,
+                        emoji,
+                        counts,
+                    },
+                    events,
+                );
+                Ok(Reply::Done)
+            }
+            Intent::SetLayout {
+                participant,
+                layout,
+                spotlight,
+            } => {
+                self.require(participant, Permission::Layout)?;
+                if let Some(Some(s)) = spotlight {
+                    if !self.participants.contains_key(&s) {
+                        return Err(RoomError::NoSuchParticipant);
                     }
                 }
+                if let Some(l) = layout {
+                    self.settings.layout = l;
+                }
+                if let Some(s) = spotlight {
+                    self.settings.spotlight = s;
+                }
+                self.emit(
+                    RoomEventBody::Layout {
+                        layout: self.settings.layout,
+                        spotlight: self.settings.spotlight,
+                        by: participant,
+                    },
+                    events,
+                );
                 Ok(Reply::Done)
             }
         }
     }
 
-    fn member(&self, p: ParticipantId) -> Result<&ParticipantInfo, RoomError> {
-        self.participants.get(&p).ok_or(RoomError::NotInRoom)
+    fn join(
+        &mut self,
+        edge: EdgeId,
+        identity: Identity,
+        role: Role,
+        name: String,
+        events: &mut Events,
+    ) -> Result<Reply, RoomError> {
+        if self.participants.len() as u32 >= self.config.max_participants {
+            return Err(RoomError::RoomFull(self.config.max_participants));
+        }
+        let invited = self.invited.contains_key(&identity);
+        let privileged = is_moderator(role) || invited;
+        if self.settings.locked && !privileged {
+            return Err(RoomError::Locked);
+        }
+        let id = ParticipantId(self.next_participant);
+        let info = ParticipantInfo {
+            id,
+            identity,
+            name,
+            role,
+            edge,
+        };
+        if self.settings.lobby && !privileged {
+            if self.waiting.len() as u32 >= self.config.max_waiting {
+                return Err(RoomError::RoomFull(self.config.max_participants));
+            }
+            self.next_participant += 1;
+            self.waiting.insert(id, info.clone());
+            self.emit_lobby(events);
+            return Ok(Reply::Waiting { you: info });
+        }
+        self.next_participant += 1;
+        self.add_member(info.clone());
+        Ok(Reply::Joined(Box::new(self.snapshot(&info))))
+    }
+
+    fn add_member(&mut self, info: ParticipantInfo) {
+        self.pending_joined.push(info.clone());
+        self.participants.insert(
+            info.id,
+            Member {
+                info,
+                host_muted: [false; 2],
+            },
+        );
+    }
+
+    fn admit(&mut self, waiting: ParticipantId, events: &mut Events) -> Result<(), RoomError> {
+        if self.participants.len() as u32 >= self.config.max_participants {
+            return Err(RoomError::RoomFull(self.config.max_participants));
+        }
+        let Some(info) = self.waiting.remove(&waiting) else {
+            return Err(RoomError::NoSuchParticipant);
+        };
+        self.add_member(info.clone());
+        // The snapshot includes the batch announcing this participant, so nothing arrives
+        // before the snapshot that the snapshot already contains.
+        self.flush_into(events);
+        let snapshot = self.snapshot(&info);
+        self.personal(
+            info.id,
+            info.edge,
+            RoomEventBody::Admitted(Box::new(snapshot)),
+            events,
+        );
+        self.emit_lobby(events);
+        Ok(())
+    }
+
+    fn snapshot(&self, you: &ParticipantInfo) -> RoomSnapshot {
+        let visible = |m: &&ChatMessage| m.to.is_none() || m.to == Some(you.id) || m.from == you.id;
+        let mut chat: Vec<ChatMessage> = self
+            .chat
+            .iter()
+            .rev()
+            .filter(visible)
+            .take(self.config.chat_on_join)
+            .cloned()
+            .collect();
+        chat.reverse();
+        RoomSnapshot {
+            you: you.clone(),
+            participants: self
+                .participants
+                .values()
+                .take(self.config.roster_page as usize)
+                .map(|m| m.info.clone())
+                .collect(),
+            participant_count: self.participants.len() as u32,
+            tracks: self.tracks.values().cloned().collect(),
+            chat,
+            hands: self.hands.clone(),
+            settings: self.settings.clone(),
+            lobby: if is_moderator(you.role) {
+                self.waiting.values().cloned().collect()
+            } else {
+                Vec::new()
+            },
+            seq: self.seq,
+        }
+    }
+
+    fn remove_member(&mut self, participant: ParticipantId, events: &mut Events) {
+        let gone: Vec<TrackId> = self
+            .tracks
+            .values()
+            .filter(|t| t.participant == participant)
+            .map(|t| t.id)
+            .collect();
+        for track in gone {
+            self.unpublish(track, events);
+        }
+        self.hands.retain(|p| *p != participant);
+        if self.settings.spotlight == Some(participant) {
+            self.settings.spotlight = None;
+        }
+        self.participants.remove(&participant);
+        self.pending_left.push(participant);
+        if self.participants.is_empty() {
+            self.pending_joined.clear();
+            self.pending_left.clear();
+            self.push_to(
+                RoomEventBody::RoomClosed { by: None },
+                Audience::All,
+                Vec::new(),
+                events,
+            );
+        }
+    }
+
+    fn unpublish(&mut self, track: TrackId, events: &mut Events) {
+        let Some(t) = self.tracks.remove(&track) else {
+            return;
+        };
+        self.emit(
+            RoomEventBody::TrackUnpublished {
+                track,
+                participant: t.participant,
+            },
+            events,
+        );
+        if t.source == TrackSource::Screen {
+            self.emit(
+                RoomEventBody::ScreenShare {
+                    participant: t.participant,
+                    track,
+                    active: false,
+                },
+                events,
+            );
+        }
+    }
+
+    fn set_track_muted(
+        &mut self,
+        track: TrackId,
+        muted: bool,
+        host_muted: bool,
+        by: ParticipantId,
+        events: &mut Events,
+    ) {
+        if let Some(t) = self.tracks.get_mut(&track) {
+            if t.muted == muted && t.host_muted == host_muted {
+                return;
+            }
+            t.muted = muted;
+            t.host_muted = host_muted;
+            self.emit(
+                RoomEventBody::TrackMuted {
+                    track,
+                    muted,
+                    host_muted,
+                    by,
+                },
+                events,
+            );
+        }
+    }
+
+    fn emit_hand(
+        &mut self,
+        participant: ParticipantId,
+        by: ParticipantId,
+        raised: bool,
+        events: &mut Events,
+    ) {
+        let hands = self.hands.clone();
+        self.emit(
+            RoomEventBody::Hand {
+                participant,
+                by,
+                raised,
+                hands,
+            },
+            events,
+        );
+    }
+
+    fn emit_settings(&mut self, by: ParticipantId, events: &mut Events) {
+        let settings = self.settings.clone();
+        self.emit(RoomEventBody::Settings { settings, by }, events);
+    }
+
+    fn emit_lobby(&mut self, events: &mut Events) {
+        let lobby: Vec<ParticipantInfo> = self.waiting.values().cloned().collect();
+        let mut to: Vec<EdgeId> = self
+            .participants
+            .values()
+            .filter(|m| is_moderator(m.info.role))
+            .map(|m| m.info.edge)
+            .collect();
+        to.sort_by_key(|e| e.0);
+        to.dedup();
+        if to.is_empty() {
+            return;
+        }
+        events.push((
+            RoomEvent {
+                room: self.id.clone(),
+                seq: self.seq,
+                audience: Audience::Moderators,
+                body: RoomEventBody::Lobby(lobby),
+            },
+            to,
+        ));
+    }
+
+    fn member(&self, p: ParticipantId) -> Result<&Member, RoomError> {
+        match self.participants.get(&p) {
+            Some(m) => Ok(m),
+            None if self.waiting.contains_key(&p) => Err(RoomError::InLobby),
+            None => Err(RoomError::NotInRoom),
+        }
+    }
+
+    /// The participant's role if it may do `what`.
+    fn require(&self, p: ParticipantId, what: Permission) -> Result<Role, RoomError> {
+        let role = self.member(p)?.info.role;
+        if allowed(role, what) {
+            Ok(role)
+        } else {
+            Err(RoomError::Forbidden(role))
+        }
     }
 
     fn own_track(&self, p: ParticipantId, track: TrackId) -> Result<(), RoomError> {
@@ -218,27 +986,53 @@ impl Room {
 
     /// Edges that currently host participants of this room.
     fn edges(&self) -> Vec<EdgeId> {
-        let mut edges: Vec<EdgeId> = self.participants.values().map(|p| p.edge).collect();
+        let mut edges: Vec<EdgeId> = self.participants.values().map(|m| m.info.edge).collect();
         edges.sort_by_key(|e| e.0);
         edges.dedup();
         edges
     }
 
+    /// A room event for everyone, after any pending presence so the order holds.
     fn emit(&mut self, body: RoomEventBody, events: &mut Events) {
+        self.flush_into(events);
         let to = self.edges();
-        self.push(body, to, events);
+        self.push_to(body, Audience::All, to, events);
     }
 
-    fn emit_to_nobody(&mut self, body: RoomEventBody, events: &mut Events) {
-        self.push(body, Vec::new(), events);
+    /// An event for one participant (member or waiting), outside the room's sequence.
+    fn personal(
+        &mut self,
+        participant: ParticipantId,
+        edge: EdgeId,
+        body: RoomEventBody,
+        events: &mut Events,
+    ) {
+        // Whatever the participant must already know about comes first.
+        self.flush_into(events);
+        events.push((
+            RoomEvent {
+                room: self.id.clone(),
+                seq: self.seq,
+                audience: Audience::Participant(participant),
+                body,
+            },
+            vec![edge],
+        ));
     }
 
-    fn push(&mut self, body: RoomEventBody, to: Vec<EdgeId>, events: &mut Events) {
+    fn push_to(
+        &mut self,
+        body: RoomEventBody,
+        audience: Audience,
+        to: Vec<EdgeId>,
+        events: &mut Events,
+    ) {
         self.seq += 1;
         events.push((
             RoomEvent {
                 room: self.id.clone(),
                 seq: self.seq,
+                audience,
                 body,
             },
             to,
@@ -246,20 +1040,10 @@ impl Room {
     }
 }
 
-/// Who may publish what. The full permission matrix (mute others, admit, lock...) comes with the
-/// meetings issue; publishing is the part the media path needs.
-fn may_publish(role: Role, source: TrackSource) -> bool {
-    match role {
-        Role::Host | Role::CoHost | Role::Presenter => true,
-        Role::Attendee => matches!(source, TrackSource::Microphone | TrackSource::Camera),
-        Role::Viewer => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cascade_proto::Identity;
+    use cascade_proto::room::{Action, Layout, PresenceStatus};
 
     const E: EdgeId = EdgeId(0);
 
@@ -267,24 +1051,28 @@ mod tests {
         Room::new(RoomId::new("r").unwrap(), RoomConfig::default())
     }
 
+    fn ask(r: &mut Room, intent: Intent) -> (Reply, Events) {
+        r.handle(E, intent, 1_000)
+    }
+
+    fn join_intent(who: &str, role: Role) -> Intent {
+        Intent::Join {
+            identity: Identity::new(who).unwrap(),
+            role,
+            name: who.into(),
+        }
+    }
+
     fn join(r: &mut Room, who: &str, role: Role) -> ParticipantId {
-        let (reply, _) = r.handle(
-            E,
-            Intent::Join {
-                identity: Identity::new(who).unwrap(),
-                role,
-                name: who.into(),
-            },
-        );
-        match reply {
-            Reply::Joined { you, .. } => you.id,
+        match ask(r, join_intent(who, role)).0 {
+            Reply::Joined(s) => s.you.id,
             other => panic!("join refused: {other:?}"),
         }
     }
 
     fn publish(r: &mut Room, p: ParticipantId, source: TrackSource) -> Reply {
-        r.handle(
-            E,
+        ask(
+            r,
             Intent::Publish {
                 participant: p,
                 source,
@@ -295,64 +1083,596 @@ mod tests {
         .0
     }
 
+    fn track(r: &mut Room, p: ParticipantId, source: TrackSource) -> TrackInfo {
+        match publish(r, p, source) {
+            Reply::Published { track } => track,
+            other => panic!("publish refused: {other:?}"),
+        }
+    }
+
+    fn refused(reply: Reply) -> &'static str {
+        match reply {
+            Reply::Refused(e) => e.code(),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn seqs(events: &Events) -> Vec<u64> {
+        events
+            .iter()
+            .filter(|(e, _)| e.audience == Audience::All)
+            .map(|(e, _)| e.seq)
+            .collect()
+    }
+
     #[test]
     fn events_are_numbered_without_gaps_and_refusals_change_nothing() {
         let mut r = room();
         let a = join(&mut r, "a", Role::Host);
         let v = join(&mut r, "v", Role::Viewer);
-        assert_eq!(r.seq(), 2);
-        assert_eq!(
-            publish(&mut r, v, TrackSource::Camera),
-            Reply::Refused(RoomError::Forbidden(Role::Viewer))
-        );
-        assert_eq!(r.seq(), 2, "a refused intent emits nothing");
-        let Reply::Published { track } = publish(&mut r, a, TrackSource::Camera) else {
+        assert_eq!(r.seq(), 0, "joins wait for the presence batch");
+        let ev = r.flush_presence();
+        assert_eq!(seqs(&ev), vec![1], "two joins, one event");
+        let RoomEventBody::ParticipantsJoined(ref ps) = ev[0].0.body else {
             panic!()
         };
-        assert_eq!(r.seq(), 3);
+        assert_eq!(ps.len(), 2);
+        assert_eq!(refused(publish(&mut r, v, TrackSource::Camera)), "forbidden");
+        assert_eq!(r.seq(), 1, "a refused intent emits nothing");
+        let t = track(&mut r, a, TrackSource::Camera);
+        assert_eq!(r.seq(), 2);
         assert_eq!(
-            publish(&mut r, a, TrackSource::Camera),
-            Reply::Refused(RoomError::SourceInUse(TrackSource::Camera))
+            refused(publish(&mut r, a, TrackSource::Camera)),
+            "source_in_use"
         );
-        let (reply, ev) = r.handle(
-            E,
+        let (reply, ev) = ask(
+            &mut r,
             Intent::Unpublish {
                 participant: v,
-                track: track.id,
+                track: t.id,
             },
         );
-        assert_eq!(
-            reply,
-            Reply::Refused(RoomError::NoSuchTrack),
-            "not v's track"
-        );
+        assert_eq!(refused(reply), "no_such_track", "not v's track");
         assert!(ev.is_empty());
-        let (_, ev) = r.handle(E, Intent::Leave { participant: a });
-        let seqs: Vec<u64> = ev.iter().map(|(e, _)| e.seq).collect();
-        assert_eq!(seqs, vec![4, 5], "track unpublished, then participant left");
-        assert!(matches!(
-            ev[0].0.body,
-            RoomEventBody::TrackUnpublished { .. }
-        ));
+        let (_, ev) = ask(&mut r, Intent::Leave { participant: a });
+        assert_eq!(seqs(&ev), vec![3], "track unpublished now, the leave batched");
+        let ev = r.flush_presence();
+        assert_eq!(seqs(&ev), vec![4]);
+        assert!(matches!(&ev[0].0.body, RoomEventBody::ParticipantsLeft(l) if l == &vec![a]));
         assert_eq!(r.tracks().count(), 0);
     }
 
     #[test]
-    fn attendees_publish_camera_and_mic_but_not_screen() {
+    fn a_pending_batch_goes_out_before_any_later_event() {
         let mut r = room();
-        let a = join(&mut r, "a", Role::Attendee);
-        assert!(matches!(
-            publish(&mut r, a, TrackSource::Microphone),
-            Reply::Published { .. }
-        ));
-        assert!(matches!(
-            publish(&mut r, a, TrackSource::Camera),
-            Reply::Published { .. }
-        ));
-        assert_eq!(
-            publish(&mut r, a, TrackSource::Screen),
-            Reply::Refused(RoomError::Forbidden(Role::Attendee))
+        let a = join(&mut r, "a", Role::Host);
+        let (_, ev) = ask(
+            &mut r,
+            Intent::Publish {
+                participant: a,
+                source: TrackSource::Microphone,
+                codec: "opus".into(),
+                layers: 1,
+            },
         );
+        assert!(matches!(ev[0].0.body, RoomEventBody::ParticipantsJoined(_)));
+        assert!(matches!(ev[1].0.body, RoomEventBody::TrackPublished(_)));
+        assert_eq!(seqs(&ev), vec![1, 2]);
+        // Came and went within one window: nobody hears of it.
+        join(&mut r, "b", Role::Attendee);
+        let b = ParticipantId(2);
+        ask(&mut r, Intent::Leave { participant: b });
+        assert!(r.flush_presence().is_empty());
+    }
+
+    #[test]
+    fn the_permission_matrix() {
+        use Permission::*;
+        let all = [
+            Role::Host,
+            Role::CoHost,
+            Role::Presenter,
+            Role::Attendee,
+            Role::Viewer,
+        ];
+        let row = |p: Permission| all.map(|r| allowed(r, p));
+        assert_eq!(row(Publish(TrackSource::Camera)), [true, true, true, true, false]);
+        assert_eq!(row(Publish(TrackSource::Screen)), [true, true, true, false, false]);
+        assert_eq!(row(Chat), [true; 5]);
+        for p in [MuteOthers, Remove, Admit, Lock, LowerOthersHands, Layout, Invite, LiveStream] {
+            assert_eq!(row(p), [true, true, false, false, false], "{p:?}");
+        }
+        for p in [ChangeRoles, EndForAll] {
+            assert_eq!(row(p), [true, false, false, false, false], "{p:?}");
+        }
+    }
+
+    #[test]
+    fn refused_moderator_actions_of_guests_change_nothing() {
+        let mut r = room();
+        let h = join(&mut r, "h", Role::Host);
+        let g = join(&mut r, "g", Role::Attendee);
+        r.flush_presence();
+        let seq = r.seq();
+        let intents = [
+            Intent::MuteRemote {
+                participant: g,
+                target: h,
+                kind: TrackKind::Audio,
+                muted: true,
+            },
+            Intent::Remove {
+                participant: g,
+                target: h,
+            },
+            Intent::SetRole {
+                participant: g,
+                target: g,
+                role: Role::Host,
+            },
+            Intent::SetLocked {
+                participant: g,
+                locked: true,
+            },
+            Intent::SetLobby {
+                participant: g,
+                enabled: true,
+            },
+            Intent::Close { participant: g },
+            Intent::LowerHand {
+                participant: g,
+                target: h,
+            },
+            Intent::SetLayout {
+                participant: g,
+                layout: Some(Layout::Speaker),
+                spotlight: None,
+            },
+            Intent::Invite {
+                participant: g,
+                identity: Identity::new("x").unwrap(),
+                role: Role::Attendee,
+            },
+            Intent::Authorize {
+                participant: g,
+                action: Action::Publish(TrackSource::Screen),
+            },
+            Intent::Authorize {
+                participant: g,
+                action: Action::LiveStream,
+            },
+        ];
+        for i in intents {
+            let (reply, ev) = ask(&mut r, i.clone());
+            assert_eq!(refused(reply), "forbidden", "{i:?}");
+            assert!(ev.is_empty());
+        }
+        assert_eq!(r.seq(), seq);
+        assert!(!r.settings().locked && !r.settings().lobby);
+        // The host may ask for a live stream, which does not exist yet.
+        let (reply, _) = ask(
+            &mut r,
+            Intent::Authorize {
+                participant: h,
+                action: Action::LiveStream,
+            },
+        );
+        assert_eq!(refused(reply), "not_available");
+    }
+
+    #[test]
+    fn co_hosts_may_not_touch_hosts() {
+        let mut r = room();
+        let h = join(&mut r, "h", Role::Host);
+        let c = join(&mut r, "c", Role::CoHost);
+        let c2 = join(&mut r, "c2", Role::CoHost);
+        let mute = |p, t| Intent::MuteRemote {
+            participant: p,
+            target: t,
+            kind: TrackKind::Audio,
+            muted: true,
+        };
+        assert_eq!(refused(ask(&mut r, mute(c, h)).0), "forbidden");
+        assert_eq!(ask(&mut r, mute(c, c2)).0, Reply::Done);
+        let remove = |p, t| Intent::Remove {
+            participant: p,
+            target: t,
+        };
+        assert_eq!(refused(ask(&mut r, remove(c, c2)).0), "forbidden");
+        assert_eq!(refused(ask(&mut r, remove(c, h)).0), "forbidden");
+        assert_eq!(ask(&mut r, remove(h, c2)).0, Reply::Done);
+    }
+
+    #[test]
+    fn host_mute_sticks_until_lifted() {
+        let mut r = room();
+        let h = join(&mut r, "h", Role::Host);
+        let g = join(&mut r, "g", Role::Attendee);
+        let mic = track(&mut r, g, TrackSource::Microphone);
+        let cam = track(&mut r, g, TrackSource::Camera);
+        let (reply, ev) = ask(
+            &mut r,
+            Intent::MuteRemote {
+                participant: h,
+                target: g,
+                kind: TrackKind::Audio,
+                muted: true,
+            },
+        );
+        assert_eq!(reply, Reply::Done);
+        assert!(ev.iter().any(|(e, _)| matches!(e.body,
+            RoomEventBody::TrackMuted { track, muted: true, host_muted: true, by } if track == mic.id && by == h)));
+        assert!(ev.iter().any(|(e, _)| e.audience == Audience::Participant(g)
+            && matches!(e.body, RoomEventBody::MuteRequest { muted: true, .. })));
+        assert!(
+            !r.tracks().find(|t| t.id == cam.id).unwrap().muted,
+            "video untouched"
+        );
+        let unmute = Intent::SetMuted {
+            participant: g,
+            track: mic.id,
+            muted: false,
+        };
+        assert_eq!(refused(ask(&mut r, unmute.clone()).0), "muted_by_host");
+        // A mic published again while muted by the host starts muted.
+        ask(
+            &mut r,
+            Intent::Unpublish {
+                participant: g,
+                track: mic.id,
+            },
+        );
+        let mic2 = track(&mut r, g, TrackSource::Microphone);
+        assert!(mic2.muted && mic2.host_muted);
+        ask(
+            &mut r,
+            Intent::MuteRemote {
+                participant: h,
+                target: g,
+                kind: TrackKind::Audio,
+                muted: false,
+            },
+        );
+        let t = r.tracks().find(|t| t.id == mic2.id).unwrap();
+        assert!(t.muted && !t.host_muted, "allowed to unmute, not unmuted");
+        let unmute2 = Intent::SetMuted {
+            participant: g,
+            track: mic2.id,
+            muted: false,
+        };
+        assert_eq!(ask(&mut r, unmute2).0, Reply::Done);
+        assert!(!r.tracks().find(|t| t.id == mic2.id).unwrap().muted);
+    }
+
+    #[test]
+    fn lobby_admit_and_deny() {
+        let mut r = room();
+        let h = join(&mut r, "h", Role::Host);
+        ask(
+            &mut r,
+            Intent::SetLobby {
+                participant: h,
+                enabled: true,
+            },
+        );
+        let (reply, ev) = ask(&mut r, join_intent("g", Role::Attendee));
+        let Reply::Waiting { you } = reply else {
+            panic!("{reply:?}")
+        };
+        assert!(ev.iter().any(|(e, _)| e.audience == Audience::Moderators
+            && matches!(&e.body, RoomEventBody::Lobby(l) if l.len() == 1)));
+        assert_eq!(r.participants().count(), 1);
+        // While waiting, nothing else.
+        assert_eq!(
+            refused(ask(&mut r, Intent::RaiseHand { participant: you.id }).0),
+            "in_lobby"
+        );
+        // A co-host token skips the lobby.
+        join(&mut r, "c", Role::CoHost);
+        let (reply, ev) = ask(
+            &mut r,
+            Intent::Admit {
+                participant: h,
+                waiting: you.id,
+            },
+        );
+        assert_eq!(reply, Reply::Done);
+        let admitted = ev
+            .iter()
+            .find_map(|(e, _)| match &e.body {
+                RoomEventBody::Admitted(s) if e.audience == Audience::Participant(you.id) => {
+                    Some(s.clone())
+                }
+                _ => None,
+            })
+            .expect("admitted event");
+        assert_eq!(admitted.participant_count, 3);
+        assert!(
+            admitted.participants.iter().any(|p| p.id == you.id),
+            "the snapshot includes the batch that announced the admission"
+        );
+        let (reply, _) = ask(&mut r, join_intent("d", Role::Attendee));
+        let Reply::Waiting { you: d } = reply else {
+            panic!()
+        };
+        let (_, ev) = ask(
+            &mut r,
+            Intent::Deny {
+                participant: h,
+                waiting: d.id,
+            },
+        );
+        assert!(ev.iter().any(|(e, _)| e.audience == Audience::Participant(d.id)
+            && e.body == RoomEventBody::Denied));
+        assert_eq!(
+            refused(
+                ask(
+                    &mut r,
+                    Intent::Admit {
+                        participant: h,
+                        waiting: d.id
+                    }
+                )
+                .0
+            ),
+            "no_such_participant"
+        );
+    }
+
+    #[test]
+    fn lock_refuses_guests_but_not_moderators_or_the_invited() {
+        let mut r = room();
+        let h = join(&mut r, "h", Role::Host);
+        ask(
+            &mut r,
+            Intent::SetLocked {
+                participant: h,
+                locked: true,
+            },
+        );
+        assert_eq!(
+            refused(ask(&mut r, join_intent("g", Role::Attendee)).0),
+            "room_locked"
+        );
+        join(&mut r, "c", Role::CoHost);
+        ask(
+            &mut r,
+            Intent::Invite {
+                participant: h,
+                identity: Identity::new("g").unwrap(),
+                role: Role::Attendee,
+            },
+        );
+        join(&mut r, "g", Role::Attendee);
+    }
+
+    #[test]
+    fn invite_admits_someone_waiting() {
+        let mut r = room();
+        let h = join(&mut r, "h", Role::Host);
+        ask(
+            &mut r,
+            Intent::SetLobby {
+                participant: h,
+                enabled: true,
+            },
+        );
+        let (Reply::Waiting { you }, _) = ask(&mut r, join_intent("g", Role::Attendee)) else {
+            panic!()
+        };
+        let (_, ev) = ask(
+            &mut r,
+            Intent::Invite {
+                participant: h,
+                identity: Identity::new("g").unwrap(),
+                role: Role::Attendee,
+            },
+        );
+        assert!(ev.iter().any(|(e, _)| e.audience == Audience::Participant(you.id)
+            && matches!(e.body, RoomEventBody::Admitted(_))));
+    }
+
+    #[test]
+    fn chat_is_one_order_with_history_and_direct_messages() {
+        let mut r = room();
+        let a = join(&mut r, "a", Role::Host);
+        let b = join(&mut r, "b", Role::Attendee);
+        let c = join(&mut r, "c", Role::Attendee);
+        let say = |r: &mut Room, from, text: &str, to, now| match r
+            .handle(
+                E,
+                Intent::Chat {
+                    participant: from,
+                    text: text.into(),
+                    to,
+                },
+                now,
+            )
+            .0
+        {
+            Reply::Chat { message } => message,
+            other => panic!("{other:?}"),
+        };
+        let m1 = say(&mut r, a, "one", None, 5_000);
+        let m2 = say(&mut r, b, "secret", Some(c), 4_000);
+        let m3 = say(&mut r, c, "three", None, 6_000);
+        assert!(m1.id < m2.id && m2.id < m3.id);
+        assert_eq!(m2.ts, 5_000, "timestamps never go backwards");
+        let (reply, _) = r.handle(
+            E,
+            Intent::Chat {
+                participant: a,
+                text: "x".repeat(MAX_CHAT_CHARS + 1),
+                to: None,
+            },
+            7_000,
+        );
+        assert_eq!(refused(reply), "bad_request");
+        let (reply, _) = ask(
+            &mut r,
+            Intent::Chat {
+                participant: a,
+                text: "hi".into(),
+                to: Some(ParticipantId(99)),
+            },
+        );
+        assert_eq!(refused(reply), "no_such_participant");
+        let (Reply::Joined(s), _) = ask(&mut r, join_intent("d", Role::Attendee)) else {
+            panic!()
+        };
+        let texts: Vec<&str> = s.chat.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, vec!["one", "three"], "others' direct messages are not history");
+    }
+
+    #[test]
+    fn hands_queue_and_reactions_count() {
+        let mut r = room();
+        let h = join(&mut r, "h", Role::Host);
+        let a = join(&mut r, "a", Role::Attendee);
+        let b = join(&mut r, "b", Role::Attendee);
+        ask(&mut r, Intent::RaiseHand { participant: b });
+        let (_, ev) = ask(&mut r, Intent::RaiseHand { participant: a });
+        assert!(ev.iter().any(|(e, _)| matches!(&e.body,
+            RoomEventBody::Hand { hands, raised: true, .. } if hands == &vec![b, a])));
+        let (_, ev) = ask(&mut r, Intent::RaiseHand { participant: a });
+        assert!(ev.is_empty(), "raising twice changes nothing");
+        assert_eq!(
+            refused(
+                ask(
+                    &mut r,
+                    Intent::LowerHand {
+                        participant: a,
+                        target: b
+                    }
+                )
+                .0
+            ),
+            "forbidden"
+        );
+        let (_, ev) = ask(
+            &mut r,
+            Intent::LowerHand {
+                participant: h,
+                target: b,
+            },
+        );
+        assert!(ev.iter().any(|(e, _)| matches!(&e.body,
+            RoomEventBody::Hand { hands, raised: false, by, .. } if hands == &vec![a] && *by == h)));
+        for _ in 0..2 {
+            ask(
+                &mut r,
+                Intent::React {
+                    participant: a,
+                    emoji: "👍".into(),
+                },
+            );
+        }
+        let (_, ev) = ask(
+            &mut r,
+            Intent::React {
+                participant: b,
+                emoji: "🎉".into(),
+            },
+        );
+        let RoomEventBody::Reaction { counts, .. } = &ev.last().unwrap().0.body else {
+            panic!()
+        };
+        assert_eq!(counts.get("👍"), Some(&2));
+        assert_eq!(counts.get("🎉"), Some(&1));
+        let (reply, _) = ask(
+            &mut r,
+            Intent::React {
+                participant: b,
+                emoji: "💩".into(),
+            },
+        );
+        assert_eq!(refused(reply), "bad_request");
+    }
+
+    #[test]
+    fn roster_pages_cover_everyone_once() {
+        let mut r = Room::new(
+            RoomId::new("r").unwrap(),
+            RoomConfig {
+                roster_page: 10,
+                ..RoomConfig::default()
+            },
+        );
+        let first = join(&mut r, "p0", Role::Host);
+        for i in 1..25 {
+            join(&mut r, &format!("p{i}"), Role::Attendee);
+        }
+        let (Reply::Joined(s), _) = ask(&mut r, join_intent("last", Role::Attendee)) else {
+            panic!()
+        };
+        assert_eq!((s.participants.len(), s.participant_count), (10, 26));
+        let mut seen = Vec::new();
+        let mut after = ParticipantId(0);
+        loop {
+            let (reply, _) = ask(
+                &mut r,
+                Intent::Members {
+                    participant: first,
+                    after,
+                    limit: 7,
+                },
+            );
+            let Reply::Members {
+                participants, next, ..
+            } = reply
+            else {
+                panic!()
+            };
+            seen.extend(participants.iter().map(|p| p.id));
+            match next {
+                Some(n) => after = n,
+                None => break,
+            }
+        }
+        let mut sorted = seen.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 26);
+        assert_eq!(seen, sorted);
+    }
+
+    #[test]
+    fn role_changes_revoke_screen_and_end_for_all_closes() {
+        let mut r = room();
+        let h = join(&mut r, "h", Role::Host);
+        let p = join(&mut r, "p", Role::Presenter);
+        track(&mut r, p, TrackSource::Screen);
+        let (reply, ev) = ask(
+            &mut r,
+            Intent::SetRole {
+                participant: h,
+                target: p,
+                role: Role::Attendee,
+            },
+        );
+        assert_eq!(reply, Reply::Done);
+        assert!(ev
+            .iter()
+            .any(|(e, _)| matches!(e.body, RoomEventBody::ScreenShare { active: false, .. })));
+        assert_eq!(r.tracks().count(), 0);
+        assert_eq!(
+            refused(ask(&mut r, Intent::Close { participant: p }).0),
+            "forbidden"
+        );
+        let (_, ev) = ask(
+            &mut r,
+            Intent::SetStatus {
+                participant: p,
+                status: PresenceStatus::Reconnecting,
+            },
+        );
+        assert!(!ev.is_empty());
+        let (reply, ev) = ask(&mut r, Intent::Close { participant: h });
+        assert_eq!(reply, Reply::Done);
+        assert!(matches!(
+            ev.last().unwrap().0.body,
+            RoomEventBody::RoomClosed { by: Some(_) }
+        ));
+        assert!(r.is_finished());
     }
 
     #[test]
@@ -365,42 +1685,8 @@ mod tests {
             },
         );
         join(&mut r, "a", Role::Host);
-        let (reply, ev) = r.handle(
-            E,
-            Intent::Join {
-                identity: Identity::new("b").unwrap(),
-                role: Role::Attendee,
-                name: "b".into(),
-            },
-        );
-        assert_eq!(reply, Reply::Refused(RoomError::RoomFull(1)));
+        let (reply, ev) = ask(&mut r, join_intent("b", Role::Attendee));
+        assert_eq!(refused(reply), "room_full");
         assert!(ev.is_empty());
-    }
-
-    #[test]
-    fn joined_reply_carries_roster_and_tracks() {
-        let mut r = room();
-        let a = join(&mut r, "a", Role::Host);
-        publish(&mut r, a, TrackSource::Microphone);
-        let (reply, _) = r.handle(
-            E,
-            Intent::Join {
-                identity: Identity::new("b").unwrap(),
-                role: Role::Attendee,
-                name: "b".into(),
-            },
-        );
-        let Reply::Joined {
-            participants,
-            tracks,
-            seq,
-            ..
-        } = reply
-        else {
-            panic!()
-        };
-        assert_eq!(participants.len(), 2);
-        assert_eq!(tracks.len(), 1);
-        assert_eq!(seq, 3);
     }
 }
