@@ -28,10 +28,12 @@
  *   `seq` emits `seq-gap`. Changes of the meeting features also emit `room` so a page can
  *   re-render from the model.
  * - Reconnect: when the socket drops while joined (not after a leave, a removal or the end of
- *   the meeting, nor when the server closed it with 1000 or 1008), the client opens a new one and resumes with `reconnect:attempt` and the
- *   resume token of the last join, for up to {@link RESUME_WINDOW_MS}; the peer connections
- *   stay as they are (the server keeps its side of them). Events missed meanwhile arrive after
- *   the ack, in order.
+ *   the meeting, nor when the server closed it with 1000 or 1008), the client opens a new one
+ *   and resumes with `reconnect:attempt`, the latest resume token and `lastSeq` (the last room
+ *   event it processed), for up to {@link RESUME_WINDOW_MS}; the peer connections stay as they
+ *   are (the server keeps its side of them). The events missed meanwhile arrive after the ack,
+ *   in order, and update the room model like any others (a repeated chat message is dropped
+ *   by its id).
  *
  * The edge is ICE-lite and puts all its candidates in its SDP, so this client never trickles
  * candidates: its own are found by the edge as peer-reflexive ones from the connectivity checks.
@@ -1293,9 +1295,16 @@ export class KcsClient extends Emitter {
       try {
         await this._openSocket(/** @type {string} */ (this._url));
         await this._hello();
-        const ack = await this.request('reconnect:attempt', { resumeToken: this.resumeToken });
+        /** @type {Record<string, any>} */
+        const req = { resumeToken: this.resumeToken };
+        if (this.seq !== null) req.lastSeq = this.seq;
+        const ack = await this.request('reconnect:attempt', req);
         this._resuming = false;
-        this._applyJoin(ack);
+        // The ack names us and a fresh token; the room model stays, and the events we missed
+        // (after lastSeq) follow in order and bring it up to date.
+        this.you = ack.you ?? this.you;
+        this.room = ack.room ?? this.room;
+        if (typeof ack.resumeToken === 'string') this.resumeToken = ack.resumeToken;
         this.emit('reconnected', ack);
         return;
       } catch (err) {

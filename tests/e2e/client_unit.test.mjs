@@ -355,17 +355,21 @@ test('a dropped socket is resumed with the resume token, and missed events follo
   assert.equal(hello.type, 'hello');
   ws2.deliver({ type: 'ack', id: hello.id, version: 2 });
   const resume = await ws2.waitSent(2);
-  assert.deepEqual([resume.type, resume.resumeToken], ['reconnect:attempt', 'resume-1']);
+  assert.deepEqual([resume.type, resume.resumeToken, resume.lastSeq], ['reconnect:attempt', 'resume-1', 5]);
   ws2.deliver({
-    type: 'ack', id: resume.id, room: 'r', you: { id: 1, identity: 'me', role: 'host' },
-    participants: [{ id: 2, identity: 'bob', role: 'host' }], tracks: [], hands: [1], seq: 9, resumeToken: 'resume-2',
+    type: 'ack', id: resume.id, room: 'r', you: { id: 1, identity: 'me', role: 'host' }, seq: 6,
+    resumeToken: 'resume-2', resumed: true,
   });
   await reconnected;
-  ws2.deliver({ type: 'hand:lower', seq: 10, participant: 1, by: 1, hands: [] });
+  assert.equal(client.participants.get(2).identity, 'bob', 'the room model survives a resume');
+  // Missed events follow: one sent on the old socket after lastSeq, one from while away.
+  ws2.deliver({ type: 'hand:raise', seq: 6, participant: 2, by: 2, hands: [2] });
+  ws2.deliver({ type: 'participant:joined', seq: 7, participants: [{ id: 3, identity: 'carol', role: 'attendee' }] });
   assert.equal(closed, false);
   assert.equal(client.resumeToken, 'resume-2');
-  assert.deepEqual(client.hands, []);
-  assert.equal(client.seq, 10);
+  assert.deepEqual(client.hands, [2]);
+  assert.ok(client.participants.has(3));
+  assert.equal(client.seq, 7);
   const p = client.pause(10);
   ws2.deliver({ type: 'ack', id: (await ws2.waitSent(3)).id });
   await p;
