@@ -601,10 +601,24 @@ function participantMicMuted(id) {
   return true;
 }
 
+/** What the people list shows; it is rebuilt only when this changes. */
+let peopleShown = '';
+
 /** The participant list, with the controls our role allows. */
 function renderPeople() {
   const list = $('people-list');
-  $('people-count').textContent = `(${client.participants.size})`;
+  $('people-count').textContent = `(${client.participantCount || client.participants.size})`;
+  // Rebuilding on every render (speaker changes come several times a second) would pull the
+  // buttons from under the pointer and the keyboard focus.
+  const shown = JSON.stringify([
+    gridOrder(state.order, client.hands).map((id) => {
+      const p = client.participants.get(id);
+      return [id, p?.name, p?.identity, p?.role, participantMicMuted(id), client.status.get(id)];
+    }),
+    client.hands, client.you?.role, client.settings.spotlight, [...client.lobby.values()],
+  ]);
+  if (shown === peopleShown) return;
+  peopleShown = shown;
   const handSet = new Set(client.hands);
   /** @type {HTMLElement[]} */
   const items = [];
