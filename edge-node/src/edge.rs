@@ -11,12 +11,13 @@ use crate::sdp::{Fingerprint, LocalTransport};
 use crate::sfu::{PublicationId, SessionId, SubscriptionId, TransportId};
 use crate::transport::ice::IceCredentials;
 use crate::udp::Shards;
-use cascade_proto::{ParticipantId, RoomId, TrackId, TrackSource};
+use cascade_proto::{Identity, ParticipantId, RoomId, TrackId, TrackSource};
 use control_plane::token::{TokenSigner, TokenVerifier};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::mpsc;
 
 /// A track published on this edge, as subscribers need it.
 #[derive(Debug, Clone)]
@@ -45,6 +46,10 @@ pub struct Edge {
     publications: Mutex<HashMap<(RoomId, TrackId), LocalPublication>>,
     /// WHIP/WHEP sessions by id, for DELETE.
     pub http_sessions: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+    /// Signaling connections that dropped, by resume token, for `reconnect:attempt`.
+    resumable: Mutex<HashMap<String, crate::ws::Parked>>,
+    /// Where to tell an identity it was invited somewhere (`participant:add`), per connection.
+    notices: Mutex<HashMap<Identity, Vec<mpsc::Sender<String>>>>,
     ids: AtomicU64,
 }
 
@@ -77,6 +82,8 @@ impl Edge {
             ips,
             publications: Mutex::new(HashMap::new()),
             http_sessions: Mutex::new(HashMap::new()),
+            resumable: Mutex::new(HashMap::new()),
+            notices: Mutex::new(HashMap::new()),
             ids: AtomicU64::new(1),
         }
     }
@@ -129,6 +136,43 @@ impl Edge {
     /// The addresses put in ICE candidates (and registered for geo-DNS).
     pub fn advertised_ips(&self) -> &[IpAddr] {
         &self.ips
+    }
+
+    /// Keeps a dropped connection for resuming.
+    pub fn park(&self, token: String, parked: crate::ws::Parked) {
+        lock(&self.resumable).insert(token, parked);
+    }
+
+    /// Takes a parked connection (once).
+    pub fn unpark(&self, token: &str) -> Option<crate::ws::Parked> {
+        lock(&self.resumable).remove(token)
+    }
+
+    /// Connections parked now.
+    pub fn parked_count(&self) -> usize {
+        lock(&self.resumable).len()
+    }
+
+    /// Lets `identity`'s connection hear of invitations.
+    pub fn register_notices(&self, identity: &Identity, tx: mpsc::Sender<String>) {
+        let mut n = lock(&self.notices);
+        let list = n.entry(identity.clone()).or_default();
+        list.retain(|t| !t.is_closed());
+        list.push(tx);
+    }
+
+    /// Tells every connection of `identity` on this edge (closed ones are forgotten).
+    pub fn notify(&self, identity: &Identity, frame: String) {
+        let mut n = lock(&self.notices);
+        if let Some(list) = n.get_mut(identity) {
+            list.retain(|t| match t.try_send(frame.clone()) {
+                Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            });
+            if list.is_empty() {
+                n.remove(identity);
+            }
+        }
     }
 
     pub fn verifier(&self) -> std::sync::RwLockReadGuard<'_, TokenVerifier> {

@@ -46,7 +46,7 @@ impl From<SessionError> for ApiError {
     fn from(e: SessionError) -> Self {
         let status = match e.code {
             "sdp_invalid" | "sdp_unsupported" | "bad_request" => StatusCode::BAD_REQUEST,
-            "forbidden" => StatusCode::FORBIDDEN,
+            "forbidden" | "room_locked" | "in_lobby" => StatusCode::FORBIDDEN,
             "no_such_track" => StatusCode::NOT_FOUND,
             "room_full" | "source_in_use" | "too_many_tracks" => StatusCode::CONFLICT,
             "token_invalid" | "token_expired" | "token_malformed" | "token_wrong_room" => {

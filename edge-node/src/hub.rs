@@ -8,7 +8,8 @@
 
 use crate::sfu::{Event as ShardEvent, PublicationId};
 use cascade_proto::room::{
-    EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomEvent, RoomEventBody,
+    Audience, EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomEvent,
+    RoomEventBody,
 };
 use cascade_proto::{ParticipantId, RoomId};
 use std::collections::HashMap;
@@ -142,30 +143,30 @@ pub fn spawn(
                 Some(msg) = from_origin.recv() => match msg {
                     OriginToEdge::Reply { id, reply } => {
                         let Some((tx, listener)) = pending.remove(&id) else { continue };
-                        if let (Reply::Joined { you, .. }, Some((room, l))) = (&reply, listener) {
-                            rooms.entry(room).or_default().insert(you.id, l);
+                        // Joined, or waiting in the lobby: either way the room's events (an
+                        // admission, for one waiting) come to this listener from now on.
+                        let you = match &reply {
+                            Reply::Joined(s) => Some(s.you.id),
+                            Reply::Waiting { you } => Some(you.id),
+                            _ => None,
+                        };
+                        if let (Some(you), Some((room, l))) = (you, listener) {
+                            rooms.entry(room).or_default().insert(you, l);
                         }
                         let _ = tx.send(reply);
                     }
                     OriginToEdge::Event(event) => {
                         let Some(members) = rooms.get_mut(&event.room) else { continue };
-                        if let RoomEventBody::ParticipantLeft { participant } = &event.body {
-                            // Deliver to the leaver too (it may be mid-cleanup), then forget it.
-                            if let Some(l) = members.get(participant) {
-                                let _ = l.try_send(RoomSignal::Event(event.clone()));
+                        let room = event.room.clone();
+                        deliver(members, &event);
+                        match &event.body {
+                            RoomEventBody::ParticipantsLeft(gone) => {
+                                for p in gone { members.remove(p); }
                             }
-                            members.remove(participant);
+                            RoomEventBody::RoomClosed { .. } => members.clear(),
+                            _ => {}
                         }
-                        members.retain(|p, l| match l.try_send(RoomSignal::Event(event.clone())) {
-                            Ok(()) => true,
-                            Err(mpsc::error::TrySendError::Closed(_)) => false,
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                // A session this far behind has lost room state; dropping its
-                                // listener ends it, and the client reconnects.
-                                tracing::warn!(room = %event.room, participant = %p, "session too slow for room events; detached");
-                                false
-                            }
-                        });
+                        if members.is_empty() { rooms.remove(&room); }
                     }
                 },
                 Some(ev) = shard_events.recv() => {
@@ -192,6 +193,33 @@ pub fn spawn(
     }
 }
 
+/// Hands one room event to the sessions it is for. Moderator events go to every session, which
+/// keeps them only if its participant is a moderator (the role is the session's to know).
+fn deliver(members: &mut HashMap<ParticipantId, mpsc::Sender<RoomSignal>>, event: &RoomEvent) {
+    let send = |p: &ParticipantId, l: &mpsc::Sender<RoomSignal>| match l
+        .try_send(RoomSignal::Event(event.clone()))
+    {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            // A session this far behind has lost room state; dropping its listener ends it,
+            // and the client reconnects.
+            tracing::warn!(room = %event.room, participant = %p, "session too slow for room events; detached");
+            false
+        }
+    };
+    match event.audience {
+        Audience::Participant(p) => {
+            if let Some(l) = members.get(&p) {
+                if !send(&p, l) {
+                    members.remove(&p);
+                }
+            }
+        }
+        Audience::All | Audience::Moderators => members.retain(|p, l| send(p, l)),
+    }
+}
+
 /// Runs an in-process origin (dev mode and single-node deployments) and returns its link ends.
 pub fn spawn_local_origin(
     config: origin::RoomConfig,
@@ -204,8 +232,17 @@ pub fn spawn_local_origin(
     let (edge_tx, edge_rx) = mpsc::channel::<OriginToEdge>(16384);
     tokio::spawn(async move {
         let mut state = origin::Origin::new(config);
-        while let Some((from, msg)) = origin_rx.recv().await {
-            for out in state.handle(from, msg) {
+        let mut presence = tokio::time::interval(origin::PRESENCE_BATCH);
+        presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let out = tokio::select! {
+                msg = origin_rx.recv() => match msg {
+                    Some((from, msg)) => state.handle(from, msg),
+                    None => return,
+                },
+                _ = presence.tick() => state.tick(),
+            };
+            for out in out {
                 // One edge in-process: everything goes to it.
                 debug_assert_eq!(out.edge, edge);
                 if edge_tx.send(out.message).await.is_err() {

@@ -15,7 +15,9 @@ use crate::sfu::{
 };
 use crate::transport::ice::IceCredentials;
 use crate::udp::ShardInput;
-use cascade_proto::room::{Intent, ParticipantInfo, Reply, RoomEvent, RoomEventBody, TrackInfo};
+use cascade_proto::room::{
+    Intent, ParticipantInfo, Reply, RoomEvent, RoomEventBody, RoomSnapshot, TrackInfo,
+};
 use cascade_proto::{ParticipantId, RoomId, TrackId, TrackKind, TrackSource};
 use kcs_media::codec::VideoCodec;
 use kcs_media::units::SpatialLayer;
@@ -68,6 +70,15 @@ fn refused(reply: Reply) -> SessionError {
 
 fn origin_down() -> SessionError {
     SessionError::new("internal", "the room's origin is unreachable")
+}
+
+/// Gives up a place in a room's lobby (the client left or can not wait).
+pub async fn leave_waiting(edge: &Edge, room: &RoomId, participant: ParticipantId) {
+    let _ = edge
+        .hub
+        .request(room, Intent::Leave { participant }, None)
+        .await;
+    edge.hub.detach(room, participant).await;
 }
 
 struct Publisher {
@@ -136,16 +147,47 @@ pub struct Participant {
     left: bool,
 }
 
-/// What a join returns besides the participant.
-pub struct Joined {
-    pub participants: Vec<ParticipantInfo>,
-    pub tracks: Vec<TrackInfo>,
-    pub seq: u64,
+/// What a join returns besides the participant: the room as it stood.
+pub type Joined = Box<RoomSnapshot>;
+
+/// How a join ended: in the room, or in its lobby.
+pub enum Entry {
+    Joined(Participant, Joined),
+    /// Waiting for a moderator; the room's `Admitted` event (see [`Participant::admitted`]) or
+    /// `Denied` follows on the listener.
+    Waiting(ParticipantInfo),
 }
 
 impl Participant {
     /// Joins the room through its origin. `listener` receives the room's events; `events`
     /// receives this participant's shard events (transport state, layer changes).
+    pub async fn enter(
+        edge: Arc<Edge>,
+        room: RoomId,
+        intent: Intent,
+        listener: mpsc::Sender<RoomSignal>,
+        events: mpsc::Sender<crate::sfu::Event>,
+    ) -> Result<Entry, SessionError> {
+        let reply = edge
+            .hub
+            .request(&room, intent, Some(listener))
+            .await
+            .map_err(|_| origin_down())?;
+        match reply {
+            Reply::Joined(snapshot) => {
+                let p = Self::admitted(edge, room, &snapshot, events).await;
+                Ok(Entry::Joined(p, snapshot))
+            }
+            Reply::Waiting { you } => {
+                tracing::info!(room = %room, participant = %you.id, identity = %you.identity, "waiting in the lobby");
+                Ok(Entry::Waiting(you))
+            }
+            other => Err(refused(other)),
+        }
+    }
+
+    /// Joins where there is no one to wait for a lobby decision (WHIP, WHEP): a lobby answer
+    /// gives up the place in it and is refused with `in_lobby`.
     pub async fn join(
         edge: Arc<Edge>,
         room: RoomId,
@@ -153,20 +195,27 @@ impl Participant {
         listener: mpsc::Sender<RoomSignal>,
         events: mpsc::Sender<crate::sfu::Event>,
     ) -> Result<(Self, Joined), SessionError> {
-        let reply = edge
-            .hub
-            .request(&room, intent, Some(listener))
-            .await
-            .map_err(|_| origin_down())?;
-        let Reply::Joined {
-            you,
-            participants,
-            tracks,
-            seq,
-        } = reply
-        else {
-            return Err(refused(reply));
-        };
+        match Self::enter(edge.clone(), room.clone(), intent, listener, events).await? {
+            Entry::Joined(p, s) => Ok((p, s)),
+            Entry::Waiting(you) => {
+                leave_waiting(&edge, &room, you.id).await;
+                Err(SessionError::new(
+                    "in_lobby",
+                    "the meeting has a lobby: join from the meeting page and wait to be admitted",
+                ))
+            }
+        }
+    }
+
+    /// The participant a join or a lobby admission (`snapshot`) made, registered with the
+    /// room's shard.
+    pub async fn admitted(
+        edge: Arc<Edge>,
+        room: RoomId,
+        snapshot: &RoomSnapshot,
+        events: mpsc::Sender<crate::sfu::Event>,
+    ) -> Self {
+        let you = snapshot.you.clone();
         let shard = edge.shards.shard_of(room.as_str());
         let session = edge.session_id();
         edge.shards
@@ -176,7 +225,7 @@ impl Participant {
             .participants
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(room = %room, participant = %you.id, identity = %you.identity, role = %you.role, "joined");
-        let p = Self {
+        Self {
             edge,
             room,
             me: you,
@@ -184,17 +233,23 @@ impl Participant {
             shard,
             publisher: None,
             subscriber: None,
-            tracks: tracks.iter().map(|t| (t.id, t.clone())).collect(),
+            tracks: snapshot.tracks.iter().map(|t| (t.id, t.clone())).collect(),
             left: false,
-        };
-        Ok((
-            p,
-            Joined {
-                participants,
-                tracks,
-                seq,
-            },
-        ))
+        }
+    }
+
+    /// Sends one intent about this participant to the room's origin.
+    pub async fn ask(&self, intent: Intent) -> Result<Reply, SessionError> {
+        let reply = self
+            .edge
+            .hub
+            .request(&self.room, intent, None)
+            .await
+            .map_err(|_| origin_down())?;
+        match reply {
+            Reply::Refused(_) => Err(refused(reply)),
+            other => Ok(other),
+        }
     }
 
     async fn shard(&self, cmd: Command) {
@@ -378,6 +433,14 @@ impl Participant {
                 },
             })
             .await;
+            if track.muted {
+                // Published while a moderator's mute holds: not forwarded until lifted.
+                self.shard(Command::SetPublicationMuted {
+                    id: pid,
+                    muted: true,
+                })
+                .await;
+            }
             self.edge.hub.note_publication(pid, self.room.clone());
             self.edge.add_publication(
                 &self.room,
@@ -787,16 +850,68 @@ impl Participant {
             }
             RoomEventBody::TrackUnpublished { track, .. } => {
                 self.tracks.remove(track);
+                // Our own track withdrawn by the room (a role change took the right away).
+                self.drop_own_publication(*track).await;
                 self.close_consumers(&[*track]).await
             }
-            RoomEventBody::TrackMuted { track, muted } => {
+            RoomEventBody::TrackMuted { track, muted, .. } => {
                 if let Some(t) = self.tracks.get_mut(track) {
                     t.muted = *muted;
                 }
+                // The publisher's edge enforces a mute at the SFU: a muted track (by its owner
+                // or by a moderator) is not forwarded to anyone.
+                if let Some(pid) = self.own_publication(*track) {
+                    self.shard(Command::SetPublicationMuted {
+                        id: pid,
+                        muted: *muted,
+                    })
+                    .await;
+                }
+                None
+            }
+            RoomEventBody::RoleChanged {
+                participant, role, ..
+            } if *participant == self.me.id => {
+                self.me.role = *role;
                 None
             }
             _ => None,
         }
+    }
+
+    /// The shard publication of one of our tracks.
+    fn own_publication(&self, track: TrackId) -> Option<PublicationId> {
+        self.publisher
+            .as_ref()?
+            .tracks
+            .values()
+            .find(|(t, _)| *t == track)
+            .map(|(_, pid)| *pid)
+    }
+
+    /// Stops receiving one of our tracks the room no longer has (no intent: the room decided).
+    async fn drop_own_publication(&mut self, track: TrackId) {
+        let Some(p) = self.publisher.as_mut() else {
+            return;
+        };
+        let Some(mid) = p
+            .tracks
+            .iter()
+            .find(|(_, (t, _))| *t == track)
+            .map(|(m, _)| m.clone())
+        else {
+            return;
+        };
+        let Some((_, pid)) = p.tracks.remove(&mid) else {
+            return;
+        };
+        self.shard(Command::RemovePublication { id: pid }).await;
+        self.edge.hub.forget_publication(pid);
+        self.edge.remove_publication(&self.room, track);
+        self.edge
+            .metrics
+            .publications
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Transport ids, to tell which of our transports an event is about.
