@@ -23,6 +23,7 @@ SUITES=(
     "client_unit|node --test tests/e2e/client_unit.test.mjs tests/e2e/meet_layout.test.mjs"
     "whip_whep|python3 tests/interop/test_whip_whep.py"
     "two_pages|node tests/e2e/two_pages.mjs"
+    "meeting|node tests/e2e/meeting.mjs"
 )
 # Run only when named (`scripts/test.sh throttled`): the edge drops to a lower layer under the
 # cap and climbs back, but without bandwidth probing its upgrade attempts still cost a burst of

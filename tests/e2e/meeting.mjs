@@ -1,7 +1,8 @@
 // Real-browser test of the meeting page (`/`) on a real `kcs dev` edge, three headless Chromium
 // pages driven like people would, by clicking the page's buttons:
 //
-//  1. alice (host) joins with video from the prejoin lobby and turns the waiting room on;
+//  1. alice (host) joins with video from the prejoin lobby and turns the waiting room on (every
+//     control of the page has an accessible name);
 //  2. bob (presenter) and carol (attendee) join with video and wait; alice admits both from the
 //     People panel;
 //  3. everyone decodes everyone else's camera (inbound-rtp framesDecoded grows);
@@ -10,12 +11,14 @@
 //     camera tiles, now small, ask for the lowest simulcast layer and get it;
 //  5. all three send a chat message at once: the three chat logs show the same messages in the
 //     same order;
-//  6. carol raises her hand: alice sees the badge on carol's tile and in the People list;
+//  6. carol raises her hand with the keyboard (Alt+H): alice sees the badge on carol's tile and
+//     in the People list; carol's reaction shows on alice's page;
 //  7. carol tries to mute alice through the client library (the page offers her no such
 //     control): refused with `forbidden`, and alice's audio keeps arriving at bob;
 //  8. alice mutes bob from the People list: bob's audio bytes stop growing at alice and carol
 //     (they were growing before), and bob's page says he was muted;
-//  9. alice removes carol: carol's page says she was removed, and her tile leaves the others'.
+//  9. alice removes carol: carol's page says she was removed, and her tile leaves the others';
+//     alice's meeting timer runs.
 //
 // A screenshot of each step goes to artifacts/meeting-<step>-<who>.png.
 // Run: node tests/e2e/meeting.mjs (after scripts/install-test-deps.sh and a build of kcs).
@@ -129,6 +132,12 @@ async function main() {
   await alice.getByRole('button', { name: 'People' }).click();
   await alice.getByLabel('Waiting room', { exact: true }).check();
   await waitFor('the waiting room on', () => alice.evaluate(() => window.meet.client.settings.lobby === true));
+  // Every control has a name a screen reader can say.
+  const unnamed = await alice.evaluate(() => [...document.querySelectorAll('#meeting button, #meeting select, #meeting input')]
+    .filter((el) => el.checkVisibility())
+    .filter((el) => !(el.getAttribute('aria-label') || el.labels?.length || (el.tagName === 'BUTTON' && el.textContent.trim())))
+    .map((el) => el.outerHTML.slice(0, 80)));
+  if (unnamed.length) throw new Error(`controls without an accessible name: ${JSON.stringify(unnamed)}`);
   await shots('host-joined', ['alice']);
 
   // 2. Two guests wait; the host admits them.
@@ -199,12 +208,14 @@ async function main() {
   log(`chat order everywhere: ${JSON.stringify(logs.alice)}`);
   await shots('chat');
 
-  // 6. Carol raises her hand; alice sees it.
-  await pages.carol.getByRole('button', { name: 'Raise hand' }).click();
+  // 6. Carol raises her hand from the keyboard (Alt+H); alice sees it. Carol reacts; alice sees it.
+  await pages.carol.locator('body').press('Alt+KeyH');
   const carolId = await idOn(alice, 'carol');
   await alice.locator(`#grid figure[data-participant="${carolId}"] .badge-hand:not([hidden])`).waitFor({ timeout: 10_000 });
   await alice.locator(`#people-list li[data-participant="${carolId}"] [aria-label="hand raised"]`).waitFor({ timeout: 5_000 });
   log('alice sees carol\'s hand');
+  await pages.carol.getByRole('button', { name: 'React thumbs up' }).click();
+  await alice.locator('#reaction-layer span', { hasText: 'carol' }).waitFor({ timeout: 5_000 });
   await shots('hand', ['alice']);
 
   // 7. Carol may not mute the host.
@@ -243,6 +254,8 @@ async function main() {
   }
   log('alice removed carol');
   await shots('removed');
+  const timer = await alice.locator('#timer').textContent();
+  if (!/^[1-9]\d*:\d\d$|^0:[0-5]\d$/.test(timer ?? '') || timer === '0:00') throw new Error(`alice's meeting timer shows "${timer}"`);
 
   const pageErrors = {};
   for (const [who, page] of Object.entries(pages)) {
