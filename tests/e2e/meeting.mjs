@@ -18,7 +18,8 @@
 //  8. alice mutes bob from the People list: bob's audio bytes stop growing at alice and carol
 //     (they were growing before), and bob's page says he was muted;
 //  9. alice removes carol: carol's page says she was removed, and her tile leaves the others';
-//     alice's meeting timer runs.
+// 10. bob turns his camera off with Alt+V: alice's tile of him shows his initials; alice's
+//     meeting timer runs.
 //
 // A screenshot of each step goes to artifacts/meeting-<step>-<who>.png.
 // Run: node tests/e2e/meeting.mjs (after scripts/install-test-deps.sh and a build of kcs).
@@ -254,6 +255,16 @@ async function main() {
   }
   log('alice removed carol');
   await shots('removed');
+  // 10. Bob turns his camera off from the keyboard (Alt+V): alice's tile of him shows his
+  // initials instead of video.
+  await pages.bob.locator('body').press('Alt+KeyV');
+  const bobTile = alice.locator(`#grid figure[data-participant="${await idOn(alice, 'bob')}"]`);
+  await bobTile.locator('video[hidden]').waitFor({ state: 'attached', timeout: 10_000 });
+  const avatar = await bobTile.locator('.avatar:not([hidden])').textContent({ timeout: 5_000 });
+  if (avatar !== 'BO') throw new Error(`alice's tile of bob without video shows "${avatar}"`);
+  log('bob turned his camera off: alice sees his initials');
+  await shots('camera-off', ['alice', 'bob']);
+
   const timer = await alice.locator('#timer').textContent();
   if (!/^[1-9]\d*:\d\d$|^0:[0-5]\d$/.test(timer ?? '') || timer === '0:00') throw new Error(`alice's meeting timer shows "${timer}"`);
 
