@@ -604,6 +604,14 @@ function participantMicMuted(id) {
 /** What the people list shows; it is rebuilt only when this changes. */
 let peopleShown = '';
 
+/** @param {Id} id whether a moderator muted the participant's microphone */
+function participantHostMuted(id) {
+  for (const t of client.tracks.values()) {
+    if (t.participant === id && t.source === 'microphone') return Boolean(/** @type {any} */ (t).hostMuted);
+  }
+  return false;
+}
+
 /** The participant list, with the controls our role allows. */
 function renderPeople() {
   const list = $('people-list');
@@ -613,7 +621,7 @@ function renderPeople() {
   const shown = JSON.stringify([
     gridOrder(state.order, client.hands).map((id) => {
       const p = client.participants.get(id);
-      return [id, p?.name, p?.identity, p?.role, participantMicMuted(id), client.status.get(id)];
+      return [id, p?.name, p?.identity, p?.role, participantMicMuted(id), participantHostMuted(id), client.status.get(id)];
     }),
     client.hands, client.you?.role, client.settings.spotlight, [...client.lobby.values()],
   ]);
@@ -668,7 +676,11 @@ function renderPeople() {
       // Offered by our role; finer rules (a co-host cannot mute a host) are the server's, and
       // its refusal is shown.
       if (client.can('mute_others')) {
-        add('Mute', `Mute ${who_}`, 'mute', () => client.muteRemote(id));
+        if (participantHostMuted(id)) {
+          add('Allow unmute', `Allow ${who_} to unmute`, 'allow-unmute', () => client.muteRemote(id, { muted: false }));
+        } else {
+          add('Mute', `Mute ${who_}`, 'mute', () => client.muteRemote(id));
+        }
       }
       if (client.can('remove')) {
         add('Remove', `Remove ${who_} from the meeting`, 'remove', () => client.removeParticipant(id));
