@@ -141,7 +141,9 @@ pub enum Intent {
         name: String,
     },
     /// Leave (or the connection is gone, or a waiting guest gave up).
-    Leave { participant: ParticipantId },
+    Leave {
+        participant: ParticipantId,
+    },
     /// Announce a new published track.
     Publish {
         participant: ParticipantId,
@@ -177,7 +179,9 @@ pub enum Intent {
         status: PresenceStatus,
     },
     /// End the meeting for everyone.
-    Close { participant: ParticipantId },
+    Close {
+        participant: ParticipantId,
+    },
     SetLocked {
         participant: ParticipantId,
         locked: bool,
@@ -216,7 +220,9 @@ pub enum Intent {
         kind: TrackKind,
         muted: bool,
     },
-    RaiseHand { participant: ParticipantId },
+    RaiseHand {
+        participant: ParticipantId,
+    },
     LowerHand {
         participant: ParticipantId,
         target: ParticipantId,
@@ -293,14 +299,20 @@ pub enum Reply {
     /// Joined: who you are and the room as it stands (events after `seq` follow on the link).
     Joined(Box<RoomSnapshot>),
     /// Waiting in the lobby; [`RoomEventBody::Admitted`] or [`RoomEventBody::Denied`] follows.
-    Waiting { you: ParticipantInfo },
-    Published { track: TrackInfo },
+    Waiting {
+        you: ParticipantInfo,
+    },
+    Published {
+        track: TrackInfo,
+    },
     Members {
         participants: Vec<ParticipantInfo>,
         next: Option<ParticipantId>,
         count: u32,
     },
-    Chat { message: ChatMessage },
+    Chat {
+        message: ChatMessage,
+    },
     Done,
     Refused(RoomError),
 }
@@ -377,7 +389,9 @@ pub enum RoomEventBody {
         by: ParticipantId,
     },
     /// The room ended: the last participant left (no audience), or a host ended it.
-    RoomClosed { by: Option<ParticipantId> },
+    RoomClosed {
+        by: Option<ParticipantId>,
+    },
     /// Personal: a moderator admitted you from the lobby.
     Admitted(Box<RoomSnapshot>),
     /// Personal: a moderator denied you entry.
@@ -391,7 +405,9 @@ pub enum RoomEventBody {
         by: ParticipantId,
     },
     /// Personal: you were removed.
-    Removed { by: ParticipantId },
+    Removed {
+        by: ParticipantId,
+    },
 }
 
 /// Edge -> origin.

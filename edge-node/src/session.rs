@@ -152,7 +152,7 @@ pub type Joined = Box<RoomSnapshot>;
 
 /// How a join ended: in the room, or in its lobby.
 pub enum Entry {
-    Joined(Participant, Joined),
+    Joined(Box<Participant>, Joined),
     /// Waiting for a moderator; the room's `Admitted` event (see [`Participant::admitted`]) or
     /// `Denied` follows on the listener.
     Waiting(ParticipantInfo),
@@ -176,7 +176,7 @@ impl Participant {
         match reply {
             Reply::Joined(snapshot) => {
                 let p = Self::admitted(edge, room, &snapshot, events).await;
-                Ok(Entry::Joined(p, snapshot))
+                Ok(Entry::Joined(Box::new(p), snapshot))
             }
             Reply::Waiting { you } => {
                 tracing::info!(room = %room, participant = %you.id, identity = %you.identity, "waiting in the lobby");
@@ -196,7 +196,7 @@ impl Participant {
         events: mpsc::Sender<crate::sfu::Event>,
     ) -> Result<(Self, Joined), SessionError> {
         match Self::enter(edge.clone(), room.clone(), intent, listener, events).await? {
-            Entry::Joined(p, s) => Ok((p, s)),
+            Entry::Joined(p, s) => Ok((*p, s)),
             Entry::Waiting(you) => {
                 leave_waiting(&edge, &room, you.id).await;
                 Err(SessionError::new(

@@ -715,8 +715,7 @@ pub fn decode(text: &str) -> Result<(u64, Request), DecodeError> {
         "participant:add" => {
             let b: AddBody = parse(id, &ty, body)?;
             name_ok(&b.name)?;
-            let identity =
-                Identity::new(b.identity).map_err(|e| bad(format!("identity: {e}")))?;
+            let identity = Identity::new(b.identity).map_err(|e| bad(format!("identity: {e}")))?;
             let role = b.role.unwrap_or(Role::Attendee);
             if role == Role::Host {
                 return Err(bad("participant:add can not make a host".into()));
@@ -820,7 +819,11 @@ impl RateLimit {
 
 /// Call quality from a client's report and the edge's own view of its video subscriptions:
 /// `(quality, audio_only_recommended)` (thresholds in docs/protocol.md).
-pub fn quality(r: &StatsReport, video_shed: usize, video_subscriptions: usize) -> (&'static str, bool) {
+pub fn quality(
+    r: &StatsReport,
+    video_shed: usize,
+    video_subscriptions: usize,
+) -> (&'static str, bool) {
     let all_video_shed = video_subscriptions > 0 && video_shed == video_subscriptions;
     let q = if r.loss > 0.10 || r.rtt > 500.0 || all_video_shed {
         "poor"
@@ -968,7 +971,10 @@ fn new_secret() -> String {
 }
 
 fn not_available(what: &str) -> SessionError {
-    SessionError::new("not_available", format!("{what} is not available on this edge"))
+    SessionError::new(
+        "not_available",
+        format!("{what} is not available on this edge"),
+    )
 }
 
 /// The channels one connection's participant hears on; parked and resumed with it.
@@ -1138,7 +1144,11 @@ async fn resume(
     if conn.entered() {
         edge.metrics.reject("already_joined");
         return (
-            vec![error(Some(id), "already_joined", "this connection already joined a room")],
+            vec![error(
+                Some(id),
+                "already_joined",
+                "this connection already joined a room",
+            )],
             false,
         );
     }
@@ -1158,7 +1168,10 @@ async fn resume(
     let new_token = new_secret();
     conn.resume_token = Some(new_token.clone());
     let State::Joined(p) = &conn.state else {
-        return (vec![error(Some(id), "internal", "parked without a participant")], true);
+        return (
+            vec![error(Some(id), "internal", "parked without a participant")],
+            true,
+        );
     };
     let _ = p
         .ask(Intent::SetStatus {
@@ -1450,7 +1463,9 @@ impl Connection {
                 Ok(json!({}))
             }
             Request::Pause { track } => p.set_paused(track, true).await.map(|_| json!({})),
-            Request::ConsumerResume { track } => p.set_paused(track, false).await.map(|_| json!({})),
+            Request::ConsumerResume { track } => {
+                p.set_paused(track, false).await.map(|_| json!({}))
+            }
             Request::Layers { track, max_spatial } => {
                 p.set_max_layer(track, max_spatial).await.map(|_| json!({}))
             }
@@ -1590,11 +1605,13 @@ impl Connection {
                         "reactions: at most 5 a second",
                     ));
                 }
-                done(p.ask(Intent::React {
-                    participant: me,
-                    emoji,
-                })
-                .await)
+                done(
+                    p.ask(Intent::React {
+                        participant: me,
+                        emoji,
+                    })
+                    .await,
+                )
             }
             Request::Stats(report) => {
                 if !self.stats_rate.allow(Instant::now()) {
@@ -1686,7 +1703,7 @@ impl Connection {
                 let mut v = snapshot_json(&room, &snapshot);
                 self.last_seq = snapshot.seq;
                 v["resumeToken"] = json!(self.start_resumable());
-                self.state = State::Joined(Box::new(p));
+                self.state = State::Joined(p);
                 if auto_subscribe {
                     if let Some(o) = self.subscribe_all().await {
                         out.push(offer_event(&o));
@@ -1857,7 +1874,10 @@ impl Connection {
                 tracing::info!(room = %p.room, participant = %p.me.id, transport = transport.0, reason, "transport closed");
                 let publisher = p.is_publisher_transport(transport);
                 self.connected[usize::from(!publisher)] = false;
-                vec![json!({"type": "transport:closed", "publisher": publisher, "reason": reason}).to_string()]
+                vec![
+                    json!({"type": "transport:closed", "publisher": publisher, "reason": reason})
+                        .to_string(),
+                ]
             }
             ShardEvent::Connected { transport } => {
                 tracing::debug!(room = %p.room, participant = %p.me.id, transport = transport.0, "transport connected");
@@ -1954,8 +1974,14 @@ mod tests {
                     source: TrackSource::Screen,
                 },
             ),
-            (r#"{"id":3,"type":"stream:start","url":"rtmp://x"}"#, Request::StreamStart),
-            (r#"{"id":3,"type":"hand:lower"}"#, Request::HandLower { participant: None }),
+            (
+                r#"{"id":3,"type":"stream:start","url":"rtmp://x"}"#,
+                Request::StreamStart,
+            ),
+            (
+                r#"{"id":3,"type":"hand:lower"}"#,
+                Request::HandLower { participant: None },
+            ),
             (
                 r#"{"id":4,"type":"produce","sdp":"v=0","tracks":[{"mid":"0","source":"screen-audio"}]}"#,
                 Request::Produce {
@@ -2046,22 +2072,58 @@ mod tests {
             (r#"{"id":1,"type":"hello","version":"2"}"#, "bad_request"),
             (r#"{"id":1,"type":"room:leave","now":true}"#, "bad_request"),
             (r#"{"id":1,"type":"room:members","limit":0}"#, "bad_request"),
-            (r#"{"id":1,"type":"room:members","limit":501}"#, "bad_request"),
-            (r#"{"id":1,"type":"lobby:admit","participant":-1}"#, "bad_request"),
-            (r#"{"id":1,"type":"mute:remote","participant":1,"kind":"smell"}"#, "bad_request"),
-            (r#"{"id":1,"type":"role:update","participant":1,"role":"king"}"#, "bad_request"),
-            (r#"{"id":1,"type":"participant:add","identity":"a b"}"#, "bad_request"),
-            (r#"{"id":1,"type":"participant:add","identity":"a","role":"host"}"#, "bad_request"),
+            (
+                r#"{"id":1,"type":"room:members","limit":501}"#,
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"lobby:admit","participant":-1}"#,
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"mute:remote","participant":1,"kind":"smell"}"#,
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"role:update","participant":1,"role":"king"}"#,
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"participant:add","identity":"a b"}"#,
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"participant:add","identity":"a","role":"host"}"#,
+                "bad_request",
+            ),
             (r#"{"id":1,"type":"chat:send","text":"   "}"#, "bad_request"),
             (r#"{"id":1,"type":"chat:send","text":5}"#, "bad_request"),
-            (r#"{"id":1,"type":"reaction:send","emoji":"x"}"#, "bad_request"),
-            (r#"{"id":1,"type":"stats:report","rtt":1,"loss":2,"jitter":0,"bitrate":0}"#, "bad_request"),
-            (r#"{"id":1,"type":"stats:report","rtt":-1,"loss":0,"jitter":0,"bitrate":0}"#, "bad_request"),
+            (
+                r#"{"id":1,"type":"reaction:send","emoji":"x"}"#,
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"stats:report","rtt":1,"loss":2,"jitter":0,"bitrate":0}"#,
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"stats:report","rtt":-1,"loss":0,"jitter":0,"bitrate":0}"#,
+                "bad_request",
+            ),
             (r#"{"id":1,"type":"layout:update"}"#, "bad_request"),
-            (r#"{"id":1,"type":"layout:update","layout":"mosaic"}"#, "bad_request"),
-            (r#"{"id":1,"type":"webcam:publish","source":"screen"}"#, "bad_request"),
+            (
+                r#"{"id":1,"type":"layout:update","layout":"mosaic"}"#,
+                "bad_request",
+            ),
+            (
+                r#"{"id":1,"type":"webcam:publish","source":"screen"}"#,
+                "bad_request",
+            ),
             (r#"{"id":1,"type":"sdp:offer","sdp":"v=0"}"#, "bad_request"),
-            (r#"{"id":1,"type":"room:join","token":"t","name":"  "}"#, "bad_request"),
+            (
+                r#"{"id":1,"type":"room:join","token":"t","name":"  "}"#,
+                "bad_request",
+            ),
         ];
         for (text, code) in more {
             let e = decode(text).unwrap_err();
@@ -2097,16 +2159,14 @@ mod tests {
             bitrate: 2_000_000.0,
         };
         assert_eq!(quality(&good, 0, 2), ("good", false));
-        let fair = StatsReport {
-            loss: 0.05,
-            ..good
-        };
+        let fair = StatsReport { loss: 0.05, ..good };
         assert_eq!(quality(&fair, 0, 2), ("fair", false));
-        let lossy = StatsReport {
-            loss: 0.2,
-            ..good
-        };
-        assert_eq!(quality(&lossy, 0, 2), ("poor", false), "enough bitrate for video");
+        let lossy = StatsReport { loss: 0.2, ..good };
+        assert_eq!(
+            quality(&lossy, 0, 2),
+            ("poor", false),
+            "enough bitrate for video"
+        );
         let starved = StatsReport {
             bitrate: 80_000.0,
             ..lossy

@@ -151,11 +151,7 @@ impl Client {
 
     /// The next event of type `ty` matching `pred` (others are kept).
     async fn event_where(&mut self, ty: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(i) = self
-            .events
-            .iter()
-            .position(|e| e["type"] == ty && pred(e))
-        {
+        if let Some(i) = self.events.iter().position(|e| e["type"] == ty && pred(e)) {
             return self.events.remove(i).unwrap();
         }
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -213,7 +209,10 @@ impl Client {
 
     /// Every room event's seq seen so far is consecutive (the seq-gap check clients do).
     fn room_seqs(&self) -> Vec<u64> {
-        self.events.iter().filter_map(|e| e["seq"].as_u64()).collect()
+        self.events
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .collect()
     }
 }
 
@@ -231,7 +230,10 @@ async fn hello_negotiates_versions() {
     }
     for v in [0, 3] {
         let r = c
-            .refused(json!({"type": "hello", "version": v}), "unsupported_version")
+            .refused(
+                json!({"type": "hello", "version": v}),
+                "unsupported_version",
+            )
             .await;
         assert!(r["message"].as_str().unwrap().contains("1 to 2"), "{r}");
     }
@@ -274,24 +276,96 @@ async fn every_role_is_allowed_and_refused_what_the_matrix_says() {
     let target = pid(&tack);
     // (request, roles allowed: host, co-host, presenter, attendee, viewer, code when allowed)
     let cases: Vec<(Value, [bool; 5], &str)> = vec![
-        (json!({"type": "mute:remote", "participant": target}), [true, true, false, false, false], ""),
-        (json!({"type": "mute:remote", "participant": target, "muted": false}), [true, true, false, false, false], ""),
-        (json!({"type": "role:update", "participant": target, "role": "attendee"}), [true, false, false, false, false], ""),
-        (json!({"type": "lobby:admit", "participant": 999}), [true, true, false, false, false], "no_such_participant"),
-        (json!({"type": "lobby:deny", "participant": 999}), [true, true, false, false, false], "no_such_participant"),
-        (json!({"type": "room:lock", "locked": false}), [true, true, false, false, false], ""),
-        (json!({"type": "room:lobby", "enabled": false}), [true, true, false, false, false], ""),
-        (json!({"type": "layout:update", "layout": "grid"}), [true, true, false, false, false], ""),
-        (json!({"type": "hand:lower", "participant": target}), [true, true, false, false, false], ""),
-        (json!({"type": "participant:add", "identity": "friend"}), [true, true, false, false, false], ""),
-        (json!({"type": "stream:start"}), [true, true, false, false, false], "not_available"),
-        (json!({"type": "stream:stop"}), [true, true, false, false, false], "not_available"),
-        (json!({"type": "screenshare:start"}), [true, true, true, false, false], ""),
-        (json!({"type": "screen:publish"}), [true, true, true, false, false], ""),
-        (json!({"type": "webcam:publish"}), [true, true, true, true, false], ""),
-        (json!({"type": "webcam:publish", "source": "microphone"}), [true, true, true, true, false], ""),
-        (json!({"type": "participant:remove", "participant": 999}), [true, true, false, false, false], "no_such_participant"),
-        (json!({"type": "room:close"}), [true, false, false, false, false], ""),
+        (
+            json!({"type": "mute:remote", "participant": target}),
+            [true, true, false, false, false],
+            "",
+        ),
+        (
+            json!({"type": "mute:remote", "participant": target, "muted": false}),
+            [true, true, false, false, false],
+            "",
+        ),
+        (
+            json!({"type": "role:update", "participant": target, "role": "attendee"}),
+            [true, false, false, false, false],
+            "",
+        ),
+        (
+            json!({"type": "lobby:admit", "participant": 999}),
+            [true, true, false, false, false],
+            "no_such_participant",
+        ),
+        (
+            json!({"type": "lobby:deny", "participant": 999}),
+            [true, true, false, false, false],
+            "no_such_participant",
+        ),
+        (
+            json!({"type": "room:lock", "locked": false}),
+            [true, true, false, false, false],
+            "",
+        ),
+        (
+            json!({"type": "room:lobby", "enabled": false}),
+            [true, true, false, false, false],
+            "",
+        ),
+        (
+            json!({"type": "layout:update", "layout": "grid"}),
+            [true, true, false, false, false],
+            "",
+        ),
+        (
+            json!({"type": "hand:lower", "participant": target}),
+            [true, true, false, false, false],
+            "",
+        ),
+        (
+            json!({"type": "participant:add", "identity": "friend"}),
+            [true, true, false, false, false],
+            "",
+        ),
+        (
+            json!({"type": "stream:start"}),
+            [true, true, false, false, false],
+            "not_available",
+        ),
+        (
+            json!({"type": "stream:stop"}),
+            [true, true, false, false, false],
+            "not_available",
+        ),
+        (
+            json!({"type": "screenshare:start"}),
+            [true, true, true, false, false],
+            "",
+        ),
+        (
+            json!({"type": "screen:publish"}),
+            [true, true, true, false, false],
+            "",
+        ),
+        (
+            json!({"type": "webcam:publish"}),
+            [true, true, true, true, false],
+            "",
+        ),
+        (
+            json!({"type": "webcam:publish", "source": "microphone"}),
+            [true, true, true, true, false],
+            "",
+        ),
+        (
+            json!({"type": "participant:remove", "participant": 999}),
+            [true, true, false, false, false],
+            "no_such_participant",
+        ),
+        (
+            json!({"type": "room:close"}),
+            [true, false, false, false, false],
+            "",
+        ),
     ];
     for (req, allowed, code) in &cases {
         for (i, (c, _, role)) in clients.iter_mut().enumerate() {
@@ -307,7 +381,10 @@ async fn every_role_is_allowed_and_refused_what_the_matrix_says() {
                 }
             } else {
                 let r = c.refused(req.clone(), "forbidden").await;
-                assert!(r["message"].as_str().unwrap().contains(role.as_str()), "{r}");
+                assert!(
+                    r["message"].as_str().unwrap().contains(role.as_str()),
+                    "{r}"
+                );
             }
         }
     }
@@ -320,20 +397,35 @@ async fn every_role_is_allowed_and_refused_what_the_matrix_says() {
     // Nobody may target themselves with a moderator action.
     let (h, hid, _) = &mut clients[0];
     let hid = *hid;
-    h.refused(json!({"type": "mute:remote", "participant": hid}), "bad_request")
-        .await;
-    h.refused(json!({"type": "participant:remove", "participant": hid}), "bad_request")
-        .await;
+    h.refused(
+        json!({"type": "mute:remote", "participant": hid}),
+        "bad_request",
+    )
+    .await;
+    h.refused(
+        json!({"type": "participant:remove", "participant": hid}),
+        "bad_request",
+    )
+    .await;
     // A co-host may not mute or remove the host.
     let (c, _, _) = &mut clients[1];
-    c.refused(json!({"type": "mute:remote", "participant": hid}), "forbidden")
-        .await;
-    c.refused(json!({"type": "participant:remove", "participant": hid}), "forbidden")
-        .await;
+    c.refused(
+        json!({"type": "mute:remote", "participant": hid}),
+        "forbidden",
+    )
+    .await;
+    c.refused(
+        json!({"type": "participant:remove", "participant": hid}),
+        "forbidden",
+    )
+    .await;
     // An attendee may not mute the host (the example).
     let (a, _, _) = &mut clients[3];
-    a.refused(json!({"type": "mute:remote", "participant": hid}), "forbidden")
-        .await;
+    a.refused(
+        json!({"type": "mute:remote", "participant": hid}),
+        "forbidden",
+    )
+    .await;
     // The removal works for the host, and the target is told and disconnected.
     let (h, _, _) = &mut clients[0];
     h.ok(json!({"type": "participant:remove", "participant": target}))
@@ -343,7 +435,10 @@ async fn every_role_is_allowed_and_refused_what_the_matrix_says() {
     t.closed_by_server().await;
     let (v, _, _) = &mut clients[4];
     v.event_where("participant:left", |e| {
-        e["participants"].as_array().unwrap().contains(&json!(target))
+        e["participants"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(target))
     })
     .await;
     // Ending the meeting: only the host; everyone hears room:close and is disconnected.
@@ -371,18 +466,24 @@ async fn lobby_admits_and_denies_and_the_lock_holds_except_for_the_invited() {
     assert_eq!(w["waiting"], true, "{w}");
     let gid = pid(&w);
     let lobby = h
-        .event_where("lobby:update", |e| !e["waiting"].as_array().unwrap().is_empty())
+        .event_where("lobby:update", |e| {
+            !e["waiting"].as_array().unwrap().is_empty()
+        })
         .await;
     assert_eq!(lobby["waiting"][0]["identity"], "guest");
     assert!(lobby.get("seq").is_none(), "personal events carry no seq");
     // Waiting: nothing but leaving.
-    g.refused(json!({"type": "chat:send", "text": "let me in"}), "in_lobby")
-        .await;
+    g.refused(
+        json!({"type": "chat:send", "text": "let me in"}),
+        "in_lobby",
+    )
+    .await;
     g.refused(json!({"type": "hand:raise"}), "in_lobby").await;
     // The host chats meanwhile; the waiting guest does not hear it...
     h.ok(json!({"type": "chat:send", "text": "before you came"}))
         .await;
-    h.ok(json!({"type": "lobby:admit", "participant": gid})).await;
+    h.ok(json!({"type": "lobby:admit", "participant": gid}))
+        .await;
     let joined = g.event("room:joined").await;
     assert_eq!(pid(&joined), gid);
     assert!(joined["resumeToken"].is_string());
@@ -395,7 +496,11 @@ async fn lobby_admits_and_denies_and_the_lock_holds_except_for_the_invited() {
     assert_eq!(joined["chat"][0]["text"], "before you came");
     assert!(g.events.iter().all(|e| e["type"] != "chat:receive"));
     h.event_where("participant:joined", |e| {
-        e["participants"].as_array().unwrap().iter().any(|p| p["id"] == gid)
+        e["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == gid)
     })
     .await;
     g.ok(json!({"type": "chat:send", "text": "thanks"})).await;
@@ -406,11 +511,15 @@ async fn lobby_admits_and_denies_and_the_lock_holds_except_for_the_invited() {
         .ok(json!({"type": "room:join", "token": env.token("m2", "denied", Role::Attendee)}))
         .await;
     let did = pid(&w);
-    h.ok(json!({"type": "lobby:deny", "participant": did})).await;
+    h.ok(json!({"type": "lobby:deny", "participant": did}))
+        .await;
     d.event("lobby:denied").await;
     d.closed_by_server().await;
-    h.refused(json!({"type": "lobby:admit", "participant": did}), "no_such_participant")
-        .await;
+    h.refused(
+        json!({"type": "lobby:admit", "participant": did}),
+        "no_such_participant",
+    )
+    .await;
     // Attendees see no lobby events.
     g.no_event("lobby:update", Duration::from_millis(300)).await;
 
@@ -460,7 +569,11 @@ async fn chat_has_one_order_under_concurrent_senders() {
     let mut clients = Vec::new();
     for i in 0..4 {
         let (c, ack) = env
-            .join("m3", &format!("u{i}"), if i == 0 { Role::Host } else { Role::Attendee })
+            .join(
+                "m3",
+                &format!("u{i}"),
+                if i == 0 { Role::Host } else { Role::Attendee },
+            )
             .await;
         clients.push((c, pid(&ack)));
     }
@@ -475,7 +588,9 @@ async fn chat_has_one_order_under_concurrent_senders() {
                 c.next_id += 1;
                 ids.push(id);
                 let v = json!({"id": id, "type": "chat:send", "text": format!("u{i}-{n}")});
-                c.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+                c.ws.send(Message::Text(v.to_string().into()))
+                    .await
+                    .unwrap();
             }
             let mut received = Vec::new();
             let mut acks = 0;
@@ -552,15 +667,19 @@ async fn chat_has_one_order_under_concurrent_senders() {
         .await;
     assert!(got.get("seq").is_none());
     let (c2, _) = &mut clients[2];
-    c2.no_event("nothing-else", Duration::from_millis(300)).await;
+    c2.no_event("nothing-else", Duration::from_millis(300))
+        .await;
     assert!(
         !c2.events.iter().any(|e| e["message"]["text"] == "psst"),
         "a direct message reached a third party"
     );
     // Size limit.
     let (c1, _) = &mut clients[2];
-    c1.refused(json!({"type": "chat:send", "text": "x".repeat(2001)}), "too_large")
-        .await;
+    c1.refused(
+        json!({"type": "chat:send", "text": "x".repeat(2001)}),
+        "too_large",
+    )
+    .await;
     // History on join: the latest messages, without others' direct messages.
     let (_late, ack) = env.join("m3", "late", Role::Attendee).await;
     let texts: Vec<&str> = ack["chat"]
@@ -586,7 +705,10 @@ async fn reconnect_resumes_identity_role_hand_and_replays_what_was_missed() {
     let token = aack["resumeToken"].as_str().unwrap().to_string();
     drop(a); // the socket goes away without room:leave
     let info = b.event("participant:info").await;
-    assert_eq!((info["participant"].as_u64(), info["status"].as_str()), (Some(aid), Some("reconnecting")));
+    assert_eq!(
+        (info["participant"].as_u64(), info["status"].as_str()),
+        (Some(aid), Some("reconnecting"))
+    );
     // Meanwhile: a chat message and a role change alice must not miss.
     b.ok(json!({"type": "chat:send", "text": "while you were away"}))
         .await;
@@ -607,12 +729,18 @@ async fn reconnect_resumes_identity_role_hand_and_replays_what_was_missed() {
     let new_token = ack["resumeToken"].as_str().unwrap();
     assert_ne!(new_token, token);
     let missed = a2
-        .event_where("chat:receive", |e| e["message"]["text"] == "while you were away")
+        .event_where("chat:receive", |e| {
+            e["message"]["text"] == "while you were away"
+        })
         .await;
     let role = a2.event("role:update").await;
     assert_eq!(role["role"], "co-host");
     assert!(role["seq"].as_u64() > missed["seq"].as_u64());
-    assert_eq!(missed["seq"].as_u64().unwrap(), last_seq + 2, "status event, then the chat");
+    assert_eq!(
+        missed["seq"].as_u64().unwrap(),
+        last_seq + 2,
+        "status event, then the chat"
+    );
     let back = b
         .event_where("participant:info", |e| e["status"] == "connected")
         .await;
@@ -671,22 +799,30 @@ async fn media_controls_host_mute_screen_share_and_the_rest_of_the_catalog() {
 
     // Host mute: everyone sees the track muted by the host, the guest is asked to mute, and
     // may not unmute.
-    h.ok(json!({"type": "mute:remote", "participant": gid})).await;
-    let muted = h
-        .event_where("track:muted", |e| e["track"] == mic)
+    h.ok(json!({"type": "mute:remote", "participant": gid}))
         .await;
+    let muted = h.event_where("track:muted", |e| e["track"] == mic).await;
     assert_eq!(
         (&muted["muted"], &muted["hostMuted"], &muted["by"]),
         (&json!(true), &json!(true), &json!(hid))
     );
     let ask = g.event("mute:remote").await;
-    assert_eq!((&ask["kind"], &ask["muted"]), (&json!("audio"), &json!(true)));
+    assert_eq!(
+        (&ask["kind"], &ask["muted"]),
+        (&json!("audio"), &json!(true))
+    );
     assert!(ask.get("seq").is_none());
-    g.refused(json!({"type": "mute:self", "track": mic, "muted": false}), "muted_by_host")
-        .await;
+    g.refused(
+        json!({"type": "mute:self", "track": mic, "muted": false}),
+        "muted_by_host",
+    )
+    .await;
     // The guest may not mute the host either.
-    g.refused(json!({"type": "mute:remote", "participant": hid}), "forbidden")
-        .await;
+    g.refused(
+        json!({"type": "mute:remote", "participant": hid}),
+        "forbidden",
+    )
+    .await;
     // Lifted: allowed, not unmuted; then the guest unmutes.
     h.ok(json!({"type": "mute:remote", "participant": gid, "muted": false}))
         .await;
@@ -699,32 +835,64 @@ async fn media_controls_host_mute_screen_share_and_the_rest_of_the_catalog() {
         .await;
     h.event_where("track:muted", |e| e["muted"] == false && e["track"] == mic)
         .await;
-    g.refused(json!({"type": "mute:self", "track": 9999, "muted": true}), "no_such_track")
-        .await;
+    g.refused(
+        json!({"type": "mute:self", "track": 9999, "muted": true}),
+        "no_such_track",
+    )
+    .await;
 
-    // Screen share: a presenter's screen track is announced; a demotion to attendee takes
-    // it away.
-    let screen_offer = AIORTC_OFFER.replace("m=audio", "m=audio");
-    let shared = g
-        .ok(json!({"type": "produce", "sdp": screen_offer,
-            "tracks": [{"mid": "0", "source": "microphone"}, {"mid": "1", "source": "camera"}]}))
+    // Screen share: a presenter's screen track is announced to everyone; screenshare:stop
+    // withdraws it; a demotion to attendee takes a share away.
+    let (mut sh, shack) = env.join("m5", "sharer", Role::Presenter).await;
+    let sid = pid(&shack);
+    sh.ok(json!({"type": "screenshare:start"})).await;
+    let shared = sh
+        .ok(json!({"type": "produce", "sdp": AIORTC_OFFER,
+            "tracks": [{"mid": "0", "source": "microphone"}, {"mid": "1", "source": "screen"}]}))
         .await;
-    assert_eq!(shared["tracks"].as_array().unwrap().len(), 2, "renegotiation keeps tracks");
-    g.ok(json!({"type": "screenshare:start"})).await;
+    let screen = shared["tracks"][1]["track"].as_u64().unwrap();
+    let on = h
+        .event_where("screenshare:notify", |e| e["active"] == true)
+        .await;
+    assert_eq!(
+        (&on["participant"], &on["track"]),
+        (&json!(sid), &json!(screen))
+    );
+    h.ok(json!({"type": "role:update", "participant": sid, "role": "attendee"}))
+        .await;
+    let role = sh.event("role:update").await;
+    assert_eq!(
+        (&role["participant"], &role["role"]),
+        (&json!(sid), &json!("attendee"))
+    );
+    let off = g
+        .event_where("screenshare:notify", |e| e["active"] == false)
+        .await;
+    assert_eq!(off["track"], screen);
+    g.event_where("track:unpublished", |e| e["track"] == screen)
+        .await;
+    sh.refused(json!({"type": "screenshare:start"}), "forbidden")
+        .await;
+    sh.refused(json!({"type": "screen:publish"}), "forbidden")
+        .await;
+    // A presenter with no share stops nothing, successfully.
     g.ok(json!({"type": "screenshare:stop"})).await;
-    h.ok(json!({"type": "role:update", "participant": gid, "role": "attendee"}))
-        .await;
-    let role = g.event("role:update").await;
-    assert_eq!((&role["participant"], &role["role"]), (&json!(gid), &json!("attendee")));
-    g.refused(json!({"type": "screenshare:start"}), "forbidden").await;
+    sh.ok(json!({"type": "room:leave"})).await;
 
     // Hands, reactions, layout, lock: events to everyone with the room's sequence.
     g.ok(json!({"type": "hand:raise"})).await;
     let raised = h.event("hand:raise").await;
-    assert_eq!((&raised["participant"], &raised["hands"]), (&json!(gid), &json!([gid])));
-    h.ok(json!({"type": "hand:lower", "participant": gid})).await;
+    assert_eq!(
+        (&raised["participant"], &raised["hands"]),
+        (&json!(gid), &json!([gid]))
+    );
+    h.ok(json!({"type": "hand:lower", "participant": gid}))
+        .await;
     let lowered = g.event("hand:lower").await;
-    assert_eq!((&lowered["by"], &lowered["hands"]), (&json!(hid), &json!([])));
+    assert_eq!(
+        (&lowered["by"], &lowered["hands"]),
+        (&json!(hid), &json!([]))
+    );
     g.ok(json!({"type": "reaction:send", "emoji": "🎉"})).await;
     g.ok(json!({"type": "reaction:send", "emoji": "🎉"})).await;
     let r = h
@@ -734,17 +902,26 @@ async fn media_controls_host_mute_screen_share_and_the_rest_of_the_catalog() {
     h.ok(json!({"type": "layout:update", "layout": "speaker", "spotlight": gid}))
         .await;
     let l = g.event("layout:update").await;
-    assert_eq!((&l["layout"], &l["spotlight"]), (&json!("speaker"), &json!(gid)));
-    h.refused(json!({"type": "layout:update", "spotlight": 999}), "no_such_participant")
-        .await;
+    assert_eq!(
+        (&l["layout"], &l["spotlight"]),
+        (&json!("speaker"), &json!(gid))
+    );
+    h.refused(
+        json!({"type": "layout:update", "spotlight": 999}),
+        "no_such_participant",
+    )
+    .await;
     h.ok(json!({"type": "room:lock", "locked": true})).await;
     let u = g.event("room:update").await;
     assert_eq!(u["settings"]["locked"], true);
 
     // Pinning is personal; members page; stats give a quality; ICE and transports.
     g.ok(json!({"type": "pin:user", "participant": hid})).await;
-    g.refused(json!({"type": "pin:user", "participant": 999}), "no_such_participant")
-        .await;
+    g.refused(
+        json!({"type": "pin:user", "participant": 999}),
+        "no_such_participant",
+    )
+    .await;
     let page = g.ok(json!({"type": "room:members", "limit": 1})).await;
     assert_eq!(page["participantCount"], 2);
     assert_eq!(page["participants"].as_array().unwrap().len(), 1);
@@ -757,21 +934,32 @@ async fn media_controls_host_mute_screen_share_and_the_rest_of_the_catalog() {
     g.ok(json!({"type": "stats:report", "rtt": 30, "loss": 0.0, "jitter": 2, "bitrate": 1500000}))
         .await;
     let s = g.event("stats:update").await;
-    assert_eq!((&s["quality"], &s["audioOnly"]), (&json!("good"), &json!(false)));
+    assert_eq!(
+        (&s["quality"], &s["audioOnly"]),
+        (&json!("good"), &json!(false))
+    );
     g.ok(json!({"type": "stats:report", "rtt": 900, "loss": 0.3, "jitter": 80, "bitrate": 60000}))
         .await;
     let s = g.event("stats:update").await;
-    assert_eq!((&s["quality"], &s["audioOnly"]), (&json!("poor"), &json!(true)));
+    assert_eq!(
+        (&s["quality"], &s["audioOnly"]),
+        (&json!("poor"), &json!(true))
+    );
     let ice = g
         .ok(json!({"type": "ice:candidate", "candidate": "candidate:1 1 udp 1 10.0.0.1 9 typ host", "sdpMid": "0"}))
         .await;
     assert_eq!(ice["ignored"], true);
-    let tc = g.ok(json!({"type": "transport:connect", "publisher": true})).await;
+    let tc = g
+        .ok(json!({"type": "transport:connect", "publisher": true}))
+        .await;
     assert_eq!(tc["connected"], false, "no ICE happened");
     g.refused(json!({"type": "sdp:offer", "sdp": "v=0"}), "bad_request")
         .await;
-    h.refused(json!({"type": "stream:start", "url": "rtmp://cdn/x"}), "not_available")
-        .await;
+    h.refused(
+        json!({"type": "stream:start", "url": "rtmp://cdn/x"}),
+        "not_available",
+    )
+    .await;
 
     // Every room event either side saw came in sequence.
     for c in [&h, &g] {

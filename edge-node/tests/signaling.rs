@@ -134,7 +134,11 @@ async fn join_is_acked_and_others_see_it_with_sequence_numbers() {
     let mut expected = seq_a + 1;
     loop {
         let ev = event(&mut a, "participant:joined").await;
-        assert_eq!(ev["seq"].as_u64().unwrap(), expected, "consecutive room sequence");
+        assert_eq!(
+            ev["seq"].as_u64().unwrap(),
+            expected,
+            "consecutive room sequence"
+        );
         expected += 1;
         let list = ev["participants"].as_array().unwrap();
         if let Some(bob) = list.iter().find(|p| p["name"] == "Bob") {

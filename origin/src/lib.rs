@@ -16,11 +16,12 @@
 mod room;
 
 pub use room::{
-    allowed, is_moderator, Permission, Room, RoomConfig, MAX_CHAT_CHARS, MAX_ROSTER_PAGE,
-    REACTIONS,
+    allowed, is_moderator, Permission, Room, RoomConfig, MAX_CHAT_CHARS, MAX_ROSTER_PAGE, REACTIONS,
 };
 
-use cascade_proto::room::{EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RoomError, RoomEvent};
+use cascade_proto::room::{
+    EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RoomError, RoomEvent,
+};
 use cascade_proto::RoomId;
 use std::collections::HashMap;
 use std::time::Duration;

@@ -9,7 +9,8 @@
 //! of N participants thus costs O(N) presence messages per batch window rather than O(N²).
 
 use cascade_proto::room::{
-    Action, Audience, ChatMessage, EdgeId, Intent, ParticipantInfo, Reply, RoomError, RoomEvent, RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
+    Action, Audience, ChatMessage, EdgeId, Intent, ParticipantInfo, Reply, RoomError, RoomEvent,
+    RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
 };
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -239,10 +240,20 @@ impl Room {
             }
         }
         if !joined.is_empty() {
-            self.push_to(RoomEventBody::ParticipantsJoined(joined), Audience::All, self.edges(), events);
+            self.push_to(
+                RoomEventBody::ParticipantsJoined(joined),
+                Audience::All,
+                self.edges(),
+                events,
+            );
         }
         if !left.is_empty() {
-            self.push_to(RoomEventBody::ParticipantsLeft(left), Audience::All, self.edges(), events);
+            self.push_to(
+                RoomEventBody::ParticipantsLeft(left),
+                Audience::All,
+                self.edges(),
+                events,
+            );
         }
     }
 
@@ -502,7 +513,9 @@ impl Room {
                 let revoked: Vec<TrackId> = self
                     .tracks
                     .values()
-                    .filter(|t| t.participant == target && !allowed(role, Permission::Publish(t.source)))
+                    .filter(|t| {
+                        t.participant == target && !allowed(role, Permission::Publish(t.source))
+                    })
                     .map(|t| t.id)
                     .collect();
                 for t in revoked {
@@ -532,7 +545,12 @@ impl Room {
                     return Err(RoomError::Forbidden(actor));
                 }
                 let edge = t.info.edge;
-                self.personal(target, edge, RoomEventBody::Removed { by: participant }, events);
+                self.personal(
+                    target,
+                    edge,
+                    RoomEventBody::Removed { by: participant },
+                    events,
+                );
                 self.remove_member(target, events);
                 Ok(Reply::Done)
             }
@@ -565,7 +583,9 @@ impl Room {
             } => {
                 let actor = self.require(participant, Permission::MuteOthers)?;
                 if target == participant {
-                    return Err(RoomError::BadRequest("use mute:self for your own tracks".into()));
+                    return Err(RoomError::BadRequest(
+                        "use mute:self for your own tracks".into(),
+                    ));
                 }
                 let t = self
                     .participants
@@ -677,10 +697,7 @@ impl Room {
                 }
                 Ok(Reply::Chat { message })
             }
-            Intent::React {
-                participant,
-                emoji,
-            } => {
+            Intent::React { participant, emoji } => {
                 self.member(participant)?;
                 if !REACTIONS.contains(&emoji.as_str()) {
                     return Err(RoomError::BadRequest(format!(
@@ -1117,7 +1134,10 @@ mod tests {
             panic!()
         };
         assert_eq!(ps.len(), 2);
-        assert_eq!(refused(publish(&mut r, v, TrackSource::Camera)), "forbidden");
+        assert_eq!(
+            refused(publish(&mut r, v, TrackSource::Camera)),
+            "forbidden"
+        );
         assert_eq!(r.seq(), 1, "a refused intent emits nothing");
         let t = track(&mut r, a, TrackSource::Camera);
         assert_eq!(r.seq(), 2);
@@ -1135,7 +1155,11 @@ mod tests {
         assert_eq!(refused(reply), "no_such_track", "not v's track");
         assert!(ev.is_empty());
         let (_, ev) = ask(&mut r, Intent::Leave { participant: a });
-        assert_eq!(seqs(&ev), vec![3], "track unpublished now, the leave batched");
+        assert_eq!(
+            seqs(&ev),
+            vec![3],
+            "track unpublished now, the leave batched"
+        );
         let ev = r.flush_presence();
         assert_eq!(seqs(&ev), vec![4]);
         assert!(matches!(&ev[0].0.body, RoomEventBody::ParticipantsLeft(l) if l == &vec![a]));
@@ -1176,10 +1200,25 @@ mod tests {
             Role::Viewer,
         ];
         let row = |p: Permission| all.map(|r| allowed(r, p));
-        assert_eq!(row(Publish(TrackSource::Camera)), [true, true, true, true, false]);
-        assert_eq!(row(Publish(TrackSource::Screen)), [true, true, true, false, false]);
+        assert_eq!(
+            row(Publish(TrackSource::Camera)),
+            [true, true, true, true, false]
+        );
+        assert_eq!(
+            row(Publish(TrackSource::Screen)),
+            [true, true, true, false, false]
+        );
         assert_eq!(row(Chat), [true; 5]);
-        for p in [MuteOthers, Remove, Admit, Lock, LowerOthersHands, Layout, Invite, LiveStream] {
+        for p in [
+            MuteOthers,
+            Remove,
+            Admit,
+            Lock,
+            LowerOthersHands,
+            Layout,
+            Invite,
+            LiveStream,
+        ] {
             assert_eq!(row(p), [true, true, false, false, false], "{p:?}");
         }
         for p in [ChangeRoles, EndForAll] {
@@ -1302,8 +1341,10 @@ mod tests {
         assert_eq!(reply, Reply::Done);
         assert!(ev.iter().any(|(e, _)| matches!(e.body,
             RoomEventBody::TrackMuted { track, muted: true, host_muted: true, by } if track == mic.id && by == h)));
-        assert!(ev.iter().any(|(e, _)| e.audience == Audience::Participant(g)
-            && matches!(e.body, RoomEventBody::MuteRequest { muted: true, .. })));
+        assert!(ev
+            .iter()
+            .any(|(e, _)| e.audience == Audience::Participant(g)
+                && matches!(e.body, RoomEventBody::MuteRequest { muted: true, .. })));
         assert!(
             !r.tracks().find(|t| t.id == cam.id).unwrap().muted,
             "video untouched"
@@ -1364,7 +1405,15 @@ mod tests {
         assert_eq!(r.participants().count(), 1);
         // While waiting, nothing else.
         assert_eq!(
-            refused(ask(&mut r, Intent::RaiseHand { participant: you.id }).0),
+            refused(
+                ask(
+                    &mut r,
+                    Intent::RaiseHand {
+                        participant: you.id
+                    }
+                )
+                .0
+            ),
             "in_lobby"
         );
         // A co-host token skips the lobby.
@@ -1402,8 +1451,10 @@ mod tests {
                 waiting: d.id,
             },
         );
-        assert!(ev.iter().any(|(e, _)| e.audience == Audience::Participant(d.id)
-            && e.body == RoomEventBody::Denied));
+        assert!(ev
+            .iter()
+            .any(|(e, _)| e.audience == Audience::Participant(d.id)
+                && e.body == RoomEventBody::Denied));
         assert_eq!(
             refused(
                 ask(
@@ -1468,8 +1519,10 @@ mod tests {
                 role: Role::Attendee,
             },
         );
-        assert!(ev.iter().any(|(e, _)| e.audience == Audience::Participant(you.id)
-            && matches!(e.body, RoomEventBody::Admitted(_))));
+        assert!(ev
+            .iter()
+            .any(|(e, _)| e.audience == Audience::Participant(you.id)
+                && matches!(e.body, RoomEventBody::Admitted(_))));
     }
 
     #[test]
@@ -1521,7 +1574,11 @@ mod tests {
             panic!()
         };
         let texts: Vec<&str> = s.chat.iter().map(|m| m.text.as_str()).collect();
-        assert_eq!(texts, vec!["one", "three"], "others' direct messages are not history");
+        assert_eq!(
+            texts,
+            vec!["one", "three"],
+            "others' direct messages are not history"
+        );
     }
 
     #[test]
@@ -1556,8 +1613,10 @@ mod tests {
                 target: b,
             },
         );
-        assert!(ev.iter().any(|(e, _)| matches!(&e.body,
-            RoomEventBody::Hand { hands, raised: false, by, .. } if hands == &vec![a] && *by == h)));
+        assert!(
+            ev.iter().any(|(e, _)| matches!(&e.body,
+            RoomEventBody::Hand { hands, raised: false, by, .. } if hands == &vec![a] && *by == h))
+        );
         for _ in 0..2 {
             ask(
                 &mut r,

@@ -293,3 +293,39 @@ fn keyframe_requests_from_many_subscribers_coalesce_into_one_pli() {
     assert_eq!(plis, 1, "five requests, one PLI");
     assert_eq!(h.core.counters.plis_in, 5);
 }
+
+/// A host mute is enforced here: a muted publication reaches no subscriber, and forwarding
+/// resumes (with a contiguous sequence) when the mute is lifted.
+#[test]
+fn a_muted_publication_is_not_forwarded_until_unmuted() {
+    let mut h = Harness::new(2, SrtpProfile::Aes128CmHmacSha1_80);
+    let mut seq = 1000u16;
+    let mut send = |h: &mut Harness, n: usize| {
+        let mut got = Vec::new();
+        for _ in 0..n {
+            let pkt = h.publisher_packet(seq, 3000 * seq as u32, seq == 1000, 120);
+            seq = seq.wrapping_add(1);
+            h.from_publisher(&pkt);
+            let out = h.drain();
+            got.extend(decrypt_all(h, &out));
+        }
+        got
+    };
+    assert_eq!(send(&mut h, 5).len(), 10, "forwarding before the mute");
+    let now = h.now;
+    let id = h.publication;
+    h.core
+        .handle_command(Command::SetPublicationMuted { id, muted: true }, now);
+    assert!(
+        send(&mut h, 5).is_empty(),
+        "a muted publication reaches nobody"
+    );
+    h.core
+        .handle_command(Command::SetPublicationMuted { id, muted: false }, now);
+    let after = send(&mut h, 5);
+    assert_eq!(
+        after.len(),
+        10,
+        "forwarding resumes when the mute is lifted"
+    );
+}
