@@ -750,14 +750,22 @@ export class KcsClient extends Emitter {
     return this.request('lobby:deny', { participant });
   }
 
-  /** Locks or unlocks the room (`room:lock`). @param {boolean} locked */
-  setLocked(locked) {
-    return this.request('room:lock', { locked });
+  /**
+   * Locks or unlocks the room (`room:lock`). Once acked the setting holds (the `room:update`
+   * event that confirms it may come after the ack).
+   * @param {boolean} locked
+   */
+  async setLocked(locked) {
+    await this.request('room:lock', { locked });
+    this.settings = { ...this.settings, locked };
+    this.emit('room');
   }
 
-  /** Turns the waiting room on or off (`room:lobby`). @param {boolean} enabled */
-  setLobby(enabled) {
-    return this.request('room:lobby', { enabled });
+  /** Turns the waiting room on or off (`room:lobby`), like {@link KcsClient#setLocked}. @param {boolean} enabled */
+  async setLobby(enabled) {
+    await this.request('room:lobby', { enabled });
+    this.settings = { ...this.settings, lobby: enabled };
+    this.emit('room');
   }
 
   /**

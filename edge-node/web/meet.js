@@ -81,6 +81,9 @@ const state = {
   screens: [],
 };
 
+/** Room settings the user changed and the server has not answered yet. @type {Set<string>} */
+const togglesInFlight = new Set();
+
 /** Local media. */
 const local = {
   /** @type {MediaStream|null} the prejoin preview */
@@ -579,8 +582,9 @@ function render() {
   rec.textContent = state.recommendation ?? '';
 
   $('room-controls').hidden = !client.can('lock');
-  /** @type {HTMLInputElement} */ ($('lobby-toggle')).checked = client.settings.lobby;
-  /** @type {HTMLInputElement} */ ($('lock-toggle')).checked = client.settings.locked;
+  // A toggle the user just flipped keeps its state until the server answers.
+  if (!togglesInFlight.has('lobby')) /** @type {HTMLInputElement} */ ($('lobby-toggle')).checked = client.settings.lobby;
+  if (!togglesInFlight.has('locked')) /** @type {HTMLInputElement} */ ($('lock-toggle')).checked = client.settings.locked;
 
   renderPeople();
   renderChatTargets();
@@ -998,10 +1002,19 @@ function wireControls() {
   button('people').addEventListener('click', () => togglePanel('people-panel'));
   button('chat').addEventListener('click', () => togglePanel('chat-panel'));
   button('leave').addEventListener('click', () => act(leave));
-  const lobbyToggle = /** @type {HTMLInputElement} */ ($('lobby-toggle'));
-  lobbyToggle.addEventListener('change', () => act(() => client.setLobby(lobbyToggle.checked).finally(render)));
-  const lockToggle = /** @type {HTMLInputElement} */ ($('lock-toggle'));
-  lockToggle.addEventListener('change', () => act(() => client.setLocked(lockToggle.checked).finally(render)));
+  for (const [id, key, set] of /** @type {const} */ ([
+    ['lobby-toggle', 'lobby', (/** @type {boolean} */ on) => client.setLobby(on)],
+    ['lock-toggle', 'locked', (/** @type {boolean} */ on) => client.setLocked(on)],
+  ])) {
+    const toggle = /** @type {HTMLInputElement} */ ($(id));
+    toggle.addEventListener('change', () => {
+      togglesInFlight.add(key);
+      act(() => set(toggle.checked).finally(() => {
+        togglesInFlight.delete(key);
+        render();
+      }));
+    });
+  }
   button('end').addEventListener('click', () => act(() => client.endForAll()));
   $('chat-form').addEventListener('submit', (ev) => {
     ev.preventDefault();

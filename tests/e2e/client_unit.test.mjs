@@ -412,3 +412,18 @@ test('hello falls back to version 1 when the edge does not speak 2', async () =>
   await done;
   assert.equal(client.version, 1);
 });
+
+test('an acked lobby or lock change holds before its room:update arrives', async () => {
+  const [client, ws] = await joined();
+  const p = client.setLobby(true);
+  const req = await ws.waitSent(3);
+  assert.deepEqual([req.type, req.enabled], ['room:lobby', true]);
+  ws.deliver({ type: 'ack', id: req.id });
+  await p;
+  assert.equal(client.settings.lobby, true);
+  const q = client.setLocked(true);
+  const lreq = await ws.waitSent(4);
+  ws.deliver({ type: 'error', id: lreq.id, code: 'forbidden', message: 'no' });
+  await assert.rejects(q, (err) => err.code === 'forbidden');
+  assert.equal(client.settings.locked, false, 'a refused change changes nothing');
+});
