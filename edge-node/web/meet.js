@@ -284,12 +284,17 @@ function enterMeeting(ack) {
   button('mic').focus();
 }
 
-/** @param {string} reason */
-function ended(reason) {
+/**
+ * Shows the end screen.
+ * @param {string} reason what happened, in a sentence
+ * @param {string} [title]
+ */
+function ended(reason, title = 'The meeting is over for you') {
   if (state.phase === 'ended') return;
   for (const t of [local.mic, local.cam, local.screen]) t?.stop();
   local.preview?.getTracks().forEach((t) => t.stop());
   client.close();
+  $('ended-title').textContent = title;
   $('ended-reason').textContent = reason;
   /** @type {HTMLAnchorElement} */ ($('rejoin')).href = location.href;
   showPhase('ended');
@@ -299,7 +304,7 @@ function ended(reason) {
 async function leave() {
   state.leaving = true;
   await client.leave().catch(() => {});
-  ended('You left the meeting.');
+  ended('Thanks for joining.', 'You left the meeting');
 }
 
 // --- room model -> tiles -----------------------------------------------------------------------
@@ -961,8 +966,8 @@ function wireClient() {
   client.on('invited', (/** @type {any} */ e) => toast(`You were invited to ${e.room}: ${e.link}`));
   client.on('reconnecting', () => { $('recommend').hidden = false; $('recommend').textContent = 'Reconnecting…'; });
   client.on('reconnected', () => { toast('Reconnected'); render(); });
-  client.on('removed', (/** @type {{by: Id|null}} */ e) => ended(`You were removed from the meeting${e.by != null ? ` by ${nameOf(e.by)}` : ''}.`));
-  client.on('lobby:denied', () => ended('The host did not let you in.'));
+  client.on('removed', (/** @type {{by: Id|null}} */ e) => ended(`You were removed from the meeting${e.by != null ? ` by ${nameOf(e.by)}` : ''}.`, 'You were removed'));
+  client.on('lobby:denied', () => ended('The host did not let you in.', 'Not admitted'));
   client.on('room:close', (/** @type {any} */ e) => ended(`The meeting ended${e.reason === 'ended' ? ': a host ended it' : e.reason ? ` (${e.reason})` : ''}.`));
   client.on('error', showError);
   client.on('close', (/** @type {{code: number, reason: string}} */ e) => {
