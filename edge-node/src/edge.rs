@@ -140,12 +140,18 @@ impl Edge {
 
     /// Keeps a dropped connection for resuming.
     pub fn park(&self, token: String, parked: crate::ws::Parked) {
-        lock(&self.resumable).insert(token, parked);
+        if lock(&self.resumable).insert(token, parked).is_none() {
+            self.metrics.ws_resumable.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Takes a parked connection (once).
     pub fn unpark(&self, token: &str) -> Option<crate::ws::Parked> {
-        lock(&self.resumable).remove(token)
+        let parked = lock(&self.resumable).remove(token);
+        if parked.is_some() {
+            self.metrics.ws_resumable.fetch_sub(1, Ordering::Relaxed);
+        }
+        parked
     }
 
     /// Connections parked now.

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub subscriptions: AtomicI64,
     pub rooms: AtomicI64,
     pub ws_connections: AtomicI64,
+    /// Participants whose signaling connection dropped, kept for resuming.
+    pub ws_resumable: AtomicI64,
     /// Signaling and HTTP inputs rejected, by reason code.
     rejected: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -117,6 +119,11 @@ impl Metrics {
                 "ws_connections",
                 "open signaling WebSockets",
                 &self.ws_connections,
+            ),
+            (
+                "ws_resumable",
+                "participants whose signaling connection dropped, kept 30 s for reconnect:attempt",
+                &self.ws_resumable,
             ),
         ] {
             let _ = writeln!(out, "# HELP kcs_{name} {help}");

@@ -921,6 +921,16 @@ impl Participant {
 
     /// Leaves the room and releases every transport. Idempotent.
     pub async fn leave(&mut self) {
+        self.release(true).await;
+    }
+
+    /// Releases everything without telling the origin: for when the room already forgot us
+    /// (we were removed, or the meeting ended), where a late `Leave` could only confuse it.
+    pub async fn release_after_room_ended(&mut self) {
+        self.release(false).await;
+    }
+
+    async fn release(&mut self, tell_origin: bool) {
         if self.left {
             return;
         }
@@ -958,17 +968,19 @@ impl Participant {
         {
             self.shard(Command::RemoveTransport { id: t }).await;
         }
-        let _ = self
-            .edge
-            .hub
-            .request(
-                &self.room,
-                Intent::Leave {
-                    participant: self.me.id,
-                },
-                None,
-            )
-            .await;
+        if tell_origin {
+            let _ = self
+                .edge
+                .hub
+                .request(
+                    &self.room,
+                    Intent::Leave {
+                        participant: self.me.id,
+                    },
+                    None,
+                )
+                .await;
+        }
         self.edge.hub.detach(&self.room, self.me.id).await;
         self.edge
             .shards

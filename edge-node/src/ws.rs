@@ -961,6 +961,25 @@ pub fn event_json(e: &RoomEvent) -> Option<Value> {
     Some(v)
 }
 
+/// The name of a request that acts on others or on the room, for the log.
+fn moderator_action(req: &Request) -> Option<&'static str> {
+    Some(match req {
+        Request::Close => "room:close",
+        Request::Lock { .. } => "room:lock",
+        Request::Lobby { .. } => "room:lobby",
+        Request::Admit { .. } => "lobby:admit",
+        Request::Deny { .. } => "lobby:deny",
+        Request::MuteRemote { .. } => "mute:remote",
+        Request::RoleUpdate { .. } => "role:update",
+        Request::Remove { .. } => "participant:remove",
+        Request::Add { .. } => "participant:add",
+        Request::Layout { .. } => "layout:update",
+        Request::StreamStart => "stream:start",
+        Request::StreamStop => "stream:stop",
+        _ => return None,
+    })
+}
+
 fn new_secret() -> String {
     use rand::Rng;
     rand::thread_rng()
@@ -1112,20 +1131,28 @@ async fn park(edge: Arc<Edge>, conn: Connection, links: Links) {
     let Some(token) = conn.resume_token.clone() else {
         return;
     };
-    if let State::Joined(p) = &conn.state {
-        tracing::info!(room = %p.room, participant = %p.me.id, "connection dropped; resumable for 30 s");
-        let _ = p
-            .ask(Intent::SetStatus {
-                participant: p.me.id,
-                status: PresenceStatus::Reconnecting,
-            })
-            .await;
-    }
+    let State::Joined(p) = &conn.state else {
+        return;
+    };
+    let (room, participant) = (p.room.clone(), p.me.id);
+    tracing::info!(room = %room, participant = %participant, "connection dropped; resumable for 30 s");
+    // Parked before anyone hears of it, so a client told "reconnecting" can resume at once.
     edge.park(token.clone(), Parked { conn, links });
+    let _ = edge
+        .hub
+        .request(
+            &room,
+            Intent::SetStatus {
+                participant,
+                status: PresenceStatus::Reconnecting,
+            },
+            None,
+        )
+        .await;
     tokio::spawn(async move {
         tokio::time::sleep(RESUME_WINDOW).await;
         if let Some(mut parked) = edge.unpark(&token) {
-            tracing::info!("resume window over; leaving");
+            tracing::info!(room = %room, participant = %participant, "resume window over; leaving");
             parked.conn.forget().await;
         }
     });
@@ -1340,6 +1367,9 @@ impl Connection {
             return Err(SessionError::new("not_joined", "send room:join first"));
         };
         let me = p.me.id;
+        if let Some(action) = moderator_action(&req) {
+            tracing::info!(room = %p.room, participant = %me, role = %p.me.role, action, "moderator request");
+        }
         let done = |r: Result<Reply, SessionError>| r.map(|_| json!({}));
         match req {
             Request::Hello { .. }
@@ -1823,7 +1853,13 @@ impl Connection {
                     }
                     if ends {
                         // The room forgot us already; release the media and close.
-                        self.forget().await;
+                        if let State::Joined(mut p) =
+                            std::mem::replace(&mut self.state, State::Fresh)
+                        {
+                            tracing::info!(room = %p.room, participant = %p.me.id, "removed or meeting ended");
+                            p.release_after_room_ended().await;
+                        }
+                        self.resume_token = None;
                         return (out, true);
                     }
                     if let Some(o) = offer {

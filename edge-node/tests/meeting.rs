@@ -216,6 +216,17 @@ impl Client {
     }
 }
 
+async fn metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 fn pid(ack: &Value) -> u64 {
     ack["you"]["id"].as_u64().unwrap()
 }
@@ -709,6 +720,7 @@ async fn reconnect_resumes_identity_role_hand_and_replays_what_was_missed() {
         (info["participant"].as_u64(), info["status"].as_str()),
         (Some(aid), Some("reconnecting"))
     );
+    assert!(metrics(env.http).await.contains("kcs_ws_resumable 1"));
     // Meanwhile: a chat message and a role change alice must not miss.
     b.ok(json!({"type": "chat:send", "text": "while you were away"}))
         .await;
@@ -726,6 +738,7 @@ async fn reconnect_resumes_identity_role_hand_and_replays_what_was_missed() {
         .await;
     assert_eq!(pid(&ack), aid, "same participant");
     assert_eq!(ack["resumed"], true);
+    assert!(metrics(env.http).await.contains("kcs_ws_resumable 0"));
     let new_token = ack["resumeToken"].as_str().unwrap();
     assert_ne!(new_token, token);
     let missed = a2
