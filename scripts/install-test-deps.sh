@@ -3,7 +3,8 @@
 # is a fast no-op (dpkg -s / import / directory checks, no network).
 #
 #   apt: chromium chromium-driver (headless browser with fake camera/mic), iproute2 (netns, veth,
-#        tc tbf), nftables (loss), ffmpeg (ffprobe; aiortc's PyAV wheels bring their own codecs)
+#        tc tbf), nftables (loss), ffmpeg (ffprobe; aiortc's PyAV wheels bring their own codecs),
+#        fonts-noto-color-emoji (the meeting page's reactions and badges in the screenshots)
 #   pip: aiortc aiohttp (a second, independent WebRTC stack for WHIP/WHEP interop)
 #   npm: playwright-core, pinned by tests/e2e/package-lock.json (drives /usr/bin/chromium; never
 #        downloads a browser of its own)
@@ -11,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(chromium chromium-driver iproute2 nftables ffmpeg)
+APT_PKGS=(chromium chromium-driver iproute2 nftables ffmpeg fonts-noto-color-emoji)
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 

@@ -20,16 +20,12 @@ SUITE_TIMEOUT=240
 
 # name|command
 SUITES=(
-    "client_unit|node --test tests/e2e/client_unit.test.mjs"
+    "client_unit|node --test tests/e2e/client_unit.test.mjs tests/e2e/meet_layout.test.mjs"
     "whip_whep|python3 tests/interop/test_whip_whep.py"
     "two_pages|node tests/e2e/two_pages.mjs"
+    "meeting|node tests/e2e/meeting.mjs"
     "throttled|node tests/e2e/throttled.mjs"
 )
-# Suites run only when named (`scripts/test.sh <name>...`); none at the moment.
-OPTIONAL_SUITES=()
-if [ "$#" -gt 0 ]; then
-    SUITES+=("${OPTIONAL_SUITES[@]}")
-fi
 
 step() { printf '\n==> %s\n' "$*"; }
 

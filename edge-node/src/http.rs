@@ -88,6 +88,10 @@ pub fn router(edge: Arc<Edge>) -> Router {
         .route("/kcs-client.js", get(|| asset("kcs-client.js")))
         .route("/app.js", get(|| asset("app.js")))
         .route("/style.css", get(|| asset("style.css")))
+        .route("/basic", get(|| asset("basic.html")))
+        .route("/meet.js", get(|| asset("meet.js")))
+        .route("/meet-layout.js", get(|| asset("meet-layout.js")))
+        .route("/meet.css", get(|| asset("meet.css")))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws))
@@ -122,6 +126,13 @@ async fn asset(name: &str) -> Response {
         "kcs-client.js" => (include_str!("../web/kcs-client.js"), "text/javascript"),
         "app.js" => (include_str!("../web/app.js"), "text/javascript"),
         "style.css" => (include_str!("../web/style.css"), "text/css"),
+        "basic.html" => (
+            include_str!("../web/basic.html"),
+            "text/html; charset=utf-8",
+        ),
+        "meet.js" => (include_str!("../web/meet.js"), "text/javascript"),
+        "meet-layout.js" => (include_str!("../web/meet-layout.js"), "text/javascript"),
+        "meet.css" => (include_str!("../web/meet.css"), "text/css"),
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
     (

@@ -1,7 +1,9 @@
 // @ts-check
 /**
- * @file app.js — the minimal page an edge serves at `/`: join a room with camera and microphone,
- * show one tile per remote video track, play remote audio. The meeting UI is another issue.
+ * @file app.js — the basic page an edge serves at `/basic`: join a room at once with camera and
+ * microphone, show one tile per remote video track, play remote audio. It exists for media-path
+ * tests and debugging (a quality selector per tile); people meet on the meeting page at `/`
+ * (meet.js).
  *
  * Query string: `room` (required), `token` (optional: without one the page asks the dev-only
  * `GET /dev/token?room=R`), `name`, `publish=0` (join as a viewer, no camera or microphone),
@@ -12,7 +14,7 @@
  * in its quality selector (low / mid / high). For tests, the page's state is on `window.kcs`:
  * `client`, `ready` (a promise), `errors`, `tiles`, `setQuality(trackId, quality)` and `stats`.
  */
-import { KcsClient, idOf, maxSpatialForHeight } from './kcs-client.js';
+import { KcsClient, maxSpatialForHeight } from './kcs-client.js';
 
 /** Quality selector values → `maxSpatial`; `auto` follows the tile size. */
 const QUALITY_LAYERS = { low: 0, mid: 1, high: 2 };
@@ -165,9 +167,11 @@ async function main() {
     else addAudio(remote);
   });
   client.on('trackended', (/** @type {{trackId: string}} */ e) => removeTrack(e.trackId));
-  client.on('participant:left', (/** @type {any} */ e) => {
-    const id = idOf(e.participant);
-    for (const [trackId, tile] of [...tiles]) if (tile.participant === id) removeTrack(trackId);
+  client.on('participant:left', () => {
+    // Leaves come batched (protocol version 2): drop the tiles of whoever is gone.
+    for (const [trackId, tile] of [...tiles]) {
+      if (!client.participants.has(tile.participant)) removeTrack(trackId);
+    }
   });
   client.on('error', showError);
   client.on('close', (/** @type {{code: number, reason: string}} */ e) => {

@@ -1,10 +1,11 @@
 // @ts-check
 /**
- * @file kcs-client.js — the browser client library of a KCS edge (client protocol version 1,
+ * @file kcs-client.js — the browser client library of a KCS edge (client protocol version 2,
  * docs/protocol.md).
  *
- * Why: every page that talks to an edge (the minimal page at `/`, the meeting UI, the tests)
- * needs the same signaling and the same two peer connections; this module is that one copy.
+ * Why: every page that talks to an edge (the meeting page at `/`, the basic page, the tests)
+ * needs the same signaling, the same two peer connections and the same room model; this module
+ * is that one copy. It has no UI: a page renders from its room model and its events.
  *
  * How it works:
  * - One WebSocket to `/ws`. Every request carries a fresh `id` and gets exactly one reply, an
@@ -21,27 +22,47 @@
  *   same revision. Offers are handled one at a time in arrival order. After each, the client
  *   compares the mid → track binding with the previous one and emits `track` for each new
  *   binding and `trackended` for each one that went away, so an application never reads SDP.
- * - Server events are re-emitted by their `type` (`participant:joined`, `track:published`,
- *   `simulcast:layers`, ...) after the room model ({@link KcsClient#participants},
- *   {@link KcsClient#tracks}) has been updated; a gap in the room's `seq` emits `seq-gap`.
+ * - The room model: participants, tracks (with mute state), the raised-hand queue, chat in the
+ *   room's one order, settings (lock, lobby, layout, spotlight), the lobby (for moderators).
+ *   Server events update it first and are then re-emitted by their `type`; a gap in the room's
+ *   `seq` emits `seq-gap`. Changes of the meeting features also emit `room` so a page can
+ *   re-render from the model.
+ * - Reconnect: when the socket drops while joined (not after a leave, a removal or the end of
+ *   the meeting, nor when the server closed it with 1000 or 1008), the client opens a new one
+ *   and resumes with `reconnect:attempt`, the latest resume token and `lastSeq` (the last room
+ *   event it processed), for up to {@link RESUME_WINDOW_MS}; the peer connections stay as they
+ *   are (the server keeps its side of them). The events missed meanwhile arrive after the ack,
+ *   in order, and update the room model like any others (a repeated chat message is dropped
+ *   by its id).
  *
  * The edge is ICE-lite and puts all its candidates in its SDP, so this client never trickles
  * candidates: its own are found by the edge as peer-reflexive ones from the connectivity checks.
  *
- * What it does not do: reconnect after a dropped socket, or any UI. It has no dependencies and
- * no build step (a plain ES module).
+ * It has no dependencies and no build step (a plain ES module).
  *
  * @example
  *   const client = new KcsClient();
  *   client.on('track', ({ track, info }) => attach(track, info));
+ *   client.on('chat', (message) => show(message));
  *   await client.connect({ url: 'wss://edge.example/ws', token });
+ *   if (client.waiting) await client.once('room:joined'); // the lobby is on: a host admits us
  *   const media = await navigator.mediaDevices.getUserMedia({ video: true, audio: true });
- *   await client.publish(media.getVideoTracks()[0], { source: 'camera' });
- *   await client.publish(media.getAudioTracks()[0], { source: 'microphone' });
+ *   await client.publishAll([
+ *     { track: media.getVideoTracks()[0], source: 'camera' },
+ *     { track: media.getAudioTracks()[0], source: 'microphone' },
+ *   ]);
+ *   await client.sendChat('hello');
  */
 
 /** Protocol version this client speaks (the `hello` request). */
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
+
+/**
+ * Versions this client can fall back to, newest first: an edge of version 1 answers `hello`
+ * 2 with `unsupported_version` and keeps the socket open, and version 1 has all the media
+ * (none of the meeting features: their requests get `unknown_type`).
+ */
+export const SUPPORTED_VERSIONS = Object.freeze([2, 1]);
 
 /**
  * Default reply timeout of a request. An edge answers in milliseconds; an SDP negotiation can
@@ -62,6 +83,38 @@ export const CAMERA_ENCODINGS = Object.freeze([
 
 /** Sources a published track can have (the protocol's `source` field). */
 export const SOURCES = Object.freeze(['microphone', 'camera', 'screen', 'screen-audio']);
+
+/** Emoji a `reaction:send` may carry (the server refuses others with `bad_request`). */
+export const REACTIONS = Object.freeze(['👍', '❤️', '😂', '😮', '👏', '🎉']);
+
+/** Roles, most powerful first. */
+export const ROLES = Object.freeze(['host', 'co-host', 'presenter', 'attendee', 'viewer']);
+
+/**
+ * What each role may do: the protocol's permission matrix (docs/protocol.md, "Roles and
+ * permissions"). The server enforces it; a page reads it only to offer the controls a user may
+ * use. Finer rules (a co-host cannot mute a host, nobody targets themselves) stay with the
+ * server, whose refusal is the answer.
+ * @type {Readonly<Record<string, ReadonlyArray<string>>>}
+ */
+export const PERMISSIONS = Object.freeze({
+  host: Object.freeze(['publish', 'share', 'chat', 'mute_others', 'remove', 'promote', 'admit',
+    'lock', 'lower_hands', 'layout', 'spotlight', 'add', 'end', 'stream']),
+  'co-host': Object.freeze(['publish', 'share', 'chat', 'mute_others', 'remove', 'admit', 'lock',
+    'lower_hands', 'layout', 'spotlight', 'add', 'stream']),
+  presenter: Object.freeze(['publish', 'share', 'chat']),
+  attendee: Object.freeze(['publish', 'chat']),
+  viewer: Object.freeze(['chat']),
+});
+
+/**
+ * How long the server keeps a participant whose socket dropped: a resume after this fails
+ * with `resume_invalid`, so the client stops trying.
+ */
+export const RESUME_WINDOW_MS = 30_000;
+
+/** Pause between resume attempts: quick enough for a blip, slow enough not to spin. */
+const RESUME_RETRY_MS = 1_000;
 
 /**
  * Highest simulcast layer worth receiving for a tile rendered `height` CSS pixels high (times
@@ -209,6 +262,25 @@ export class Emitter {
  */
 
 /**
+ * @typedef {object} ChatMessage  a chat message in the room's one order
+ * @property {number} id server-assigned, increasing in the room
+ * @property {number} ts the server's time, Unix milliseconds
+ * @property {Id} from sender's participant id
+ * @property {string} [fromName]
+ * @property {Id|null} to recipient of a direct message, else null
+ * @property {string} text
+ */
+
+/**
+ * @typedef {object} RoomSettings
+ * @property {boolean} locked
+ * @property {boolean} lobby
+ * @property {'grid'|'speaker'} layout
+ * @property {Id|null} spotlight
+ * @property {boolean} streaming
+ */
+
+/**
  * @typedef {object} ConnectOptions
  * @property {string} [url] WebSocket URL; default `/ws` on the page's own host
  * @property {string} token join token for the room
@@ -222,16 +294,30 @@ export class Emitter {
  * A connection to one room of a KCS edge.
  *
  * Events (listen with {@link Emitter#on}):
- * - every server event by its type (`participant:joined`, `participant:left`,
- *   `track:published`, `track:unpublished`, `sdp:offer`, `simulcast:layers`, `speaker:active`,
- *   `room:close`), payload the message;
+ * - every server event by its type (`participant:joined`, `participant:left`, `role:update`,
+ *   `track:published`, `track:muted`, `hand:raise`, `chat:receive`, `lobby:update`,
+ *   `sdp:offer`, `speaker:active`, `room:close`, ...), payload the message, after the room model
+ *   was updated;
+ * - `room`: the room model changed (roster, roles, tracks, hands, settings, lobby);
+ * - `chat` ({@link ChatMessage}): a chat message new to this client, with its position `index`
+ *   in {@link KcsClient#chat} (messages are kept in the room's order, whatever order the ack
+ *   and the event of one's own message come in);
+ * - `reaction` (`{participant, emoji, counts}`);
+ * - `muted-by-host` (`{kind, by}`): a moderator muted our `kind` (the local tracks of that kind
+ *   are disabled too); `unmute-allowed` (`{kind, by}`): we may unmute again;
+ * - `removed` (`{by}`): a moderator removed us (the server closes the socket);
+ * - `lobby:denied`: we were not let in; `room:joined`: we were admitted from the lobby;
+ * - `invited` (`{room, token, link, by, role}`): someone added us to a room;
+ * - `quality` (`{quality, audioOnly, rtt, loss}`): the server's view of our connection;
  * - `track` ({@link RemoteTrack}): a remote track is now received;
  * - `trackended` (`{trackId, mid}`): it no longer is;
  * - `published` / `unpublished` ({@link LocalPublication});
  * - `seq-gap` (`{expected, got}`): a room event was missed;
+ * - `reconnecting` (`{attempt}`), `reconnected` (the resume ack): the socket dropped and came
+ *   back within the resume window;
  * - `error` ({@link KcsError}): a failure not tied to a caller's promise (an unsolicited
  *   server error, a failed subscriber negotiation);
- * - `close` (`{code, reason}`): the socket closed.
+ * - `close` (`{code, reason}`): the socket closed for good (no resume follows).
  */
 export class KcsClient extends Emitter {
   constructor() {
@@ -258,6 +344,27 @@ export class KcsClient extends Emitter {
     this.seq = null;
     /** @type {number} highest `sdp:offer` revision answered */
     this.subRevision = 0;
+    /** @type {number} the protocol version agreed with `hello` */
+    this.version = PROTOCOL_VERSION;
+    /** @type {boolean} joined, but waiting in the lobby for a moderator */
+    this.waiting = false;
+    /** @type {number} participants in the room (the roster may be paged: see members()) */
+    this.participantCount = 0;
+    /** @type {Id[]} raised hands, oldest first */
+    this.hands = [];
+    /** @type {ChatMessage[]} chat messages we may see, in the room's order (by id) */
+    this.chat = [];
+    /** @type {RoomSettings} */
+    this.settings = { locked: false, lobby: false, layout: 'grid', spotlight: null, streaming: false };
+    /** @type {Map<Id, Participant>} participants waiting in the lobby (moderators only) */
+    this.lobby = new Map();
+    /** @type {Map<Id, string>} connection status of participants: `reconnecting` while away */
+    this.status = new Map();
+    /** @type {{quality: string, audioOnly: boolean, rtt?: number, loss?: number}|null} the
+     * server's last `stats:update` */
+    this.serverQuality = null;
+    /** @type {string|null} token of the last join, for `reconnect:attempt` */
+    this.resumeToken = null;
 
     this._nextId = 1;
     /** @type {Map<number, {resolve: Function, reject: Function, timer: any, type: string}>} */
@@ -271,6 +378,47 @@ export class KcsClient extends Emitter {
     this._timeoutMs = DEFAULT_TIMEOUT_MS;
     /** @type {RTCConfiguration} */
     this._rtcConfig = {};
+    /** @type {string|null} the socket's URL, for resuming */
+    this._url = null;
+    /** Set when the socket must not be resumed: we left, were removed or the room closed. */
+    this._final = false;
+    /** Set while `_resume` is trying: closes of its sockets are its business. */
+    this._resuming = false;
+  }
+
+  /** @returns {Id|null} our participant id */
+  get id() {
+    return this.you?.id ?? null;
+  }
+
+  /**
+   * Whether our role allows `action` (a key of {@link PERMISSIONS}: `mute_others`, `remove`,
+   * `promote`, `admit`, `spotlight`, `end`, `share`...). For offering controls only: the server
+   * decides.
+   * @param {string} action
+   */
+  can(action) {
+    const role = this.you?.role;
+    return role !== undefined && (PERMISSIONS[role] ?? []).includes(action);
+  }
+
+  /**
+   * The participant whose id prints as `text` (ids from HTML attributes are strings).
+   * @param {string} text
+   * @returns {Id|undefined}
+   */
+  participantId(text) {
+    for (const id of this.participants.keys()) if (String(id) === text) return id;
+    return undefined;
+  }
+
+  /**
+   * Whether a moderator muted our publication of `source` (we may not unmute it).
+   * @param {string} source
+   */
+  hostMuted(source) {
+    const trackId = this.publications.get(source)?.trackId;
+    return trackId != null && Boolean(/** @type {any} */ (this.tracks.get(trackId))?.hostMuted);
   }
 
   /** @returns {boolean} whether the signaling socket is open */
@@ -287,29 +435,80 @@ export class KcsClient extends Emitter {
     if (this.ws) throw new KcsError('already_connected', 'connect() was already called');
     this._timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this._rtcConfig = opts.rtcConfig ?? {};
-    const url = opts.url ?? defaultWsUrl();
+    this._url = opts.url ?? defaultWsUrl();
+    await this._openSocket(this._url);
+    await this._hello();
+    /** @type {Record<string, any>} */
+    const join = { token: opts.token, autoSubscribe: opts.autoSubscribe ?? true };
+    if (opts.name) join.name = opts.name;
+    const ack = await this.request('room:join', join);
+    if (ack.waiting === true) {
+      this.waiting = true;
+      this.room = ack.room ?? null;
+      this.you = ack.you ?? null;
+      return ack;
+    }
+    this._applyJoin(ack);
+    return ack;
+  }
+
+  /** Says `hello` with the newest version the server accepts. */
+  async _hello() {
+    for (const version of SUPPORTED_VERSIONS) {
+      try {
+        await this.request('hello', { version });
+        this.version = version;
+        return;
+      } catch (err) {
+        if (/** @type {KcsError} */ (err).code !== 'unsupported_version' || version === SUPPORTED_VERSIONS.at(-1)) throw err;
+      }
+    }
+  }
+
+  /**
+   * Opens the signaling socket and waits until it is open.
+   * @param {string} url
+   */
+  async _openSocket(url) {
     const ws = new WebSocket(url);
     this.ws = ws;
-    ws.onmessage = (ev) => this._onMessage(ev.data);
-    ws.onclose = (ev) => this._onClose(ev.code, ev.reason);
+    ws.onmessage = (ev) => {
+      if (this.ws === ws) this._onMessage(ev.data);
+    };
+    ws.onclose = (ev) => {
+      if (this.ws === ws) this._onClose(ev.code, ev.reason);
+    };
     await new Promise((resolve, reject) => {
       ws.onopen = resolve;
       ws.onerror = () => reject(new KcsError('closed', `cannot open ${url}`));
     });
     ws.onerror = null;
+  }
 
-    await this.request('hello', { version: PROTOCOL_VERSION });
-    /** @type {Record<string, any>} */
-    const join = { token: opts.token, autoSubscribe: opts.autoSubscribe ?? true };
-    if (opts.name) join.name = opts.name;
-    const ack = await this.request('room:join', join);
-    this.room = ack.room ?? null;
-    this.you = ack.you ?? null;
+  /**
+   * Takes the room state of a join, resume or admission (`room:join` ack, `reconnect:attempt`
+   * ack, `room:joined` event) into the model.
+   * @param {any} ack
+   */
+  _applyJoin(ack) {
+    this.waiting = false;
+    this.room = ack.room ?? this.room;
+    this.you = ack.you ?? this.you;
     this.seq = typeof ack.seq === 'number' ? ack.seq : null;
+    this.resumeToken = typeof ack.resumeToken === 'string' ? ack.resumeToken : null;
+    this.participants.clear();
     for (const p of ack.participants ?? []) this.participants.set(p.id, p);
     if (this.you) this.participants.set(this.you.id, this.you);
+    this.participantCount = typeof ack.participantCount === 'number'
+      ? ack.participantCount : this.participants.size;
+    this.tracks.clear();
     for (const t of ack.tracks ?? []) this.tracks.set(t.id, t);
-    return ack;
+    this.hands = Array.isArray(ack.hands) ? [...ack.hands] : [];
+    if (ack.settings && typeof ack.settings === 'object') this.settings = { ...this.settings, ...ack.settings };
+    this.lobby.clear();
+    for (const w of ack.lobby ?? []) this.lobby.set(w.id, w);
+    for (const m of ack.chat ?? []) this._addChat(m);
+    this.emit('room');
   }
 
   /**
@@ -488,10 +687,173 @@ export class KcsClient extends Emitter {
     return () => observer.disconnect();
   }
 
+  /**
+   * Pins a participant for ourselves (`pin:user`): the edge forwards their video at the highest
+   * layer our `consumer:layers` allows. Others are not told.
+   * @param {Id|null} participant `null` unpins
+   */
+  pin(participant) {
+    return this.request('pin:user', { participant });
+  }
+
+  // --- meeting features -----------------------------------------------------------------------
+
+  /**
+   * Mutes or unmutes one of our publications: the local track is disabled at once (nothing
+   * leaves the microphone even before the server answers) and `mute:self` stops forwarding at
+   * the SFU. Unmuting a track a moderator muted is refused with `muted_by_host`, and the track
+   * stays disabled.
+   * @param {string} source
+   * @param {boolean} muted
+   */
+  async muteSelf(source, muted) {
+    const publication = this.publications.get(source);
+    if (!publication) throw new KcsError('no_such_track', `${source} is not published`, 'mute:self');
+    if (muted) publication.track.enabled = false;
+    if (publication.trackId != null) {
+      await this.request('mute:self', { track: publication.trackId, muted });
+    }
+    publication.track.enabled = !muted;
+  }
+
+  /**
+   * Asks the server to mute another participant's audio (or video) at the SFU
+   * (`mute:remote`); `muted: false` lets them unmute again.
+   * @param {Id} participant
+   * @param {{kind?: 'audio'|'video', muted?: boolean}} [opts]
+   */
+  muteRemote(participant, opts = {}) {
+    return this.request('mute:remote', { participant, kind: opts.kind ?? 'audio', muted: opts.muted ?? true });
+  }
+
+  /** Removes a participant from the room (`participant:remove`). @param {Id} participant */
+  removeParticipant(participant) {
+    return this.request('participant:remove', { participant });
+  }
+
+  /**
+   * Changes a participant's role (`role:update`).
+   * @param {Id} participant
+   * @param {string} role one of {@link ROLES}
+   */
+  setRole(participant, role) {
+    return this.request('role:update', { participant, role });
+  }
+
+  /** Lets a participant in from the lobby. @param {Id} participant */
+  admit(participant) {
+    return this.request('lobby:admit', { participant });
+  }
+
+  /** Turns a participant in the lobby away. @param {Id} participant */
+  deny(participant) {
+    return this.request('lobby:deny', { participant });
+  }
+
+  /**
+   * Locks or unlocks the room (`room:lock`). Once acked the setting holds (the `room:update`
+   * event that confirms it may come after the ack).
+   * @param {boolean} locked
+   */
+  async setLocked(locked) {
+    await this.request('room:lock', { locked });
+    this.settings = { ...this.settings, locked };
+    this.emit('room');
+  }
+
+  /** Turns the waiting room on or off (`room:lobby`), like {@link KcsClient#setLocked}. @param {boolean} enabled */
+  async setLobby(enabled) {
+    await this.request('room:lobby', { enabled });
+    this.settings = { ...this.settings, lobby: enabled };
+    this.emit('room');
+  }
+
+  /**
+   * Spotlights a participant for everyone (`layout:update`), or ends the spotlight.
+   * @param {Id|null} participant
+   */
+  setSpotlight(participant) {
+    return this.request('layout:update', { spotlight: participant });
+  }
+
+  /** Sets the room's layout for everyone. @param {'grid'|'speaker'} layout */
+  setRoomLayout(layout) {
+    return this.request('layout:update', { layout });
+  }
+
+  /** Raises our hand. */
+  raiseHand() {
+    return this.request('hand:raise');
+  }
+
+  /**
+   * Lowers our hand, or (moderators) another participant's.
+   * @param {Id} [participant]
+   */
+  lowerHand(participant) {
+    return this.request('hand:lower', participant === undefined ? {} : { participant });
+  }
+
+  /**
+   * Sends a chat message to the room, or to one participant (`to`). Resolves with the message
+   * as the server numbered it.
+   * @param {string} text
+   * @param {{to?: Id}} [opts]
+   * @returns {Promise<ChatMessage>}
+   */
+  async sendChat(text, opts = {}) {
+    const ack = await this.request('chat:send', opts.to === undefined ? { text } : { text, to: opts.to });
+    // A room message also comes back as chat:receive; a direct one only in this ack.
+    if (ack.message) this._addChat(ack.message);
+    return ack.message;
+  }
+
+  /** Sends a reaction, one of {@link REACTIONS}. @param {string} emoji */
+  react(emoji) {
+    return this.request('reaction:send', { emoji });
+  }
+
+  /**
+   * Invites an identity into the room without the lobby (`participant:add`); resolves with
+   * its ready-to-use `token` and `link`.
+   * @param {string} identity
+   * @param {{role?: string, name?: string}} [opts]
+   */
+  addParticipant(identity, opts = {}) {
+    return this.request('participant:add', { identity, ...opts });
+  }
+
+  /**
+   * One page of the roster (`room:members`): participants with ids after `after`.
+   * @param {{after?: Id, limit?: number}} [opts]
+   * @returns {Promise<{participants: Participant[], next: Id|null, participantCount: number}>}
+   */
+  members(opts = {}) {
+    return this.request('room:members', opts);
+  }
+
+  /** Ends the meeting for everyone (`room:close`, hosts only). */
+  endForAll() {
+    return this.request('room:close');
+  }
+
+  /**
+   * Reports our view of the connection (`stats:report`); the server answers with
+   * `stats:update` (the `quality` event).
+   * @param {{rttMs: number, loss: number, jitterMs: number, bitrate: number}} m
+   */
+  reportStats(m) {
+    const clean = (/** @type {number} */ x) => (Number.isFinite(x) && x >= 0 ? x : 0);
+    return this.request('stats:report', {
+      rtt: clean(m.rttMs), loss: Math.min(1, clean(m.loss)), jitter: clean(m.jitterMs), bitrate: clean(m.bitrate),
+    });
+  }
+
   // --- leaving ------------------------------------------------------------------------------
 
   /** Leaves the room (`room:leave`), then closes both PCs and the socket. */
   async leave() {
+    this._final = true;
     try {
       if (this.connected) await this.request('room:leave');
     } finally {
@@ -501,6 +863,7 @@ export class KcsClient extends Emitter {
 
   /** Closes everything at once, without telling the server. */
   close() {
+    this._final = true;
     this.pubPc?.close();
     this.subPc?.close();
     this.pubPc = null;
@@ -562,6 +925,42 @@ export class KcsClient extends Emitter {
       });
     }
     return out.sort((a, b) => (a.frameWidth ?? 0) - (b.frameWidth ?? 0));
+  }
+
+  /**
+   * Our connection as the two peer connections see it: the round trip time of the selected
+   * ICE candidate pair (the larger of the two PCs'), and cumulative received / lost packets,
+   * jitter and the received bitrate estimate of the subscriber PC.
+   * @returns {Promise<{rttMs: number|null, packetsReceived: number, packetsLost: number,
+   *   jitterMs: number, bitrate: number}>}
+   */
+  async connectionStats() {
+    /** @type {number|null} */
+    let rttMs = null;
+    let packetsReceived = 0;
+    let packetsLost = 0;
+    let jitterMs = 0;
+    let bitrate = 0;
+    for (const pc of [this.pubPc, this.subPc]) {
+      if (!pc) continue;
+      const report = await pc.getStats();
+      for (const s of report.values()) {
+        if (s.type === 'candidate-pair' && s.nominated && s.state === 'succeeded'
+          && typeof s.currentRoundTripTime === 'number') {
+          rttMs = Math.max(rttMs ?? 0, s.currentRoundTripTime * 1000);
+        }
+        if (pc === this.subPc && s.type === 'candidate-pair' && s.nominated
+          && typeof s.availableIncomingBitrate === 'number') {
+          bitrate = s.availableIncomingBitrate;
+        }
+        if (pc === this.subPc && s.type === 'inbound-rtp') {
+          packetsReceived += s.packetsReceived ?? 0;
+          packetsLost += Math.max(0, s.packetsLost ?? 0);
+          jitterMs = Math.max(jitterMs, (s.jitter ?? 0) * 1000);
+        }
+      }
+    }
+    return { rttMs, packetsReceived, packetsLost, jitterMs, bitrate };
   }
 
   // --- internals ----------------------------------------------------------------------------
@@ -731,24 +1130,120 @@ export class KcsClient extends Emitter {
   /** Updates the room model from a server event. @param {any} msg */
   _applyEvent(msg) {
     switch (msg.type) {
-      case 'participant:joined':
-        if (msg.participant?.id != null) this.participants.set(msg.participant.id, msg.participant);
+      case 'room:joined': // admitted from the lobby
+        this._applyJoin(msg);
         break;
+      case 'participant:joined': {
+        // Batched (version 2: `participants`), or one (`participant`).
+        const list = Array.isArray(msg.participants) ? msg.participants : [msg.participant];
+        for (const p of list) {
+          if (p?.id == null) continue;
+          if (!this.participants.has(p.id)) this.participantCount += 1;
+          this.participants.set(p.id, p);
+          this.lobby.delete(p.id);
+        }
+        this.emit('room');
+        break;
+      }
       case 'participant:left': {
-        const id = idOf(msg.participant);
-        if (id === undefined) break;
-        this.participants.delete(id);
-        for (const [tid, t] of [...this.tracks]) if (t.participant === id) this.tracks.delete(tid);
+        const list = Array.isArray(msg.participants) ? msg.participants : [msg.participant];
+        for (const ref of list) {
+          const id = idOf(ref);
+          if (id === undefined) continue;
+          if (this.participants.delete(id)) this.participantCount = Math.max(0, this.participantCount - 1);
+          this.hands = this.hands.filter((h) => h !== id);
+          this.status.delete(id);
+          for (const [tid, t] of [...this.tracks]) if (t.participant === id) this.tracks.delete(tid);
+        }
+        this.emit('room');
+        break;
+      }
+      case 'participant:info':
+        if (msg.participant != null && typeof msg.status === 'string') {
+          this.status.set(msg.participant, msg.status);
+          this.emit('room');
+        }
+        break;
+      case 'role:update': {
+        const p = this.participants.get(msg.participant);
+        if (p) this.participants.set(msg.participant, { ...p, role: msg.role });
+        if (this.you && msg.participant === this.you.id) this.you = { ...this.you, role: msg.role };
+        this.emit('room');
         break;
       }
       case 'track:published':
         if (msg.track?.id != null) this.tracks.set(msg.track.id, msg.track);
+        this.emit('room');
         break;
       case 'track:unpublished': {
         const id = idOf(msg.track);
         if (id !== undefined) this.tracks.delete(id);
+        this.emit('room');
         break;
       }
+      case 'track:muted': {
+        const t = this.tracks.get(msg.track);
+        if (t) {
+          this.tracks.set(msg.track, {
+            ...t, muted: Boolean(msg.muted), ...(msg.hostMuted !== undefined ? { hostMuted: Boolean(msg.hostMuted) } : {}),
+          });
+        }
+        this.emit('room');
+        break;
+      }
+      case 'hand:raise':
+      case 'hand:lower':
+        if (Array.isArray(msg.hands)) this.hands = [...msg.hands];
+        this.emit('room');
+        break;
+      case 'chat:receive':
+        if (msg.message) this._addChat(msg.message);
+        break;
+      case 'reaction:update':
+        this.emit('reaction', { participant: msg.participant, emoji: msg.emoji, counts: msg.counts ?? {} });
+        break;
+      case 'layout:update':
+        if (msg.layout === 'grid' || msg.layout === 'speaker') this.settings.layout = msg.layout;
+        if (msg.spotlight !== undefined) this.settings.spotlight = msg.spotlight;
+        this.emit('room');
+        break;
+      case 'room:update':
+        if (msg.settings && typeof msg.settings === 'object') this.settings = { ...this.settings, ...msg.settings };
+        this.emit('room');
+        break;
+      case 'lobby:update':
+        this.lobby.clear();
+        for (const w of msg.waiting ?? []) if (w?.id != null) this.lobby.set(w.id, w);
+        this.emit('room');
+        break;
+      case 'lobby:denied':
+      case 'room:close':
+        this._final = true;
+        break;
+      case 'participant:remove':
+        this._final = true;
+        this.emit('removed', { by: msg.by ?? null });
+        break;
+      case 'mute:remote': {
+        const kind = msg.kind === 'video' ? 'video' : 'audio';
+        if (msg.muted !== false) {
+          // The SFU has already stopped forwarding; stop sending too.
+          for (const p of this.publications.values()) if (p.track.kind === kind) p.track.enabled = false;
+          this.emit('muted-by-host', { kind, by: msg.by ?? null });
+        } else {
+          this.emit('unmute-allowed', { kind, by: msg.by ?? null });
+        }
+        break;
+      }
+      case 'participant:add':
+        this.emit('invited', { room: msg.room, token: msg.token, link: msg.link, by: msg.by, role: msg.role });
+        break;
+      case 'stats:update':
+        this.serverQuality = {
+          quality: String(msg.quality), audioOnly: Boolean(msg.audioOnly), rtt: msg.rtt, loss: msg.loss,
+        };
+        this.emit('quality', this.serverQuality);
+        break;
       case 'sdp:offer':
         this._subChain = this._subChain
           .then(() => this._answerOffer(msg))
@@ -759,6 +1254,25 @@ export class KcsClient extends Emitter {
     }
   }
 
+  /**
+   * Adds a chat message at its place in the room's order (by id), once; emits `chat` when it
+   * is new.
+   * @param {any} m
+   */
+  _addChat(m) {
+    if (m === null || typeof m !== 'object' || typeof m.id !== 'number') return;
+    let index = this.chat.length;
+    while (index > 0 && this.chat[index - 1].id > m.id) index -= 1;
+    if (index > 0 && this.chat[index - 1].id === m.id) return; // ack and event of one message
+    /** @type {ChatMessage} */
+    const message = {
+      id: m.id, ts: Number(m.ts) || 0, from: m.from, fromName: m.fromName, to: m.to ?? null,
+      text: String(m.text ?? ''),
+    };
+    this.chat.splice(index, 0, message);
+    this.emit('chat', { ...message, index });
+  }
+
   /** @param {number} code @param {string} reason */
   _onClose(code, reason) {
     for (const [id, pending] of this._pending) {
@@ -766,6 +1280,50 @@ export class KcsClient extends Emitter {
       pending.reject(new KcsError('closed', `socket closed (${code} ${reason})`, pending.type));
       this._pending.delete(id);
     }
+    if (this._resuming) return; // a failed attempt: _resume decides what is next
+    // 1000: the server ended the session on purpose; 1008: closed for abuse. Anything else
+    // (1006 network drop, 1001 going away, 1011/1012 server trouble) is worth a resume.
+    if (!this._final && this.resumeToken && this._url && code !== 1000 && code !== 1008) {
+      this._resume(code, reason);
+      return;
+    }
+    this.emit('close', { code, reason });
+  }
+
+  /**
+   * Tries `reconnect:attempt` on new sockets until it succeeds, the server says the token is
+   * no longer valid, or the resume window has passed; then `close` is emitted.
+   * @param {number} code @param {string} reason of the drop
+   */
+  async _resume(code, reason) {
+    const deadline = Date.now() + RESUME_WINDOW_MS;
+    this._resuming = true;
+    for (let attempt = 1; Date.now() < deadline && !this._final; attempt++) {
+      this.emit('reconnecting', { attempt });
+      try {
+        await this._openSocket(/** @type {string} */ (this._url));
+        await this._hello();
+        /** @type {Record<string, any>} */
+        const req = { resumeToken: this.resumeToken };
+        if (this.seq !== null) req.lastSeq = this.seq;
+        const ack = await this.request('reconnect:attempt', req);
+        this._resuming = false;
+        // The ack names us and a fresh token; the room model stays, and the events we missed
+        // (after lastSeq) follow in order and bring it up to date.
+        this.you = ack.you ?? this.you;
+        this.room = ack.room ?? this.room;
+        if (typeof ack.resumeToken === 'string') this.resumeToken = ack.resumeToken;
+        this.emit('reconnected', ack);
+        return;
+      } catch (err) {
+        const e = asKcsError(err, 'reconnect:attempt');
+        if (e.code === 'resume_invalid') break;
+        if (this.ws && this.ws.readyState <= WebSocket.OPEN) this.ws.close(1000, 'retry');
+        await new Promise((r) => setTimeout(r, RESUME_RETRY_MS));
+      }
+    }
+    this._resuming = false;
+    this.ws = null;
     this.emit('close', { code, reason });
   }
 }

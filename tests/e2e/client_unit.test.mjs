@@ -1,11 +1,15 @@
 // Unit tests of edge-node/web/kcs-client.js in Node, with a scripted fake WebSocket (no browser,
 // no edge): request/ack correlation, error codes, timeouts, socket close, the room model, seq
-// gaps, the mid -> track bindings of the subscriber PC, and the tile-size layer rule.
+// gaps, the mid -> track bindings of the subscriber PC, the tile-size layer rule, and the
+// meeting features of protocol 2: the lobby, batched presence, roles, hands, chat order, host
+// mute, removal, quality and resuming after a dropped socket.
 //
 // Run: node --test tests/e2e/client_unit.test.mjs
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { KcsClient, KcsError, maxSpatialForHeight, idOf } from '../../edge-node/web/kcs-client.js';
+import {
+  KcsClient, KcsError, maxSpatialForHeight, idOf, PROTOCOL_VERSION, PERMISSIONS, ROLES,
+} from '../../edge-node/web/kcs-client.js';
 
 /** A WebSocket the test drives: it records what the client sends and delivers what we say. */
 class FakeSocket {
@@ -25,6 +29,7 @@ class FakeSocket {
     this.sent.push(JSON.parse(data));
   }
   close(code = 1000, reason = '') {
+    if (this.readyState === 3) return;
     this.readyState = 3;
     this.onclose?.({ code, reason });
   }
@@ -49,7 +54,8 @@ async function joined(joinAck = {}) {
   const ws = FakeSocket.last;
   const hello = await ws.waitSent(1);
   assert.equal(hello.type, 'hello');
-  assert.equal(hello.version, 1);
+  assert.equal(hello.version, PROTOCOL_VERSION);
+  assert.equal(PROTOCOL_VERSION, 2);
   ws.deliver({ type: 'ack', id: hello.id, version: 1, server: 'fake' });
   const join = await ws.waitSent(2);
   assert.equal(join.type, 'room:join');
@@ -59,7 +65,7 @@ async function joined(joinAck = {}) {
     type: 'ack', id: join.id, room: 'r', you: { id: 1, identity: 'me', role: 'host' },
     participants: [{ id: 2, identity: 'bob', role: 'host' }],
     tracks: [{ id: 10, participant: 2, source: 'camera', kind: 'video', layers: 3 }],
-    seq: 5, ...joinAck,
+    seq: 5, resumeToken: 'resume-1', ...joinAck,
   });
   await done;
   return [client, ws];
@@ -129,7 +135,7 @@ test('a failed join rejects connect with the code', async () => {
 test('room events update the model, are re-emitted, and a seq gap is reported', async () => {
   const [client, ws] = await joined();
   const seen = [];
-  client.on('*', (type) => seen.push(type));
+  client.on('*', (type) => type !== 'room' && seen.push(type));
   const gaps = [];
   client.on('seq-gap', (g) => gaps.push(g));
   ws.deliver({ type: 'participant:joined', participant: { id: 3, identity: 'carol', role: 'host' }, seq: 6 });
@@ -187,4 +193,237 @@ test('idOf takes ids or objects with one', () => {
   assert.equal(idOf('p3'), 'p3');
   assert.equal(idOf({ id: 0 }), 0);
   assert.equal(idOf(null), undefined);
+});
+
+// --- protocol 2: the meeting ---------------------------------------------------------------
+
+/** Flushes pending microtasks and timers of 0 ms. */
+const tick = () => new Promise((r) => setTimeout(r, 0));
+
+test('a join into the lobby waits, and room:joined brings the room state', async () => {
+  const client = new KcsClient();
+  const done = client.connect({ url: 'ws://edge.test/ws', token: 'guest', timeoutMs: 200 });
+  await tick();
+  const ws = FakeSocket.last;
+  ws.deliver({ type: 'ack', id: (await ws.waitSent(1)).id, version: 2 });
+  const join = await ws.waitSent(2);
+  ws.deliver({ type: 'ack', id: join.id, waiting: true, room: 'r', you: { id: 9, identity: 'bob', role: 'attendee' } });
+  await done;
+  assert.equal(client.waiting, true);
+  assert.equal(client.id, 9);
+  const admitted = client.once('room:joined');
+  ws.deliver({
+    type: 'room:joined', room: 'r', you: { id: 9, identity: 'bob', role: 'attendee' },
+    participants: [{ id: 1, identity: 'alice', role: 'host' }], participantCount: 2, tracks: [],
+    chat: [{ id: 4, ts: 1, from: 1, to: null, text: 'welcome' }], hands: [1],
+    settings: { locked: false, lobby: true, layout: 'speaker', spotlight: null, streaming: false },
+    seq: 12, resumeToken: 'rt',
+  });
+  await admitted;
+  assert.equal(client.waiting, false);
+  assert.deepEqual([...client.participants.keys()].sort(), [1, 9]);
+  assert.equal(client.participantCount, 2);
+  assert.deepEqual(client.hands, [1]);
+  assert.equal(client.settings.layout, 'speaker');
+  assert.deepEqual(client.chat.map((m) => m.text), ['welcome']);
+  assert.equal(client.seq, 12);
+  assert.equal(client.resumeToken, 'rt');
+});
+
+test('batched joins and leaves update the roster and the count', async () => {
+  const [client, ws] = await joined({ participantCount: 2 });
+  ws.deliver({
+    type: 'participant:joined', seq: 6,
+    participants: [{ id: 3, identity: 'carol', role: 'attendee' }, { id: 4, identity: 'dan', role: 'attendee' }],
+  });
+  assert.equal(client.participantCount, 4);
+  ws.deliver({ type: 'hand:raise', seq: 7, participant: 3, by: 3, hands: [3] });
+  ws.deliver({ type: 'participant:left', seq: 8, participants: [2, 3] });
+  assert.deepEqual([...client.participants.keys()].sort(), [1, 4]);
+  assert.equal(client.participantCount, 2);
+  assert.deepEqual(client.hands, [], "a leaver's hand goes down");
+  assert.equal(client.tracks.has(10), false);
+});
+
+test('role:update of ourselves changes what we may do', async () => {
+  const [client, ws] = await joined({ you: { id: 1, identity: 'me', role: 'attendee' } });
+  assert.equal(client.can('mute_others'), false);
+  assert.equal(client.can('publish'), true);
+  ws.deliver({ type: 'role:update', seq: 6, participant: 1, role: 'co-host', by: 2 });
+  assert.equal(client.you.role, 'co-host');
+  assert.equal(client.participants.get(1).role, 'co-host');
+  assert.equal(client.can('mute_others'), true);
+  assert.equal(client.can('end'), false, 'only hosts end the meeting');
+  for (const role of ROLES) assert.ok(PERMISSIONS[role].includes('chat'), `${role} may chat`);
+});
+
+test('chat keeps the room order whether the ack or the event comes first, once per message', async () => {
+  const [client, ws] = await joined();
+  const shown = [];
+  client.on('chat', (m) => shown.push([m.id, m.index]));
+  const sent = client.sendChat('mine');
+  const req = await ws.waitSent(3);
+  assert.deepEqual([req.type, req.text, 'to' in req], ['chat:send', 'mine', false]);
+  // Our message (id 7) is acked before the event of someone else's earlier one (id 6).
+  ws.deliver({ type: 'ack', id: req.id, message: { id: 7, ts: 2, from: 1, to: null, text: 'mine' } });
+  assert.equal((await sent).id, 7);
+  ws.deliver({ type: 'chat:receive', seq: 6, message: { id: 6, ts: 1, from: 2, to: null, text: 'theirs' } });
+  ws.deliver({ type: 'chat:receive', seq: 7, message: { id: 7, ts: 2, from: 1, to: null, text: 'mine' } });
+  assert.deepEqual(client.chat.map((m) => m.id), [6, 7]);
+  assert.deepEqual(shown, [[7, 0], [6, 0]]);
+  const direct = client.sendChat('psst', { to: 2 });
+  const dreq = await ws.waitSent(4);
+  assert.equal(dreq.to, 2);
+  ws.deliver({ type: 'ack', id: dreq.id, message: { id: 8, ts: 3, from: 1, to: 2, text: 'psst' } });
+  await direct;
+  assert.deepEqual(client.chat.map((m) => [m.id, m.to]), [[6, null], [7, null], [8, 2]]);
+});
+
+test('meeting requests carry the protocol fields', async () => {
+  const [client, ws] = await joined();
+  const calls = [
+    [() => client.muteRemote(2), { type: 'mute:remote', participant: 2, kind: 'audio', muted: true }],
+    [() => client.muteRemote(2, { kind: 'video', muted: false }), { type: 'mute:remote', participant: 2, kind: 'video', muted: false }],
+    [() => client.removeParticipant(2), { type: 'participant:remove', participant: 2 }],
+    [() => client.setRole(2, 'presenter'), { type: 'role:update', participant: 2, role: 'presenter' }],
+    [() => client.admit(9), { type: 'lobby:admit', participant: 9 }],
+    [() => client.deny(9), { type: 'lobby:deny', participant: 9 }],
+    [() => client.setSpotlight(2), { type: 'layout:update', spotlight: 2 }],
+    [() => client.raiseHand(), { type: 'hand:raise' }],
+    [() => client.lowerHand(), { type: 'hand:lower' }],
+    [() => client.lowerHand(2), { type: 'hand:lower', participant: 2 }],
+    [() => client.react('🎉'), { type: 'reaction:send', emoji: '🎉' }],
+    [() => client.pin(2), { type: 'pin:user', participant: 2 }],
+    [() => client.endForAll(), { type: 'room:close' }],
+    [() => client.reportStats({ rttMs: 12.5, loss: 0.01, jitterMs: NaN, bitrate: -1 }),
+      { type: 'stats:report', rtt: 12.5, loss: 0.01, jitter: 0, bitrate: 0 }],
+  ];
+  let n = 2;
+  for (const [call, expected] of calls) {
+    const p = call();
+    const req = await ws.waitSent(++n);
+    const { id, ...fields } = req;
+    assert.deepEqual(fields, expected);
+    ws.deliver({ type: 'ack', id });
+    await p;
+  }
+});
+
+test('a host mute disables our local track, is reported, and unmuting is refused', async () => {
+  const [client, ws] = await joined();
+  const mic = { kind: 'audio', enabled: true };
+  client.publications.set('microphone', { source: 'microphone', track: mic, transceiver: null, trackId: 11 });
+  client.tracks.set(11, { id: 11, participant: 1, source: 'microphone', kind: 'audio', muted: false });
+  const told = client.once('muted-by-host');
+  ws.deliver({ type: 'track:muted', seq: 6, track: 11, muted: true, hostMuted: true, by: 2 });
+  ws.deliver({ type: 'mute:remote', kind: 'audio', muted: true, by: 2 });
+  assert.deepEqual(await told, { kind: 'audio', by: 2 });
+  assert.equal(mic.enabled, false);
+  assert.equal(client.hostMuted('microphone'), true);
+  const unmute = client.muteSelf('microphone', false);
+  const req = await ws.waitSent(3);
+  assert.deepEqual([req.type, req.track, req.muted], ['mute:self', 11, false]);
+  ws.deliver({ type: 'error', id: req.id, code: 'muted_by_host', message: 'a moderator muted this track' });
+  await assert.rejects(unmute, (err) => err.code === 'muted_by_host');
+  assert.equal(mic.enabled, false, 'a refused unmute leaves the track disabled');
+});
+
+test('lobby updates, quality and invitations reach the model and listeners', async () => {
+  const [client, ws] = await joined();
+  ws.deliver({ type: 'lobby:update', waiting: [{ id: 9, identity: 'bob', role: 'attendee' }] });
+  assert.deepEqual([...client.lobby.keys()], [9]);
+  ws.deliver({ type: 'participant:joined', seq: 6, participants: [{ id: 9, identity: 'bob', role: 'attendee' }] });
+  assert.equal(client.lobby.size, 0, 'an admitted participant leaves the lobby list');
+  const q = client.once('quality');
+  ws.deliver({ type: 'stats:update', quality: 'poor', audioOnly: true, rtt: 600, loss: 0.2, serverVideoShed: 1 });
+  assert.deepEqual(await q, { quality: 'poor', audioOnly: true, rtt: 600, loss: 0.2 });
+  const inv = client.once('invited');
+  ws.deliver({ type: 'participant:add', room: 'other', token: 't', link: '/?room=other&token=t', by: 'alice', role: 'attendee' });
+  assert.equal((await inv).link, '/?room=other&token=t');
+});
+
+test('a dropped socket is resumed with the resume token, and missed events follow', async () => {
+  const [client, ws] = await joined();
+  const reconnected = client.once('reconnected');
+  let closed = false;
+  client.on('close', () => { closed = true; });
+  ws.close(1006, '');
+  await tick();
+  const ws2 = FakeSocket.last;
+  assert.notEqual(ws2, ws);
+  const hello = await ws2.waitSent(1);
+  assert.equal(hello.type, 'hello');
+  ws2.deliver({ type: 'ack', id: hello.id, version: 2 });
+  const resume = await ws2.waitSent(2);
+  assert.deepEqual([resume.type, resume.resumeToken, resume.lastSeq], ['reconnect:attempt', 'resume-1', 5]);
+  ws2.deliver({
+    type: 'ack', id: resume.id, room: 'r', you: { id: 1, identity: 'me', role: 'host' }, seq: 6,
+    resumeToken: 'resume-2', resumed: true,
+  });
+  await reconnected;
+  assert.equal(client.participants.get(2).identity, 'bob', 'the room model survives a resume');
+  // Missed events follow: one sent on the old socket after lastSeq, one from while away.
+  ws2.deliver({ type: 'hand:raise', seq: 6, participant: 2, by: 2, hands: [2] });
+  ws2.deliver({ type: 'participant:joined', seq: 7, participants: [{ id: 3, identity: 'carol', role: 'attendee' }] });
+  assert.equal(closed, false);
+  assert.equal(client.resumeToken, 'resume-2');
+  assert.deepEqual(client.hands, [2]);
+  assert.ok(client.participants.has(3));
+  assert.equal(client.seq, 7);
+  const p = client.pause(10);
+  ws2.deliver({ type: 'ack', id: (await ws2.waitSent(3)).id });
+  await p;
+});
+
+test('no resume after a removal, and an expired resume token ends in close', async () => {
+  const [client, ws] = await joined();
+  const removed = client.once('removed');
+  const closed = client.once('close');
+  ws.deliver({ type: 'participant:remove', by: 2 });
+  ws.close(1000, 'removed');
+  assert.deepEqual(await removed, { by: 2 });
+  await closed;
+  assert.equal(FakeSocket.last, ws, 'no new socket after a removal');
+
+  const [client2, ws3] = await joined();
+  const closed2 = client2.once('close');
+  ws3.close(1006, '');
+  await tick();
+  const ws4 = FakeSocket.last;
+  ws4.deliver({ type: 'ack', id: (await ws4.waitSent(1)).id, version: 2 });
+  ws4.deliver({ type: 'error', id: (await ws4.waitSent(2)).id, code: 'resume_invalid', message: 'gone' });
+  assert.deepEqual(await closed2, { code: 1006, reason: '' });
+  assert.equal(client2.connected, false);
+});
+
+test('hello falls back to version 1 when the edge does not speak 2', async () => {
+  const client = new KcsClient();
+  const done = client.connect({ url: 'ws://edge.test/ws', token: 'tok', timeoutMs: 200 });
+  await tick();
+  const ws = FakeSocket.last;
+  const h2 = await ws.waitSent(1);
+  assert.equal(h2.version, 2);
+  ws.deliver({ type: 'error', id: h2.id, code: 'unsupported_version', message: 'this server speaks 1' });
+  const h1 = await ws.waitSent(2);
+  assert.deepEqual([h1.type, h1.version], ['hello', 1]);
+  ws.deliver({ type: 'ack', id: h1.id, version: 1 });
+  const join = await ws.waitSent(3);
+  ws.deliver({ type: 'ack', id: join.id, room: 'r', you: { id: 1, identity: 'me', role: 'host' }, participants: [], tracks: [], seq: 0 });
+  await done;
+  assert.equal(client.version, 1);
+});
+
+test('an acked lobby or lock change holds before its room:update arrives', async () => {
+  const [client, ws] = await joined();
+  const p = client.setLobby(true);
+  const req = await ws.waitSent(3);
+  assert.deepEqual([req.type, req.enabled], ['room:lobby', true]);
+  ws.deliver({ type: 'ack', id: req.id });
+  await p;
+  assert.equal(client.settings.lobby, true);
+  const q = client.setLocked(true);
+  const lreq = await ws.waitSent(4);
+  ws.deliver({ type: 'error', id: lreq.id, code: 'forbidden', message: 'no' });
+  await assert.rejects(q, (err) => err.code === 'forbidden');
+  assert.equal(client.settings.locked, false, 'a refused change changes nothing');
 });

@@ -2,7 +2,7 @@
 // (shared/guides/testing.md): headless, no sandbox (root), fake camera and microphone, loopback
 // ICE candidates allowed. playwright-core drives it over a pipe and never downloads a browser.
 import { createRequire } from 'node:module';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ARTIFACTS, REPO } from './edge.mjs';
 
@@ -40,17 +40,22 @@ export function launchChromium(opts = {}) {
   return chromium.launch({
     executablePath: opts.executablePath ?? CHROMIUM,
     headless: true,
-    args: [...CHROMIUM_ARGS, ...(opts.args ?? [])],
+    // Pages served from disk (KCS_WEB_DIR) have no address, and Chromium then blocks their
+    // socket to the loopback edge as a public page reaching a local one.
+    args: [...CHROMIUM_ARGS, ...(process.env.KCS_WEB_DIR ? ['--disable-features=LocalNetworkAccessChecks'] : []),
+      ...(opts.args ?? [])],
     timeout: 30_000,
   });
 }
 
 /**
- * Opens the edge's page for a room in a new browser context (its own cookies and devices).
+ * Opens an edge's page for a room in a new browser context (its own cookies and devices): the
+ * basic page (`/basic`, joins at once) unless `path` says otherwise (`/` is the meeting page).
  * Console errors of the page are echoed with a prefix.
  */
-export async function openRoomPage(browser, { base, room, token, label, query = {} }) {
-  const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+export async function openRoomPage(browser, { base, room, token, label, query = {}, path = '/basic', contextOptions = {} }) {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 800 }, ...contextOptions });
+  if (process.env.KCS_WEB_DIR) await serveWebFromDisk(context, process.env.KCS_WEB_DIR);
   const page = await context.newPage();
   page.on('console', (msg) => {
     if (msg.type() === 'error' || msg.type() === 'warning') {
@@ -59,8 +64,24 @@ export async function openRoomPage(browser, { base, room, token, label, query = 
   });
   page.on('pageerror', (err) => console.log(`[${label} pageerror] ${err.message}`));
   const qs = new URLSearchParams({ room, ...(token ? { token } : {}), ...query });
-  await page.goto(`${base}/?${qs}`);
+  await page.goto(`${base}${path}?${qs}`);
   return page;
+}
+
+/**
+ * For working on the page: the browser gets the web files from `dir` (edge-node/web) instead of
+ * the copies built into the edge, so a change needs no rebuild of kcs. Test runs that count
+ * never set KCS_WEB_DIR: they test what the edge serves.
+ */
+async function serveWebFromDisk(context, dir) {
+  const types = { '.js': 'text/javascript', '.css': 'text/css', '.html': 'text/html' };
+  const files = { '/': 'index.html', '/basic': 'basic.html' };
+  await context.route((url) => url.pathname in files || /^\/[\w.-]+\.(js|css)$/.test(url.pathname), (route) => {
+    const { pathname } = new URL(route.request().url());
+    const name = files[pathname] ?? pathname.slice(1);
+    const body = readFileSync(join(dir, name), 'utf8');
+    return route.fulfill({ body, contentType: types[name.slice(name.lastIndexOf('.'))] });
+  });
 }
 
 /** Saves a screenshot to artifacts/<name>.png (failures to do so are only logged). */

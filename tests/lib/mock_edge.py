@@ -271,6 +271,10 @@ def main() -> None:
     app.router.add_get("/app.js", static("app.js", "text/javascript"))
     app.router.add_get("/kcs-client.js", static("kcs-client.js", "text/javascript"))
     app.router.add_get("/style.css", static("style.css", "text/css"))
+    app.router.add_get("/basic", static("basic.html", "text/html"))
+    app.router.add_get("/meet.js", static("meet.js", "text/javascript"))
+    app.router.add_get("/meet-layout.js", static("meet-layout.js", "text/javascript"))
+    app.router.add_get("/meet.css", static("meet.css", "text/css"))
     app.router.add_get("/healthz", lambda r: asyncio.sleep(0, web.Response(text="ok")))
     app.router.add_get("/dev/token", dev_token)
     app.router.add_get("/ws", ws_handler)
@@ -278,7 +282,7 @@ def main() -> None:
     app.router.add_post("/whep/{room}", lambda r: sdp_exchange(r, "whep"))
     app.router.add_delete("/whip/{room}/{session}", sdp_delete)
     app.router.add_delete("/whep/{room}/{session}", sdp_delete)
-    print(f"mock-edge: http://{host}:{port}/?room=test", flush=True)
+    print(f"mock-edge: http://{host}:{port}/basic?room=test", flush=True)
     web.run_app(app, host=host, port=int(port), print=None)
 
 
