@@ -13,6 +13,8 @@
 
 pub mod ids;
 pub mod link;
+#[cfg(feature = "quic")]
+pub mod quic;
 pub mod room;
 pub mod wire;
 

@@ -332,3 +332,103 @@ pub struct MediaDatagram<'a> {
     /// The RTP packet as the publisher's edge decrypted it (RFC 3550 §5.1, version 2).
     pub rtp: &'a [u8],
 }
+
+/// Why a side refuses its peer's hello: sent as a [`ControlMessage::Goodbye`] and as the QUIC
+/// connection close, so the peer's operator reads the same reason either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: GoodbyeCode,
+    pub reason: String,
+}
+
+impl Hello {
+    /// Checks the peer's hello against ours (sans-IO half of the link handshake): same protocol
+    /// version, and a role this node can link with (an origin links only with edges; edges link
+    /// with origins and, along a fan-out tree, with other edges).
+    pub fn check_peer(&self, peer: &Hello) -> Result<(), Refusal> {
+        if peer.version != self.version {
+            return Err(Refusal {
+                code: GoodbyeCode::VersionMismatch,
+                reason: format!(
+                    "cascade protocol version mismatch: {} {} speaks version {}, {} {} speaks version {}",
+                    peer.role.as_str(),
+                    peer.node,
+                    peer.version,
+                    self.role.as_str(),
+                    self.node,
+                    self.version
+                ),
+            });
+        }
+        if self.role == NodeRole::Origin && peer.role == NodeRole::Origin {
+            return Err(Refusal {
+                code: GoodbyeCode::BadHello,
+                reason: format!(
+                    "origin {} does not link with origin {}",
+                    self.node, peer.node
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(node: &str, role: NodeRole, version: u16) -> Hello {
+        Hello {
+            node: Label::new(node).unwrap(),
+            region: Label::new("eu").unwrap(),
+            role,
+            version,
+        }
+    }
+
+    #[test]
+    fn handshake_checks_version_and_roles() {
+        let origin = hello("origin-1", NodeRole::Origin, PROTOCOL_VERSION);
+        assert_eq!(
+            origin.check_peer(&hello("edge-1", NodeRole::Edge, PROTOCOL_VERSION)),
+            Ok(())
+        );
+        let refusal = origin
+            .check_peer(&hello("edge-1", NodeRole::Edge, 2))
+            .unwrap_err();
+        assert_eq!(refusal.code, GoodbyeCode::VersionMismatch);
+        assert!(refusal.reason.contains("edge edge-1 speaks version 2"));
+        assert!(refusal.reason.contains("origin origin-1 speaks version 1"));
+        let refusal = origin
+            .check_peer(&hello("origin-2", NodeRole::Origin, PROTOCOL_VERSION))
+            .unwrap_err();
+        assert_eq!(refusal.code, GoodbyeCode::BadHello);
+        let edge = hello("edge-2", NodeRole::Edge, PROTOCOL_VERSION);
+        assert_eq!(
+            edge.check_peer(&hello("edge-1", NodeRole::Edge, PROTOCOL_VERSION)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn labels_follow_the_registry_rule() {
+        assert!(Label::new("edge-fra-1").is_ok());
+        assert_eq!(Label::new(""), Err(LabelError::Length));
+        assert_eq!(Label::new("a".repeat(64)), Err(LabelError::Length));
+        assert_eq!(Label::new("Edge"), Err(LabelError::BadChar('E')));
+        assert_eq!(Label::new("-a"), Err(LabelError::BadChar('-')));
+    }
+
+    #[test]
+    fn layer_sets() {
+        let s = LayerSet::default()
+            .with(Layer::new(0).unwrap())
+            .with(Layer::new(2).unwrap());
+        assert!(s.contains(Layer::new(2).unwrap()));
+        assert!(!s.contains(Layer::new(1).unwrap()));
+        assert_eq!(s.highest(), Layer::new(2));
+        assert_eq!(LayerSet(0x80).highest(), Layer::new(7));
+        assert_eq!(LayerSet::default().highest(), None);
+        assert!(Layer::new(8).is_none());
+    }
+}
