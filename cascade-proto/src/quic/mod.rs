@@ -251,6 +251,7 @@ impl LinkEndpoint {
 
 /// Closes the connection with the refusal's code and reason; returns it as the error.
 fn refuse(conn: &quinn::Connection, r: Refusal) -> LinkError {
+    tracing::warn!(remote = %conn.remote_address(), code = ?r.code, reason = %r.reason, "cascade link refused");
     conn.close(u32::from(r.code.to_u16()).into(), r.reason.as_bytes());
     LinkError::Refused {
         code: r.code,
@@ -315,6 +316,7 @@ impl PendingLink {
             if let Err(r) = config.hello.check_peer(&peer) {
                 return Err(refuse(&conn, r));
             }
+            tracing::info!(remote = %conn.remote_address(), node = %peer.node, region = %peer.region, role = peer.role.as_str(), "cascade link accepted");
             let mut link = Link::new(conn, send, receiver, peer);
             link.sender
                 .send(&ControlMessage::Hello(config.hello.clone()))
@@ -451,6 +453,7 @@ impl ControlReceiver {
                 Ok(Some(msg)) => return Ok(msg),
                 Ok(None) => {}
                 Err(e) => {
+                    tracing::warn!(error = %e, code = e.code(), "malformed cascade control frame; stopping the stream");
                     let _ = self.recv.stop(e.code().into());
                     return Err(LinkError::Malformed(e));
                 }
