@@ -4,6 +4,7 @@
 //! <root>/nodes/<kind>/<node-id>   NodeInfo JSON, under the node's lease (edge | origin)
 //! <root>/rooms/<room>             Placement JSON: which origin owns the room (no lease)
 //! <root>/meetings/<room>          Meeting JSON: the REST API's meeting options (no lease)
+//! <root>/trees/<room>/<edge>      TreePosition JSON: the edge's place in the room's fan-out tree
 //! ```
 //!
 //! Every key hangs off one configurable root (default `/kcs/v1`), so several deployments or
@@ -67,6 +68,15 @@ impl KeyLayout {
 
     pub fn meeting(&self, room: &RoomId) -> String {
         format!("{}{}", self.meetings_prefix(), room)
+    }
+
+    /// Prefix of one room's fan-out tree (one key per edge).
+    pub fn tree(&self, room: &RoomId) -> String {
+        format!("{}/trees/{}/", self.root, room)
+    }
+
+    pub fn tree_edge(&self, room: &RoomId, edge: &NodeId) -> String {
+        format!("{}{}", self.tree(room), edge)
     }
 
     /// The room name at the end of a room or meeting key, if it is one.

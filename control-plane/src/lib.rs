@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 pub mod dns;
+pub mod fanout;
 pub mod keys;
 pub mod meetings;
 pub mod nodes;
