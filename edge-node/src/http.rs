@@ -331,6 +331,40 @@ async fn join(
     Ok((p, joined, room_rx, shard_rx))
 }
 
+/// The participant named `name` (its identity or id), searching the roster page by page (a join
+/// snapshot carries only the first page).
+async fn find_named(
+    p: &Participant,
+    joined: &crate::session::Joined,
+    name: &str,
+) -> Option<cascade_proto::ParticipantId> {
+    let named = |q: &&cascade_proto::room::ParticipantInfo| {
+        q.identity.as_str() == name || q.id.to_string() == name || q.id.0.to_string() == name
+    };
+    if let Some(q) = joined.participants.iter().find(named) {
+        return Some(q.id);
+    }
+    let mut after = joined.participants.last()?.id;
+    loop {
+        let Ok(cascade_proto::room::Reply::Members {
+            participants, next, ..
+        }) = p
+            .ask(Intent::Members {
+                participant: p.me.id,
+                after,
+                limit: origin::MAX_ROSTER_PAGE,
+            })
+            .await
+        else {
+            return None;
+        };
+        if let Some(q) = participants.iter().find(named) {
+            return Some(q.id);
+        }
+        after = next?;
+    }
+}
+
 fn created(location: String, answer: String) -> Response {
     (
         StatusCode::CREATED,
@@ -421,13 +455,7 @@ async fn whep(
         .map_err(|e| c(e.into()))?;
     // The publisher: the named one, or the one whose latest track is newest.
     let publisher = match &who {
-        Some(w) => joined
-            .participants
-            .iter()
-            .find(|q| {
-                q.identity.as_str() == w || q.id.to_string() == *w || q.id.0.to_string() == *w
-            })
-            .map(|q| q.id),
+        Some(w) => find_named(&p, &joined, w).await,
         None => joined
             .tracks
             .iter()
