@@ -8,7 +8,7 @@ use cascade_proto::link::{
 };
 use cascade_proto::quic::{ClusterCa, Link, LinkConfig, LinkEndpoint, LinkError, NodeCredentials};
 use cascade_proto::room::{
-    EdgeToOrigin, Intent, OriginToEdge, RequestId, RoomEvent, RoomEventBody,
+    Audience, EdgeToOrigin, Intent, OriginToEdge, RequestId, RoomEvent, RoomEventBody,
 };
 use cascade_proto::wire::decode_datagram;
 use cascade_proto::{ParticipantId, RoomId, TrackId};
@@ -157,7 +157,8 @@ async fn two_nodes_exchange_control_messages_and_datagrams() {
     let event = ControlMessage::ToEdge(OriginToEdge::Event(RoomEvent {
         room,
         seq: 1,
-        body: RoomEventBody::RoomClosed,
+        audience: Audience::All,
+        body: RoomEventBody::RoomClosed { by: None },
     }));
     origin_link.sender.send(&event).await.unwrap();
     assert_eq!(within(edge_link.receiver.recv()).await.unwrap(), event);

@@ -4,8 +4,8 @@
 use super::*;
 use crate::ids::{Identity, ParticipantId, Role, TrackSource};
 use crate::room::{
-    EdgeId, Intent, ParticipantInfo, Reply, RequestId, RoomError, RoomEvent, RoomEventBody,
-    TrackInfo,
+    Audience, EdgeId, Intent, ParticipantInfo, Reply, RequestId, RoomError, RoomEvent,
+    RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -102,6 +102,7 @@ fn track_info(rng: &mut StdRng) -> TrackInfo {
         codec: ["opus", "VP8", "H264"][rng.gen_range(0..3)].into(),
         layers: rng.gen_range(1..=3),
         muted: rng.gen(),
+        host_muted: rng.gen(),
     }
 }
 
@@ -141,14 +142,28 @@ fn to_origin(rng: &mut StdRng) -> EdgeToOrigin {
 fn to_edge(rng: &mut StdRng) -> OriginToEdge {
     if rng.gen() {
         let reply = match rng.gen_range(0..4) {
-            0 => Reply::Joined {
-                you: participant(rng),
-                participants: (0..rng.gen_range(0..20))
+            0 => {
+                let participants: Vec<ParticipantInfo> = (0..rng.gen_range(0..20))
                     .map(|_| participant(rng))
-                    .collect(),
-                tracks: (0..rng.gen_range(0..5)).map(|_| track_info(rng)).collect(),
-                seq: rng.gen(),
-            },
+                    .collect();
+                Reply::Joined(Box::new(RoomSnapshot {
+                    you: participant(rng),
+                    participant_count: participants.len() as u32,
+                    participants,
+                    tracks: (0..rng.gen_range(0..5)).map(|_| track_info(rng)).collect(),
+                    chat: Vec::new(),
+                    hands: (0..rng.gen_range(0..3))
+                        .map(|_| ParticipantId(rng.gen()))
+                        .collect(),
+                    settings: RoomSettings {
+                        locked: rng.gen(),
+                        lobby: rng.gen(),
+                        ..RoomSettings::default()
+                    },
+                    lobby: Vec::new(),
+                    seq: rng.gen(),
+                }))
+            }
             1 => Reply::Published {
                 track: track_info(rng),
             },
@@ -161,10 +176,16 @@ fn to_edge(rng: &mut StdRng) -> OriginToEdge {
         }
     } else {
         let body = match rng.gen_range(0..6) {
-            0 => RoomEventBody::ParticipantJoined(participant(rng)),
-            1 => RoomEventBody::ParticipantLeft {
-                participant: ParticipantId(rng.gen()),
-            },
+            0 => RoomEventBody::ParticipantsJoined(
+                (0..rng.gen_range(1..10))
+                    .map(|_| participant(rng))
+                    .collect(),
+            ),
+            1 => RoomEventBody::ParticipantsLeft(
+                (0..rng.gen_range(1..10))
+                    .map(|_| ParticipantId(rng.gen()))
+                    .collect(),
+            ),
             2 => RoomEventBody::TrackPublished(track_info(rng)),
             3 => RoomEventBody::TrackUnpublished {
                 track: TrackId(rng.gen()),
@@ -173,12 +194,21 @@ fn to_edge(rng: &mut StdRng) -> OriginToEdge {
             4 => RoomEventBody::TrackMuted {
                 track: TrackId(rng.gen()),
                 muted: rng.gen(),
+                host_muted: rng.gen(),
+                by: ParticipantId(rng.gen()),
             },
-            _ => RoomEventBody::RoomClosed,
+            _ => RoomEventBody::RoomClosed {
+                by: rng.gen::<bool>().then(|| ParticipantId(rng.gen())),
+            },
         };
         OriginToEdge::Event(RoomEvent {
             room: room(rng),
             seq: rng.gen(),
+            audience: if rng.gen() {
+                Audience::All
+            } else {
+                Audience::Participant(ParticipantId(rng.gen()))
+            },
             body,
         })
     }
