@@ -1363,7 +1363,7 @@ mod tests {
         eprintln!("{r:?}: {before} -> {after}");
         assert!(r.success, "{r:?}");
         assert!(
-            after >= 1_700_000 && after <= 2_200_000,
+            (1_700_000..=2_200_000).contains(&after),
             "{before} -> {after}"
         );
     }
