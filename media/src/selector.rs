@@ -18,7 +18,7 @@
 //! - Going up: a higher layer must fit with a margin ([`LayerSelectorConfig::upgrade_margin_percent`])
 //!   and not sooner than a hold-off after the last budget downgrade. When an upgrade is followed
 //!   by a budget downgrade within [`LayerSelectorConfig::oscillation_window`], the link likely
-//!   cannot carry the upper layer: the hold-off doubles (2 s up to 30 s), so a capped link does not
+//!   cannot carry the upper layer: the hold-off doubles (2 s up to 16 s), so a capped link does not
 //!   oscillate. A downgrade that follows a lasting upgrade resets it.
 //! - Nothing fits: the lowest candidate. Our choice: the selector never pauses a track on its own,
 //!   however small the budget (video at the lowest layer is better than nothing, and the edge's
@@ -43,8 +43,9 @@ pub struct LayerSelectorConfig {
     /// Minimum time between a budget downgrade and the next upgrade. Default 2 s: a couple of
     /// estimator updates, so a short dip does not pin a subscriber low for long.
     pub initial_hold_off: Duration,
-    /// Cap of the doubling hold-off. Default 30 s: a capped link probes the upper layer at most
-    /// twice a minute.
+    /// Cap of the doubling hold-off. Default 16 s: the edge's bandwidth probes already keep
+    /// upgrades off a link that cannot carry them, so this only damps oscillation, and a link
+    /// that recovers gets the upper layer back within about 20 s.
     pub max_hold_off: Duration,
     /// A budget downgrade this soon after an upgrade doubles the hold-off. Default 5 s: the time a
     /// delay-based estimator needs to notice that the new layer overloads the link.
@@ -59,7 +60,7 @@ impl Default for LayerSelectorConfig {
         Self {
             upgrade_margin_percent: 115,
             initial_hold_off: Duration::from_secs(2),
-            max_hold_off: Duration::from_secs(30),
+            max_hold_off: Duration::from_secs(16),
             oscillation_window: Duration::from_secs(5),
             keyframe_retry: Duration::from_secs(1),
         }
@@ -448,7 +449,7 @@ mod tests {
         assert_eq!(s.hold_off(), Duration::from_secs(2));
 
         // A capped link: every upgrade is followed by a downgrade 1 s later. The hold-off
-        // doubles each time up to 30 s, and no upgrade happens before it elapses.
+        // doubles each time up to 16 s, and no upgrade happens before it elapses.
         let mut t = 20_000;
         let mut upgrades = Vec::new();
         for _ in 0..8 {
@@ -467,7 +468,7 @@ mod tests {
             s.handle_allocation(low, &rates(), c.at(t));
             assert_eq!(s.target(), Some(L1));
         }
-        assert_eq!(upgrades, vec![2, 4, 8, 16, 30, 30, 30, 30]);
+        assert_eq!(upgrades, vec![2, 4, 8, 16, 16, 16, 16, 16]);
 
         // The upgrade holds past the oscillation window: the next downgrade resets the hold-off.
         t += 30_000;

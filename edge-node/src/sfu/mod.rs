@@ -72,7 +72,7 @@ const PROBE_AFTER_SUCCESS: Duration = Duration::from_secs(1);
 /// After a failed probe, wait this long before the next; doubling on each failure up to
 /// [`PROBE_BACKOFF_MAX`], so a capped link is probed rarely.
 const PROBE_BACKOFF_INITIAL: Duration = Duration::from_secs(2);
-const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(16);
+const PROBE_BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// Probe padding resends the subscription's most recent packets, cycling over this many.
 const PADDING_WINDOW: u16 = 16;
 /// Bound on the padding packets one tick may send per transport.
