@@ -955,7 +955,7 @@ impl ShardCore {
             return;
         };
         for &seq in seqs {
-            match retransmit(s, p, t, seq, now, &mut self.transmits) {
+            match retransmit(s, p, t, seq, now, &mut self.scratch, &mut self.transmits) {
                 Some(_) => self.counters.retransmits_out += 1,
                 None => self.counters.nacks_missed += 1,
             }
@@ -1254,7 +1254,7 @@ impl ShardCore {
             while sent < due && packets < PADDING_MAX_PACKETS && misses < PADDING_WINDOW {
                 let seq = newest.wrapping_sub(cursor % PADDING_WINDOW);
                 cursor = cursor.wrapping_add(1);
-                match retransmit(s, p, t, seq, now, &mut self.transmits) {
+                match retransmit(s, p, t, seq, now, &mut self.scratch, &mut self.transmits) {
                     Some(n) if n > 0 => {
                         sent += n;
                         packets += 1;
@@ -1572,6 +1572,7 @@ fn retransmit(
     t: &mut Transport,
     seq: u16,
     now: Instant,
+    scratch: &mut Vec<u8>,
     transmits: &mut Vec<Transmit>,
 ) -> Option<usize> {
     let sent = s.sequencer.lookup(seq)?;
@@ -1593,13 +1594,16 @@ fn retransmit(
         transport_cc: twcc,
         ..Default::default()
     };
-    let mut out = vec![0u8; MAX_OUT_HEADER + 2 + payload.len()];
+    // The shard's reused buffer: no allocation per resent packet (probes send many).
+    let out = scratch;
+    out.clear();
+    out.resize(MAX_OUT_HEADER + 2 + payload.len(), 0);
     let (n, body_at) = match (s.spec.rtx_ssrc, s.spec.rtx_payload_type) {
         (Some(rtx_ssrc), Some(rtx_pt)) => {
             let rtx_seq = s.rtx_seq;
             s.rtx_seq = s.rtx_seq.wrapping_add(1);
             let n = rtp::write_header(
-                &mut out,
+                out,
                 view.marker,
                 rtx_pt,
                 rtx_seq,
@@ -1612,7 +1616,7 @@ fn retransmit(
         }
         _ => {
             let n = rtp::write_header(
-                &mut out,
+                out,
                 view.marker,
                 s.spec.payload_type,
                 seq,
@@ -1628,7 +1632,7 @@ fn retransmit(
         let _ = m.rewrite(&mut out[body_at..body_at + payload.len()], false);
     }
     out.truncate(n + payload.len());
-    let Ok(data) = srtp.encrypt_rtp(&out) else {
+    let Ok(data) = srtp.encrypt_rtp(out) else {
         return Some(0);
     };
     let len = data.len();
