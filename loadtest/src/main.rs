@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use loadtest::relay::{self, RelayConfig, RelayStats};
 use loadtest::runner::{self, RunConfig};
 use loadtest::scenario::{parse_duration, Mode, Scenario};
-use loadtest::signaling::TokenSource;
+use loadtest::signaling::{Target, TokenSource};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -93,8 +93,19 @@ struct Common {
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "LOADTEST_TARGET")]
     target: String,
     /// One token for every participant; default: ask `kcs dev`'s /dev/token for each.
-    #[arg(long, env = "LOADTEST_TOKEN")]
+    #[arg(long, env = "LOADTEST_TOKEN", conflicts_with = "token_api")]
     token: Option<String>,
+    /// Mint each participant's token with this control plane's REST API (http://host:port;
+    /// needs --api-key), for clusters of `kcs edge` nodes.
+    #[arg(long, env = "LOADTEST_TOKEN_API", requires = "api_key")]
+    token_api: Option<String>,
+    /// API key for --token-api.
+    #[arg(long, env = "LOADTEST_API_KEY")]
+    api_key: Option<String>,
+    /// Participants' identities are <prefix>-<group>-<index>; give each of several load
+    /// testers sharing a room its own.
+    #[arg(long, default_value = "lt")]
+    identity_prefix: String,
     /// Send media to this address instead of the edge's candidate (a `loadtest relay`).
     #[arg(long)]
     media_via: Option<SocketAddr>,
@@ -229,10 +240,15 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     }
     let cfg = RunConfig {
         target: common.target.clone(),
-        tokens: common
-            .token
-            .clone()
-            .map_or(TokenSource::Dev, TokenSource::Fixed),
+        tokens: match (&common.token, &common.token_api) {
+            (Some(t), _) => TokenSource::Fixed(t.clone()),
+            (None, Some(api)) => TokenSource::ControlPlane {
+                api: Target::parse(api).map_err(|e| anyhow::anyhow!("--token-api: {e}"))?,
+                api_key: common.api_key.clone().unwrap_or_default(),
+            },
+            (None, None) => TokenSource::Dev,
+        },
+        identity_prefix: common.identity_prefix.clone(),
         media_via: common.media_via,
         server_pid: common.server_pid,
         progress: !common.quiet,

@@ -42,6 +42,8 @@ pub struct Context {
     /// Local address to bind peer sockets on.
     pub local_ip: IpAddr,
     pub room: String,
+    /// Identities are `<prefix>-<group>-<index>`: processes sharing a room use different ones.
+    pub identity_prefix: String,
     pub mode: Mode,
     pub nack: bool,
     pub stop: watch::Receiver<bool>,
@@ -88,7 +90,7 @@ fn local_transport(peer: &Peer, ice: &IceCredentials, cert: &DtlsCertificate) ->
 /// Runs a participant until `ctx.stop` or a failure. Records join times, connected state and
 /// failures in the collector.
 pub async fn run(ctx: Arc<Context>, spec: Spec) -> Result<(), ParticipantError> {
-    let identity = format!("lt-{}-{}", spec.group, spec.index);
+    let identity = format!("{}-{}-{}", ctx.identity_prefix, spec.group, spec.index);
     let role = if spec.publish == Publish::None {
         "attendee"
     } else {
