@@ -55,6 +55,24 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// One big meeting: a few presenters, viewers receiving media, and a signaling-only
+    /// audience (roster deltas and events, no media). Reports signaling load and whether every
+    /// session's roster converged.
+    TownHall {
+        #[arg(long, default_value_t = 3)]
+        presenters: u32,
+        /// Participants receiving media (lowest simulcast layer).
+        #[arg(long, default_value_t = 100)]
+        viewers: u32,
+        /// Signaling-only participants.
+        #[arg(long, default_value_t = 1000)]
+        audience: u32,
+        /// Joins per second, per group.
+        #[arg(long, default_value_t = 200.0)]
+        join_rate: f64,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Ramp viewers on one presenter until loss > 1% or p99 delay > 50 ms; report the largest
     /// passing count.
     Capacity {
@@ -215,6 +233,22 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 joins,
                 within,
                 common.duration.unwrap_or(Duration::from_secs(5)),
+            ),
+            common,
+        ),
+        Command::TownHall {
+            presenters,
+            viewers,
+            audience,
+            join_rate,
+            common,
+        } => (
+            Scenario::town_hall(
+                presenters,
+                viewers,
+                audience,
+                join_rate,
+                common.duration.unwrap_or(Duration::from_secs(10)),
             ),
             common,
         ),
