@@ -161,6 +161,42 @@ EOF
     return 1
 }
 
+# Cluster CA and one certificate per node (origins and edges) for the cascade's mutual TLS.
+mr_certs() {
+    local nodes=() r n
+    for r in "${MR_REGIONS[@]}"; do
+        nodes+=(--node "origin-$r")
+        for n in 1 2; do nodes+=(--node "edge-$r-$n"); done
+    done
+    "$BIN/kcs" certs --out "$MR_DIR/certs" "${nodes[@]}" >"$MR_DIR/certs.log" 2>&1
+}
+
+mr_tls_args() { # node
+    echo --ca "$MR_DIR/certs/ca.pem" --cert "$MR_DIR/certs/$1.pem" --key "$MR_DIR/certs/$1.key"
+}
+
+# One origin per region on 10.77.R.1:7400, registered with the service address 10.78.R.1, and
+# in every region a delay relay on that service address (see the header).
+mr_origins_up() {
+    local r o i
+    for r in "${MR_REGIONS[@]}"; do
+        i=${MR_INDEX[$r]}
+        # shellcheck disable=SC2046
+        mr_spawn "mr-$r" "$MR_DIR/origin-$r.log" "$BIN/kcs" origin \
+            --cascade "10.77.$i.1:7400" --advertise "10.78.$i.1" --http "10.77.$i.1:8090" \
+            --node-id "origin-$r" --region "$r" --etcd "$MR_ETCD" $(mr_tls_args "origin-$r")
+        for o in "${MR_REGIONS[@]}"; do
+            mr_spawn "mr-$o" "$MR_DIR/relay-$o-to-$r.log" "$BIN/loadtest" relay \
+                --listen "10.78.$i.1:7400" --upstream "10.77.$i.1:7400" \
+                --delay "$(mr_delay "$o" "$r")ms"
+        done
+    done
+    for r in "${MR_REGIONS[@]}"; do
+        mr_wait_http "mr-$r" "http://10.77.${MR_INDEX[$r]}.1:8090/healthz" || return 1
+    done
+    mr_log "origins: one per region, reached through delay relays"
+}
+
 # Two edges per region, registered in etcd, verifying tokens with the control plane's keys.
 mr_edges_up() {
     local r i n
@@ -172,7 +208,7 @@ mr_edges_up() {
                 --workers 1 --data-dir "$MR_DIR/edge-$r-$n" \
                 --control-plane "http://$MR_CP_HTTP" --etcd "$MR_ETCD" --region "$r" \
                 --node-id "edge-$r-$n" --public-url "http://10.77.$i.1$n:8080" \
-                ${MR_EDGE_ARGS:-}
+                $( [ -f "$MR_DIR/certs/ca.pem" ] && mr_tls_args "edge-$r-$n" ) ${MR_EDGE_ARGS:-}
         done
     done
     for r in "${MR_REGIONS[@]}"; do
@@ -193,6 +229,10 @@ mr_up() {
     mr_netns_up
     mr_etcd_up
     mr_control_plane_up
+    if [ "${MR_CASCADE:-1}" = 1 ]; then
+        mr_certs
+        mr_origins_up
+    fi
     mr_edges_up
 }
 
