@@ -15,6 +15,8 @@
 //! What it does not do: TURN, TCP candidates, trickle ICE (the edge is ICE-lite and needs
 //! none), real codecs (payloads are shaped like VP8/Opus, never decoded).
 
+pub mod ice_responder;
+pub mod janus;
 pub mod media;
 pub mod participant;
 pub mod peer;

@@ -5,7 +5,7 @@
 use crate::participant::{self, Context, Spec};
 use crate::report::{CapacityStep, Report, Second, ServerSample};
 use crate::scenario::{Mode, Scenario};
-use crate::signaling::{self, Target, TokenSource};
+use crate::signaling::{self, ServerKind, Target, TokenSource};
 use crate::stats::{Collector, Hist, Shared};
 use edge_node::transport::dtls::DtlsCertificate;
 use std::io::IsTerminal;
@@ -99,20 +99,44 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
             return report;
         }
     };
-    // Preflight: is anything there?
-    match signaling::http(&target, "GET", "/healthz", &[], "").await {
-        Ok((200, _, _)) => {}
-        Ok((status, _, body)) => {
-            report.abort(format!(
-                "{}/healthz answered {status}: {}",
-                target.base,
-                body.trim()
-            ));
-            return report;
-        }
-        Err(e) => {
-            report.abort(e.to_string());
-            return report;
+    // Preflight: is anything there (and, for Janus, does it accept us and is the room there)?
+    let mut janus_room = 0;
+    match target.kind {
+        ServerKind::Kcs => match signaling::http(&target, "GET", "/healthz", &[], "").await {
+            Ok((200, _, _)) => {}
+            Ok((status, _, body)) => {
+                report.abort(format!(
+                    "{}/healthz answered {status}: {}",
+                    target.base,
+                    body.trim()
+                ));
+                return report;
+            }
+            Err(e) => {
+                report.abort(e.to_string());
+                return report;
+            }
+        },
+        ServerKind::Janus => {
+            if scenario.mode == Mode::Whip {
+                report.abort(
+                    "Janus targets speak the VideoRoom API: --mode whip is for the edge".into(),
+                );
+                return report;
+            }
+            let secret = match &cfg.tokens {
+                TokenSource::Fixed(t) => Some(t.clone()),
+                TokenSource::Dev => None,
+            };
+            // Every participant joins as a publisher (see crate::janus): room for all.
+            let max = scenario.participants() + 8;
+            match crate::janus::prepare_room(&target, secret, &scenario.room, max).await {
+                Ok(id) => janus_room = id,
+                Err(e) => {
+                    report.abort(e.to_string());
+                    return report;
+                }
+            }
         }
     }
     edge_node::transport::install_crypto_provider();
@@ -138,6 +162,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
         media_via: cfg.media_via,
         local_ip,
         room: scenario.room.clone(),
+        janus_room,
         mode: scenario.mode,
         nack: scenario.nack,
         stop: stop_rx,
