@@ -64,7 +64,11 @@ mod tests {
     fn answers_an_authenticated_check_and_sees_nomination() {
         let from: SocketAddr = "127.0.0.1:40001".parse().unwrap();
         // What a controlling agent sends us: USERNAME "<our ufrag>:<its ufrag>", our password.
-        let req = edge_node::transport::ice::binding_request("ours:theirs", "ourpassword1234567890", true);
+        let req = edge_node::transport::ice::binding_request(
+            "ours:theirs",
+            "ourpassword1234567890",
+            true,
+        );
         let a = answer_check(&req, from, "ourpassword1234567890").expect("answered");
         assert!(a.nominated);
         let mut r = Message::new();

@@ -76,13 +76,13 @@ impl JanusClient {
         secret: Option<String>,
     ) -> Result<(Self, mpsc::Receiver<Value>), SignalingError> {
         let url = target.base.clone();
-        let mut req = url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| SignalingError::Unreachable {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+        let mut req =
+            url.as_str()
+                .into_client_request()
+                .map_err(|e| SignalingError::Unreachable {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             "janus-protocol".parse().expect("static header value"),
@@ -220,7 +220,9 @@ impl JanusClient {
                 what: format!("Janus {what}"),
                 timeout: STEP_TIMEOUT,
             })?
-            .map_err(|_| SignalingError::Closed(format!("while waiting for Janus's reply to {what}")))?;
+            .map_err(|_| {
+                SignalingError::Closed(format!("while waiting for Janus's reply to {what}"))
+            })?;
         if reply["janus"] == "error" {
             return Err(SignalingError::Refused {
                 what: format!("Janus {what}"),
@@ -313,7 +315,12 @@ pub async fn prepare_room(
     let handle = client.attach().await?;
     let id = room_id(room);
     let exists = client
-        .message(handle, json!({"request": "exists", "room": id}), None, false)
+        .message(
+            handle,
+            json!({"request": "exists", "room": id}),
+            None,
+            false,
+        )
         .await?;
     if exists["plugindata"]["data"]["exists"] != true {
         client

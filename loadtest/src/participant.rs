@@ -10,12 +10,12 @@
 //! Failures end the participant and are recorded with the reason; a stop signal ends it
 //! cleanly (`room:leave`, DTLS close_notify).
 
+use crate::janus::JanusClient;
 use crate::media::{write_rtp, AudioSource, OutExt, RtpHeader, VideoProfile, VideoSource};
 use crate::peer::{ConnectTimes, Peer, PeerError};
 use crate::recv::Receiver;
 use crate::scenario::{Mode, Publish};
 use crate::sdp::{self, LocalTransport, PublishShape, RemoteDescription, PT_OPUS, PT_VP8, RIDS};
-use crate::janus::JanusClient;
 use crate::signaling::{self, ServerKind, SignalingError, Target, TokenSource, WsClient};
 use crate::stats::{JoinTimes, Shared};
 use edge_node::transport::dtls::DtlsCertificate;
@@ -448,7 +448,10 @@ impl Life {
                 )
                 .await?;
             let answer_sdp = r["jsep"]["sdp"].as_str().unwrap_or_default();
-            tracing::debug!(participant = identity, "Janus publisher answer:\n{answer_sdp}");
+            tracing::debug!(
+                participant = identity,
+                "Janus publisher answer:\n{answer_sdp}"
+            );
             let answer = sdp::read_remote(answer_sdp)?;
             self.times.signaling_ms = ms(self.t0.elapsed());
             self.connect_peer(&peer, &ice, &answer).await?;
@@ -573,7 +576,10 @@ impl Life {
         let Some(offer) = reply["jsep"]["sdp"].as_str() else {
             return Ok(());
         };
-        tracing::debug!(room = self.ctx.janus_room, "Janus subscriber offer:\n{offer}");
+        tracing::debug!(
+            room = self.ctx.janus_room,
+            "Janus subscriber offer:\n{offer}"
+        );
         let offer = sdp::read_remote(offer)?;
         let s = sub.as_mut().expect("set above");
         self.janus_answer(jc, s, &offer).await?;

@@ -61,7 +61,11 @@ impl Janus {
             std::process::id() % 100_000,
             N.fetch_add(1, Ordering::Relaxed)
         );
-        run_ok(Command::new("bash").arg(bench_dir().join("janus-netns.sh")).args(["up", &ns]));
+        run_ok(
+            Command::new("bash")
+                .arg(bench_dir().join("janus-netns.sh"))
+                .args(["up", &ns]),
+        );
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("cfg");
         let mut gen = Command::new("bash");
@@ -94,7 +98,11 @@ impl Janus {
             if let Ok(Some(st)) = janus.child.try_wait() {
                 panic!("janus exited early ({st}): {}", janus.log());
             }
-            assert!(Instant::now() < deadline, "janus not ready: {}", janus.log());
+            assert!(
+                Instant::now() < deadline,
+                "janus not ready: {}",
+                janus.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -206,7 +214,10 @@ fn webinar_against_janus_reports_real_media() {
     let kbps = r["rx_kbps_mean"].as_array().unwrap();
     assert!(kbps[0].as_f64().unwrap() > 10.0, "audio {kbps:?}");
     let video: f64 = kbps[1..4].iter().map(|v| v.as_f64().unwrap()).sum();
-    assert!(video > 100.0, "video kbit/s {video}: Janus forwarded no simulcast layer?");
+    assert!(
+        video > 100.0,
+        "video kbit/s {video}: Janus forwarded no simulcast layer?"
+    );
     for phase in ["signaling", "ice", "dtls", "first_media"] {
         assert!(
             f(&r, &["join", phase, "count"]) >= 3.0,
