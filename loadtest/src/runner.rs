@@ -323,8 +323,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
         let settle = scenario.capacity.as_ref().map_or(Duration::ZERO, |c| {
             Duration::from_millis(1500).max(c.step_duration / 2)
         });
-        if scenario.capacity.is_some() && cap_step_started.is_some_and(|st| st.elapsed() > settle)
-        {
+        if scenario.capacity.is_some() && cap_step_started.is_some_and(|st| st.elapsed() > settle) {
             // Skip the start of a step (1.5 s, or half the step when longer): the step's joins
             // (a burst of ICE and DTLS handshakes on the tool's few threads) and the keyframes
             // they ask for settle. Steady forwarding is what the step measures.
