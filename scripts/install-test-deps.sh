@@ -5,6 +5,7 @@
 #   apt: chromium chromium-driver (headless browser with fake camera/mic), iproute2 (netns, veth,
 #        tc tbf), nftables (loss), ffmpeg (ffprobe; aiortc's PyAV wheels bring their own codecs),
 #        fonts-noto-color-emoji (the meeting page's reactions and badges in the screenshots)
+#        janus (the load tester's Janus target: loadtest/tests/against_janus.rs, bench/loadtest)
 #   pip: aiortc aiohttp (a second, independent WebRTC stack for WHIP/WHEP interop)
 #   npm: playwright-core, pinned by tests/e2e/package-lock.json (drives /usr/bin/chromium; never
 #        downloads a browser of its own)
@@ -12,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(chromium chromium-driver iproute2 nftables ffmpeg fonts-noto-color-emoji)
+APT_PKGS=(chromium chromium-driver iproute2 nftables ffmpeg fonts-noto-color-emoji janus)
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 

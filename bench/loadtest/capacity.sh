@@ -7,6 +7,7 @@
 #   e.g. bash bench/loadtest/capacity.sh 400 25 5s release
 #
 # Traffic stays on loopback. The edge is stopped at the end, also on failure.
+# Against Janus as well, side by side: bench/loadtest/side-by-side.sh.
 set -euo pipefail
 MAX=${1:-300}
 STEP=${2:-25}
@@ -15,24 +16,19 @@ PROFILE=${4:-release}
 EDGE_CPU=${EDGE_CPU:-0}
 TOOL_CPUS=${TOOL_CPUS:-1}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 OUT=${OUT:-$ROOT/bench/loadtest/out}
 mkdir -p "$OUT"
-flag=$([ "$PROFILE" = release ] && echo --release || true)
-(cd "$ROOT" && cargo build $flag -p edge-node --bin kcs -p loadtest --bin loadtest)
-BIN=$TARGET/$([ "$PROFILE" = release ] && echo release || echo debug)
+# shellcheck source=bench/loadtest/lib.sh
+. "$ROOT/bench/loadtest/lib.sh"
+lt_build
 DATA=$(mktemp -d)
-HTTP=127.0.0.1:$((20000 + RANDOM % 10000))
-UDP=127.0.0.1:$((30000 + RANDOM % 10000))
-taskset -c "$EDGE_CPU" "$BIN/kcs" dev --http "$HTTP" --udp "$UDP" --advertise 127.0.0.1 \
-  --workers 1 --data-dir "$DATA/data" >"$OUT/edge.log" 2>&1 &
-EDGE=$!
-trap 'kill $EDGE 2>/dev/null; wait $EDGE 2>/dev/null; rm -rf "$DATA"' EXIT
-for _ in $(seq 100); do curl -sf "http://$HTTP/healthz" >/dev/null && break; sleep 0.1; done
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); profile $PROFILE"
-echo "edge pid $EDGE on cpu $EDGE_CPU; loadtest on cpus $TOOL_CPUS"
+EDGE_PID=""
+trap 'lt_stop "$EDGE_PID"; rm -rf "$DATA"' EXIT
+lt_start_edge "$EDGE_CPU" "$DATA/data" "$OUT/edge.log"
+lt_machine
+echo "edge pid $EDGE_PID on cpu $EDGE_CPU; loadtest on cpus $TOOL_CPUS"
 taskset -c "$TOOL_CPUS" "$BIN/loadtest" capacity --max-viewers "$MAX" --step "$STEP" \
-  --step-duration "$STEP_DURATION" --target "http://$HTTP" --server-pid "$EDGE" --threads 1 \
+  --step-duration "$STEP_DURATION" --target "$EDGE_URL" --server-pid "$EDGE_PID" --threads 1 \
   --quiet --json "$OUT/capacity.json" --html "$OUT/capacity.html" || true
 python3 - "$OUT/capacity.json" <<'PY'
 import json, sys

@@ -10,11 +10,15 @@
 //! [`recv`] is the sans-IO receiver (loss, delay, jitter, RTCP it owes); [`peer`] is one peer
 //! connection's async shell; [`signaling`] the WebSocket/WHIP/WHEP/token clients;
 //! [`participant`] one participant's life; [`scenario`] the scenario model and TOML files;
-//! [`runner`] runs a scenario; [`report`] writes JSON/HTML; [`relay`] is the delay relay.
+//! [`runner`] runs a scenario; [`report`] writes JSON/HTML; [`relay`] is the delay relay;
+//! [`janus`] speaks Janus's VideoRoom API (the same scenarios against Janus) and
+//! [`ice_responder`] answers a full-ICE server's connectivity checks.
 //!
 //! What it does not do: TURN, TCP candidates, trickle ICE (the edge is ICE-lite and needs
-//! none), real codecs (payloads are shaped like VP8/Opus, never decoded).
+//! none; toward Janus our candidate is in the SDP), real codecs (payloads are shaped like VP8/Opus, never decoded).
 
+pub mod ice_responder;
+pub mod janus;
 pub mod media;
 pub mod participant;
 pub mod peer;

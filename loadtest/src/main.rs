@@ -107,7 +107,8 @@ enum Command {
 
 #[derive(Args)]
 struct Common {
-    /// The edge's HTTP address.
+    /// The server: an edge's HTTP address (`http://host:port`) or Janus's WebSocket API
+    /// (`janus+ws://host:port`, VideoRoom plugin).
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "LOADTEST_TARGET")]
     target: String,
     /// One token for every participant; default: ask `kcs dev`'s /dev/token for each.
@@ -142,6 +143,10 @@ struct Common {
     /// No retransmissions: receivers send no NACKs, publishers ignore the edge's (loss stays visible).
     #[arg(long)]
     no_nack: bool,
+    /// Highest simulcast layer every subscriber asks for (0, 1 or 2; presets ask for none and
+    /// take what the server sends). Side-by-side runs pin it so both servers forward alike.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=2))]
+    max_layer: Option<u8>,
     /// Write the JSON report here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -271,6 +276,11 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     }
     if common.no_nack {
         scenario.nack = false;
+    }
+    if let Some(layer) = common.max_layer {
+        for g in scenario.groups.iter_mut().filter(|g| g.subscribe) {
+            g.max_layer = Some(layer);
+        }
     }
     let cfg = RunConfig {
         target: common.target.clone(),

@@ -30,8 +30,13 @@ pub const MAX_PAYLOAD: usize = 1100;
 const PROBE_MAGIC: u16 = 0x4b4c;
 /// Bytes of a serialized [`Probe`].
 pub const PROBE_LEN: usize = 20;
-/// VP8 payload descriptor we write: X, I (15-bit), L = 5 bytes, then the VP8 header byte.
-pub const VP8_PREFIX_LEN: usize = 6;
+/// VP8 payload descriptor we write (X, I (15-bit), L = 5 bytes), then the 10 bytes of a VP8
+/// keyframe header (RFC 6386 §9.1: 3-byte frame tag, start code `9d 01 2a`, width, height).
+/// Janus reads the start code to tell keyframes (and switches simulcast layers only on them);
+/// delta frames keep the same room, zeroed but for the frame tag's P bit.
+pub const VP8_PREFIX_LEN: usize = 15;
+/// Picture size per simulcast layer, written into keyframe headers.
+const LAYER_SIZE: [(u16, u16); 3] = [(320, 180), (640, 360), (1280, 720)];
 
 /// What a receiver learns from each payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,8 +298,15 @@ impl VideoSource {
                 payload[2] = 0x80 | (layer.picture_id >> 8) as u8;
                 payload[3] = layer.picture_id as u8;
                 payload[4] = layer.tl0;
-                // VP8 payload header (RFC 7741 §4.3): P bit 0 = keyframe.
-                payload[5] = if keyframe { 0x00 } else { 0x01 };
+                // VP8 payload header (RFC 7741 §4.3): P bit 0 = keyframe; a keyframe's first
+                // packet carries the start code and picture size (RFC 6386 §9.1).
+                payload[5] = if keyframe { 0x10 } else { 0x11 };
+                if keyframe && p == 0 {
+                    let (w, h) = LAYER_SIZE[i.min(2)];
+                    payload[8..11].copy_from_slice(&[0x9d, 0x01, 0x2a]);
+                    payload[11..13].copy_from_slice(&w.to_le_bytes());
+                    payload[13..15].copy_from_slice(&h.to_le_bytes());
+                }
                 Probe {
                     sender: self.sender,
                     stream,

@@ -10,13 +10,14 @@
 //! Failures end the participant and are recorded with the reason; a stop signal ends it
 //! cleanly (`room:leave`, DTLS close_notify).
 
+use crate::janus::JanusClient;
 use crate::media::{write_rtp, AudioSource, OutExt, RtpHeader, VideoProfile, VideoSource};
 use crate::peer::{ConnectTimes, Peer, PeerError};
 use crate::recv::Receiver;
 use crate::roster::RosterView;
 use crate::scenario::{Mode, Publish};
 use crate::sdp::{self, LocalTransport, PublishShape, RemoteDescription, PT_OPUS, PT_VP8, RIDS};
-use crate::signaling::{self, SignalingError, Target, TokenSource, WsClient};
+use crate::signaling::{self, ServerKind, SignalingError, Target, TokenSource, WsClient};
 use crate::stats::{JoinTimes, Shared};
 use edge_node::transport::dtls::DtlsCertificate;
 use edge_node::transport::ice::IceCredentials;
@@ -45,6 +46,9 @@ pub struct Context {
     pub room: String,
     /// Identities are `<prefix>-<group>-<index>`: processes sharing a room use different ones.
     pub identity_prefix: String,
+    /// The Janus room id `room` maps to (when the target is Janus; the runner made sure the
+    /// room exists).
+    pub janus_room: u64,
     pub mode: Mode,
     pub nack: bool,
     pub stop: watch::Receiver<bool>,
@@ -97,10 +101,14 @@ pub async fn run(ctx: Arc<Context>, spec: Spec) -> Result<(), ParticipantError> 
     } else {
         "presenter"
     };
-    let token = ctx
-        .tokens
-        .token(&ctx.target, &ctx.room, &identity, role)
-        .await?;
+    let token = match ctx.target.kind {
+        ServerKind::Kcs => {
+            ctx.tokens
+                .token(&ctx.target, &ctx.room, &identity, role)
+                .await?
+        }
+        ServerKind::Janus => String::new(),
+    };
     let mut life = Life {
         ctx: ctx.clone(),
         spec: spec.clone(),
@@ -112,9 +120,10 @@ pub async fn run(ctx: Arc<Context>, spec: Spec) -> Result<(), ParticipantError> 
         pending_times: None,
         roster: None,
     };
-    let result = match ctx.mode {
-        Mode::Ws => life.run_ws(&identity, &token).await,
-        Mode::Whip => life.run_whip(&token).await,
+    let result = match (ctx.target.kind, ctx.mode) {
+        (ServerKind::Janus, _) => life.run_janus(&identity).await,
+        (ServerKind::Kcs, Mode::Ws) => life.run_ws(&identity, &token).await,
+        (ServerKind::Kcs, Mode::Whip) => life.run_whip(&token).await,
     };
     life.finish().await;
     result
@@ -414,6 +423,249 @@ impl Life {
         Ok(())
     }
 
+    /// Janus VideoRoom: see [`crate::janus`] for the flow and what differs from the edge.
+    async fn run_janus(&mut self, identity: &str) -> Result<(), ParticipantError> {
+        let secret = match &self.ctx.tokens {
+            TokenSource::Fixed(t) => Some(t.clone()),
+            TokenSource::Dev | TokenSource::ControlPlane { .. } => None,
+        };
+        let (jc, mut events) = JanusClient::connect(&self.ctx.target, secret).await?;
+        let result = self.janus_session(&jc, &mut events, identity).await;
+        jc.close().await;
+        result
+    }
+
+    async fn janus_session(
+        &mut self,
+        jc: &JanusClient,
+        events: &mut tokio::sync::mpsc::Receiver<Value>,
+        identity: &str,
+    ) -> Result<(), ParticipantError> {
+        let room = self.ctx.janus_room;
+        let pub_handle = jc.attach().await?;
+        let joined = jc
+            .message(
+                pub_handle,
+                json!({"request": "join", "ptype": "publisher", "room": room, "display": identity}),
+                None,
+                true,
+            )
+            .await?;
+        let mut feeds = publisher_ids(&joined["plugindata"]["data"]);
+        if self.spec.publish != Publish::None {
+            let (peer, ice, offer, mids) = self.publish_peer().await?;
+            peer.answer_checks(&ice.pwd, true);
+            // We stay the DTLS client: Janus answers an `actpass` offer as client itself.
+            let offer = offer.replace("a=setup:actpass", "a=setup:active");
+            let r = jc
+                .message(
+                    pub_handle,
+                    json!({"request": "publish"}),
+                    Some(json!({"type": "offer", "sdp": offer, "trickle": false, "rid_order": "lmh"})),
+                    true,
+                )
+                .await?;
+            let answer_sdp = r["jsep"]["sdp"].as_str().unwrap_or_default();
+            tracing::debug!(
+                participant = identity,
+                "Janus publisher answer:\n{answer_sdp}"
+            );
+            let answer = sdp::read_remote(answer_sdp)?;
+            self.times.signaling_ms = ms(self.t0.elapsed());
+            self.connect_peer(&peer, &ice, &answer).await?;
+            self.start_media(peer, mids, &answer);
+        }
+        if !self.spec.subscribe {
+            self.mark_connected();
+        }
+        let mut sub: Option<JanusSub> = None;
+        let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Result<(), ParticipantError>>(1);
+        let mut stop = self.ctx.stop.clone();
+        let mut check = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            if self.spec.subscribe && !feeds.is_empty() {
+                let new = std::mem::take(&mut feeds);
+                self.janus_subscribe(jc, &mut sub, new, &conn_tx).await?;
+            }
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = check.tick() => {
+                    if self.times.first_media_ms.is_none() {
+                        if let Some(at) = sub.as_ref().and_then(|s| s.peer.first_media()) {
+                            self.times.first_media_ms = ms(at.duration_since(self.t0));
+                        }
+                    }
+                }
+                Some(done) = conn_rx.recv() => {
+                    done?;
+                    self.mark_connected();
+                }
+                ev = events.recv() => {
+                    let Some(ev) = ev else { break };
+                    match ev["janus"].as_str().unwrap_or_default() {
+                        "event" => {
+                            let data = &ev["plugindata"]["data"];
+                            if ev["sender"].as_u64() == Some(pub_handle) {
+                                feeds.extend(publisher_ids(data));
+                            } else if let (Some(s), Some(offer)) = (sub.as_mut(), ev["jsep"]["sdp"].as_str()) {
+                                // Janus re-offers on its own (e.g. a feed went away).
+                                let offer = sdp::read_remote(offer)?;
+                                self.janus_answer(jc, s, &offer).await?;
+                            }
+                        }
+                        "hangup" => {
+                            if *self.ctx.stop.borrow() {
+                                break;
+                            }
+                            return Err(ParticipantError::Server(format!("Janus hung up a peer connection: {}", ev["reason"])));
+                        }
+                        "timeout" | "detached" => {
+                            return Err(ParticipantError::Server(format!("Janus ended the session ({})", ev["janus"])));
+                        }
+                        "closed" => {
+                            if *self.ctx.stop.borrow() {
+                                break;
+                            }
+                            return Err(SignalingError::Closed(ev["reason"].as_str().unwrap_or("?").to_owned()).into());
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            self.take_pending_times();
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            jc.message(pub_handle, json!({"request": "leave"}), None, false),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Subscribes to `feeds`: the first time by joining as subscriber (which makes the peer
+    /// connection, connected in the background), later with `subscribe` (Janus re-offers).
+    async fn janus_subscribe(
+        &mut self,
+        jc: &JanusClient,
+        sub: &mut Option<JanusSub>,
+        feeds: Vec<u64>,
+        conn_tx: &tokio::sync::mpsc::Sender<Result<(), ParticipantError>>,
+    ) -> Result<(), ParticipantError> {
+        let streams: Vec<Value> = feeds.iter().map(|f| json!({"feed": f})).collect();
+        let reply = match sub.as_ref() {
+            Some(s) => {
+                jc.message(
+                    s.handle,
+                    json!({"request": "subscribe", "streams": streams}),
+                    None,
+                    true,
+                )
+                .await?
+            }
+            None => {
+                let handle = jc.attach().await?;
+                let r = jc
+                    .message(
+                        handle,
+                        json!({"request": "join", "ptype": "subscriber", "room": self.ctx.janus_room, "streams": streams}),
+                        None,
+                        true,
+                    )
+                    .await?;
+                let peer = Peer::bind(
+                    self.ctx.local_ip,
+                    Some(Receiver::new(self.ctx.nack, Instant::now())),
+                    self.ctx.collector.clone(),
+                )
+                .await?;
+                self.peers.push(peer.clone());
+                let ice = IceCredentials::random();
+                peer.answer_checks(&ice.pwd, false);
+                *sub = Some(JanusSub {
+                    handle,
+                    peer,
+                    ice,
+                    connecting: false,
+                    layered: HashSet::new(),
+                });
+                r
+            }
+        };
+        let Some(offer) = reply["jsep"]["sdp"].as_str() else {
+            return Ok(());
+        };
+        tracing::debug!(
+            room = self.ctx.janus_room,
+            "Janus subscriber offer:\n{offer}"
+        );
+        let offer = sdp::read_remote(offer)?;
+        let s = sub.as_mut().expect("set above");
+        self.janus_answer(jc, s, &offer).await?;
+        if !s.connecting {
+            s.connecting = true;
+            if self.times.signaling_ms.is_none() {
+                self.times.signaling_ms = ms(self.t0.elapsed());
+            }
+            let (peer, ice) = (s.peer.clone(), s.ice.clone());
+            let addr = self.remote_addr(&offer);
+            let cert = self.ctx.cert.clone();
+            let tx = conn_tx.clone();
+            let times_slot = Arc::new(std::sync::Mutex::new(None));
+            let slot = times_slot.clone();
+            tokio::spawn(async move {
+                let r = peer
+                    .connect(addr, &offer, &ice.ufrag, &cert, CONNECT_TIMEOUT)
+                    .await;
+                if let Ok(t) = &r {
+                    *slot.lock().expect("slot") = Some(*t);
+                    peer.set_twcc_id(offer.ext_ids().twcc);
+                }
+                let _ = tx.send(r.map(|_| ()).map_err(ParticipantError::from)).await;
+            });
+            self.pending_times = Some(times_slot);
+        }
+        Ok(())
+    }
+
+    /// Answers Janus's subscriber offer (`start`), then asks for the wanted simulcast layer
+    /// on each new video mid.
+    async fn janus_answer(
+        &mut self,
+        jc: &JanusClient,
+        s: &mut JanusSub,
+        offer: &RemoteDescription,
+    ) -> Result<(), ParticipantError> {
+        let local = local_transport(&s.peer, &s.ice, &self.ctx.cert);
+        let answer = sdp::subscriber_answer(offer, &local);
+        jc.message(
+            s.handle,
+            json!({"request": "start"}),
+            Some(json!({"type": "answer", "sdp": answer, "trickle": false})),
+            true,
+        )
+        .await?;
+        if let Some(max) = self.spec.max_layer {
+            let mids: Vec<Value> = offer
+                .media
+                .iter()
+                .filter(|m| m.kind == "video" && m.port != 0)
+                .filter_map(|m| m.mid.clone())
+                .filter(|mid| s.layered.insert(mid.clone()))
+                .map(|mid| json!({"mid": mid, "substream": max}))
+                .collect();
+            if !mids.is_empty() {
+                jc.message(
+                    s.handle,
+                    json!({"request": "configure", "streams": mids}),
+                    None,
+                    true,
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn finish(&mut self) {
         if let Some(m) = self.media.take() {
             m.abort();
@@ -431,6 +683,26 @@ impl Life {
             c.roster_views.push(r.count());
         }
     }
+}
+
+/// A participant's Janus subscriber handle and its one peer connection.
+struct JanusSub {
+    handle: u64,
+    peer: Arc<Peer>,
+    ice: IceCredentials,
+    connecting: bool,
+    /// Video mids whose substream was set.
+    layered: HashSet<String>,
+}
+
+/// Feed ids in a VideoRoom `joined` or `event` message's `publishers` list.
+fn publisher_ids(data: &Value) -> Vec<u64> {
+    data["publishers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
 }
 
 /// Sends the participant's audio and video on schedule until stopped; records its own lag.

@@ -92,6 +92,12 @@ pub struct Peer {
     collector: Shared,
     /// ICE credentials for consent checks: (username, remote password).
     ice_creds: Mutex<Option<(String, String)>>,
+    /// Our ICE password, when the server is a full ICE agent whose checks we answer
+    /// ([`crate::ice_responder`]); `None` toward the ICE-lite edge.
+    answer_checks_with: Mutex<Option<String>>,
+    /// We are the controlling agent (we offered, or the server is ICE-lite): we nominate and
+    /// send consent checks. The controlled side waits for the server's nomination instead.
+    controlling: AtomicBool,
 }
 
 /// Durations of the connection phases.
@@ -133,6 +139,8 @@ impl Peer {
             dtls: tokio::sync::Mutex::new(None),
             collector,
             ice_creds: Mutex::new(None),
+            answer_checks_with: Mutex::new(None),
+            controlling: AtomicBool::new(true),
         });
         let rx = tokio::spawn(Self::receive_loop(peer.clone()));
         let tick = tokio::spawn(Self::tick_loop(peer.clone()));
@@ -149,6 +157,14 @@ impl Peer {
     /// The header-extension id of transport-wide sequence numbers in the negotiated SDP.
     pub fn set_twcc_id(&self, id: Option<u8>) {
         self.state.lock().expect("peer lock").twcc_id = id;
+    }
+
+    /// Toward a full ICE agent (Janus): answer its connectivity checks with our password
+    /// `local_pwd`, and take the `controlling` role or, when not, wait for its nomination in
+    /// [`connect`](Self::connect) instead of nominating. Call before `connect`.
+    pub fn answer_checks(&self, local_pwd: &str, controlling: bool) {
+        *self.answer_checks_with.lock().expect("peer lock") = Some(local_pwd.to_owned());
+        self.controlling.store(controlling, Ordering::Release);
     }
 
     /// Whether a publisher answers the edge's NACKs (default yes).
@@ -179,7 +195,8 @@ impl Peer {
             .and_then(|r| r.first_media)
     }
 
-    /// ICE (we are controlling and nominate at once, as the edge is ICE-lite) and then the
+    /// ICE (controlling: we nominate at once, as the edge is ICE-lite; controlled, see
+    /// [`answer_checks`](Self::answer_checks): we wait for the server's nomination) and then the
     /// DTLS client handshake; SRTP is ready when this returns.
     pub async fn connect(
         self: &Arc<Self>,
@@ -199,9 +216,12 @@ impl Peer {
         // ICE: RFC 8445 §7.2.5.3 — the check is done when a success response arrives.
         let started = Instant::now();
         let deadline = started + timeout;
+        let controlling = self.controlling.load(Ordering::Acquire);
         loop {
-            let req = ice::binding_request(&username, remote_pwd, true);
-            let _ = self.socket.send_to(&req, remote).await;
+            if controlling {
+                let req = ice::binding_request(&username, remote_pwd, true);
+                let _ = self.socket.send_to(&req, remote).await;
+            }
             let wait = tokio::time::sleep(ICE_RETRY);
             tokio::select! {
                 _ = self.ice_ok.notified() => break,
@@ -356,7 +376,10 @@ impl Peer {
             };
             self.send_rtcp(rtcp).await;
             self.flush();
-            if now >= next_consent && self.ice_done.load(Ordering::Acquire) {
+            if now >= next_consent
+                && self.ice_done.load(Ordering::Acquire)
+                && self.controlling.load(Ordering::Acquire)
+            {
                 next_consent = now + CONSENT_INTERVAL;
                 let creds = self.ice_creds.lock().expect("peer lock").clone();
                 let remote = *self.remote.lock().expect("peer lock");
@@ -373,7 +396,7 @@ impl Peer {
     async fn receive_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; 2048];
         loop {
-            let Ok((n, _from)) = self.socket.recv_from(&mut buf).await else {
+            let Ok((n, from)) = self.socket.recv_from(&mut buf).await else {
                 // ICMP port unreachable surfaces as an error on Linux: keep reading.
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -381,6 +404,10 @@ impl Peer {
             let data = &buf[..n];
             match classify(data) {
                 PacketClass::Stun => {
+                    // A full ICE server checks us too (Binding request, 0x0001).
+                    if data.len() >= 2 && data[0] == 0x00 && data[1] == 0x01 {
+                        self.answer_check(data, from).await;
+                    }
                     // A Binding success response (0x0101) is all we wait for.
                     if data.len() >= 2 && data[0] == 0x01 && data[1] == 0x01 {
                         self.mark_alive();
@@ -399,6 +426,23 @@ impl Peer {
                 PacketClass::Rtcp => self.handle_rtcp(data).await,
                 PacketClass::Unknown => {}
             }
+        }
+    }
+
+    async fn answer_check(&self, data: &[u8], from: SocketAddr) {
+        let pwd = self.answer_checks_with.lock().expect("peer lock").clone();
+        let Some(answer) = pwd.and_then(|p| crate::ice_responder::answer_check(data, from, &p))
+        else {
+            return;
+        };
+        let _ = self.socket.send_to(&answer.reply, from).await;
+        self.mark_alive();
+        // The controlled side is connected once the server nominated a pair.
+        if answer.nominated
+            && !self.controlling.load(Ordering::Acquire)
+            && !self.ice_done.swap(true, Ordering::AcqRel)
+        {
+            self.ice_ok.notify_waiters();
         }
     }
 

@@ -62,26 +62,44 @@ impl SignalingError {
     }
 }
 
-/// Where the edge is: `http://host:port`.
+/// Which server a target is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// A KCS edge (`http://host:port`): WebSocket signaling or WHIP/WHEP.
+    Kcs,
+    /// Janus's VideoRoom plugin through its WebSocket API (`janus+ws://host:port`).
+    Janus,
+}
+
+/// Where the server is: `http://host:port` (an edge) or `janus+ws://host:port` (Janus).
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// `http://host:port` for the edge, `ws://host:port` for Janus.
     pub base: String,
     pub addr: SocketAddr,
+    pub kind: ServerKind,
 }
 
 impl Target {
     pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("target {url:?}: only http://host:port is supported"))?;
+        let (kind, scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (ServerKind::Kcs, "http", rest)
+        } else if let Some(rest) = url.strip_prefix("janus+ws://") {
+            (ServerKind::Janus, "ws", rest)
+        } else {
+            return Err(format!(
+                "target {url:?}: use http://host:port (an edge) or janus+ws://host:port (Janus)"
+            ));
+        };
         let hostport = rest.trim_end_matches('/');
         let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)
             .map_err(|e| format!("target {url:?}: {e}"))?
             .next()
             .ok_or_else(|| format!("target {url:?}: no address"))?;
         Ok(Self {
-            base: format!("http://{hostport}"),
+            base: format!("{scheme}://{hostport}"),
             addr,
+            kind,
         })
     }
 }
