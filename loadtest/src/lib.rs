@@ -10,11 +10,13 @@
 //! [`recv`] is the sans-IO receiver (loss, delay, jitter, RTCP it owes); [`peer`] is one peer
 //! connection's async shell; [`signaling`] the WebSocket/WHIP/WHEP/token clients;
 //! [`participant`] one participant's life; [`scenario`] the scenario model and TOML files;
-//! [`runner`] runs a scenario; [`report`] writes JSON/HTML; [`relay`] is the delay relay.
+//! [`runner`] runs a scenario; [`report`] writes JSON/HTML; [`relay`] is the delay relay;
+//! [`baseline`] is the raw forwarding ceiling the edge is compared with.
 //!
 //! What it does not do: TURN, TCP candidates, trickle ICE (the edge is ICE-lite and needs
 //! none), real codecs (payloads are shaped like VP8/Opus, never decoded).
 
+pub mod baseline;
 pub mod media;
 pub mod participant;
 pub mod peer;
