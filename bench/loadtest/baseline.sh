@@ -11,7 +11,8 @@
 # (sampled from /proc), and for the baseline packets/s sent per second of forwarder CPU. The
 # edge's figure counts everything it does for those packets (RTCP, feedback, rewriting, timers).
 # Env: EDGE_CPU (0), TOOL_CPUS (1), OUT (bench/loadtest/out), LOADTEST_BIN (a loadtest binary
-# to use instead of the built one, e.g. to compare versions of the tool), SKIP_BUILD=1.
+# to use instead of the built one, e.g. to compare versions), KCS_BIN (same for the edge),
+# SKIP_BUILD=1.
 set -euo pipefail
 VIEWERS=${1:-100}
 SECONDS_RUN=${2:-20}
@@ -26,10 +27,11 @@ flag=$([ "$PROFILE" = release ] && echo --release || true)
 [ "${SKIP_BUILD:-}" = 1 ] || (cd "$ROOT" && cargo build $flag -p edge-node --bin kcs -p loadtest --bin loadtest)
 BIN=$TARGET/$([ "$PROFILE" = release ] && echo release || echo debug)
 LOADTEST=${LOADTEST_BIN:-$BIN/loadtest}
+KCS=${KCS_BIN:-$BIN/kcs}
 DATA=$(mktemp -d)
 HTTP=127.0.0.1:$((20000 + RANDOM % 10000))
 UDP=127.0.0.1:$((30000 + RANDOM % 10000))
-taskset -c "$EDGE_CPU" "$BIN/kcs" dev --http "$HTTP" --udp "$UDP" --advertise 127.0.0.1 \
+taskset -c "$EDGE_CPU" "$KCS" dev --http "$HTTP" --udp "$UDP" --advertise 127.0.0.1 \
   --workers 1 --data-dir "$DATA/data" >"$OUT/edge.log" 2>&1 &
 EDGE=$!
 trap 'kill $EDGE 2>/dev/null; wait $EDGE 2>/dev/null; rm -rf "$DATA"' EXIT

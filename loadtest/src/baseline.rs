@@ -14,8 +14,8 @@
 //! - the **generator** sends the input (the load tester's own packet mix: VP8-shaped 1,500 kbit/s
 //!   video with keyframes and Opus-like audio, probes included, SRTP-encrypted) and drains
 //!   `fanout` receiver sockets (one address per receiver, as the edge sends to one 5-tuple per
-//!   viewer). It keeps a bounded number of input packets in flight (closed loop) so the
-//!   forwarder always has work queued without its socket overflowing, and it authenticates a
+//!   viewer). It keeps a bounded number of input packets ahead of what the forwarder has read
+//!   (closed loop) so the forwarder always has work queued without its socket overflowing, and it authenticates a
 //!   sample of what arrives (1 of every [`VERIFY_EVERY`] packets) so a broken forwarder cannot
 //!   pass as a fast one.
 //!
@@ -350,10 +350,9 @@ fn forward_loop(
         errors += items.len() - sent;
         counters.in_packets.fetch_add(n as u64, o);
         counters.out_packets.fetch_add(sent as u64, o);
-        counters.out_bytes.fetch_add(
-            items[..sent].iter().map(|(_, c)| c.len() as u64).sum(),
-            o,
-        );
+        counters
+            .out_bytes
+            .fetch_add(items[..sent].iter().map(|(_, c)| c.len() as u64).sum(), o);
         counters.forward_errors.fetch_add(errors as u64, o);
         counters.cpu_ns.store(thread_cpu_ns(), o);
     }
@@ -410,9 +409,10 @@ fn generate_loop(
     let o = Ordering::Relaxed;
     let mut encrypted: Vec<bytes::Bytes> = Vec::with_capacity(32);
     while !stop.load(o) {
-        // Keep IN_FLIGHT input packets ahead of what came back; after 5 ms without progress
-        // (copies lost on a busy machine) send anyway so the loop cannot stall.
-        let in_flight = sent_in.saturating_sub(received / fanout as u64);
+        // Keep IN_FLIGHT input packets ahead of what the forwarder has read (copies lost on
+        // the way back do not throttle the input); after 5 ms without progress send anyway so
+        // the loop cannot stall.
+        let in_flight = sent_in.saturating_sub(counters.in_packets.load(o));
         let stalled = last_progress.elapsed() > Duration::from_millis(5);
         if in_flight < IN_FLIGHT || stalled {
             encrypted.clear();
@@ -504,7 +504,10 @@ mod tests {
         assert!(r.out_packets >= r.in_packets * 4 * 9 / 10, "{r:?}");
         assert!(r.received > 0 && r.verified > 0, "{r:?}");
         assert_eq!(r.verify_failed, 0, "{r:?}");
-        assert!(r.forwarder_cpu_seconds > 0.0 && r.out_pps_per_core > 0.0, "{r:?}");
+        assert!(
+            r.forwarder_cpu_seconds > 0.0 && r.out_pps_per_core > 0.0,
+            "{r:?}"
+        );
     }
 
     #[test]
