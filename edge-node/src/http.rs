@@ -161,6 +161,7 @@ async fn ws(State(edge): State<Arc<Edge>>, upgrade: WebSocketUpgrade) -> Respons
     upgrade
         .max_message_size(crate::ws::MAX_FRAME)
         .max_frame_size(crate::ws::MAX_FRAME)
+        .read_buffer_size(crate::ws::READ_BUFFER)
         .on_upgrade(move |socket| crate::ws::serve(edge, socket))
 }
 

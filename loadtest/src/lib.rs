@@ -13,10 +13,12 @@
 //! [`runner`] runs a scenario; [`report`] writes JSON/HTML; [`relay`] is the delay relay;
 //! [`janus`] speaks Janus's VideoRoom API (the same scenarios against Janus) and
 //! [`ice_responder`] answers a full-ICE server's connectivity checks.
+//! [`baseline`] is the raw forwarding ceiling the edge is compared with.
 //!
 //! What it does not do: TURN, TCP candidates, trickle ICE (the edge is ICE-lite and needs
 //! none; toward Janus our candidate is in the SDP), real codecs (payloads are shaped like VP8/Opus, never decoded).
 
+pub mod baseline;
 pub mod ice_responder;
 pub mod janus;
 pub mod media;

@@ -2,6 +2,8 @@
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use edge_node::transport::dtls::SrtpProfile;
+use loadtest::baseline::{self, BaselineConfig};
 use loadtest::relay::{self, RelayConfig, RelayStats};
 use loadtest::runner::{self, RunConfig};
 use loadtest::scenario::{parse_duration, Mode, Scenario};
@@ -84,6 +86,28 @@ enum Command {
         step_duration: Duration,
         #[command(flatten)]
         common: Common,
+    },
+    /// The raw forwarding baseline: receive SRTP in batches, decrypt once, encrypt `fanout`
+    /// copies with per-receiver contexts, send in batches; prints packets/s out per core.
+    Baseline {
+        #[arg(long, default_value_t = 50)]
+        fanout: usize,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        warmup: Duration,
+        /// SRTP profile: gcm (AEAD_AES_128_GCM, what browsers and the edge prefer) or cm.
+        #[arg(long, default_value = "gcm")]
+        profile: String,
+        /// Pin the forwarder thread to this CPU.
+        #[arg(long)]
+        forwarder_cpu: Option<usize>,
+        /// Pin the generator thread (input and receivers) to this CPU.
+        #[arg(long)]
+        generator_cpu: Option<usize>,
+        /// Write the JSON report here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// A userspace UDP relay adding delay, jitter and loss (both directions).
     Relay {
@@ -200,6 +224,36 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 },
                 r#for,
             );
+        }
+        Command::Baseline {
+            fanout,
+            duration,
+            warmup,
+            profile,
+            forwarder_cpu,
+            generator_cpu,
+            json,
+        } => {
+            let profile = match profile.as_str() {
+                "gcm" => SrtpProfile::AeadAes128Gcm,
+                "cm" => SrtpProfile::Aes128CmHmacSha1_80,
+                other => anyhow::bail!("--profile {other:?}: use gcm or cm"),
+            };
+            let report = baseline::run(&BaselineConfig {
+                fanout,
+                duration,
+                warmup,
+                profile,
+                forwarder_cpu,
+                generator_cpu,
+            })
+            .context("raw baseline")?;
+            print!("{}", report.summary());
+            if let Some(path) = &json {
+                std::fs::write(path, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            return Ok(0);
         }
         Command::Run { file, common } => {
             let text = std::fs::read_to_string(&file)

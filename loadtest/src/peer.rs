@@ -5,9 +5,11 @@
 //! and the panic-free RTCP parser. This module is the thin async shell around them:
 //!
 //! - one socket per peer connection, like a browser's 5-tuple, on the loopback or given address;
-//! - a receive task per peer (not per packet): it classifies each datagram (RFC 7983), answers
-//!   nothing itself but feeds DTLS, decrypts SRTP/SRTCP, runs the [`Receiver`] (subscriber) or
-//!   handles NACK/PLI/FIR (publisher) and sends the RTCP that results;
+//! - a receive task per peer (not per packet): woken once per burst, it reads every queued
+//!   datagram with one `recvmmsg` (the edge's [`RecvBatch`], one per runtime thread, so a
+//!   thousand peers do not hold a thousand 64 KiB buffers), classifies each (RFC 7983), feeds
+//!   DTLS, decrypts SRTP/SRTCP, runs the [`Receiver`] (subscriber) or handles NACK/PLI/FIR
+//!   (publisher), and sends the RTCP that results once per burst;
 //! - a tick task per peer: TWCC feedback, receiver reports, ICE consent (a Binding request every
 //!   [`CONSENT_INTERVAL`], as browsers do, RFC 7675) and flushing measurements.
 //!
@@ -18,15 +20,21 @@ use crate::media::{read_rtp, unix_micros};
 use crate::recv::Receiver;
 use crate::sdp::RemoteDescription;
 use crate::stats::{Pending, Shared};
+use bytes::Bytes;
 use edge_node::transport::demux::{classify, PacketClass};
 use edge_node::transport::dtls::{self, DtlsCertificate, DtlsSession, Fingerprint};
 use edge_node::transport::ice;
 use edge_node::transport::srtp::SrtpSession;
+use edge_node::udp::batch::RecvBatch;
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
@@ -37,6 +45,20 @@ const CONSENT_INTERVAL: Duration = Duration::from_secs(5);
 const ICE_RETRY: Duration = Duration::from_millis(100);
 /// Packets a publisher keeps for answering NACKs: 1 s of the top layer and some.
 const HISTORY: usize = 1024;
+
+thread_local! {
+    /// Receive buffers of this runtime thread, shared by its peers: each use is synchronous
+    /// (no `.await` while borrowed).
+    static RECV_BATCH: RefCell<RecvBatch> = RefCell::new(RecvBatch::new());
+}
+
+/// What handling a burst of datagrams leaves to send: plain RTCP (to encrypt) and SRTP
+/// packets to retransmit (already encrypted).
+#[derive(Default)]
+struct Outgoing {
+    rtcp: Vec<Vec<u8>>,
+    resend: Vec<Bytes>,
+}
 
 /// Why a peer connection did not come up.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +81,7 @@ pub enum PeerError {
 pub struct SenderState {
     /// SSRCs we send, in layer order (audio has its own entry with layer 255).
     pub ssrcs: Vec<(u32, u8)>,
-    history: VecDeque<(u32, u16, Vec<u8>)>,
+    history: VecDeque<(u32, u16, Bytes)>,
     /// Layers for which a keyframe was asked (PLI/FIR), drained by the media task.
     pub keyframe_requests: Vec<u8>,
     /// Answer NACKs with retransmissions (off when a run measures unrepaired loss).
@@ -83,6 +105,12 @@ pub struct Peer {
     state: Mutex<State>,
     ice_ok: Notify,
     ice_done: AtomicBool,
+    /// Our ICE password, when the server is a full ICE agent whose checks we answer
+    /// ([`crate::ice_responder`]); `None` toward the ICE-lite edge.
+    answer_checks_with: Mutex<Option<String>>,
+    /// We are the controlling agent (we offered, or the server is ICE-lite): we nominate and
+    /// send consent checks. The controlled side waits for the server's nomination instead.
+    controlling: AtomicBool,
     closed: AtomicBool,
     /// Milliseconds since `epoch` of the last authenticated datagram from the edge.
     last_rx_ms: AtomicU64,
@@ -92,12 +120,6 @@ pub struct Peer {
     collector: Shared,
     /// ICE credentials for consent checks: (username, remote password).
     ice_creds: Mutex<Option<(String, String)>>,
-    /// Our ICE password, when the server is a full ICE agent whose checks we answer
-    /// ([`crate::ice_responder`]); `None` toward the ICE-lite edge.
-    answer_checks_with: Mutex<Option<String>>,
-    /// We are the controlling agent (we offered, or the server is ICE-lite): we nominate and
-    /// send consent checks. The controlled side waits for the server's nomination instead.
-    controlling: AtomicBool,
 }
 
 /// Durations of the connection phases.
@@ -132,6 +154,8 @@ impl Peer {
             }),
             ice_ok: Notify::new(),
             ice_done: AtomicBool::new(false),
+            answer_checks_with: Mutex::new(None),
+            controlling: AtomicBool::new(true),
             closed: AtomicBool::new(false),
             last_rx_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -139,8 +163,6 @@ impl Peer {
             dtls: tokio::sync::Mutex::new(None),
             collector,
             ice_creds: Mutex::new(None),
-            answer_checks_with: Mutex::new(None),
-            controlling: AtomicBool::new(true),
         });
         let rx = tokio::spawn(Self::receive_loop(peer.clone()));
         let tick = tokio::spawn(Self::tick_loop(peer.clone()));
@@ -154,17 +176,17 @@ impl Peer {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
-    /// The header-extension id of transport-wide sequence numbers in the negotiated SDP.
-    pub fn set_twcc_id(&self, id: Option<u8>) {
-        self.state.lock().expect("peer lock").twcc_id = id;
-    }
-
     /// Toward a full ICE agent (Janus): answer its connectivity checks with our password
     /// `local_pwd`, and take the `controlling` role or, when not, wait for its nomination in
     /// [`connect`](Self::connect) instead of nominating. Call before `connect`.
     pub fn answer_checks(&self, local_pwd: &str, controlling: bool) {
         *self.answer_checks_with.lock().expect("peer lock") = Some(local_pwd.to_owned());
         self.controlling.store(controlling, Ordering::Release);
+    }
+
+    /// The header-extension id of transport-wide sequence numbers in the negotiated SDP.
+    pub fn set_twcc_id(&self, id: Option<u8>) {
+        self.state.lock().expect("peer lock").twcc_id = id;
     }
 
     /// Whether a publisher answers the edge's NACKs (default yes).
@@ -278,7 +300,7 @@ impl Peer {
                 st.pending.counters.srtp_errors += 1;
                 return 0;
             };
-            let p = p.to_vec();
+            // Bytes: the history keeps a reference to the same buffer, no copy.
             st.pending.counters.tx_packets += 1;
             st.pending.counters.tx_bytes += p.len() as u64;
             if let Some(s) = st.sender.as_mut() {
@@ -394,48 +416,58 @@ impl Peer {
     }
 
     async fn receive_loop(self: Arc<Self>) {
-        let mut buf = vec![0u8; 2048];
+        let fd = self.socket.as_raw_fd();
+        let mut out = Outgoing::default();
         loop {
-            let Ok((n, from)) = self.socket.recv_from(&mut buf).await else {
-                // ICMP port unreachable surfaces as an error on Linux: keep reading.
+            if self.socket.readable().await.is_err() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
-            };
-            let data = &buf[..n];
-            match classify(data) {
-                PacketClass::Stun => {
-                    // A full ICE server checks us too (Binding request, 0x0001).
-                    if data.len() >= 2 && data[0] == 0x00 && data[1] == 0x01 {
-                        self.answer_check(data, from).await;
-                    }
-                    // A Binding success response (0x0101) is all we wait for.
-                    if data.len() >= 2 && data[0] == 0x01 && data[1] == 0x01 {
-                        self.mark_alive();
-                        if !self.ice_done.swap(true, Ordering::AcqRel) {
-                            self.ice_ok.notify_waiters();
+            }
+            // One wakeup per burst: read every queued datagram, a batch per syscall, until the
+            // socket is empty (`try_io` clears readiness on WouldBlock).
+            let read = self.socket.try_io(Interest::READABLE, || {
+                RECV_BATCH.with(|batch| {
+                    let mut batch = batch.borrow_mut();
+                    let n = batch.recv(fd)?;
+                    let (now, now_us) = (Instant::now(), unix_micros());
+                    for i in 0..n {
+                        if let Some((from, data)) = batch.get(i) {
+                            self.handle_datagram(data, from, now, now_us, &mut out);
                         }
                     }
-                }
-                PacketClass::Dtls => {
-                    let tx = self.state.lock().expect("peer lock").dtls_in.clone();
-                    if let Some(tx) = tx {
-                        let _ = tx.try_send(data.to_vec());
+                    Ok(n)
+                })
+            });
+            match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // ICMP port unreachable surfaces as an error on Linux: keep reading.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+            if !out.rtcp.is_empty() {
+                self.send_rtcp(std::mem::take(&mut out.rtcp)).await;
+            }
+            if !out.resend.is_empty() {
+                let remote = *self.remote.lock().expect("peer lock");
+                if let Some(remote) = remote {
+                    for p in out.resend.drain(..) {
+                        let _ = self.socket.send_to(&p, remote).await;
                     }
                 }
-                PacketClass::Rtp => self.handle_rtp(data).await,
-                PacketClass::Rtcp => self.handle_rtcp(data).await,
-                PacketClass::Unknown => {}
+                out.resend.clear();
             }
         }
     }
 
-    async fn answer_check(&self, data: &[u8], from: SocketAddr) {
+    /// Answers a full ICE server's connectivity check (a rare packet: a non-blocking send is
+    /// enough, the server retries a check it gets no answer to).
+    fn answer_check(&self, data: &[u8], from: SocketAddr) {
         let pwd = self.answer_checks_with.lock().expect("peer lock").clone();
         let Some(answer) = pwd.and_then(|p| crate::ice_responder::answer_check(data, from, &p))
         else {
             return;
         };
-        let _ = self.socket.send_to(&answer.reply, from).await;
+        let _ = self.socket.try_send_to(&answer.reply, from);
         self.mark_alive();
         // The controlled side is connected once the server nominated a pair.
         if answer.nominated
@@ -446,15 +478,47 @@ impl Peer {
         }
     }
 
+    fn handle_datagram(
+        &self,
+        data: &[u8],
+        from: SocketAddr,
+        now: Instant,
+        now_us: u64,
+        out: &mut Outgoing,
+    ) {
+        match classify(data) {
+            PacketClass::Stun => {
+                // A full ICE server checks us too (Binding request, 0x0001).
+                if data.len() >= 2 && data[0] == 0x00 && data[1] == 0x01 {
+                    self.answer_check(data, from);
+                }
+                // A Binding success response (0x0101) is all we wait for.
+                if data.len() >= 2 && data[0] == 0x01 && data[1] == 0x01 {
+                    self.mark_alive();
+                    if !self.ice_done.swap(true, Ordering::AcqRel) {
+                        self.ice_ok.notify_waiters();
+                    }
+                }
+            }
+            PacketClass::Dtls => {
+                let tx = self.state.lock().expect("peer lock").dtls_in.clone();
+                if let Some(tx) = tx {
+                    let _ = tx.try_send(data.to_vec());
+                }
+            }
+            PacketClass::Rtp => self.handle_rtp(data, now, now_us, out),
+            PacketClass::Rtcp => self.handle_rtcp(data, out),
+            PacketClass::Unknown => {}
+        }
+    }
+
     fn mark_alive(&self) {
         self.last_rx_ms
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    async fn handle_rtp(&self, data: &[u8]) {
-        let now = Instant::now();
-        let now_us = unix_micros();
-        let out = {
+    fn handle_rtp(&self, data: &[u8], now: Instant, now_us: u64, out: &mut Outgoing) {
+        {
             let mut st = self.state.lock().expect("peer lock");
             let st = &mut *st;
             let Some(srtp) = st.srtp.as_mut() else { return };
@@ -472,18 +536,18 @@ impl Peer {
                 return;
             };
             r.handle_rtp(pkt, now, now_us);
-            r.poll_rtcp(now)
-        };
+            out.rtcp.extend(r.poll_rtcp(now));
+        }
         self.mark_alive();
-        self.send_rtcp(out).await;
     }
 
-    async fn handle_rtcp(&self, data: &[u8]) {
+    fn handle_rtcp(&self, data: &[u8], out: &mut Outgoing) {
         use rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
         use rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
         use rtcp::transport_feedbacks::transport_layer_cc::TransportLayerCc;
         use rtcp::transport_feedbacks::transport_layer_nack::TransportLayerNack;
-        let mut resend: Vec<Vec<u8>> = Vec::new();
+        let resend = &mut out.resend;
+        let resent_before = resend.len();
         {
             let mut st = self.state.lock().expect("peer lock");
             let st = &mut *st;
@@ -537,15 +601,9 @@ impl Peer {
                     c.twcc_received += 1;
                 }
             }
-            c.retransmitted += resend.len() as u64;
+            c.retransmitted += (resend.len() - resent_before) as u64;
         }
         self.mark_alive();
-        let remote = *self.remote.lock().expect("peer lock");
-        if let Some(remote) = remote {
-            for p in resend {
-                let _ = self.socket.send_to(&p, remote).await;
-            }
-        }
     }
 }
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct ServerSample {
     pub cpu_pct: Option<f64>,
+    /// Time its threads were runnable but waiting for a CPU, in % of wall time.
+    pub cpu_wait_pct: Option<f64>,
     pub rss_mb: f64,
 }
 
@@ -80,6 +82,8 @@ pub struct ResourceReport {
     pub pid: Option<u32>,
     pub cpu_avg_pct: Option<f64>,
     pub cpu_max_pct: Option<f64>,
+    /// Mean time its threads waited for a CPU while runnable, in % of wall time.
+    pub cpu_wait_avg_pct: Option<f64>,
     pub rss_max_mb: Option<f64>,
 }
 
@@ -244,6 +248,10 @@ impl Report {
         }
         self.server.cpu_avg_pct = mean(self.timeline.iter().filter_map(|s| s.server?.cpu_pct));
         self.server.cpu_max_pct = max(self.timeline.iter().filter_map(|s| s.server?.cpu_pct));
+        self.server.cpu_wait_avg_pct =
+            mean(self.timeline.iter().filter_map(|s| s.server?.cpu_wait_pct));
+        self.tool.cpu_wait_avg_pct =
+            mean(self.timeline.iter().filter_map(|s| s.tool?.cpu_wait_pct));
         self.server.rss_max_mb = max(self
             .timeline
             .iter()
@@ -266,6 +274,28 @@ impl Report {
     }
 
     /// A few lines for the terminal.
+    /// Said when the server or the tool waited for a CPU at least half as long as it ran:
+    /// other processes on the machine were taking its time, so delays and capacities measure
+    /// the machine.
+    pub fn contention_warning(&self) -> Option<String> {
+        let busy = |r: &ResourceReport, who: &str| {
+            let (cpu, wait) = (r.cpu_avg_pct?, r.cpu_wait_avg_pct?);
+            (wait >= 5.0 && wait * 2.0 >= cpu).then(|| {
+                format!("{who} waited for a CPU {wait:.0}% of the time while using {cpu:.0}%")
+            })
+        };
+        let found: Vec<String> = [busy(&self.server, "server"), busy(&self.tool, "tool")]
+            .into_iter()
+            .flatten()
+            .collect();
+        (!found.is_empty()).then(|| {
+            format!(
+                "CPU CONTENTION: {}; other processes took its time, delays and capacity are upper bounds",
+                found.join(", ")
+            )
+        })
+    }
+
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let f = |v: &Option<Summary>| {
@@ -322,22 +352,27 @@ impl Report {
         if self.server.pid.is_some() {
             let _ = writeln!(
                 s,
-                "  server CPU avg {} max {}, RSS max {}",
+                "  server CPU avg {} max {}, waiting for a CPU {}, RSS max {}",
                 pct(self.server.cpu_avg_pct),
                 pct(self.server.cpu_max_pct),
+                pct(self.server.cpu_wait_avg_pct),
                 mb(self.server.rss_max_mb)
             );
         }
         let _ = writeln!(
             s,
-            "  tool CPU avg {}, send lag {}{}",
+            "  tool CPU avg {}, waiting for a CPU {}, send lag {}{}",
             pct(self.tool.cpu_avg_pct),
+            pct(self.tool.cpu_wait_avg_pct),
             f(&self.send_lag),
             match self.tool_kept_up {
                 Some(false) => "  (THE TOOL DID NOT KEEP UP: figures are pessimistic)",
                 _ => "",
             }
         );
+        if let Some(w) = self.contention_warning() {
+            let _ = writeln!(s, "  {w}");
+        }
         if let Some(v) = self.capacity_viewers {
             let _ = writeln!(
                 s,
@@ -587,5 +622,29 @@ mod tests {
         let h = r.html();
         assert!(h.contains("<svg") && h.contains("<polyline") && h.contains("<rect"));
         assert!(!h.contains("<script") && !h.contains("src=\"http"));
+    }
+
+    #[test]
+    fn contention_is_said_when_waiting_rivals_running() {
+        let mut r = Report::new(
+            &Scenario::conference(2, Duration::from_secs(1)),
+            "http://127.0.0.1:1",
+            Some(1),
+        );
+        r.server.cpu_avg_pct = Some(20.0);
+        r.server.cpu_wait_avg_pct = Some(3.0);
+        r.tool.cpu_avg_pct = Some(12.0);
+        r.tool.cpu_wait_avg_pct = Some(2.0);
+        assert_eq!(r.contention_warning(), None);
+        assert!(!r.summary().contains("CONTENTION"));
+        r.server.cpu_wait_avg_pct = Some(60.0);
+        let w = r
+            .contention_warning()
+            .expect("server waited 3x what it ran");
+        assert!(
+            w.contains("server waited for a CPU 60%") && !w.contains("tool"),
+            "{w}"
+        );
+        assert!(r.summary().contains("CPU CONTENTION"));
     }
 }

@@ -39,10 +39,14 @@ enum Verdict {
     Abort(String),
 }
 
-/// Server CPU and memory from /proc (Linux), sampled once a second.
+/// Server CPU and memory from /proc (Linux), sampled once a second; also how long the
+/// process's threads were runnable but waiting for a CPU (`schedstat`), because on a shared
+/// machine a server or a load tester that waits for the CPU more than it runs measures the
+/// machine, not itself.
 struct ProcSampler {
     pid: u32,
     last: Option<(Instant, u64)>,
+    last_wait_ns: Option<u64>,
     ticks_per_sec: f64,
 }
 
@@ -51,6 +55,7 @@ impl ProcSampler {
         Self {
             pid,
             last: None,
+            last_wait_ns: None,
             ticks_per_sec: clock_ticks(),
         }
     }
@@ -68,16 +73,45 @@ impl ProcSampler {
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .unwrap_or(0);
         let now = Instant::now();
-        let cpu = self.last.map(|(t, prev)| {
-            let secs = now.duration_since(t).as_secs_f64().max(1e-3);
+        let wait_ns = run_queue_wait_ns(self.pid);
+        let secs = self
+            .last
+            .map(|(t, _)| now.duration_since(t).as_secs_f64().max(1e-3));
+        let cpu = self.last.zip(secs).map(|((_, prev), secs)| {
             (ticks.saturating_sub(prev)) as f64 / self.ticks_per_sec / secs * 100.0
         });
+        let cpu_wait = match (wait_ns, self.last_wait_ns, secs) {
+            (Some(w), Some(prev), Some(secs)) => {
+                Some(w.saturating_sub(prev) as f64 / 1e9 / secs * 100.0)
+            }
+            _ => None,
+        };
         self.last = Some((now, ticks));
+        self.last_wait_ns = wait_ns;
         Some(ServerSample {
             cpu_pct: cpu,
+            cpu_wait_pct: cpu_wait,
             rss_mb: rss_kb as f64 / 1024.0,
         })
     }
+}
+
+/// Nanoseconds the process's threads have spent runnable, waiting for a CPU: the second field
+/// of `/proc/<pid>/task/<tid>/schedstat`, summed (threads that ended are not counted).
+fn run_queue_wait_ns(pid: u32) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0u64;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("schedstat")) else {
+            continue;
+        };
+        total += stat
+            .split_whitespace()
+            .nth(1)
+            .and_then(|w| w.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
 }
 
 fn clock_ticks() -> f64 {

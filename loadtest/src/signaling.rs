@@ -325,16 +325,27 @@ impl WsClient {
     /// `{"type":"closed","reason":..}` event) when the connection does.
     pub async fn connect(target: &Target) -> Result<(Self, mpsc::Receiver<Value>), SignalingError> {
         let url = format!("ws://{}/ws", target.addr);
-        let (ws, _) = tokio::time::timeout(STEP_TIMEOUT, tokio_tungstenite::connect_async(&url))
-            .await
-            .map_err(|_| SignalingError::Timeout {
-                what: format!("connecting to {url}"),
-                timeout: STEP_TIMEOUT,
-            })?
-            .map_err(|e| SignalingError::Unreachable {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
+        let (ws, _) = tokio::time::timeout(
+            STEP_TIMEOUT,
+            tokio_tungstenite::connect_async_with_config(
+                &url,
+                // tungstenite zero-fills its whole read buffer (128 KiB by default) on every read.
+                Some(
+                    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                        .read_buffer_size(8 * 1024),
+                ),
+                false,
+            ),
+        )
+        .await
+        .map_err(|_| SignalingError::Timeout {
+            what: format!("connecting to {url}"),
+            timeout: STEP_TIMEOUT,
+        })?
+        .map_err(|e| SignalingError::Unreachable {
+            url: url.clone(),
+            reason: e.to_string(),
+        })?;
         let (mut sink, mut stream) = ws.split();
         let (out_tx, mut out_rx) = mpsc::channel::<Message>(64);
         let (ev_tx, ev_rx) = mpsc::channel::<Value>(256);
