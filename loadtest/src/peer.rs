@@ -111,6 +111,8 @@ pub struct Peer {
     /// We are the controlling agent (we offered, or the server is ICE-lite): we nominate and
     /// send consent checks. The controlled side waits for the server's nomination instead.
     controlling: AtomicBool,
+    /// We answered at least one of the server's checks (full-ICE servers only).
+    answered_check: AtomicBool,
     closed: AtomicBool,
     /// Milliseconds since `epoch` of the last authenticated datagram from the edge.
     last_rx_ms: AtomicU64,
@@ -156,6 +158,7 @@ impl Peer {
             ice_done: AtomicBool::new(false),
             answer_checks_with: Mutex::new(None),
             controlling: AtomicBool::new(true),
+            answered_check: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             last_rx_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -255,6 +258,16 @@ impl Peer {
             if Instant::now() >= deadline {
                 return Err(PeerError::IceTimeout(remote, timeout));
             }
+        }
+        // A full-ICE server (Janus) that we nominate starts DTLS only once its own check of
+        // the pair succeeded: wait until we have answered one, or our ClientHello is dropped
+        // and the handshake waits a whole DTLS retransmission (1 s).
+        let full_ice = self.answer_checks_with.lock().expect("peer lock").is_some();
+        if controlling && full_ice {
+            while !self.answered_check.load(Ordering::Acquire) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let ice_time = started.elapsed();
 
@@ -468,6 +481,7 @@ impl Peer {
             return;
         };
         let _ = self.socket.try_send_to(&answer.reply, from);
+        self.answered_check.store(true, Ordering::Release);
         self.mark_alive();
         // The controlled side is connected once the server nominated a pair.
         if answer.nominated
