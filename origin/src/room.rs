@@ -182,6 +182,11 @@ impl Room {
         self.participants.values().map(|m| &m.info)
     }
 
+    /// Guests waiting in the lobby.
+    pub fn waiting(&self) -> impl Iterator<Item = &ParticipantInfo> {
+        self.waiting.values()
+    }
+
     pub fn tracks(&self) -> impl Iterator<Item = &TrackInfo> {
         self.tracks.values()
     }
