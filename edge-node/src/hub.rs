@@ -2,9 +2,11 @@
 //!
 //! Sessions never touch room state: they send an [`Intent`] through the [`Hub`] and await the
 //! origin's [`Reply`]; the origin's [`RoomEvent`]s come back through the hub, which fans each out
-//! to the sessions of that room on this edge. In dev mode the origin runs in-process
-//! ([`spawn_local_origin`]), joined by channels carrying the same `cascade-proto` messages the
-//! QUIC link will carry, so single node and mesh are one code path.
+//! to the sessions of that room on this edge. The hub talks to "the origin" through a channel
+//! pair carrying the `cascade-proto` room messages ([`EdgeToOrigin`] out, [`FromOrigin`] in). In
+//! dev mode the origin runs in-process behind that pair ([`spawn_local_origin`]); in a cluster
+//! the pair ends in [`crate::uplink`], which routes each room to its origin's QUIC link. Single
+//! node and mesh are one code path.
 
 use crate::sfu::{Event as ShardEvent, PublicationId};
 use cascade_proto::room::{
@@ -15,6 +17,10 @@ use cascade_proto::{ParticipantId, RoomId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
+
+/// Failed joins remembered in case the origin carried them out after all (see
+/// [`FromOrigin::Failed`]).
+const MAX_ORPHAN_JOINS: usize = 4096;
 
 /// Room events queued per session before it is considered stuck and dropped from the room.
 pub const SESSION_EVENT_QUEUE: usize = 1024;
@@ -31,6 +37,19 @@ pub enum RoomSignal {
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the room's origin is unreachable")]
 pub struct OriginUnavailable;
+
+/// What the hub hears from the origin side.
+#[derive(Debug)]
+pub enum FromOrigin {
+    /// A reply or a room event.
+    Message(OriginToEdge),
+    /// The request could not reach the origin, or its link dropped before the reply: the
+    /// caller gets [`OriginUnavailable`].
+    Failed(RequestId),
+    /// The origin of these rooms no longer knows this edge's participants (it restarted, or
+    /// the link stayed down past its grace period): their sessions end, clients rejoin.
+    Lost(Vec<RoomId>),
+}
 
 enum HubInput {
     Request {
@@ -106,12 +125,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts the hub for edge `edge`, talking to an origin through `to_origin` / `from_origin`, and
+/// Starts the hub, talking to an origin through `to_origin` / `from_origin`, and
 /// consuming room-wide shard events (active speaker) from `shard_events`.
 pub fn spawn(
-    edge: EdgeId,
-    to_origin: mpsc::Sender<(EdgeId, EdgeToOrigin)>,
-    mut from_origin: mpsc::Receiver<OriginToEdge>,
+    to_origin: mpsc::Sender<EdgeToOrigin>,
+    mut from_origin: mpsc::Receiver<FromOrigin>,
     mut shard_events: mpsc::Receiver<ShardEvent>,
 ) -> Hub {
     let (tx, mut rx) = mpsc::channel::<HubInput>(4096);
@@ -120,6 +138,8 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut next_id = 1u64;
         let mut pending: HashMap<RequestId, Pending> = HashMap::new();
+        // Joins failed locally (link down) whose reply may still come: id -> room.
+        let mut orphan_rooms: HashMap<RequestId, RoomId> = HashMap::new();
         let mut rooms: HashMap<RoomId, HashMap<ParticipantId, mpsc::Sender<RoomSignal>>> =
             HashMap::new();
         loop {
@@ -129,7 +149,7 @@ pub fn spawn(
                         let id = RequestId(next_id);
                         next_id += 1;
                         pending.insert(id, (reply, listener.map(|l| (room.clone(), l))));
-                        if to_origin.send((edge, EdgeToOrigin::Request { id, room, intent })).await.is_err() {
+                        if to_origin.send(EdgeToOrigin::Request { id, room, intent }).await.is_err() {
                             pending.remove(&id); // dropping the sender tells the caller
                         }
                     }
@@ -141,8 +161,37 @@ pub fn spawn(
                     }
                 },
                 Some(msg) = from_origin.recv() => match msg {
-                    OriginToEdge::Reply { id, reply } => {
-                        let Some((tx, listener)) = pending.remove(&id) else { continue };
+                    FromOrigin::Failed(id) => {
+                        // Dropping the sender tells the caller.
+                        if let Some((_, Some((room, _)))) = pending.remove(&id) {
+                            if orphan_rooms.len() < MAX_ORPHAN_JOINS {
+                                orphan_rooms.insert(id, room);
+                            }
+                        }
+                    }
+                    FromOrigin::Lost(lost) => {
+                        for room in lost {
+                            if let Some(members) = rooms.remove(&room) {
+                                // Dropping the listeners ends the sessions; clients rejoin.
+                                tracing::warn!(%room, sessions = members.len(), "the room's origin lost this edge's participants; ending their sessions");
+                            }
+                        }
+                    }
+                    FromOrigin::Message(OriginToEdge::Attached { .. }) => {}
+                    FromOrigin::Message(OriginToEdge::Reply { id, reply }) => {
+                        let Some((tx, listener)) = pending.remove(&id) else {
+                            // A join whose caller was already told the origin was unreachable
+                            // (its link dropped) but which the origin did carry out: leave, so
+                            // no ghost stays in the roster.
+                            if let (Reply::Joined(s), Some(room)) = (&reply, orphan_rooms.remove(&id)) {
+                                let leave = Intent::Leave { participant: s.you.id };
+                                let id = RequestId(next_id);
+                                next_id += 1;
+                                let _ = to_origin.send(EdgeToOrigin::Request { id, room, intent: leave }).await;
+                            }
+                            continue;
+                        };
+                        orphan_rooms.remove(&id);
                         // Joined, or waiting in the lobby: either way the room's events (an
                         // admission, for one waiting) come to this listener from now on.
                         let you = match &reply {
@@ -155,7 +204,7 @@ pub fn spawn(
                         }
                         let _ = tx.send(reply);
                     }
-                    OriginToEdge::Event(event) => {
+                    FromOrigin::Message(OriginToEdge::Event(event)) => {
                         let Some(members) = rooms.get_mut(&event.room) else { continue };
                         let room = event.room.clone();
                         deliver(members, &event);
@@ -221,15 +270,13 @@ fn deliver(members: &mut HashMap<ParticipantId, mpsc::Sender<RoomSignal>>, event
 }
 
 /// Runs an in-process origin (dev mode and single-node deployments) and returns its link ends.
+/// The one edge is `EdgeId(0)`.
 pub fn spawn_local_origin(
     config: origin::RoomConfig,
-    edge: EdgeId,
-) -> (
-    mpsc::Sender<(EdgeId, EdgeToOrigin)>,
-    mpsc::Receiver<OriginToEdge>,
-) {
-    let (to_origin, mut origin_rx) = mpsc::channel::<(EdgeId, EdgeToOrigin)>(4096);
-    let (edge_tx, edge_rx) = mpsc::channel::<OriginToEdge>(16384);
+) -> (mpsc::Sender<EdgeToOrigin>, mpsc::Receiver<FromOrigin>) {
+    let edge = EdgeId(0);
+    let (to_origin, mut origin_rx) = mpsc::channel::<EdgeToOrigin>(4096);
+    let (edge_tx, edge_rx) = mpsc::channel::<FromOrigin>(16384);
     tokio::spawn(async move {
         let mut state = origin::Origin::new(config);
         let mut presence = tokio::time::interval(origin::PRESENCE_BATCH);
@@ -237,7 +284,7 @@ pub fn spawn_local_origin(
         loop {
             let out = tokio::select! {
                 msg = origin_rx.recv() => match msg {
-                    Some((from, msg)) => state.handle(from, msg),
+                    Some(msg) => state.handle(edge, msg),
                     None => return,
                 },
                 _ = presence.tick() => state.tick(),
@@ -245,7 +292,7 @@ pub fn spawn_local_origin(
             for out in out {
                 // One edge in-process: everything goes to it.
                 debug_assert_eq!(out.edge, edge);
-                if edge_tx.send(out.message).await.is_err() {
+                if edge_tx.send(FromOrigin::Message(out.message)).await.is_err() {
                     return;
                 }
             }

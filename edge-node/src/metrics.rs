@@ -81,6 +81,8 @@ pub struct Metrics {
     pub ws_resumable: AtomicI64,
     /// Signaling and HTTP inputs rejected, by reason code.
     rejected: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Links to origins (cluster mode; all zero with an in-process origin).
+    pub uplink: std::sync::Arc<crate::uplink::UplinkMetrics>,
 }
 
 impl Metrics {
@@ -139,6 +141,20 @@ impl Metrics {
         let m = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
         for (code, n) in m.iter() {
             let _ = writeln!(out, "kcs_signaling_rejected_total{{code=\"{code}\"}} {n}");
+        }
+        drop(m);
+        let u = &self.uplink;
+        let _ = writeln!(out, "# HELP kcs_origin_links cascade links to origins that are up");
+        let _ = writeln!(out, "# TYPE kcs_origin_links gauge");
+        let _ = writeln!(out, "kcs_origin_links {}", u.links_up.load(Relaxed));
+        for (name, help, v) in [
+            ("origin_link_connects_total", "cascade links to origins established (first and reconnects)", &u.connects),
+            ("origin_link_connect_failures_total", "failed attempts to dial an origin", &u.connect_failures),
+            ("origin_requests_failed_total", "room requests failed because their origin was unreachable", &u.requests_failed),
+        ] {
+            let _ = writeln!(out, "# HELP kcs_{name} {help}");
+            let _ = writeln!(out, "# TYPE kcs_{name} counter");
+            let _ = writeln!(out, "kcs_{name} {}", v.load(Relaxed));
         }
         out
     }

@@ -69,7 +69,10 @@ fn refused(reply: Reply) -> SessionError {
 }
 
 fn origin_down() -> SessionError {
-    SessionError::new("internal", "the room's origin is unreachable")
+    SessionError::new(
+        "origin_unavailable",
+        "the room's origin is unreachable; retry shortly",
+    )
 }
 
 /// Gives up a place in a room's lobby (the client left or can not wait).

@@ -131,9 +131,9 @@ impl Origin {
         out
     }
 
-    /// Every room's id (for operators and metrics).
-    pub fn room_ids(&self) -> impl Iterator<Item = &RoomId> {
-        self.rooms.keys()
+    /// Participants in all rooms (for load reports).
+    pub fn participant_count(&self) -> usize {
+        self.rooms.values().map(Room::participant_count).sum()
     }
 
     /// Sends every room's batched joins and leaves.
