@@ -40,6 +40,9 @@ use tokio::sync::mpsc;
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// Messages queued for an edge whose link is down before it is given up early.
 pub const MAX_QUEUED: usize = 65_536;
+/// How long a link whose control stream ended stays open for the peer to read the goodbye and
+/// close it itself.
+const LINGER: Duration = Duration::from_secs(2);
 /// Messages queued for a link's writer before the link counts as stuck and is closed.
 const LINK_QUEUE: usize = 16_384;
 
@@ -297,9 +300,11 @@ async fn serve_link(
     metrics.links.fetch_sub(1, Relaxed);
     media.link_down(link_id);
     let _ = core.send(CoreInput::LinkDown { link: link_id }).await;
-    // Let the goodbye go out, then free the connection: its only stream is gone.
+    // Let the goodbye go out and be read, then free the connection: its only stream is gone.
+    // (Closing at once would discard the goodbye unread.)
     drop(out_tx);
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    let _ = tokio::time::timeout(LINGER, channel.closed()).await;
     channel.close(GoodbyeCode::ProtocolError, &why);
 }
 
