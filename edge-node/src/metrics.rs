@@ -66,6 +66,12 @@ counters! {
     rejected_payload_type => "rejected_payload_type_total", "RTP with a payload type not forwarded";
     rejected_garbage => "rejected_garbage_total", "datagrams that are neither STUN, DTLS nor RTP/RTCP";
     rejected_dtls => "rejected_dtls_total", "DTLS from an address with no nominated transport or failed handshakes";
+    relayed_in => "cascade_relayed_packets_in_total", "RTP packets received from cascade links for relayed publications";
+    relayed_rejected => "cascade_relayed_rejected_total", "cascade packets for no relayed publication, or not RTP";
+    link_packets_out => "cascade_link_packets_out_total", "RTP packets queued as datagrams to cascade links";
+    link_retransmits_out => "cascade_link_retransmits_out_total", "packets resent to cascade links in answer to NACKs";
+    link_keyframe_requests_out => "cascade_keyframe_requests_out_total", "keyframe requests sent up cascade links";
+    link_nacks_out => "cascade_nacks_out_total", "sequence numbers NACKed up cascade links";
 }
 
 /// Everything `/metrics` shows.

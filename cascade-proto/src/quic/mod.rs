@@ -484,6 +484,13 @@ impl MediaChannel {
         Ok(())
     }
 
+    /// Sends one datagram already encoded by [`wire::encode_datagram`] (as the relay and the
+    /// edge's shards queue them). Dropped by QUIC when the send buffer is full.
+    pub fn send_encoded(&self, datagram: &[u8]) -> Result<(), LinkError> {
+        self.conn.send_datagram(Bytes::copy_from_slice(datagram))?;
+        Ok(())
+    }
+
     /// The next datagram's bytes; parse with [`wire::decode_datagram`] (a bad one is dropped and
     /// counted by the caller, never fatal).
     pub async fn recv(&self) -> Result<Bytes, LinkError> {
