@@ -18,12 +18,14 @@
 //! One control stream per link is enforced by QUIC itself: each side allows its peer one open
 //! bidirectional stream and no unidirectional ones.
 
+mod relay_node;
 pub mod tls;
 
 use crate::link::{ControlMessage, GoodbyeCode, Hello, MediaDatagram, Refusal};
 use crate::wire::{self, FrameDecoder, WireError, DEFAULT_MAX_FRAME_BODY};
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+pub use relay_node::RelayNode;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
