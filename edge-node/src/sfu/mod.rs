@@ -13,6 +13,8 @@
 //! Ids ([`TransportId`], [`PublicationId`], [`SubscriptionId`]) are chosen by the caller (the
 //! signaling session that owns them), so commands can be sent without a round trip.
 
+#[cfg(test)]
+mod cascade_tests;
 pub mod harness;
 mod rtp;
 #[cfg(test)]
