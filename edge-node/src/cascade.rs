@@ -187,6 +187,11 @@ impl CascadeMedia {
         }
     }
 
+    /// Whether a publication id is one of the relayed publications this module creates.
+    pub fn is_relayed(id: PublicationId) -> bool {
+        id.0 >= RELAYED_ID_BASE
+    }
+
     fn links(&self) -> &Arc<LinkChannels> {
         &self.shards.links
     }
