@@ -33,6 +33,7 @@
 //! for shards and messages for links are collected under the lock and sent after it.
 
 use crate::edge::LocalPublication;
+use crate::metrics::Metrics;
 use crate::sdp::{Codec, MediaKind};
 use crate::sfu::{
     CascadeRequest, Command, LinkId, MediaCodec, PublicationId, RelayedPublicationSpec,
@@ -46,7 +47,7 @@ use cascade_proto::{RoomId, TrackId, TrackKind};
 use futures_util::FutureExt;
 use kcs_media::codec::VideoCodec;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
 
@@ -68,41 +69,33 @@ pub struct LinkChannels {
     flows: RwLock<HashMap<(LinkId, FlowId), (usize, PublicationId)>>,
     requests: mpsc::Sender<CascadeRequest>,
     requests_rx: Mutex<Option<mpsc::Receiver<CascadeRequest>>>,
-    /// Datagrams to links dropped because the link is gone or QUIC refused them.
-    pub send_failures: AtomicU64,
-    /// Datagrams from links on flows this edge did not subscribe, or that do not decode.
-    pub unsolicited: AtomicU64,
-    /// Relayed packets dropped because the shard's inbox was full.
-    pub shard_overflow: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
-impl Default for LinkChannels {
-    fn default() -> Self {
+impl LinkChannels {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
         Self {
             channels: RwLock::new(HashMap::new()),
             flows: RwLock::new(HashMap::new()),
             requests: tx,
             requests_rx: Mutex::new(Some(rx)),
-            send_failures: AtomicU64::new(0),
-            unsolicited: AtomicU64::new(0),
-            shard_overflow: AtomicU64::new(0),
+            metrics,
         }
     }
-}
 
-impl LinkChannels {
     /// Sends one encoded datagram on `link` (called by shard shells for each queued copy).
     pub fn send(&self, link: LinkId, datagram: &[u8]) {
         let sent = read(&self.channels)
             .get(&link)
             .map(|c| c.send_encoded(datagram).is_ok());
         if sent != Some(true) {
-            self.send_failures.fetch_add(1, Relaxed);
+            self.metrics.cascade.send_failures.fetch_add(1, Relaxed);
         }
     }
 
-    /// Queues a relayed publication's request for the cascade (from a shard shell).
+    /// Queues a relayed publication's request for the cascade (from a shard shell). Dropped
+    /// when the queue is full: NACKs and keyframe requests are retried by the shard.
     pub fn request(&self, r: CascadeRequest) {
         let _ = self.requests.try_send(r);
     }
@@ -762,7 +755,7 @@ async fn read_link(link: LinkId, media: MediaChannel, links: Arc<LinkChannels>, 
         for (shard, packets) in batches.drain() {
             let n = packets.len() as u64;
             if !shards.try_send(shard, ShardInput::Relayed(packets)) {
-                links.shard_overflow.fetch_add(n, Relaxed);
+                links.metrics.cascade.shard_overflow.fetch_add(n, Relaxed);
             }
         }
     }
@@ -776,11 +769,11 @@ fn route(
     batches: &mut HashMap<usize, Vec<RelayedPacket>>,
 ) {
     let Ok(d) = cascade_proto::wire::decode_datagram(&bytes) else {
-        links.unsolicited.fetch_add(1, Relaxed);
+        links.metrics.cascade.unsolicited.fetch_add(1, Relaxed);
         return;
     };
     let Some(&(shard, publication)) = flows.get(&(link, d.flow)) else {
-        links.unsolicited.fetch_add(1, Relaxed);
+        links.metrics.cascade.unsolicited.fetch_add(1, Relaxed);
         return;
     };
     let (layer, flags) = (d.layer.index(), d.flags);

@@ -191,7 +191,7 @@ pub fn start(
         receivers.push(rx);
     }
     let inboxes = Arc::new(inboxes);
-    let links = Arc::new(crate::cascade::LinkChannels::default());
+    let links = Arc::new(crate::cascade::LinkChannels::new(metrics.clone()));
     for (index, (socket, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
         let shard = ShardShell {
             index,
