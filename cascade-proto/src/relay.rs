@@ -69,8 +69,9 @@ pub struct RelayConfig {
     /// about one round trip to a far publisher plus the time its encoder takes to produce the
     /// keyframe; requests in between would only make it produce another).
     pub keyframe_interval: Duration,
-    /// Packets remembered per `(track, layer)` to answer NACKs (default 512: ~1.5 s of 2 Mbit/s
-    /// video, longer than any NACK worth answering).
+    /// Packets remembered per `(track, layer)` to answer NACKs (default 256: about 1.2 s of
+    /// 2 Mbit/s video, longer than a NACK is worth answering across a few hops; a layer's cache
+    /// holds up to 256 packets' bytes, ~300 KB, allocated on its first packet).
     pub packet_cache: usize,
     /// Flows one link may subscribe (default 4,096: a thousand participants' camera, screen and
     /// audio through one link). More is refused as a protocol error, so a peer cannot make us
@@ -82,7 +83,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             keyframe_interval: Duration::from_millis(300),
-            packet_cache: 512,
+            packet_cache: 256,
             max_flows_per_link: 4096,
         }
     }
