@@ -276,7 +276,10 @@ async fn remote_tracks_come_down_the_link_and_go_on_to_children() {
     // Media on a flow the edge never subscribed is dropped and counted.
     let deadline = tokio::time::Instant::now() + WAIT;
     while edge.metrics.cascade.unsolicited.load(Relaxed) == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "unsolicited media counted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unsolicited media counted"
+        );
         send_media(&origin, FlowId::new(999).unwrap(), 1);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

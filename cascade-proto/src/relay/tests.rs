@@ -608,3 +608,190 @@ fn nack_packing_round_trips() {
         ]
     );
 }
+
+/// A seeded simulation: random subscribes, unsubscribes, demands, link drops and media, with
+/// the invariants checked after every step:
+/// - what the source was asked for (as it reads the relay's subscribes and unsubscribes) is
+///   exactly the union of what the live downstream links subscribed, on one flow per track;
+/// - a packet the source sends reaches each live downstream link that subscribed and demands its
+///   layer exactly once, stamped with that link's flow, and no other link.
+#[test]
+fn random_operations_keep_the_upstream_union_and_deliver_exactly_once() {
+    use rand::{Rng, SeedableRng};
+    use std::collections::{BTreeMap, BTreeSet};
+    const DOWN: [LinkId; 4] = [LinkId(10), LinkId(11), LinkId(12), LinkId(13)];
+    const TRACKS: u64 = 3;
+    for seed in 0..20u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut r = Relay::new(RelayConfig::default());
+        r.handle_link_up(SOURCE);
+        for l in DOWN {
+            r.handle_link_up(l);
+        }
+        for t in 0..TRACKS {
+            r.set_track_source(room(), TrackId(t), SOURCE);
+        }
+        // Downstream model: (link, track) -> (subscribed layers, demand).
+        let mut down: BTreeMap<(LinkId, u64), (u8, Option<u8>)> = BTreeMap::new();
+        let mut up_links: BTreeSet<LinkId> = DOWN.iter().copied().collect();
+        // Source model: flow -> (track, layers).
+        let mut source: BTreeMap<FlowId, (u64, u8)> = BTreeMap::new();
+        let mut source_up = true;
+        let down_flow = |t: u64| flow(100 + t as u32);
+        let mut seq = 0u16;
+        for step in 0..400 {
+            let now = Instant::now();
+            let link = DOWN[rng.gen_range(0..DOWN.len())];
+            let t = rng.gen_range(0..TRACKS);
+            let l = rng.gen_range(0..3u8);
+            match rng.gen_range(0..100) {
+                0..=34 if up_links.contains(&link) => {
+                    subscribe_track(&mut r, link, down_flow(t), t, l, now);
+                    let e = down.entry((link, t)).or_insert((0, None));
+                    e.0 |= 1 << l;
+                    if let Some(d) = e.1.as_mut() {
+                        *d |= 1 << l;
+                    }
+                }
+                35..=54 if up_links.contains(&link) => {
+                    let res = r.handle_control(
+                        link,
+                        ControlMessage::Unsubscribe {
+                            flow: down_flow(t),
+                            layer: layer(l),
+                        },
+                        now,
+                    );
+                    match down.get_mut(&(link, t)) {
+                        Some(e) => {
+                            res.unwrap();
+                            e.0 &= !(1 << l);
+                            if e.0 == 0 {
+                                down.remove(&(link, t));
+                            }
+                        }
+                        None => assert!(res.is_err(), "unsubscribe of an unbound flow"),
+                    }
+                }
+                55..=64 if up_links.contains(&link) => {
+                    let bits = rng.gen_range(0..8u8);
+                    let res = r.handle_control(
+                        link,
+                        ControlMessage::LayerDemand {
+                            flow: down_flow(t),
+                            layers: LayerSet(bits),
+                        },
+                        now,
+                    );
+                    if let Some(e) = down.get_mut(&(link, t)) {
+                        res.unwrap();
+                        e.1 = Some(bits);
+                    }
+                }
+                65..=69 => {
+                    if up_links.remove(&link) {
+                        r.handle_link_down(link);
+                        down.retain(|(l2, _), _| *l2 != link);
+                    } else {
+                        up_links.insert(link);
+                        r.handle_link_up(link);
+                    }
+                }
+                70..=72 => {
+                    if source_up {
+                        r.handle_link_down(SOURCE);
+                        source.clear();
+                    } else {
+                        r.handle_link_up(SOURCE);
+                    }
+                    source_up = !source_up;
+                }
+                _ => {}
+            }
+            // The source reads what the relay told it.
+            for (to, m) in control(&mut r) {
+                assert!(
+                    to == SOURCE,
+                    "step {step}: only the source gets control: {m:?}"
+                );
+                assert!(source_up, "step {step}: nothing is sent on a dead link");
+                match m {
+                    ControlMessage::Subscribe {
+                        flow, track, layer, ..
+                    } => {
+                        let e = source.entry(flow).or_insert((track.0, 0));
+                        assert_eq!(e.0, track.0, "a flow names one track");
+                        assert_eq!(e.1 & (1 << layer.index()), 0, "no duplicate subscribe");
+                        e.1 |= 1 << layer.index();
+                    }
+                    ControlMessage::Unsubscribe { flow, layer } => {
+                        let e = source
+                            .get_mut(&flow)
+                            .expect("unsubscribe of a subscribed flow");
+                        assert_ne!(e.1 & (1 << layer.index()), 0);
+                        e.1 &= !(1 << layer.index());
+                        if e.1 == 0 {
+                            source.remove(&flow);
+                        }
+                    }
+                    ControlMessage::KeyframeRequest { .. } | ControlMessage::LayerDemand { .. } => {
+                    }
+                    other => panic!("step {step}: unexpected {other:?}"),
+                }
+            }
+            // Invariant 1: the source's view is the union, one flow per track.
+            let mut want: BTreeMap<u64, u8> = BTreeMap::new();
+            for ((_, t), (layers, _)) in &down {
+                *want.entry(*t).or_default() |= layers;
+            }
+            want.retain(|_, l| *l != 0);
+            let mut have: BTreeMap<u64, u8> = BTreeMap::new();
+            for (track, layers) in source.values() {
+                assert!(have.insert(*track, *layers).is_none(), "one flow per track");
+            }
+            if source_up {
+                assert_eq!(have, want, "step {step} (seed {seed})");
+            } else {
+                assert!(have.is_empty());
+            }
+            // Invariant 2: media from the source is delivered exactly once where wanted.
+            if let Some((&f, &(track, layers))) =
+                source.iter().nth(rng.gen_range(0..source.len().max(1)))
+            {
+                let l = (0..3u8).find(|l| layers & (1 << l) != 0).unwrap();
+                seq = seq.wrapping_add(1);
+                r.handle_datagram(
+                    SOURCE,
+                    &datagram(f, layer(l), MediaFlags::default(), &rtp(seq, b"m")),
+                );
+                let mut got: Vec<(LinkId, FlowId)> = datagrams(&mut r)
+                    .into_iter()
+                    .map(|(link, f, _, _, _)| (link, f))
+                    .collect();
+                got.sort();
+                let expected: Vec<(LinkId, FlowId)> = down
+                    .iter()
+                    .filter(|((_, t), (sub, demand))| {
+                        *t == track && sub & demand.unwrap_or(u8::MAX) & (1 << l) != 0
+                    })
+                    .map(|((link, t), _)| (*link, down_flow(*t)))
+                    .collect();
+                assert_eq!(got, expected, "step {step} (seed {seed})");
+            }
+        }
+    }
+}
+
+fn subscribe_track(r: &mut Relay, link: LinkId, f: FlowId, track: u64, l: u8, now: Instant) {
+    r.handle_control(
+        link,
+        ControlMessage::Subscribe {
+            flow: f,
+            room: room(),
+            track: TrackId(track),
+            layer: layer(l),
+        },
+        now,
+    )
+    .unwrap();
+}
