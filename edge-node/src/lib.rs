@@ -9,6 +9,7 @@
 //! docs/architecture.md has the picture.
 
 pub mod app;
+pub mod cascade;
 pub mod cluster;
 pub mod config;
 pub mod edge;
