@@ -22,11 +22,11 @@ pub struct Running {
 pub enum Origins {
     /// An origin in this process (dev mode and single-node deployments).
     InProcess,
-    /// Origins over cascade links (see [`crate::uplink`]).
+    /// Origins over cascade links (see [`crate::uplink`]); media through the edge's
+    /// [`CascadeMedia`](crate::cascade::CascadeMedia).
     Linked {
         endpoint: Arc<cascade_proto::quic::LinkEndpoint>,
         directory: crate::uplink::OriginDirectory,
-        media: Arc<dyn crate::media_hook::MediaSide>,
     },
 }
 
@@ -79,13 +79,17 @@ pub async fn start_with(
     let shards = crate::udp::start(&config, workers, cert, metrics.clone(), room_events_tx)
         .with_context(|| format!("binding UDP {}", config.udp))?;
     let udp = shards.local_addrs.clone();
+    let mut bridge = None;
     let (to_origin, from_origin) = match origins {
         Origins::InProcess => crate::hub::spawn_local_origin(origin::RoomConfig::default()),
         Origins::Linked {
             endpoint,
             directory,
-            media,
-        } => crate::uplink::spawn(endpoint, directory, media, metrics.uplink.clone()),
+        } => {
+            let b = crate::media_hook::EdgeMediaBridge::new();
+            bridge = Some(b.clone());
+            crate::uplink::spawn(endpoint, directory, b, metrics.uplink.clone())
+        }
     };
     let hub = crate::hub::spawn(to_origin, from_origin, room_events_rx);
     let ports = udp.iter().map(|a| a.port()).collect();
@@ -99,6 +103,9 @@ pub async fn start_with(
         dev_signer,
         fingerprint,
     ));
+    if let Some(b) = bridge {
+        b.attach(edge.cascade.clone());
+    }
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("binding HTTP {}", config.http))?;

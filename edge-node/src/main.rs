@@ -295,7 +295,6 @@ fn main() -> anyhow::Result<()> {
                         edge_node::app::Origins::Linked {
                             endpoint: edge_node::app::edge_endpoint(&config, credentials, &node, &region)?,
                             directory,
-                            media: std::sync::Arc::new(edge_node::media_hook::LoggingMediaSide),
                         }
                     }
                 };
@@ -386,7 +385,7 @@ async fn run_origin(config: edge_node::config::OriginConfig) -> anyhow::Result<(
     };
     let running = edge_node::origin_server::start(
         settings,
-        std::sync::Arc::new(edge_node::media_hook::LoggingMediaSide),
+        std::sync::Arc::new(edge_node::origin_server::OriginRelay::new()),
     )
     .await?;
     let host = config.advertise.clone().unwrap_or_else(|| {

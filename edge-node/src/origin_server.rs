@@ -28,6 +28,7 @@ use anyhow::Context;
 use cascade_proto::link::{ControlMessage, GoodbyeCode, Hello, Label, NodeRole, PROTOCOL_VERSION};
 use cascade_proto::quic::{LinkConfig, LinkEndpoint, LinkError, NodeCredentials};
 use cascade_proto::room::{EdgeId, EdgeToOrigin, OriginToEdge};
+use cascade_proto::{RoomId, TrackId};
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -150,6 +151,7 @@ pub async fn start(
         origin::Origin::new(settings.rooms),
         settings.grace,
         metrics.clone(),
+        media.clone(),
     ));
     {
         let (endpoint, metrics, media) = (endpoint.clone(), metrics.clone(), media.clone());
@@ -204,6 +206,58 @@ pub async fn start(
         metrics,
         server,
     })
+}
+
+/// The origin's media side: the cascade relay (`cascade_proto::relay`) over the QUIC links. The
+/// core tells it which link each track's publisher is behind ([`MediaSide::track_source`]).
+#[derive(Clone)]
+pub struct OriginRelay(pub cascade_proto::quic::RelayNode);
+
+impl OriginRelay {
+    pub fn new() -> Self {
+        Self(cascade_proto::quic::RelayNode::new(
+            cascade_proto::relay::RelayConfig::default(),
+        ))
+    }
+}
+
+impl Default for OriginRelay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MediaSide for OriginRelay {
+    fn link_up(
+        &self,
+        link: LinkId,
+        _peer: &Hello,
+        control: mpsc::Sender<ControlMessage>,
+        media: cascade_proto::quic::MediaChannel,
+    ) {
+        self.0
+            .link_up(cascade_proto::relay::LinkId(link), control, media);
+    }
+
+    fn on_control(&self, link: LinkId, msg: ControlMessage) {
+        let name = msg.name();
+        if let Err(e) = self.0.on_control(cascade_proto::relay::LinkId(link), msg) {
+            tracing::warn!(link, message = name, error = %e, "cascade media control refused");
+        }
+    }
+
+    fn link_down(&self, link: LinkId) {
+        self.0.link_down(cascade_proto::relay::LinkId(link));
+    }
+
+    fn track_source(&self, room: &RoomId, track: TrackId, source: Option<LinkId>) {
+        match source {
+            Some(l) => self
+                .0
+                .set_track_source(room.clone(), track, cascade_proto::relay::LinkId(l)),
+            None => self.0.remove_track(room, track),
+        }
+    }
 }
 
 static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
@@ -330,6 +384,9 @@ struct Core {
     next_edge: u32,
     grace: Duration,
     metrics: Arc<OriginMetrics>,
+    media: Arc<dyn MediaSide>,
+    /// What the media side was last told about each track's publisher link.
+    sources: HashMap<(RoomId, TrackId), LinkId>,
 }
 
 async fn run_core(
@@ -337,6 +394,7 @@ async fn run_core(
     origin: origin::Origin,
     grace: Duration,
     metrics: Arc<OriginMetrics>,
+    media: Arc<dyn MediaSide>,
 ) {
     let mut core = Core {
         origin,
@@ -346,19 +404,25 @@ async fn run_core(
         next_edge: 1,
         grace,
         metrics,
+        media,
+        sources: HashMap::new(),
     };
     let mut presence = tokio::time::interval(origin::PRESENCE_BATCH);
     presence.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             input = rx.recv() => match input {
-                Some(input) => core.handle(input),
+                Some(input) => {
+                    let tracks_may_move = core.handle(input);
+                    if tracks_may_move { core.sync_track_sources(); }
+                }
                 None => return,
             },
             _ = presence.tick() => {
                 let out = core.origin.tick();
                 core.deliver(out);
                 core.expire(Instant::now());
+                core.sync_track_sources();
                 core.metrics.rooms.store(core.origin.room_count() as i64, Relaxed);
                 core.metrics.participants.store(core.origin.participant_count() as i64, Relaxed);
             }
@@ -367,7 +431,43 @@ async fn run_core(
 }
 
 impl Core {
-    fn handle(&mut self, input: CoreInput) {
+    /// Tells the media side which link each track's publisher is behind, where that changed.
+    /// Runs on link changes, track changes and every presence tick: a scan of the rooms'
+    /// tracks and participants, which is small next to the room messages themselves.
+    fn sync_track_sources(&mut self) {
+        let mut now: HashMap<(RoomId, TrackId), LinkId> = HashMap::new();
+        for id in self.origin.room_ids() {
+            let Some(room) = self.origin.room(id) else { continue };
+            let mut tracks = room.tracks().peekable();
+            if tracks.peek().is_none() {
+                continue;
+            }
+            let edge_of: HashMap<_, _> = room.participants().map(|p| (p.id, p.edge)).collect();
+            for t in tracks {
+                let link = edge_of
+                    .get(&t.participant)
+                    .and_then(|e| self.edges.get(e))
+                    .and_then(|e| e.link);
+                if let Some(link) = link {
+                    now.insert((id.clone(), t.id), link);
+                }
+            }
+        }
+        for ((room, track), link) in &now {
+            if self.sources.get(&(room.clone(), *track)) != Some(link) {
+                self.media.track_source(room, *track, Some(*link));
+            }
+        }
+        for (room, track) in self.sources.keys() {
+            if !now.contains_key(&(room.clone(), *track)) {
+                self.media.track_source(room, *track, None);
+            }
+        }
+        self.sources = now;
+    }
+
+    /// Handles one input; returns whether tracks' publisher links may have changed.
+    fn handle(&mut self, input: CoreInput) -> bool {
         match input {
             CoreInput::LinkUp { link, node, out } => {
                 self.links.insert(
@@ -378,10 +478,11 @@ impl Core {
                         edge: None,
                     },
                 );
+                false
             }
             CoreInput::LinkDown { link } => {
                 let Some(entry) = self.links.remove(&link) else {
-                    return;
+                    return false;
                 };
                 if let Some(e) = entry.edge.and_then(|id| self.edges.get_mut(&id)) {
                     if e.link == Some(link) {
@@ -391,22 +492,40 @@ impl Core {
                         tracing::info!(edge = %e.node, grace = ?self.grace, "edge link down; keeping its participants for the grace period");
                     }
                 }
+                true
             }
             CoreInput::Message { link, msg } => {
                 let Some(entry) = self.links.get(&link) else {
-                    return;
+                    return false;
                 };
                 match (msg, entry.edge) {
-                    (EdgeToOrigin::Attach { incarnation }, None) => self.attach(link, incarnation),
+                    (EdgeToOrigin::Attach { incarnation }, None) => {
+                        self.attach(link, incarnation);
+                        true
+                    }
                     (EdgeToOrigin::Attach { .. }, Some(_)) => {
-                        self.refuse(link, "a second attach on one link")
+                        self.refuse(link, "a second attach on one link");
+                        false
                     }
                     (EdgeToOrigin::Request { .. }, None) => {
-                        self.refuse(link, "a request before attach")
+                        self.refuse(link, "a request before attach");
+                        false
                     }
                     (msg @ EdgeToOrigin::Request { .. }, Some(edge)) => {
+                        let tracks = matches!(
+                            &msg,
+                            EdgeToOrigin::Request {
+                                intent: cascade_proto::room::Intent::Publish { .. }
+                                    | cascade_proto::room::Intent::Unpublish { .. }
+                                    | cascade_proto::room::Intent::Leave { .. }
+                                    | cascade_proto::room::Intent::Remove { .. }
+                                    | cascade_proto::room::Intent::Close { .. },
+                                ..
+                            }
+                        );
                         let out = self.origin.handle(edge, msg);
                         self.deliver(out);
+                        tracks
                     }
                 }
             }

@@ -114,7 +114,11 @@ enum RouterInput {
     },
     Attached {
         origin: OriginAddr,
+        link: LinkId,
         resumed: bool,
+    },
+    Down {
+        origin: OriginAddr,
     },
 }
 
@@ -134,6 +138,8 @@ pub fn spawn(
         let mut placing: HashMap<RoomId, Vec<EdgeToOrigin>> = HashMap::new();
         let mut links: HashMap<OriginAddr, mpsc::Sender<EdgeToOrigin>> = HashMap::new();
         let mut ever_attached: HashSet<OriginAddr> = HashSet::new();
+        // Origins whose link is up now, and its id (rooms' media comes down it).
+        let mut up: HashMap<OriginAddr, LinkId> = HashMap::new();
         // A static origin is dialled at once, so the first join does not wait for it.
         if let OriginDirectory::Static(origin) = &directory {
             links.insert(origin.clone(), spawn_link(endpoint.clone(), origin.clone(), incarnation, hub_tx.clone(), router_tx.clone(), media.clone(), metrics.clone()));
@@ -174,6 +180,9 @@ pub fn spawn(
                         match origin {
                             Some(origin) => {
                                 tracing::info!(%room, origin = %origin.url(), "room routed to its origin");
+                                if let Some(link) = up.get(&origin) {
+                                    media.room_link(&room, *link);
+                                }
                                 room_origin.insert(room, origin.clone());
                                 let link = links.entry(origin.clone()).or_insert_with(|| {
                                     spawn_link(endpoint.clone(), origin.clone(), incarnation, hub_tx.clone(), router_tx.clone(), media.clone(), metrics.clone())
@@ -192,7 +201,11 @@ pub fn spawn(
                             }
                         }
                     }
-                    RouterInput::Attached { origin, resumed } => {
+                    RouterInput::Down { origin } => {
+                        up.remove(&origin);
+                    }
+                    RouterInput::Attached { origin, link, resumed } => {
+                        up.insert(origin.clone(), link);
                         let first = ever_attached.insert(origin.clone());
                         if !resumed && !first {
                             // The origin forgot us: the rooms it held for us are lost, and with
@@ -209,6 +222,11 @@ pub fn spawn(
                             }
                             if !lost.is_empty() {
                                 let _ = hub_tx.send(FromOrigin::Lost(lost)).await;
+                            }
+                        }
+                        for (room, o) in &room_origin {
+                            if *o == origin {
+                                media.room_link(room, link);
                             }
                         }
                     }
@@ -312,6 +330,7 @@ async fn run_link(
         let _ = router
             .send(RouterInput::Attached {
                 origin: origin.clone(),
+                link: link_id,
                 resumed,
             })
             .await;
@@ -338,6 +357,11 @@ async fn run_link(
         .await;
         metrics.links_up.fetch_sub(1, Ordering::Relaxed);
         media.link_down(link_id);
+        let _ = router
+            .send(RouterInput::Down {
+                origin: origin.clone(),
+            })
+            .await;
         match reason {
             None => return, // the hub is gone: the process is ending
             Some(e) => {

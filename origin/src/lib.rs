@@ -131,6 +131,11 @@ impl Origin {
         out
     }
 
+    /// Every room's id.
+    pub fn room_ids(&self) -> impl Iterator<Item = &RoomId> {
+        self.rooms.keys()
+    }
+
     /// Participants in all rooms (for load reports).
     pub fn participant_count(&self) -> usize {
         self.rooms.values().map(Room::participant_count).sum()
