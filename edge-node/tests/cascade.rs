@@ -465,3 +465,175 @@ async fn two_edges_one_origin_meet_survive_bad_peers_and_an_origin_restart() {
         assert_eq!(metric(*http, "kcs_origin_links").await, 1);
     }
 }
+
+/// A raw edge on a link: sends room messages, reads what the origin sends.
+struct RawEdge {
+    link: cascade_proto::quic::Link,
+    _endpoint: LinkEndpoint,
+}
+
+impl RawEdge {
+    async fn attach(
+        ca: &cascade_proto::quic::ClusterCa,
+        origin: SocketAddr,
+        node: &str,
+        incarnation: u64,
+    ) -> (RawEdge, bool) {
+        let creds = ca.issue(&Label::new(node).unwrap()).unwrap();
+        let hello = Hello {
+            node: Label::new(node).unwrap(),
+            region: Label::new("local").unwrap(),
+            role: NodeRole::Edge,
+            version: PROTOCOL_VERSION,
+        };
+        let endpoint =
+            LinkEndpoint::bind("127.0.0.1:0".parse().unwrap(), &creds, LinkConfig::new(hello))
+                .unwrap();
+        let mut link = endpoint
+            .connect(origin, &Label::new("origin-1").unwrap())
+            .await
+            .unwrap();
+        link.sender
+            .send(&ControlMessage::ToOrigin(EdgeToOrigin::Attach { incarnation }))
+            .await
+            .unwrap();
+        let mut e = RawEdge {
+            link,
+            _endpoint: endpoint,
+        };
+        match e.next().await {
+            OriginToEdge::Attached { resumed } => (e, resumed),
+            other => panic!("expected attached, got {other:?}"),
+        }
+    }
+
+    async fn next(&mut self) -> OriginToEdge {
+        match tokio::time::timeout(WAIT, self.link.receiver.recv()).await {
+            Ok(Ok(ControlMessage::ToEdge(m))) => m,
+            other => panic!("expected a room message, got {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, id: u64, intent: Intent) {
+        self.link
+            .sender
+            .send(&ControlMessage::ToOrigin(EdgeToOrigin::Request {
+                id: RequestId(id),
+                room: RoomId::new("g").unwrap(),
+                intent,
+            }))
+            .await
+            .unwrap();
+    }
+
+    async fn join(&mut self, id: u64, who: &str) -> u64 {
+        self.send(
+            id,
+            Intent::Join {
+                identity: Identity::new(who).unwrap(),
+                role: Role::Host,
+                name: who.into(),
+            },
+        )
+        .await;
+        loop {
+            if let OriginToEdge::Reply {
+                reply: Reply::Joined(s),
+                ..
+            } = self.next().await
+            {
+                return s.you.id.0;
+            }
+        }
+    }
+
+    /// The next event with this body, skipping others.
+    async fn event(&mut self, pred: impl Fn(&RoomEventBody) -> bool) -> RoomEventBody {
+        loop {
+            if let OriginToEdge::Event(e) = self.next().await {
+                if pred(&e.body) {
+                    return e.body;
+                }
+            }
+        }
+    }
+}
+
+use cascade_proto::room::{
+    EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomEventBody,
+};
+
+/// The origin's grace period, over real QUIC links to an in-process `kcs origin`: an edge that
+/// comes back with the same incarnation gets the events it missed, in order; one that stays
+/// away past the grace period has its participants leave; a restarted edge (new incarnation)
+/// has its old participants leave at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_keeps_a_dropped_edge_for_its_grace_period() {
+    let ca = cascade_proto::quic::ClusterCa::generate("test-ca").unwrap();
+    let origin = edge_node::origin_server::start(
+        edge_node::origin_server::OriginSettings {
+            cascade: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            node: Label::new("origin-1").unwrap(),
+            region: Label::new("local").unwrap(),
+            credentials: ca.issue(&Label::new("origin-1").unwrap()).unwrap(),
+            grace: Duration::from_millis(1500),
+            rooms: origin::RoomConfig::default(),
+        },
+        std::sync::Arc::new(edge_node::media_hook::LoggingMediaSide),
+    )
+    .await
+    .unwrap();
+    let (mut a, resumed) = RawEdge::attach(&ca, origin.cascade, "edge-a", 1).await;
+    assert!(!resumed, "a new edge resumes nothing");
+    let (mut b, _) = RawEdge::attach(&ca, origin.cascade, "edge-b", 7).await;
+    let ann = a.join(1, "ann").await;
+    let bob = b.join(1, "bob").await;
+    a.event(|e| matches!(e, RoomEventBody::ParticipantsJoined(p) if p.iter().any(|p| p.id.0 == bob)))
+        .await;
+
+    // A's link drops; B chats meanwhile; A comes back with the same incarnation.
+    a.link.media.close(GoodbyeCode::Normal, "test drop");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (i, text) in ["one", "two"].iter().enumerate() {
+        b.send(
+            10 + i as u64,
+            Intent::Chat {
+                participant: cascade_proto::ParticipantId(bob),
+                text: text.to_string(),
+                to: None,
+            },
+        )
+        .await;
+    }
+    let (mut a, resumed) = RawEdge::attach(&ca, origin.cascade, "edge-a", 1).await;
+    assert!(resumed, "same incarnation within the grace period");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        if let RoomEventBody::Chat(m) = a.event(|e| matches!(e, RoomEventBody::Chat(_))).await {
+            got.push(m.text);
+        }
+    }
+    assert_eq!(got, ["one", "two"], "queued events arrive in order");
+    assert_eq!(metric(origin.http, "kcs_origin_edges_resumed_total").await, 1);
+
+    // A stays away past the grace period: B sees ann leave.
+    a.link.media.close(GoodbyeCode::Normal, "test drop");
+    drop(a);
+    let left = b
+        .event(|e| matches!(e, RoomEventBody::ParticipantsLeft(p) if p.iter().any(|p| p.0 == ann)))
+        .await;
+    assert!(matches!(left, RoomEventBody::ParticipantsLeft(_)));
+    let (_a, resumed) = RawEdge::attach(&ca, origin.cascade, "edge-a", 1).await;
+    assert!(!resumed, "the grace period is over");
+
+    // B restarts (a new incarnation): bob leaves at once.
+    let (mut b2, resumed) = RawEdge::attach(&ca, origin.cascade, "edge-b", 8).await;
+    assert!(!resumed);
+    assert_eq!(metric(origin.http, "kcs_origin_edges_expired_total").await, 2);
+    let carl = b2.join(2, "carl").await;
+    assert_ne!(carl, bob);
+    tokio::time::sleep(Duration::from_millis(500)).await; // the gauge follows the presence tick
+    assert_eq!(metric(origin.http, "kcs_origin_participants").await, 1);
+}
