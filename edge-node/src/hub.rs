@@ -292,7 +292,11 @@ pub fn spawn_local_origin(
             for out in out {
                 // One edge in-process: everything goes to it.
                 debug_assert_eq!(out.edge, edge);
-                if edge_tx.send(FromOrigin::Message(out.message)).await.is_err() {
+                if edge_tx
+                    .send(FromOrigin::Message(out.message))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

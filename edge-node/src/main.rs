@@ -256,7 +256,9 @@ fn main() -> anyhow::Result<()> {
                         .context("fetching token keys from the control plane")?;
                 }
                 let node = node_id.clone().unwrap_or_else(host_name);
-                let credentials = config.credentials().context("cascade credentials (--ca, --cert, --key)")?;
+                let credentials = config
+                    .credentials()
+                    .context("cascade credentials (--ca, --cert, --key)")?;
                 let store = if etcd.is_empty() {
                     None
                 } else {
@@ -279,7 +281,10 @@ fn main() -> anyhow::Result<()> {
                     )),
                     (None, Some(store)) if credentials.is_some() => {
                         Some(edge_node::uplink::OriginDirectory::Placement {
-                            placer: control_plane::placement::Placer::new(store.clone(), keys.clone()),
+                            placer: control_plane::placement::Placer::new(
+                                store.clone(),
+                                keys.clone(),
+                            ),
                             region: control_plane::nodes::Region::new(&region)
                                 .map_err(|e| anyhow::anyhow!("--region: {e}"))?,
                         })
@@ -293,7 +298,12 @@ fn main() -> anyhow::Result<()> {
                             "linking to origins needs --ca, --cert and --key (see kcs certs)",
                         )?;
                         edge_node::app::Origins::Linked {
-                            endpoint: edge_node::app::edge_endpoint(&config, credentials, &node, &region)?,
+                            endpoint: edge_node::app::edge_endpoint(
+                                &config,
+                                credentials,
+                                &node,
+                                &region,
+                            )?,
                             directory,
                         }
                     }
@@ -306,9 +316,13 @@ fn main() -> anyhow::Result<()> {
                 if let Some(store) = store {
                     let url = public_url.unwrap_or_else(|| format!("http://{}", running.http));
                     if in_process {
-                        edge_node::cluster::register(store, &keys, &running, &node, &region, &url).await?;
+                        edge_node::cluster::register(store, &keys, &running, &node, &region, &url)
+                            .await?;
                     } else {
-                        edge_node::cluster::register_edge(store, &keys, &running, &node, &region, &url).await?;
+                        edge_node::cluster::register_edge(
+                            store, &keys, &running, &node, &region, &url,
+                        )
+                        .await?;
                     }
                 }
                 wait_for_shutdown(running).await
@@ -388,14 +402,18 @@ async fn run_origin(config: edge_node::config::OriginConfig) -> anyhow::Result<(
         std::sync::Arc::new(edge_node::origin_server::OriginRelay::new()),
     )
     .await?;
-    let host = config.advertise.clone().unwrap_or_else(|| {
-        match running.cascade.ip() {
+    let host = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| match running.cascade.ip() {
             ip if ip.is_unspecified() => "127.0.0.1".to_string(),
             ip => ip.to_string(),
-        }
-    });
+        });
     let url = format!("quic://{node}@{host}:{}", running.cascade.port());
-    println!("kcs origin {node}: cascade {url}, HTTP http://{}", running.http);
+    println!(
+        "kcs origin {node}: cascade {url}, HTTP http://{}",
+        running.http
+    );
     if !config.etcd.is_empty() {
         let store: std::sync::Arc<dyn control_plane::Store> = std::sync::Arc::new(
             control_plane::EtcdStore::connect(

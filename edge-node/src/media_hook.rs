@@ -60,7 +60,8 @@ enum BridgeEvent {
 /// [`EdgeMediaBridge::attach`] hands it over.
 pub struct EdgeMediaBridge {
     tx: mpsc::UnboundedSender<BridgeEvent>,
-    target: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Arc<crate::cascade::CascadeMedia>>>>,
+    target:
+        std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Arc<crate::cascade::CascadeMedia>>>>,
 }
 
 impl EdgeMediaBridge {
@@ -77,7 +78,9 @@ impl EdgeMediaBridge {
                     BridgeEvent::Up(link, control, channel) => {
                         media.link_up(relay_link(link), control, channel).await
                     }
-                    BridgeEvent::Control(link, msg) => media.on_control(relay_link(link), msg).await,
+                    BridgeEvent::Control(link, msg) => {
+                        media.on_control(relay_link(link), msg).await
+                    }
                     BridgeEvent::Down(link) => media.link_down(relay_link(link)).await,
                     BridgeEvent::RoomLink(room, link) => {
                         media.set_room_link(&room, relay_link(link)).await
@@ -156,7 +159,11 @@ impl MediaSide for LoggingMediaSide {
     }
 
     fn on_control(&self, link: LinkId, msg: ControlMessage) {
-        tracing::debug!(link, message = msg.name(), "cascade media control ignored (no media relay)");
+        tracing::debug!(
+            link,
+            message = msg.name(),
+            "cascade media control ignored (no media relay)"
+        );
     }
 
     fn link_down(&self, link: LinkId) {

@@ -184,13 +184,28 @@ impl Metrics {
         }
         drop(m);
         let u = &self.uplink;
-        let _ = writeln!(out, "# HELP kcs_origin_links cascade links to origins that are up");
+        let _ = writeln!(
+            out,
+            "# HELP kcs_origin_links cascade links to origins that are up"
+        );
         let _ = writeln!(out, "# TYPE kcs_origin_links gauge");
         let _ = writeln!(out, "kcs_origin_links {}", u.links_up.load(Relaxed));
         for (name, help, v) in [
-            ("origin_link_connects_total", "cascade links to origins established (first and reconnects)", &u.connects),
-            ("origin_link_connect_failures_total", "failed attempts to dial an origin", &u.connect_failures),
-            ("origin_requests_failed_total", "room requests failed because their origin was unreachable", &u.requests_failed),
+            (
+                "origin_link_connects_total",
+                "cascade links to origins established (first and reconnects)",
+                &u.connects,
+            ),
+            (
+                "origin_link_connect_failures_total",
+                "failed attempts to dial an origin",
+                &u.connect_failures,
+            ),
+            (
+                "origin_requests_failed_total",
+                "room requests failed because their origin was unreachable",
+                &u.requests_failed,
+            ),
         ] {
             let _ = writeln!(out, "# HELP kcs_{name} {help}");
             let _ = writeln!(out, "# TYPE kcs_{name} counter");

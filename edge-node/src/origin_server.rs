@@ -86,17 +86,62 @@ impl OriginMetrics {
             let _ = writeln!(out, "kcs_origin_{name} {v}");
         };
         series("links", "gauge", "Edge links up", self.links.load(Relaxed));
-        series("links_accepted_total", "counter", "Edge links that completed the handshake", self.links_accepted.load(Relaxed) as i64);
+        series(
+            "links_accepted_total",
+            "counter",
+            "Edge links that completed the handshake",
+            self.links_accepted.load(Relaxed) as i64,
+        );
         series("handshakes_failed_total", "counter", "Connection attempts refused or failed during the handshake (bad certificate, version, hello)", self.handshakes_failed.load(Relaxed) as i64);
-        series("links_refused_total", "counter", "Links whose control stream was closed for a protocol error", self.links_refused.load(Relaxed) as i64);
-        series("edges", "gauge", "Edges known (linked or within the grace period)", self.edges.load(Relaxed));
-        series("edges_in_grace", "gauge", "Edges whose link is down, participants kept", self.edges_in_grace.load(Relaxed));
+        series(
+            "links_refused_total",
+            "counter",
+            "Links whose control stream was closed for a protocol error",
+            self.links_refused.load(Relaxed) as i64,
+        );
+        series(
+            "edges",
+            "gauge",
+            "Edges known (linked or within the grace period)",
+            self.edges.load(Relaxed),
+        );
+        series(
+            "edges_in_grace",
+            "gauge",
+            "Edges whose link is down, participants kept",
+            self.edges_in_grace.load(Relaxed),
+        );
         series("edges_expired_total", "counter", "Edges given up (grace period over, queue overflow or restart): their participants left", self.edges_expired.load(Relaxed) as i64);
-        series("edges_resumed_total", "counter", "Reconnects within the grace period", self.edges_resumed.load(Relaxed) as i64);
-        series("rooms", "gauge", "Rooms this origin is authoritative for", self.rooms.load(Relaxed));
-        series("participants", "gauge", "Participants in this origin's rooms", self.participants.load(Relaxed));
-        series("room_messages_in_total", "counter", "Room messages received from edges", self.messages_in.load(Relaxed) as i64);
-        series("room_messages_out_total", "counter", "Room messages sent (or queued) to edges", self.messages_out.load(Relaxed) as i64);
+        series(
+            "edges_resumed_total",
+            "counter",
+            "Reconnects within the grace period",
+            self.edges_resumed.load(Relaxed) as i64,
+        );
+        series(
+            "rooms",
+            "gauge",
+            "Rooms this origin is authoritative for",
+            self.rooms.load(Relaxed),
+        );
+        series(
+            "participants",
+            "gauge",
+            "Participants in this origin's rooms",
+            self.participants.load(Relaxed),
+        );
+        series(
+            "room_messages_in_total",
+            "counter",
+            "Room messages received from edges",
+            self.messages_in.load(Relaxed) as i64,
+        );
+        series(
+            "room_messages_out_total",
+            "counter",
+            "Room messages sent (or queued) to edges",
+            self.messages_out.load(Relaxed) as i64,
+        );
         out
     }
 }
@@ -186,7 +231,10 @@ pub async fn start(
                     let m = m.clone();
                     async move {
                         (
-                            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4",
+                            )],
                             m.render(),
                         )
                     }
@@ -252,9 +300,10 @@ impl MediaSide for OriginRelay {
 
     fn track_source(&self, room: &RoomId, track: TrackId, source: Option<LinkId>) {
         match source {
-            Some(l) => self
-                .0
-                .set_track_source(room.clone(), track, cascade_proto::relay::LinkId(l)),
+            Some(l) => {
+                self.0
+                    .set_track_source(room.clone(), track, cascade_proto::relay::LinkId(l))
+            }
             None => self.0.remove_track(room, track),
         }
     }
@@ -437,7 +486,9 @@ impl Core {
     fn sync_track_sources(&mut self) {
         let mut now: HashMap<(RoomId, TrackId), LinkId> = HashMap::new();
         for id in self.origin.room_ids() {
-            let Some(room) = self.origin.room(id) else { continue };
+            let Some(room) = self.origin.room(id) else {
+                continue;
+            };
             let mut tracks = room.tracks().peekable();
             if tracks.peek().is_none() {
                 continue;
@@ -644,7 +695,10 @@ impl Core {
         let expired: Vec<EdgeId> = self
             .edges
             .iter()
-            .filter(|(_, e)| e.down_since.is_some_and(|t| now.duration_since(t) >= self.grace))
+            .filter(|(_, e)| {
+                e.down_since
+                    .is_some_and(|t| now.duration_since(t) >= self.grace)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in expired {

@@ -142,7 +142,18 @@ pub fn spawn(
         let mut up: HashMap<OriginAddr, LinkId> = HashMap::new();
         // A static origin is dialled at once, so the first join does not wait for it.
         if let OriginDirectory::Static(origin) = &directory {
-            links.insert(origin.clone(), spawn_link(endpoint.clone(), origin.clone(), incarnation, hub_tx.clone(), router_tx.clone(), media.clone(), metrics.clone()));
+            links.insert(
+                origin.clone(),
+                spawn_link(
+                    endpoint.clone(),
+                    origin.clone(),
+                    incarnation,
+                    hub_tx.clone(),
+                    router_tx.clone(),
+                    media.clone(),
+                    metrics.clone(),
+                ),
+            );
         }
         loop {
             tokio::select! {
@@ -338,7 +349,11 @@ async fn run_link(
         for req in waiting {
             if unsent.is_some() {
                 fail(&hub, &metrics, req).await;
-            } else if let Err(e) = link.sender.send(&ControlMessage::ToOrigin(req.clone())).await {
+            } else if let Err(e) = link
+                .sender
+                .send(&ControlMessage::ToOrigin(req.clone()))
+                .await
+            {
                 fail(&hub, &metrics, req).await;
                 unsent = Some(e);
             } else if let EdgeToOrigin::Request { id, .. } = req {
@@ -378,7 +393,9 @@ async fn connect_and_attach(
 ) -> Result<(cascade_proto::quic::Link, bool), LinkError> {
     let mut link = endpoint.connect(origin.addr, &origin.node).await?;
     link.sender
-        .send(&ControlMessage::ToOrigin(EdgeToOrigin::Attach { incarnation }))
+        .send(&ControlMessage::ToOrigin(EdgeToOrigin::Attach {
+            incarnation,
+        }))
         .await?;
     let answer = tokio::time::timeout(Duration::from_secs(5), link.receiver.recv())
         .await
@@ -388,7 +405,10 @@ async fn connect_and_attach(
         ControlMessage::Goodbye { code, reason } => Err(LinkError::Refused { code, reason }),
         other => {
             let reason = format!("expected attached, got {}", other.name());
-            let _ = link.sender.goodbye(GoodbyeCode::ProtocolError, &reason).await;
+            let _ = link
+                .sender
+                .goodbye(GoodbyeCode::ProtocolError, &reason)
+                .await;
             Err(LinkError::Refused {
                 code: GoodbyeCode::ProtocolError,
                 reason,
@@ -418,7 +438,7 @@ async fn relay(
     let why = loop {
         tokio::select! {
             req = requests.recv() => {
-                let Some(req) = req else { return None };
+                let req = req?;
                 let id = match &req { EdgeToOrigin::Request { id, .. } => Some(*id), _ => None };
                 if let Err(e) = sender.send(&ControlMessage::ToOrigin(req)).await {
                     if let Some(id) = id {

@@ -103,7 +103,10 @@ async fn wait_healthy(addr: SocketAddr) {
                 return;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "{addr} never healthy");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} never healthy"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -200,10 +203,9 @@ impl Cluster {
     }
 
     async fn connect(&self, edge: usize) -> Client {
-        let (ws, _) =
-            tokio_tungstenite::connect_async(format!("ws://{}/ws", self.edges[edge].0))
-                .await
-                .unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", self.edges[edge].0))
+            .await
+            .unwrap();
         let mut c = Client {
             ws,
             next_id: 1,
@@ -229,13 +231,18 @@ impl Cluster {
         loop {
             let mut c = self.connect(edge).await;
             let r = c
-                .request(json!({"type": "room:join", "token": self.token(room, who, Role::Attendee)}))
+                .request(
+                    json!({"type": "room:join", "token": self.token(room, who, Role::Attendee)}),
+                )
                 .await;
             if r["type"] == "ack" {
                 return (c, r);
             }
             assert_eq!(r["code"], "origin_unavailable", "{r}");
-            assert!(tokio::time::Instant::now() < deadline, "edge {edge} never reconnected");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "edge {edge} never reconnected"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
@@ -361,7 +368,12 @@ fn prober(dir: &Path, node: &str) -> LinkEndpoint {
         role: NodeRole::Edge,
         version: PROTOCOL_VERSION,
     };
-    LinkEndpoint::bind("127.0.0.1:0".parse().unwrap(), &creds, LinkConfig::new(hello)).unwrap()
+    LinkEndpoint::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        &creds,
+        LinkConfig::new(hello),
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,10 +388,15 @@ async fn two_edges_one_origin_meet_survive_bad_peers_and_an_origin_restart() {
     let gid = pid(&gack);
     assert!(ids(&gack["participants"]).contains(&hid), "{gack}");
     assert!(ids(&gack["participants"]).contains(&gid), "{gack}");
-    host.event_where("participant:joined", |e| ids(&e["participants"]).contains(&gid))
-        .await;
+    host.event_where("participant:joined", |e| {
+        ids(&e["participants"]).contains(&gid)
+    })
+    .await;
     assert_eq!(metric(cluster.origin_http, "kcs_origin_links").await, 2);
-    assert_eq!(metric(cluster.origin_http, "kcs_origin_participants").await, 2);
+    assert_eq!(
+        metric(cluster.origin_http, "kcs_origin_participants").await,
+        2
+    );
 
     // Chat from A arrives on B in order.
     for n in 0..5 {
@@ -409,10 +426,7 @@ async fn two_edges_one_origin_meet_survive_bad_peers_and_an_origin_restart() {
         .connect(origin_addr, &Label::new("origin-1").unwrap())
         .await
         .expect("a cluster certificate links");
-    link.sender
-        .send_raw(&[9, 0x10, 0, 0, 1, 0])
-        .await
-        .unwrap();
+    link.sender.send_raw(&[9, 0x10, 0, 0, 1, 0]).await.unwrap();
     let goodbye = tokio::time::timeout(WAIT, link.receiver.recv())
         .await
         .expect("answered");
@@ -440,17 +454,25 @@ async fn two_edges_one_origin_meet_survive_bad_peers_and_an_origin_restart() {
     let removed = guest.event_where("participant:remove", |_| true).await;
     assert_eq!(removed["by"], hid);
     guest.closed_by_server().await;
-    host.event_where("participant:left", |e| ids(&e["participants"]).contains(&gid))
-        .await;
+    host.event_where("participant:left", |e| {
+        ids(&e["participants"]).contains(&gid)
+    })
+    .await;
 
     // The origin dies: joins fail with a clear code, and the sessions of its rooms end (the
     // new origin process will not know them).
     drop(cluster.origin.take());
     let mut c = cluster.connect(0).await;
     let r = c
-        .request(json!({"type": "room:join", "token": cluster.token("c2", "early", Role::Attendee)}))
+        .request(
+            json!({"type": "room:join", "token": cluster.token("c2", "early", Role::Attendee)}),
+        )
         .await;
-    assert_eq!((&r["type"], &r["code"]), (&json!("error"), &json!("origin_unavailable")), "{r}");
+    assert_eq!(
+        (&r["type"], &r["code"]),
+        (&json!("error"), &json!("origin_unavailable")),
+        "{r}"
+    );
     cluster.start_origin().await;
     host.closed_by_server().await;
 
@@ -458,10 +480,15 @@ async fn two_edges_one_origin_meet_survive_bad_peers_and_an_origin_restart() {
     let (mut a, aack) = cluster.join_eventually(0, "c3", "alice").await;
     let (_b, back) = cluster.join_eventually(1, "c3", "bob").await;
     assert!(ids(&back["participants"]).contains(&pid(&aack)), "{back}");
-    a.event_where("participant:joined", |e| ids(&e["participants"]).contains(&pid(&back)))
-        .await;
+    a.event_where("participant:joined", |e| {
+        ids(&e["participants"]).contains(&pid(&back))
+    })
+    .await;
     for (http, _) in &cluster.edges {
-        assert!(metric(*http, "kcs_origin_link_connects_total").await >= 2, "edge redialled");
+        assert!(
+            metric(*http, "kcs_origin_link_connects_total").await >= 2,
+            "edge redialled"
+        );
         assert_eq!(metric(*http, "kcs_origin_links").await, 1);
     }
 }
@@ -486,15 +513,20 @@ impl RawEdge {
             role: NodeRole::Edge,
             version: PROTOCOL_VERSION,
         };
-        let endpoint =
-            LinkEndpoint::bind("127.0.0.1:0".parse().unwrap(), &creds, LinkConfig::new(hello))
-                .unwrap();
+        let endpoint = LinkEndpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &creds,
+            LinkConfig::new(hello),
+        )
+        .unwrap();
         let mut link = endpoint
             .connect(origin, &Label::new("origin-1").unwrap())
             .await
             .unwrap();
         link.sender
-            .send(&ControlMessage::ToOrigin(EdgeToOrigin::Attach { incarnation }))
+            .send(&ControlMessage::ToOrigin(EdgeToOrigin::Attach {
+                incarnation,
+            }))
             .await
             .unwrap();
         let mut e = RawEdge {
@@ -559,9 +591,7 @@ impl RawEdge {
     }
 }
 
-use cascade_proto::room::{
-    EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomEventBody,
-};
+use cascade_proto::room::{EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomEventBody};
 
 /// The origin's grace period, over real QUIC links to an in-process `kcs origin`: an edge that
 /// comes back with the same incarnation gets the events it missed, in order; one that stays
@@ -589,8 +619,10 @@ async fn the_origin_keeps_a_dropped_edge_for_its_grace_period() {
     let (mut b, _) = RawEdge::attach(&ca, origin.cascade, "edge-b", 7).await;
     let ann = a.join(1, "ann").await;
     let bob = b.join(1, "bob").await;
-    a.event(|e| matches!(e, RoomEventBody::ParticipantsJoined(p) if p.iter().any(|p| p.id.0 == bob)))
-        .await;
+    a.event(
+        |e| matches!(e, RoomEventBody::ParticipantsJoined(p) if p.iter().any(|p| p.id.0 == bob)),
+    )
+    .await;
 
     // A's link drops; B chats meanwhile; A comes back with the same incarnation.
     a.link.media.close(GoodbyeCode::Normal, "test drop");
@@ -616,7 +648,10 @@ async fn the_origin_keeps_a_dropped_edge_for_its_grace_period() {
         }
     }
     assert_eq!(got, ["one", "two"], "queued events arrive in order");
-    assert_eq!(metric(origin.http, "kcs_origin_edges_resumed_total").await, 1);
+    assert_eq!(
+        metric(origin.http, "kcs_origin_edges_resumed_total").await,
+        1
+    );
 
     // A stays away past the grace period: B sees ann leave.
     a.link.media.close(GoodbyeCode::Normal, "test drop");
@@ -631,7 +666,10 @@ async fn the_origin_keeps_a_dropped_edge_for_its_grace_period() {
     // B restarts (a new incarnation): bob leaves at once.
     let (mut b2, resumed) = RawEdge::attach(&ca, origin.cascade, "edge-b", 8).await;
     assert!(!resumed);
-    assert_eq!(metric(origin.http, "kcs_origin_edges_expired_total").await, 2);
+    assert_eq!(
+        metric(origin.http, "kcs_origin_edges_expired_total").await,
+        2
+    );
     let carl = b2.join(2, "carl").await;
     assert_ne!(carl, bob);
     tokio::time::sleep(Duration::from_millis(500)).await; // the gauge follows the presence tick

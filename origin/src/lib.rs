@@ -123,9 +123,9 @@ impl Origin {
                 intent: Intent::Leave { participant },
             };
             out.extend(
-                self.handle_at(edge, leave, now_ms)
-                    .into_iter()
-                    .filter(|o| !(o.edge == edge && matches!(o.message, OriginToEdge::Reply { .. }))),
+                self.handle_at(edge, leave, now_ms).into_iter().filter(|o| {
+                    !(o.edge == edge && matches!(o.message, OriginToEdge::Reply { .. }))
+                }),
             );
         }
         out
@@ -228,6 +228,9 @@ mod tests {
             })
             .collect();
         assert_eq!(leaves, vec![vec![a]], "the other edge hears the leave");
-        assert!(o.drop_edge(EdgeId(7), 3).is_empty(), "an unknown edge changes nothing");
+        assert!(
+            o.drop_edge(EdgeId(7), 3).is_empty(),
+            "an unknown edge changes nothing"
+        );
     }
 }
