@@ -15,6 +15,7 @@ pub mod ids;
 pub mod link;
 #[cfg(feature = "quic")]
 pub mod quic;
+pub mod relay;
 pub mod replica;
 pub mod room;
 pub mod wire;

@@ -453,11 +453,26 @@ pub enum EdgeToOrigin {
         room: RoomId,
         replica: Box<RoomReplica>,
     },
+    /// First message of an edge on every new cascade link (before any request): the edge
+    /// process's incarnation, random per process start. The same incarnation on a new link
+    /// resumes the edge's participants and queued events (a reconnect within the origin's grace
+    /// period); another one means the edge restarted, so its old participants leave. The
+    /// in-process link of dev mode never sends it.
+    Attach { incarnation: u64 },
 }
 
 /// Origin -> edge.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum OriginToEdge {
-    Reply { id: RequestId, reply: Reply },
+    Reply {
+        id: RequestId,
+        reply: Reply,
+    },
     Event(RoomEvent),
+    /// The answer to [`EdgeToOrigin::Attach`]. `resumed`: the origin still holds this edge's
+    /// participants and sends the events they missed next. Otherwise the origin knows none of
+    /// them (it restarted, or the grace period ran out) and the edge ends their sessions.
+    Attached {
+        resumed: bool,
+    },
 }

@@ -5,7 +5,6 @@ use crate::edge::Edge;
 use crate::metrics::Metrics;
 use crate::transport::dtls::DtlsCertificate;
 use anyhow::Context;
-use cascade_proto::room::EdgeId;
 use control_plane::token::{TokenSigner, TokenVerifier};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -19,11 +18,57 @@ pub struct Running {
     pub server: tokio::task::JoinHandle<()>,
 }
 
+/// Where the edge's rooms live.
+pub enum Origins {
+    /// An origin in this process (dev mode and single-node deployments).
+    InProcess,
+    /// Origins over cascade links (see [`crate::uplink`]); media through the edge's
+    /// [`CascadeMedia`](crate::cascade::CascadeMedia).
+    Linked {
+        endpoint: Arc<cascade_proto::quic::LinkEndpoint>,
+        directory: crate::uplink::OriginDirectory,
+    },
+}
+
 /// Starts an edge with an in-process origin (dev mode and single-node deployments).
 pub async fn start(
     config: EdgeConfig,
     verifier: TokenVerifier,
     dev_signer: Option<TokenSigner>,
+) -> anyhow::Result<Running> {
+    start_with(config, verifier, dev_signer, Origins::InProcess).await
+}
+
+/// The cascade endpoint of an edge: its node id and region in the hello, its credentials.
+pub fn edge_endpoint(
+    config: &EdgeConfig,
+    credentials: &cascade_proto::quic::NodeCredentials,
+    node: &str,
+    region: &str,
+) -> anyhow::Result<Arc<cascade_proto::quic::LinkEndpoint>> {
+    use cascade_proto::link::{Hello, Label, NodeRole, PROTOCOL_VERSION};
+    let hello = Hello {
+        node: Label::new(node).map_err(|e| anyhow::anyhow!("node id {node:?}: {e}"))?,
+        region: Label::new(region).map_err(|e| anyhow::anyhow!("region {region:?}: {e}"))?,
+        role: NodeRole::Edge,
+        version: PROTOCOL_VERSION,
+    };
+    Ok(Arc::new(
+        cascade_proto::quic::LinkEndpoint::bind(
+            config.cascade,
+            credentials,
+            cascade_proto::quic::LinkConfig::new(hello),
+        )
+        .with_context(|| format!("binding the cascade endpoint {}", config.cascade))?,
+    ))
+}
+
+/// Starts an edge whose rooms live where `origins` says.
+pub async fn start_with(
+    config: EdgeConfig,
+    verifier: TokenVerifier,
+    dev_signer: Option<TokenSigner>,
+    origins: Origins,
 ) -> anyhow::Result<Running> {
     crate::transport::install_crypto_provider();
     let metrics = Arc::new(Metrics::default());
@@ -34,10 +79,19 @@ pub async fn start(
     let shards = crate::udp::start(&config, workers, cert, metrics.clone(), room_events_tx)
         .with_context(|| format!("binding UDP {}", config.udp))?;
     let udp = shards.local_addrs.clone();
-    let edge_id = EdgeId(0);
-    let (to_origin, from_origin) =
-        crate::hub::spawn_local_origin(origin::RoomConfig::default(), edge_id);
-    let hub = crate::hub::spawn(edge_id, to_origin, from_origin, room_events_rx);
+    let mut bridge = None;
+    let (to_origin, from_origin) = match origins {
+        Origins::InProcess => crate::hub::spawn_local_origin(origin::RoomConfig::default()),
+        Origins::Linked {
+            endpoint,
+            directory,
+        } => {
+            let b = crate::media_hook::EdgeMediaBridge::new();
+            bridge = Some(b.clone());
+            crate::uplink::spawn(endpoint, directory, b, metrics.uplink.clone())
+        }
+    };
+    let hub = crate::hub::spawn(to_origin, from_origin, room_events_rx);
     let ports = udp.iter().map(|a| a.port()).collect();
     let edge = Arc::new(Edge::new(
         config.clone(),
@@ -49,6 +103,9 @@ pub async fn start(
         dev_signer,
         fingerprint,
     ));
+    if let Some(b) = bridge {
+        b.attach(edge.cascade.clone());
+    }
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("binding HTTP {}", config.http))?;

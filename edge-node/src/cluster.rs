@@ -84,10 +84,83 @@ pub async fn register(
     region: &str,
     public_url: &str,
 ) -> anyhow::Result<()> {
+    register_kinds(store, keys, running, node_id, region, public_url, true).await
+}
+
+/// Registers this edge alone: its rooms live on origins over cascade links.
+pub async fn register_edge(
+    store: Arc<dyn Store>,
+    keys: &control_plane::keys::KeyLayout,
+    running: &Running,
+    node_id: &str,
+    region: &str,
+    public_url: &str,
+) -> anyhow::Result<()> {
+    register_kinds(store, keys, running, node_id, region, public_url, false).await
+}
+
+/// Registers a `kcs origin` under `node_id` with its cascade URL (`quic://NODE@HOST:PORT`, what
+/// placement hands edges to dial) and keeps the registration alive until the process ends.
+pub async fn register_origin(
+    store: Arc<dyn Store>,
+    keys: &control_plane::keys::KeyLayout,
+    node_id: &str,
+    region: &str,
+    cascade_url: &str,
+    addresses: Vec<IpAddr>,
+    metrics: Arc<crate::origin_server::OriginMetrics>,
+) -> anyhow::Result<()> {
+    let info = NodeInfo {
+        id: NodeId::new(node_id).map_err(|e| anyhow::anyhow!("node id: {e}"))?,
+        kind: NodeKind::Origin,
+        region: Region::new(region).map_err(|e| anyhow::anyhow!("region {region:?}: {e}"))?,
+        addresses,
+        url: cascade_url.to_string(),
+        capacity: 10_000,
+        load: NodeLoad::default(),
+        draining: false,
+        healthy: true,
+    };
+    let reg = NodeRegistration::register(
+        store,
+        keys,
+        info,
+        RegistrationConfig::with_ttl(REGISTRATION_TTL),
+    )
+    .await
+    .context("registering the origin")?;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(LOAD_REFRESH);
+        loop {
+            tick.tick().await;
+            let participants = metrics.participants.load(Relaxed).max(0) as u32;
+            reg.update(|info| info.load.participants = participants);
+            if let Err(e) = reg.refresh().await {
+                tracing::warn!(error = %e, "origin registration refresh failed (retrying)");
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn register_kinds(
+    store: Arc<dyn Store>,
+    keys: &control_plane::keys::KeyLayout,
+    running: &Running,
+    node_id: &str,
+    region: &str,
+    public_url: &str,
+    with_origin: bool,
+) -> anyhow::Result<()> {
     let region = Region::new(region).map_err(|e| anyhow::anyhow!("region {region:?}: {e}"))?;
     let addresses: Vec<IpAddr> = running.edge.advertised_ips().to_vec();
     let mut regs = Vec::new();
-    for (kind, suffix) in [(NodeKind::Edge, "edge"), (NodeKind::Origin, "origin")] {
+    let kinds: &[(NodeKind, &str)] = if with_origin {
+        &[(NodeKind::Origin, "origin"), (NodeKind::Edge, "edge")]
+    } else {
+        &[(NodeKind::Edge, "edge")]
+    };
+    for &(kind, suffix) in kinds {
         let id = NodeId::new(format!("{node_id}-{suffix}"))
             .map_err(|e| anyhow::anyhow!("node id: {e}"))?;
         let info = NodeInfo {

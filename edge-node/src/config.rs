@@ -28,6 +28,17 @@ pub struct EdgeConfig {
     pub data_dir: PathBuf,
     /// `tracing` filter, e.g. `info,edge_node=debug`.
     pub log: String,
+    /// Origin for every room, `quic://NODE@HOST:PORT` (`kcs edge` only). None: the control
+    /// plane's placement when etcd is configured, else an in-process origin.
+    pub origin: Option<String>,
+    /// Cluster CA certificate (PEM) for cascade links.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (PEM, its DNS name is the node id).
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Local UDP address of the edge's cascade links (it dials out only). Port 0: any.
+    pub cascade: SocketAddr,
 }
 
 impl Default for EdgeConfig {
@@ -40,6 +51,11 @@ impl Default for EdgeConfig {
             workers: 0,
             data_dir: PathBuf::from(".kcs"),
             log: "info".into(),
+            origin: None,
+            ca: None,
+            cert: None,
+            key: None,
+            cascade: SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }
@@ -87,6 +103,18 @@ impl EdgeConfig {
         Ok(Some((a, b)))
     }
 
+    /// The cascade credentials, when all three files are configured.
+    pub fn credentials(
+        &self,
+    ) -> Result<Option<cascade_proto::quic::NodeCredentials>, cascade_proto::quic::TlsError> {
+        match (&self.ca, &self.cert, &self.key) {
+            (Some(ca), Some(cert), Some(key)) => Ok(Some(
+                cascade_proto::quic::NodeCredentials::from_pem_files(ca, cert, key)?,
+            )),
+            _ => Ok(None),
+        }
+    }
+
     pub fn worker_count(&self) -> usize {
         if self.workers > 0 {
             self.workers
@@ -123,6 +151,21 @@ pub struct EdgeArgs {
     /// Log filter [default: info].
     #[arg(long, env = "KCS_LOG")]
     pub log: Option<String>,
+    /// The origin of every room, quic://NODE@HOST:PORT (kcs edge).
+    #[arg(long, env = "KCS_ORIGIN")]
+    pub origin: Option<String>,
+    /// Cluster CA certificate for cascade links (PEM).
+    #[arg(long, env = "KCS_CA")]
+    pub ca: Option<PathBuf>,
+    /// This node's cascade certificate (PEM).
+    #[arg(long, env = "KCS_CERT")]
+    pub cert: Option<PathBuf>,
+    /// This node's cascade key (PEM).
+    #[arg(long, env = "KCS_KEY")]
+    pub key: Option<PathBuf>,
+    /// Local UDP address for cascade links [default: 0.0.0.0:0].
+    #[arg(long, env = "KCS_CASCADE")]
+    pub cascade: Option<SocketAddr>,
 }
 
 impl EdgeArgs {
@@ -153,7 +196,157 @@ impl EdgeArgs {
         if let Some(v) = &self.log {
             c.log = v.clone();
         }
+        if let Some(v) = &self.origin {
+            c.origin = Some(v.clone());
+        }
+        for (flag, field) in [
+            (&self.ca, &mut c.ca),
+            (&self.cert, &mut c.cert),
+            (&self.key, &mut c.key),
+        ] {
+            if let Some(v) = flag {
+                *field = Some(v.clone());
+            }
+        }
+        if let Some(v) = self.cascade {
+            c.cascade = v;
+        }
         c.port_range()?;
+        Ok(c)
+    }
+}
+
+/// `kcs origin` settings: a TOML file, then `KCS_*` environment variables, then flags (the same
+/// order as the edge's). Unknown keys are refused.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OriginConfig {
+    /// QUIC listen address for edges' cascade links.
+    pub cascade: SocketAddr,
+    /// Host (name or address) edges dial, put in the registered URL `quic://NODE@HOST:PORT`.
+    /// Default: the cascade address's IP if specific, else 127.0.0.1.
+    pub advertise: Option<String>,
+    /// HTTP listener: `/healthz`, `/metrics`.
+    pub http: SocketAddr,
+    /// Node id (the name in its certificate).
+    pub node_id: Option<String>,
+    pub region: String,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Seconds a dropped edge's participants stay in their rooms.
+    pub grace_secs: f64,
+    pub etcd: Vec<String>,
+    pub log: String,
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        Self {
+            cascade: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            advertise: None,
+            http: SocketAddr::from(([127, 0, 0, 1], 8090)),
+            node_id: None,
+            region: "local".into(),
+            ca: None,
+            cert: None,
+            key: None,
+            grace_secs: 10.0,
+            etcd: Vec::new(),
+            log: "info".into(),
+        }
+    }
+}
+
+/// Flags of `kcs origin`; each also reads `KCS_<NAME>` from the environment.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OriginArgs {
+    /// TOML config file (flags and environment override it).
+    #[arg(long, env = "KCS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// QUIC listen address for cascade links [default: 0.0.0.0:7400].
+    #[arg(long, env = "KCS_CASCADE")]
+    pub cascade: Option<SocketAddr>,
+    /// Host edges dial (in the registered quic:// URL) [default: the cascade IP, or 127.0.0.1].
+    #[arg(long, env = "KCS_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// HTTP listen address (/healthz, /metrics) [default: 127.0.0.1:8090].
+    #[arg(long, env = "KCS_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Node id: the DNS name in this node's certificate [default: the host name].
+    #[arg(long, env = "KCS_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Region [default: local].
+    #[arg(long, env = "KCS_REGION")]
+    pub region: Option<String>,
+    /// Cluster CA certificate (PEM).
+    #[arg(long, env = "KCS_CA")]
+    pub ca: Option<PathBuf>,
+    /// This node's certificate (PEM).
+    #[arg(long, env = "KCS_CERT")]
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "KCS_KEY")]
+    pub key: Option<PathBuf>,
+    /// Seconds a dropped edge's participants stay in their rooms [default: 10].
+    #[arg(long, env = "KCS_GRACE_SECS")]
+    pub grace_secs: Option<f64>,
+    /// etcd endpoints to register in (comma-separated).
+    #[arg(long, env = "KCS_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// Log filter [default: info].
+    #[arg(long, env = "KCS_LOG")]
+    pub log: Option<String>,
+}
+
+impl OriginArgs {
+    pub fn resolve(&self) -> Result<OriginConfig, ConfigError> {
+        let mut c: OriginConfig = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => OriginConfig::default(),
+        };
+        if let Some(v) = self.cascade {
+            c.cascade = v;
+        }
+        if let Some(v) = &self.advertise {
+            c.advertise = Some(v.clone());
+        }
+        if let Some(v) = self.http {
+            c.http = v;
+        }
+        if let Some(v) = &self.node_id {
+            c.node_id = Some(v.clone());
+        }
+        if let Some(v) = &self.region {
+            c.region = v.clone();
+        }
+        for (flag, field) in [
+            (&self.ca, &mut c.ca),
+            (&self.cert, &mut c.cert),
+            (&self.key, &mut c.key),
+        ] {
+            if let Some(v) = flag {
+                *field = Some(v.clone());
+            }
+        }
+        if let Some(v) = self.grace_secs {
+            c.grace_secs = v;
+        }
+        if !self.etcd.is_empty() {
+            c.etcd = self.etcd.clone();
+        }
+        if let Some(v) = &self.log {
+            c.log = v.clone();
+        }
         Ok(c)
     }
 }
@@ -183,6 +376,29 @@ mod tests {
         assert_eq!(c.http.port(), 9000, "from the file");
         assert_eq!(c.workers, 1, "flag overrides file");
         assert_eq!(c.udp.port(), 50000, "default");
+    }
+
+    #[test]
+    fn origin_file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("kcs-ocfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("origin.toml");
+        std::fs::write(
+            &path,
+            "cascade = \"127.0.0.1:7500\"\nca = \"/etc/kcs/ca.pem\"\ngrace_secs = 3\n",
+        )
+        .unwrap();
+        let args = OriginArgs {
+            config: Some(path),
+            grace_secs: Some(5.0),
+            ..Default::default()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.cascade.port(), 7500, "from the file");
+        assert_eq!(c.ca.as_deref(), Some(Path::new("/etc/kcs/ca.pem")));
+        assert_eq!(c.grace_secs, 5.0, "flag overrides file");
+        assert_eq!(c.http.port(), 8090, "default");
+        assert!(toml::from_str::<OriginConfig>("grace = 3").is_err());
     }
 
     #[test]

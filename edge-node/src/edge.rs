@@ -43,7 +43,10 @@ pub struct Edge {
     /// ICE candidate addresses per shard.
     candidates: Vec<Vec<SocketAddr>>,
     ips: Vec<IpAddr>,
-    publications: Mutex<HashMap<(RoomId, TrackId), LocalPublication>>,
+    /// Shared with [`crate::cascade::CascadeMedia`], which adds relayed publications.
+    publications: Arc<Mutex<HashMap<(RoomId, TrackId), LocalPublication>>>,
+    /// The media side of cascade links (relayed publications, link sinks).
+    pub cascade: Arc<crate::cascade::CascadeMedia>,
     /// WHIP/WHEP sessions by id, for DELETE.
     pub http_sessions: Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>,
     /// Signaling connections that dropped, by resume token, for `reconnect:attempt`.
@@ -70,6 +73,11 @@ impl Edge {
             .iter()
             .map(|port| ips.iter().map(|ip| SocketAddr::new(*ip, *port)).collect())
             .collect();
+        let publications = Arc::new(Mutex::new(HashMap::new()));
+        let cascade = Arc::new(crate::cascade::CascadeMedia::new(
+            shards.clone(),
+            publications.clone(),
+        ));
         Self {
             config,
             shards,
@@ -80,7 +88,8 @@ impl Edge {
             fingerprint,
             candidates,
             ips,
-            publications: Mutex::new(HashMap::new()),
+            publications,
+            cascade,
             http_sessions: Mutex::new(HashMap::new()),
             resumable: Mutex::new(HashMap::new()),
             notices: Mutex::new(HashMap::new()),

@@ -49,6 +49,7 @@ impl From<SessionError> for ApiError {
             "forbidden" | "room_locked" | "in_lobby" => StatusCode::FORBIDDEN,
             "no_such_track" => StatusCode::NOT_FOUND,
             "room_full" | "source_in_use" | "too_many_tracks" => StatusCode::CONFLICT,
+            "origin_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
             "token_invalid" | "token_expired" | "token_malformed" | "token_wrong_room" => {
                 StatusCode::UNAUTHORIZED
             }

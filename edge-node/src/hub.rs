@@ -2,11 +2,14 @@
 //!
 //! Sessions never touch room state: they send an [`Intent`] through the [`Hub`] and await the
 //! origin's [`Reply`]; the origin's [`RoomEvent`]s come back through the hub, which fans each out
-//! to the sessions of that room on this edge. In dev mode the origin runs in-process
-//! ([`spawn_local_origin`]), joined by channels carrying the same `cascade-proto` messages the
-//! QUIC link will carry, so single node and mesh are one code path.
+//! to the sessions of that room on this edge. The hub talks to "the origin" through a channel
+//! pair carrying the `cascade-proto` room messages ([`EdgeToOrigin`] out, [`FromOrigin`] in). In
+//! dev mode the origin runs in-process behind that pair ([`spawn_local_origin`]); in a cluster
+//! the pair ends in [`crate::uplink`], which routes each room to its origin's QUIC link. Single
+//! node and mesh are one code path.
 
 use crate::sfu::{Event as ShardEvent, PublicationId};
+use cascade_proto::replica::ReplicaTracker;
 use cascade_proto::room::{
     Audience, EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomEvent,
     RoomEventBody,
@@ -15,6 +18,10 @@ use cascade_proto::{ParticipantId, RoomId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
+
+/// Failed joins remembered in case the origin carried them out after all (see
+/// [`FromOrigin::Failed`]).
+const MAX_ORPHAN_JOINS: usize = 4096;
 
 /// Room events queued per session before it is considered stuck and dropped from the room.
 pub const SESSION_EVENT_QUEUE: usize = 1024;
@@ -66,6 +73,20 @@ impl std::ops::Deref for SharedEvent {
 #[error("the room's origin is unreachable")]
 pub struct OriginUnavailable;
 
+/// What the hub hears from the origin side.
+#[derive(Debug)]
+pub enum FromOrigin {
+    /// A reply or a room event.
+    Message(OriginToEdge),
+    /// The request could not reach the origin, or its link dropped before the reply: the
+    /// caller gets [`OriginUnavailable`].
+    Failed(RequestId),
+    /// The origin of these rooms no longer knows this edge's participants (it restarted, the
+    /// room moved to a new origin, or the link stayed down past its grace period): the hub
+    /// rebuilds each room there from its replica; sessions end only where it has none.
+    Lost(Vec<RoomId>),
+}
+
 enum HubInput {
     Request {
         room: RoomId,
@@ -80,10 +101,11 @@ enum HubInput {
     },
 }
 
-/// A request awaiting the origin's reply, and for joins where the room's events go.
+/// A request awaiting the origin's reply: its room, and for joins where the room's events go.
 type Pending = (
     oneshot::Sender<Reply>,
-    Option<(RoomId, mpsc::Sender<RoomSignal>)>,
+    RoomId,
+    Option<mpsc::Sender<RoomSignal>>,
 );
 
 /// Handle to the hub task.
@@ -140,12 +162,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts the hub for edge `edge`, talking to an origin through `to_origin` / `from_origin`, and
+/// Starts the hub, talking to an origin through `to_origin` / `from_origin`, and
 /// consuming room-wide shard events (active speaker) from `shard_events`.
 pub fn spawn(
-    edge: EdgeId,
-    to_origin: mpsc::Sender<(EdgeId, EdgeToOrigin)>,
-    mut from_origin: mpsc::Receiver<OriginToEdge>,
+    to_origin: mpsc::Sender<EdgeToOrigin>,
+    mut from_origin: mpsc::Receiver<FromOrigin>,
     mut shard_events: mpsc::Receiver<ShardEvent>,
 ) -> Hub {
     let (tx, mut rx) = mpsc::channel::<HubInput>(4096);
@@ -154,20 +175,25 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut next_id = 1u64;
         let mut pending: HashMap<RequestId, Pending> = HashMap::new();
+        // Joins failed locally (link down) whose reply may still come: id -> room.
+        let mut orphan_rooms: HashMap<RequestId, RoomId> = HashMap::new();
         let mut rooms: HashMap<RoomId, HashMap<ParticipantId, mpsc::Sender<RoomSignal>>> =
             HashMap::new();
+        // What a new origin needs to rebuild our rooms (see `cascade_proto::replica`).
+        let mut replicas = ReplicaTracker::new();
         loop {
             tokio::select! {
                 Some(input) = rx.recv() => match input {
                     HubInput::Request { room, intent, reply, listener } => {
                         let id = RequestId(next_id);
                         next_id += 1;
-                        pending.insert(id, (reply, listener.map(|l| (room.clone(), l))));
-                        if to_origin.send((edge, EdgeToOrigin::Request { id, room, intent })).await.is_err() {
+                        pending.insert(id, (reply, room.clone(), listener));
+                        if to_origin.send(EdgeToOrigin::Request { id, room, intent }).await.is_err() {
                             pending.remove(&id); // dropping the sender tells the caller
                         }
                     }
                     HubInput::Detach { room, participant } => {
+                        replicas.on_local_left(&room, participant);
                         if let Some(members) = rooms.get_mut(&room) {
                             members.remove(&participant);
                             if members.is_empty() { rooms.remove(&room); }
@@ -175,8 +201,51 @@ pub fn spawn(
                     }
                 },
                 Some(msg) = from_origin.recv() => match msg {
-                    OriginToEdge::Reply { id, reply } => {
-                        let Some((tx, listener)) = pending.remove(&id) else { continue };
+                    FromOrigin::Failed(id) => {
+                        // Dropping the sender tells the caller.
+                        if let Some((_, room, Some(_))) = pending.remove(&id) {
+                            if orphan_rooms.len() < MAX_ORPHAN_JOINS {
+                                orphan_rooms.insert(id, room);
+                            }
+                        }
+                    }
+                    FromOrigin::Lost(lost) => {
+                        for room in lost {
+                            // The origin that held the room forgot us (it restarted, or the
+                            // room was placed on a new one): rebuild it there from what we
+                            // know, and the sessions carry on.
+                            if let Some(replica) = replicas.replica(&room) {
+                                let id = RequestId(next_id);
+                                next_id += 1;
+                                tracing::info!(%room, participants = replica.participants.len(), "restoring the room on its origin from this edge's replica");
+                                let restore = EdgeToOrigin::Restore { id, room: room.clone(), replica: Box::new(replica) };
+                                if to_origin.send(restore).await.is_ok() {
+                                    continue;
+                                }
+                            }
+                            if let Some(members) = rooms.remove(&room) {
+                                // Nothing to restore from: dropping the listeners ends the
+                                // sessions, and clients rejoin.
+                                tracing::warn!(%room, sessions = members.len(), "the room's origin lost this edge's participants; ending their sessions");
+                            }
+                        }
+                    }
+                    FromOrigin::Message(OriginToEdge::Attached { .. }) => {}
+                    FromOrigin::Message(OriginToEdge::Reply { id, reply }) => {
+                        let Some((tx, room, listener)) = pending.remove(&id) else {
+                            // A join whose caller was already told the origin was unreachable
+                            // (its link dropped) but which the origin did carry out: leave, so
+                            // no ghost stays in the roster.
+                            if let (Reply::Joined(s), Some(room)) = (&reply, orphan_rooms.remove(&id)) {
+                                let leave = Intent::Leave { participant: s.you.id };
+                                let id = RequestId(next_id);
+                                next_id += 1;
+                                let _ = to_origin.send(EdgeToOrigin::Request { id, room, intent: leave }).await;
+                            }
+                            continue;
+                        };
+                        orphan_rooms.remove(&id);
+                        replicas.on_reply(&room, &reply);
                         // Joined, or waiting in the lobby: either way the room's events (an
                         // admission, for one waiting) come to this listener from now on.
                         let you = match &reply {
@@ -184,12 +253,13 @@ pub fn spawn(
                             Reply::Waiting { you } => Some(you.id),
                             _ => None,
                         };
-                        if let (Some(you), Some((room, l))) = (you, listener) {
+                        if let (Some(you), Some(l)) = (you, listener) {
                             rooms.entry(room).or_default().insert(you, l);
                         }
                         let _ = tx.send(reply);
                     }
-                    OriginToEdge::Event(event) => {
+                    FromOrigin::Message(OriginToEdge::Event(event)) => {
+                        replicas.on_event(&event);
                         let Some(members) = rooms.get_mut(&event.room) else { continue };
                         let room = event.room.clone();
                         deliver(members, &event);
@@ -256,15 +326,13 @@ fn deliver(members: &mut HashMap<ParticipantId, mpsc::Sender<RoomSignal>>, event
 }
 
 /// Runs an in-process origin (dev mode and single-node deployments) and returns its link ends.
+/// The one edge is `EdgeId(0)`.
 pub fn spawn_local_origin(
     config: origin::RoomConfig,
-    edge: EdgeId,
-) -> (
-    mpsc::Sender<(EdgeId, EdgeToOrigin)>,
-    mpsc::Receiver<OriginToEdge>,
-) {
-    let (to_origin, mut origin_rx) = mpsc::channel::<(EdgeId, EdgeToOrigin)>(4096);
-    let (edge_tx, edge_rx) = mpsc::channel::<OriginToEdge>(16384);
+) -> (mpsc::Sender<EdgeToOrigin>, mpsc::Receiver<FromOrigin>) {
+    let edge = EdgeId(0);
+    let (to_origin, mut origin_rx) = mpsc::channel::<EdgeToOrigin>(4096);
+    let (edge_tx, edge_rx) = mpsc::channel::<FromOrigin>(16384);
     tokio::spawn(async move {
         let mut state = origin::Origin::new(config);
         let mut presence = tokio::time::interval(origin::PRESENCE_BATCH);
@@ -272,7 +340,7 @@ pub fn spawn_local_origin(
         loop {
             let out = tokio::select! {
                 msg = origin_rx.recv() => match msg {
-                    Some((from, msg)) => state.handle(from, msg),
+                    Some(msg) => state.handle(edge, msg),
                     None => return,
                 },
                 _ = presence.tick() => state.tick(),
@@ -280,7 +348,11 @@ pub fn spawn_local_origin(
             for out in out {
                 // One edge in-process: everything goes to it.
                 debug_assert_eq!(out.edge, edge);
-                if edge_tx.send(out.message).await.is_err() {
+                if edge_tx
+                    .send(FromOrigin::Message(out.message))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -9,15 +9,19 @@
 //! docs/architecture.md has the picture.
 
 pub mod app;
+pub mod cascade;
 pub mod cluster;
 pub mod config;
 pub mod edge;
 pub mod http;
 pub mod hub;
+pub mod media_hook;
 pub mod metrics;
+pub mod origin_server;
 pub mod sdp;
 pub mod session;
 pub mod sfu;
 pub mod transport;
 pub mod udp;
+pub mod uplink;
 pub mod ws;

@@ -1,11 +1,12 @@
 //! `kcs`: the KCS command line. `kcs dev` runs a whole single-machine system; `kcs edge` an edge
-//! node; `kcs token` mints a dev join token.
+//! node; `kcs origin` a process hosting rooms' origins for edges linked over QUIC; `kcs certs`
+//! makes a dev cluster CA and node certificates; `kcs token` mints a dev join token.
 
 use anyhow::Context;
 use cascade_proto::{Identity, Role, RoomId};
 use clap::{Parser, Subcommand};
 use control_plane::token::{unix_now, TokenVerifier};
-use edge_node::config::EdgeArgs;
+use edge_node::config::{EdgeArgs, OriginArgs};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -77,6 +78,24 @@ enum Command {
         #[arg(long, env = "KCS_PUBLIC_URL")]
         public_url: Option<String>,
     },
+    /// Host rooms' origins for edges that link to it over QUIC (mutual TLS with the cluster CA).
+    Origin {
+        #[command(flatten)]
+        origin: OriginArgs,
+    },
+    /// Make a cluster CA and node certificates (dev and test clusters): writes ca.pem and, per
+    /// node, NODE.pem and NODE.key (mode 0600) into --out. The CA key is not kept.
+    Certs {
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids to issue certificates for (repeat or comma-separate).
+        #[arg(long = "node", value_delimiter = ',', required = true)]
+        nodes: Vec<String>,
+        /// The CA's common name.
+        #[arg(long, default_value = "kcs-cluster-ca")]
+        ca_name: String,
+    },
     /// Print a join token signed with the dev key.
     Token {
         #[arg(long)]
@@ -110,6 +129,16 @@ fn init_logging(filter: &str) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Certs {
+            out,
+            nodes,
+            ca_name,
+        } => write_certs(&out, &nodes, &ca_name),
+        Command::Origin { origin } => {
+            let config = origin.resolve()?;
+            init_logging(&config.log);
+            runtime()?.block_on(run_origin(config))
+        }
         Command::Token {
             room,
             identity,
@@ -226,11 +255,13 @@ fn main() -> anyhow::Result<()> {
                         .await
                         .context("fetching token keys from the control plane")?;
                 }
-                let running = edge_node::app::start(config, verifier, None).await?;
-                if let Some(cp) = control_plane {
-                    edge_node::cluster::follow_keys(running.edge.clone(), cp);
-                }
-                if !etcd.is_empty() {
+                let node = node_id.clone().unwrap_or_else(host_name);
+                let credentials = config
+                    .credentials()
+                    .context("cascade credentials (--ca, --cert, --key)")?;
+                let store = if etcd.is_empty() {
+                    None
+                } else {
                     let store: std::sync::Arc<dyn control_plane::Store> = std::sync::Arc::new(
                         control_plane::EtcdStore::connect(
                             &serde_json::from_value::<control_plane::EtcdConfig>(
@@ -241,21 +272,177 @@ fn main() -> anyhow::Result<()> {
                         .await
                         .context("connecting to etcd")?,
                     );
-                    let keys =
-                        control_plane::keys::KeyLayout::new(control_plane::keys::DEFAULT_ROOT);
-                    let id = node_id.unwrap_or_else(|| {
-                        std::fs::read_to_string("/etc/hostname")
-                            .map(|h| h.trim().to_string())
-                            .unwrap_or_else(|_| "edge".into())
-                    });
+                    Some(store)
+                };
+                let keys = control_plane::keys::KeyLayout::new(control_plane::keys::DEFAULT_ROOT);
+                let directory = match (&config.origin, &store) {
+                    (Some(url), _) => Some(edge_node::uplink::OriginDirectory::Static(
+                        edge_node::uplink::OriginAddr::parse(url).context("--origin")?,
+                    )),
+                    (None, Some(store)) if credentials.is_some() => {
+                        Some(edge_node::uplink::OriginDirectory::Placement {
+                            placer: control_plane::placement::Placer::new(
+                                store.clone(),
+                                keys.clone(),
+                            ),
+                            region: control_plane::nodes::Region::new(&region)
+                                .map_err(|e| anyhow::anyhow!("--region: {e}"))?,
+                        })
+                    }
+                    _ => None,
+                };
+                let origins = match directory {
+                    None => edge_node::app::Origins::InProcess,
+                    Some(directory) => {
+                        let credentials = credentials.as_ref().context(
+                            "linking to origins needs --ca, --cert and --key (see kcs certs)",
+                        )?;
+                        edge_node::app::Origins::Linked {
+                            endpoint: edge_node::app::edge_endpoint(
+                                &config,
+                                credentials,
+                                &node,
+                                &region,
+                            )?,
+                            directory,
+                        }
+                    }
+                };
+                let in_process = matches!(origins, edge_node::app::Origins::InProcess);
+                let running = edge_node::app::start_with(config, verifier, None, origins).await?;
+                if let Some(cp) = control_plane {
+                    edge_node::cluster::follow_keys(running.edge.clone(), cp);
+                }
+                if let Some(store) = store {
                     let url = public_url.unwrap_or_else(|| format!("http://{}", running.http));
-                    edge_node::cluster::register(store, &keys, &running, &id, &region, &url)
+                    if in_process {
+                        edge_node::cluster::register(store, &keys, &running, &node, &region, &url)
+                            .await?;
+                    } else {
+                        edge_node::cluster::register_edge(
+                            store, &keys, &running, &node, &region, &url,
+                        )
                         .await?;
+                    }
                 }
                 wait_for_shutdown(running).await
             })
         }
     }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "edge".into())
+}
+
+fn write_certs(out: &std::path::Path, nodes: &[String], ca_name: &str) -> anyhow::Result<()> {
+    use cascade_proto::link::Label;
+    use cascade_proto::quic::ClusterCa;
+    use std::os::unix::fs::OpenOptionsExt;
+    let labels = nodes
+        .iter()
+        .map(|n| Label::new(n.as_str()).map_err(|e| anyhow::anyhow!("node id {n:?}: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let ca = ClusterCa::generate(ca_name)?;
+    let write = |name: String, text: &str, mode: u32| -> anyhow::Result<()> {
+        use std::io::Write;
+        let path = out.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        f.write_all(text.as_bytes())?;
+        Ok(())
+    };
+    write("ca.pem".into(), &ca.cert_pem(), 0o644)?;
+    for node in &labels {
+        let (cert, key) = ca.issue_pem(node)?;
+        write(format!("{node}.pem"), &cert, 0o644)?;
+        write(format!("{node}.key"), &key, 0o600)?;
+    }
+    println!(
+        "wrote {}/ca.pem and certificates for {}",
+        out.display(),
+        nodes.join(", ")
+    );
+    Ok(())
+}
+
+async fn run_origin(config: edge_node::config::OriginConfig) -> anyhow::Result<()> {
+    use cascade_proto::link::Label;
+    let node = config.node_id.clone().unwrap_or_else(host_name);
+    let credentials = match (&config.ca, &config.cert, &config.key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            cascade_proto::quic::NodeCredentials::from_pem_files(ca, cert, key)?
+        }
+        _ => anyhow::bail!("kcs origin needs --ca, --cert and --key (see kcs certs)"),
+    };
+    anyhow::ensure!(
+        config.grace_secs.is_finite() && config.grace_secs >= 0.0,
+        "--grace-secs must be a non-negative number of seconds"
+    );
+    let settings = edge_node::origin_server::OriginSettings {
+        cascade: config.cascade,
+        http: config.http,
+        node: Label::new(node.as_str()).map_err(|e| anyhow::anyhow!("node id {node:?}: {e}"))?,
+        region: Label::new(config.region.as_str())
+            .map_err(|e| anyhow::anyhow!("region {:?}: {e}", config.region))?,
+        credentials,
+        grace: std::time::Duration::from_secs_f64(config.grace_secs),
+        rooms: origin::RoomConfig::default(),
+    };
+    let running = edge_node::origin_server::start(
+        settings,
+        std::sync::Arc::new(edge_node::origin_server::OriginRelay::new()),
+    )
+    .await?;
+    let host = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| match running.cascade.ip() {
+            ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+            ip => ip.to_string(),
+        });
+    let url = format!("quic://{node}@{host}:{}", running.cascade.port());
+    println!(
+        "kcs origin {node}: cascade {url}, HTTP http://{}",
+        running.http
+    );
+    if !config.etcd.is_empty() {
+        let store: std::sync::Arc<dyn control_plane::Store> = std::sync::Arc::new(
+            control_plane::EtcdStore::connect(
+                &serde_json::from_value::<control_plane::EtcdConfig>(
+                    serde_json::json!({ "endpoints": config.etcd }),
+                )
+                .context("etcd endpoints")?,
+            )
+            .await
+            .context("connecting to etcd")?,
+        );
+        let keys = control_plane::keys::KeyLayout::new(control_plane::keys::DEFAULT_ROOT);
+        let addresses = host.parse().map(|ip| vec![ip]).unwrap_or_default();
+        edge_node::cluster::register_origin(
+            store,
+            &keys,
+            &node,
+            &config.region,
+            &url,
+            addresses,
+            running.metrics.clone(),
+        )
+        .await?;
+    }
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => { tracing::info!("shutting down"); }
+        _ = running.server => { anyhow::bail!("HTTP server stopped"); }
+    }
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

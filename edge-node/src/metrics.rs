@@ -66,6 +66,23 @@ counters! {
     rejected_payload_type => "rejected_payload_type_total", "RTP with a payload type not forwarded";
     rejected_garbage => "rejected_garbage_total", "datagrams that are neither STUN, DTLS nor RTP/RTCP";
     rejected_dtls => "rejected_dtls_total", "DTLS from an address with no nominated transport or failed handshakes";
+    relayed_in => "cascade_relayed_packets_in_total", "RTP packets received from cascade links for relayed publications";
+    relayed_rejected => "cascade_relayed_rejected_total", "cascade packets for no relayed publication, or not RTP";
+    link_packets_out => "cascade_link_packets_out_total", "RTP packets queued as datagrams to cascade links";
+    link_retransmits_out => "cascade_link_retransmits_out_total", "packets resent to cascade links in answer to NACKs";
+    link_keyframe_requests_out => "cascade_keyframe_requests_out_total", "keyframe requests sent up cascade links";
+    link_nacks_out => "cascade_nacks_out_total", "sequence numbers NACKed up cascade links";
+}
+
+/// Counters of the cascade links' media shell (`crate::cascade`).
+#[derive(Debug, Default)]
+pub struct CascadeLinkCounters {
+    /// Datagrams to a link dropped: the link is gone or QUIC refused them.
+    pub send_failures: AtomicU64,
+    /// Datagrams from links on flows this edge did not subscribe, or that did not decode.
+    pub unsolicited: AtomicU64,
+    /// Relayed packets dropped because the room's shard inbox was full.
+    pub shard_overflow: AtomicU64,
 }
 
 /// Everything `/metrics` shows.
@@ -79,8 +96,12 @@ pub struct Metrics {
     pub ws_connections: AtomicI64,
     /// Participants whose signaling connection dropped, kept for resuming.
     pub ws_resumable: AtomicI64,
+    /// Cascade link media counted outside the shards (link readers and senders).
+    pub cascade: CascadeLinkCounters,
     /// Signaling and HTTP inputs rejected, by reason code.
     rejected: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Links to origins (cluster mode; all zero with an in-process origin).
+    pub uplink: std::sync::Arc<crate::uplink::UplinkMetrics>,
 }
 
 impl Metrics {
@@ -131,6 +152,27 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE kcs_{name} gauge");
             let _ = writeln!(out, "kcs_{name} {}", v.load(Relaxed));
         }
+        for (name, help, v) in [
+            (
+                "cascade_link_send_failures_total",
+                "datagrams to cascade links dropped (link gone or QUIC send buffer full)",
+                &self.cascade.send_failures,
+            ),
+            (
+                "cascade_unsolicited_datagrams_total",
+                "datagrams from cascade links on flows this edge did not subscribe, or malformed",
+                &self.cascade.unsolicited,
+            ),
+            (
+                "cascade_shard_overflow_total",
+                "relayed packets dropped because the shard inbox was full",
+                &self.cascade.shard_overflow,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP kcs_{name} {help}");
+            let _ = writeln!(out, "# TYPE kcs_{name} counter");
+            let _ = writeln!(out, "kcs_{name} {}", v.load(Relaxed));
+        }
         let _ = writeln!(
             out,
             "# HELP kcs_signaling_rejected_total signaling and HTTP inputs rejected, by error code"
@@ -139,6 +181,35 @@ impl Metrics {
         let m = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
         for (code, n) in m.iter() {
             let _ = writeln!(out, "kcs_signaling_rejected_total{{code=\"{code}\"}} {n}");
+        }
+        drop(m);
+        let u = &self.uplink;
+        let _ = writeln!(
+            out,
+            "# HELP kcs_origin_links cascade links to origins that are up"
+        );
+        let _ = writeln!(out, "# TYPE kcs_origin_links gauge");
+        let _ = writeln!(out, "kcs_origin_links {}", u.links_up.load(Relaxed));
+        for (name, help, v) in [
+            (
+                "origin_link_connects_total",
+                "cascade links to origins established (first and reconnects)",
+                &u.connects,
+            ),
+            (
+                "origin_link_connect_failures_total",
+                "failed attempts to dial an origin",
+                &u.connect_failures,
+            ),
+            (
+                "origin_requests_failed_total",
+                "room requests failed because their origin was unreachable",
+                &u.requests_failed,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP kcs_{name} {help}");
+            let _ = writeln!(out, "# TYPE kcs_{name} counter");
+            let _ = writeln!(out, "kcs_{name} {}", v.load(Relaxed));
         }
         out
     }

@@ -69,7 +69,10 @@ fn refused(reply: Reply) -> SessionError {
 }
 
 fn origin_down() -> SessionError {
-    SessionError::new("internal", "the room's origin is unreachable")
+    SessionError::new(
+        "origin_unavailable",
+        "the room's origin is unreachable; retry shortly",
+    )
 }
 
 /// Gives up a place in a room's lobby (the client left or can not wait).
@@ -98,6 +101,8 @@ struct SubMedia {
     ssrc: u32,
     rtx_ssrc: Option<u32>,
     subscription: Option<SubscriptionId>,
+    /// Received through a cascade link (a relayed publication this session holds a use of).
+    remote: bool,
 }
 
 struct Subscriber {
@@ -555,7 +560,15 @@ impl Participant {
                 ));
                 continue;
             }
-            let Some(publ) = self.edge.publication(&self.room, track) else {
+            // Published on this edge, or else received through the room's cascade link.
+            let (publ, remote) = match self.edge.publication(&self.room, track) {
+                Some(p) if !crate::cascade::CascadeMedia::is_relayed(p.id) => (Some(p), false),
+                _ => (
+                    self.edge.cascade.ensure_remote(&self.room, &info).await,
+                    true,
+                ),
+            };
+            let Some(publ) = publ else {
                 first_error.get_or_insert(SessionError::new(
                     "no_such_track",
                     format!("track {track} is not being received"),
@@ -582,6 +595,7 @@ impl Participant {
                 ssrc,
                 rtx_ssrc,
                 subscription: Some(sid),
+                remote,
             });
             self.shard(Command::AddSubscription {
                 id: sid,
@@ -635,11 +649,15 @@ impl Participant {
     /// Stops receiving tracks; returns the new offer if anything changed.
     pub async fn close_consumers(&mut self, tracks: &[TrackId]) -> Option<SubscriberOffer> {
         let mut removed = Vec::new();
+        let mut remote = Vec::new();
         if let Some(sub) = self.subscriber.as_mut() {
             for m in sub.media.iter_mut() {
                 if tracks.contains(&m.track) {
                     if let Some(sid) = m.subscription.take() {
                         removed.push(sid);
+                        if std::mem::take(&mut m.remote) {
+                            remote.push(m.track);
+                        }
                     }
                 }
             }
@@ -650,6 +668,9 @@ impl Participant {
                 .metrics
                 .subscriptions
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        for track in remote {
+            self.edge.cascade.release_remote(&self.room, track).await;
         }
         if removed.is_empty() {
             None
@@ -962,6 +983,20 @@ impl Participant {
         .flatten()
         {
             self.shard(Command::RemoveTransport { id: t }).await;
+        }
+        let remote: Vec<TrackId> = self
+            .subscriber
+            .as_ref()
+            .map(|s| {
+                s.media
+                    .iter()
+                    .filter(|m| m.remote && m.subscription.is_some())
+                    .map(|m| m.track)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for track in remote {
+            self.edge.cascade.release_remote(&self.room, track).await;
         }
         if tell_origin {
             let _ = self

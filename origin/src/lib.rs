@@ -21,9 +21,9 @@ pub use room::{
 };
 
 use cascade_proto::room::{
-    EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RoomError, RoomEvent,
+    EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomError, RoomEvent,
 };
-use cascade_proto::RoomId;
+use cascade_proto::{ParticipantId, RoomId};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -111,7 +111,49 @@ impl Origin {
                 }
                 out
             }
+            // Link bookkeeping belongs to the process that owns the links (`kcs origin`).
+            EdgeToOrigin::Attach { .. } => Vec::new(),
         }
+    }
+
+    /// An edge is gone for good (its link stayed down past the grace period, or it came back
+    /// as a new process): each of its participants and lobby guests leaves, as if it had sent
+    /// the leave itself. Returns the events for the other edges (the replies, addressed to the
+    /// gone edge, are dropped).
+    pub fn drop_edge(&mut self, edge: EdgeId, now_ms: u64) -> Vec<Outgoing> {
+        let mut gone: Vec<(RoomId, ParticipantId)> = Vec::new();
+        for (id, room) in &self.rooms {
+            gone.extend(
+                room.participants()
+                    .chain(room.waiting())
+                    .filter(|p| p.edge == edge)
+                    .map(|p| (id.clone(), p.id)),
+            );
+        }
+        let mut out = Vec::new();
+        for (room, participant) in gone {
+            let leave = EdgeToOrigin::Request {
+                id: RequestId(0),
+                room,
+                intent: Intent::Leave { participant },
+            };
+            out.extend(
+                self.handle_at(edge, leave, now_ms).into_iter().filter(|o| {
+                    !(o.edge == edge && matches!(o.message, OriginToEdge::Reply { .. }))
+                }),
+            );
+        }
+        out
+    }
+
+    /// Every room's id.
+    pub fn room_ids(&self) -> impl Iterator<Item = &RoomId> {
+        self.rooms.keys()
+    }
+
+    /// Participants in all rooms (for load reports).
+    pub fn participant_count(&self) -> usize {
+        self.rooms.values().map(Room::participant_count).sum()
     }
 
     /// Sends every room's batched joins and leaves, and closes restore windows that are due.
@@ -151,4 +193,66 @@ fn fan_out(events: Vec<(RoomEvent, Vec<EdgeId>)>) -> Vec<Outgoing> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cascade_proto::room::{Reply, RoomEventBody};
+    use cascade_proto::{Identity, Role};
+
+    fn join(o: &mut Origin, edge: u32, who: &str) -> ParticipantId {
+        let out = o.handle_at(
+            EdgeId(edge),
+            EdgeToOrigin::Request {
+                id: RequestId(1),
+                room: RoomId::new("r").unwrap(),
+                intent: Intent::Join {
+                    identity: Identity::new(who).unwrap(),
+                    role: Role::Attendee,
+                    name: who.into(),
+                },
+            },
+            1,
+        );
+        match &out[0].message {
+            OriginToEdge::Reply {
+                reply: Reply::Joined(s),
+                ..
+            } => s.you.id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn dropping_an_edge_removes_only_its_participants() {
+        let mut o = Origin::new(RoomConfig::default());
+        let a = join(&mut o, 1, "a");
+        let b = join(&mut o, 2, "b");
+        o.tick();
+        let out = o.drop_edge(EdgeId(1), 2);
+        assert!(
+            out.iter().all(|m| m.edge == EdgeId(2)),
+            "nothing goes to the gone edge: {out:?}"
+        );
+        let room = o.room(&RoomId::new("r").unwrap()).unwrap();
+        let left: Vec<_> = room.participants().map(|p| p.id).collect();
+        assert_eq!(left, vec![b]);
+        let leaves: Vec<_> = o
+            .tick()
+            .into_iter()
+            .filter_map(|m| match m.message {
+                OriginToEdge::Event(RoomEvent {
+                    body: RoomEventBody::ParticipantsLeft(gone),
+                    ..
+                }) => Some(gone),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(leaves, vec![vec![a]], "the other edge hears the leave");
+        assert!(
+            o.drop_edge(EdgeId(7), 3).is_empty(),
+            "an unknown edge changes nothing"
+        );
+    }
 }

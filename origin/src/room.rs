@@ -190,6 +190,15 @@ impl Room {
         self.participants.values().map(|m| &m.info)
     }
 
+    pub fn participant_count(&self) -> usize {
+        self.participants.len()
+    }
+
+    /// Guests waiting in the lobby.
+    pub fn waiting(&self) -> impl Iterator<Item = &ParticipantInfo> {
+        self.waiting.values()
+    }
+
     pub fn tracks(&self) -> impl Iterator<Item = &TrackInfo> {
         self.tracks.values()
     }

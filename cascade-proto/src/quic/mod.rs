@@ -18,12 +18,14 @@
 //! One control stream per link is enforced by QUIC itself: each side allows its peer one open
 //! bidirectional stream and no unidirectional ones.
 
+mod relay_node;
 pub mod tls;
 
 use crate::link::{ControlMessage, GoodbyeCode, Hello, MediaDatagram, Refusal};
 use crate::wire::{self, FrameDecoder, WireError, DEFAULT_MAX_FRAME_BODY};
 use bytes::Bytes;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+pub use relay_node::RelayNode;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -481,6 +483,13 @@ impl MediaChannel {
             Vec::with_capacity(wire::datagram_header_len(datagram.flow) + datagram.rtp.len());
         wire::encode_datagram(datagram, &mut buf);
         self.conn.send_datagram(Bytes::from(buf))?;
+        Ok(())
+    }
+
+    /// Sends one datagram already encoded by [`wire::encode_datagram`] (as the relay and the
+    /// edge's shards queue them). Dropped by QUIC when the send buffer is full.
+    pub fn send_encoded(&self, datagram: &[u8]) -> Result<(), LinkError> {
+        self.conn.send_datagram(Bytes::copy_from_slice(datagram))?;
         Ok(())
     }
 

@@ -13,6 +13,8 @@
 //! Ids ([`TransportId`], [`PublicationId`], [`SubscriptionId`]) are chosen by the caller (the
 //! signaling session that owns them), so commands can be sent without a round trip.
 
+#[cfg(test)]
+mod cascade_tests;
 pub mod harness;
 mod rtp;
 #[cfg(test)]
@@ -26,6 +28,8 @@ use crate::transport::dtls::SrtpKeys;
 use crate::transport::ice::{IceCredentials, IceEvent, IceLite, StunOutcome};
 use crate::transport::srtp::SrtpSession;
 use bytes::Bytes;
+pub use cascade_proto::link::{FlowId, MediaFlags};
+pub use cascade_proto::relay::LinkId;
 use kcs_media::bwe::{BweConfig, SendSideBwe};
 use kcs_media::cache::{PacketCache, SentPacket, Sequencer};
 use kcs_media::codec::{is_keyframe, VideoCodec};
@@ -198,6 +202,79 @@ pub enum Command {
         id: SubscriptionId,
         max: Option<SpatialLayer>,
     },
+    /// A publication whose packets come from a cascade link as plaintext RTP
+    /// ([`ShardCore::handle_relayed`]) instead of a client transport. Subscriptions attach to it
+    /// like to any publication; its NACKs and keyframe requests become [`CascadeRequest`]s.
+    AddRelayedPublication {
+        id: PublicationId,
+        spec: RelayedPublicationSpec,
+    },
+    /// Queue copies of `layer` of a publication (local or relayed) for a cascade link, stamped
+    /// with `flow` (the link peer's subscription).
+    AddLinkSink {
+        publication: PublicationId,
+        layer: u8,
+        link: LinkId,
+        flow: FlowId,
+    },
+    RemoveLinkSink {
+        publication: PublicationId,
+        layer: u8,
+        link: LinkId,
+        flow: FlowId,
+    },
+    /// A link peer needs a keyframe of a layer of a publication (a PLI at a local publisher, or
+    /// a [`CascadeRequest::Keyframe`] further up for a relayed one; rate-limited either way).
+    RequestKeyframe {
+        publication: PublicationId,
+        layer: u8,
+    },
+    /// A link peer lost these packets of a layer (sequence numbers as the link carries them):
+    /// resent from the layer's cache to `link` on `flow`, flagged as retransmissions.
+    LinkNack {
+        publication: PublicationId,
+        layer: u8,
+        link: LinkId,
+        flow: FlowId,
+        seqs: Vec<u16>,
+    },
+}
+
+/// A relayed publication as the core needs it. The codec comes from the room state; the
+/// payload type is the one the publisher's edge forwards (subscribers get their own).
+#[derive(Debug, Clone)]
+pub struct RelayedPublicationSpec {
+    pub room: String,
+    pub codec: MediaCodec,
+    pub clock_rate: u32,
+    /// Simulcast layers the publisher sends (1 for audio and single-layer video).
+    pub layers: u8,
+}
+
+/// Core -> cascade: what a relayed publication needs from upstream (the cascade maps the
+/// publication to its link and flow).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CascadeRequest {
+    Keyframe {
+        publication: PublicationId,
+        layer: u8,
+    },
+    Nack {
+        publication: PublicationId,
+        layer: u8,
+        seqs: Vec<u16>,
+    },
+}
+
+/// Stands for "no transport" in the spec of a relayed publication.
+const RELAYED: TransportId = TransportId(u64::MAX);
+
+/// A copy destination of one layer of a publication on a cascade link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LinkSink {
+    layer: u8,
+    link: LinkId,
+    flow: FlowId,
 }
 
 /// Core -> signaling.
@@ -278,6 +355,9 @@ struct Publication {
     layers: Vec<Layer>,
     subscribers: Vec<SubscriptionId>,
     muted: bool,
+    /// Packets come from a cascade link ([`Command::AddRelayedPublication`]).
+    relayed: bool,
+    sinks: Vec<LinkSink>,
 }
 
 struct Subscription {
@@ -313,6 +393,10 @@ pub struct ShardCore {
     last_reports: Option<Instant>,
     last_twcc: Option<Instant>,
     scratch: Vec<u8>,
+    /// Encoded cascade datagrams waiting for the shell: bytes in one reused buffer.
+    link_bytes: Vec<u8>,
+    link_out: Vec<(LinkId, std::ops::Range<usize>)>,
+    cascade_requests: Vec<CascadeRequest>,
     pub counters: ShardCounters,
 }
 
@@ -333,6 +417,9 @@ impl ShardCore {
             last_reports: None,
             last_twcc: None,
             scratch: vec![0u8; 2048],
+            link_bytes: Vec::new(),
+            link_out: Vec::new(),
+            cascade_requests: Vec::new(),
             counters: ShardCounters::default(),
         }
     }
@@ -444,6 +531,115 @@ impl ShardCore {
                     }
                 }
             }
+            Command::AddRelayedPublication { id, spec } => self.add_relayed_publication(id, spec),
+            Command::AddLinkSink {
+                publication,
+                layer,
+                link,
+                flow,
+            } => {
+                if let Some(p) = self.publications.get_mut(&publication) {
+                    let sink = LinkSink { layer, link, flow };
+                    if !p.sinks.contains(&sink) {
+                        p.sinks.push(sink);
+                    }
+                }
+            }
+            Command::RemoveLinkSink {
+                publication,
+                layer,
+                link,
+                flow,
+            } => {
+                if let Some(p) = self.publications.get_mut(&publication) {
+                    p.sinks.retain(|s| *s != LinkSink { layer, link, flow });
+                }
+            }
+            Command::RequestKeyframe { publication, layer } => {
+                if let Some(l) = self
+                    .publications
+                    .get_mut(&publication)
+                    .and_then(|p| p.layers.get_mut(usize::from(layer)))
+                {
+                    l.keyframes.handle_request(now);
+                }
+            }
+            Command::LinkNack {
+                publication,
+                layer,
+                link,
+                flow,
+                seqs,
+            } => self.handle_link_nack(publication, layer, link, flow, &seqs),
+        }
+    }
+
+    /// One plaintext RTP packet of a relayed publication, from a cascade link. `flags` are the
+    /// datagram's: its keyframe bit is trusted (the publisher's edge parsed the payload), so the
+    /// codec payload is not parsed again here.
+    pub fn handle_relayed(
+        &mut self,
+        publication: PublicationId,
+        layer: u8,
+        flags: MediaFlags,
+        rtp: &[u8],
+        now: Instant,
+    ) {
+        let Ok(view) = RtpView::parse(rtp) else {
+            self.counters.relayed_rejected += 1;
+            return;
+        };
+        if !self
+            .publications
+            .get(&publication)
+            .is_some_and(|p| p.relayed && usize::from(layer) < p.layers.len())
+        {
+            self.counters.relayed_rejected += 1;
+            return;
+        }
+        self.counters.relayed_in += 1;
+        self.handle_media(publication, layer, &view, None, Some(flags.keyframe), now);
+    }
+
+    fn handle_link_nack(
+        &mut self,
+        publication: PublicationId,
+        layer: u8,
+        link: LinkId,
+        flow: FlowId,
+        seqs: &[u16],
+    ) {
+        let Some(l) = self
+            .publications
+            .get(&publication)
+            .and_then(|p| p.layers.get(usize::from(layer)))
+        else {
+            return;
+        };
+        let Some(layer_id) = cascade_proto::link::Layer::new(layer) else {
+            return;
+        };
+        for &seq in seqs {
+            let Some(bytes) = l.unwrapper.peek(seq).and_then(|ext| l.cache.get(ext)) else {
+                self.counters.nacks_missed += 1;
+                continue;
+            };
+            let start = self.link_bytes.len();
+            cascade_proto::wire::encode_datagram(
+                &cascade_proto::link::MediaDatagram {
+                    flow,
+                    layer: layer_id,
+                    flags: MediaFlags {
+                        retransmission: true,
+                        end_of_frame: bytes.get(1).is_some_and(|b| b & 0x80 != 0),
+                        keyframe: false,
+                    },
+                    rtp: bytes,
+                },
+                &mut self.link_bytes,
+            );
+            self.link_out.push((link, start..self.link_bytes.len()));
+            self.counters.link_retransmits_out += 1;
         }
     }
 
@@ -637,7 +833,7 @@ impl ShardCore {
             rebuilt.extend_from_slice(&payload[2..]);
             self.counters.rtx_in += 1;
             if let Ok(orig) = RtpView::parse(&rebuilt) {
-                self.handle_media(pid, layer, &orig, None, now);
+                self.handle_media(pid, layer, &orig, None, None, now);
             }
         } else {
             let level = self
@@ -646,23 +842,27 @@ impl ShardCore {
                 .and_then(|t| t.ext_in.audio_level)
                 .and_then(|id| view.extension(id))
                 .and_then(|v| v.first().copied());
-            self.handle_media(pid, layer, &view, level, now);
+            self.handle_media(pid, layer, &view, level, None, now);
         }
     }
 
     /// One media packet of publication `pid`, layer `layer` (retransmissions already unwrapped).
+    /// `keyframe`: known by the caller (a relayed packet's flag), else parsed from the payload.
     fn handle_media(
         &mut self,
         pid: PublicationId,
         layer_idx: u8,
         view: &RtpView<'_>,
         audio_level: Option<u8>,
+        keyframe: Option<bool>,
         now: Instant,
     ) {
         let Some(p) = self.publications.get_mut(&pid) else {
             return;
         };
-        if view.payload_type != p.spec.payload_type {
+        // A relayed publication carries only media its publisher's edge already filtered (RTX
+        // unwrapped, other payload types dropped); its payload type is that edge's.
+        if !p.relayed && view.payload_type != p.spec.payload_type {
             // Another codec of the m-line (e.g. comfort noise, FEC): not forwarded.
             self.counters.rejected_payload_type += 1;
             return;
@@ -685,9 +885,10 @@ impl ShardCore {
         layer
             .stats
             .handle_packet(ext_seq, view.timestamp, now, clock_rate);
-        let keyframe = match codec {
-            MediaCodec::Video(c) => is_keyframe(c, view.payload()),
-            MediaCodec::Audio => false,
+        let keyframe = match (keyframe, codec) {
+            (Some(k), _) => k,
+            (None, MediaCodec::Video(c)) => is_keyframe(c, view.payload()),
+            (None, MediaCodec::Audio) => false,
         };
         if keyframe {
             layer.keyframes.handle_keyframe(now);
@@ -705,6 +906,30 @@ impl ShardCore {
         }
         if p.muted {
             return;
+        }
+        if !p.sinks.is_empty() {
+            if let Some(layer_id) = cascade_proto::link::Layer::new(layer_idx) {
+                let flags = MediaFlags {
+                    keyframe,
+                    end_of_frame: view.marker,
+                    retransmission: false,
+                };
+                for sink in p.sinks.iter().filter(|s| s.layer == layer_idx) {
+                    let start = self.link_bytes.len();
+                    cascade_proto::wire::encode_datagram(
+                        &cascade_proto::link::MediaDatagram {
+                            flow: sink.flow,
+                            layer: layer_id,
+                            flags,
+                            rtp: view.bytes(),
+                        },
+                        &mut self.link_bytes,
+                    );
+                    self.link_out
+                        .push((sink.link, start..self.link_bytes.len()));
+                    self.counters.link_packets_out += 1;
+                }
+            }
         }
         if newly_available && matches!(codec, MediaCodec::Video(_)) {
             // A layer (re)appeared: let selectors see it now, so this very packet (often the
@@ -1050,7 +1275,31 @@ impl ShardCore {
             }
         }
         let mut out: Vec<(TransportId, Box<dyn RtcpPacket + Send + Sync>)> = Vec::new();
-        for p in self.publications.values_mut() {
+        for (pid, p) in self.publications.iter_mut() {
+            if p.relayed {
+                // Its publisher is behind a link: NACKs and keyframe requests go up the link.
+                for (i, l) in p.layers.iter_mut().enumerate() {
+                    if let Some(seqs) = l.nack.poll_nacks(now) {
+                        self.counters.link_nacks_out += seqs.len() as u64;
+                        self.cascade_requests.push(CascadeRequest::Nack {
+                            publication: *pid,
+                            layer: i as u8,
+                            seqs,
+                        });
+                    }
+                    if l.nack.poll_keyframe_needed() {
+                        l.keyframes.handle_request(now);
+                    }
+                    if l.keyframes.poll_send(now).is_some() {
+                        self.counters.link_keyframe_requests_out += 1;
+                        self.cascade_requests.push(CascadeRequest::Keyframe {
+                            publication: *pid,
+                            layer: i as u8,
+                        });
+                    }
+                }
+                continue;
+            }
             let Some(t) = self.transports.get(&p.spec.transport) else {
                 continue;
             };
@@ -1368,6 +1617,29 @@ impl ShardCore {
         out.append(&mut self.transmits);
     }
 
+    /// Hands every queued cascade datagram (encoded, for `MediaChannel::send_encoded`) to
+    /// `send`, then empties the queue (keeping its buffer).
+    pub fn drain_link_datagrams(&mut self, mut send: impl FnMut(LinkId, &[u8])) {
+        for (link, range) in self.link_out.drain(..) {
+            send(link, &self.link_bytes[range]);
+        }
+        self.link_bytes.clear();
+    }
+
+    /// Cascade datagrams waiting for [`drain_link_datagrams`](Self::drain_link_datagrams).
+    pub fn queued_link_datagrams(&self) -> usize {
+        self.link_out.len()
+    }
+
+    /// The next request a relayed publication sends upstream.
+    pub fn poll_cascade_request(&mut self) -> Option<CascadeRequest> {
+        if self.cascade_requests.is_empty() {
+            None
+        } else {
+            Some(self.cascade_requests.remove(0))
+        }
+    }
+
     /// Next event for a session, or a room-wide event (owner `None`).
     pub fn poll_event(&mut self) -> Option<(Option<SessionId>, Event)> {
         if let Some((owner, ev)) = self.events.pop() {
@@ -1441,6 +1713,44 @@ impl ShardCore {
                 layers,
                 subscribers: Vec::new(),
                 muted: false,
+                relayed: false,
+                sinks: Vec::new(),
+            },
+        );
+    }
+
+    fn add_relayed_publication(&mut self, id: PublicationId, spec: RelayedPublicationSpec) {
+        let layers = (0..spec.layers.max(1))
+            .map(|_| Layer {
+                spec: LayerSpec::default(),
+                unwrapper: SeqUnwrapper::new(),
+                cache: PacketCache::new(PACKET_CACHE_SIZE),
+                nack: NackGenerator::default(),
+                meter: BitrateMeter::new(),
+                stats: ReceiveStats::new(),
+                keyframes: KeyframeRequester::new(KeyframeRequesterConfig::default()),
+                received_any: false,
+            })
+            .collect();
+        self.publications.insert(
+            id,
+            Publication {
+                spec: PublicationSpec {
+                    room: spec.room,
+                    transport: RELAYED,
+                    mid: String::new(),
+                    codec: spec.codec,
+                    clock_rate: spec.clock_rate,
+                    payload_type: 0,
+                    rtx_payload_type: None,
+                    layers: Vec::new(),
+                    prefers_fir: false,
+                },
+                layers,
+                subscribers: Vec::new(),
+                muted: false,
+                relayed: true,
+                sinks: Vec::new(),
             },
         );
     }

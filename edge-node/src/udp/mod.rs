@@ -53,6 +53,18 @@ pub enum ShardInput {
     },
     /// Datagrams another shard received for this one.
     Datagrams(Vec<(SocketAddr, Vec<u8>)>),
+    /// Packets of relayed publications read from cascade links (see `crate::cascade`).
+    Relayed(Vec<RelayedPacket>),
+}
+
+/// One RTP packet from a cascade link for a relayed publication of this shard.
+#[derive(Debug)]
+pub struct RelayedPacket {
+    pub publication: crate::sfu::PublicationId,
+    pub layer: u8,
+    pub flags: crate::sfu::MediaFlags,
+    /// The plaintext RTP packet (a slice of the received datagram, not a copy).
+    pub rtp: bytes::Bytes,
 }
 
 /// Which shard owns which ICE ufrag and peer address (written on the cold path only).
@@ -102,6 +114,8 @@ pub struct Shards {
     pub router: Arc<Router>,
     /// Each shard's socket address (all equal unless a port range is configured).
     pub local_addrs: Vec<SocketAddr>,
+    /// Cascade links' media channels: shards send their queued link datagrams through it.
+    pub links: Arc<crate::cascade::LinkChannels>,
 }
 
 impl Shards {
@@ -124,6 +138,12 @@ impl Shards {
         if self.inboxes[shard].send(input).await.is_err() {
             tracing::error!(shard, "shard is gone");
         }
+    }
+
+    /// Sends to a shard unless its inbox is full (media: dropping beats waiting); `false` when
+    /// the input was dropped.
+    pub fn try_send(&self, shard: usize, input: ShardInput) -> bool {
+        self.inboxes[shard].try_send(input).is_ok()
     }
 }
 
@@ -171,6 +191,7 @@ pub fn start(
         receivers.push(rx);
     }
     let inboxes = Arc::new(inboxes);
+    let links = Arc::new(crate::cascade::LinkChannels::new(metrics.clone()));
     for (index, (socket, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
         let shard = ShardShell {
             index,
@@ -181,6 +202,7 @@ pub fn start(
             cert: cert.clone(),
             metrics: metrics.clone(),
             room_events: room_events.clone(),
+            links: links.clone(),
         };
         std::thread::Builder::new()
             .name(format!("kcs-shard-{index}"))
@@ -190,6 +212,7 @@ pub fn start(
         inboxes,
         router,
         local_addrs,
+        links,
     })
 }
 
@@ -214,6 +237,7 @@ struct ShardShell {
     cert: Arc<DtlsCertificate>,
     metrics: Arc<Metrics>,
     room_events: mpsc::Sender<Event>,
+    links: Arc<crate::cascade::LinkChannels>,
 }
 
 /// A finished DTLS handshake: the transport and its SRTP keys (or why it failed).
@@ -329,6 +353,13 @@ impl ShardShell {
                 {
                     tracing::debug!(shard, "peer shard inbox full: dropped handed-off datagrams");
                 }
+            }
+            if core.queued_link_datagrams() > 0 {
+                let links = &self.links;
+                core.drain_link_datagrams(|link, bytes| links.send(link, bytes));
+            }
+            while let Some(r) = core.poll_cascade_request() {
+                self.links.request(r);
             }
             core.poll_transmits(&mut transmits);
             if !transmits.is_empty() {
@@ -469,6 +500,11 @@ impl ShardShell {
                 fingerprint,
             } => {
                 fingerprints.insert(transport, fingerprint);
+            }
+            ShardInput::Relayed(packets) => {
+                for p in packets {
+                    core.handle_relayed(p.publication, p.layer, p.flags, &p.rtp, now);
+                }
             }
             ShardInput::Datagrams(items) => {
                 for (from, data) in items {

@@ -1,0 +1,797 @@
+//! The edge's media side of cascade links: which of this edge's publications go up which link,
+//! and which remote tracks come down as relayed publications.
+//!
+//! The link task (one per QUIC connection, owned by the control side) calls
+//! [`CascadeMedia::link_up`] with the link's control sender and [`MediaChannel`],
+//! [`CascadeMedia::on_control`] for every media control message it reads (subscribe,
+//! unsubscribe, keyframe_request, layer_demand, nack, stats), and [`CascadeMedia::link_down`].
+//! Sessions call [`CascadeMedia::ensure_remote`] when a participant consumes a track that is
+//! not published on this edge, and [`CascadeMedia::release_remote`] when it stops.
+//!
+//! Two directions, one shard each way (a room lives on one shard, so all of this is per room):
+//!
+//! - **Up (link sinks).** A peer's `subscribe(flow, room, track, layer)` for a publication on
+//!   this edge becomes [`Command::AddLinkSink`] on the room's shard: the shard queues a copy of
+//!   every packet of that layer, as plaintext RTP in a datagram stamped with the peer's flow,
+//!   and its shell sends the batch on the link ([`LinkChannels::send`]). `layer_demand` narrows
+//!   which subscribed layers have sinks; `keyframe_request` becomes a PLI at the publisher (rate
+//!   limited by the shard); `nack` is answered from the shard's packet cache.
+//! - **Down (relayed publications).** A remote track a local participant consumes becomes
+//!   [`Command::AddRelayedPublication`] on the room's shard plus a `subscribe` per layer on the
+//!   room's upstream link, with a flow id this edge picks. A reader task per link decodes the
+//!   datagrams, maps `(link, flow)` to `(shard, publication)` and hands them to the shard in
+//!   batches ([`ShardInput::Relayed`]); the shard forwards them like any publication (selector,
+//!   rewrite, SRTP per subscriber). Its NACKs and keyframe requests come back as
+//!   [`CascadeRequest`]s and go up the link as `nack` / `keyframe_request`.
+//!
+//! When a link goes down, its sinks are removed and the relayed publications it fed stall (the
+//! subscribers keep their transports and subscriptions); when a link with the same id comes back
+//! up, or [`CascadeMedia::set_room_link`] names another link for the room, they are subscribed
+//! again, and the first packets through ask for a keyframe.
+//!
+//! State lives behind one short `std::sync::Mutex` (never held across an `.await`): commands
+//! for shards and messages for links are collected under the lock and sent after it.
+
+use crate::edge::LocalPublication;
+use crate::metrics::Metrics;
+use crate::sdp::{Codec, MediaKind};
+use crate::sfu::{
+    CascadeRequest, Command, LinkId, MediaCodec, PublicationId, RelayedPublicationSpec,
+};
+use crate::udp::{RelayedPacket, ShardInput, Shards};
+use bytes::Bytes;
+use cascade_proto::link::{ControlMessage, FlowId, Layer, LayerSet, NackEntry, MAX_NACK_ENTRIES};
+use cascade_proto::quic::MediaChannel;
+use cascade_proto::room::TrackInfo;
+use cascade_proto::{RoomId, TrackId, TrackKind};
+use futures_util::FutureExt;
+use kcs_media::codec::VideoCodec;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::mpsc;
+
+/// Datagrams a link reader takes in one go before handing them to shards: enough to amortise
+/// the shard inbox send over a burst (a keyframe is tens of packets), small enough to keep
+/// latency at one scheduling pass.
+const READ_BATCH: usize = 64;
+/// Cascade requests (NACKs, keyframe requests of relayed publications) queued from shards.
+const REQUEST_QUEUE: usize = 1024;
+/// Publication ids of relayed publications live in their own range, apart from the edge's
+/// counter, so the two never collide.
+const RELAYED_ID_BASE: u64 = 1 << 62;
+
+/// Media channels of the links that are up, shared with the shard shells (which send queued
+/// datagrams) and the link readers (which map flows to relayed publications).
+pub struct LinkChannels {
+    channels: RwLock<HashMap<LinkId, MediaChannel>>,
+    /// `(link, our flow)` → (shard, relayed publication).
+    flows: RwLock<HashMap<(LinkId, FlowId), (usize, PublicationId)>>,
+    requests: mpsc::Sender<CascadeRequest>,
+    requests_rx: Mutex<Option<mpsc::Receiver<CascadeRequest>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl LinkChannels {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+        Self {
+            channels: RwLock::new(HashMap::new()),
+            flows: RwLock::new(HashMap::new()),
+            requests: tx,
+            requests_rx: Mutex::new(Some(rx)),
+            metrics,
+        }
+    }
+
+    /// Sends one encoded datagram on `link` (called by shard shells for each queued copy).
+    pub fn send(&self, link: LinkId, datagram: &[u8]) {
+        let sent = read(&self.channels)
+            .get(&link)
+            .map(|c| c.send_encoded(datagram).is_ok());
+        if sent != Some(true) {
+            self.metrics.cascade.send_failures.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Queues a relayed publication's request for the cascade (from a shard shell). Dropped
+    /// when the queue is full: NACKs and keyframe requests are retried by the shard.
+    pub fn request(&self, r: CascadeRequest) {
+        let _ = self.requests.try_send(r);
+    }
+}
+
+/// A peer's subscription to a publication on this edge (local or relayed).
+#[derive(Debug, Clone)]
+struct Sink {
+    shard: usize,
+    publication: PublicationId,
+    subscribed: LayerSet,
+    demand: Option<LayerSet>,
+    /// Layers with a sink in the shard now.
+    active: LayerSet,
+}
+
+impl Sink {
+    fn wanted(&self) -> LayerSet {
+        LayerSet(self.subscribed.0 & self.demand.map_or(u8::MAX, |d| d.0))
+    }
+}
+
+/// A remote track received through a link.
+#[derive(Debug, Clone)]
+struct Relayed {
+    shard: usize,
+    publication: PublicationId,
+    /// The link it comes through and our flow there; `None` while stalled.
+    via: Option<(LinkId, FlowId)>,
+    layers: u8,
+    /// Local consumers ([`CascadeMedia::ensure_remote`] minus `release_remote`).
+    users: usize,
+}
+
+struct LinkEntry {
+    control: mpsc::Sender<ControlMessage>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct State {
+    links: HashMap<LinkId, LinkEntry>,
+    sinks: HashMap<(LinkId, FlowId), Sink>,
+    relayed: HashMap<(RoomId, TrackId), Relayed>,
+    relayed_by_publication: HashMap<PublicationId, (RoomId, TrackId)>,
+    /// The link each room's media comes down (its origin, or tree parent).
+    room_links: HashMap<RoomId, LinkId>,
+    next_flow: u32,
+    next_publication: u64,
+}
+
+/// What to do after the lock is released.
+#[derive(Default)]
+struct Effects {
+    commands: Vec<(usize, Command)>,
+    control: Vec<(mpsc::Sender<ControlMessage>, ControlMessage)>,
+}
+
+/// The edge's media side of its cascade links. See the module docs.
+pub struct CascadeMedia {
+    shards: Shards,
+    publications: Arc<Mutex<HashMap<(RoomId, TrackId), LocalPublication>>>,
+    state: Mutex<State>,
+}
+
+impl CascadeMedia {
+    /// `publications` is the edge's registry of publications (shared with [`crate::edge::Edge`]):
+    /// a peer's subscribe finds local tracks there, and relayed ones are added to it so sessions
+    /// consume them like local ones.
+    pub fn new(
+        shards: Shards,
+        publications: Arc<Mutex<HashMap<(RoomId, TrackId), LocalPublication>>>,
+    ) -> Self {
+        Self {
+            shards,
+            publications,
+            state: Mutex::new(State {
+                next_flow: 1,
+                next_publication: RELAYED_ID_BASE,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Whether a publication id is one of the relayed publications this module creates.
+    pub fn is_relayed(id: PublicationId) -> bool {
+        id.0 >= RELAYED_ID_BASE
+    }
+
+    fn links(&self) -> &Arc<LinkChannels> {
+        &self.shards.links
+    }
+
+    /// A link is up: its datagrams are read, its peer may subscribe, and relayed publications
+    /// that came through a link of this id before (a reconnect) are subscribed again.
+    pub async fn link_up(
+        self: &Arc<Self>,
+        link: LinkId,
+        control_out: mpsc::Sender<ControlMessage>,
+        media: MediaChannel,
+    ) {
+        self.start_request_pump();
+        write(&self.links().channels).insert(link, media.clone());
+        let reader = tokio::spawn(read_link(
+            link,
+            media,
+            self.links().clone(),
+            self.shards.clone(),
+        ));
+        let mut fx = Effects::default();
+        {
+            let mut st = lock(&self.state);
+            if let Some(old) = st.links.insert(
+                link,
+                LinkEntry {
+                    control: control_out,
+                    reader,
+                },
+            ) {
+                old.reader.abort();
+            }
+            let rooms: Vec<RoomId> = st
+                .room_links
+                .iter()
+                .filter(|(_, l)| **l == link)
+                .map(|(r, _)| r.clone())
+                .collect();
+            for room in rooms {
+                self.resubscribe_room(&mut st, &room, &mut fx);
+            }
+        }
+        tracing::info!(%link, "cascade link media up");
+        self.apply(fx).await;
+    }
+
+    /// A link is gone: its sinks end, relayed publications it fed stall until it (or another
+    /// link for their room) is back.
+    pub async fn link_down(&self, link: LinkId) {
+        write(&self.links().channels).remove(&link);
+        write(&self.links().flows).retain(|(l, _), _| *l != link);
+        let mut fx = Effects::default();
+        {
+            let mut st = lock(&self.state);
+            if let Some(entry) = st.links.remove(&link) {
+                entry.reader.abort();
+            }
+            let gone: Vec<((LinkId, FlowId), Sink)> = st
+                .sinks
+                .iter()
+                .filter(|((l, _), _)| *l == link)
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
+            for ((l, flow), sink) in gone {
+                st.sinks.remove(&(l, flow));
+                for layer in layers_of(sink.active) {
+                    fx.commands.push((
+                        sink.shard,
+                        Command::RemoveLinkSink {
+                            publication: sink.publication,
+                            layer,
+                            link,
+                            flow,
+                        },
+                    ));
+                }
+            }
+            let mut stalled = 0;
+            for r in st.relayed.values_mut() {
+                if r.via.is_some_and(|(l, _)| l == link) {
+                    r.via = None;
+                    stalled += 1;
+                }
+            }
+            tracing::info!(%link, stalled, "cascade link media down");
+        }
+        self.apply(fx).await;
+    }
+
+    /// Names the link a room's remote media comes down. Relayed publications of the room that
+    /// came another way (or were stalled) are subscribed through it.
+    pub async fn set_room_link(&self, room: &RoomId, link: LinkId) {
+        let mut fx = Effects::default();
+        {
+            let mut st = lock(&self.state);
+            if st.room_links.insert(room.clone(), link) == Some(link) {
+                return;
+            }
+            // Unsubscribe from the old way, where it is still up.
+            let moving: Vec<(TrackId, Relayed)> = st
+                .relayed
+                .iter()
+                .filter(|((r, _), rel)| r == room && rel.via.is_some_and(|(l, _)| l != link))
+                .map(|((_, t), rel)| (*t, rel.clone()))
+                .collect();
+            for (track, rel) in moving {
+                if let Some((old, flow)) = rel.via {
+                    write(&self.links().flows).remove(&(old, flow));
+                    if let Some(entry) = st.links.get(&old) {
+                        for layer in (0..rel.layers).filter_map(Layer::new) {
+                            fx.control.push((
+                                entry.control.clone(),
+                                ControlMessage::Unsubscribe { flow, layer },
+                            ));
+                        }
+                    }
+                }
+                if let Some(r) = st.relayed.get_mut(&(room.clone(), track)) {
+                    r.via = None;
+                }
+            }
+            self.resubscribe_room(&mut st, room, &mut fx);
+        }
+        self.apply(fx).await;
+    }
+
+    /// A media control message from `link`'s peer. Messages that are not media control are
+    /// ignored (the link task handles them).
+    pub async fn on_control(&self, link: LinkId, msg: ControlMessage) {
+        let mut fx = Effects::default();
+        {
+            let mut st = lock(&self.state);
+            match msg {
+                ControlMessage::Subscribe {
+                    flow,
+                    room,
+                    track,
+                    layer,
+                } => self.handle_subscribe(&mut st, link, flow, room, track, layer, &mut fx),
+                ControlMessage::Unsubscribe { flow, layer } => {
+                    if let Some(sink) = st.sinks.get_mut(&(link, flow)) {
+                        sink.subscribed = LayerSet(sink.subscribed.0 & !(1u8 << layer.index()));
+                        sync_sink(sink, link, flow, &mut fx);
+                        if sink.subscribed.is_empty() {
+                            st.sinks.remove(&(link, flow));
+                        }
+                    }
+                }
+                ControlMessage::LayerDemand { flow, layers } => {
+                    if let Some(sink) = st.sinks.get_mut(&(link, flow)) {
+                        sink.demand = Some(layers);
+                        sync_sink(sink, link, flow, &mut fx);
+                    }
+                }
+                ControlMessage::KeyframeRequest { flow, layer } => {
+                    if let Some(sink) = st.sinks.get(&(link, flow)) {
+                        fx.commands.push((
+                            sink.shard,
+                            Command::RequestKeyframe {
+                                publication: sink.publication,
+                                layer: layer.index(),
+                            },
+                        ));
+                    }
+                }
+                ControlMessage::Nack {
+                    flow,
+                    layer,
+                    entries,
+                } => {
+                    if let Some(sink) = st.sinks.get(&(link, flow)) {
+                        let seqs = entries.iter().flat_map(expand_nack).collect();
+                        fx.commands.push((
+                            sink.shard,
+                            Command::LinkNack {
+                                publication: sink.publication,
+                                layer: layer.index(),
+                                link,
+                                flow,
+                                seqs,
+                            },
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.apply(fx).await;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_subscribe(
+        &self,
+        st: &mut State,
+        link: LinkId,
+        flow: FlowId,
+        room: RoomId,
+        track: TrackId,
+        layer: Layer,
+        fx: &mut Effects,
+    ) {
+        let Some(publ) = lock(&self.publications)
+            .get(&(room.clone(), track))
+            .cloned()
+        else {
+            tracing::debug!(%link, %room, track = track.0, "subscribe to a track not on this edge");
+            return;
+        };
+        if st
+            .relayed
+            .get(&(room.clone(), track))
+            .and_then(|r| r.via)
+            .is_some_and(|(l, _)| l == link)
+        {
+            tracing::warn!(%link, %room, track = track.0, "peer subscribed to a track it sends us");
+            return;
+        }
+        let shard = self.shards.shard_of(room.as_str());
+        let sink = st.sinks.entry((link, flow)).or_insert(Sink {
+            shard,
+            publication: publ.id,
+            subscribed: LayerSet::default(),
+            demand: None,
+            active: LayerSet::default(),
+        });
+        if sink.publication != publ.id {
+            tracing::warn!(%link, %flow, "peer rebound a flow to another track; ignored");
+            return;
+        }
+        sink.subscribed = sink.subscribed.with(layer);
+        if let Some(d) = sink.demand.as_mut() {
+            *d = d.with(layer);
+        }
+        sync_sink(sink, link, flow, fx);
+        // The peer starts decoding at a keyframe.
+        fx.commands.push((
+            shard,
+            Command::RequestKeyframe {
+                publication: publ.id,
+                layer: layer.index(),
+            },
+        ));
+    }
+
+    /// The publication to consume `track` of `room` from, when it is published on another edge:
+    /// a relayed publication on the room's shard, subscribed (all its layers) through the room's
+    /// link. `None` when the room has no link. Counted: call [`Self::release_remote`] once per
+    /// call when the consumer goes.
+    pub async fn ensure_remote(&self, room: &RoomId, info: &TrackInfo) -> Option<LocalPublication> {
+        let mut fx = Effects::default();
+        let publ = {
+            let mut st = lock(&self.state);
+            let key = (room.clone(), info.id);
+            if let Some(r) = st.relayed.get_mut(&key) {
+                r.users += 1;
+                return lock(&self.publications).get(&key).cloned();
+            }
+            st.room_links.get(room)?;
+            let id = PublicationId(st.next_publication);
+            st.next_publication += 1;
+            let shard = self.shards.shard_of(room.as_str());
+            let (codec, kind, media_codec) = remote_codec(info);
+            let layers = info.layers.clamp(1, cascade_proto::link::MAX_LAYER + 1);
+            fx.commands.push((
+                shard,
+                Command::AddRelayedPublication {
+                    id,
+                    spec: RelayedPublicationSpec {
+                        room: room.to_string(),
+                        codec: media_codec,
+                        clock_rate: codec.clock_rate,
+                        layers,
+                    },
+                },
+            ));
+            let publ = LocalPublication {
+                id,
+                participant: info.participant,
+                source: info.source,
+                codec,
+                kind,
+                layers,
+            };
+            lock(&self.publications).insert(key.clone(), publ.clone());
+            st.relayed.insert(
+                key.clone(),
+                Relayed {
+                    shard,
+                    publication: id,
+                    via: None,
+                    layers,
+                    users: 1,
+                },
+            );
+            st.relayed_by_publication.insert(id, key);
+            self.resubscribe_room(&mut st, room, &mut fx);
+            publ
+        };
+        self.apply(fx).await;
+        Some(publ)
+    }
+
+    /// One consumer of a remote track is gone; the last one unsubscribes it upstream and
+    /// removes the relayed publication.
+    pub async fn release_remote(&self, room: &RoomId, track: TrackId) {
+        let mut fx = Effects::default();
+        {
+            let mut st = lock(&self.state);
+            let key = (room.clone(), track);
+            let Some(r) = st.relayed.get_mut(&key) else {
+                return;
+            };
+            r.users = r.users.saturating_sub(1);
+            if r.users > 0 {
+                return;
+            }
+            let r = st.relayed.remove(&key).expect("present above");
+            st.relayed_by_publication.remove(&r.publication);
+            lock(&self.publications).remove(&key);
+            if let Some((link, flow)) = r.via {
+                write(&self.links().flows).remove(&(link, flow));
+                if let Some(entry) = st.links.get(&link) {
+                    for layer in (0..r.layers).filter_map(Layer::new) {
+                        fx.control.push((
+                            entry.control.clone(),
+                            ControlMessage::Unsubscribe { flow, layer },
+                        ));
+                    }
+                }
+            }
+            fx.commands
+                .push((r.shard, Command::RemovePublication { id: r.publication }));
+        }
+        self.apply(fx).await;
+    }
+
+    /// Whether a relayed publication currently has a link feeding it (tests, stats).
+    pub fn remote_is_live(&self, room: &RoomId, track: TrackId) -> Option<bool> {
+        lock(&self.state)
+            .relayed
+            .get(&(room.clone(), track))
+            .map(|r| r.via.is_some())
+    }
+
+    /// Subscribes every stalled relayed publication of `room` through the room's link if up.
+    fn resubscribe_room(&self, st: &mut State, room: &RoomId, fx: &mut Effects) {
+        let Some(&link) = st.room_links.get(room) else {
+            return;
+        };
+        let Some(control) = st.links.get(&link).map(|e| e.control.clone()) else {
+            return;
+        };
+        let stalled: Vec<TrackId> = st
+            .relayed
+            .iter()
+            .filter(|((r, _), rel)| r == room && rel.via.is_none())
+            .map(|((_, t), _)| *t)
+            .collect();
+        for track in stalled {
+            let flow = next_flow(st);
+            let r = st
+                .relayed
+                .get_mut(&(room.clone(), track))
+                .expect("listed above");
+            r.via = Some((link, flow));
+            write(&self.links().flows).insert((link, flow), (r.shard, r.publication));
+            for layer in (0..r.layers).filter_map(Layer::new) {
+                fx.control.push((
+                    control.clone(),
+                    ControlMessage::Subscribe {
+                        flow,
+                        room: room.clone(),
+                        track,
+                        layer,
+                    },
+                ));
+            }
+        }
+    }
+
+    /// Relayed publications' NACKs and keyframe requests, from the shards, go up their link.
+    fn start_request_pump(self: &Arc<Self>) {
+        let Some(mut rx) = lock(&self.links().requests_rx).take() else {
+            return;
+        };
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                let Some(this) = this.upgrade() else { return };
+                let out = {
+                    let st = lock(&this.state);
+                    let publication = match &req {
+                        CascadeRequest::Keyframe { publication, .. }
+                        | CascadeRequest::Nack { publication, .. } => *publication,
+                    };
+                    st.relayed_by_publication
+                        .get(&publication)
+                        .and_then(|key| st.relayed.get(key))
+                        .and_then(|r| r.via)
+                        .and_then(|(link, flow)| {
+                            st.links.get(&link).map(|e| (e.control.clone(), flow))
+                        })
+                };
+                let Some((control, flow)) = out else { continue };
+                let msgs: Vec<ControlMessage> = match req {
+                    CascadeRequest::Keyframe { layer, .. } => Layer::new(layer)
+                        .map(|layer| ControlMessage::KeyframeRequest { flow, layer })
+                        .into_iter()
+                        .collect(),
+                    CascadeRequest::Nack { layer, seqs, .. } => match Layer::new(layer) {
+                        Some(layer) => pack_nack(&seqs)
+                            .chunks(MAX_NACK_ENTRIES)
+                            .map(|c| ControlMessage::Nack {
+                                flow,
+                                layer,
+                                entries: c.to_vec(),
+                            })
+                            .collect(),
+                        None => Vec::new(),
+                    },
+                };
+                for m in msgs {
+                    let _ = control.send(m).await;
+                }
+            }
+        });
+    }
+
+    async fn apply(&self, fx: Effects) {
+        for (shard, cmd) in fx.commands {
+            self.shards.send(shard, ShardInput::Command(cmd)).await;
+        }
+        for (control, msg) in fx.control {
+            if control.send(msg).await.is_err() {
+                tracing::debug!("cascade link control channel closed");
+            }
+        }
+    }
+}
+
+/// Makes a sink's shard sinks match what its peer wants.
+fn sync_sink(sink: &mut Sink, link: LinkId, flow: FlowId, fx: &mut Effects) {
+    let wanted = sink.wanted();
+    for layer in layers_of(LayerSet(wanted.0 & !sink.active.0)) {
+        fx.commands.push((
+            sink.shard,
+            Command::AddLinkSink {
+                publication: sink.publication,
+                layer,
+                link,
+                flow,
+            },
+        ));
+    }
+    for layer in layers_of(LayerSet(sink.active.0 & !wanted.0)) {
+        fx.commands.push((
+            sink.shard,
+            Command::RemoveLinkSink {
+                publication: sink.publication,
+                layer,
+                link,
+                flow,
+            },
+        ));
+    }
+    sink.active = wanted;
+}
+
+fn next_flow(st: &mut State) -> FlowId {
+    let id = st.next_flow;
+    st.next_flow = if id >= FlowId::MAX { 1 } else { id + 1 };
+    FlowId::new(id).expect("kept within FlowId::MAX")
+}
+
+fn layers_of(set: LayerSet) -> impl Iterator<Item = u8> {
+    (0..=cascade_proto::link::MAX_LAYER).filter(move |l| set.0 & (1 << l) != 0)
+}
+
+/// RFC 4585 §6.2.1: `pid`, and `pid + i + 1` for each bit `i` of `blp`.
+fn expand_nack(e: &NackEntry) -> impl Iterator<Item = u16> + '_ {
+    std::iter::once(e.pid).chain(
+        (0..16u16)
+            .filter(move |i| e.blp & (1 << i) != 0)
+            .map(move |i| e.pid.wrapping_add(i + 1)),
+    )
+}
+
+fn pack_nack(seqs: &[u16]) -> Vec<NackEntry> {
+    kcs_media::nack::nack_pairs(seqs)
+        .into_iter()
+        .map(|(pid, blp)| NackEntry { pid, blp })
+        .collect()
+}
+
+/// The codec a subscriber is offered for a remote track. The room state names the codec but
+/// not the publisher's fmtp or payload types, so the usual browser values are used (as our own
+/// SDP answers use them).
+fn remote_codec(info: &TrackInfo) -> (Codec, MediaKind, MediaCodec) {
+    let video = |name: &str, pt: u8, rtx: u8, fmtp: Option<&str>, codec: VideoCodec| {
+        (
+            Codec {
+                payload_type: pt,
+                name: name.into(),
+                clock_rate: 90_000,
+                channels: None,
+                fmtp: fmtp.map(Into::into),
+                rtcp_fb: vec![
+                    "nack".into(),
+                    "nack pli".into(),
+                    "ccm fir".into(),
+                    "transport-cc".into(),
+                ],
+                rtx_payload_type: Some(rtx),
+            },
+            MediaKind::Video,
+            MediaCodec::Video(codec),
+        )
+    };
+    match (info.kind, info.codec.to_ascii_lowercase().as_str()) {
+        (TrackKind::Audio, _) => (
+            Codec {
+                payload_type: 111,
+                name: "opus".into(),
+                clock_rate: 48_000,
+                channels: Some(2),
+                fmtp: Some("minptime=10;useinbandfec=1".into()),
+                rtcp_fb: vec!["transport-cc".into()],
+                rtx_payload_type: None,
+            },
+            MediaKind::Audio,
+            MediaCodec::Audio,
+        ),
+        (_, "h264") => video(
+            "H264",
+            102,
+            103,
+            Some("level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"),
+            VideoCodec::H264,
+        ),
+        (_, "vp9") => video("VP9", 98, 99, Some("profile-id=0"), VideoCodec::Vp9),
+        _ => video("VP8", 96, 97, None, VideoCodec::Vp8),
+    }
+}
+
+/// Reads a link's datagrams and hands them to shards in batches until the link closes.
+async fn read_link(link: LinkId, media: MediaChannel, links: Arc<LinkChannels>, shards: Shards) {
+    let mut batches: HashMap<usize, Vec<RelayedPacket>> = HashMap::new();
+    loop {
+        let first = match media.recv().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(%link, error = %e, "cascade link reader stops");
+                return;
+            }
+        };
+        let mut next = Some(first);
+        let mut taken = 0;
+        {
+            let flows = read(&links.flows);
+            while let Some(bytes) = next.take() {
+                taken += 1;
+                route(link, bytes, &flows, &links, &mut batches);
+                if taken < READ_BATCH {
+                    next = media.recv().now_or_never().and_then(Result::ok);
+                }
+            }
+        }
+        for (shard, packets) in batches.drain() {
+            let n = packets.len() as u64;
+            if !shards.try_send(shard, ShardInput::Relayed(packets)) {
+                links.metrics.cascade.shard_overflow.fetch_add(n, Relaxed);
+            }
+        }
+    }
+}
+
+fn route(
+    link: LinkId,
+    bytes: Bytes,
+    flows: &HashMap<(LinkId, FlowId), (usize, PublicationId)>,
+    links: &LinkChannels,
+    batches: &mut HashMap<usize, Vec<RelayedPacket>>,
+) {
+    let Ok(d) = cascade_proto::wire::decode_datagram(&bytes) else {
+        links.metrics.cascade.unsolicited.fetch_add(1, Relaxed);
+        return;
+    };
+    let Some(&(shard, publication)) = flows.get(&(link, d.flow)) else {
+        links.metrics.cascade.unsolicited.fetch_add(1, Relaxed);
+        return;
+    };
+    let (layer, flags) = (d.layer.index(), d.flags);
+    let offset = bytes.len() - d.rtp.len();
+    batches.entry(shard).or_default().push(RelayedPacket {
+        publication,
+        layer,
+        flags,
+        rtp: bytes.slice(offset..),
+    });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}

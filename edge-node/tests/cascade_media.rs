@@ -1,0 +1,356 @@
+//! The edge's media side of cascade links against a real edge (real shards and UDP sockets)
+//! and real QUIC links on loopback. The test plays the room's origin (upstream) and a child
+//! edge of the room's fan-out tree (downstream):
+//!
+//! - a remote track the edge needs is subscribed upstream, layer by layer, on one flow;
+//! - datagrams the origin sends on that flow reach the room's shard as a relayed publication,
+//!   and a gap in them comes back up as a NACK;
+//! - a child that subscribes to that track gets the same RTP bytes, re-stamped with its flow;
+//! - when the upstream link drops the track stalls, and when it is back it is subscribed again.
+
+use cascade_proto::link::{
+    ControlMessage, FlowId, Hello, Label, Layer, MediaDatagram, MediaFlags, NodeRole,
+    PROTOCOL_VERSION,
+};
+use cascade_proto::quic::{ClusterCa, Link, LinkConfig, LinkEndpoint};
+use cascade_proto::relay::LinkId;
+use cascade_proto::room::TrackInfo;
+use cascade_proto::wire::decode_datagram;
+use cascade_proto::{ParticipantId, RoomId, TrackId, TrackKind, TrackSource};
+use control_plane::token::{TokenSigner, TokenVerifier};
+use edge_node::cascade::CascadeMedia;
+use edge_node::config::EdgeConfig;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn label(s: &str) -> Label {
+    Label::new(s).unwrap()
+}
+
+fn hello(node: &str, role: NodeRole) -> Hello {
+    Hello {
+        node: label(node),
+        region: label("eu"),
+        role,
+        version: PROTOCOL_VERSION,
+    }
+}
+
+fn endpoint(ca: &ClusterCa, node: &str, role: NodeRole) -> Arc<LinkEndpoint> {
+    let creds = ca.issue(&label(node)).unwrap();
+    Arc::new(
+        LinkEndpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &creds,
+            LinkConfig::new(hello(node, role)),
+        )
+        .unwrap(),
+    )
+}
+
+/// What the link task does for the edge: control stream ↔ CascadeMedia.
+fn attach(cascade: Arc<CascadeMedia>, id: LinkId, link: Link) -> tokio::task::JoinHandle<()> {
+    let Link {
+        mut sender,
+        mut receiver,
+        media,
+        ..
+    } = link;
+    let (tx, mut rx) = mpsc::channel::<ControlMessage>(256);
+    tokio::spawn(async move {
+        cascade.link_up(id, tx, media).await;
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if sender.send(&m).await.is_err() {
+                    return;
+                }
+            }
+        });
+        while let Ok(m) = receiver.recv().await {
+            cascade.on_control(id, m).await;
+        }
+        writer.abort();
+        cascade.link_down(id).await;
+    })
+}
+
+async fn accept(ep: &LinkEndpoint) -> Link {
+    let pending = tokio::time::timeout(WAIT, ep.accept())
+        .await
+        .expect("a dial in time")
+        .expect("endpoint open");
+    pending.handshake().await.expect("handshake")
+}
+
+async fn recv_control(link: &mut Link) -> ControlMessage {
+    tokio::time::timeout(WAIT, link.receiver.recv())
+        .await
+        .expect("a control message in time")
+        .expect("control stream open")
+}
+
+/// Reads the subscribes the edge sends until it has `layers` of them; returns the flow.
+async fn subscribes(link: &mut Link, room: &RoomId, track: TrackId, layers: usize) -> FlowId {
+    let mut flow = None;
+    let mut seen = Vec::new();
+    while seen.len() < layers {
+        if let ControlMessage::Subscribe {
+            flow: f,
+            room: r,
+            track: t,
+            layer,
+        } = recv_control(link).await
+        {
+            assert_eq!((&r, t), (room, track));
+            assert!(flow.is_none_or(|x| x == f), "one flow per track");
+            flow = Some(f);
+            seen.push(layer.index());
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..layers as u8).collect::<Vec<_>>());
+    flow.unwrap()
+}
+
+fn rtp(seq: u16) -> Vec<u8> {
+    let mut p = vec![0x80, 96];
+    p.extend_from_slice(&seq.to_be_bytes());
+    p.extend_from_slice(&(u32::from(seq) * 3000).to_be_bytes());
+    p.extend_from_slice(&0x5555_0000u32.to_be_bytes());
+    // A VP8 delta-frame descriptor and some payload.
+    p.extend_from_slice(&[0x10, 0x01, 0xab, 0xcd]);
+    p.extend_from_slice(&[seq as u8; 40]);
+    p
+}
+
+fn send_media(link: &Link, flow: FlowId, seq: u16) {
+    let p = rtp(seq);
+    let _ = link.media.send(&MediaDatagram {
+        flow,
+        layer: Layer::new(0).unwrap(),
+        flags: MediaFlags {
+            keyframe: seq == 0,
+            end_of_frame: true,
+            retransmission: false,
+        },
+        rtp: &p,
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_tracks_come_down_the_link_and_go_on_to_children() {
+    let signer = TokenSigner::generate("test");
+    let mut verifier = TokenVerifier::new();
+    verifier.add_key(signer.kid(), &signer.public_key());
+    let running = edge_node::app::start(
+        EdgeConfig {
+            http: "127.0.0.1:0".parse().unwrap(),
+            udp: "127.0.0.1:0".parse().unwrap(),
+            workers: 2,
+            ..Default::default()
+        },
+        verifier,
+        None,
+    )
+    .await
+    .unwrap();
+    let edge = running.edge.clone();
+    let cascade = edge.cascade.clone();
+    let ca = ClusterCa::generate("test-cluster").unwrap();
+    let origin_ep = endpoint(&ca, "origin-1", NodeRole::Origin);
+    let edge_ep = endpoint(&ca, "edge-a", NodeRole::Edge);
+    let child_ep = endpoint(&ca, "edge-c", NodeRole::Edge);
+    let origin_addr = origin_ep.local_addr().unwrap();
+    let edge_addr = edge_ep.local_addr().unwrap();
+
+    // The edge dials the origin; the test keeps the origin's side.
+    let (edge_side, mut origin) = tokio::join!(
+        async {
+            edge_ep
+                .connect(origin_addr, &label("origin-1"))
+                .await
+                .unwrap()
+        },
+        accept(&origin_ep)
+    );
+    let upstream = LinkId(1);
+    let up_task = attach(cascade.clone(), upstream, edge_side);
+    let room = RoomId::new("cascade-room").unwrap();
+    let track = TrackId(9);
+    cascade.set_room_link(&room, upstream).await;
+    // Give link_up a moment to register (it runs in the attach task).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // A local participant consumes a track published elsewhere: 2 layers come down.
+    let info = TrackInfo {
+        id: track,
+        participant: ParticipantId(77),
+        source: TrackSource::Camera,
+        kind: TrackKind::Video,
+        codec: "VP8".into(),
+        layers: 2,
+        muted: false,
+        host_muted: false,
+    };
+    let publ = cascade
+        .ensure_remote(&room, &info)
+        .await
+        .expect("the room has a link");
+    assert!(CascadeMedia::is_relayed(publ.id));
+    assert_eq!(
+        edge.publication(&room, track).map(|p| p.id),
+        Some(publ.id),
+        "sessions find it like a local publication"
+    );
+    let flow = subscribes(&mut origin, &room, track, 2).await;
+    assert_eq!(cascade.remote_is_live(&room, track), Some(true));
+
+    // A child edge of the tree subscribes to the same track through this edge.
+    let (child_side, edge_child_side) = tokio::join!(
+        async { child_ep.connect(edge_addr, &label("edge-a")).await.unwrap() },
+        accept(&edge_ep)
+    );
+    let mut child = child_side;
+    let child_link = LinkId(2);
+    let _child_task = attach(cascade.clone(), child_link, edge_child_side);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let child_flow = FlowId::new(300).unwrap();
+    child
+        .sender
+        .send(&ControlMessage::Subscribe {
+            flow: child_flow,
+            room: room.clone(),
+            track,
+            layer: Layer::new(0).unwrap(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // The origin sends media, skipping seq 5 (lost): it reaches the shard, the child gets the
+    // same bytes on its flow, and the gap is NACKed up the link.
+    for seq in 0..40u16 {
+        if seq != 5 {
+            send_media(&origin, flow, seq);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let bytes = tokio::time::timeout(WAIT, child.media.recv())
+        .await
+        .expect("media reaches the child in time")
+        .unwrap();
+    let d = decode_datagram(&bytes).unwrap();
+    assert_eq!(d.flow, child_flow, "re-stamped with the child's flow");
+    let seq = u16::from_be_bytes([d.rtp[2], d.rtp[3]]);
+    assert_eq!(d.rtp, rtp(seq).as_slice(), "the RTP packet is untouched");
+    let mut nacked = false;
+    while !nacked {
+        match recv_control(&mut origin).await {
+            ControlMessage::Nack {
+                flow: f,
+                layer,
+                entries,
+            } => {
+                assert_eq!((f, layer.index()), (flow, 0));
+                assert!(entries.iter().any(|e| e.pid == 5), "{entries:?}");
+                nacked = true;
+            }
+            // Keyframe requests for the child's subscribe: fine.
+            ControlMessage::KeyframeRequest { flow: f, .. } => assert_eq!(f, flow),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while edge.metrics.media.relayed_in.load(Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "relayed packets counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(edge.metrics.media.link_packets_out.load(Relaxed) > 0);
+    // Media on a flow the edge never subscribed is dropped and counted.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while edge.metrics.cascade.unsolicited.load(Relaxed) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unsolicited media counted"
+        );
+        send_media(&origin, FlowId::new(999).unwrap(), 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The upstream link drops: the track stalls...
+    origin
+        .media
+        .close(cascade_proto::link::GoodbyeCode::Normal, "test");
+    drop(origin);
+    let _ = tokio::time::timeout(WAIT, up_task).await;
+    assert_eq!(cascade.remote_is_live(&room, track), Some(false));
+    // ...and is subscribed again when the edge is linked to the origin again.
+    let (edge_side, mut origin) = tokio::join!(
+        async {
+            edge_ep
+                .connect(origin_addr, &label("origin-1"))
+                .await
+                .unwrap()
+        },
+        accept(&origin_ep)
+    );
+    let _up_task = attach(cascade.clone(), upstream, edge_side);
+    let flow_again = subscribes(&mut origin, &room, track, 2).await;
+    assert_eq!(cascade.remote_is_live(&room, track), Some(true));
+    // Media on the new flow reaches the child again.
+    while child.media.recv().now_or_never_ready() {}
+    let pump_origin = origin.media.clone();
+    let pump = tokio::spawn(async move {
+        for seq in 100..400u16 {
+            let p = rtp(seq);
+            let _ = pump_origin.send(&MediaDatagram {
+                flow: flow_again,
+                layer: Layer::new(0).unwrap(),
+                flags: MediaFlags::default(),
+                rtp: &p,
+            });
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    loop {
+        let bytes = tokio::time::timeout(WAIT, child.media.recv())
+            .await
+            .expect("media flows again after the link is back")
+            .unwrap();
+        let d = decode_datagram(&bytes).unwrap();
+        if u16::from_be_bytes([d.rtp[2], d.rtp[3]]) >= 100 {
+            break;
+        }
+    }
+    pump.abort();
+
+    // The last consumer goes: the edge unsubscribes both layers upstream.
+    cascade.release_remote(&room, track).await;
+    let mut gone = Vec::new();
+    while gone.len() < 2 {
+        if let ControlMessage::Unsubscribe { flow: f, layer } = recv_control(&mut origin).await {
+            assert_eq!(f, flow_again);
+            gone.push(layer.index());
+        }
+    }
+    assert_eq!(edge.publication(&room, track).map(|p| p.id), None);
+}
+
+/// Drains datagrams already queued without waiting.
+trait NowOrNever {
+    fn now_or_never_ready(self) -> bool;
+}
+
+impl<F: std::future::Future> NowOrNever for F {
+    fn now_or_never_ready(self) -> bool {
+        use futures_util::FutureExt;
+        self.now_or_never().is_some()
+    }
+}
