@@ -16,6 +16,7 @@ pub mod link;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod relay;
+pub mod replica;
 pub mod room;
 pub mod wire;
 

@@ -410,6 +410,35 @@ pub enum RoomEventBody {
     },
 }
 
+/// What one edge knows of a room: sent whenever the edge's link to the room's origin comes up,
+/// so an origin that replaces a failed one rebuilds the room from its edges, and one that only
+/// lost the link learns the edge's new link. Built by [`crate::replica::ReplicaTracker`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RoomReplica {
+    /// Last room-wide event the edge saw.
+    pub seq: u64,
+    pub settings: RoomSettings,
+    /// Raised hands, oldest first, as of `seq`.
+    pub hands: Vec<ParticipantId>,
+    /// Chat the edge saw, by id: room-wide messages and direct messages to or from its
+    /// participants.
+    pub chat: Vec<ChatMessage>,
+    /// The edge's own participants, with their current roles.
+    pub participants: Vec<ParticipantInfo>,
+    /// The edge's participants waiting in the lobby.
+    pub waiting: Vec<ParticipantInfo>,
+    /// Tracks of the edge's participants.
+    pub tracks: Vec<TrackInfo>,
+    /// Everyone the edge believes is in the room (its roster view): a participant listed here by
+    /// some edge but announced by none is gone, and the rebuilt room says so.
+    pub known: Vec<ParticipantId>,
+    /// Above every participant, track and chat id the edge has seen: a rebuilt room never
+    /// reuses an id clients already hold.
+    pub next_participant: u64,
+    pub next_track: u64,
+    pub next_chat: u64,
+}
+
 /// Edge -> origin.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum EdgeToOrigin {
@@ -417,6 +446,12 @@ pub enum EdgeToOrigin {
         id: RequestId,
         room: RoomId,
         intent: Intent,
+    },
+    /// The edge's view of `room` (answered by `Done`). Idempotent: sent on every link-up.
+    Restore {
+        id: RequestId,
+        room: RoomId,
+        replica: Box<RoomReplica>,
     },
 }
 

@@ -22,9 +22,43 @@ pub const SESSION_EVENT_QUEUE: usize = 1024;
 /// What a session hears from its room.
 #[derive(Debug, Clone)]
 pub enum RoomSignal {
-    Event(RoomEvent),
+    Event(Arc<SharedEvent>),
     /// The dominant speaker changed (an edge-local publication, or silence).
     ActiveSpeaker(Option<PublicationId>),
+}
+
+/// One room event as every session of the edge receives it: the event once, and its client
+/// JSON rendered once by whichever session needs it first. In a 10,000-person meeting each
+/// batched join goes to thousands of sessions on one edge; rendering per session made the
+/// edge's signaling cost grow with sessions x roster size.
+#[derive(Debug)]
+pub struct SharedEvent {
+    pub event: RoomEvent,
+    frame: std::sync::OnceLock<Option<Arc<str>>>,
+}
+
+impl SharedEvent {
+    pub fn new(event: RoomEvent) -> Arc<Self> {
+        Arc::new(Self {
+            event,
+            frame: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The client frame for this event (`None`: none is sent), rendered by `render` only the
+    /// first time any session asks.
+    pub fn frame(&self, render: impl FnOnce(&RoomEvent) -> Option<String>) -> Option<Arc<str>> {
+        self.frame
+            .get_or_init(|| render(&self.event).map(Arc::from))
+            .clone()
+    }
+}
+
+impl std::ops::Deref for SharedEvent {
+    type Target = RoomEvent;
+    fn deref(&self) -> &RoomEvent {
+        &self.event
+    }
 }
 
 /// Why a request to the origin failed (as opposed to being refused by it).
@@ -196,8 +230,9 @@ pub fn spawn(
 /// Hands one room event to the sessions it is for. Moderator events go to every session, which
 /// keeps them only if its participant is a moderator (the role is the session's to know).
 fn deliver(members: &mut HashMap<ParticipantId, mpsc::Sender<RoomSignal>>, event: &RoomEvent) {
+    let shared = SharedEvent::new(event.clone());
     let send = |p: &ParticipantId, l: &mpsc::Sender<RoomSignal>| match l
-        .try_send(RoomSignal::Event(event.clone()))
+        .try_send(RoomSignal::Event(shared.clone()))
     {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Closed(_)) => false,

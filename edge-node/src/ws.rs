@@ -1223,7 +1223,7 @@ async fn resume(
                         *seq >= last
                     }
                 })
-                .map(|(_, _, j)| j.clone()),
+                .map(|(_, _, j)| j.to_string()),
         );
     }
     (out, false)
@@ -1239,7 +1239,7 @@ struct Connection {
     stats_rate: RateLimit,
     resume_token: Option<String>,
     /// Recent events sent: (room seq at the time, whether a room event, frame).
-    sent: VecDeque<(u64, bool, String)>,
+    sent: VecDeque<(u64, bool, Arc<str>)>,
     /// Seq of the last room event sent.
     last_seq: u64,
     /// Our video subscriptions and whether the edge's bandwidth allocation sheds each.
@@ -1772,13 +1772,14 @@ impl Connection {
         }
     }
 
-    /// Keeps a sent event for replay after a resume.
-    fn record(&mut self, e: &RoomEvent, frame: &str) {
+    /// Keeps a sent event for replay after a resume (the frame is shared with every session
+    /// of the edge that got the same event).
+    fn record(&mut self, e: &RoomEvent, frame: Arc<str>) {
         let room_event = e.audience == Audience::All;
         if room_event {
             self.last_seq = e.seq;
         }
-        self.sent.push_back((e.seq, room_event, frame.to_string()));
+        self.sent.push_back((e.seq, room_event, frame));
         while self.sent.len() > REPLAY_BUFFER {
             self.sent.pop_front();
         }
@@ -1846,10 +1847,9 @@ impl Connection {
                         e.body,
                         RoomEventBody::RoomClosed { .. } | RoomEventBody::Removed { .. }
                     );
-                    if let Some(j) = event_json(&e) {
-                        let frame = j.to_string();
-                        self.record(&e, &frame);
-                        out.push(frame);
+                    if let Some(frame) = e.frame(|e| event_json(e).map(|j| j.to_string())) {
+                        out.push(frame.to_string());
+                        self.record(&e, frame);
                     }
                     if ends {
                         // The room forgot us already; release the media and close.

@@ -21,6 +21,7 @@ pub mod peer;
 pub mod recv;
 pub mod relay;
 pub mod report;
+pub mod roster;
 pub mod runner;
 pub mod scenario;
 pub mod sdp;

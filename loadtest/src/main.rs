@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use loadtest::relay::{self, RelayConfig, RelayStats};
 use loadtest::runner::{self, RunConfig};
 use loadtest::scenario::{parse_duration, Mode, Scenario};
-use loadtest::signaling::TokenSource;
+use loadtest::signaling::{Target, TokenSource};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,6 +55,24 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// One big meeting: a few presenters, viewers receiving media, and a signaling-only
+    /// audience (roster deltas and events, no media). Reports signaling load and whether every
+    /// session's roster converged.
+    TownHall {
+        #[arg(long, default_value_t = 3)]
+        presenters: u32,
+        /// Participants receiving media (lowest simulcast layer).
+        #[arg(long, default_value_t = 100)]
+        viewers: u32,
+        /// Signaling-only participants.
+        #[arg(long, default_value_t = 1000)]
+        audience: u32,
+        /// Joins per second, per group.
+        #[arg(long, default_value_t = 200.0)]
+        join_rate: f64,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Ramp viewers on one presenter until loss > 1% or p99 delay > 50 ms; report the largest
     /// passing count.
     Capacity {
@@ -93,8 +111,19 @@ struct Common {
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "LOADTEST_TARGET")]
     target: String,
     /// One token for every participant; default: ask `kcs dev`'s /dev/token for each.
-    #[arg(long, env = "LOADTEST_TOKEN")]
+    #[arg(long, env = "LOADTEST_TOKEN", conflicts_with = "token_api")]
     token: Option<String>,
+    /// Mint each participant's token with this control plane's REST API (http://host:port;
+    /// needs --api-key), for clusters of `kcs edge` nodes.
+    #[arg(long, env = "LOADTEST_TOKEN_API", requires = "api_key")]
+    token_api: Option<String>,
+    /// API key for --token-api.
+    #[arg(long, env = "LOADTEST_API_KEY")]
+    api_key: Option<String>,
+    /// Participants' identities are <prefix>-<group>-<index>; give each of several load
+    /// testers sharing a room its own.
+    #[arg(long, default_value = "lt")]
+    identity_prefix: String,
     /// Send media to this address instead of the edge's candidate (a `loadtest relay`).
     #[arg(long)]
     media_via: Option<SocketAddr>,
@@ -207,6 +236,22 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
             ),
             common,
         ),
+        Command::TownHall {
+            presenters,
+            viewers,
+            audience,
+            join_rate,
+            common,
+        } => (
+            Scenario::town_hall(
+                presenters,
+                viewers,
+                audience,
+                join_rate,
+                common.duration.unwrap_or(Duration::from_secs(10)),
+            ),
+            common,
+        ),
         Command::Capacity {
             max_viewers,
             step,
@@ -229,10 +274,15 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     }
     let cfg = RunConfig {
         target: common.target.clone(),
-        tokens: common
-            .token
-            .clone()
-            .map_or(TokenSource::Dev, TokenSource::Fixed),
+        tokens: match (&common.token, &common.token_api) {
+            (Some(t), _) => TokenSource::Fixed(t.clone()),
+            (None, Some(api)) => TokenSource::ControlPlane {
+                api: Target::parse(api).map_err(|e| anyhow::anyhow!("--token-api: {e}"))?,
+                api_key: common.api_key.clone().unwrap_or_default(),
+            },
+            (None, None) => TokenSource::Dev,
+        },
+        identity_prefix: common.identity_prefix.clone(),
         media_via: common.media_via,
         server_pid: common.server_pid,
         progress: !common.quiet,

@@ -13,6 +13,7 @@
 use crate::media::{write_rtp, AudioSource, OutExt, RtpHeader, VideoProfile, VideoSource};
 use crate::peer::{ConnectTimes, Peer, PeerError};
 use crate::recv::Receiver;
+use crate::roster::RosterView;
 use crate::scenario::{Mode, Publish};
 use crate::sdp::{self, LocalTransport, PublishShape, RemoteDescription, PT_OPUS, PT_VP8, RIDS};
 use crate::signaling::{self, SignalingError, Target, TokenSource, WsClient};
@@ -42,6 +43,8 @@ pub struct Context {
     /// Local address to bind peer sockets on.
     pub local_ip: IpAddr,
     pub room: String,
+    /// Identities are `<prefix>-<group>-<index>`: processes sharing a room use different ones.
+    pub identity_prefix: String,
     pub mode: Mode,
     pub nack: bool,
     pub stop: watch::Receiver<bool>,
@@ -88,7 +91,7 @@ fn local_transport(peer: &Peer, ice: &IceCredentials, cert: &DtlsCertificate) ->
 /// Runs a participant until `ctx.stop` or a failure. Records join times, connected state and
 /// failures in the collector.
 pub async fn run(ctx: Arc<Context>, spec: Spec) -> Result<(), ParticipantError> {
-    let identity = format!("lt-{}-{}", spec.group, spec.index);
+    let identity = format!("{}-{}-{}", ctx.identity_prefix, spec.group, spec.index);
     let role = if spec.publish == Publish::None {
         "attendee"
     } else {
@@ -107,6 +110,7 @@ pub async fn run(ctx: Arc<Context>, spec: Spec) -> Result<(), ParticipantError> 
         counted_connected: false,
         media: None,
         pending_times: None,
+        roster: None,
     };
     let result = match ctx.mode {
         Mode::Ws => life.run_ws(&identity, &token).await,
@@ -126,6 +130,8 @@ struct Life {
     media: Option<tokio::task::JoinHandle<()>>,
     /// Phase times of a subscriber PC connecting in the background.
     pending_times: Option<Arc<std::sync::Mutex<Option<ConnectTimes>>>>,
+    /// The session's view of the room (WS mode, once joined).
+    roster: Option<RosterView>,
 }
 
 fn ms(d: Duration) -> Option<f64> {
@@ -210,12 +216,17 @@ impl Life {
 
     async fn run_ws(&mut self, identity: &str, token: &str) -> Result<(), ParticipantError> {
         let (ws, mut events) = WsClient::connect(&self.ctx.target).await?;
-        let _joined = ws
+        let joined = ws
             .request(
                 "room:join",
                 json!({"token": token, "name": identity, "autoSubscribe": self.spec.subscribe}),
             )
             .await?;
+        self.roster = Some(RosterView::from_ack(&joined));
+        if self.spec.publish == Publish::None && !self.spec.subscribe {
+            self.times.signaling_ms = ms(self.t0.elapsed());
+            self.times.signaling_only = true;
+        }
         if self.spec.publish != Publish::None {
             let (peer, ice, offer, mids) = self.publish_peer().await?;
             let video_source = if self.spec.publish == Publish::Screen {
@@ -268,6 +279,13 @@ impl Life {
                 }
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
+                    if *self.ctx.stop.borrow() {
+                        // The run is over: others' leaves from now on are not the room's size.
+                        break;
+                    }
+                    if let Some(r) = self.roster.as_mut() {
+                        r.on_event(&ev);
+                    }
                     match ev["type"].as_str().unwrap_or_default() {
                         "sdp:offer" => {
                             let offer = sdp::read_remote(ev["sdp"].as_str().unwrap_or_default())?;
@@ -408,6 +426,10 @@ impl Life {
             c.connected -= 1;
         }
         c.joins.push(self.times);
+        if let Some(r) = self.roster.take() {
+            c.signaling_events += r.events;
+            c.roster_views.push(r.count());
+        }
     }
 }
 

@@ -117,6 +117,25 @@ pub struct Report {
     pub delay_cdf: Vec<(f64, f64)>,
     /// First-media join times (ms) of every participant that got media.
     pub join_first_media_ms: Vec<f64>,
+    /// What the WS sessions received (every mode-ws run; the town-hall's main figure).
+    pub signaling: Option<SignalingReport>,
+}
+
+/// Signaling load and roster convergence over the WS sessions.
+#[derive(Debug, Clone, Serialize)]
+pub struct SignalingReport {
+    pub sessions: usize,
+    /// Sessions that neither published nor subscribed.
+    pub signaling_only: usize,
+    pub events: u64,
+    /// Events per session per second of the run.
+    pub events_per_session_per_s: f64,
+    /// Room size as each session saw it at the end: min, median, max.
+    pub roster_min: u64,
+    pub roster_p50: u64,
+    pub roster_max: u64,
+    /// Participants connected at the end (what a converged roster shows).
+    pub roster_expected: usize,
 }
 
 /// Send lag p99 above which the tool says it did not keep up: a frame late by more than this
@@ -156,6 +175,7 @@ impl Report {
             timeline: Vec::new(),
             delay_cdf: Vec::new(),
             join_first_media_ms: Vec::new(),
+            signaling: None,
         }
     }
 
@@ -186,7 +206,27 @@ impl Report {
             dtls: hist(&|j| j.dtls_ms),
             first_media: hist(&|j| j.first_media_ms),
         };
-        self.participants_joined = c.joins.iter().filter(|j| j.dtls_ms.is_some()).count();
+        self.participants_joined = c
+            .joins
+            .iter()
+            .filter(|j| j.dtls_ms.is_some() || (j.signaling_only && j.signaling_ms.is_some()))
+            .count();
+        if !c.roster_views.is_empty() {
+            let mut views = c.roster_views.clone();
+            views.sort_unstable();
+            self.signaling = Some(SignalingReport {
+                sessions: views.len(),
+                signaling_only: c.joins.iter().filter(|j| j.signaling_only).count(),
+                events: c.signaling_events,
+                events_per_session_per_s: c.signaling_events as f64
+                    / views.len() as f64
+                    / self.duration_s.max(1e-3),
+                roster_min: views[0],
+                roster_p50: views[views.len() / 2],
+                roster_max: views[views.len() - 1],
+                roster_expected: views.len(),
+            });
+        }
         self.join_first_media_ms = c.joins.iter().filter_map(|j| j.first_media_ms).collect();
         self.delay = c.delay_total.summary_ms();
         self.jitter = c.jitter_total.summary_ms();
@@ -250,6 +290,14 @@ impl Report {
             self.participants_planned, self.participants_joined, self.participants_failed
         );
         let _ = writeln!(s, "  join signaling  {}", f(&self.join.signaling));
+        if let Some(g) = &self.signaling {
+            let _ = writeln!(
+                s,
+                "  signaling: {} sessions ({} signaling-only), {} events, {:.2} per session per s; roster seen min {} / p50 {} / max {} of {}",
+                g.sessions, g.signaling_only, g.events, g.events_per_session_per_s,
+                g.roster_min, g.roster_p50, g.roster_max, g.roster_expected
+            );
+        }
         let _ = writeln!(s, "  join ICE        {}", f(&self.join.ice));
         let _ = writeln!(s, "  join DTLS       {}", f(&self.join.dtls));
         let _ = writeln!(s, "  first media     {}", f(&self.join.first_media));

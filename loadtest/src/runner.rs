@@ -28,6 +28,8 @@ pub struct RunConfig {
     pub media_via: Option<SocketAddr>,
     pub server_pid: Option<u32>,
     pub progress: bool,
+    /// Participants' identities start with this (default `lt`).
+    pub identity_prefix: String,
 }
 
 /// What the per-second loop decides.
@@ -138,6 +140,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
         media_via: cfg.media_via,
         local_ip,
         room: scenario.room.clone(),
+        identity_prefix: cfg.identity_prefix.clone(),
         mode: scenario.mode,
         nack: scenario.nack,
         stop: stop_rx,

@@ -379,6 +379,52 @@ impl Scenario {
         )
     }
 
+    /// One meeting for thousands: `presenters` publishing audio and simulcast camera, `viewers`
+    /// receiving media (lowest layer: a large audience's thumbnail view), and `audience`
+    /// signaling-only sessions that hold the connection, get the roster as batched deltas and
+    /// every event, but no media (on one machine the media cannot scale as far as signaling;
+    /// the report counts both). Joins at `join_rate` per second per group.
+    pub fn town_hall(
+        presenters: u32,
+        viewers: u32,
+        audience: u32,
+        join_rate: f64,
+        duration: Duration,
+    ) -> Scenario {
+        let mut viewers_group = group(
+            "viewers",
+            viewers,
+            Publish::None,
+            true,
+            join_rate,
+            Duration::from_secs(1),
+        );
+        viewers_group.max_layer = Some(0);
+        Self::base(
+            "town-hall",
+            duration,
+            vec![
+                group(
+                    "presenters",
+                    presenters,
+                    Publish::Camera,
+                    false,
+                    10.0,
+                    Duration::ZERO,
+                ),
+                viewers_group,
+                group(
+                    "audience",
+                    audience,
+                    Publish::None,
+                    false,
+                    join_rate,
+                    Duration::from_secs(1),
+                ),
+            ],
+        )
+    }
+
     /// One presenter, then `k` viewers joining within `within`.
     pub fn join_storm(k: u32, within: Duration, duration: Duration) -> Scenario {
         let rate = f64::from(k) / within.as_secs_f64().max(0.001);

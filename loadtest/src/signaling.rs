@@ -171,6 +171,10 @@ pub enum TokenSource {
     Dev,
     /// The same token for everyone (for a token you minted; also how refusal is tested).
     Fixed(String),
+    /// A control plane's REST API (`POST /v1/meetings/{room}/tokens` with an API key): one
+    /// token per identity, for clusters of `kcs edge` nodes. The meeting is created first if
+    /// it does not exist.
+    ControlPlane { api: Target, api_key: String },
 }
 
 impl TokenSource {
@@ -183,6 +187,9 @@ impl TokenSource {
     ) -> Result<String, SignalingError> {
         match self {
             TokenSource::Fixed(t) => Ok(t.clone()),
+            TokenSource::ControlPlane { api, api_key } => {
+                control_plane_token(api, api_key, room, identity, role).await
+            }
             TokenSource::Dev => {
                 let path = format!("/dev/token?room={room}&identity={identity}&role={role}");
                 let (status, _, body) = http(target, "GET", &path, &[], "").await?;
@@ -199,6 +206,58 @@ impl TokenSource {
                     .as_str()
                     .map(str::to_owned)
                     .ok_or_else(|| SignalingError::Malformed("dev token: no token".into()))
+            }
+        }
+    }
+}
+
+/// Mints a token with the control plane's REST API, creating the meeting on a 404.
+async fn control_plane_token(
+    api: &Target,
+    api_key: &str,
+    room: &str,
+    identity: &str,
+    role: &str,
+) -> Result<String, SignalingError> {
+    let auth = format!("Bearer {api_key}");
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("Authorization", auth.as_str()),
+    ];
+    let path = format!("/v1/meetings/{room}/tokens");
+    let body = serde_json::json!({"identity": identity, "role": role}).to_string();
+    let mut created = false;
+    loop {
+        let (status, _, reply) = http(api, "POST", &path, &headers, &body).await?;
+        match status {
+            200 | 201 => {
+                let v: Value = serde_json::from_str(&reply)
+                    .map_err(|e| SignalingError::Malformed(format!("minted token: {e}")))?;
+                return v["token"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| SignalingError::Malformed("minted token: no token".into()));
+            }
+            404 if !created => {
+                // No such meeting yet: create it (409 means another participant just did).
+                let create = serde_json::json!({"room": room}).to_string();
+                let (status, _, reply) =
+                    http(api, "POST", "/v1/meetings", &headers, &create).await?;
+                if status != 201 && status != 409 {
+                    return Err(SignalingError::Http {
+                        url: format!("{}/v1/meetings", api.base),
+                        status,
+                        body: reply.chars().take(200).collect(),
+                    });
+                }
+                created = true;
+            }
+            _ => {
+                return Err(SignalingError::Http {
+                    url: format!("{}{path}", api.base),
+                    status,
+                    body: reply.chars().take(200).collect(),
+                })
             }
         }
     }

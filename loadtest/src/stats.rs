@@ -241,6 +241,8 @@ pub struct JoinTimes {
     pub dtls_ms: Option<f64>,
     /// From the start of the join to the first media packet received.
     pub first_media_ms: Option<f64>,
+    /// Neither publishes nor subscribes: joined means the join ack (no ICE, DTLS or media).
+    pub signaling_only: bool,
 }
 
 /// Run-wide figures, behind one lock.
@@ -257,6 +259,10 @@ pub struct Collector {
     pub connected: usize,
     pub failed: usize,
     pub failures: Vec<String>,
+    /// Events received by WS sessions, summed at their end.
+    pub signaling_events: u64,
+    /// Each WS session's room size as it saw it at the end (see `roster`).
+    pub roster_views: Vec<u64>,
 }
 
 pub type Shared = Arc<Mutex<Collector>>;

@@ -548,3 +548,49 @@ fn a_scenario_file_error_names_line_and_field() {
         "{err}"
     );
 }
+
+#[test]
+fn town_hall_audience_holds_sessions_and_every_roster_converges() {
+    let edge = Edge::start();
+    let pid = edge.pid().to_string();
+    let (out, report) = loadtest(
+        &[
+            "town-hall",
+            "--presenters",
+            "1",
+            "--viewers",
+            "2",
+            "--audience",
+            "120",
+            "--join-rate",
+            "100",
+            "--duration",
+            "3s",
+            "--room",
+            "hall",
+            "--target",
+            &edge.url,
+            "--server-pid",
+            &pid,
+        ],
+        Duration::from_secs(90),
+    );
+    let r = report.unwrap_or_else(|| panic!("no report: {}", text(&out)));
+    assert!(out.status.success(), "{}\n{}", text(&out), edge.log());
+    assert_eq!(r["participants_joined"], 123, "{}", text(&out));
+    let s = &r["signaling"];
+    assert_eq!(s["sessions"], 123, "{s}");
+    assert_eq!(s["signaling_only"], 120, "{s}");
+    // More than 100 joined, so late joiners got only the first roster page in their ack and
+    // learned the rest from batched deltas: every session still ends up with the whole room.
+    assert_eq!(s["roster_min"], 123, "{s}");
+    assert_eq!(s["roster_max"], 123, "{s}");
+    // Joins batch: far fewer presence events than one per join per session.
+    let per_session = f(s, &["events"]) / 123.0;
+    assert!(
+        per_session > 1.0 && per_session < 60.0,
+        "{per_session} events per session: {s}"
+    );
+    // The viewers received the presenter's media; the audience none.
+    assert!(f(&r, &["counters", "rx_packets"]) > 100.0);
+}

@@ -16,7 +16,8 @@
 mod room;
 
 pub use room::{
-    allowed, is_moderator, Permission, Room, RoomConfig, MAX_CHAT_CHARS, MAX_ROSTER_PAGE, REACTIONS,
+    allowed, is_moderator, Permission, Room, RoomConfig, MAX_CHAT_CHARS, MAX_ROSTER_PAGE,
+    REACTIONS, RESTORE_GRACE_MS,
 };
 
 use cascade_proto::room::{
@@ -68,6 +69,20 @@ impl Origin {
     /// where. Only a join creates a room; anything else for an unknown room is refused.
     pub fn handle_at(&mut self, edge: EdgeId, msg: EdgeToOrigin, now_ms: u64) -> Vec<Outgoing> {
         match msg {
+            EdgeToOrigin::Restore { id, room, replica } => {
+                let config = self.config.clone();
+                self.rooms
+                    .entry(room.clone())
+                    .or_insert_with(|| Room::restored(room, config, now_ms))
+                    .restore(edge, *replica);
+                vec![Outgoing {
+                    edge,
+                    message: OriginToEdge::Reply {
+                        id,
+                        reply: Reply::Done,
+                    },
+                }]
+            }
             EdgeToOrigin::Request { id, room, intent } => {
                 let state = match self.rooms.get_mut(&room) {
                     Some(r) => r,
@@ -99,12 +114,19 @@ impl Origin {
         }
     }
 
-    /// Sends every room's batched joins and leaves.
+    /// Sends every room's batched joins and leaves, and closes restore windows that are due.
     pub fn tick(&mut self) -> Vec<Outgoing> {
+        self.tick_at(unix_millis())
+    }
+
+    /// [`Origin::tick`] at `now_ms` (Unix milliseconds).
+    pub fn tick_at(&mut self, now_ms: u64) -> Vec<Outgoing> {
         let mut out = Vec::new();
         for room in self.rooms.values_mut() {
+            out.extend(fan_out(room.finish_restore(now_ms)));
             out.extend(fan_out(room.flush_presence()));
         }
+        self.rooms.retain(|_, r| !r.is_finished());
         out
     }
 

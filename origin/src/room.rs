@@ -15,6 +15,9 @@ use cascade_proto::room::{
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+mod restore;
+pub use restore::RESTORE_GRACE_MS;
+
 /// Limits for one room. Plain data with the defaults documented.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomConfig {
@@ -141,6 +144,8 @@ pub struct Room {
     last_chat_ts: u64,
     seq: u64,
     closed: bool,
+    /// Set while a room rebuilt from edge replicas waits for the rest of its edges.
+    restoring: Option<restore::Restoring>,
 }
 
 type Events = Vec<(RoomEvent, Vec<EdgeId>)>;
@@ -166,12 +171,15 @@ impl Room {
             last_chat_ts: 0,
             seq: 0,
             closed: false,
+            restoring: None,
         }
     }
 
-    /// No one in it nor waiting, or a host ended it: the origin may forget it.
+    /// No one in it nor waiting, or a host ended it: the origin may forget it. A room being
+    /// rebuilt is kept until its restore window closes.
     pub fn is_finished(&self) -> bool {
-        self.closed || (self.participants.is_empty() && self.waiting.is_empty())
+        self.closed
+            || (self.participants.is_empty() && self.waiting.is_empty() && self.restoring.is_none())
     }
 
     pub fn is_empty(&self) -> bool {

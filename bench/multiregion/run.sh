@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One meeting across three regions on this machine (see lib.sh for the topology):
+# a presenter and local viewers in eu, viewers in us and ap, each participant finding its edge
+# through the geo-DNS from inside its region. Prints, per region, the edge the DNS gave, the
+# one-way delay from the eu presenter (p50/p99), the inter-region link delay on that path,
+# what the cascade adds on top, and loss.
+#
+#   sudo bash bench/multiregion/run.sh [viewers-per-region=4] [duration=10s] [profile=debug]
+#
+# Needs root (network namespaces). Builds kcs and loadtest; installs etcd via
+# control-plane/deps.sh. Everything started is stopped at the end, also on failure.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+VIEWERS=${1:-4}
+DURATION=${2:-10s}
+PROFILE=${3:-debug}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+if [ -z "${KCS_SKIP_BUILD:-}" ]; then
+    flag=$([ "$PROFILE" = release ] && echo --release || true)
+    (cd "$ROOT" && cargo build -q $flag -p edge-node --bin kcs -p loadtest --bin loadtest)
+fi
+bash "$ROOT/control-plane/deps.sh" >/dev/null
+BIN=${BIN:-$TARGET/$([ "$PROFILE" = release ] && echo release || echo debug)}
+# shellcheck source=lib.sh
+source "$ROOT/bench/multiregion/lib.sh"
+MR_DIR=$(mktemp -d /tmp/kcs-mr-XXXXXX)
+OUT=${OUT:-$ROOT/artifacts/multiregion}
+mkdir -p "$OUT"
+trap 'mr_down; cp "$MR_DIR"/*.log "$OUT"/ 2>/dev/null || true; rm -rf "$MR_DIR"' EXIT
+mr_up
+
+room=mr-$$
+declare -A EDGE
+for r in "${MR_REGIONS[@]}"; do
+    EDGE[$r]=$(mr_dig_edge "$r" | head -1)
+    case "${EDGE[$r]}" in
+    "10.77.${MR_INDEX[$r]}."*) ;;
+    *) mr_log "geo-DNS gave region $r the edge '${EDGE[$r]}', not one of its own"; exit 1 ;;
+    esac
+done
+
+# The presenter's region starts first (the room's origin is placed near the first joiner).
+common=(--token-api "http://$MR_CP_HTTP" --api-key "$MR_API_KEY" --room "$room" --quiet)
+ip netns exec mr-eu "$BIN/loadtest" webinar --presenters 1 --viewers "$VIEWERS" \
+    --target "http://${EDGE[eu]}:8080" --identity-prefix eu --duration "$DURATION" \
+    "${common[@]}" --json "$OUT/eu.json" >"$OUT/eu.txt" 2>&1 &
+pids=($!)
+sleep 3
+for r in us ap; do
+    ip netns exec "mr-$r" "$BIN/loadtest" webinar --presenters 0 --viewers "$VIEWERS" \
+        --target "http://${EDGE[$r]}:8080" --identity-prefix "$r" --duration "$DURATION" \
+        "${common[@]}" --json "$OUT/$r.json" >"$OUT/$r.txt" 2>&1 &
+    pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+
+python3 - "$OUT" <<PY
+import json, sys
+out = sys.argv[1]
+link = {"eu": 0, "us": ${MR_DELAY[eu-us]}, "ap": ${MR_DELAY[eu-ap]}}
+print("region  edge         viewers  p50 ms  p99 ms  link ms  cascade p99 ms  loss")
+for r in ["eu", "us", "ap"]:
+    rep = json.load(open(f"{out}/{r}.json"))
+    d = rep.get("delay") or {}
+    p50, p99 = d.get("p50"), d.get("p99")
+    extra = None if p99 is None else p99 - link[r]
+    print(f"{r:6}  {rep['target'][7:-5]:11}  {rep['participants_joined']:7}  "
+          f"{p50 if p50 is None else round(p50,1)!s:>6}  {p99 if p99 is None else round(p99,1)!s:>6}  "
+          f"{link[r]:7}  {extra if extra is None else round(extra,1)!s:>14}  {rep['loss']*100:.2f}%")
+PY
+exit $status

@@ -1,0 +1,435 @@
+//! Origin failover: a meeting runs on one origin with two edges, each edge keeping its replica
+//! (`cascade_proto::replica`) from exactly what the origin sent it; the origin dies; a new origin
+//! is rebuilt from the replicas of the edges that are still there. Nothing the old origin
+//! acknowledged to a surviving participant is lost: roster, roles, hands, chat, settings,
+//! tracks, host mutes.
+
+use cascade_proto::replica::ReplicaTracker;
+use cascade_proto::room::{
+    Audience, EdgeId, EdgeToOrigin, Intent, Layout, OriginToEdge, Reply, RequestId, RoomEvent,
+    RoomEventBody,
+};
+use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackKind, TrackSource};
+use origin::{Origin, RoomConfig, RESTORE_GRACE_MS};
+use std::collections::HashMap;
+
+const E1: EdgeId = EdgeId(1);
+const E2: EdgeId = EdgeId(2);
+const T0: u64 = 1_000_000;
+
+/// An origin and the edges' replica trackers, fed from what the origin sends each edge.
+struct Cluster {
+    origin: Origin,
+    edges: HashMap<EdgeId, ReplicaTracker>,
+    /// Events each edge received, for checks.
+    seen: HashMap<EdgeId, Vec<RoomEvent>>,
+    next_id: u64,
+    now: u64,
+}
+
+fn room() -> RoomId {
+    RoomId::new("town").unwrap()
+}
+
+impl Cluster {
+    fn new() -> Self {
+        Self {
+            origin: Origin::new(RoomConfig::default()),
+            edges: [(E1, ReplicaTracker::new()), (E2, ReplicaTracker::new())].into(),
+            seen: HashMap::new(),
+            next_id: 1,
+            now: T0,
+        }
+    }
+
+    fn deliver(
+        &mut self,
+        out: Vec<origin::Outgoing>,
+        asked: Option<(RequestId, &mut Option<Reply>)>,
+    ) {
+        let mut asked = asked;
+        for o in out {
+            let tracker = self.edges.entry(o.edge).or_default();
+            match o.message {
+                OriginToEdge::Reply { id, reply } => {
+                    tracker.on_reply(&room(), &reply);
+                    if let Some((want, slot)) = asked.as_mut() {
+                        if *want == id {
+                            **slot = Some(reply);
+                        }
+                    }
+                }
+                OriginToEdge::Event(e) => {
+                    tracker.on_event(&e);
+                    self.seen.entry(o.edge).or_default().push(e);
+                }
+            }
+        }
+    }
+
+    fn ask(&mut self, edge: EdgeId, intent: Intent) -> Reply {
+        let id = RequestId(self.next_id);
+        self.next_id += 1;
+        self.now += 10;
+        let out = self.origin.handle_at(
+            edge,
+            EdgeToOrigin::Request {
+                id,
+                room: room(),
+                intent,
+            },
+            self.now,
+        );
+        let mut reply = None;
+        self.deliver(out, Some((id, &mut reply)));
+        reply.expect("every request gets a reply")
+    }
+
+    fn tick(&mut self, advance_ms: u64) {
+        self.now += advance_ms;
+        let out = self.origin.tick_at(self.now);
+        self.deliver(out, None);
+    }
+
+    fn join(&mut self, edge: EdgeId, who: &str, role: Role) -> ParticipantId {
+        let reply = self.ask(
+            edge,
+            Intent::Join {
+                identity: Identity::new(who).unwrap(),
+                role,
+                name: who.into(),
+            },
+        );
+        match reply {
+            Reply::Joined(s) => s.you.id,
+            other => panic!("join of {who} refused: {other:?}"),
+        }
+    }
+
+    /// The origin dies; a fresh one takes the room from the replicas of `survivors`.
+    fn fail_over(&mut self, survivors: &[EdgeId]) {
+        self.origin = Origin::new(RoomConfig::default());
+        for &edge in survivors {
+            let replica = self.edges[&edge]
+                .replica(&room())
+                .expect("edge has the room");
+            let id = RequestId(self.next_id);
+            self.next_id += 1;
+            let out = self.origin.handle_at(
+                edge,
+                EdgeToOrigin::Restore {
+                    id,
+                    room: room(),
+                    replica: Box::new(replica),
+                },
+                self.now,
+            );
+            let mut reply = None;
+            self.deliver(out, Some((id, &mut reply)));
+            assert_eq!(reply, Some(Reply::Done));
+        }
+    }
+}
+
+/// A meeting with a bit of everything: host and guest on edge 1, a promoted presenter and an
+/// attendee on edge 2; chat, hands, a host mute, layout, lock.
+fn meeting() -> (Cluster, [ParticipantId; 4]) {
+    let mut c = Cluster::new();
+    let host = c.join(E1, "host", Role::Host);
+    let guest = c.join(E1, "guest", Role::Attendee);
+    let pres = c.join(E2, "pres", Role::Attendee);
+    let att = c.join(E2, "att", Role::Attendee);
+    c.tick(200);
+    let r = c.ask(
+        E1,
+        Intent::SetRole {
+            participant: host,
+            target: pres,
+            role: Role::Presenter,
+        },
+    );
+    assert_eq!(r, Reply::Done);
+    for (edge, p) in [(E2, pres), (E1, guest)] {
+        let r = c.ask(
+            edge,
+            Intent::Publish {
+                participant: p,
+                source: TrackSource::Camera,
+                codec: "VP8".into(),
+                layers: 3,
+            },
+        );
+        assert!(matches!(r, Reply::Published { .. }), "{r:?}");
+        let r = c.ask(
+            edge,
+            Intent::Publish {
+                participant: p,
+                source: TrackSource::Microphone,
+                codec: "opus".into(),
+                layers: 1,
+            },
+        );
+        assert!(matches!(r, Reply::Published { .. }), "{r:?}");
+    }
+    let r = c.ask(
+        E1,
+        Intent::MuteRemote {
+            participant: host,
+            target: pres,
+            kind: TrackKind::Audio,
+            muted: true,
+        },
+    );
+    assert_eq!(r, Reply::Done);
+    for (edge, p, text) in [
+        (E1, host, "welcome"),
+        (E2, att, "hi all"),
+        (E1, guest, "hello"),
+    ] {
+        let r = c.ask(
+            edge,
+            Intent::Chat {
+                participant: p,
+                text: text.into(),
+                to: None,
+            },
+        );
+        assert!(matches!(r, Reply::Chat { .. }), "{r:?}");
+    }
+    // A direct message between the edges.
+    let r = c.ask(
+        E2,
+        Intent::Chat {
+            participant: att,
+            text: "psst".into(),
+            to: Some(guest),
+        },
+    );
+    assert!(matches!(r, Reply::Chat { .. }), "{r:?}");
+    for (edge, p) in [(E2, att), (E1, guest)] {
+        assert_eq!(
+            c.ask(edge, Intent::RaiseHand { participant: p }),
+            Reply::Done
+        );
+    }
+    let r = c.ask(
+        E1,
+        Intent::SetLayout {
+            participant: host,
+            layout: Some(Layout::Speaker),
+            spotlight: Some(Some(pres)),
+        },
+    );
+    assert_eq!(r, Reply::Done);
+    let r = c.ask(
+        E1,
+        Intent::SetLocked {
+            participant: host,
+            locked: true,
+        },
+    );
+    assert_eq!(r, Reply::Done);
+    c.tick(200);
+    (c, [host, guest, pres, att])
+}
+
+#[test]
+fn a_new_origin_rebuilds_the_room_from_both_edges() {
+    let (mut c, [host, guest, pres, att]) = meeting();
+    let before = c.origin.room(&room()).unwrap();
+    let roster_before: Vec<_> = before.participants().cloned().collect();
+    let tracks_before: Vec<_> = before.tracks().cloned().collect();
+    let settings_before = before.settings().clone();
+    let seq_before = before.seq();
+
+    c.fail_over(&[E2, E1]);
+    c.tick(RESTORE_GRACE_MS + 1);
+
+    let after = c.origin.room(&room()).expect("room rebuilt");
+    assert!(!after.is_restoring());
+    assert_eq!(
+        after.participants().cloned().collect::<Vec<_>>(),
+        roster_before
+    );
+    assert_eq!(after.tracks().cloned().collect::<Vec<_>>(), tracks_before);
+    assert_eq!(after.settings(), &settings_before);
+    assert_eq!(after.seq(), seq_before);
+    let audio = after
+        .tracks()
+        .find(|t| t.participant == pres && t.kind == TrackKind::Audio)
+        .unwrap()
+        .id;
+
+    // Roles hold: the presenter still may not lock, the host still may; the host mute holds.
+    assert!(matches!(
+        c.ask(
+            E2,
+            Intent::SetLocked {
+                participant: pres,
+                locked: false
+            }
+        ),
+        Reply::Refused(_)
+    ));
+    assert!(matches!(
+        c.ask(
+            E2,
+            Intent::SetMuted {
+                participant: pres,
+                track: audio,
+                muted: false
+            }
+        ),
+        Reply::Refused(_)
+    ));
+    // Hands in their order; the chat history a joiner gets, including the direct message for
+    // the guest only.
+    let late = c.ask(
+        E1,
+        Intent::Join {
+            identity: Identity::new("late-host").unwrap(),
+            role: Role::Host,
+            name: "late".into(),
+        },
+    );
+    let Reply::Joined(s) = late else {
+        panic!("{late:?}")
+    };
+    assert_eq!(s.hands, vec![att, guest]);
+    let texts: Vec<&str> = s.chat.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["welcome", "hi all", "hello"]);
+    assert!(s.you.id.0 > att.0, "ids are never reused");
+    let r = c.ask(
+        E1,
+        Intent::Chat {
+            participant: guest,
+            text: "after".into(),
+            to: None,
+        },
+    );
+    let Reply::Chat { message } = r else {
+        panic!("{r:?}")
+    };
+    assert!(message.id > 4, "chat ids continue: {}", message.id);
+    // Events after the failover are numbered on from the old origin's.
+    c.tick(200);
+    let last = c.seen[&E2].last().unwrap();
+    assert!(last.seq > seq_before);
+    let _ = host;
+}
+
+#[test]
+fn participants_of_an_edge_that_died_with_the_origin_leave_after_the_window() {
+    let (mut c, [host, guest, pres, att]) = meeting();
+    c.seen.clear();
+    c.fail_over(&[E1]);
+    {
+        let r = c.origin.room(&room()).unwrap();
+        assert!(r.is_restoring());
+        // Edge 1's own participants are back at once; edge 2's are not announced.
+        let ids: Vec<_> = r.participants().map(|p| p.id).collect();
+        assert_eq!(ids, vec![host, guest]);
+    }
+    c.tick(RESTORE_GRACE_MS / 2);
+    assert!(c.origin.room(&room()).unwrap().is_restoring());
+    c.tick(RESTORE_GRACE_MS);
+    let r = c.origin.room(&room()).unwrap();
+    assert!(!r.is_restoring());
+    // Edge 2's participants left: edge 1 is told, hands and spotlight of the gone are dropped.
+    let left: Vec<ParticipantId> = c.seen[&E1]
+        .iter()
+        .filter_map(|e| match &e.body {
+            RoomEventBody::ParticipantsLeft(l) if e.audience == Audience::All => Some(l.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(left, vec![pres, att]);
+    let late = c.ask(
+        E1,
+        Intent::Join {
+            identity: Identity::new("late").unwrap(),
+            role: Role::Host,
+            name: "late".into(),
+        },
+    );
+    let Reply::Joined(s) = late else {
+        panic!("{late:?}")
+    };
+    assert_eq!(s.hands, vec![guest]);
+    assert_eq!(s.settings.spotlight, None);
+    assert!(s.tracks.iter().all(|t| t.participant == guest));
+}
+
+#[test]
+fn a_link_blip_rehomes_an_edge_on_the_same_origin() {
+    let (mut c, [host, guest, pres, _att]) = meeting();
+    let seq = c.origin.room(&room()).unwrap().seq();
+    // Edge 2 reconnects; the origin gives its new link another id.
+    const E2_NEW: EdgeId = EdgeId(7);
+    let replica = c.edges[&E2].replica(&room()).unwrap();
+    c.edges.insert(E2_NEW, ReplicaTracker::new());
+    let out = c.origin.handle_at(
+        E2_NEW,
+        EdgeToOrigin::Restore {
+            id: RequestId(9_999),
+            room: room(),
+            replica: Box::new(replica),
+        },
+        c.now,
+    );
+    assert_eq!(
+        out.len(),
+        1,
+        "only the reply: nothing changed for anyone: {out:?}"
+    );
+    let r = c.origin.room(&room()).unwrap();
+    assert_eq!(r.seq(), seq);
+    assert!(!r.is_restoring());
+    assert!(r.participants().filter(|p| p.edge == E2_NEW).count() == 2);
+    // The host's next chat reaches edge 2 on its new link.
+    c.seen.clear();
+    c.ask(
+        E1,
+        Intent::Chat {
+            participant: host,
+            text: "still there?".into(),
+            to: None,
+        },
+    );
+    assert!(c.seen.get(&E2_NEW).is_some_and(|v| !v.is_empty()));
+    assert!(!c.seen.contains_key(&E2));
+    let _ = (guest, pres);
+}
+
+#[test]
+fn restoring_twice_changes_nothing() {
+    let (mut c, _) = meeting();
+    c.fail_over(&[E1, E2]);
+    c.tick(RESTORE_GRACE_MS + 1);
+    let snapshot = |c: &Cluster| {
+        let r = c.origin.room(&room()).unwrap();
+        (
+            r.participants().cloned().collect::<Vec<_>>(),
+            r.tracks().cloned().collect::<Vec<_>>(),
+            r.settings().clone(),
+            r.seq(),
+        )
+    };
+    let once = snapshot(&c);
+    for edge in [E1, E2] {
+        let replica = c.edges[&edge].replica(&room()).unwrap();
+        let out = c.origin.handle_at(
+            edge,
+            EdgeToOrigin::Restore {
+                id: RequestId(1),
+                room: room(),
+                replica: Box::new(replica),
+            },
+            c.now,
+        );
+        assert_eq!(out.len(), 1);
+    }
+    c.tick(200);
+    assert_eq!(snapshot(&c), once);
+}
