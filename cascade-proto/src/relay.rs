@@ -276,8 +276,25 @@ impl Relay {
             }
         }
         self.drop_upstream(key);
-        self.tracks.get_mut(&key).expect("present").source = Some(source);
+        let old = self
+            .tracks
+            .get_mut(&key)
+            .expect("present")
+            .source
+            .replace(source);
+        if let Some(old) = old.filter(|o| *o != source) {
+            self.forget_link_if_dead(old);
+        }
         self.sync_upstream(key);
+    }
+
+    /// A link that is down and no longer the source of any track is forgotten (a reconnect
+    /// under a new id leaves the old one behind once the room moved its tracks).
+    fn forget_link_if_dead(&mut self, link: LinkId) {
+        let dead = self.links.get(&link).is_some_and(|l| !l.up);
+        if dead && !self.tracks.values().any(|t| t.source == Some(link)) {
+            self.links.remove(&link);
+        }
     }
 
     /// The track is gone (unpublished): unsubscribes upstream and forgets it. Downstream links
@@ -288,9 +305,12 @@ impl Relay {
         };
         self.drop_upstream(key);
         let t = self.tracks.get_mut(&key).expect("indexed");
-        t.source = None;
+        let old = t.source.take();
         if t.downstream.is_empty() {
             self.forget_track(key);
+        }
+        if let Some(old) = old {
+            self.forget_link_if_dead(old);
         }
     }
 

@@ -154,11 +154,29 @@ struct Effects {
     control: Vec<(mpsc::Sender<ControlMessage>, ControlMessage)>,
 }
 
+/// What a link task posts from code that cannot await ([`CascadeMedia::post`]).
+pub enum LinkInput {
+    Up {
+        link: LinkId,
+        control: mpsc::Sender<ControlMessage>,
+        media: MediaChannel,
+    },
+    Control {
+        link: LinkId,
+        msg: ControlMessage,
+    },
+    Down {
+        link: LinkId,
+    },
+}
+
 /// The edge's media side of its cascade links. See the module docs.
 pub struct CascadeMedia {
     shards: Shards,
     publications: Arc<Mutex<HashMap<(RoomId, TrackId), LocalPublication>>>,
     state: Mutex<State>,
+    /// Ordered inputs posted by synchronous callers, applied by one task (started on first use).
+    posted: Mutex<Option<mpsc::UnboundedSender<LinkInput>>>,
 }
 
 impl CascadeMedia {
@@ -177,6 +195,38 @@ impl CascadeMedia {
                 next_publication: RELAYED_ID_BASE,
                 ..Default::default()
             }),
+            posted: Mutex::new(None),
+        }
+    }
+
+    /// [`link_up`](Self::link_up), [`on_control`](Self::on_control) and
+    /// [`link_down`](Self::link_down) for callers that cannot await (a link task's synchronous
+    /// callbacks): applied in the order posted, by one task. Needs a tokio runtime. The queue is
+    /// unbounded because it carries control messages only, which the link's QUIC stream flow
+    /// control already bounds; media never passes here.
+    pub fn post(self: &Arc<Self>, input: LinkInput) {
+        let mut posted = lock(&self.posted);
+        let tx = posted.get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<LinkInput>();
+            let this = Arc::downgrade(self);
+            tokio::spawn(async move {
+                while let Some(input) = rx.recv().await {
+                    let Some(this) = this.upgrade() else { return };
+                    match input {
+                        LinkInput::Up {
+                            link,
+                            control,
+                            media,
+                        } => this.link_up(link, control, media).await,
+                        LinkInput::Control { link, msg } => this.on_control(link, msg).await,
+                        LinkInput::Down { link } => this.link_down(link).await,
+                    }
+                }
+            });
+            tx
+        });
+        if tx.send(input).is_err() {
+            tracing::error!("cascade media task is gone");
         }
     }
 

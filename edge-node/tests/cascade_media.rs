@@ -18,7 +18,7 @@ use cascade_proto::room::TrackInfo;
 use cascade_proto::wire::decode_datagram;
 use cascade_proto::{ParticipantId, RoomId, TrackId, TrackKind, TrackSource};
 use control_plane::token::{TokenSigner, TokenVerifier};
-use edge_node::cascade::CascadeMedia;
+use edge_node::cascade::{CascadeMedia, LinkInput};
 use edge_node::config::EdgeConfig;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -75,6 +75,40 @@ fn attach(cascade: Arc<CascadeMedia>, id: LinkId, link: Link) -> tokio::task::Jo
         }
         writer.abort();
         cascade.link_down(id).await;
+    })
+}
+
+/// The same for a link task that cannot await: inputs posted in order.
+fn attach_posted(
+    cascade: Arc<CascadeMedia>,
+    id: LinkId,
+    link: Link,
+) -> tokio::task::JoinHandle<()> {
+    let Link {
+        mut sender,
+        mut receiver,
+        media,
+        ..
+    } = link;
+    let (tx, mut rx) = mpsc::channel::<ControlMessage>(256);
+    cascade.post(LinkInput::Up {
+        link: id,
+        control: tx,
+        media,
+    });
+    tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if sender.send(&m).await.is_err() {
+                    return;
+                }
+            }
+        });
+        while let Ok(msg) = receiver.recv().await {
+            cascade.post(LinkInput::Control { link: id, msg });
+        }
+        writer.abort();
+        cascade.post(LinkInput::Down { link: id });
     })
 }
 
@@ -216,7 +250,7 @@ async fn remote_tracks_come_down_the_link_and_go_on_to_children() {
     );
     let mut child = child_side;
     let child_link = LinkId(2);
-    let _child_task = attach(cascade.clone(), child_link, edge_child_side);
+    let _child_task = attach_posted(cascade.clone(), child_link, edge_child_side);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let child_flow = FlowId::new(300).unwrap();
     child

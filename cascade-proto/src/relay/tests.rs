@@ -795,3 +795,22 @@ fn subscribe_track(r: &mut Relay, link: LinkId, f: FlowId, track: u64, l: u8, no
     )
     .unwrap();
 }
+
+#[test]
+fn a_reconnect_under_a_new_id_takes_over_and_the_old_link_is_forgotten() {
+    let now = Instant::now();
+    let mut r = relay();
+    subscribe(&mut r, EDGE_B, 7, 0, now);
+    control(&mut r);
+    r.handle_link_down(SOURCE);
+    assert!(r.links.contains_key(&SOURCE), "kept while it is a source");
+    let again = LinkId(99);
+    r.handle_link_up(again);
+    r.set_track_source(room(), TrackId(5), again);
+    let msgs = control(&mut r);
+    assert!(
+        matches!(msgs.first(), Some((l, ControlMessage::Subscribe { .. })) if *l == again),
+        "{msgs:?}"
+    );
+    assert!(!r.links.contains_key(&SOURCE), "the dead link is forgotten");
+}
