@@ -63,6 +63,7 @@ impl Cluster {
                     tracker.on_event(&e);
                     self.seen.entry(o.edge).or_default().push(e);
                 }
+                OriginToEdge::Attached { .. } => {}
             }
         }
     }
