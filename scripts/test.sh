@@ -25,6 +25,7 @@ SUITES=(
     "two_pages|node tests/e2e/two_pages.mjs"
     "meeting|node tests/e2e/meeting.mjs"
     "throttled|node tests/e2e/throttled.mjs"
+    "multiregion|bash bench/multiregion/run.sh 3 8s"
 )
 
 step() { printf '\n==> %s\n' "$*"; }
