@@ -45,6 +45,10 @@ pub trait MediaSide: Send + Sync + 'static {
     fn room_link(&self, _room: &RoomId, _link: LinkId) {}
     /// Origins: `track` of `room` is published behind `source` (`None`: gone or unreachable).
     fn track_source(&self, _room: &RoomId, _track: TrackId, _source: Option<LinkId>) {}
+    /// Prometheus text of the media side's counters (appended to the node's `/metrics`).
+    fn render_metrics(&self) -> String {
+        String::new()
+    }
 }
 
 enum BridgeEvent {

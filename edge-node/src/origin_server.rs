@@ -222,20 +222,20 @@ pub async fn start(
     let http = listener.local_addr()?;
     let app = {
         use axum::routing::get;
-        let m = metrics.clone();
+        let (m, media) = (metrics.clone(), media.clone());
         axum::Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route(
                 "/metrics",
                 get(move || {
-                    let m = m.clone();
+                    let body = m.render() + &media.render_metrics();
                     async move {
                         (
                             [(
                                 axum::http::header::CONTENT_TYPE,
                                 "text/plain; version=0.0.4",
                             )],
-                            m.render(),
+                            body,
                         )
                     }
                 }),
@@ -296,6 +296,29 @@ impl MediaSide for OriginRelay {
 
     fn link_down(&self, link: LinkId) {
         self.0.link_down(cascade_proto::relay::LinkId(link));
+    }
+
+    fn render_metrics(&self) -> String {
+        let c = self.0.counters();
+        let mut out = String::new();
+        for (name, help, v) in [
+            ("datagrams_in_total", "Media datagrams received from links", c.datagrams_in),
+            ("datagrams_out_total", "Media datagram copies sent to downstream links", c.datagrams_out),
+            ("malformed_total", "Datagrams that did not decode", c.malformed),
+            ("unsolicited_total", "Datagrams on a flow not subscribed on that link (or from a node that is not the track's source): dropped", c.unsolicited),
+            ("unwanted_layer_total", "Datagrams of a layer not subscribed upstream: dropped", c.unwanted_layer),
+            ("keyframe_requests_in_total", "Keyframe requests from downstream links", c.keyframe_requests_in),
+            ("keyframe_requests_up_total", "Keyframe requests sent upstream", c.keyframe_requests_up),
+            ("keyframe_requests_coalesced_total", "Keyframe requests absorbed by a recent upstream one", c.keyframe_requests_coalesced),
+            ("nacked_total", "Packets NACKed by downstream links", c.nacked),
+            ("retransmitted_total", "NACKed packets answered from the relay's cache", c.retransmitted),
+            ("nacks_up_total", "NACKed packets asked for upstream", c.nacks_up),
+        ] {
+            let _ = writeln!(out, "# HELP kcs_relay_{name} {help}");
+            let _ = writeln!(out, "# TYPE kcs_relay_{name} counter");
+            let _ = writeln!(out, "kcs_relay_{name} {v}");
+        }
+        out
     }
 
     fn track_source(&self, room: &RoomId, track: TrackId, source: Option<LinkId>) {

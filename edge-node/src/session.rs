@@ -1033,8 +1033,23 @@ pub async fn whep_subscribe(
 ) -> Result<String, SessionError> {
     let mut wants = Vec::new();
     let mut pubs = Vec::new();
+    // Remote tracks (published on another edge) are relayed here through the cascade.
+    let mut remote = Vec::new();
     for &t in tracks {
-        let Some(publ) = p.edge.publication(&p.room, t) else {
+        let publ = match p.edge.publication(&p.room, t) {
+            Some(publ) if !crate::cascade::CascadeMedia::is_relayed(publ.id) => Some(publ),
+            _ => match p.tracks.get(&t).cloned() {
+                Some(info) => {
+                    let publ = p.edge.cascade.ensure_remote(&p.room, &info).await;
+                    if publ.is_some() {
+                        remote.push(t);
+                    }
+                    publ
+                }
+                None => None,
+            },
+        };
+        let Some(publ) = publ else {
             continue;
         };
         let ssrc: u32 = rand::random();
@@ -1067,14 +1082,30 @@ pub async fn whep_subscribe(
         .new_transport(creds, Some(&answer.remote), ExtIds::default(), ext_out)
         .await;
     let mut any = false;
+    let mut media = Vec::new();
     for m in answer.media.iter().filter(|m| m.accepted) {
         let (Some(i), Some(codec)) = (m.source, m.codec.as_ref()) else {
             continue;
         };
-        let Some((_, publ, ssrc, rtx)) = pubs.get(i) else {
+        let Some((t, publ, ssrc, rtx)) = pubs.get(i) else {
             continue;
         };
         let sid = p.edge.subscription_id();
+        if let Some(info) = p.tracks.get(t) {
+            // Kept so leave() removes the subscription and releases a relayed publication.
+            media.push(SubMedia {
+                mid: m.mid.clone(),
+                track: *t,
+                participant: info.participant,
+                source: info.source,
+                kind: publ.kind,
+                codec: publ.codec.clone(),
+                ssrc: *ssrc,
+                rtx_ssrc: codec.rtx_payload_type.and(*rtx),
+                subscription: Some(sid),
+                remote: remote.contains(t),
+            });
+        }
         // WHEP offers carry the client's payload types: use the ones the answer chose.
         p.shard(Command::AddSubscription {
             id: sid,
@@ -1093,6 +1124,13 @@ pub async fn whep_subscribe(
         .await;
         any = true;
     }
+    // Relayed publications this session took but its answer did not use.
+    for t in remote
+        .iter()
+        .filter(|t| !media.iter().any(|m| m.track == **t))
+    {
+        p.edge.cascade.release_remote(&p.room, *t).await;
+    }
     if !any {
         return Err(SessionError::new(
             "sdp_unsupported",
@@ -1104,7 +1142,7 @@ pub async fn whep_subscribe(
         transport,
         local,
         remote_known: true,
-        media: Vec::new(),
+        media,
         revision: 0,
         session_id: 0,
         next_mid: 0,

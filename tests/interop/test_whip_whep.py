@@ -209,11 +209,14 @@ async def room_tracks(edge: Edge, room: str) -> list[dict]:
                     return msg.get("tracks", [])
 
 
-async def publish_and_play(c: Checks, http, edge: Edge, room: str, layers: list | None) -> None:
-    """One WHIP publisher (simulcast when `layers`), one WHEP player; checks and DELETEs."""
+async def publish_and_play(c: Checks, http, edge: Edge, room: str, layers: list | None,
+                           play_edge=None) -> None:
+    """One WHIP publisher (simulcast when `layers`), one WHEP player; checks and DELETEs.
+    The player plays from `play_edge` (another edge of a cascade) when given."""
     tag = "simulcast" if layers else "plain"
+    play_edge = play_edge or edge
     pub_token = edge.token(room, f"whip-pub-{tag}")
-    sub_token = edge.token(room, f"whep-sub-{tag}")
+    sub_token = play_edge.token(room, f"whep-sub-{tag}")
     pub = RTCPeerConnection()
     sub = RTCPeerConnection()
     consumers: list[asyncio.Task] = []
@@ -265,11 +268,11 @@ async def publish_and_play(c: Checks, http, edge: Edge, room: str, layers: list 
         sub.addTransceiver("video", direction="recvonly")
         sub.addTransceiver("audio", direction="recvonly")
         await sub.setLocalDescription(await sub.createOffer())
-        status, headers, answer = await post_sdp(http, f"{edge.url}/whep/{room}", sub.localDescription.sdp, sub_token)
+        status, headers, answer = await post_sdp(http, f"{play_edge.url}/whep/{room}", sub.localDescription.sdp, sub_token)
         if not c.check(f"[{tag}] WHEP play -> 201 with Location", status == 201 and "Location" in headers,
                        f"{status} {answer[:200]!r}"):
             return
-        sub_location = urljoin(edge.url + "/", headers["Location"])
+        sub_location = urljoin(play_edge.url + "/", headers["Location"])
         await sub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         await wait_connected(sub, f"{tag} WHEP player")
 
