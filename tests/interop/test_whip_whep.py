@@ -210,9 +210,10 @@ async def room_tracks(edge: Edge, room: str) -> list[dict]:
 
 
 async def publish_and_play(c: Checks, http, edge: Edge, room: str, layers: list | None,
-                           play_edge=None) -> None:
+                           play_edge=None) -> int:
     """One WHIP publisher (simulcast when `layers`), one WHEP player; checks and DELETEs.
-    The player plays from `play_edge` (another edge of a cascade) when given."""
+    The player plays from `play_edge` (another edge of a cascade) when given.
+    Returns how many frames (video and audio) the player decoded."""
     tag = "simulcast" if layers else "plain"
     play_edge = play_edge or edge
     pub_token = edge.token(room, f"whip-pub-{tag}")
@@ -220,6 +221,7 @@ async def publish_and_play(c: Checks, http, edge: Edge, room: str, layers: list 
     pub = RTCPeerConnection()
     sub = RTCPeerConnection()
     consumers: list[asyncio.Task] = []
+    counts = {"video": 0, "audio": 0}
     try:
         video_tx = pub.addTransceiver(MovingBarTrack(), direction="sendonly")
         prefer_vp8(video_tx)
@@ -248,7 +250,6 @@ async def publish_and_play(c: Checks, http, edge: Edge, room: str, layers: list 
         c.check(f"[{tag}] WHIP publisher connected (ICE + DTLS)", True)
 
         # Play over WHEP.
-        counts = {"video": 0, "audio": 0}
         sizes: set[tuple[int, int]] = set()
 
         async def consume(track) -> None:
@@ -309,6 +310,7 @@ async def publish_and_play(c: Checks, http, edge: Edge, room: str, layers: list 
             task.cancel()
         await pub.close()
         await sub.close()
+    return counts["video"] + counts["audio"]
 
 
 async def run(edge: Edge, c: Checks) -> None:
