@@ -22,6 +22,7 @@ pub mod sdp;
 pub mod session;
 pub mod sfu;
 pub mod transport;
+pub mod tree;
 pub mod udp;
 pub mod uplink;
 pub mod ws;
