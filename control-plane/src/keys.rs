@@ -5,6 +5,7 @@
 //! <root>/rooms/<room>             Placement JSON: which origin owns the room (no lease)
 //! <root>/meetings/<room>          Meeting JSON: the REST API's meeting options (no lease)
 //! <root>/trees/<room>/<edge>      TreePosition JSON: the edge's place in the room's fan-out tree
+//! <root>/presence/<room>/<edge>   EdgePresence JSON: the edge's share of the room, under its lease
 //! ```
 //!
 //! Every key hangs off one configurable root (default `/kcs/v1`), so several deployments or
@@ -79,6 +80,24 @@ impl KeyLayout {
         format!("{}{}", self.tree(room), edge)
     }
 
+    /// Prefix of every edge's room presence (what the tree keeper plans from).
+    pub fn presence_prefix(&self) -> String {
+        format!("{}/presence/", self.root)
+    }
+
+    pub fn presence(&self, room: &RoomId, edge: &NodeId) -> String {
+        format!("{}{}/{}", self.presence_prefix(), room, edge)
+    }
+
+    /// The (room, edge) of a presence key, if it is one.
+    pub fn presence_of<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str)> {
+        let rest = key
+            .strip_prefix(self.root.as_str())?
+            .strip_prefix("/presence/")?;
+        rest.split_once('/')
+            .filter(|(r, e)| !r.is_empty() && !e.is_empty() && !e.contains('/'))
+    }
+
     /// The room name at the end of a room or meeting key, if it is one.
     pub fn room_of<'k>(&self, prefix: &str, key: &'k str) -> Option<&'k str> {
         key.strip_prefix(prefix).filter(|r| !r.contains('/'))
@@ -99,5 +118,11 @@ mod tests {
         assert_eq!(key, "/t/rooms/standup");
         assert_eq!(k.room_of(&k.rooms_prefix(), &key), Some("standup"));
         assert_eq!(k.room_of(&k.rooms_prefix(), "/t/meetings/x"), None);
+        let presence = k.presence(&room, &id);
+        assert_eq!(presence, "/t/presence/standup/edge-1");
+        assert_eq!(k.presence_of(&presence), Some(("standup", "edge-1")));
+        assert_eq!(k.presence_of("/t/presence/standup"), None);
+        assert_eq!(k.presence_of("/t/presence/standup/a/b"), None);
+        assert_eq!(k.presence_of("/u/presence/standup/edge-1"), None);
     }
 }

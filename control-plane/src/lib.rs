@@ -21,6 +21,7 @@ pub mod routing;
 pub mod server;
 pub mod store;
 pub mod token;
+pub mod trees;
 
 pub use nodes::{NodeInfo, NodeKind, NodeLoad, NodeRegistration, RegistrationConfig};
 pub use server::{run, ControlPlane, ControlPlaneConfig, ControlPlaneError, SigningKeyConfig};

@@ -17,8 +17,9 @@
 
 use crate::api::{self, ApiConfig, ApiState};
 use crate::dns::{self, DnsConfigError, GeoDns, GeoDnsConfig, GeoDnsHandler};
+use crate::fanout::FanoutConfig;
 use crate::keys::{KeyLayout, DEFAULT_ROOT};
-use crate::nodes::{follow_nodes, NodeTable};
+use crate::nodes::{follow_nodes, NodeTable, Region};
 use crate::placement::Placer;
 use crate::routing::{EdgeRouter, RoutingConfig, RoutingError};
 use crate::store::{EtcdConfig, Store};
@@ -74,6 +75,17 @@ pub struct ControlPlaneConfig {
     /// instance needs it, but several are safe: placement is transactional).
     #[serde(default = "yes")]
     pub reassign_rooms: bool,
+    /// Plan every room's fan-out tree from the edges' presence (default true; run it on one
+    /// control plane instance: see `trees`).
+    #[serde(default = "yes")]
+    pub plan_trees: bool,
+    /// Children per tree node at most, the origin included (default 8).
+    #[serde(default = "default_tree_fanout")]
+    pub tree_fanout: usize,
+}
+
+fn default_tree_fanout() -> usize {
+    FanoutConfig::default().max_children
 }
 
 fn default_http_listen() -> SocketAddr {
@@ -97,6 +109,8 @@ impl Default for ControlPlaneConfig {
             api: ApiConfig::default(),
             signing_keys: Vec::new(),
             reassign_rooms: true,
+            plan_trees: true,
+            tree_fanout: default_tree_fanout(),
         }
     }
 }
@@ -299,6 +313,19 @@ impl ControlPlane {
         if self.config.reassign_rooms {
             let placer = Placer::new(self.store.clone(), self.keys.clone());
             tasks.spawn(placer.run_reassigner(stopped()));
+        }
+        if self.config.plan_trees {
+            let router = self.router.clone();
+            let config = FanoutConfig {
+                max_children: self.config.tree_fanout.max(2),
+            };
+            tasks.spawn(crate::trees::run_tree_keeper(
+                self.store.clone(),
+                self.keys.clone(),
+                config,
+                move |a: &Region, b: &Region| router.latency(a, b),
+                stopped(),
+            ));
         }
         let mut dns_task = None;
         if let Some((core, udp, tcp)) = self.dns {
