@@ -215,7 +215,7 @@ fn to_edge(rng: &mut StdRng) -> OriginToEdge {
 }
 
 pub(super) fn message(rng: &mut StdRng) -> ControlMessage {
-    match rng.gen_range(0..11) {
+    match rng.gen_range(0..12) {
         0 => ControlMessage::Hello(Hello {
             node: label(rng),
             region: label(rng),
@@ -263,6 +263,10 @@ pub(super) fn message(rng: &mut StdRng) -> ControlMessage {
                     blp: rng.gen(),
                 })
                 .collect(),
+        },
+        10 => ControlMessage::SubscribeRefused {
+            flow: flow(rng),
+            reason: text(rng, MAX_REASON_LEN),
         },
         _ => ControlMessage::Stats(LinkStats {
             rtt_micros: rng.gen(),
