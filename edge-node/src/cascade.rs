@@ -24,6 +24,19 @@
 //!   rewrite, SRTP per subscriber). Its NACKs and keyframe requests come back as
 //!   [`CascadeRequest`]s and go up the link as `nack` / `keyframe_request`.
 //!
+//! Along a room's fan-out tree ([`crate::tree`]) the same two directions serve more peers:
+//!
+//! - **Child edges** ([`CascadeMedia::child_link_up`]) subscribe like the origin does, and may
+//!   also name a track this edge does not receive yet: if the edge follows the room (the
+//!   [`TrackLookup`] knows the track) it creates the relayed publication as for a local
+//!   consumer and adds the child's sink to it. A child's sink holds the relayed publication
+//!   like a local consumer (one count), so each (track, layer) crosses each link once and fans
+//!   out here. Anything else is answered `subscribe_refused` with the reason.
+//! - **Media parents**: a room's remote tracks come down its parent edge's link while that is up
+//!   ([`CascadeMedia::set_room_parent`], [`CascadeMedia::parent_link_up`]), else its origin's
+//!   ([`CascadeMedia::set_room_link`]). When the parent's link drops, the room's tracks are
+//!   subscribed on the origin link at once; when it is back they move back.
+//!
 //! When a link goes down, its sinks are removed and the relayed publications it fed stall (the
 //! subscribers keep their transports and subscriptions); when a link with the same id comes back
 //! up, or [`CascadeMedia::set_room_link`] names another link for the room, they are subscribed

@@ -11,6 +11,17 @@
 //! parent changes, and the media side, which moves the room's remote-track subscriptions to the
 //! new parent's link (falling back to the origin at once when the parent's link drops, so media
 //! resumes before the planner has re-parented the edge).
+//!
+//! This module holds the edge's link tasks for the tree: [`spawn_follower`] (consumes
+//! [`ParentChange`]s, keeps one link per parent edge, shared by its rooms, redialled with the
+//! uplink's backoff and dialled with [`LinkEndpoint::connect_tree`]'s short idle timeout, so a
+//! dead parent is noticed in under a second) and [`serve_children`] (accepts child edges on the
+//! edge's cascade endpoint, refusing peers that are not edges). What the links carry is
+//! [`CascadeMedia`]'s business: a child's subscriptions are served from the shard's relayed
+//! publications and link sinks, the same machinery the origin's subscriptions use, rather than
+//! by a second relay (`cascade_proto::relay`): the shard already holds each publication's
+//! packets, NACK cache and keyframe rate limit, and local subscribers and child edges then share
+//! one copy of every packet.
 
 use crate::cascade::CascadeMedia;
 use crate::media_hook::is_media_control;
@@ -328,4 +339,27 @@ async fn serve_child(link: Link, media: Arc<CascadeMedia>, metrics: Arc<Metrics>
     drop(control_tx);
     let _ = tokio::time::timeout(LINGER, writer).await;
     channel.close(GoodbyeCode::Normal, "link ended");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_parent_overrides() {
+        let c = parse_media_parent("r1=quic://edge-r@127.0.0.1:7500").unwrap();
+        assert_eq!(c.room.as_str(), "r1");
+        match c.parent {
+            MediaParent::Edge(a) => assert_eq!(a.url(), "quic://edge-r@127.0.0.1:7500"),
+            other => panic!("{other:?}"),
+        }
+        for bad in [
+            "r1",
+            "r1=http://edge-r@127.0.0.1:7500",
+            "=quic://edge-r@127.0.0.1:7500",
+            "r1=quic://127.0.0.1:7500",
+        ] {
+            assert!(parse_media_parent(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -511,6 +511,7 @@ fn frame_name(ty: u8) -> Option<&'static str> {
         LAYER_DEMAND => "layer_demand",
         NACK => "nack",
         STATS => "stats",
+        SUBSCRIBE_REFUSED => "subscribe_refused",
         _ => return None,
     })
 }
