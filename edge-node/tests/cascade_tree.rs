@@ -275,7 +275,7 @@ async fn publisher(ca: &ClusterCa, origin: &OriginAddr, room: &RoomId) -> TrackI
                     flow,
                     layer: Layer::new(layer).unwrap(),
                     flags: MediaFlags {
-                        keyframe: seq % 50 == 0,
+                        keyframe: seq.is_multiple_of(50),
                         end_of_frame: true,
                         retransmission: false,
                     },
