@@ -167,6 +167,10 @@ struct State {
     parents: HashMap<RoomId, OriginAddr>,
     /// The link up now to each parent edge.
     parent_links: HashMap<OriginAddr, LinkId>,
+    /// Rooms whose parent edge refused a subscription (it does not follow the room, or not yet
+    /// the track): their media comes from the origin until the parent's link comes up again or
+    /// the room gets a parent anew.
+    parent_refused: HashSet<RoomId>,
     /// Links from child edges: their subscribes may pull tracks from upstream.
     children: HashSet<LinkId>,
     /// Child sinks that hold a relayed publication (each counts once in its `users`).
@@ -333,7 +337,16 @@ impl CascadeMedia {
         control_out: mpsc::Sender<ControlMessage>,
         media: MediaChannel,
     ) {
-        lock(&self.state).parent_links.insert(parent.clone(), link);
+        {
+            let mut st = lock(&self.state);
+            st.parent_links.insert(parent.clone(), link);
+            let State {
+                parents,
+                parent_refused,
+                ..
+            } = &mut *st;
+            parent_refused.retain(|room| parents.get(room) != Some(parent));
+        }
         self.link_up(link, control_out, media).await;
     }
 
@@ -422,6 +435,7 @@ impl CascadeMedia {
         let mut fx = Effects::default();
         {
             let mut st = lock(&self.state);
+            st.parent_refused.remove(room);
             match parent {
                 Some(p) => st.parents.insert(room.clone(), p),
                 None => st.parents.remove(room),
@@ -559,12 +573,21 @@ impl CascadeMedia {
                         .map(|(k, _)| k.clone());
                     match key {
                         Some((room, track)) => {
-                            tracing::warn!(%link, %flow, %room, track = track.0, %reason, retry_in = ?REFUSED_RETRY, "upstream refused a subscription");
                             write(&self.links().flows).remove(&(link, flow));
                             if let Some(r) = st.relayed.get_mut(&(room.clone(), track)) {
                                 r.via = None;
                             }
-                            retry = Some(room);
+                            let from_parent =
+                                st.parents.get(&room).and_then(|p| st.parent_links.get(p))
+                                    == Some(&link);
+                            if from_parent {
+                                tracing::warn!(%link, %flow, %room, track = track.0, %reason, "parent edge refused a subscription; the room's media falls back to its origin");
+                                st.parent_refused.insert(room.clone());
+                                self.refresh_room(&mut st, &room, &mut fx);
+                            } else {
+                                tracing::warn!(%link, %flow, %room, track = track.0, %reason, retry_in = ?REFUSED_RETRY, "upstream refused a subscription");
+                                retry = Some(room);
+                            }
                         }
                         None => {
                             tracing::debug!(%link, %flow, %reason, "refusal for a flow no longer wanted")
@@ -925,6 +948,7 @@ impl CascadeMedia {
 fn media_link(st: &State, room: &RoomId) -> Option<LinkId> {
     st.parents
         .get(room)
+        .filter(|_| !st.parent_refused.contains(room))
         .and_then(|p| st.parent_links.get(p))
         .filter(|l| st.links.contains_key(*l))
         .or_else(|| st.origin_links.get(room))
