@@ -290,6 +290,13 @@ pub enum ControlMessage {
         entries: Vec<NackEntry>,
     },
     Stats(LinkStats),
+    /// The sender will not serve `flow` (sent instead of media to a `subscribe` it refuses: a
+    /// room or track it does not know, a track the subscriber itself sends). The flow stays
+    /// unbound; the link and its other flows go on. `reason` is for logs and operators.
+    SubscribeRefused {
+        flow: FlowId,
+        reason: String,
+    },
 }
 
 impl ControlMessage {
@@ -307,6 +314,7 @@ impl ControlMessage {
             ControlMessage::LayerDemand { .. } => "layer_demand",
             ControlMessage::Nack { .. } => "nack",
             ControlMessage::Stats(_) => "stats",
+            ControlMessage::SubscribeRefused { .. } => "subscribe_refused",
         }
     }
 }

@@ -222,6 +222,16 @@ impl ReplicaTracker {
         }
     }
 
+    /// Whether this edge has participants (or waiting guests) in `room`.
+    pub fn has_room(&self, room: &RoomId) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// A track of `room` as the room's events described it (any participant's).
+    pub fn track(&self, room: &RoomId, track: TrackId) -> Option<&TrackInfo> {
+        self.rooms.get(room)?.tracks.get(&track)
+    }
+
     /// Rooms this edge has participants (or waiting guests) in.
     pub fn rooms(&self) -> impl Iterator<Item = &RoomId> {
         self.rooms.keys()

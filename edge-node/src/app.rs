@@ -16,6 +16,10 @@ pub struct Running {
     pub udp: Vec<SocketAddr>,
     pub edge: Arc<Edge>,
     pub server: tokio::task::JoinHandle<()>,
+    /// Where child edges of rooms' fan-out trees dial this edge, `quic://NODE@HOST:PORT` (HOST
+    /// the first advertised address): what registration publishes. `None` with an
+    /// in-process origin.
+    pub cascade_url: Option<String>,
 }
 
 /// Where the edge's rooms live.
@@ -27,6 +31,9 @@ pub enum Origins {
     Linked {
         endpoint: Arc<cascade_proto::quic::LinkEndpoint>,
         directory: crate::uplink::OriginDirectory,
+        /// Each room's media parent in its fan-out tree (see [`crate::tree`]); `None`: every
+        /// room's media comes from its origin. Child edges are served either way.
+        parents: Option<tokio::sync::mpsc::Receiver<crate::tree::ParentChange>>,
     },
 }
 
@@ -80,14 +87,17 @@ pub async fn start_with(
         .with_context(|| format!("binding UDP {}", config.udp))?;
     let udp = shards.local_addrs.clone();
     let mut bridge = None;
+    let mut tree = None;
     let (to_origin, from_origin) = match origins {
         Origins::InProcess => crate::hub::spawn_local_origin(origin::RoomConfig::default()),
         Origins::Linked {
             endpoint,
             directory,
+            parents,
         } => {
             let b = crate::media_hook::EdgeMediaBridge::new();
             bridge = Some(b.clone());
+            tree = Some((endpoint.clone(), parents));
             crate::uplink::spawn(endpoint, directory, b, metrics.uplink.clone())
         }
     };
@@ -106,6 +116,27 @@ pub async fn start_with(
     if let Some(b) = bridge {
         b.attach(edge.cascade.clone());
     }
+    let mut cascade_url = None;
+    if let Some((endpoint, parents)) = tree {
+        let local = endpoint.local_addr()?;
+        let host = edge.advertised_ips().first().copied().unwrap_or(local.ip());
+        let url = format!(
+            "quic://{}@{}",
+            endpoint.hello().node,
+            std::net::SocketAddr::new(host, local.port())
+        );
+        tracing::info!(%url, "serving child edges");
+        cascade_url = Some(url);
+        crate::tree::serve_children(endpoint.clone(), edge.cascade.clone(), edge.metrics.clone());
+        if let Some(changes) = parents {
+            crate::tree::spawn_follower(
+                endpoint,
+                edge.cascade.clone(),
+                edge.metrics.clone(),
+                changes,
+            );
+        }
+    }
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("binding HTTP {}", config.http))?;
@@ -122,6 +153,7 @@ pub async fn start_with(
         udp,
         edge,
         server,
+        cascade_url,
     })
 }
 

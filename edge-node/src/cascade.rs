@@ -24,6 +24,19 @@
 //!   rewrite, SRTP per subscriber). Its NACKs and keyframe requests come back as
 //!   [`CascadeRequest`]s and go up the link as `nack` / `keyframe_request`.
 //!
+//! Along a room's fan-out tree ([`crate::tree`]) the same two directions serve more peers:
+//!
+//! - **Child edges** ([`CascadeMedia::child_link_up`]) subscribe like the origin does, and may
+//!   also name a track this edge does not receive yet: if the edge follows the room (the
+//!   [`TrackLookup`] knows the track) it creates the relayed publication as for a local
+//!   consumer and adds the child's sink to it. A child's sink holds the relayed publication
+//!   like a local consumer (one count), so each (track, layer) crosses each link once and fans
+//!   out here. Anything else is answered `subscribe_refused` with the reason.
+//! - **Media parents**: a room's remote tracks come down its parent edge's link while that is up
+//!   ([`CascadeMedia::set_room_parent`], [`CascadeMedia::parent_link_up`]), else its origin's
+//!   ([`CascadeMedia::set_room_link`]). When the parent's link drops, the room's tracks are
+//!   subscribed on the origin link at once; when it is back they move back.
+//!
 //! When a link goes down, its sinks are removed and the relayed publications it fed stall (the
 //! subscribers keep their transports and subscriptions); when a link with the same id comes back
 //! up, or [`CascadeMedia::set_room_link`] names another link for the room, they are subscribed
@@ -39,6 +52,7 @@ use crate::sfu::{
     CascadeRequest, Command, LinkId, MediaCodec, PublicationId, RelayedPublicationSpec,
 };
 use crate::udp::{RelayedPacket, ShardInput, Shards};
+use crate::uplink::OriginAddr;
 use bytes::Bytes;
 use cascade_proto::link::{ControlMessage, FlowId, Layer, LayerSet, NackEntry, MAX_NACK_ENTRIES};
 use cascade_proto::quic::MediaChannel;
@@ -46,7 +60,7 @@ use cascade_proto::room::TrackInfo;
 use cascade_proto::{RoomId, TrackId, TrackKind};
 use futures_util::FutureExt;
 use kcs_media::codec::VideoCodec;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
@@ -57,6 +71,9 @@ use tokio::sync::mpsc;
 const READ_BATCH: usize = 64;
 /// Cascade requests (NACKs, keyframe requests of relayed publications) queued from shards.
 const REQUEST_QUEUE: usize = 1024;
+/// How long a subscription a parent edge refused waits before it is tried again (the parent
+/// may not have heard of a just-published track yet).
+const REFUSED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Publication ids of relayed publications live in their own range, apart from the edge's
 /// counter, so the two never collide.
 const RELAYED_ID_BASE: u64 = 1 << 62;
@@ -141,8 +158,23 @@ struct State {
     sinks: HashMap<(LinkId, FlowId), Sink>,
     relayed: HashMap<(RoomId, TrackId), Relayed>,
     relayed_by_publication: HashMap<PublicationId, (RoomId, TrackId)>,
-    /// The link each room's media comes down (its origin, or tree parent).
+    /// The link each room's media comes down now: its media parent's link while that is up,
+    /// else its origin's ([`media_link`]).
     room_links: HashMap<RoomId, LinkId>,
+    /// The link to each room's origin (room state; media when no edge parent is up).
+    origin_links: HashMap<RoomId, LinkId>,
+    /// Rooms whose media parent is another edge of the fan-out tree: that edge.
+    parents: HashMap<RoomId, OriginAddr>,
+    /// The link up now to each parent edge.
+    parent_links: HashMap<OriginAddr, LinkId>,
+    /// Rooms whose parent edge refused a subscription (it does not follow the room, or not yet
+    /// the track): their media comes from the origin until the parent's link comes up again or
+    /// the room gets a parent anew.
+    parent_refused: HashSet<RoomId>,
+    /// Links from child edges: their subscribes may pull tracks from upstream.
+    children: HashSet<LinkId>,
+    /// Child sinks that hold a relayed publication (each counts once in its `users`).
+    holds: HashMap<(LinkId, FlowId), (RoomId, TrackId)>,
     next_flow: u32,
     next_publication: u64,
 }
@@ -170,9 +202,14 @@ pub enum LinkInput {
     },
 }
 
+/// What the edge knows of a room's track: `None` when it has no participants in the room (so
+/// it does not follow the room's state), `Some(None)` when the room has no such track.
+pub type TrackLookup = Arc<dyn Fn(&RoomId, TrackId) -> Option<Option<TrackInfo>> + Send + Sync>;
+
 /// The edge's media side of its cascade links. See the module docs.
 pub struct CascadeMedia {
     shards: Shards,
+    tracks: TrackLookup,
     publications: Arc<Mutex<HashMap<(RoomId, TrackId), LocalPublication>>>,
     state: Mutex<State>,
     /// Ordered inputs posted by synchronous callers, applied by one task (started on first use).
@@ -183,12 +220,15 @@ impl CascadeMedia {
     /// `publications` is the edge's registry of publications (shared with [`crate::edge::Edge`]):
     /// a peer's subscribe finds local tracks there, and relayed ones are added to it so sessions
     /// consume them like local ones.
+    /// `tracks` tells what a child edge may subscribe to that is not here yet.
     pub fn new(
         shards: Shards,
         publications: Arc<Mutex<HashMap<(RoomId, TrackId), LocalPublication>>>,
+        tracks: TrackLookup,
     ) -> Self {
         Self {
             shards,
+            tracks,
             publications,
             state: Mutex::new(State {
                 next_flow: 1,
@@ -267,18 +307,47 @@ impl CascadeMedia {
             ) {
                 old.reader.abort();
             }
-            let rooms: Vec<RoomId> = st
-                .room_links
-                .iter()
-                .filter(|(_, l)| **l == link)
-                .map(|(r, _)| r.clone())
-                .collect();
-            for room in rooms {
-                self.resubscribe_room(&mut st, &room, &mut fx);
+            // Rooms whose media link this is (again), or whose parent edge this link reaches.
+            for room in known_rooms(&st) {
+                self.refresh_room(&mut st, &room, &mut fx);
             }
         }
         tracing::info!(%link, "cascade link media up");
         self.apply(fx).await;
+    }
+
+    /// A child edge's link is up: served like any link, and its subscribes may also pull
+    /// tracks this edge does not receive yet from its own media parent (see the module docs).
+    pub async fn child_link_up(
+        self: &Arc<Self>,
+        link: LinkId,
+        control_out: mpsc::Sender<ControlMessage>,
+        media: MediaChannel,
+    ) {
+        lock(&self.state).children.insert(link);
+        self.link_up(link, control_out, media).await;
+    }
+
+    /// The link to the parent edge `parent` is up: the rooms whose media parent it is move
+    /// their remote tracks to it.
+    pub async fn parent_link_up(
+        self: &Arc<Self>,
+        parent: &OriginAddr,
+        link: LinkId,
+        control_out: mpsc::Sender<ControlMessage>,
+        media: MediaChannel,
+    ) {
+        {
+            let mut st = lock(&self.state);
+            st.parent_links.insert(parent.clone(), link);
+            let State {
+                parents,
+                parent_refused,
+                ..
+            } = &mut *st;
+            parent_refused.retain(|room| parents.get(room) != Some(parent));
+        }
+        self.link_up(link, control_out, media).await;
     }
 
     /// A link is gone: its sinks end, relayed publications it fed stall until it (or another
@@ -300,6 +369,9 @@ impl CascadeMedia {
                 .collect();
             for ((l, flow), sink) in gone {
                 st.sinks.remove(&(l, flow));
+                if let Some(key) = st.holds.remove(&(l, flow)) {
+                    self.release_locked(&mut st, key, &mut fx);
+                }
                 for layer in layers_of(sink.active) {
                     fx.commands.push((
                         sink.shard,
@@ -319,19 +391,75 @@ impl CascadeMedia {
                     stalled += 1;
                 }
             }
+            st.children.remove(&link);
+            st.parent_links.retain(|_, l| *l != link);
+            // Rooms that took media from this link move to what is left: a parent edge's
+            // rooms fall back to their origin at once.
+            let moving: Vec<RoomId> = st
+                .room_links
+                .iter()
+                .filter(|(_, l)| **l == link)
+                .map(|(r, _)| r.clone())
+                .collect();
+            for room in moving {
+                if st.parents.contains_key(&room) {
+                    self.links()
+                        .metrics
+                        .cascade
+                        .parent_fallbacks
+                        .fetch_add(1, Relaxed);
+                    tracing::warn!(%link, %room, "media parent link lost: the room's media falls back to its origin");
+                }
+                self.refresh_room(&mut st, &room, &mut fx);
+            }
             tracing::info!(%link, stalled, "cascade link media down");
         }
         self.apply(fx).await;
     }
 
-    /// Names the link a room's remote media comes down. Relayed publications of the room that
-    /// came another way (or were stalled) are subscribed through it.
+    /// Names the link to a room's origin. The room's remote media comes down it unless an edge
+    /// parent's link is up ([`Self::set_room_parent`]).
     pub async fn set_room_link(&self, room: &RoomId, link: LinkId) {
         let mut fx = Effects::default();
         {
             let mut st = lock(&self.state);
-            if st.room_links.insert(room.clone(), link) == Some(link) {
-                return;
+            st.origin_links.insert(room.clone(), link);
+            self.refresh_room(&mut st, room, &mut fx);
+        }
+        self.apply(fx).await;
+    }
+
+    /// Names a room's media parent: another edge (its link comes from
+    /// [`Self::parent_link_up`]), or `None` for the origin. Other rooms are not touched.
+    pub async fn set_room_parent(&self, room: &RoomId, parent: Option<OriginAddr>) {
+        let mut fx = Effects::default();
+        {
+            let mut st = lock(&self.state);
+            st.parent_refused.remove(room);
+            match parent {
+                Some(p) => st.parents.insert(room.clone(), p),
+                None => st.parents.remove(room),
+            };
+            self.refresh_room(&mut st, room, &mut fx);
+        }
+        self.apply(fx).await;
+    }
+
+    /// The link `room`'s remote media comes down now, if any (tests, stats).
+    pub fn room_media_link(&self, room: &RoomId) -> Option<LinkId> {
+        lock(&self.state).room_links.get(room).copied()
+    }
+
+    /// Moves `room`'s relayed publications to the link they should come down now
+    /// ([`media_link`]) and subscribes the stalled ones there.
+    fn refresh_room(&self, st: &mut State, room: &RoomId, fx: &mut Effects) {
+        let Some(link) = media_link(st, room) else {
+            return;
+        };
+        let old = st.room_links.insert(room.clone(), link);
+        if old != Some(link) {
+            if let Some(old) = old {
+                tracing::info!(%room, from = %old, to = %link, "room media moves to another link");
             }
             // Unsubscribe from the old way, where it is still up.
             let moving: Vec<(TrackId, Relayed)> = st
@@ -356,6 +484,15 @@ impl CascadeMedia {
                     r.via = None;
                 }
             }
+        }
+        self.resubscribe_room(st, room, fx);
+    }
+
+    /// Tries the stalled relayed publications of `room` again (after a refusal).
+    async fn retry_room(&self, room: &RoomId) {
+        let mut fx = Effects::default();
+        {
+            let mut st = lock(&self.state);
             self.resubscribe_room(&mut st, room, &mut fx);
         }
         self.apply(fx).await;
@@ -363,8 +500,9 @@ impl CascadeMedia {
 
     /// A media control message from `link`'s peer. Messages that are not media control are
     /// ignored (the link task handles them).
-    pub async fn on_control(&self, link: LinkId, msg: ControlMessage) {
+    pub async fn on_control(self: &Arc<Self>, link: LinkId, msg: ControlMessage) {
         let mut fx = Effects::default();
+        let mut retry = None;
         {
             let mut st = lock(&self.state);
             match msg {
@@ -380,6 +518,9 @@ impl CascadeMedia {
                         sync_sink(sink, link, flow, &mut fx);
                         if sink.subscribed.is_empty() {
                             st.sinks.remove(&(link, flow));
+                            if let Some(key) = st.holds.remove(&(link, flow)) {
+                                self.release_locked(&mut st, key, &mut fx);
+                            }
                         }
                     }
                 }
@@ -419,10 +560,76 @@ impl CascadeMedia {
                         ));
                     }
                 }
+                ControlMessage::SubscribeRefused { flow, reason } => {
+                    self.links()
+                        .metrics
+                        .cascade
+                        .refusals_received
+                        .fetch_add(1, Relaxed);
+                    let key = st
+                        .relayed
+                        .iter()
+                        .find(|(_, r)| r.via == Some((link, flow)))
+                        .map(|(k, _)| k.clone());
+                    match key {
+                        Some((room, track)) => {
+                            write(&self.links().flows).remove(&(link, flow));
+                            if let Some(r) = st.relayed.get_mut(&(room.clone(), track)) {
+                                r.via = None;
+                            }
+                            let from_parent =
+                                st.parents.get(&room).and_then(|p| st.parent_links.get(p))
+                                    == Some(&link);
+                            if from_parent {
+                                tracing::warn!(%link, %flow, %room, track = track.0, %reason, "parent edge refused a subscription; the room's media falls back to its origin");
+                                st.parent_refused.insert(room.clone());
+                                self.refresh_room(&mut st, &room, &mut fx);
+                            } else {
+                                tracing::warn!(%link, %flow, %room, track = track.0, %reason, retry_in = ?REFUSED_RETRY, "upstream refused a subscription");
+                                retry = Some(room);
+                            }
+                        }
+                        None => {
+                            tracing::debug!(%link, %flow, %reason, "refusal for a flow no longer wanted")
+                        }
+                    }
+                }
                 _ => {}
             }
         }
         self.apply(fx).await;
+        if let Some(room) = retry {
+            let this = Arc::downgrade(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(REFUSED_RETRY).await;
+                if let Some(this) = this.upgrade() {
+                    this.retry_room(&room).await;
+                }
+            });
+        }
+    }
+
+    /// Tells a peer its subscribe is refused, and counts it.
+    fn refuse_subscribe(
+        &self,
+        st: &State,
+        link: LinkId,
+        flow: FlowId,
+        reason: String,
+        fx: &mut Effects,
+    ) {
+        self.links()
+            .metrics
+            .cascade
+            .subscribes_refused
+            .fetch_add(1, Relaxed);
+        tracing::warn!(%link, %flow, %reason, "cascade subscribe refused");
+        if let Some(entry) = st.links.get(&link) {
+            fx.control.push((
+                entry.control.clone(),
+                ControlMessage::SubscribeRefused { flow, reason },
+            ));
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -436,22 +643,64 @@ impl CascadeMedia {
         layer: Layer,
         fx: &mut Effects,
     ) {
-        let Some(publ) = lock(&self.publications)
-            .get(&(room.clone(), track))
-            .cloned()
-        else {
-            tracing::debug!(%link, %room, track = track.0, "subscribe to a track not on this edge");
-            return;
-        };
+        let key = (room.clone(), track);
+        let child = st.children.contains(&link);
+        let new_sink = !st.sinks.contains_key(&(link, flow));
         if st
             .relayed
-            .get(&(room.clone(), track))
+            .get(&key)
             .and_then(|r| r.via)
             .is_some_and(|(l, _)| l == link)
         {
-            tracing::warn!(%link, %room, track = track.0, "peer subscribed to a track it sends us");
+            let reason = format!("room {room} track {track} comes to this edge from you");
+            self.refuse_subscribe(st, link, flow, reason, fx);
             return;
         }
+        let found = lock(&self.publications).get(&key).cloned();
+        let publ = match found {
+            Some(publ) => {
+                // A child's sink keeps a relayed publication alive with the local consumers.
+                if child && new_sink && CascadeMedia::is_relayed(publ.id) {
+                    if let Some(r) = st.relayed.get_mut(&key) {
+                        r.users += 1;
+                        st.holds.insert((link, flow), key.clone());
+                    }
+                }
+                publ
+            }
+            None if child && new_sink => {
+                // Not here yet: pull it from this edge's own media parent, once for all.
+                let info = match (self.tracks)(&room, track) {
+                    None => {
+                        let reason = format!("this edge has no participants in room {room}");
+                        self.refuse_subscribe(st, link, flow, reason, fx);
+                        return;
+                    }
+                    Some(None) => {
+                        let reason = format!("room {room} has no track {track}");
+                        self.refuse_subscribe(st, link, flow, reason, fx);
+                        return;
+                    }
+                    Some(Some(info)) => info,
+                };
+                let Some(publ) = self.ensure_locked(st, &room, &info, fx) else {
+                    let reason = format!("this edge has no link toward room {room}'s media");
+                    self.refuse_subscribe(st, link, flow, reason, fx);
+                    return;
+                };
+                st.holds.insert((link, flow), key.clone());
+                publ
+            }
+            None if child => {
+                let reason = format!("flow {flow} is not bound to room {room} track {track}");
+                self.refuse_subscribe(st, link, flow, reason, fx);
+                return;
+            }
+            None => {
+                tracing::debug!(%link, %room, track = track.0, "subscribe to a track not on this edge");
+                return;
+            }
+        };
         let shard = self.shards.shard_of(room.as_str());
         let sink = st.sinks.entry((link, flow)).or_insert(Sink {
             shard,
@@ -487,12 +736,27 @@ impl CascadeMedia {
         let mut fx = Effects::default();
         let publ = {
             let mut st = lock(&self.state);
+            self.ensure_locked(&mut st, room, info, &mut fx)?
+        };
+        self.apply(fx).await;
+        Some(publ)
+    }
+
+    /// [`Self::ensure_remote`] under the lock (also for child edges' subscribes).
+    fn ensure_locked(
+        &self,
+        st: &mut State,
+        room: &RoomId,
+        info: &TrackInfo,
+        fx: &mut Effects,
+    ) -> Option<LocalPublication> {
+        {
             let key = (room.clone(), info.id);
             if let Some(r) = st.relayed.get_mut(&key) {
                 r.users += 1;
                 return lock(&self.publications).get(&key).cloned();
             }
-            st.room_links.get(room)?;
+            media_link(st, room)?;
             let id = PublicationId(st.next_publication);
             st.next_publication += 1;
             let shard = self.shards.shard_of(room.as_str());
@@ -530,11 +794,9 @@ impl CascadeMedia {
                 },
             );
             st.relayed_by_publication.insert(id, key);
-            self.resubscribe_room(&mut st, room, &mut fx);
-            publ
-        };
-        self.apply(fx).await;
-        Some(publ)
+            self.refresh_room(st, room, fx);
+            Some(publ)
+        }
     }
 
     /// One consumer of a remote track is gone; the last one unsubscribes it upstream and
@@ -543,7 +805,14 @@ impl CascadeMedia {
         let mut fx = Effects::default();
         {
             let mut st = lock(&self.state);
-            let key = (room.clone(), track);
+            self.release_locked(&mut st, (room.clone(), track), &mut fx);
+        }
+        self.apply(fx).await;
+    }
+
+    /// [`Self::release_remote`] under the lock (also when a child's sink goes).
+    fn release_locked(&self, st: &mut State, key: (RoomId, TrackId), fx: &mut Effects) {
+        {
             let Some(r) = st.relayed.get_mut(&key) else {
                 return;
             };
@@ -568,7 +837,6 @@ impl CascadeMedia {
             fx.commands
                 .push((r.shard, Command::RemovePublication { id: r.publication }));
         }
-        self.apply(fx).await;
     }
 
     /// Whether a relayed publication currently has a link feeding it (tests, stats).
@@ -673,6 +941,26 @@ impl CascadeMedia {
             }
         }
     }
+}
+
+/// The link `room`'s media should come down now: its parent edge's link while that is up,
+/// else its origin's.
+fn media_link(st: &State, room: &RoomId) -> Option<LinkId> {
+    st.parents
+        .get(room)
+        .filter(|_| !st.parent_refused.contains(room))
+        .and_then(|p| st.parent_links.get(p))
+        .filter(|l| st.links.contains_key(*l))
+        .or_else(|| st.origin_links.get(room))
+        .copied()
+}
+
+/// Every room the cascade has a link or parent for.
+fn known_rooms(st: &State) -> Vec<RoomId> {
+    let mut rooms: HashSet<RoomId> = st.origin_links.keys().cloned().collect();
+    rooms.extend(st.parents.keys().cloned());
+    rooms.extend(st.room_links.keys().cloned());
+    rooms.into_iter().collect()
 }
 
 /// Makes a sink's shard sinks match what its peer wants.

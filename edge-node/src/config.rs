@@ -37,7 +37,8 @@ pub struct EdgeConfig {
     pub cert: Option<PathBuf>,
     /// This node's private key (PEM).
     pub key: Option<PathBuf>,
-    /// Local UDP address of the edge's cascade links (it dials out only). Port 0: any.
+    /// Local UDP address of the edge's cascade links: it dials origins and parent edges from it,
+    /// and child edges of rooms' fan-out trees dial it (give a fixed port then). Port 0: any.
     pub cascade: SocketAddr,
 }
 
@@ -163,7 +164,8 @@ pub struct EdgeArgs {
     /// This node's cascade key (PEM).
     #[arg(long, env = "KCS_KEY")]
     pub key: Option<PathBuf>,
-    /// Local UDP address for cascade links [default: 0.0.0.0:0].
+    /// Local UDP address for cascade links: origins and parent edges are dialled from it, child
+    /// edges dial it [default: 0.0.0.0:0].
     #[arg(long, env = "KCS_CASCADE")]
     pub cascade: Option<SocketAddr>,
 }

@@ -74,9 +74,14 @@ impl Edge {
             .map(|port| ips.iter().map(|ip| SocketAddr::new(*ip, *port)).collect())
             .collect();
         let publications = Arc::new(Mutex::new(HashMap::new()));
+        let tracks = {
+            let hub = hub.clone();
+            Arc::new(move |room: &RoomId, track: TrackId| hub.track_info(room, track))
+        };
         let cascade = Arc::new(crate::cascade::CascadeMedia::new(
             shards.clone(),
             publications.clone(),
+            tracks,
         ));
         Self {
             config,

@@ -10,11 +10,12 @@
 
 use crate::sfu::{Event as ShardEvent, PublicationId};
 use cascade_proto::replica::ReplicaTracker;
+use cascade_proto::room::TrackInfo;
 use cascade_proto::room::{
     Audience, EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomEvent,
     RoomEventBody,
 };
-use cascade_proto::{ParticipantId, RoomId};
+use cascade_proto::{ParticipantId, RoomId, TrackId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -114,6 +115,9 @@ pub struct Hub {
     tx: mpsc::Sender<HubInput>,
     /// Rooms by shard-local publication id, for routing active-speaker events.
     publication_rooms: Arc<Mutex<HashMap<PublicationId, RoomId>>>,
+    /// The rooms this edge has participants in, as the origin told it (written by the hub task;
+    /// read by the cascade to serve child edges' subscriptions).
+    replicas: Arc<Mutex<ReplicaTracker>>,
 }
 
 impl Hub {
@@ -156,6 +160,13 @@ impl Hub {
     pub fn forget_publication(&self, id: PublicationId) {
         lock(&self.publication_rooms).remove(&id);
     }
+
+    /// What the edge knows of `room`: `None` when it has no participants there; else the
+    /// track, if the room has it.
+    pub fn track_info(&self, room: &RoomId, track: TrackId) -> Option<Option<TrackInfo>> {
+        let r = lock(&self.replicas);
+        r.has_room(room).then(|| r.track(room, track).cloned())
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -172,6 +183,8 @@ pub fn spawn(
     let (tx, mut rx) = mpsc::channel::<HubInput>(4096);
     let publication_rooms: Arc<Mutex<HashMap<PublicationId, RoomId>>> = Arc::default();
     let rooms_by_pub = publication_rooms.clone();
+    let replicas: Arc<Mutex<ReplicaTracker>> = Arc::default();
+    let replicas_shared = replicas.clone();
     tokio::spawn(async move {
         let mut next_id = 1u64;
         let mut pending: HashMap<RequestId, Pending> = HashMap::new();
@@ -180,7 +193,7 @@ pub fn spawn(
         let mut rooms: HashMap<RoomId, HashMap<ParticipantId, mpsc::Sender<RoomSignal>>> =
             HashMap::new();
         // What a new origin needs to rebuild our rooms (see `cascade_proto::replica`).
-        let mut replicas = ReplicaTracker::new();
+        let replicas = replicas_shared;
         loop {
             tokio::select! {
                 Some(input) = rx.recv() => match input {
@@ -193,7 +206,7 @@ pub fn spawn(
                         }
                     }
                     HubInput::Detach { room, participant } => {
-                        replicas.on_local_left(&room, participant);
+                        lock(&replicas).on_local_left(&room, participant);
                         if let Some(members) = rooms.get_mut(&room) {
                             members.remove(&participant);
                             if members.is_empty() { rooms.remove(&room); }
@@ -214,7 +227,8 @@ pub fn spawn(
                             // The origin that held the room forgot us (it restarted, or the
                             // room was placed on a new one): rebuild it there from what we
                             // know, and the sessions carry on.
-                            if let Some(replica) = replicas.replica(&room) {
+                            let replica = lock(&replicas).replica(&room);
+                            if let Some(replica) = replica {
                                 let id = RequestId(next_id);
                                 next_id += 1;
                                 tracing::info!(%room, participants = replica.participants.len(), "restoring the room on its origin from this edge's replica");
@@ -245,7 +259,7 @@ pub fn spawn(
                             continue;
                         };
                         orphan_rooms.remove(&id);
-                        replicas.on_reply(&room, &reply);
+                        lock(&replicas).on_reply(&room, &reply);
                         // Joined, or waiting in the lobby: either way the room's events (an
                         // admission, for one waiting) come to this listener from now on.
                         let you = match &reply {
@@ -259,7 +273,7 @@ pub fn spawn(
                         let _ = tx.send(reply);
                     }
                     FromOrigin::Message(OriginToEdge::Event(event)) => {
-                        replicas.on_event(&event);
+                        lock(&replicas).on_event(&event);
                         let Some(members) = rooms.get_mut(&event.room) else { continue };
                         let room = event.room.clone();
                         deliver(members, &event);
@@ -294,6 +308,7 @@ pub fn spawn(
     Hub {
         tx,
         publication_rooms,
+        replicas,
     }
 }
 

@@ -77,6 +77,11 @@ enum Command {
         /// URL clients reach this node's HTTP side at [default: http://<http address>].
         #[arg(long, env = "KCS_PUBLIC_URL")]
         public_url: Option<String>,
+        /// Operator override (and tests): take ROOM's media from the edge at
+        /// quic://NODE@HOST:PORT instead of the room's origin, falling back to the origin while
+        /// that edge is unreachable. Repeatable. Needs --origin or --etcd (a cascade).
+        #[arg(long = "media-parent", value_name = "ROOM=quic://NODE@HOST:PORT")]
+        media_parents: Vec<String>,
     },
     /// Host rooms' origins for edges that link to it over QUIC (mutual TLS with the cluster CA).
     Origin {
@@ -240,8 +245,15 @@ fn main() -> anyhow::Result<()> {
             region,
             node_id,
             public_url,
+            media_parents,
         } => {
             let config = edge.resolve()?;
+            let media_parents = media_parents
+                .iter()
+                .map(|s| edge_node::tree::parse_media_parent(s))
+                .collect::<anyhow::Result<Vec<_>>>()
+                .context("--media-parent")?;
+            let wants_parents = !media_parents.is_empty();
             init_logging(&config.log);
             let mut verifier = TokenVerifier::new();
             for k in &token_public_keys {
@@ -305,11 +317,24 @@ fn main() -> anyhow::Result<()> {
                                 &region,
                             )?,
                             directory,
+                            parents: (!media_parents.is_empty()).then(|| {
+                                let (tx, rx) = tokio::sync::mpsc::channel(media_parents.len());
+                                for change in media_parents {
+                                    let _ = tx.try_send(change);
+                                }
+                                rx
+                            }),
                         }
                     }
                 };
+                if wants_parents && matches!(origins, edge_node::app::Origins::InProcess) {
+                    anyhow::bail!("--media-parent needs a cascade (--origin or --etcd)");
+                }
                 let in_process = matches!(origins, edge_node::app::Origins::InProcess);
                 let running = edge_node::app::start_with(config, verifier, None, origins).await?;
+                if let Some(url) = &running.cascade_url {
+                    println!("kcs edge {node}: cascade {url} (child edges dial this)");
+                }
                 if let Some(cp) = control_plane {
                     edge_node::cluster::follow_keys(running.edge.clone(), cp);
                 }

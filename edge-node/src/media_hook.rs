@@ -144,6 +144,7 @@ pub fn is_media_control(msg: &ControlMessage) -> bool {
             | ControlMessage::LayerDemand { .. }
             | ControlMessage::Nack { .. }
             | ControlMessage::Stats(_)
+            | ControlMessage::SubscribeRefused { .. }
     )
 }
 

@@ -83,6 +83,24 @@ pub struct CascadeLinkCounters {
     pub unsolicited: AtomicU64,
     /// Relayed packets dropped because the room's shard inbox was full.
     pub shard_overflow: AtomicU64,
+    /// Child edges (of rooms' fan-out trees) linked to this edge now.
+    pub child_links: AtomicI64,
+    /// Child edge links accepted (handshake done, peer is an edge).
+    pub child_links_accepted: AtomicU64,
+    /// Incoming links refused: failed handshakes, peers that are not edges, protocol errors.
+    pub child_links_refused: AtomicU64,
+    /// Subscribes refused with `subscribe_refused` (unknown room or track).
+    pub subscribes_refused: AtomicU64,
+    /// `subscribe_refused` received from upstream (retried after a second).
+    pub refusals_received: AtomicU64,
+    /// Links to parent edges up now.
+    pub parent_links: AtomicI64,
+    /// Parent edge links established (first and reconnects).
+    pub parent_link_connects: AtomicU64,
+    /// Failed attempts to dial a parent edge.
+    pub parent_link_failures: AtomicU64,
+    /// Rooms whose media fell back to the origin because their parent edge's link dropped.
+    pub parent_fallbacks: AtomicU64,
 }
 
 /// Everything `/metrics` shows.
@@ -168,9 +186,60 @@ impl Metrics {
                 "relayed packets dropped because the shard inbox was full",
                 &self.cascade.shard_overflow,
             ),
+            (
+                "cascade_child_links_accepted_total",
+                "links from child edges accepted",
+                &self.cascade.child_links_accepted,
+            ),
+            (
+                "cascade_child_links_refused_total",
+                "incoming cascade links refused (handshake failed, not an edge, protocol error)",
+                &self.cascade.child_links_refused,
+            ),
+            (
+                "cascade_subscribes_refused_total",
+                "subscribes from peers refused (unknown room or track)",
+                &self.cascade.subscribes_refused,
+            ),
+            (
+                "cascade_refusals_received_total",
+                "subscribes this edge sent that upstream refused (retried)",
+                &self.cascade.refusals_received,
+            ),
+            (
+                "cascade_parent_link_connects_total",
+                "links to parent edges established (first and reconnects)",
+                &self.cascade.parent_link_connects,
+            ),
+            (
+                "cascade_parent_link_failures_total",
+                "failed attempts to dial a parent edge",
+                &self.cascade.parent_link_failures,
+            ),
+            (
+                "cascade_parent_fallbacks_total",
+                "rooms whose media fell back to the origin when their parent edge's link dropped",
+                &self.cascade.parent_fallbacks,
+            ),
         ] {
             let _ = writeln!(out, "# HELP kcs_{name} {help}");
             let _ = writeln!(out, "# TYPE kcs_{name} counter");
+            let _ = writeln!(out, "kcs_{name} {}", v.load(Relaxed));
+        }
+        for (name, help, v) in [
+            (
+                "cascade_child_links",
+                "child edges of rooms' fan-out trees linked to this edge",
+                &self.cascade.child_links,
+            ),
+            (
+                "cascade_parent_links",
+                "links to parent edges of rooms' fan-out trees that are up",
+                &self.cascade.parent_links,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP kcs_{name} {help}");
+            let _ = writeln!(out, "# TYPE kcs_{name} gauge");
             let _ = writeln!(out, "kcs_{name} {}", v.load(Relaxed));
         }
         let _ = writeln!(

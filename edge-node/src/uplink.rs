@@ -43,6 +43,11 @@ const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(3);
 
 static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
+/// A fresh link id, unique in the process across origin, parent and child links.
+pub(crate) fn next_link_id() -> LinkId {
+    NEXT_LINK.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Where an origin listens: its node id (its certificate's name) and its cascade address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OriginAddr {
@@ -338,7 +343,7 @@ async fn run_link(
         let mut in_flight: HashSet<RequestId> = HashSet::new();
         metrics.connects.fetch_add(1, Ordering::Relaxed);
         metrics.links_up.fetch_add(1, Ordering::Relaxed);
-        let link_id: LinkId = NEXT_LINK.fetch_add(1, Ordering::Relaxed);
+        let link_id: LinkId = next_link_id();
         tracing::info!(origin = %origin.url(), link = link_id, resumed, "linked to the origin");
         let _ = router
             .send(RouterInput::Attached {

@@ -47,6 +47,14 @@ pub struct LinkConfig {
     /// A peer silent this long is dead (default 3 s). Bounds how fast a link failure is noticed:
     /// children re-parent after it, so it is short, yet several keep-alives long.
     pub idle_timeout: Duration,
+    /// Keep-alive of links dialled with [`LinkEndpoint::connect_tree`] (default 150 ms).
+    pub tree_keep_alive: Duration,
+    /// Idle timeout of links dialled with [`LinkEndpoint::connect_tree`] (default 750 ms): a
+    /// child edge's link to its parent edge. QUIC uses the smaller of the two sides' idle
+    /// timeouts, so the dialler alone decides, and both ends notice a silent peer within it.
+    /// Short because the child falls back to the origin when it fires and media must resume
+    /// within 2 s; five keep-alives long so a busy peer is not declared dead.
+    pub tree_idle_timeout: Duration,
     /// Largest control frame body accepted (default [`DEFAULT_MAX_FRAME_BODY`]).
     pub max_frame_body: usize,
     /// Datagrams buffered per link before the oldest are dropped (default 4 MiB: about 1.3 s of
@@ -61,16 +69,26 @@ impl LinkConfig {
             handshake_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(3),
+            tree_keep_alive: Duration::from_millis(150),
+            tree_idle_timeout: Duration::from_millis(750),
             max_frame_body: DEFAULT_MAX_FRAME_BODY,
             datagram_buffer: 4 << 20,
         }
     }
 
     fn transport(&self) -> Result<quinn::TransportConfig, LinkError> {
+        self.transport_with(self.keep_alive, self.idle_timeout)
+    }
+
+    fn transport_with(
+        &self,
+        keep_alive: Duration,
+        idle_timeout: Duration,
+    ) -> Result<quinn::TransportConfig, LinkError> {
         let mut t = quinn::TransportConfig::default();
-        t.keep_alive_interval(Some(self.keep_alive));
+        t.keep_alive_interval(Some(keep_alive));
         t.max_idle_timeout(Some(
-            self.idle_timeout
+            idle_timeout
                 .try_into()
                 .map_err(|_| LinkError::Config("idle timeout too large"))?,
         ));
@@ -153,6 +171,8 @@ impl LinkError {
 pub struct LinkEndpoint {
     endpoint: quinn::Endpoint,
     config: Arc<LinkConfig>,
+    /// Client side for [`LinkEndpoint::connect_tree`]: the same TLS, faster loss detection.
+    tree_client: quinn::ClientConfig,
 }
 
 impl LinkEndpoint {
@@ -169,14 +189,25 @@ impl LinkEndpoint {
         server.transport_config(transport.clone());
         let client_crypto = QuicClientConfig::try_from(credentials.client_config()?)
             .map_err(|_| LinkError::Config("TLS client configuration lacks a QUIC cipher suite"))?;
-        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        let client_crypto = Arc::new(client_crypto);
+        let mut client = quinn::ClientConfig::new(client_crypto.clone());
         client.transport_config(transport);
+        let mut tree_client = quinn::ClientConfig::new(client_crypto);
+        tree_client.transport_config(Arc::new(
+            config.transport_with(config.tree_keep_alive, config.tree_idle_timeout)?,
+        ));
         let mut endpoint = quinn::Endpoint::server(server, addr).map_err(LinkError::Bind)?;
         endpoint.set_default_client_config(client);
         Ok(Self {
             endpoint,
             config: Arc::new(config),
+            tree_client,
         })
+    }
+
+    /// What this node says in its hello (its node id, region and role).
+    pub fn hello(&self) -> &Hello {
+        &self.config.hello
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -189,13 +220,34 @@ impl LinkEndpoint {
         addr: SocketAddr,
         peer: &crate::link::Label,
     ) -> Result<Link, LinkError> {
+        self.connect_with(None, addr, peer).await
+    }
+
+    /// Dials a parent edge of a room's fan-out tree: as [`connect`](Self::connect), with the
+    /// link's keep-alive and idle timeout from [`LinkConfig::tree_keep_alive`] and
+    /// [`LinkConfig::tree_idle_timeout`], so a dead parent is noticed in well under a second.
+    pub async fn connect_tree(
+        &self,
+        addr: SocketAddr,
+        peer: &crate::link::Label,
+    ) -> Result<Link, LinkError> {
+        self.connect_with(Some(self.tree_client.clone()), addr, peer)
+            .await
+    }
+
+    async fn connect_with(
+        &self,
+        client: Option<quinn::ClientConfig>,
+        addr: SocketAddr,
+        peer: &crate::link::Label,
+    ) -> Result<Link, LinkError> {
         let timeout = self.config.handshake_timeout;
         let attempt = async {
-            let conn = self
-                .endpoint
-                .connect(addr, peer.as_str())?
-                .await
-                .map_err(LinkError::from_connection)?;
+            let connecting = match client {
+                Some(c) => self.endpoint.connect_with(c, addr, peer.as_str())?,
+                None => self.endpoint.connect(addr, peer.as_str())?,
+            };
+            let conn = connecting.await.map_err(LinkError::from_connection)?;
             let (mut send, recv) = conn.open_bi().await.map_err(LinkError::from_connection)?;
             write_message(&mut send, &ControlMessage::Hello(self.config.hello.clone())).await?;
             let mut receiver = ControlReceiver::new(recv, self.config.max_frame_body);

@@ -57,6 +57,7 @@ mod frame_type {
     pub const KEYFRAME_REQUEST: u8 = 0x22;
     pub const LAYER_DEMAND: u8 = 0x23;
     pub const NACK: u8 = 0x24;
+    pub const SUBSCRIBE_REFUSED: u8 = 0x25;
     pub const STATS: u8 = 0x30;
 }
 
@@ -249,6 +250,15 @@ fn encode_body(msg: &ControlMessage, out: &mut Vec<u8>) -> Result<u8, WireError>
             put_u64(out, s.datagrams_dropped);
             put_u64(out, s.bytes_sent);
             STATS
+        }
+        ControlMessage::SubscribeRefused { flow, reason } => {
+            if reason.len() > MAX_REASON_LEN {
+                return Err(WireError::Unencodable("refusal reason too long"));
+            }
+            put_varint(out, u64::from(flow.get()));
+            put_u16(out, reason.len() as u16);
+            out.extend_from_slice(reason.as_bytes());
+            SUBSCRIBE_REFUSED
         }
     })
 }
@@ -501,6 +511,7 @@ fn frame_name(ty: u8) -> Option<&'static str> {
         LAYER_DEMAND => "layer_demand",
         NACK => "nack",
         STATS => "stats",
+        SUBSCRIBE_REFUSED => "subscribe_refused",
         _ => return None,
     })
 }
@@ -599,6 +610,15 @@ fn decode_body(ty: u8, body: &[u8]) -> Result<ControlMessage, WireError> {
             datagrams_dropped: r.u64()?,
             bytes_sent: r.u64()?,
         }),
+        SUBSCRIBE_REFUSED => {
+            let flow = r.flow()?;
+            let len = usize::from(r.u16()?);
+            if len > MAX_REASON_LEN {
+                return Err(r.bad("reason"));
+            }
+            let reason = r.utf8(len, "reason")?.to_owned();
+            ControlMessage::SubscribeRefused { flow, reason }
+        }
         _ => return Err(WireError::UnknownType(ty)),
     };
     r.finish()?;

@@ -215,7 +215,7 @@ fn to_edge(rng: &mut StdRng) -> OriginToEdge {
 }
 
 pub(super) fn message(rng: &mut StdRng) -> ControlMessage {
-    match rng.gen_range(0..11) {
+    match rng.gen_range(0..12) {
         0 => ControlMessage::Hello(Hello {
             node: label(rng),
             region: label(rng),
@@ -264,6 +264,10 @@ pub(super) fn message(rng: &mut StdRng) -> ControlMessage {
                 })
                 .collect(),
         },
+        10 => ControlMessage::SubscribeRefused {
+            flow: flow(rng),
+            reason: text(rng, MAX_REASON_LEN),
+        },
         _ => ControlMessage::Stats(LinkStats {
             rtt_micros: rng.gen(),
             datagrams_sent: rng.gen(),
@@ -285,7 +289,7 @@ fn every_generated_message_round_trips() {
         assert_eq!(decode_frame(&buf), Ok(msg.clone()), "bytes {buf:02x?}");
         kinds.insert(msg.name());
     }
-    assert_eq!(kinds.len(), 11, "the generator covers every message kind");
+    assert_eq!(kinds.len(), 12, "the generator covers every message kind");
 }
 
 /// A stream of many frames, cut into arbitrary pieces, decodes to the same sequence.
