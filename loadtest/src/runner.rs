@@ -195,6 +195,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
         tokens: cfg.tokens.clone(),
         cert,
         collector: collector.clone(),
+        ticker: crate::peer::Ticker::start(),
         media_via: cfg.media_via,
         local_ip,
         room: scenario.room.clone(),
