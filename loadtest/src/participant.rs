@@ -41,6 +41,8 @@ pub struct Context {
     pub collector: Shared,
     /// Drives the periodic work of every peer connection of the run (no timer per peer).
     pub ticker: Arc<crate::peer::Ticker>,
+    /// The shared loopback socket for peers toward a loopback edge (see `peer`), if bound.
+    pub hub: Option<Arc<crate::peer::Hub>>,
     /// Send media here instead of the edge's candidate (a delay relay in the path).
     pub media_via: Option<SocketAddr>,
     /// Local address to bind peer sockets on.
@@ -164,6 +166,14 @@ impl Life {
         self.pending_times = None;
     }
 
+    /// The shared socket, when this participant's peers may use it: toward the edge with no
+    /// relay in the path (Janus, a full ICE agent in its own namespace, gets a socket per peer).
+    fn hub(&self) -> Option<&crate::peer::Hub> {
+        let direct = self.ctx.media_via.is_none()
+            && self.ctx.target.kind == crate::signaling::ServerKind::Kcs;
+        self.ctx.hub.as_deref().filter(|_| direct)
+    }
+
     fn remote_addr(&self, remote: &RemoteDescription) -> SocketAddr {
         self.ctx
             .media_via
@@ -197,6 +207,7 @@ impl Life {
             None,
             self.ctx.collector.clone(),
             &self.ctx.ticker,
+            self.hub(),
         )
         .await?;
         peer.set_retransmit(self.ctx.nack);
@@ -313,6 +324,7 @@ impl Life {
                                     Some(Receiver::new(self.ctx.nack, Instant::now())),
                                     self.ctx.collector.clone(),
                                     &self.ctx.ticker,
+                                    self.hub(),
                                 )
                                 .await?;
                                 self.peers.push(peer.clone());
@@ -401,6 +413,7 @@ impl Life {
                 Some(Receiver::new(self.ctx.nack, Instant::now())),
                 self.ctx.collector.clone(),
                 &self.ctx.ticker,
+                self.hub(),
             )
             .await?;
             self.peers.push(peer.clone());
@@ -587,6 +600,7 @@ impl Life {
                     Some(Receiver::new(self.ctx.nack, Instant::now())),
                     self.ctx.collector.clone(),
                     &self.ctx.ticker,
+                    self.hub(),
                 )
                 .await?;
                 self.peers.push(peer.clone());

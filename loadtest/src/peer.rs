@@ -4,7 +4,14 @@
 //! [`ice::binding_request`], the DTLS client [`dtls::connect`] over channels, [`SrtpSession`]
 //! and the panic-free RTCP parser. This module is the thin async shell around them:
 //!
-//! - one socket per peer connection, like a browser's 5-tuple, on the loopback or given address;
+//! - a 5-tuple per peer connection, as a browser has. Toward a server on loopback (the
+//!   benchmarks) each peer gets its own loopback address (127.100.0.0/10 and up) on the run's
+//!   one shared socket, the [`Hub`]: a wildcard-bound socket that learns each datagram's
+//!   destination address (`IP_PKTINFO`) and sends from the peer's address, through
+//!   quinn-udp. One `recvmmsg` then reads up to 32 datagrams for as many viewers, where a
+//!   socket per peer costs an epoll wakeup and a syscall per datagram (half the tool's CPU).
+//!   Otherwise (another host, a relay in the path, Janus in its namespace) each peer binds its
+//!   own socket on the given address;
 //! - a receive task per peer (not per packet): woken once per burst, it reads every queued
 //!   datagram with one `recvmmsg` (the edge's [`RecvBatch`], one per runtime thread, so a
 //!   thousand peers do not hold a thousand 64 KiB buffers), classifies each (RFC 7983), feeds
@@ -34,11 +41,12 @@ use edge_node::transport::ice;
 use edge_node::transport::srtp::SrtpSession;
 use edge_node::udp::batch::{send_batch, RecvBatch, BATCH};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::io::Interest;
@@ -65,6 +73,179 @@ thread_local! {
     /// Where this thread's publishers encrypt media: packets are split off as `Bytes` (sent,
     /// and kept in the NACK history) without an allocation each.
     static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(TX_ARENA));
+}
+
+/// The run's shared loopback socket (see the module docs). Dropping it stops its task.
+pub struct Hub {
+    inner: Arc<HubInner>,
+    task: JoinHandle<()>,
+}
+
+struct HubInner {
+    socket: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    port: u16,
+    peers: Mutex<HashMap<Ipv4Addr, Weak<Peer>>>,
+    next_ip: AtomicU32,
+}
+
+impl Hub {
+    /// Binds the wildcard socket and starts its receive task on the current runtime.
+    pub fn start() -> io::Result<Arc<Hub>> {
+        let std_socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        std_socket.set_nonblocking(true)?;
+        let state = quinn_udp::UdpSocketState::new((&std_socket).into())?;
+        // Room for the bursts of a few hundred viewers between two reads.
+        let _ = state.set_recv_buffer_size((&std_socket).into(), 8 << 20);
+        let port = std_socket.local_addr()?.port();
+        let inner = Arc::new(HubInner {
+            socket: UdpSocket::from_std(std_socket)?,
+            state,
+            port,
+            peers: Mutex::new(HashMap::new()),
+            next_ip: AtomicU32::new(1),
+        });
+        let task = tokio::spawn(Self::receive_loop(inner.clone()));
+        Ok(Arc::new(Hub { inner, task }))
+    }
+
+    async fn receive_loop(hub: Arc<HubInner>) {
+        let mut bufs = vec![[0u8; edge_node::udp::batch::MAX_DATAGRAM]; quinn_udp::BATCH_SIZE];
+        let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+        let mut out = Outgoing::default();
+        let mut peers: Vec<Option<Arc<Peer>>> = Vec::with_capacity(quinn_udp::BATCH_SIZE);
+        loop {
+            if hub.socket.readable().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            let mut got = 0;
+            // As in `Peer::receive_loop`: a short batch ends the burst without another read.
+            let read = hub.socket.try_io(Interest::READABLE, || {
+                let mut iovs: Vec<io::IoSliceMut<'_>> =
+                    bufs.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+                got = hub
+                    .state
+                    .recv((&hub.socket).into(), &mut iovs, &mut metas)?;
+                if got < quinn_udp::BATCH_SIZE {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = read {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+            {
+                let map = hub.peers.lock().expect("hub lock");
+                peers.extend(metas[..got].iter().map(|m| match m.dst_ip {
+                    Some(IpAddr::V4(ip)) => map.get(&ip).and_then(Weak::upgrade),
+                    _ => None,
+                }));
+            }
+            let (now, now_us) = (Instant::now(), unix_micros());
+            for (i, peer) in peers.drain(..).enumerate() {
+                let Some(peer) = peer else { continue };
+                let m = &metas[i];
+                // Coalesced datagrams (GRO) come back-to-back, `stride` bytes apart.
+                let stride = m.stride.max(1);
+                for chunk in bufs[i][..m.len].chunks_mut(stride) {
+                    peer.handle_datagram(chunk, m.addr, now, now_us, &mut out);
+                }
+                if !out.rtcp.is_empty() {
+                    peer.send_rtcp(&out.rtcp);
+                    out.rtcp.clear();
+                }
+                for p in out.resend.drain(..) {
+                    if let Some(remote) = *peer.remote.lock().expect("peer lock") {
+                        let _ = peer.endpoint.try_send_to(&p, remote);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A fresh loopback address for a peer, and the peer's place in the receive map.
+    fn register(&self, ip: Ipv4Addr, peer: &Arc<Peer>) {
+        let mut map = self.inner.peers.lock().expect("hub lock");
+        map.retain(|_, p| p.strong_count() > 0);
+        map.insert(ip, Arc::downgrade(peer));
+    }
+
+    fn next_ip(&self) -> Ipv4Addr {
+        let n = self.inner.next_ip.fetch_add(1, Ordering::Relaxed);
+        Ipv4Addr::new(127, 100 + ((n >> 16) & 0x3f) as u8, (n >> 8) as u8, n as u8)
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("port", &self.inner.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a peer's datagrams come in and go out.
+enum Endpoint {
+    /// Its own socket.
+    Own(Arc<UdpSocket>),
+    /// Its own loopback address on the run's [`Hub`].
+    Shared { hub: Arc<HubInner>, ip: Ipv4Addr },
+}
+
+impl Endpoint {
+    fn local_addr(&self) -> SocketAddr {
+        match self {
+            Endpoint::Own(s) => s
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
+            Endpoint::Shared { hub, ip } => SocketAddr::new(IpAddr::V4(*ip), hub.port),
+        }
+    }
+
+    fn try_send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        match self {
+            Endpoint::Own(s) => s.try_send_to(data, to).map(|_| ()),
+            Endpoint::Shared { hub, ip } => hub.socket.try_io(Interest::WRITABLE, || {
+                hub.state
+                    .try_send((&hub.socket).into(), &shared_transmit(data, to, *ip))
+            }),
+        }
+    }
+
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        match self {
+            Endpoint::Own(s) => s.send_to(data, to).await.map(|_| ()),
+            Endpoint::Shared { hub, ip } => {
+                hub.socket
+                    .async_io(Interest::WRITABLE, || {
+                        hub.state
+                            .try_send((&hub.socket).into(), &shared_transmit(data, to, *ip))
+                    })
+                    .await
+            }
+        }
+    }
+}
+
+fn shared_transmit(data: &[u8], to: SocketAddr, from: Ipv4Addr) -> quinn_udp::Transmit<'_> {
+    quinn_udp::Transmit {
+        destination: to,
+        ecn: None,
+        contents: data,
+        segment_size: None,
+        src_ip: Some(IpAddr::V4(from)),
+    }
 }
 
 /// The run's one timer for the periodic work of all its peer connections (see the module
@@ -176,7 +357,7 @@ struct State {
 
 /// One peer connection.
 pub struct Peer {
-    socket: Arc<UdpSocket>,
+    endpoint: Endpoint,
     remote: Mutex<Option<SocketAddr>>,
     state: Mutex<State>,
     ice_ok: Notify,
@@ -210,20 +391,30 @@ pub struct ConnectTimes {
 }
 
 impl Peer {
-    /// Binds a socket on `ip` (port chosen by the OS) and starts the receive and tick tasks.
+    /// Takes a loopback address on `hub` when given, else binds a socket on `ip` (port chosen
+    /// by the OS) with its own receive task; the `ticker` drives its periodic work.
     /// `receiver`: this peer receives media (subscriber); otherwise it sends (publisher).
     pub async fn bind(
         ip: IpAddr,
         receiver: Option<Receiver>,
         collector: Shared,
         ticker: &Ticker,
+        hub: Option<&Hub>,
     ) -> Result<Arc<Peer>, PeerError> {
-        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))
-            .await
-            .map_err(|e| PeerError::Bind(ip, e))?;
+        let endpoint = match hub {
+            Some(h) => Endpoint::Shared {
+                hub: h.inner.clone(),
+                ip: h.next_ip(),
+            },
+            None => Endpoint::Own(Arc::new(
+                UdpSocket::bind(SocketAddr::new(ip, 0))
+                    .await
+                    .map_err(|e| PeerError::Bind(ip, e))?,
+            )),
+        };
         let is_sender = receiver.is_none();
         let peer = Arc::new(Peer {
-            socket: Arc::new(socket),
+            endpoint,
             remote: Mutex::new(None),
             state: Mutex::new(State {
                 receiver,
@@ -247,16 +438,19 @@ impl Peer {
             collector,
             ice_creds: Mutex::new(None),
         });
-        let rx = tokio::spawn(Self::receive_loop(peer.clone()));
-        peer.tasks.lock().expect("tasks lock").push(rx);
+        match (&peer.endpoint, hub) {
+            (Endpoint::Shared { ip, .. }, Some(h)) => h.register(*ip, &peer),
+            _ => {
+                let rx = tokio::spawn(Self::receive_loop(peer.clone()));
+                peer.tasks.lock().expect("tasks lock").push(rx);
+            }
+        }
         ticker.register(&peer);
         Ok(peer)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.socket
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.endpoint.local_addr()
     }
 
     /// Toward a full ICE agent (Janus): answer its connectivity checks with our password
@@ -325,7 +519,7 @@ impl Peer {
         loop {
             if controlling {
                 let req = ice::binding_request(&username, remote_pwd, true);
-                let _ = self.socket.send_to(&req, remote).await;
+                let _ = self.endpoint.send_to(&req, remote).await;
             }
             let wait = tokio::time::sleep(ICE_RETRY);
             tokio::select! {
@@ -356,10 +550,11 @@ impl Peer {
         let (in_tx, in_rx) = mpsc::channel(64);
         let (out_tx, mut out_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(64);
         self.state.lock().expect("peer lock").dtls_in = Some(in_tx);
-        let socket = self.socket.clone();
+        let me = Arc::downgrade(self);
         let writer = tokio::spawn(async move {
             while let Some((to, data)) = out_rx.recv().await {
-                let _ = socket.send_to(&data, to).await;
+                let Some(peer) = me.upgrade() else { return };
+                let _ = peer.endpoint.send_to(&data, to).await;
             }
         });
         self.tasks.lock().expect("tasks lock").push(writer);
@@ -406,12 +601,25 @@ impl Peer {
         let Some(remote) = *self.remote.lock().expect("peer lock") else {
             return 0;
         };
+        let socket = match &self.endpoint {
+            Endpoint::Own(s) => s,
+            // One sendmsg each from the peer's address (publishers are few).
+            Endpoint::Shared { .. } => {
+                let mut bytes = 0;
+                for p in packets {
+                    if self.endpoint.send_to(p, remote).await.is_err() {
+                        break;
+                    }
+                    bytes += p.len();
+                }
+                return bytes;
+            }
+        };
         let items: Vec<(SocketAddr, &[u8])> = packets.iter().map(|p| (remote, &p[..])).collect();
-        let fd = self.socket.as_raw_fd();
+        let fd = socket.as_raw_fd();
         let mut sent = 0;
         while sent < items.len() {
-            match self
-                .socket
+            match socket
                 .async_io(Interest::WRITABLE, || send_batch(fd, &items[sent..]))
                 .await
             {
@@ -480,7 +688,7 @@ impl Peer {
         };
         for p in plain {
             if let Ok(b) = srtp.encrypt_rtcp(p) {
-                let _ = self.socket.try_send_to(&b, remote);
+                let _ = self.endpoint.try_send_to(&b, remote);
             }
         }
     }
@@ -513,17 +721,22 @@ impl Peer {
             let remote = *self.remote.lock().expect("peer lock");
             if let (Some((user, pwd)), Some(remote)) = (creds, remote) {
                 let _ = self
-                    .socket
+                    .endpoint
                     .try_send_to(&ice::binding_request(&user, &pwd, true), remote);
             }
         }
     }
 
+    /// The receive task of a peer with its own socket.
     async fn receive_loop(self: Arc<Self>) {
-        let fd = self.socket.as_raw_fd();
+        let Endpoint::Own(socket) = &self.endpoint else {
+            return;
+        };
+        let socket = socket.clone();
+        let fd = socket.as_raw_fd();
         let mut out = Outgoing::default();
         loop {
-            if self.socket.readable().await.is_err() {
+            if socket.readable().await.is_err() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
@@ -532,7 +745,7 @@ impl Peer {
             // queue was empty at that moment, so it reports WouldBlock without asking the kernel
             // again. A datagram arriving after the read is a new edge-triggered event for the
             // reactor, which clearing the readiness of the event we consumed does not lose.
-            let read = self.socket.try_io(Interest::READABLE, || {
+            let read = socket.try_io(Interest::READABLE, || {
                 RECV_BATCH.with(|batch| {
                     let mut batch = batch.borrow_mut();
                     let n = batch.recv(fd)?;
@@ -574,7 +787,7 @@ impl Peer {
         else {
             return;
         };
-        let _ = self.socket.try_send_to(&answer.reply, from);
+        let _ = self.endpoint.try_send_to(&answer.reply, from);
         self.answered_check.store(true, Ordering::Release);
         self.mark_alive();
         // The controlled side is connected once the server nominated a pair.
