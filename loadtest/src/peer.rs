@@ -5,11 +5,12 @@
 //! and the panic-free RTCP parser. This module is the thin async shell around them:
 //!
 //! - a 5-tuple per peer connection, as a browser has. Toward a server on loopback (the
-//!   benchmarks) each peer gets its own loopback address (127.100.0.0/10 and up) on the run's
-//!   one shared socket, the [`Hub`]: a wildcard-bound socket that learns each datagram's
-//!   destination address (`IP_PKTINFO`) and sends from the peer's address, through
-//!   quinn-udp. One `recvmmsg` then reads up to 32 datagrams for as many viewers, where a
-//!   socket per peer costs an epoll wakeup and a syscall per datagram (half the tool's CPU).
+//!   benchmarks) each peer gets its own loopback address (127.100.0.0/10 and up) on one of
+//!   the run's shared sockets, the [`Hub`] (one socket per [`PEERS_PER_SOCKET`] peers):
+//!   wildcard-bound sockets that learn each datagram's destination address (`IP_PKTINFO`) and
+//!   send from the peer's address, through quinn-udp. One `recvmmsg` then reads up to 32
+//!   datagrams for as many viewers, where a socket per peer costs an epoll wakeup and a
+//!   syscall per datagram (half the tool's CPU).
 //!   Otherwise (another host, a relay in the path, Janus in its namespace) each peer binds its
 //!   own socket on the given address;
 //! - a receive task per peer (not per packet): woken once per burst, it reads every queued
@@ -75,10 +76,16 @@ thread_local! {
     static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(TX_ARENA));
 }
 
-/// The run's shared loopback socket (see the module docs). Dropping it stops its task.
+/// Peers per shared socket. All of a socket's peers share its receive buffer, so a socket for
+/// every few dozen keeps what a stalled tool can absorb close to a socket per peer's (each
+/// buffer holds ~100 ms of its peers' media at the default 208 KiB, more where `rmem_max`
+/// allows the 8 MiB we ask for), while each read still takes a burst for many viewers.
+const PEERS_PER_SOCKET: u32 = 32;
+
+/// The run's shared loopback sockets (see the module docs). Dropping it stops their tasks.
 pub struct Hub {
-    inner: Arc<HubInner>,
-    task: JoinHandle<()>,
+    sockets: Mutex<Vec<(Arc<HubInner>, JoinHandle<()>)>>,
+    next_ip: AtomicU32,
 }
 
 struct HubInner {
@@ -86,16 +93,24 @@ struct HubInner {
     state: quinn_udp::UdpSocketState,
     port: u16,
     peers: Mutex<HashMap<Ipv4Addr, Weak<Peer>>>,
-    next_ip: AtomicU32,
 }
 
 impl Hub {
-    /// Binds the wildcard socket and starts its receive task on the current runtime.
+    /// An empty hub: sockets are bound as peers arrive, each with its receive task on the
+    /// runtime of the peer that needed it. Fails when the wildcard address cannot be bound.
     pub fn start() -> io::Result<Arc<Hub>> {
+        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        Ok(Arc::new(Hub {
+            sockets: Mutex::new(Vec::new()),
+            next_ip: AtomicU32::new(1),
+        }))
+    }
+
+    /// Binds one wildcard socket and starts its receive task on the current runtime.
+    fn open_socket() -> io::Result<(Arc<HubInner>, JoinHandle<()>)> {
         let std_socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
         std_socket.set_nonblocking(true)?;
         let state = quinn_udp::UdpSocketState::new((&std_socket).into())?;
-        // Room for the bursts of a few hundred viewers between two reads.
         let _ = state.set_recv_buffer_size((&std_socket).into(), 8 << 20);
         let port = std_socket.local_addr()?.port();
         let inner = Arc::new(HubInner {
@@ -103,10 +118,21 @@ impl Hub {
             state,
             port,
             peers: Mutex::new(HashMap::new()),
-            next_ip: AtomicU32::new(1),
         });
         let task = tokio::spawn(Self::receive_loop(inner.clone()));
-        Ok(Arc::new(Hub { inner, task }))
+        Ok((inner, task))
+    }
+
+    /// A fresh loopback address for a peer, on the socket whose turn it is.
+    fn assign(&self) -> io::Result<(Arc<HubInner>, Ipv4Addr)> {
+        let n = self.next_ip.fetch_add(1, Ordering::Relaxed);
+        let ip = Ipv4Addr::new(127, 100 + ((n >> 16) & 0x3f) as u8, (n >> 8) as u8, n as u8);
+        let shard = ((n - 1) / PEERS_PER_SOCKET) as usize;
+        let mut sockets = self.sockets.lock().expect("hub lock");
+        while sockets.len() <= shard {
+            sockets.push(Self::open_socket()?);
+        }
+        Ok((sockets[shard].0.clone(), ip))
     }
 
     async fn receive_loop(hub: Arc<HubInner>) {
@@ -167,31 +193,30 @@ impl Hub {
             }
         }
     }
+}
 
-    /// A fresh loopback address for a peer, and the peer's place in the receive map.
+impl HubInner {
+    /// The peer's place in the receive map.
     fn register(&self, ip: Ipv4Addr, peer: &Arc<Peer>) {
-        let mut map = self.inner.peers.lock().expect("hub lock");
+        let mut map = self.peers.lock().expect("hub lock");
         map.retain(|_, p| p.strong_count() > 0);
         map.insert(ip, Arc::downgrade(peer));
-    }
-
-    fn next_ip(&self) -> Ipv4Addr {
-        let n = self.inner.next_ip.fetch_add(1, Ordering::Relaxed);
-        Ipv4Addr::new(127, 100 + ((n >> 16) & 0x3f) as u8, (n >> 8) as u8, n as u8)
     }
 }
 
 impl Drop for Hub {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Ok(sockets) = self.sockets.get_mut() {
+            for (_, task) in sockets.drain(..) {
+                task.abort();
+            }
+        }
     }
 }
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub")
-            .field("port", &self.inner.port)
-            .finish_non_exhaustive()
+        f.debug_struct("Hub").finish_non_exhaustive()
     }
 }
 
@@ -402,10 +427,10 @@ impl Peer {
         hub: Option<&Hub>,
     ) -> Result<Arc<Peer>, PeerError> {
         let endpoint = match hub {
-            Some(h) => Endpoint::Shared {
-                hub: h.inner.clone(),
-                ip: h.next_ip(),
-            },
+            Some(h) => {
+                let (hub, ip) = h.assign().map_err(|e| PeerError::Bind(ip, e))?;
+                Endpoint::Shared { hub, ip }
+            }
             None => Endpoint::Own(Arc::new(
                 UdpSocket::bind(SocketAddr::new(ip, 0))
                     .await
@@ -438,9 +463,9 @@ impl Peer {
             collector,
             ice_creds: Mutex::new(None),
         });
-        match (&peer.endpoint, hub) {
-            (Endpoint::Shared { ip, .. }, Some(h)) => h.register(*ip, &peer),
-            _ => {
+        match &peer.endpoint {
+            Endpoint::Shared { hub, ip } => hub.register(*ip, &peer),
+            Endpoint::Own(_) => {
                 let rx = tokio::spawn(Self::receive_loop(peer.clone()));
                 peer.tasks.lock().expect("tasks lock").push(rx);
             }
