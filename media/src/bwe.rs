@@ -220,7 +220,12 @@ impl SentHistory {
             return;
         }
         let at = (seq - self.first) as usize;
-        if at >= self.slots.len() {
+        if at == self.slots.len() {
+            // The usual case: the next sequence number.
+            self.slots.push_back(Some(packet));
+            return;
+        }
+        if at > self.slots.len() {
             self.slots.resize(at + 1, None);
         }
         self.slots[at] = Some(packet);

@@ -71,7 +71,7 @@ enum Cipher {
         aes: Aes128,
         mac: Hmac<Sha1>,
     },
-    Gcm(Box<Aes128Gcm>),
+    Gcm(Aes128Gcm),
 }
 
 /// RFC 3711 §3.3.2 replay list over the 48-bit packet index: one bit per index of the last
@@ -232,7 +232,7 @@ impl RtpTransform {
                     mac: <Hmac<Sha1> as Mac>::new_from_slice(&auth).ok()?,
                 }
             }
-            SrtpProfile::AeadAes128Gcm => Cipher::Gcm(Box::new(Aes128Gcm::new(&key.into()))),
+            SrtpProfile::AeadAes128Gcm => Cipher::Gcm(Aes128Gcm::new(&key.into())),
         };
         Some(Self {
             cipher,
@@ -477,7 +477,7 @@ mod tests {
 
     /// A plain RTP packet with CSRCs and a one-byte-header extension, as forwarded packets have.
     fn rtp_packet(rng: &mut impl Rng, ssrc: u32, seq: u16) -> Vec<u8> {
-        let mut p = vec![0x92, 0x60 | 96, 0, 0];
+        let mut p = vec![0x92, 96, 0, 0]; // V=2, X, two CSRCs; PT 96
         p[2..4].copy_from_slice(&seq.to_be_bytes());
         p.extend_from_slice(&rng.gen::<u32>().to_be_bytes());
         p.extend_from_slice(&ssrc.to_be_bytes());
