@@ -4,15 +4,17 @@
 # in eu (the presenters' region), remote edges fed through the QUIC cascade over delay relays.
 #
 #   sudo bash bench/multiregion/town-hall.sh [participants=10000] [media-receivers=1000] \
-#       [profile=release] [presenters=3] [duration=20s] [join-rate=20]
+#       [profile=release] [presenters=3] [duration=20s] [join-rate=20] [audience-join-rate=5]
 #
 # Participants are spread evenly over the regions. In each region the geo-DNS is asked for
 # meet.<zone> from inside the region; its answer lists the region's edges, least loaded first,
 # and the region's participants are spread evenly over the answer (one `loadtest town-hall` per
 # answered edge, as clients pick one of several A records). Presenters (audio + 3-layer
 # simulcast camera) join first, on eu's first edge; media receivers (real WebRTC: ICE, DTLS,
-# SRTP, lowest layer) and signaling-only participants (WebSocket: roster deltas, events) follow
-# at join-rate per second per group per load tester, then media flows for `duration`.
+# SRTP, lowest layer) follow at join-rate per second per load tester, signaling-only participants
+# (WebSocket: roster deltas, events) at audience-join-rate per second per load tester (9 testers:
+# 5/s each is 45 joins/s; every join is a roster delta to every session already in, so this rate
+# sets the signaling load), then media flows for `duration` after the last join.
 #
 # Measured (town_hall.py): join success and p99, where participants landed (each edge's own
 # participant gauge; at least 8 edges must have had some), per-edge media and signaling
@@ -31,6 +33,7 @@ PROFILE=${3:-release}
 PRESENTERS=${4:-3}
 DURATION=${5:-20s}
 JOIN_RATE=${6:-20}
+AUDIENCE_JOIN_RATE=${7:-5}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 export MR_EDGES_PER_REGION=${MR_EDGES_PER_REGION:-3}
 # Every participant's token comes from the control plane's API with one key: allow the storm.
@@ -120,7 +123,7 @@ done
 audience=$((PARTICIPANTS - PRESENTERS - RECEIVERS))
 room=th-$$
 common=(--token-api "http://$MR_CP_HTTP" --api-key "$MR_API_KEY" --room "$room" --quiet
-    --duration "$DURATION" --join-rate "$JOIN_RATE")
+    --duration "$DURATION" --join-rate "$JOIN_RATE" --audience-join-rate "$AUDIENCE_JOIN_RATE")
 plan=()
 k=0
 for r in "${MR_REGIONS[@]}"; do
@@ -134,17 +137,18 @@ for r in "${MR_REGIONS[@]}"; do
         k=$((k + 1))
     done
 done
-python3 - "$OUT" "$PARTICIPANTS" "$RECEIVERS" "$PRESENTERS" "$DURATION" "$JOIN_RATE" "$PROFILE" \
-    "$(uptime)" "${plan[@]}" <<'PY'
+python3 - "$OUT" "$PARTICIPANTS" "$RECEIVERS" "$PRESENTERS" "$DURATION" "$JOIN_RATE" \
+    "$AUDIENCE_JOIN_RATE" "$PROFILE" "$(uptime)" "${plan[@]}" <<'PY'
 import json, sys
-out, total, receivers, presenters, duration, rate, profile, load, *plan = sys.argv[1:]
+out, total, receivers, presenters, duration, rate, audience_rate, profile, load, *plan = sys.argv[1:]
 rows = []
 for line in plan:
     r, n, a, p, v, s = line.split()
     rows.append({"tester": f"tester-{r}-{n}.json", "region": r, "edge": a, "presenters": int(p),
                  "viewers": int(v), "audience": int(s)})
 json.dump({"participants": int(total), "receivers": int(receivers), "presenters": int(presenters),
-           "duration": duration, "join_rate": float(rate), "profile": profile,
+           "duration": duration, "join_rate": float(rate),
+           "audience_join_rate": float(audience_rate), "profile": profile,
            "load_at_start": load.strip(), "regions": ["eu", "us", "ap"], "testers": len(rows),
            "plan": rows}, open(f"{out}/config.json", "w"), indent=2)
 PY
