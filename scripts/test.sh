@@ -23,6 +23,7 @@ SUITES=(
     "client_unit|node --test tests/e2e/client_unit.test.mjs tests/e2e/meet_layout.test.mjs"
     "whip_whep|python3 tests/interop/test_whip_whep.py"
     "cascade|python3 tests/interop/test_cascade.py"
+    "edge_failure|python3 tests/interop/test_edge_failure.py"
     "two_pages|node tests/e2e/two_pages.mjs"
     "meeting|node tests/e2e/meeting.mjs"
     "throttled|node tests/e2e/throttled.mjs"

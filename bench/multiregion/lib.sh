@@ -9,7 +9,8 @@
 #   namespace mr-<region> per region, one veth pair to root:
 #     10.77.R.1   the region's side of the veth: the origin's QUIC (7443), the etcd member
 #                 (2379/2380), participants
-#     10.77.R.11, 10.77.R.12  the region's two edges (HTTP 8080, media UDP 40000)
+#     10.77.R.11, 10.77.R.12, ...  the region's edges, $MR_EDGES_PER_REGION of them (default 2,
+#                 at most 9; HTTP 8080, media UDP 40000)
 #     10.77.R.254 root's side
 #
 # Distance: this kernel has no netem, so inter-region delay comes from `loadtest relay`
@@ -19,7 +20,8 @@
 # the origin's own region. So one registered URL reaches every origin from every region, at
 # the distance between the regions. Participants join their own region's edges directly.
 #
-# State: $MR_DIR holds logs and data; $MR_DIR/pids the processes to stop.
+# State: $MR_DIR holds logs and data; $MR_DIR/pids the processes to stop; $MR_DIR/procs the
+# same processes as "pid name" lines (name = its log's name), for samplers of /proc.
 
 MR_REGIONS=(eu us ap)
 declare -A MR_INDEX=([eu]=1 [us]=2 [ap]=3)
@@ -29,6 +31,9 @@ MR_ZONE=kcs.test
 MR_API_KEY=mr-api-key
 MR_CP_HTTP=10.77.0.1:8090
 MR_DNS=10.77.0.1:5353
+MR_EDGES_PER_REGION=${MR_EDGES_PER_REGION:-2}
+
+mr_edge_numbers() { seq 1 "$MR_EDGES_PER_REGION"; }
 
 mr_log() { echo "[multiregion $(date +%T)] $*" >&2; }
 
@@ -46,6 +51,7 @@ mr_spawn() {
         ip netns exec "$ns" "$@" >"$log" 2>&1 &
     fi
     echo $! >>"$MR_DIR/pids"
+    echo "$! $(basename "$log" .log)" >>"$MR_DIR/procs"
     disown
 }
 
@@ -71,8 +77,7 @@ mr_netns_up() {
         ip addr add "10.77.$i.254/24" dev "mr-$r-r"
         ip link set "mr-$r-r" up
         ip -n "$ns" addr add "10.77.$i.1/24" dev "mr-$r-n"
-        ip -n "$ns" addr add "10.77.$i.11/24" dev "mr-$r-n"
-        ip -n "$ns" addr add "10.77.$i.12/24" dev "mr-$r-n"
+        for n in $(mr_edge_numbers); do ip -n "$ns" addr add "10.77.$i.1$n/24" dev "mr-$r-n"; done
         ip -n "$ns" link set "mr-$r-n" up
         ip -n "$ns" link set lo up
         ip -n "$ns" route add default via "10.77.$i.254"
@@ -141,9 +146,11 @@ endpoints = [$(echo "$MR_ETCD" | sed 's/[^,]*/"&"/g')]
 zone = "$MR_ZONE"
 listen = "$MR_DNS"
 ttl_secs = 5
+max_answers = $MR_EDGES_PER_REGION
 
 [api]
 api_keys = ["$MR_API_KEY"]
+token_mint_rate = { per_second = ${MR_TOKEN_RATE:-50}, burst = ${MR_TOKEN_BURST:-200} }
 
 [routing]
 default_region = "eu"
@@ -166,7 +173,7 @@ mr_certs() {
     local nodes=() r n
     for r in "${MR_REGIONS[@]}"; do
         nodes+=(--node "origin-$r")
-        for n in 1 2; do nodes+=(--node "edge-$r-$n"); done
+        for n in $(mr_edge_numbers); do nodes+=(--node "edge-$r-$n"); done
     done
     "$BIN/kcs" certs --out "$MR_DIR/certs" "${nodes[@]}" >"$MR_DIR/certs.log" 2>&1
 }
@@ -197,12 +204,12 @@ mr_origins_up() {
     mr_log "origins: one per region, reached through delay relays"
 }
 
-# Two edges per region, registered in etcd, verifying tokens with the control plane's keys.
+# $MR_EDGES_PER_REGION edges per region, registered in etcd, verifying tokens with the control plane's keys.
 mr_edges_up() {
     local r i n
     for r in "${MR_REGIONS[@]}"; do
         i=${MR_INDEX[$r]}
-        for n in 1 2; do
+        for n in $(mr_edge_numbers); do
             mr_spawn "mr-$r" "$MR_DIR/edge-$r-$n.log" "$BIN/kcs" edge \
                 --http "10.77.$i.1$n:8080" --udp "10.77.$i.1$n:40000" --advertise "10.77.$i.1$n" \
                 --workers 1 --data-dir "$MR_DIR/edge-$r-$n" \
@@ -212,9 +219,9 @@ mr_edges_up() {
         done
     done
     for r in "${MR_REGIONS[@]}"; do
-        for n in 1 2; do mr_wait_http "mr-$r" "http://10.77.${MR_INDEX[$r]}.1$n:8080/healthz" || return 1; done
+        for n in $(mr_edge_numbers); do mr_wait_http "mr-$r" "http://10.77.${MR_INDEX[$r]}.1$n:8080/healthz" || return 1; done
     done
-    mr_log "edges: 2 per region up"
+    mr_log "edges: $MR_EDGES_PER_REGION per region up"
 }
 
 # What a participant in region $1 gets for meet.<zone> from the geo-DNS (one address per line).
@@ -225,6 +232,11 @@ mr_dig_edge() {
 mr_up() {
     MR_DIR=${MR_DIR:-$(mktemp -d /tmp/kcs-mr-XXXXXX)}
     : >"$MR_DIR/pids"
+    : >"$MR_DIR/procs"
+    if [ "$MR_EDGES_PER_REGION" -lt 1 ] || [ "$MR_EDGES_PER_REGION" -gt 9 ]; then
+        mr_log "MR_EDGES_PER_REGION=$MR_EDGES_PER_REGION: use 1 to 9"
+        return 1
+    fi
     mr_netns_down
     mr_netns_up
     mr_etcd_up

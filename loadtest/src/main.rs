@@ -72,6 +72,10 @@ enum Command {
         /// Joins per second, per group.
         #[arg(long, default_value_t = 200.0)]
         join_rate: f64,
+        /// Joins per second of the audience (default: --join-rate). Each join is a roster
+        /// delta to every session already in, so this sets the signaling load.
+        #[arg(long)]
+        audience_join_rate: Option<f64>,
         #[command(flatten)]
         common: Common,
     },
@@ -300,6 +304,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
             viewers,
             audience,
             join_rate,
+            audience_join_rate,
             common,
         } => (
             Scenario::town_hall(
@@ -307,6 +312,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 viewers,
                 audience,
                 join_rate,
+                audience_join_rate.unwrap_or(join_rate),
                 common.duration.unwrap_or(Duration::from_secs(10)),
             ),
             common,

@@ -227,7 +227,12 @@ impl Life {
     fn mark_connected(&mut self) {
         if !self.counted_connected {
             self.counted_connected = true;
-            self.ctx.collector.lock().expect("collector lock").connected += 1;
+            let mut c = self.ctx.collector.lock().expect("collector lock");
+            c.connected += 1;
+            c.joined += 1;
+            if let Some(ms) = self.times.signaling_ms {
+                c.join_signaling.record((ms * 1000.0) as u64);
+            }
         }
     }
 

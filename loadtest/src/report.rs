@@ -205,16 +205,21 @@ impl Report {
             h.summary_ms()
         };
         self.join = JoinReport {
-            signaling: hist(&|j| j.signaling_ms),
+            // Recorded as joins complete, so participants cut off at the end still count.
+            signaling: c
+                .join_signaling
+                .summary_ms()
+                .or_else(|| hist(&|j| j.signaling_ms)),
             ice: hist(&|j| j.ice_ms),
             dtls: hist(&|j| j.dtls_ms),
             first_media: hist(&|j| j.first_media_ms),
         };
-        self.participants_joined = c
+        let recorded = c
             .joins
             .iter()
             .filter(|j| j.dtls_ms.is_some() || (j.signaling_only && j.signaling_ms.is_some()))
             .count();
+        self.participants_joined = recorded.max(c.joined);
         if !c.roster_views.is_empty() {
             let mut views = c.roster_views.clone();
             views.sort_unstable();

@@ -384,11 +384,15 @@ impl Scenario {
     /// signaling-only sessions that hold the connection, get the roster as batched deltas and
     /// every event, but no media (on one machine the media cannot scale as far as signaling;
     /// the report counts both). Joins at `join_rate` per second per group.
+    /// `join_rate` is the media viewers' joins per second, `audience_join_rate` the
+    /// signaling-only audience's: every join is a roster delta to every session already in,
+    /// so the audience's rate sets the meeting's signaling load (O(joins/s x sessions)).
     pub fn town_hall(
         presenters: u32,
         viewers: u32,
         audience: u32,
         join_rate: f64,
+        audience_join_rate: f64,
         duration: Duration,
     ) -> Scenario {
         let mut viewers_group = group(
@@ -418,7 +422,7 @@ impl Scenario {
                     audience,
                     Publish::None,
                     false,
-                    join_rate,
+                    audience_join_rate,
                     Duration::from_secs(1),
                 ),
             ],

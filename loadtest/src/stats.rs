@@ -257,6 +257,12 @@ pub struct Collector {
     pub lag_second: Hist,
     pub joins: Vec<JoinTimes>,
     pub connected: usize,
+    /// Participants whose join completed (signaling ack, and the peer connections they need),
+    /// counted when it happens: `joins` is filled as participants end, and a run that has to
+    /// cut slow participants off at the end loses their records.
+    pub joined: usize,
+    /// Signaling join times (ms x 1000), recorded with `joined`.
+    pub join_signaling: Hist,
     pub failed: usize,
     pub failures: Vec<String>,
     /// Events received by WS sessions, summed at their end.
