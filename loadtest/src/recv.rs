@@ -20,7 +20,7 @@ use rtcp::transport_feedbacks::transport_layer_cc::{
     TransportLayerCc,
 };
 use rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use webrtc_util::Marshal;
 
@@ -107,9 +107,7 @@ pub struct Receiver {
     our_ssrc: u32,
     nack: bool,
     streams: HashMap<u32, Stream>,
-    /// (unwrapped transport-wide sequence number, arrival) in arrival order: a push per
-    /// packet, sorted once per feedback (arrivals are nearly in order, so that is cheap).
-    twcc_arrivals: Vec<(u64, Instant)>,
+    twcc_arrivals: BTreeMap<u64, Instant>,
     twcc_last: u16,
     twcc_cycles: u64,
     twcc_started: bool,
@@ -130,7 +128,7 @@ impl Receiver {
             our_ssrc: rand::random(),
             nack,
             streams: HashMap::new(),
-            twcc_arrivals: Vec::new(),
+            twcc_arrivals: BTreeMap::new(),
             twcc_last: 0,
             twcc_cycles: 0,
             twcc_started: false,
@@ -257,7 +255,7 @@ impl Receiver {
             }
             self.twcc_last = seq;
         }
-        self.twcc_arrivals.push((ext, now));
+        self.twcc_arrivals.entry(ext).or_insert(now);
     }
 
     /// RTCP packets due now, each a plain (unencrypted) RTCP packet.
@@ -359,13 +357,10 @@ impl Receiver {
     /// draft-holmer-rmcat-transport-wide-cc-extensions-01 §3.1: one feedback covering every
     /// transport sequence number from the lowest unreported to the highest received.
     fn twcc_feedback(&mut self) -> Option<Vec<u8>> {
-        // Stable sort, then the first arrival of a duplicated sequence number counts.
-        self.twcc_arrivals.sort_by_key(|&(seq, _)| seq);
-        self.twcc_arrivals.dedup_by_key(|&mut (seq, _)| seq);
-        let &(first, first_at) = self.twcc_arrivals.first()?;
-        let &(last, _) = self.twcc_arrivals.last()?;
+        let (&first, _) = self.twcc_arrivals.first_key_value()?;
+        let (&last, _) = self.twcc_arrivals.last_key_value()?;
         let last = last.min(first + 8000);
-        let reference = first_at.duration_since(self.epoch);
+        let reference = self.twcc_arrivals[&first].duration_since(self.epoch);
         // Reference time in 64 ms units (24 bits), deltas in 250 µs units.
         let ref_units = (reference.as_micros() / 64_000) as u32 & 0x00ff_ffff;
         let mut prev_us = i64::from(ref_units) * 64_000;
@@ -379,16 +374,8 @@ impl Receiver {
                 run_length: n,
             }));
         };
-        let mut next = 0;
         for seq in first..=last {
-            let arrival = match self.twcc_arrivals.get(next) {
-                Some(&(s, at)) if s == seq => {
-                    next += 1;
-                    Some(at)
-                }
-                _ => None,
-            };
-            let sym = match arrival {
+            let sym = match self.twcc_arrivals.get(&seq) {
                 None => SymbolTypeTcc::PacketNotReceived,
                 Some(at) => {
                     let us = at.duration_since(self.epoch).as_micros() as i64;
@@ -429,7 +416,7 @@ impl Receiver {
             recv_deltas: deltas,
         };
         self.twcc_count = self.twcc_count.wrapping_add(1);
-        self.twcc_arrivals.drain(..next);
+        self.twcc_arrivals = self.twcc_arrivals.split_off(&(last + 1));
         fb.marshal().ok().map(|b| b.to_vec())
     }
 }
