@@ -61,6 +61,8 @@ lag = e["send_lag"] or {}
 d = e["delay"] or {}
 print(f"edge: {pps:.0f} packets/s to viewers at {edge_cpu*100:.0f}% of its core => {pps/edge_cpu:.0f} packets/s per core; loss {e['loss']*100:.2f}%, delay p50 {d.get('p50', float('nan')):.2f} p99 {d.get('p99', float('nan')):.2f} ms")
 print(f"tool: {tool_cpu*100:.0f}% of its core => {tool_cpu*1000/(pps/1000):.1f} ms CPU per s per 1,000 packets/s received ({tool_cpu*1e6/pps:.1f} µs per packet); send lag p99 {lag.get('p99', float('nan')):.2f} ms, max {lag.get('max', float('nan')):.2f} ms; kept up: {e['tool_kept_up']}")
+edge_us, tool_us = edge_cpu * 1e6 / pps, tool_cpu * 1e6 / pps
+print(f"tool headroom: {tool_cpu*100:.0f}% of its core for the load measured, headroom {1/tool_cpu:.1f}x; per packet the tool costs {tool_us:.1f} µs and the edge {edge_us:.1f} µs, so one tool core drives {edge_us/tool_us:.2f}x the load that saturates one edge core (the issue asks for >= 2)")
 print(f"baseline: {b['out_pps']:.0f} packets/s at {b['forwarder_core_share']*100:.0f}% of its core => {b['out_pps_per_core']:.0f} packets/s per core")
 print(f"edge / baseline (per core): {pps/edge_cpu/b['out_pps_per_core']:.2f}")
 PY

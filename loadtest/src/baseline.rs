@@ -306,6 +306,8 @@ fn forward_loop(
         .map_err(io::Error::other)?;
     let mut batch = RecvBatch::new();
     let mut copies: Vec<(usize, bytes::Bytes)> = Vec::new();
+    // The edge's buffers: decrypt where received, encrypt copies into an arena.
+    let mut arena = bytes::BytesMut::with_capacity(64 * 1024);
     let o = Ordering::Relaxed;
     while !stop.load(o) {
         let n = match batch.recv(fd) {
@@ -319,17 +321,18 @@ fn forward_loop(
         copies.clear();
         let mut errors = 0;
         for i in 0..n {
-            let Some((_, data)) = batch.get(i) else {
+            let Some((_, data)) = batch.get_mut(i) else {
                 errors += 1;
                 continue;
             };
             // Decrypt once, encrypt once per receiver with its own context.
-            let Ok(plain) = inbound.decrypt_rtp(data) else {
+            let Ok(plain_len) = inbound.decrypt_rtp_in_place(data) else {
                 errors += 1;
                 continue;
             };
+            let plain = &data[..plain_len];
             for (k, ctx) in outbound.iter_mut().enumerate() {
-                match ctx.encrypt_rtp(&plain) {
+                match ctx.encrypt_rtp_into(plain, &mut arena) {
                     Ok(c) => copies.push((k, c)),
                     Err(_) => errors += 1,
                 }

@@ -39,6 +39,10 @@ pub struct Context {
     pub tokens: TokenSource,
     pub cert: DtlsCertificate,
     pub collector: Shared,
+    /// Drives the periodic work of every peer connection of the run (no timer per peer).
+    pub ticker: Arc<crate::peer::Ticker>,
+    /// The shared loopback socket for peers toward a loopback edge (see `peer`), if bound.
+    pub hub: Option<Arc<crate::peer::Hub>>,
     /// Send media here instead of the edge's candidate (a delay relay in the path).
     pub media_via: Option<SocketAddr>,
     /// Local address to bind peer sockets on.
@@ -162,6 +166,14 @@ impl Life {
         self.pending_times = None;
     }
 
+    /// The shared socket, when this participant's peers may use it: toward the edge with no
+    /// relay in the path (Janus, a full ICE agent in its own namespace, gets a socket per peer).
+    fn hub(&self) -> Option<&crate::peer::Hub> {
+        let direct = self.ctx.media_via.is_none()
+            && self.ctx.target.kind == crate::signaling::ServerKind::Kcs;
+        self.ctx.hub.as_deref().filter(|_| direct)
+    }
+
     fn remote_addr(&self, remote: &RemoteDescription) -> SocketAddr {
         self.ctx
             .media_via
@@ -190,7 +202,14 @@ impl Life {
     async fn publish_peer(
         &mut self,
     ) -> Result<(Arc<Peer>, IceCredentials, String, Vec<String>), ParticipantError> {
-        let peer = Peer::bind(self.ctx.local_ip, None, self.ctx.collector.clone()).await?;
+        let peer = Peer::bind(
+            self.ctx.local_ip,
+            None,
+            self.ctx.collector.clone(),
+            &self.ctx.ticker,
+            self.hub(),
+        )
+        .await?;
         peer.set_retransmit(self.ctx.nack);
         self.peers.push(peer.clone());
         let ice = IceCredentials::random();
@@ -309,6 +328,8 @@ impl Life {
                                     self.ctx.local_ip,
                                     Some(Receiver::new(self.ctx.nack, Instant::now())),
                                     self.ctx.collector.clone(),
+                                    &self.ctx.ticker,
+                                    self.hub(),
                                 )
                                 .await?;
                                 self.peers.push(peer.clone());
@@ -396,6 +417,8 @@ impl Life {
                 self.ctx.local_ip,
                 Some(Receiver::new(self.ctx.nack, Instant::now())),
                 self.ctx.collector.clone(),
+                &self.ctx.ticker,
+                self.hub(),
             )
             .await?;
             self.peers.push(peer.clone());
@@ -581,6 +604,8 @@ impl Life {
                     self.ctx.local_ip,
                     Some(Receiver::new(self.ctx.nack, Instant::now())),
                     self.ctx.collector.clone(),
+                    &self.ctx.ticker,
+                    self.hub(),
                 )
                 .await?;
                 self.peers.push(peer.clone());
@@ -740,6 +765,8 @@ async fn send_media(
     let audio_mid = mids.last().cloned().unwrap_or_default();
     let simulcast = publish.video_layers() > 1;
     let mut buf = Vec::with_capacity(1500);
+    // What this wakeup produced, encrypted, sent with one `sendmmsg`.
+    let mut batch: Vec<bytes::Bytes> = Vec::new();
     let mut lags: Vec<u64> = Vec::new();
     let mut last_flush = Instant::now();
     loop {
@@ -789,7 +816,7 @@ async fn send_media(
                     },
                     &p.payload,
                 );
-                peer.send_rtp(&buf, audio_ssrc, seq).await;
+                batch.extend(peer.protect_rtp(&buf, audio_ssrc, seq));
             }
         }
         if let Some(v) = video.as_mut() {
@@ -823,10 +850,12 @@ async fn send_media(
                         },
                         &p.payload,
                     );
-                    peer.send_rtp(&buf, video_ssrcs[l], seq).await;
+                    batch.extend(peer.protect_rtp(&buf, video_ssrcs[l], seq));
                 }
             }
         }
+        peer.send_rtp_batch(&batch).await;
+        batch.clear();
         if now.duration_since(last_flush) >= Duration::from_millis(100) {
             last_flush = now;
             let mut c = collector.lock().expect("collector lock");

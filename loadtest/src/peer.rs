@@ -4,14 +4,29 @@
 //! [`ice::binding_request`], the DTLS client [`dtls::connect`] over channels, [`SrtpSession`]
 //! and the panic-free RTCP parser. This module is the thin async shell around them:
 //!
-//! - one socket per peer connection, like a browser's 5-tuple, on the loopback or given address;
+//! - a 5-tuple per peer connection, as a browser has. Toward a server on loopback (the
+//!   benchmarks) each peer gets its own loopback address (127.100.0.0/10 and up) on one of
+//!   the run's shared sockets, the [`Hub`] (one socket per [`PEERS_PER_SOCKET`] peers):
+//!   wildcard-bound sockets that learn each datagram's destination address (`IP_PKTINFO`) and
+//!   send from the peer's address, through quinn-udp. One `recvmmsg` then reads up to 32
+//!   datagrams for as many viewers, where a socket per peer costs an epoll wakeup and a
+//!   syscall per datagram (half the tool's CPU).
+//!   Otherwise (another host, a relay in the path, Janus in its namespace) each peer binds its
+//!   own socket on the given address;
 //! - a receive task per peer (not per packet): woken once per burst, it reads every queued
 //!   datagram with one `recvmmsg` (the edge's [`RecvBatch`], one per runtime thread, so a
 //!   thousand peers do not hold a thousand 64 KiB buffers), classifies each (RFC 7983), feeds
-//!   DTLS, decrypts SRTP/SRTCP, runs the [`Receiver`] (subscriber) or handles NACK/PLI/FIR
-//!   (publisher), and sends the RTCP that results once per burst;
-//! - a tick task per peer: TWCC feedback, receiver reports, ICE consent (a Binding request every
-//!   [`CONSENT_INTERVAL`], as browsers do, RFC 7675) and flushing measurements.
+//!   DTLS, decrypts SRTP where the datagram was received (no copy, no allocation), runs the
+//!   [`Receiver`] (subscriber) or handles NACK/PLI/FIR (publisher), and sends the RTCP that
+//!   results once per burst. A read shorter than the batch means the socket was drained, so
+//!   the task goes back to waiting without the extra `recvmmsg` that would return `EAGAIN`
+//!   (a syscall per packet saved: viewers mostly get one packet per wakeup);
+//! - no timer per peer: one [`Ticker`] per run drives every peer's periodic work (TWCC
+//!   feedback, receiver reports, ICE consent every [`CONSENT_INTERVAL`] as browsers do,
+//!   RFC 7675, and flushing measurements), a tenth of the peers every 10 ms so their RTCP is
+//!   spread over time as independent browsers' is, not sent in one burst;
+//! - publishers encrypt into a per-thread arena (one allocation per 64 KiB of packets) and
+//!   send each wakeup's packets with one `sendmmsg` ([`Peer::send_rtp_batch`]).
 //!
 //! State shared by these tasks and the participant's media task sits behind one short
 //! `std::sync::Mutex` per peer, never held across an `.await`.
@@ -20,19 +35,20 @@ use crate::media::{read_rtp, unix_micros};
 use crate::recv::Receiver;
 use crate::sdp::RemoteDescription;
 use crate::stats::{Pending, Shared};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use edge_node::transport::demux::{classify, PacketClass};
 use edge_node::transport::dtls::{self, DtlsCertificate, DtlsSession, Fingerprint};
 use edge_node::transport::ice;
 use edge_node::transport::srtp::SrtpSession;
-use edge_node::udp::batch::RecvBatch;
+use edge_node::udp::batch::{send_batch, RecvBatch, BATCH};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -46,10 +62,276 @@ const ICE_RETRY: Duration = Duration::from_millis(100);
 /// Packets a publisher keeps for answering NACKs: 1 s of the top layer and some.
 const HISTORY: usize = 1024;
 
+/// Peers are ticked in this many groups, one group per tick of [`Ticker`].
+const TICK_GROUPS: usize = 10;
+/// Each arena allocation of encrypted media holds about 50 full-size packets.
+const TX_ARENA: usize = 64 * 1024;
+
 thread_local! {
     /// Receive buffers of this runtime thread, shared by its peers: each use is synchronous
     /// (no `.await` while borrowed).
     static RECV_BATCH: RefCell<RecvBatch> = RefCell::new(RecvBatch::new());
+    /// Where this thread's publishers encrypt media: packets are split off as `Bytes` (sent,
+    /// and kept in the NACK history) without an allocation each.
+    static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(TX_ARENA));
+}
+
+/// Peers per shared socket. All of a socket's peers share its receive buffer, so a socket for
+/// every few dozen keeps what a stalled tool can absorb close to a socket per peer's (each
+/// buffer holds ~100 ms of its peers' media at the default 208 KiB, more where `rmem_max`
+/// allows the 8 MiB we ask for), while each read still takes a burst for many viewers.
+const PEERS_PER_SOCKET: u32 = 32;
+
+/// The run's shared loopback sockets (see the module docs). Dropping it stops their tasks.
+pub struct Hub {
+    sockets: Mutex<Vec<(Arc<HubInner>, JoinHandle<()>)>>,
+    next_ip: AtomicU32,
+}
+
+struct HubInner {
+    socket: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    port: u16,
+    peers: Mutex<HashMap<Ipv4Addr, Weak<Peer>>>,
+}
+
+impl Hub {
+    /// An empty hub: sockets are bound as peers arrive, each with its receive task on the
+    /// runtime of the peer that needed it. Fails when the wildcard address cannot be bound.
+    pub fn start() -> io::Result<Arc<Hub>> {
+        std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        Ok(Arc::new(Hub {
+            sockets: Mutex::new(Vec::new()),
+            next_ip: AtomicU32::new(1),
+        }))
+    }
+
+    /// Binds one wildcard socket and starts its receive task on the current runtime.
+    fn open_socket() -> io::Result<(Arc<HubInner>, JoinHandle<()>)> {
+        let std_socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        std_socket.set_nonblocking(true)?;
+        let state = quinn_udp::UdpSocketState::new((&std_socket).into())?;
+        let _ = state.set_recv_buffer_size((&std_socket).into(), 8 << 20);
+        let port = std_socket.local_addr()?.port();
+        let inner = Arc::new(HubInner {
+            socket: UdpSocket::from_std(std_socket)?,
+            state,
+            port,
+            peers: Mutex::new(HashMap::new()),
+        });
+        let task = tokio::spawn(Self::receive_loop(inner.clone()));
+        Ok((inner, task))
+    }
+
+    /// A fresh loopback address for a peer, on the socket whose turn it is.
+    fn assign(&self) -> io::Result<(Arc<HubInner>, Ipv4Addr)> {
+        let n = self.next_ip.fetch_add(1, Ordering::Relaxed);
+        let ip = Ipv4Addr::new(127, 100 + ((n >> 16) & 0x3f) as u8, (n >> 8) as u8, n as u8);
+        let shard = ((n - 1) / PEERS_PER_SOCKET) as usize;
+        let mut sockets = self.sockets.lock().expect("hub lock");
+        while sockets.len() <= shard {
+            sockets.push(Self::open_socket()?);
+        }
+        Ok((sockets[shard].0.clone(), ip))
+    }
+
+    async fn receive_loop(hub: Arc<HubInner>) {
+        let mut bufs = vec![[0u8; edge_node::udp::batch::MAX_DATAGRAM]; quinn_udp::BATCH_SIZE];
+        let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+        let mut out = Outgoing::default();
+        let mut peers: Vec<Option<Arc<Peer>>> = Vec::with_capacity(quinn_udp::BATCH_SIZE);
+        loop {
+            if hub.socket.readable().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            let mut got = 0;
+            // As in `Peer::receive_loop`: a short batch ends the burst without another read.
+            let read = hub.socket.try_io(Interest::READABLE, || {
+                let mut iovs: Vec<io::IoSliceMut<'_>> =
+                    bufs.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+                got = hub
+                    .state
+                    .recv((&hub.socket).into(), &mut iovs, &mut metas)?;
+                if got < quinn_udp::BATCH_SIZE {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = read {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+            {
+                let map = hub.peers.lock().expect("hub lock");
+                peers.extend(metas[..got].iter().map(|m| match m.dst_ip {
+                    Some(IpAddr::V4(ip)) => map.get(&ip).and_then(Weak::upgrade),
+                    _ => None,
+                }));
+            }
+            let (now, now_us) = (Instant::now(), unix_micros());
+            for (i, peer) in peers.drain(..).enumerate() {
+                let Some(peer) = peer else { continue };
+                let m = &metas[i];
+                // Coalesced datagrams (GRO) come back-to-back, `stride` bytes apart.
+                let stride = m.stride.max(1);
+                for chunk in bufs[i][..m.len].chunks_mut(stride) {
+                    peer.handle_datagram(chunk, m.addr, now, now_us, &mut out);
+                }
+                if !out.rtcp.is_empty() {
+                    peer.send_rtcp(&out.rtcp);
+                    out.rtcp.clear();
+                }
+                for p in out.resend.drain(..) {
+                    if let Some(remote) = *peer.remote.lock().expect("peer lock") {
+                        let _ = peer.endpoint.try_send_to(&p, remote);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl HubInner {
+    /// The peer's place in the receive map.
+    fn register(&self, ip: Ipv4Addr, peer: &Arc<Peer>) {
+        let mut map = self.peers.lock().expect("hub lock");
+        map.retain(|_, p| p.strong_count() > 0);
+        map.insert(ip, Arc::downgrade(peer));
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if let Ok(sockets) = self.sockets.get_mut() {
+            for (_, task) in sockets.drain(..) {
+                task.abort();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+/// Where a peer's datagrams come in and go out.
+enum Endpoint {
+    /// Its own socket.
+    Own(Arc<UdpSocket>),
+    /// Its own loopback address on the run's [`Hub`].
+    Shared { hub: Arc<HubInner>, ip: Ipv4Addr },
+}
+
+impl Endpoint {
+    fn local_addr(&self) -> SocketAddr {
+        match self {
+            Endpoint::Own(s) => s
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))),
+            Endpoint::Shared { hub, ip } => SocketAddr::new(IpAddr::V4(*ip), hub.port),
+        }
+    }
+
+    fn try_send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        match self {
+            Endpoint::Own(s) => s.try_send_to(data, to).map(|_| ()),
+            Endpoint::Shared { hub, ip } => hub.socket.try_io(Interest::WRITABLE, || {
+                hub.state
+                    .try_send((&hub.socket).into(), &shared_transmit(data, to, *ip))
+            }),
+        }
+    }
+
+    async fn send_to(&self, data: &[u8], to: SocketAddr) -> io::Result<()> {
+        match self {
+            Endpoint::Own(s) => s.send_to(data, to).await.map(|_| ()),
+            Endpoint::Shared { hub, ip } => {
+                hub.socket
+                    .async_io(Interest::WRITABLE, || {
+                        hub.state
+                            .try_send((&hub.socket).into(), &shared_transmit(data, to, *ip))
+                    })
+                    .await
+            }
+        }
+    }
+}
+
+fn shared_transmit(data: &[u8], to: SocketAddr, from: Ipv4Addr) -> quinn_udp::Transmit<'_> {
+    quinn_udp::Transmit {
+        destination: to,
+        ecn: None,
+        contents: data,
+        segment_size: None,
+        src_ip: Some(IpAddr::V4(from)),
+    }
+}
+
+/// The run's one timer for the periodic work of all its peer connections (see the module
+/// docs). Dropping it stops the task.
+pub struct Ticker {
+    peers: Arc<Mutex<Vec<Weak<Peer>>>>,
+    task: JoinHandle<()>,
+}
+
+impl Ticker {
+    /// Starts the tick task on the current runtime.
+    pub fn start() -> Arc<Ticker> {
+        let peers: Arc<Mutex<Vec<Weak<Peer>>>> = Arc::default();
+        let registry = peers.clone();
+        let task = tokio::spawn(async move {
+            let period = crate::recv::TWCC_INTERVAL / TICK_GROUPS as u32;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut group = 0usize;
+            let mut due: Vec<Arc<Peer>> = Vec::new();
+            loop {
+                tick.tick().await;
+                {
+                    let mut peers = registry.lock().expect("ticker lock");
+                    peers.retain(|p| p.strong_count() > 0);
+                    due.extend(
+                        peers
+                            .iter()
+                            .skip(group)
+                            .step_by(TICK_GROUPS)
+                            .filter_map(Weak::upgrade),
+                    );
+                }
+                group = (group + 1) % TICK_GROUPS;
+                let now = Instant::now();
+                for p in due.drain(..) {
+                    p.tick(now);
+                }
+            }
+        });
+        Arc::new(Ticker { peers, task })
+    }
+
+    fn register(&self, peer: &Arc<Peer>) {
+        self.peers
+            .lock()
+            .expect("ticker lock")
+            .push(Arc::downgrade(peer));
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for Ticker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticker").finish_non_exhaustive()
+    }
 }
 
 /// What handling a burst of datagrams leaves to send: plain RTCP (to encrypt) and SRTP
@@ -100,7 +382,7 @@ struct State {
 
 /// One peer connection.
 pub struct Peer {
-    socket: Arc<UdpSocket>,
+    endpoint: Endpoint,
     remote: Mutex<Option<SocketAddr>>,
     state: Mutex<State>,
     ice_ok: Notify,
@@ -116,6 +398,8 @@ pub struct Peer {
     closed: AtomicBool,
     /// Milliseconds since `epoch` of the last authenticated datagram from the edge.
     last_rx_ms: AtomicU64,
+    /// Milliseconds since `epoch` when the next consent check is due.
+    next_consent_ms: AtomicU64,
     epoch: Instant,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     dtls: tokio::sync::Mutex<Option<DtlsSession>>,
@@ -132,19 +416,30 @@ pub struct ConnectTimes {
 }
 
 impl Peer {
-    /// Binds a socket on `ip` (port chosen by the OS) and starts the receive and tick tasks.
+    /// Takes a loopback address on `hub` when given, else binds a socket on `ip` (port chosen
+    /// by the OS) with its own receive task; the `ticker` drives its periodic work.
     /// `receiver`: this peer receives media (subscriber); otherwise it sends (publisher).
     pub async fn bind(
         ip: IpAddr,
         receiver: Option<Receiver>,
         collector: Shared,
+        ticker: &Ticker,
+        hub: Option<&Hub>,
     ) -> Result<Arc<Peer>, PeerError> {
-        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))
-            .await
-            .map_err(|e| PeerError::Bind(ip, e))?;
+        let endpoint = match hub {
+            Some(h) => {
+                let (hub, ip) = h.assign().map_err(|e| PeerError::Bind(ip, e))?;
+                Endpoint::Shared { hub, ip }
+            }
+            None => Endpoint::Own(Arc::new(
+                UdpSocket::bind(SocketAddr::new(ip, 0))
+                    .await
+                    .map_err(|e| PeerError::Bind(ip, e))?,
+            )),
+        };
         let is_sender = receiver.is_none();
         let peer = Arc::new(Peer {
-            socket: Arc::new(socket),
+            endpoint,
             remote: Mutex::new(None),
             state: Mutex::new(State {
                 receiver,
@@ -161,22 +456,26 @@ impl Peer {
             answered_check: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             last_rx_ms: AtomicU64::new(0),
+            next_consent_ms: AtomicU64::new(CONSENT_INTERVAL.as_millis() as u64),
             epoch: Instant::now(),
             tasks: Mutex::new(Vec::new()),
             dtls: tokio::sync::Mutex::new(None),
             collector,
             ice_creds: Mutex::new(None),
         });
-        let rx = tokio::spawn(Self::receive_loop(peer.clone()));
-        let tick = tokio::spawn(Self::tick_loop(peer.clone()));
-        peer.tasks.lock().expect("tasks lock").extend([rx, tick]);
+        match &peer.endpoint {
+            Endpoint::Shared { hub, ip } => hub.register(*ip, &peer),
+            Endpoint::Own(_) => {
+                let rx = tokio::spawn(Self::receive_loop(peer.clone()));
+                peer.tasks.lock().expect("tasks lock").push(rx);
+            }
+        }
+        ticker.register(&peer);
         Ok(peer)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.socket
-            .local_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        self.endpoint.local_addr()
     }
 
     /// Toward a full ICE agent (Janus): answer its connectivity checks with our password
@@ -245,7 +544,7 @@ impl Peer {
         loop {
             if controlling {
                 let req = ice::binding_request(&username, remote_pwd, true);
-                let _ = self.socket.send_to(&req, remote).await;
+                let _ = self.endpoint.send_to(&req, remote).await;
             }
             let wait = tokio::time::sleep(ICE_RETRY);
             tokio::select! {
@@ -276,10 +575,11 @@ impl Peer {
         let (in_tx, in_rx) = mpsc::channel(64);
         let (out_tx, mut out_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(64);
         self.state.lock().expect("peer lock").dtls_in = Some(in_tx);
-        let socket = self.socket.clone();
+        let me = Arc::downgrade(self);
         let writer = tokio::spawn(async move {
             while let Some((to, data)) = out_rx.recv().await {
-                let _ = socket.send_to(&data, to).await;
+                let Some(peer) = me.upgrade() else { return };
+                let _ = peer.endpoint.send_to(&data, to).await;
             }
         });
         self.tasks.lock().expect("tasks lock").push(writer);
@@ -298,36 +598,62 @@ impl Peer {
         })
     }
 
-    /// Encrypts and sends one RTP packet; keeps it for NACKs. Returns the bytes sent (0 when
-    /// not connected or the send failed).
-    pub async fn send_rtp(&self, plain: &[u8], ssrc: u32, seq: u16) -> usize {
+    /// Encrypts one RTP packet (into this thread's arena) and keeps it for NACKs; `None`
+    /// before SRTP is up or when encryption fails. Send with [`send_rtp_batch`](Self::send_rtp_batch).
+    pub fn protect_rtp(&self, plain: &[u8], ssrc: u32, seq: u16) -> Option<Bytes> {
+        let mut st = self.state.lock().expect("peer lock");
+        let srtp = st.srtp.as_mut()?;
+        let protected = ARENA.with(|arena| srtp.encrypt_rtp_into(plain, &mut arena.borrow_mut()));
+        let Ok(p) = protected else {
+            st.pending.counters.srtp_errors += 1;
+            return None;
+        };
+        // Bytes: the history keeps a reference to the same buffer, no copy.
+        st.pending.counters.tx_packets += 1;
+        st.pending.counters.tx_bytes += p.len() as u64;
+        if let Some(s) = st.sender.as_mut() {
+            if s.history.len() >= HISTORY {
+                s.history.pop_front();
+            }
+            s.history.push_back((ssrc, seq, p.clone()));
+        }
+        Some(p)
+    }
+
+    /// Sends protected packets to the edge with as few `sendmmsg` calls as possible, waiting
+    /// for the socket when its buffer is full. Returns the bytes sent.
+    pub async fn send_rtp_batch(&self, packets: &[Bytes]) -> usize {
         let Some(remote) = *self.remote.lock().expect("peer lock") else {
             return 0;
         };
-        let protected = {
-            let mut st = self.state.lock().expect("peer lock");
-            let Some(srtp) = st.srtp.as_mut() else {
-                return 0;
-            };
-            let Ok(p) = srtp.encrypt_rtp(plain) else {
-                st.pending.counters.srtp_errors += 1;
-                return 0;
-            };
-            // Bytes: the history keeps a reference to the same buffer, no copy.
-            st.pending.counters.tx_packets += 1;
-            st.pending.counters.tx_bytes += p.len() as u64;
-            if let Some(s) = st.sender.as_mut() {
-                if s.history.len() >= HISTORY {
-                    s.history.pop_front();
+        let socket = match &self.endpoint {
+            Endpoint::Own(s) => s,
+            // One sendmsg each from the peer's address (publishers are few).
+            Endpoint::Shared { .. } => {
+                let mut bytes = 0;
+                for p in packets {
+                    if self.endpoint.send_to(p, remote).await.is_err() {
+                        break;
+                    }
+                    bytes += p.len();
                 }
-                s.history.push_back((ssrc, seq, p.clone()));
+                return bytes;
             }
-            p
         };
-        self.socket
-            .send_to(&protected, remote)
-            .await
-            .unwrap_or_default()
+        let items: Vec<(SocketAddr, &[u8])> = packets.iter().map(|p| (remote, &p[..])).collect();
+        let fd = socket.as_raw_fd();
+        let mut sent = 0;
+        while sent < items.len() {
+            match socket
+                .async_io(Interest::WRITABLE, || send_batch(fd, &items[sent..]))
+                .await
+            {
+                Ok(n) => sent += n,
+                // A refused or failed send (ICMP unreachable): the rest would fail the same way.
+                Err(_) => break,
+            }
+        }
+        items[..sent].iter().map(|(_, p)| p.len()).sum()
     }
 
     /// Layers the edge asked keyframes for since the last call.
@@ -372,101 +698,107 @@ impl Peer {
         }
     }
 
-    async fn send_rtcp(&self, plain: Vec<Vec<u8>>) {
+    /// Encrypts and sends RTCP without waiting: a datagram the socket buffer has no room for
+    /// is dropped, as RTCP over UDP may be (the next report carries the same information).
+    fn send_rtcp(&self, plain: &[Vec<u8>]) {
         if plain.is_empty() {
             return;
         }
         let Some(remote) = *self.remote.lock().expect("peer lock") else {
             return;
         };
-        let protected: Vec<Vec<u8>> = {
-            let mut st = self.state.lock().expect("peer lock");
-            let Some(srtp) = st.srtp.as_mut() else {
-                return;
-            };
-            plain
-                .iter()
-                .filter_map(|p| srtp.encrypt_rtcp(p).ok().map(|b| b.to_vec()))
-                .collect()
+        let mut st = self.state.lock().expect("peer lock");
+        let Some(srtp) = st.srtp.as_mut() else {
+            return;
         };
-        for p in protected {
-            let _ = self.socket.send_to(&p, remote).await;
-        }
-    }
-
-    async fn tick_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(crate::recv::TWCC_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_consent = Instant::now() + CONSENT_INTERVAL;
-        loop {
-            tick.tick().await;
-            let now = Instant::now();
-            let rtcp = {
-                let mut st = self.state.lock().expect("peer lock");
-                let connected = st.srtp.is_some();
-                match st.receiver.as_mut() {
-                    Some(r) if connected => r.poll_rtcp(now),
-                    _ => Vec::new(),
-                }
-            };
-            self.send_rtcp(rtcp).await;
-            self.flush();
-            if now >= next_consent
-                && self.ice_done.load(Ordering::Acquire)
-                && self.controlling.load(Ordering::Acquire)
-            {
-                next_consent = now + CONSENT_INTERVAL;
-                let creds = self.ice_creds.lock().expect("peer lock").clone();
-                let remote = *self.remote.lock().expect("peer lock");
-                if let (Some((user, pwd)), Some(remote)) = (creds, remote) {
-                    let _ = self
-                        .socket
-                        .send_to(&ice::binding_request(&user, &pwd, true), remote)
-                        .await;
-                }
+        for p in plain {
+            if let Ok(b) = srtp.encrypt_rtcp(p) {
+                let _ = self.endpoint.try_send_to(&b, remote);
             }
         }
     }
 
+    /// The periodic work, called by the run's [`Ticker`] every [`crate::recv::TWCC_INTERVAL`].
+    fn tick(&self, now: Instant) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let rtcp = {
+            let mut st = self.state.lock().expect("peer lock");
+            let connected = st.srtp.is_some();
+            match st.receiver.as_mut() {
+                Some(r) if connected => r.poll_rtcp(now),
+                _ => Vec::new(),
+            }
+        };
+        self.send_rtcp(&rtcp);
+        self.flush();
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        if now_ms >= self.next_consent_ms.load(Ordering::Relaxed)
+            && self.ice_done.load(Ordering::Acquire)
+            && self.controlling.load(Ordering::Acquire)
+        {
+            self.next_consent_ms.store(
+                now_ms + CONSENT_INTERVAL.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+            let creds = self.ice_creds.lock().expect("peer lock").clone();
+            let remote = *self.remote.lock().expect("peer lock");
+            if let (Some((user, pwd)), Some(remote)) = (creds, remote) {
+                let _ = self
+                    .endpoint
+                    .try_send_to(&ice::binding_request(&user, &pwd, true), remote);
+            }
+        }
+    }
+
+    /// The receive task of a peer with its own socket.
     async fn receive_loop(self: Arc<Self>) {
-        let fd = self.socket.as_raw_fd();
+        let Endpoint::Own(socket) = &self.endpoint else {
+            return;
+        };
+        let socket = socket.clone();
+        let fd = socket.as_raw_fd();
         let mut out = Outgoing::default();
         loop {
-            if self.socket.readable().await.is_err() {
+            if socket.readable().await.is_err() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
             // One wakeup per burst: read every queued datagram, a batch per syscall, until the
-            // socket is empty (`try_io` clears readiness on WouldBlock).
-            let read = self.socket.try_io(Interest::READABLE, || {
+            // socket is empty. `try_io` clears readiness on WouldBlock; a short batch means the
+            // queue was empty at that moment, so it reports WouldBlock without asking the kernel
+            // again. A datagram arriving after the read is a new edge-triggered event for the
+            // reactor, which clearing the readiness of the event we consumed does not lose.
+            let read = socket.try_io(Interest::READABLE, || {
                 RECV_BATCH.with(|batch| {
                     let mut batch = batch.borrow_mut();
                     let n = batch.recv(fd)?;
                     let (now, now_us) = (Instant::now(), unix_micros());
                     for i in 0..n {
-                        if let Some((from, data)) = batch.get(i) {
+                        if let Some((from, data)) = batch.get_mut(i) {
                             self.handle_datagram(data, from, now, now_us, &mut out);
                         }
                     }
-                    Ok(n)
+                    if n < BATCH {
+                        Err(io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
                 })
             });
             match read {
-                Ok(_) => {}
+                Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // ICMP port unreachable surfaces as an error on Linux: keep reading.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
             if !out.rtcp.is_empty() {
-                self.send_rtcp(std::mem::take(&mut out.rtcp)).await;
+                self.send_rtcp(&out.rtcp);
+                out.rtcp.clear();
             }
             if !out.resend.is_empty() {
-                let remote = *self.remote.lock().expect("peer lock");
-                if let Some(remote) = remote {
-                    for p in out.resend.drain(..) {
-                        let _ = self.socket.send_to(&p, remote).await;
-                    }
-                }
+                self.send_rtp_batch(&out.resend).await;
                 out.resend.clear();
             }
         }
@@ -480,7 +812,7 @@ impl Peer {
         else {
             return;
         };
-        let _ = self.socket.try_send_to(&answer.reply, from);
+        let _ = self.endpoint.try_send_to(&answer.reply, from);
         self.answered_check.store(true, Ordering::Release);
         self.mark_alive();
         // The controlled side is connected once the server nominated a pair.
@@ -494,7 +826,7 @@ impl Peer {
 
     fn handle_datagram(
         &self,
-        data: &[u8],
+        data: &mut [u8],
         from: SocketAddr,
         now: Instant,
         now_us: u64,
@@ -531,13 +863,13 @@ impl Peer {
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn handle_rtp(&self, data: &[u8], now: Instant, now_us: u64, out: &mut Outgoing) {
+    fn handle_rtp(&self, data: &mut [u8], now: Instant, now_us: u64, out: &mut Outgoing) {
         {
             let mut st = self.state.lock().expect("peer lock");
             let st = &mut *st;
             let Some(srtp) = st.srtp.as_mut() else { return };
-            let plain = match srtp.decrypt_rtp(data) {
-                Ok(p) => p,
+            let plain = match srtp.decrypt_rtp_in_place(data) {
+                Ok(n) => &data[..n],
                 Err(_) => {
                     st.pending.counters.srtp_errors += 1;
                     return;
@@ -546,7 +878,7 @@ impl Peer {
             let Some(r) = st.receiver.as_mut() else {
                 return;
             };
-            let Some(pkt) = read_rtp(&plain, st.twcc_id) else {
+            let Some(pkt) = read_rtp(plain, st.twcc_id) else {
                 return;
             };
             r.handle_rtp(pkt, now, now_us);

@@ -20,7 +20,7 @@ use rtcp::transport_feedbacks::transport_layer_cc::{
     TransportLayerCc,
 };
 use rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use webrtc_util::Marshal;
 
@@ -107,7 +107,9 @@ pub struct Receiver {
     our_ssrc: u32,
     nack: bool,
     streams: HashMap<u32, Stream>,
-    twcc_arrivals: BTreeMap<u64, Instant>,
+    /// (unwrapped transport-wide sequence number, arrival) in arrival order: a push per
+    /// packet, sorted once per feedback (arrivals are nearly in order, so that is cheap).
+    twcc_arrivals: Vec<(u64, Instant)>,
     twcc_last: u16,
     twcc_cycles: u64,
     twcc_started: bool,
@@ -128,7 +130,7 @@ impl Receiver {
             our_ssrc: rand::random(),
             nack,
             streams: HashMap::new(),
-            twcc_arrivals: BTreeMap::new(),
+            twcc_arrivals: Vec::new(),
             twcc_last: 0,
             twcc_cycles: 0,
             twcc_started: false,
@@ -255,7 +257,7 @@ impl Receiver {
             }
             self.twcc_last = seq;
         }
-        self.twcc_arrivals.entry(ext).or_insert(now);
+        self.twcc_arrivals.push((ext, now));
     }
 
     /// RTCP packets due now, each a plain (unencrypted) RTCP packet.
@@ -357,10 +359,13 @@ impl Receiver {
     /// draft-holmer-rmcat-transport-wide-cc-extensions-01 §3.1: one feedback covering every
     /// transport sequence number from the lowest unreported to the highest received.
     fn twcc_feedback(&mut self) -> Option<Vec<u8>> {
-        let (&first, _) = self.twcc_arrivals.first_key_value()?;
-        let (&last, _) = self.twcc_arrivals.last_key_value()?;
+        // Stable sort, then the first arrival of a duplicated sequence number counts.
+        self.twcc_arrivals.sort_by_key(|&(seq, _)| seq);
+        self.twcc_arrivals.dedup_by_key(|&mut (seq, _)| seq);
+        let &(first, first_at) = self.twcc_arrivals.first()?;
+        let &(last, _) = self.twcc_arrivals.last()?;
         let last = last.min(first + 8000);
-        let reference = self.twcc_arrivals[&first].duration_since(self.epoch);
+        let reference = first_at.duration_since(self.epoch);
         // Reference time in 64 ms units (24 bits), deltas in 250 µs units.
         let ref_units = (reference.as_micros() / 64_000) as u32 & 0x00ff_ffff;
         let mut prev_us = i64::from(ref_units) * 64_000;
@@ -374,8 +379,16 @@ impl Receiver {
                 run_length: n,
             }));
         };
+        let mut next = 0;
         for seq in first..=last {
-            let sym = match self.twcc_arrivals.get(&seq) {
+            let arrival = match self.twcc_arrivals.get(next) {
+                Some(&(s, at)) if s == seq => {
+                    next += 1;
+                    Some(at)
+                }
+                _ => None,
+            };
+            let sym = match arrival {
                 None => SymbolTypeTcc::PacketNotReceived,
                 Some(at) => {
                     let us = at.duration_since(self.epoch).as_micros() as i64;
@@ -416,7 +429,7 @@ impl Receiver {
             recv_deltas: deltas,
         };
         self.twcc_count = self.twcc_count.wrapping_add(1);
-        self.twcc_arrivals = self.twcc_arrivals.split_off(&(last + 1));
+        self.twcc_arrivals.drain(..next);
         fb.marshal().ok().map(|b| b.to_vec())
     }
 }

@@ -195,6 +195,12 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
         tokens: cfg.tokens.clone(),
         cert,
         collector: collector.clone(),
+        ticker: crate::peer::Ticker::start(),
+        hub: if local_ip.is_loopback() {
+            crate::peer::Hub::start().ok()
+        } else {
+            None
+        },
         media_via: cfg.media_via,
         local_ip,
         room: scenario.room.clone(),

@@ -46,7 +46,7 @@
 //! Invariants: the estimate always lies in `[min, max]`; feedback about unknown, too old or
 //! already reported packets is ignored, never an error.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::units::Bitrate;
@@ -196,6 +196,73 @@ struct SentPacket {
     arrival_ms: Option<f64>,
     /// The probe cluster it was sent in.
     probe: Option<u32>,
+}
+
+/// Sent packets by unwrapped transport-wide sequence number, in a ring: the sequence numbers
+/// are ours and consecutive, so slot `seq - first` holds packet `seq` (a gap, from a packet
+/// that was numbered but not sent, is an empty slot). Insertion, lookup and pruning are O(1)
+/// without the per-node allocation of the `BTreeMap` it replaces (4% of the edge's profile).
+#[derive(Debug, Clone, Default)]
+struct SentHistory {
+    first: u64,
+    slots: VecDeque<Option<SentPacket>>,
+}
+
+impl SentHistory {
+    fn insert(&mut self, seq: u64, packet: SentPacket) {
+        let end = self.first + self.slots.len() as u64;
+        if self.slots.is_empty() || seq >= end + HISTORY_MAX as u64 {
+            // First packet, or a jump past everything kept: start afresh.
+            self.slots.clear();
+            self.first = seq;
+        } else if seq < self.first {
+            // Older than the history (numbered long ago, sent late): no feedback can use it.
+            return;
+        }
+        let at = (seq - self.first) as usize;
+        if at == self.slots.len() {
+            // The usual case: the next sequence number.
+            self.slots.push_back(Some(packet));
+            return;
+        }
+        if at > self.slots.len() {
+            self.slots.resize(at + 1, None);
+        }
+        self.slots[at] = Some(packet);
+    }
+
+    fn get_mut(&mut self, seq: u64) -> Option<&mut SentPacket> {
+        let at = usize::try_from(seq.checked_sub(self.first)?).ok()?;
+        self.slots.get_mut(at)?.as_mut()
+    }
+
+    /// Packets `first..=last` that were sent.
+    fn range(&self, first: u64, last: u64) -> impl Iterator<Item = &SentPacket> + '_ {
+        let from = first
+            .saturating_sub(self.first)
+            .min(self.slots.len() as u64) as usize;
+        let to = (last.saturating_add(1))
+            .saturating_sub(self.first)
+            .min(self.slots.len() as u64) as usize;
+        self.slots
+            .range(from..to.max(from))
+            .filter_map(|p| p.as_ref())
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The oldest slot: `None` for an empty history, `Some(None)` for a gap.
+    fn front(&self) -> Option<Option<&SentPacket>> {
+        self.slots.front().map(|p| p.as_ref())
+    }
+
+    fn pop_front(&mut self) {
+        if self.slots.pop_front().is_some() {
+            self.first += 1;
+        }
+    }
 }
 
 /// A probe cluster: every packet sent while it runs belongs to it.
@@ -506,7 +573,7 @@ pub struct SendSideBwe {
     /// Reference of the send-time millisecond scale.
     epoch: Instant,
     /// Sent packets by unwrapped transport-wide sequence number.
-    history: BTreeMap<u64, SentPacket>,
+    history: SentHistory,
     last_sent_seq: Option<u64>,
 
     inter_arrival: InterArrival,
@@ -556,7 +623,7 @@ impl SendSideBwe {
         Self {
             config,
             epoch: now,
-            history: BTreeMap::new(),
+            history: SentHistory::default(),
             last_sent_seq: None,
             inter_arrival: InterArrival::default(),
             detector: DelayDetector::new(),
@@ -634,7 +701,7 @@ impl SendSideBwe {
         let (mut lost, mut total) = (0u32, 0u32);
         for status in statuses {
             let seq = unwrap_near(last_sent, status.seq);
-            let Some(packet) = self.history.get_mut(&seq) else {
+            let Some(packet) = self.history.get_mut(seq) else {
                 continue;
             };
             if !packet.counted {
@@ -764,8 +831,8 @@ impl SendSideBwe {
             let sent: Vec<SentPacket> = match c.seqs {
                 Some((first, last)) => self
                     .history
-                    .range(first..=last)
-                    .map(|(_, p)| *p)
+                    .range(first, last)
+                    .copied()
                     .filter(|p| p.probe == Some(c.id))
                     .collect(),
                 None => Vec::new(),
@@ -907,12 +974,13 @@ impl SendSideBwe {
     }
 
     fn prune_history(&mut self, now: Instant) {
-        while let Some((&seq, first)) = self.history.first_key_value() {
-            let old = now.saturating_duration_since(first.send_time) > HISTORY_AGE;
+        while let Some(first) = self.history.front() {
+            let old =
+                first.is_none_or(|p| now.saturating_duration_since(p.send_time) > HISTORY_AGE);
             if !old && self.history.len() <= HISTORY_MAX {
                 break;
             }
-            self.history.remove(&seq);
+            self.history.pop_front();
         }
     }
 
@@ -1035,9 +1103,47 @@ fn unwrap_near(reference: u64, seq: u16) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+
+    fn sent_at(t: Instant, size: usize) -> SentPacket {
+        SentPacket {
+            send_time: t,
+            size,
+            counted: false,
+            acked: false,
+            arrival_ms: None,
+            probe: None,
+        }
+    }
+
+    #[test]
+    fn sent_history_ring_keeps_gaps_ignores_stale_and_restarts_after_a_jump() {
+        let t = Instant::now();
+        let mut h = SentHistory::default();
+        for seq in [100u64, 101, 103] {
+            h.insert(seq, sent_at(t, seq as usize));
+        }
+        assert_eq!(h.get_mut(101).map(|p| p.size), Some(101));
+        assert!(h.get_mut(102).is_none(), "a gap stays empty");
+        assert!(h.get_mut(99).is_none() && h.get_mut(104).is_none());
+        assert_eq!(
+            h.range(0, 1000).map(|p| p.size).collect::<Vec<_>>(),
+            vec![100, 101, 103]
+        );
+        assert_eq!(h.range(102, 103).count(), 1);
+        h.insert(50, sent_at(t, 50));
+        assert!(h.get_mut(50).is_none(), "older than the history: dropped");
+        h.pop_front();
+        assert!(h.get_mut(100).is_none());
+        assert_eq!(h.len(), 3);
+        let far = 103 + HISTORY_MAX as u64 + 1;
+        h.insert(far, sent_at(t, 7));
+        assert_eq!(h.len(), 1, "a jump past the bound starts afresh");
+        assert_eq!(h.get_mut(far).map(|p| p.size), Some(7));
     }
 
     /// xorshift64*: a seeded generator, so a failing run replays.

@@ -392,12 +392,37 @@ pub struct ShardCore {
     epoch: (Instant, SystemTime),
     last_reports: Option<Instant>,
     last_twcc: Option<Instant>,
-    scratch: Vec<u8>,
+    bufs: PacketBuffers,
     /// Encoded cascade datagrams waiting for the shell: bytes in one reused buffer.
     link_bytes: Vec<u8>,
     link_out: Vec<(LinkId, std::ops::Range<usize>)>,
     cascade_requests: Vec<CascadeRequest>,
     pub counters: ShardCounters,
+}
+
+/// The shard's reused packet buffers: with them the packet path allocates nothing per packet.
+struct PacketBuffers {
+    /// Where outgoing RTP is assembled before encryption.
+    scratch: Vec<u8>,
+    /// Where incoming SRTP is decrypted in place.
+    rx: Vec<u8>,
+    /// Encrypted packets are appended here and split off as `Bytes` for the transmit queue:
+    /// one allocation per [`TX_ARENA`] bytes of packets (none once sent packets are dropped
+    /// and `BytesMut` reclaims its buffer), where the SRTP crate allocated per packet.
+    arena: bytes::BytesMut,
+}
+
+/// Size of each transmit arena allocation: ~50 full-size packets.
+const TX_ARENA: usize = 64 * 1024;
+
+impl PacketBuffers {
+    fn new() -> Self {
+        Self {
+            scratch: vec![0u8; 2048],
+            rx: Vec::with_capacity(2048),
+            arena: bytes::BytesMut::with_capacity(TX_ARENA),
+        }
+    }
 }
 
 impl ShardCore {
@@ -416,7 +441,7 @@ impl ShardCore {
             epoch,
             last_reports: None,
             last_twcc: None,
-            scratch: vec![0u8; 2048],
+            bufs: PacketBuffers::new(),
             link_bytes: Vec::new(),
             link_out: Vec::new(),
             cascade_requests: Vec::new(),
@@ -748,14 +773,19 @@ impl ShardCore {
                 Err(_) => self.counters.rejected_srtcp += 1,
             }
         } else {
-            match srtp.decrypt_rtp(data) {
-                Ok(plain) => {
+            // Decrypted in place in the shard's buffer (taken out while the packet is handled).
+            let mut rx = std::mem::take(&mut self.bufs.rx);
+            rx.clear();
+            rx.extend_from_slice(data);
+            match srtp.decrypt_rtp_in_place(&mut rx) {
+                Ok(n) => {
                     self.counters.packets_in += 1;
                     self.counters.bytes_in += data.len() as u64;
-                    self.handle_rtp(id, &plain, now);
+                    self.handle_rtp(id, &rx[..n], now);
                 }
                 Err(_) => self.counters.rejected_srtp += 1,
             }
+            self.bufs.rx = rx;
         }
     }
 
@@ -1020,7 +1050,7 @@ impl ShardCore {
             mid: None,
         };
         let payload = view.payload();
-        let buf = &mut self.scratch;
+        let buf = &mut self.bufs.scratch;
         if buf.len() < MAX_OUT_HEADER + payload.len() {
             buf.resize(MAX_OUT_HEADER + payload.len(), 0);
         }
@@ -1039,7 +1069,7 @@ impl ShardCore {
             let _ = m.rewrite(&mut buf[n..n + payload.len()], switch);
         }
         let len = n + payload.len();
-        match srtp.encrypt_rtp(&buf[..len]) {
+        match srtp.encrypt_rtp_into(&buf[..len], &mut self.bufs.arena) {
             Ok(data) => {
                 if let Some((_, seq)) = twcc {
                     t.bwe.handle_sent(seq, data.len(), now);
@@ -1180,7 +1210,7 @@ impl ShardCore {
             return;
         };
         for &seq in seqs {
-            match retransmit(s, p, t, seq, now, &mut self.scratch, &mut self.transmits) {
+            match retransmit(s, p, t, seq, now, &mut self.bufs, &mut self.transmits) {
                 Some(_) => self.counters.retransmits_out += 1,
                 None => self.counters.nacks_missed += 1,
             }
@@ -1503,7 +1533,7 @@ impl ShardCore {
             while sent < due && packets < PADDING_MAX_PACKETS && misses < PADDING_WINDOW {
                 let seq = newest.wrapping_sub(cursor % PADDING_WINDOW);
                 cursor = cursor.wrapping_add(1);
-                match retransmit(s, p, t, seq, now, &mut self.scratch, &mut self.transmits) {
+                match retransmit(s, p, t, seq, now, &mut self.bufs, &mut self.transmits) {
                     Some(n) if n > 0 => {
                         sent += n;
                         packets += 1;
@@ -1882,7 +1912,7 @@ fn retransmit(
     t: &mut Transport,
     seq: u16,
     now: Instant,
-    scratch: &mut Vec<u8>,
+    bufs: &mut PacketBuffers,
     transmits: &mut Vec<Transmit>,
 ) -> Option<usize> {
     let sent = s.sequencer.lookup(seq)?;
@@ -1905,7 +1935,7 @@ fn retransmit(
         ..Default::default()
     };
     // The shard's reused buffer: no allocation per resent packet (probes send many).
-    let out = scratch;
+    let out = &mut bufs.scratch;
     out.clear();
     out.resize(MAX_OUT_HEADER + 2 + payload.len(), 0);
     let (n, body_at) = match (s.spec.rtx_ssrc, s.spec.rtx_payload_type) {
@@ -1942,7 +1972,7 @@ fn retransmit(
         let _ = m.rewrite(&mut out[body_at..body_at + payload.len()], false);
     }
     out.truncate(n + payload.len());
-    let Ok(data) = srtp.encrypt_rtp(out) else {
+    let Ok(data) = srtp.encrypt_rtp_into(out, &mut bufs.arena) else {
         return Some(0);
     };
     let len = data.len();

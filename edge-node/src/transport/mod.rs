@@ -12,7 +12,8 @@
 //!   webrtc-rs `dtls` crate fed through channels, so the socket stays shared. It verifies the
 //!   peer certificate against the SDP `a=fingerprint` and exports the SRTP keys (RFC 5764).
 //! - SRTP/SRTCP is decrypted and encrypted by [`srtp::SrtpSession`], synchronously, on the
-//!   shard that owns the transport (no task or channel hop per packet).
+//!   shard that owns the transport (no task or channel hop per packet); RTP in place, in the
+//!   shard's own buffers (`srtp_rtp`), RTCP with webrtc-srtp.
 //! - Decrypted RTP/RTCP is parsed with [`parse::parse_rtp`] / [`parse::parse_rtcp`], never
 //!   with the rtp/rtcp crates directly: those panic on some malformed input.
 //!
@@ -26,6 +27,7 @@ pub mod dtls;
 pub mod ice;
 pub mod parse;
 pub mod srtp;
+mod srtp_rtp;
 
 /// Installs rustls' ring provider as the process-wide default, once; later calls do nothing.
 ///

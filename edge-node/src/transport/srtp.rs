@@ -1,12 +1,19 @@
 //! SRTP/SRTCP protection of one transport (RFC 3711, RFC 7714), synchronous.
 //!
-//! Built from the [`SrtpKeys`] the DTLS handshake exported: an inbound webrtc-srtp
-//! `Context` keyed with the peer's (remote) master key decrypts what the peer sends, with
-//! replay protection; an outbound one keyed with ours (local) encrypts what we send. Plain
-//! `&mut self` calls, no I/O, so the shard that owns the transport calls them inline on the
-//! packet path (decrypt once per incoming packet, encrypt once per outgoing copy).
+//! Built from the [`SrtpKeys`] the DTLS handshake exported: inbound state keyed with the
+//! peer's (remote) master key decrypts what the peer sends, with replay protection; outbound
+//! state keyed with ours (local) encrypts what we send. Plain `&mut self` calls, no I/O, so the
+//! shard that owns the transport calls them inline on the packet path (decrypt once per
+//! incoming packet, encrypt once per outgoing copy).
 //!
-//! Every input is peer-controlled, and webrtc-srtp 0.17 needs three guards in front of it:
+//! RTP goes through our in-place transform (`super::srtp_rtp`, RFC 3711 / RFC 7714 for the
+//! two profiles we negotiate): the hot paths are [`SrtpSession::decrypt_rtp_in_place`] (in
+//! the receive buffer) and [`SrtpSession::encrypt_rtp_into`] (into the caller's arena), with
+//! no allocation per packet; `decrypt_rtp` / `encrypt_rtp` are conveniences that allocate.
+//! RTCP uses webrtc-srtp `Context`s, keyed from the same material.
+//!
+//! Every input is peer-controlled, and webrtc-srtp 0.17 needed three guards in front of it
+//! (the first now guards our RTP transform the same way):
 //! - it parses the RTP header with the rtp crate (0.17.2), which panics on an RFC 8285 header
 //!   extension element that runs past the packet (found by `fuzz/fuzz_targets/rtp_rtcp.rs`);
 //!   [`super::parse::check_rtp_header`] walks the header first;
@@ -19,13 +26,14 @@
 //!
 //! Errors come back as [`SrtpError`] for the caller to drop and count.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use webrtc_srtp::context::Context;
 use webrtc_srtp::option::{srtcp_replay_protection, srtp_replay_protection};
 use webrtc_srtp::protection_profile::ProtectionProfile;
 
 use super::dtls::{SrtpKeys, SrtpProfile};
-use super::parse::{check_rtp_header, ParseError};
+use super::parse::ParseError;
+use super::srtp_rtp::RtpTransform;
 
 /// Inbound SRTP replay window, in packets. RFC 3711 §3.3.2 asks for at least 64; video
 /// arrives reordered by more than that at high bitrates, so we follow libwebrtc's 1024.
@@ -63,6 +71,10 @@ pub enum SrtpError {
     Replayed,
     #[error("authentication failed")]
     AuthFailed,
+    /// The packet's index (ROC and sequence number, RFC 3711 §3.3.1) cannot be formed: 2^48
+    /// packets were sent on the SSRC with this key (§9.2: none may follow).
+    #[error("SRTP packet index out of range")]
+    IndexOutOfRange,
     /// RTP header whose CSRC list or header extension does not fit the packet
     /// (RFC 3550 §5.1, §5.3.1; RFC 8285 §4.2, §4.3).
     #[error("malformed RTP header")]
@@ -98,8 +110,12 @@ impl From<webrtc_srtp::Error> for SrtpError {
 
 /// SRTP state of one transport: see the module docs.
 pub struct SrtpSession {
+    /// SRTCP from the peer.
     inbound: Context,
+    /// SRTCP to the peer.
     outbound: Context,
+    rtp_in: RtpTransform,
+    rtp_out: RtpTransform,
     profile: SrtpProfile,
 }
 
@@ -132,9 +148,22 @@ impl SrtpSession {
         // Outbound needs no replay protection: we generate the sequence numbers.
         let outbound = Context::new(&keys.local_key, &keys.local_salt, profile, None, None)
             .map_err(bad_keys)?;
+        // Context::new accepted the lengths above, so these cannot fail on them.
+        let wrong_length = || bad_keys(webrtc_srtp::Error::ErrShortSrtpMasterKey);
+        let rtp_in = RtpTransform::new(
+            keys.profile,
+            &keys.remote_key,
+            &keys.remote_salt,
+            Some(SRTP_REPLAY_WINDOW),
+        )
+        .ok_or_else(wrong_length)?;
+        let rtp_out = RtpTransform::new(keys.profile, &keys.local_key, &keys.local_salt, None)
+            .ok_or_else(wrong_length)?;
         Ok(SrtpSession {
             inbound,
             outbound,
+            rtp_in,
+            rtp_out,
             profile: keys.profile,
         })
     }
@@ -143,12 +172,27 @@ impl SrtpSession {
         self.profile
     }
 
-    /// Authenticates and decrypts an SRTP packet from the peer into plain RTP. The header of
-    /// what comes out has passed [`check_rtp_header`], so the rtp crate can parse it
-    /// (or use [`super::parse::parse_rtp`]).
+    /// Authenticates and decrypts an SRTP packet from the peer into plain RTP (a copy; the
+    /// packet path uses [`decrypt_rtp_in_place`](Self::decrypt_rtp_in_place)). The header of
+    /// what comes out has passed [`super::parse::check_rtp_header`], so the rtp crate can
+    /// parse it (or use [`super::parse::parse_rtp`]).
     pub fn decrypt_rtp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
-        check_rtp_header(packet)?;
-        Ok(self.inbound.decrypt_rtp(packet)?)
+        let mut buf = packet.to_vec();
+        let n = self.rtp_in.decrypt(&mut buf)?;
+        buf.truncate(n);
+        Ok(buf.into())
+    }
+
+    /// Authenticates and decrypts the SRTP packet in `buf` where it lies; the plain RTP packet
+    /// is then `buf[..n]` for the returned `n`, its header checked as for
+    /// [`decrypt_rtp`](Self::decrypt_rtp). On error `buf` may hold garbage.
+    pub fn decrypt_rtp_in_place(&mut self, buf: &mut [u8]) -> Result<usize, SrtpError> {
+        self.rtp_in.decrypt(buf)
+    }
+
+    /// Bytes SRTP adds to an RTP packet (the authentication tag).
+    pub fn rtp_overhead(&self) -> usize {
+        self.rtp_out.overhead()
     }
 
     /// Authenticates and decrypts an SRTCP packet from the peer into plain RTCP.
@@ -174,11 +218,32 @@ impl SrtpSession {
         Ok(self.inbound.decrypt_rtcp(packet)?)
     }
 
-    /// Encrypts and authenticates a plain RTP packet for the peer.
+    /// Encrypts and authenticates a plain RTP packet for the peer, into a new buffer.
+    /// Forwarded packets may carry extension bytes a publisher chose: the header is checked.
     pub fn encrypt_rtp(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
-        // Forwarded packets may carry extension bytes a publisher chose.
-        check_rtp_header(packet)?;
-        Ok(self.outbound.encrypt_rtp(packet)?)
+        let mut buf = Vec::with_capacity(packet.len() + self.rtp_overhead());
+        buf.extend_from_slice(packet);
+        buf.resize(packet.len() + self.rtp_overhead(), 0);
+        let n = self.rtp_out.encrypt(&mut buf, packet.len())?;
+        buf.truncate(n);
+        Ok(buf.into())
+    }
+
+    /// Encrypts `packet` into `arena` (which must be empty) and splits the result off: the
+    /// packet path's way, one allocation per arena-full of packets instead of per packet.
+    pub fn encrypt_rtp_into(
+        &mut self,
+        packet: &[u8],
+        arena: &mut BytesMut,
+    ) -> Result<Bytes, SrtpError> {
+        self.rtp_out.encrypt_into(packet, arena)
+    }
+
+    /// Encrypts the plain RTP packet `buf[..len]` where it lies, appending the tag (`buf`
+    /// needs [`rtp_overhead`](Self::rtp_overhead) bytes of room after it); returns the
+    /// protected length.
+    pub fn encrypt_rtp_in_place(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SrtpError> {
+        self.rtp_out.encrypt(buf, len)
     }
 
     /// Encrypts and authenticates a plain RTCP (compound) packet for the peer.
@@ -445,7 +510,7 @@ mod tests {
             0x10, 0x00, 0x00, 0x09, 0x00, 0x00, 0xbb, 0xbb, 0x10, 0x00, 0xfe, 0xff, 0xff, 0xff,
             0x04, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
         ];
-        assert!(check_rtp_header(crash).is_err());
+        assert!(crate::transport::parse::check_rtp_header(crash).is_err());
         for profile in PROFILES {
             let (_, sk) = key_pair(profile);
             let mut server = SrtpSession::new(&sk).unwrap();

@@ -33,30 +33,35 @@ impl Default for RecvBatch {
 
 impl RecvBatch {
     pub fn new() -> Self {
-        Self {
+        let mut b = Self {
             bufs: vec![[0u8; MAX_DATAGRAM]; BATCH],
             // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs; all-zero is valid.
             addrs: vec![unsafe { zeroed() }; BATCH],
             iovecs: vec![unsafe { zeroed() }; BATCH],
             msgs: vec![unsafe { zeroed() }; BATCH],
             len: 0,
+        };
+        // The headers point into the vectors' heap buffers, which never move or grow (moving
+        // the struct moves only the vectors' handles), so this is done once.
+        for i in 0..BATCH {
+            b.iovecs[i] = libc::iovec {
+                iov_base: b.bufs[i].as_mut_ptr().cast(),
+                iov_len: MAX_DATAGRAM,
+            };
+            b.msgs[i].msg_hdr.msg_name = (&mut b.addrs[i] as *mut libc::sockaddr_storage).cast();
+            b.msgs[i].msg_hdr.msg_iov = &mut b.iovecs[i];
+            b.msgs[i].msg_hdr.msg_iovlen = 1;
         }
+        b
     }
 
     /// Reads up to [`BATCH`] datagrams without blocking. `WouldBlock` when none is waiting.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        for i in 0..BATCH {
-            self.iovecs[i] = libc::iovec {
-                iov_base: self.bufs[i].as_mut_ptr().cast(),
-                iov_len: MAX_DATAGRAM,
-            };
-            // SAFETY: zeroed mmsghdr is valid; we then point it at our own buffers.
-            self.msgs[i] = unsafe { zeroed() };
-            self.msgs[i].msg_hdr.msg_name =
-                (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
-            self.msgs[i].msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as u32;
-            self.msgs[i].msg_hdr.msg_iov = &mut self.iovecs[i];
-            self.msgs[i].msg_hdr.msg_iovlen = 1;
+        // The kernel writes back the address length and flags (and `msg_len`); the rest of each
+        // header stays as `new` set it.
+        for m in &mut self.msgs {
+            m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as u32;
+            m.msg_hdr.msg_flags = 0;
         }
         // SAFETY: msgs points at BATCH initialised headers whose buffers outlive the call.
         let n = unsafe {
@@ -88,6 +93,20 @@ impl RecvBatch {
         }
         let addr = from_storage(&self.addrs[i])?;
         Some((addr, &self.bufs[i][..m.msg_len as usize]))
+    }
+
+    /// As [`get`](Self::get), mutable: for decrypting a datagram where it was received.
+    pub fn get_mut(&mut self, i: usize) -> Option<(SocketAddr, &mut [u8])> {
+        if i >= self.len {
+            return None;
+        }
+        let m = &self.msgs[i];
+        if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            return None;
+        }
+        let addr = from_storage(&self.addrs[i])?;
+        let len = m.msg_len as usize;
+        Some((addr, &mut self.bufs[i][..len]))
     }
 }
 
