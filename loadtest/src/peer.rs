@@ -628,32 +628,38 @@ impl Peer {
         };
         let socket = match &self.endpoint {
             Endpoint::Own(s) => s,
-            // One sendmsg each from the peer's address (publishers are few).
+            // One sendmsg each from the peer's address (publishers are few). A packet the
+            // kernel refuses (a firewall drop reports EPERM) is lost on the way like any other,
+            // and the rest of the batch still goes.
             Endpoint::Shared { .. } => {
                 let mut bytes = 0;
                 for p in packets {
-                    if self.endpoint.send_to(p, remote).await.is_err() {
-                        break;
+                    if self.endpoint.send_to(p, remote).await.is_ok() {
+                        bytes += p.len();
                     }
-                    bytes += p.len();
                 }
                 return bytes;
             }
         };
         let items: Vec<(SocketAddr, &[u8])> = packets.iter().map(|p| (remote, &p[..])).collect();
         let fd = socket.as_raw_fd();
-        let mut sent = 0;
-        while sent < items.len() {
+        let (mut next, mut bytes) = (0, 0);
+        while next < items.len() {
             match socket
-                .async_io(Interest::WRITABLE, || send_batch(fd, &items[sent..]))
+                .async_io(Interest::WRITABLE, || send_batch(fd, &items[next..]))
                 .await
             {
-                Ok(n) => sent += n,
-                // A refused or failed send (ICMP unreachable): the rest would fail the same way.
-                Err(_) => break,
+                Ok(n) => {
+                    bytes += items[next..next + n].iter().map(|(_, p)| p.len()).sum::<usize>();
+                    next += n;
+                }
+                // `sendmmsg` stops at the first packet the kernel refuses (EPERM from a firewall
+                // drop, ECONNREFUSED after an ICMP unreachable) and reports its error: that one
+                // packet is lost on the way, the rest of the batch still goes.
+                Err(_) => next += 1,
             }
         }
-        items[..sent].iter().map(|(_, p)| p.len()).sum()
+        bytes
     }
 
     /// Layers the edge asked keyframes for since the last call.

@@ -411,6 +411,11 @@ fn an_nftables_random_drop_shows_up_as_loss() {
     assert!(out.status.success(), "{}", text(&out));
     let loss = f(&r, &["loss"]);
     let expected = f(&r, &["counters", "expected"]);
+    eprintln!(
+        "5% drop: measured {:.2}% loss over {expected} packets; counters {}",
+        loss * 100.0,
+        r["counters"]
+    );
     // ~2,500 packets: the binomial spread of a 5% drop is about 0.45%, so 2.5-7.5% is over five
     // standard deviations wide and still tells 5% apart from none or double.
     assert!(

@@ -110,8 +110,11 @@ impl RecvBatch {
     }
 }
 
-/// Sends datagrams with as few `sendmmsg` calls as possible. Returns how many were sent; stops
-/// early on `WouldBlock` (the caller waits for writability and calls again with the rest).
+/// Sends datagrams with as few `sendmmsg` calls as possible. Returns how many were sent, from
+/// the front; stops early at the first datagram the kernel does not take. An error means the
+/// first datagram was not sent: on `WouldBlock` the caller waits for writability and calls
+/// again; any other error (EPERM from a firewall drop, ECONNREFUSED) belongs to that one
+/// datagram, which the caller skips before sending the rest.
 pub fn send_batch(fd: RawFd, items: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
     let mut sent = 0;
     while sent < items.len() {
@@ -140,11 +143,12 @@ pub fn send_batch(fd: RawFd, items: &[(SocketAddr, &[u8])]) -> io::Result<usize>
             )
         };
         if n < 0 {
-            let err = io::Error::last_os_error();
-            if sent > 0 && err.kind() == io::ErrorKind::WouldBlock {
+            // Report what went before the failing datagram; it then leads the caller's next
+            // call, which reports its error.
+            if sent > 0 {
                 return Ok(sent);
             }
-            return Err(err);
+            return Err(io::Error::last_os_error());
         }
         sent += n as usize;
         if (n as usize) < chunk.len() {
@@ -211,6 +215,43 @@ fn to_storage(addr: &SocketAddr, s: &mut libc::sockaddr_storage) -> libc::sockle
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_refused_datagram_mid_batch_is_reported_alone_and_the_rest_still_go() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_nonblocking(true).unwrap();
+        let to = b.local_addr().unwrap();
+        // An IPv6 destination on an IPv4 socket: the kernel refuses that one datagram.
+        let bad: SocketAddr = "[::1]:9".parse().unwrap();
+        for at in [0usize, 5, 32, 39] {
+            let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 10]).collect();
+            let items: Vec<(SocketAddr, &[u8])> = payloads
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (if i == at { bad } else { to }, p.as_slice()))
+                .collect();
+            let mut next = 0;
+            let mut refused = Vec::new();
+            while next < items.len() {
+                match send_batch(a.as_raw_fd(), &items[next..]) {
+                    Ok(n) => next += n,
+                    Err(_) => {
+                        refused.push(next);
+                        next += 1;
+                    }
+                }
+            }
+            assert_eq!(refused, vec![at], "only the bad datagram fails");
+            let mut got = Vec::new();
+            let mut batch = RecvBatch::new();
+            while let Ok(n) = batch.recv(b.as_raw_fd()) {
+                got.extend((0..n).map(|i| batch.get(i).unwrap().1[0]));
+            }
+            let want: Vec<u8> = (0..40u8).filter(|&i| i as usize != at).collect();
+            assert_eq!(got, want, "each other datagram arrives once, in order");
+        }
+    }
 
     #[test]
     fn batch_round_trip_over_loopback() {
