@@ -2,19 +2,20 @@
 # `multiregion` test suite). Needs root, iproute2, etcd (control-plane/deps.sh) and built
 # `kcs` and `loadtest` binaries in $BIN.
 #
-# Topology (addresses from 10.77.0.0/16, private):
+# Topology (documentation ranges only, as tests/README.md asks: hosts in 198.51.100.0/24, one
+# /26 per region, R = 1, 2, 3 for eu, us, ap; service addresses in 203.0.113.0/24):
 #
 #   root namespace: routes between regions (ip_forward), runs the control plane and geo-DNS
-#   on 10.77.0.1 (on loopback)
-#   namespace mr-<region> per region, one veth pair to root:
-#     10.77.R.1   the region's side of the veth: the origin's QUIC (7443), the etcd member
+#   on 198.51.100.1 (on loopback)
+#   namespace mr-<region> per region, one veth pair to root, subnet 198.51.100.(64R)/26:
+#     64R+1       the region's side of the veth: the origin's QUIC (7400), the etcd member
 #                 (2379/2380), participants
-#     10.77.R.11, 10.77.R.12, ...  the region's edges, $MR_EDGES_PER_REGION of them (default 2,
+#     64R+11, 64R+12, ...  the region's edges, $MR_EDGES_PER_REGION of them (default 2,
 #                 at most 9; HTTP 8080, media UDP 40000)
-#     10.77.R.254 root's side
+#     64R+62      root's side
 #
 # Distance: this kernel has no netem, so inter-region delay comes from `loadtest relay`
-# (userspace, both directions). Every origin registers the cascade URL quic://10.78.R.1:7443,
+# (userspace, both directions). Every origin registers the cascade URL quic://203.0.113.R:7400,
 # a *service address*: inside each region namespace that address is a relay (on the
 # namespace's loopback) forwarding to the origin's real address with that pair's one-way delay, 0 ms in
 # the origin's own region. So one registered URL reaches every origin from every region, at
@@ -29,11 +30,27 @@ declare -A MR_INDEX=([eu]=1 [us]=2 [ap]=3)
 declare -A MR_DELAY=([eu-us]=40 [us-eu]=40 [us-ap]=70 [ap-us]=70 [eu-ap]=120 [ap-eu]=120)
 MR_ZONE=kcs.test
 MR_API_KEY=mr-api-key
-MR_CP_HTTP=10.77.0.1:8090
-MR_DNS=10.77.0.1:5353
+MR_ROOT_ADDR=198.51.100.1
+MR_CP_HTTP=$MR_ROOT_ADDR:8090
+MR_DNS=$MR_ROOT_ADDR:5353
 MR_EDGES_PER_REGION=${MR_EDGES_PER_REGION:-2}
 
 mr_edge_numbers() { seq 1 "$MR_EDGES_PER_REGION"; }
+
+# Addresses (see the header): mr_addr R OFFSET is host 64R+OFFSET of region R's /26.
+mr_addr() { echo "198.51.100.$((64 * $1 + $2))"; }
+mr_subnet() { echo "198.51.100.$((64 * $1))/26"; }
+mr_side_addr() { mr_addr "$1" 1; }
+mr_root_side_addr() { mr_addr "$1" 62; }
+mr_edge_addr() { mr_addr "$1" $((10 + $2)); } # region-index edge-number
+mr_service_addr() { echo "203.0.113.$1"; }
+# Whether ADDRESS is a host of region R's subnet.
+mr_in_region() { # region-index address
+    case "$2" in
+    198.51.100.*) [ $((${2##*.} / 64)) -eq "$1" ] ;;
+    *) return 1 ;;
+    esac
+}
 
 mr_log() { echo "[multiregion $(date +%T)] $*" >&2; }
 
@@ -68,22 +85,22 @@ mr_wait_http() { # ns url [tries]
 mr_netns_up() {
     sysctl -qw net.ipv4.ip_forward=1
     # No dummy interfaces in this kernel: service addresses live on loopback.
-    ip addr replace 10.77.0.1/32 dev lo
+    ip addr replace "$MR_ROOT_ADDR/32" dev lo
     for r in "${MR_REGIONS[@]}"; do
         local i=${MR_INDEX[$r]} ns=mr-$r
         ip netns add "$ns"
         ip link add "mr-$r-r" type veth peer name "mr-$r-n"
         ip link set "mr-$r-n" netns "$ns"
-        ip addr add "10.77.$i.254/24" dev "mr-$r-r"
+        ip addr add "$(mr_root_side_addr "$i")/26" dev "mr-$r-r"
         ip link set "mr-$r-r" up
-        ip -n "$ns" addr add "10.77.$i.1/24" dev "mr-$r-n"
-        for n in $(mr_edge_numbers); do ip -n "$ns" addr add "10.77.$i.1$n/24" dev "mr-$r-n"; done
+        ip -n "$ns" addr add "$(mr_side_addr "$i")/26" dev "mr-$r-n"
+        for n in $(mr_edge_numbers); do ip -n "$ns" addr add "$(mr_edge_addr "$i" "$n")/26" dev "mr-$r-n"; done
         ip -n "$ns" link set "mr-$r-n" up
         ip -n "$ns" link set lo up
-        ip -n "$ns" route add default via "10.77.$i.254"
+        ip -n "$ns" route add default via "$(mr_root_side_addr "$i")"
         # Service addresses of every region's origin live here, served by relays.
         for o in "${MR_REGIONS[@]}"; do
-            ip -n "$ns" addr add "10.78.${MR_INDEX[$o]}.1/32" dev lo
+            ip -n "$ns" addr add "$(mr_service_addr "${MR_INDEX[$o]}")/32" dev lo
         done
     done
 }
@@ -93,22 +110,22 @@ mr_netns_down() {
         ip netns del "mr-$r" 2>/dev/null || true
         ip link del "mr-$r-r" 2>/dev/null || true
     done
-    ip addr del 10.77.0.1/32 dev lo 2>/dev/null || true
+    ip addr del "$MR_ROOT_ADDR/32" dev lo 2>/dev/null || true
 }
 
 mr_etcd_up() {
-    local cluster="" r i
-    for r in "${MR_REGIONS[@]}"; do cluster+="$r=http://10.77.${MR_INDEX[$r]}.1:2380,"; done
+    local cluster="" r a
+    for r in "${MR_REGIONS[@]}"; do cluster+="$r=http://$(mr_side_addr "${MR_INDEX[$r]}"):2380,"; done
     cluster=${cluster%,}
     MR_ETCD=""
     for r in "${MR_REGIONS[@]}"; do
-        i=${MR_INDEX[$r]}
-        MR_ETCD+="http://10.77.$i.1:2379,"
+        a=$(mr_side_addr "${MR_INDEX[$r]}")
+        MR_ETCD+="http://$a:2379,"
         mr_spawn "mr-$r" "$MR_DIR/etcd-$r.log" etcd --name "$r" --data-dir "$MR_DIR/etcd-$r" \
-            --listen-client-urls "http://10.77.$i.1:2379" \
-            --advertise-client-urls "http://10.77.$i.1:2379" \
-            --listen-peer-urls "http://10.77.$i.1:2380" \
-            --initial-advertise-peer-urls "http://10.77.$i.1:2380" \
+            --listen-client-urls "http://$a:2379" \
+            --advertise-client-urls "http://$a:2379" \
+            --listen-peer-urls "http://$a:2380" \
+            --initial-advertise-peer-urls "http://$a:2380" \
             --initial-cluster "$cluster" --initial-cluster-state new \
             --initial-cluster-token "mr-$$" --log-level warn
     done
@@ -126,7 +143,7 @@ mr_etcd_up() {
 
 mr_control_plane_up() {
     local regions="" latency="" r o
-    for r in "${MR_REGIONS[@]}"; do regions+="$r = [\"10.77.${MR_INDEX[$r]}.0/24\"]"$'\n'; done
+    for r in "${MR_REGIONS[@]}"; do regions+="$r = [\"$(mr_subnet "${MR_INDEX[$r]}")\"]"$'\n'; done
     for r in "${MR_REGIONS[@]}"; do
         latency+="[routing.latency_ms.$r]"$'\n'
         for o in "${MR_REGIONS[@]}"; do
@@ -182,44 +199,47 @@ mr_tls_args() { # node
     echo --ca "$MR_DIR/certs/ca.pem" --cert "$MR_DIR/certs/$1.pem" --key "$MR_DIR/certs/$1.key"
 }
 
-# One origin per region on 10.77.R.1:7400, registered with the service address 10.78.R.1, and
+# One origin per region on its region's side address, port 7400, registered with its service
+# address (203.0.113.R), and
 # in every region a delay relay on that service address (see the header).
 mr_origins_up() {
-    local r o i
+    local r o i a
     for r in "${MR_REGIONS[@]}"; do
         i=${MR_INDEX[$r]}
         # shellcheck disable=SC2046
+        a=$(mr_side_addr "$i")
         mr_spawn "mr-$r" "$MR_DIR/origin-$r.log" "$BIN/kcs" origin \
-            --cascade "10.77.$i.1:7400" --advertise "10.78.$i.1" --http "10.77.$i.1:8090" \
+            --cascade "$a:7400" --advertise "$(mr_service_addr "$i")" --http "$a:8090" \
             --node-id "origin-$r" --region "$r" --etcd "$MR_ETCD" $(mr_tls_args "origin-$r")
         for o in "${MR_REGIONS[@]}"; do
             mr_spawn "mr-$o" "$MR_DIR/relay-$o-to-$r.log" "$BIN/loadtest" relay \
-                --listen "10.78.$i.1:7400" --upstream "10.77.$i.1:7400" \
+                --listen "$(mr_service_addr "$i"):7400" --upstream "$a:7400" \
                 --delay "$(mr_delay "$o" "$r")ms"
         done
     done
     for r in "${MR_REGIONS[@]}"; do
-        mr_wait_http "mr-$r" "http://10.77.${MR_INDEX[$r]}.1:8090/healthz" || return 1
+        mr_wait_http "mr-$r" "http://$(mr_side_addr "${MR_INDEX[$r]}"):8090/healthz" || return 1
     done
     mr_log "origins: one per region, reached through delay relays"
 }
 
 # $MR_EDGES_PER_REGION edges per region, registered in etcd, verifying tokens with the control plane's keys.
 mr_edges_up() {
-    local r i n
+    local r i n a
     for r in "${MR_REGIONS[@]}"; do
         i=${MR_INDEX[$r]}
         for n in $(mr_edge_numbers); do
+            a=$(mr_edge_addr "$i" "$n")
             mr_spawn "mr-$r" "$MR_DIR/edge-$r-$n.log" "$BIN/kcs" edge \
-                --http "10.77.$i.1$n:8080" --udp "10.77.$i.1$n:40000" --advertise "10.77.$i.1$n" \
+                --http "$a:8080" --udp "$a:40000" --advertise "$a" \
                 --workers 1 --data-dir "$MR_DIR/edge-$r-$n" \
                 --control-plane "http://$MR_CP_HTTP" --etcd "$MR_ETCD" --region "$r" \
-                --node-id "edge-$r-$n" --public-url "http://10.77.$i.1$n:8080" \
+                --node-id "edge-$r-$n" --public-url "http://$a:8080" \
                 $( [ -f "$MR_DIR/certs/ca.pem" ] && mr_tls_args "edge-$r-$n" ) ${MR_EDGE_ARGS:-}
         done
     done
     for r in "${MR_REGIONS[@]}"; do
-        for n in $(mr_edge_numbers); do mr_wait_http "mr-$r" "http://10.77.${MR_INDEX[$r]}.1$n:8080/healthz" || return 1; done
+        for n in $(mr_edge_numbers); do mr_wait_http "mr-$r" "http://$(mr_edge_addr "${MR_INDEX[$r]}" "$n"):8080/healthz" || return 1; done
     done
     mr_log "edges: $MR_EDGES_PER_REGION per region up"
 }

@@ -46,10 +46,10 @@ room=mr-$$
 declare -A EDGE
 for r in "${MR_REGIONS[@]}"; do
     EDGE[$r]=$(mr_dig_edge "$r" | head -1)
-    case "${EDGE[$r]}" in
-    "10.77.${MR_INDEX[$r]}."*) ;;
-    *) mr_log "geo-DNS gave region $r the edge '${EDGE[$r]}', not one of its own"; exit 1 ;;
-    esac
+    if ! mr_in_region "${MR_INDEX[$r]}" "${EDGE[$r]}"; then
+        mr_log "geo-DNS gave region $r the edge '${EDGE[$r]}', not one of its own"
+        exit 1
+    fi
 done
 
 # The presenter's region starts first (the room's origin is placed near the first joiner).

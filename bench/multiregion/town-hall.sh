@@ -85,7 +85,7 @@ for r in "${MR_REGIONS[@]}"; do
     i=${MR_INDEX[$r]}
     rules=""
     for n in $(mr_edge_numbers); do
-        a=10.77.$i.1$n
+        a=$(mr_edge_addr "$i" "$n")
         rules+="ip saddr $a udp sport 40000 counter comment \"edge-$r-$n media\""$'\n'
         rules+="ip saddr $a tcp sport 8080 counter comment \"edge-$r-$n signaling\""$'\n'
         echo "edge-$r-$n http://$a:8080" >>"$OUT/edges"
@@ -111,10 +111,11 @@ testers=0
 for r in "${MR_REGIONS[@]}"; do
     ANSWER[$r]=$(mr_dig_edge "$r" | tr '\n' ' ')
     for a in ${ANSWER[$r]}; do
-        case "$a" in
-        "10.77.${MR_INDEX[$r]}."*) testers=$((testers + 1)) ;;
-        *) mr_log "geo-DNS gave region $r the edge '$a', not one of its own"; exit 1 ;;
-        esac
+        if ! mr_in_region "${MR_INDEX[$r]}" "$a"; then
+            mr_log "geo-DNS gave region $r the edge '$a', not one of its own"
+            exit 1
+        fi
+        testers=$((testers + 1))
     done
     mr_log "geo-DNS answer in $r: ${ANSWER[$r]}"
 done
