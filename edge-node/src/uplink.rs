@@ -19,7 +19,11 @@
 //! that did not (it restarted, or the grace period ran out) answers `resumed: false`; the hub
 //! then rebuilds each of those rooms there from its replica ([`FromOrigin::Lost`], answered with
 //! [`EdgeToOrigin::Restore`]; see `cascade_proto::replica`), so sessions continue; only a room
-//! the edge has nothing to restore from ends its sessions.
+//! the edge has nothing to restore from ends its sessions. Requests for a lost room that were
+//! already on their way (waiting for the redial, or queued before the hub heard of the loss)
+//! would reach the origin before the room's restore and be refused with `not_in_room`, so the
+//! link holds them ([`RestoreHold`]) until that room's restore has gone out, and sends them
+//! right after it, in order.
 
 use crate::hub::FromOrigin;
 use crate::media_hook::{is_media_control, LinkId, MediaSide};
@@ -32,7 +36,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 /// First redial delay after a link drops.
 pub const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -40,6 +45,9 @@ pub const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// How long a room's placement lookup may take before its requests fail.
 const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long requests for a lost room wait for its restore (the hub sends restores as soon as
+/// it hears of the loss; a room with no replica gets none, and its requests go after this).
+const RESTORE_HOLD: Duration = Duration::from_secs(5);
 
 static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 
@@ -123,6 +131,9 @@ enum RouterInput {
         origin: OriginAddr,
         link: LinkId,
         resumed: bool,
+        /// For an attach the origin did not resume: the rooms it lost, which the link holds
+        /// requests for until their restores have gone.
+        lost: Option<oneshot::Sender<HashSet<RoomId>>>,
     },
     Down {
         origin: OriginAddr,
@@ -205,7 +216,12 @@ pub fn spawn(
                                 let link = links.entry(origin.clone()).or_insert_with(|| {
                                     spawn_link(endpoint.clone(), origin.clone(), incarnation, hub_tx.clone(), router_tx.clone(), media.clone(), metrics.clone())
                                 });
-                                for req in queued {
+                                // A room being restored: its restore goes before the requests
+                                // that were queued behind the lookup (see `RestoreHold`).
+                                let (restores, requests): (Vec<_>, Vec<_>) = queued
+                                    .into_iter()
+                                    .partition(|r| matches!(r, EdgeToOrigin::Restore { .. }));
+                                for req in restores.into_iter().chain(requests) {
                                     let _ = link.send(req).await;
                                 }
                             }
@@ -222,25 +238,32 @@ pub fn spawn(
                     RouterInput::Down { origin } => {
                         up.remove(&origin);
                     }
-                    RouterInput::Attached { origin, link, resumed } => {
+                    RouterInput::Attached { origin, link, resumed, lost: lost_to_link } => {
                         up.insert(origin.clone(), link);
                         let first = ever_attached.insert(origin.clone());
-                        if !resumed && !first {
-                            // The origin forgot us: the rooms it held for us are lost, and with
-                            // placement they may live elsewhere now, so look them up again.
-                            let lost: Vec<RoomId> = room_origin
+                        let lost: Vec<RoomId> = if !resumed && !first {
+                            room_origin
                                 .iter()
                                 .filter(|(_, o)| **o == origin)
                                 .map(|(r, _)| r.clone())
-                                .collect();
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        // The link learns the lost rooms before the hub does, so it holds their
+                        // requests before any restore can come.
+                        if let Some(tx) = lost_to_link {
+                            let _ = tx.send(lost.iter().cloned().collect());
+                        }
+                        if !lost.is_empty() {
+                            // The origin forgot us: the rooms it held for us are lost, and with
+                            // placement they may live elsewhere now, so look them up again.
                             if matches!(directory, OriginDirectory::Placement { .. }) {
                                 for r in &lost {
                                     room_origin.remove(r);
                                 }
                             }
-                            if !lost.is_empty() {
-                                let _ = hub_tx.send(FromOrigin::Lost(lost)).await;
-                            }
+                            let _ = hub_tx.send(FromOrigin::Lost(lost)).await;
                         }
                         for (room, o) in &room_origin {
                             if *o == origin {
@@ -345,13 +368,41 @@ async fn run_link(
         metrics.links_up.fetch_add(1, Ordering::Relaxed);
         let link_id: LinkId = next_link_id();
         tracing::info!(origin = %origin.url(), link = link_id, resumed, "linked to the origin");
+        let (lost_tx, lost_rx) = if resumed {
+            (None, None)
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        };
         let _ = router
             .send(RouterInput::Attached {
                 origin: origin.clone(),
                 link: link_id,
                 resumed,
+                lost: lost_tx,
             })
             .await;
+        let mut hold = None;
+        if let Some(mut rx) = lost_rx {
+            // Keep taking requests while the router answers (it may be sending us some).
+            let lost = loop {
+                tokio::select! {
+                    lost = &mut rx => break lost.unwrap_or_default(),
+                    req = requests.recv() => match req {
+                        Some(req) => waiting.push(req),
+                        None => return,
+                    },
+                }
+            };
+            if !lost.is_empty() {
+                tracing::info!(origin = %origin.url(), link = link_id, rooms = lost.len(), "the origin lost this edge's rooms: holding their requests until each is restored");
+                hold = Some(RestoreHold::new(lost, Instant::now() + RESTORE_HOLD));
+            }
+        }
+        let waiting: Vec<EdgeToOrigin> = match hold.as_mut() {
+            Some(h) => waiting.into_iter().flat_map(|r| h.admit(r)).collect(),
+            None => waiting,
+        };
         let mut unsent = None;
         for req in waiting {
             if unsent.is_some() {
@@ -367,9 +418,19 @@ async fn run_link(
                 in_flight.insert(id);
             }
         }
+        if unsent.is_some() {
+            for req in hold
+                .take()
+                .map(RestoreHold::release_all)
+                .unwrap_or_default()
+            {
+                fail(&hub, &metrics, req).await;
+            }
+        }
         let reason = relay(
             link,
             in_flight,
+            hold,
             link_id,
             &mut requests,
             &hub,
@@ -425,9 +486,11 @@ async fn connect_and_attach(
 }
 
 /// Relays until the link drops (`Some(why)`) or the hub is gone (`None`).
+#[allow(clippy::too_many_arguments)]
 async fn relay(
     link: cascade_proto::quic::Link,
     mut in_flight: HashSet<RequestId>,
+    mut hold: Option<RestoreHold>,
     link_id: LinkId,
     requests: &mut mpsc::Receiver<EdgeToOrigin>,
     hub: &mpsc::Sender<FromOrigin>,
@@ -442,19 +505,51 @@ async fn relay(
     } = link;
     let (media_tx, mut media_rx) = mpsc::channel::<ControlMessage>(1024);
     media.link_up(link_id, &peer, media_tx, channel.clone());
-    let why = loop {
+    let mut unsent: Vec<EdgeToOrigin> = Vec::new();
+    let why = 'relay: loop {
+        let held_until = hold.as_ref().map(|h| h.until);
         tokio::select! {
             req = requests.recv() => {
                 let req = req?;
-                let id = match &req { EdgeToOrigin::Request { id, .. } => Some(*id), _ => None };
-                if let Err(e) = sender.send(&ControlMessage::ToOrigin(req)).await {
-                    if let Some(id) = id {
-                        metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                        let _ = hub.send(FromOrigin::Failed(id)).await;
-                    }
-                    break e.to_string();
+                let out = match hold.as_mut() {
+                    Some(h) => h.admit(req),
+                    None => vec![req],
+                };
+                if hold.as_ref().is_some_and(RestoreHold::is_done) {
+                    hold = None;
                 }
-                if let Some(id) = id { in_flight.insert(id); }
+                let mut out = out.into_iter();
+                while let Some(req) = out.next() {
+                    let id = match &req { EdgeToOrigin::Request { id, .. } => Some(*id), _ => None };
+                    if let Err(e) = sender.send(&ControlMessage::ToOrigin(req)).await {
+                        if let Some(id) = id {
+                            metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                            let _ = hub.send(FromOrigin::Failed(id)).await;
+                        }
+                        unsent.extend(out);
+                        break 'relay e.to_string();
+                    }
+                    if let Some(id) = id { in_flight.insert(id); }
+                }
+            }
+            _ = tokio::time::sleep_until(held_until.unwrap_or_else(Instant::now)), if held_until.is_some() => {
+                // No restore came for some lost rooms (the hub had no replica of them): send
+                // what waited, as the origin would have seen it without the hold.
+                let released = hold.take().map(RestoreHold::release_all).unwrap_or_default();
+                tracing::warn!(link = link_id, requests = released.len(), "no restore came for a lost room; sending its held requests");
+                let mut out = released.into_iter();
+                while let Some(req) = out.next() {
+                    let id = match &req { EdgeToOrigin::Request { id, .. } => Some(*id), _ => None };
+                    if let Err(e) = sender.send(&ControlMessage::ToOrigin(req)).await {
+                        if let Some(id) = id {
+                            metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                            let _ = hub.send(FromOrigin::Failed(id)).await;
+                        }
+                        unsent.extend(out);
+                        break 'relay e.to_string();
+                    }
+                    if let Some(id) = id { in_flight.insert(id); }
+                }
             }
             Some(msg) = media_rx.recv() => {
                 if let Err(e) = sender.send(&msg).await { break e.to_string(); }
@@ -487,12 +582,145 @@ async fn relay(
         metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
         let _ = hub.send(FromOrigin::Failed(id)).await;
     }
+    let held = hold.map(RestoreHold::release_all).unwrap_or_default();
+    for req in unsent.into_iter().chain(held) {
+        fail(hub, metrics, req).await;
+    }
     Some(why)
+}
+
+/// Requests for the rooms an origin lost, held until each room's restore has gone (sans-IO:
+/// the link feeds it what the hub sends and sends what it returns, in order).
+///
+/// The origin answers a request for a room it does not hold with `not_in_room`. After it lost
+/// this edge's rooms, requests issued before the hub heard of the loss are ahead of the rooms'
+/// restores; this puts them right behind.
+#[derive(Debug)]
+struct RestoreHold {
+    /// Lost rooms whose restore has not gone yet.
+    lost: HashSet<RoomId>,
+    /// Their requests, in arrival order.
+    held: Vec<EdgeToOrigin>,
+    /// When the hold gives up on restores that never come.
+    until: Instant,
+}
+
+impl RestoreHold {
+    fn new(lost: HashSet<RoomId>, until: Instant) -> Self {
+        Self {
+            lost,
+            held: Vec::new(),
+            until,
+        }
+    }
+
+    /// What to send now, in order, for `req` from the hub.
+    fn admit(&mut self, req: EdgeToOrigin) -> Vec<EdgeToOrigin> {
+        match &req {
+            EdgeToOrigin::Restore { room, .. } if self.lost.remove(room) => {
+                let room = room.clone();
+                let (theirs, others): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut self.held).into_iter().partition(
+                        |r| matches!(r, EdgeToOrigin::Request { room: r, .. } if *r == room),
+                    );
+                self.held = others;
+                std::iter::once(req).chain(theirs).collect()
+            }
+            EdgeToOrigin::Request { room, .. } if self.lost.contains(room) => {
+                self.held.push(req);
+                Vec::new()
+            }
+            _ => vec![req],
+        }
+    }
+
+    /// Every lost room is restored and nothing waits.
+    fn is_done(&self) -> bool {
+        self.lost.is_empty() && self.held.is_empty()
+    }
+
+    /// Gives up holding: everything held, in arrival order.
+    fn release_all(self) -> Vec<EdgeToOrigin> {
+        self.held
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cascade_proto::room::{Intent, RoomReplica};
+
+    fn room(name: &str) -> RoomId {
+        RoomId::new(name).unwrap()
+    }
+
+    fn chat(id: u64, r: &str) -> EdgeToOrigin {
+        EdgeToOrigin::Request {
+            id: RequestId(id),
+            room: room(r),
+            intent: Intent::Chat {
+                participant: cascade_proto::ParticipantId(1),
+                text: format!("message {id}"),
+                to: None,
+            },
+        }
+    }
+
+    fn restore(id: u64, r: &str) -> EdgeToOrigin {
+        EdgeToOrigin::Restore {
+            id: RequestId(id),
+            room: room(r),
+            replica: Box::<RoomReplica>::default(),
+        }
+    }
+
+    fn ids(out: &[EdgeToOrigin]) -> Vec<u64> {
+        out.iter()
+            .map(|r| match r {
+                EdgeToOrigin::Request { id, .. } | EdgeToOrigin::Restore { id, .. } => id.0,
+                EdgeToOrigin::Attach { .. } => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lost_rooms_requests_wait_for_its_restore_and_follow_it_in_order() {
+        let lost = [room("a"), room("b")].into_iter().collect();
+        let mut hold = RestoreHold::new(lost, Instant::now());
+        assert!(hold.admit(chat(1, "a")).is_empty(), "lost room a: held");
+        assert_eq!(
+            ids(&hold.admit(chat(2, "c"))),
+            vec![2],
+            "room c was not lost"
+        );
+        assert!(hold.admit(chat(3, "b")).is_empty());
+        assert!(hold.admit(chat(4, "a")).is_empty());
+        assert_eq!(
+            ids(&hold.admit(restore(10, "a"))),
+            vec![10, 1, 4],
+            "a's restore, then a's requests in the order they came"
+        );
+        assert_eq!(ids(&hold.admit(chat(5, "a"))), vec![5], "a is restored");
+        assert!(!hold.is_done(), "b is still lost");
+        assert_eq!(ids(&hold.admit(restore(11, "b"))), vec![11, 3]);
+        assert!(hold.is_done());
+        assert_eq!(
+            ids(&hold.admit(restore(12, "b"))),
+            vec![12],
+            "a second restore passes"
+        );
+    }
+
+    #[test]
+    fn a_lost_room_with_no_restore_gives_its_requests_back_in_order() {
+        let lost = [room("a"), room("b")].into_iter().collect();
+        let mut hold = RestoreHold::new(lost, Instant::now());
+        for (id, r) in [(1, "a"), (2, "b"), (3, "a")] {
+            assert!(hold.admit(chat(id, r)).is_empty());
+        }
+        assert_eq!(ids(&hold.admit(restore(10, "b"))), vec![10, 2]);
+        assert_eq!(ids(&hold.release_all()), vec![1, 3]);
+    }
 
     #[test]
     fn origin_urls() {

@@ -650,7 +650,10 @@ impl Peer {
                 .await
             {
                 Ok(n) => {
-                    bytes += items[next..next + n].iter().map(|(_, p)| p.len()).sum::<usize>();
+                    bytes += items[next..next + n]
+                        .iter()
+                        .map(|(_, p)| p.len())
+                        .sum::<usize>();
                     next += n;
                 }
                 // `sendmmsg` stops at the first packet the kernel refuses (EPERM from a firewall
