@@ -384,7 +384,9 @@ fn main() -> anyhow::Result<()> {
                         }
                     }
                 }
-                drop(parents_tx);
+                // Held for the life of the process: closing the channel would end the data
+                // plane's follower and with it every parent link (and `--media-parent`).
+                let _parents = parents_tx;
                 wait_for_shutdown(running).await
             })
         }
