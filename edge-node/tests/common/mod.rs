@@ -292,7 +292,8 @@ pub async fn metric_at_least(addr: SocketAddr, name: &str, min: i64) {
     }
 }
 
-/// A WebSocket participant joined to `room` on the edge at `http` (kept open while held).
+/// A WebSocket participant joined to `room` on the edge at `http`, there while the returned
+/// sender is held; sending on it or dropping it leaves the room.
 pub async fn ws_join(
     http: SocketAddr,
     signer: &TokenSigner,
@@ -344,7 +345,14 @@ pub async fn ws_join(
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
-                        _ = rx.recv() => return,
+                        _ = rx.recv() => {
+                            // Sent or dropped: leave the room (a dropped socket alone would
+                            // keep the participant resumable for 30 s).
+                            let leave = serde_json::json!({"type": "room:leave", "id": 9});
+                            let _ = ws.send(Message::Text(leave.to_string().into())).await;
+                            let _ = tokio::time::timeout(Duration::from_secs(2), ws.next()).await;
+                            return;
+                        }
                         m = ws.next() => if m.is_none() { return },
                     }
                 }
