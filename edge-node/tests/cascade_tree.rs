@@ -17,7 +17,14 @@
 //!   resumes; the gap is printed, not asserted;
 //! - the proxy lets packets through again: C goes back to R;
 //! - a child subscribing to an unknown track or room gets `subscribe_refused` with a reason,
-//!   and its other flow keeps flowing; a peer that is not an edge is refused by an edge.
+//!   and its other flow keeps flowing; a peer that is not an edge is refused by an edge;
+//! - a parent edge with no participants in the room refuses the child's subscription: the
+//!   child takes the room's media from the origin (`a_parent_that_refuses_...`);
+//! - with real `kcs` processes and `--media-parent`, a SIGKILLed parent edge is replaced by the
+//!   origin and linked again when it returns (`a_killed_parent_edge_process_...`).
+//!
+//! The same tree learnt from etcd (presence records, the control plane's keeper) is
+//! `cascade_tree_etcd.rs`.
 
 mod common;
 
@@ -501,4 +508,67 @@ async fn a_killed_parent_edge_process_is_replaced_by_the_origin() {
     let n = count(&arrivals);
     eventually("media still flows", || count(&arrivals) > n + 50).await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A parent edge that refuses the room's subscriptions (it has no participants there, e.g. its
+/// last one left before the tree changed): the child takes the room's media from the origin
+/// instead, and its own child keeps receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_that_refuses_the_subscription_sends_the_room_to_the_origin() {
+    let ca = ClusterCa::generate("test-cluster").unwrap();
+    let relay = OriginRelay::new();
+    let origin = edge_node::origin_server::start(
+        OriginSettings {
+            cascade: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            node: label("origin-1"),
+            region: label("eu"),
+            credentials: ca.issue(&label("origin-1")).unwrap(),
+            grace: edge_node::origin_server::DEFAULT_GRACE,
+            rooms: origin::RoomConfig::default(),
+        },
+        Arc::new(relay.clone()),
+    )
+    .await
+    .unwrap();
+    let origin_addr = OriginAddr {
+        node: label("origin-1"),
+        addr: origin.cascade,
+    };
+    let room = RoomId::new("refused-room").unwrap();
+    let track = publisher(&ca.issue(&label("edge-a")).unwrap(), &origin_addr, &room).await;
+    // R has no participants in the room: it cannot serve it.
+    let r = start_edge(&ca, "edge-r", &origin_addr, None).await;
+    let (parents, parent_rx) = mpsc::channel(8);
+    let c = start_edge(&ca, "edge-c", &origin_addr, Some(parent_rx)).await;
+    join(&c, &room, "carl").await;
+    let r_addr = OriginAddr::parse(r.cascade_url.as_ref().unwrap()).unwrap();
+    parents
+        .send(ParentChange {
+            room: room.clone(),
+            parent: MediaParent::Edge(r_addr),
+        })
+        .await
+        .unwrap();
+    eventually("C links to R", || {
+        c.edge.metrics.cascade.parent_links.load(Relaxed) == 1
+    })
+    .await;
+    let d_ep = raw_endpoint(&ca, "edge-d", NodeRole::Edge);
+    let c_addr = OriginAddr::parse(c.cascade_url.as_ref().unwrap()).unwrap();
+    let (_d, arrivals) = child_subscriber(&d_ep, c_addr.addr, "edge-c", &room, track).await;
+    eventually("R refuses C's subscription", || {
+        r.edge.metrics.cascade.subscribes_refused.load(Relaxed) >= 1
+            && c.edge.metrics.cascade.refusals_received.load(Relaxed) >= 1
+    })
+    .await;
+    eventually("D receives the track through the origin", || {
+        arrivals.lock().unwrap().len() > 50
+    })
+    .await;
+    // The room's media link is C's origin link, not the parent's (which stays up).
+    assert_eq!(c.edge.metrics.cascade.parent_links.load(Relaxed), 1);
+    assert_eq!(r.edge.metrics.media.link_packets_out.load(Relaxed), 0);
+    let c_in = relay.0.counters();
+    assert!(c_in.datagrams_out > 0, "the origin sends the track to C");
 }
