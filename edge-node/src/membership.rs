@@ -106,7 +106,7 @@ impl PresenceBook {
         ops.extend(
             self.written
                 .keys()
-                .filter(|room| !counts.get(*room).is_some_and(|n| *n > 0))
+                .filter(|room| counts.get(*room).is_none_or(|n| *n == 0))
                 .map(|room| PresenceOp::Delete { room: room.clone() }),
         );
         ops

@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+/// A real edge linked to the origin over QUIC.
 async fn start_edge(
     ca: &ClusterCa,
     node: &str,

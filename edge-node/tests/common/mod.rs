@@ -60,8 +60,7 @@ pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A real edge linked to the origin over QUIC.
-
+/// A VP8 RTP packet of `layer` (its SSRC), sequence `seq`, 200 bytes of payload.
 pub fn rtp(seq: u16, layer: u8) -> Vec<u8> {
     let mut p = vec![0x80, 96];
     p.extend_from_slice(&seq.to_be_bytes());
