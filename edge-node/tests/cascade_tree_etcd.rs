@@ -20,7 +20,8 @@
 //! - the relay edge is SIGKILLed: the child falls back to the origin at once (the gap at D is
 //!   printed, never asserted), the relay's presence goes with its lease, the keeper re-plans and
 //!   the child's tree position says "origin";
-//! - A's participant leaves: A's presence record is deleted and A leaves the tree.
+//! - A's participant leaves: A's presence record is deleted and A leaves the tree;
+//! - the child's lease is revoked behind its back: its presence comes back under a new lease.
 
 mod common;
 
@@ -382,5 +383,25 @@ us = 40
     .await;
     assert_eq!(metric(edges[0].http, "kcs_tree_rooms_followed").await, 0);
     assert!(metric(edges[0].http, "kcs_tree_presence_deletes_total").await >= 1);
+
+    // etcd loses the surviving us edge's lease (as after an outage longer than the TTL): its
+    // registration takes a new lease and its presence is written again under it.
+    let child_presence = keys.presence(&room, &child_id);
+    let old_lease = store
+        .get(&child_presence)
+        .await
+        .unwrap()
+        .and_then(|kv| kv.lease)
+        .expect("the child's presence is under a lease");
+    store.lease_revoke(old_lease).await.unwrap();
+    let new_lease = until("the presence is rewritten under a new lease", WAIT, || {
+        let (store, key) = (store.clone(), child_presence.clone());
+        async move {
+            let kv = store.get(&key).await.ok()??;
+            kv.lease.filter(|l| *l != old_lease)
+        }
+    })
+    .await;
+    println!("lease {old_lease:?} revoked; presence rewritten under {new_lease:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
