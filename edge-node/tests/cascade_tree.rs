@@ -380,13 +380,7 @@ async fn media_follows_the_tree_falls_back_to_the_origin_and_returns() {
 async fn a_killed_parent_edge_process_is_replaced_by_the_origin() {
     let dir = std::env::temp_dir().join(format!("kcs-tree-{}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = std::process::Command::new(KCS)
-        .args(["certs", "--out"])
-        .arg(&dir)
-        .args(["--node", "origin-1,edge-a,edge-r,edge-c,edge-d"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "kcs certs: {out:?}");
+    certs(&dir, "origin-1,edge-a,edge-r,edge-c,edge-d");
     let signer = TokenSigner::from_seed("test", &[7; 32]);
     let key: String = signer
         .public_key()

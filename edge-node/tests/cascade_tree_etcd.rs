@@ -88,16 +88,7 @@ async fn edges_follow_the_tree_in_etcd_and_a_killed_relay_is_replaced_by_the_ori
     let endpoints = etcd.endpoints().join(",");
     let dir = std::env::temp_dir().join(format!("kcs-tree-etcd-{}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = std::process::Command::new(KCS)
-        .args(["certs", "--out"])
-        .arg(&dir)
-        .args([
-            "--node",
-            "origin-eu,edge-a,edge-r,edge-c,edge-p,edge-d,edge-d2",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "kcs certs: {out:?}");
+    certs(&dir, "origin-eu,edge-a,edge-r,edge-c,edge-p,edge-d,edge-d2");
     let signer = control_plane::token::TokenSigner::from_seed("test", &[9; 32]);
     let key: String = signer
         .public_key()

@@ -192,7 +192,7 @@ pub async fn publisher_as(
 
 pub const KCS: &str = env!("CARGO_BIN_EXE_kcs");
 
-/// A child process killed when dropped (a failing test leaves nothing behind).
+/// A child process killed (SIGKILL) when dropped (a failing test leaves nothing behind).
 pub struct Proc(pub std::process::Child);
 
 impl Drop for Proc {
@@ -202,6 +202,7 @@ impl Drop for Proc {
     }
 }
 
+/// A port free for both UDP (cascade) and TCP (HTTP) right now.
 pub fn free_port() -> u16 {
     // Free for both UDP (cascade) and TCP (HTTP) right now.
     loop {
@@ -227,6 +228,18 @@ pub fn kcs(dir: &std::path::Path, name: &str, args: &[String]) -> Proc {
     )
 }
 
+/// `kcs certs`: a fresh cluster CA in `dir` and certificates for `nodes` (comma-separated).
+pub fn certs(dir: &std::path::Path, nodes: &str) {
+    let out = std::process::Command::new(KCS)
+        .args(["certs", "--out"])
+        .arg(dir)
+        .args(["--node", nodes])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kcs certs: {out:?}");
+}
+
+/// The TLS and node id arguments of `kcs origin` / `kcs edge` for `node`.
 pub fn tls(dir: &std::path::Path, node: &str) -> Vec<String> {
     let p = |f: String| dir.join(f).display().to_string();
     vec![
