@@ -83,7 +83,8 @@ impl PresenceBook {
 
     /// The writes that bring the store to `counts` (rooms with local participants) under
     /// `lease`: changed and new rooms, deleted rooms, and every room again when the lease
-    /// changed. The caller reports each op's outcome with [`Self::done`].
+    /// changed; nothing without a lease. The caller reports each op's outcome with
+    /// [`Self::done`].
     pub fn plan(
         &mut self,
         counts: &BTreeMap<RoomId, u32>,
@@ -93,6 +94,11 @@ impl PresenceBook {
             // Records under the old lease are gone (or going) with it: write all again.
             self.written.clear();
             self.lease = lease;
+        }
+        if lease.is_none() {
+            // Between losing a lease and getting the next one: a record without a lease would
+            // outlive the edge, so write nothing until there is one.
+            return Vec::new();
         }
         let mut ops: Vec<PresenceOp> = counts
             .iter()
@@ -525,6 +531,8 @@ mod tests {
                 lease: l2
             }]
         );
+        // No lease: nothing is written (it would outlive the edge).
+        assert!(book.plan(&counts(&[("a", 41)]), None).is_empty());
         // A zero count is the same as an absent room.
         let mut book = PresenceBook::new();
         assert!(book.plan(&counts(&[("z", 0)]), l1).is_empty());
