@@ -21,7 +21,9 @@
 //!   printed, never asserted), the relay's presence goes with its lease, the keeper re-plans and
 //!   the child's tree position says "origin";
 //! - A's participant leaves: A's presence record is deleted and A leaves the tree;
-//! - the child's lease is revoked behind its back: its presence comes back under a new lease.
+//! - the child's lease is revoked behind its back: its presence comes back under a new lease;
+//! - 20 participants join the child at once: the presence record counts them after fewer
+//!   writes than joins.
 
 mod common;
 
@@ -394,5 +396,37 @@ us = 40
     })
     .await;
     println!("lease {old_lease:?} revoked; presence rewritten under {new_lease:?}");
+
+    // A join storm on the child edge: the presence record follows the count, written far fewer
+    // times than there were joins (one write per room per 500 ms at most).
+    let writes_before = metric(child_http, "kcs_tree_presence_writes_total").await;
+    const STORM: usize = 20;
+    let names: Vec<String> = (0..STORM).map(|i| format!("storm{i}")).collect();
+    let storm = futures_util::future::join_all(
+        names
+            .iter()
+            .map(|name| ws_join(child_http, &signer, &room, name)),
+    )
+    .await;
+    let presence: EdgePresence = until("the presence counts the storm", WAIT, || {
+        let (store, key) = (store.clone(), child_presence.clone());
+        async move {
+            let kv = store.get(&key).await.ok()??;
+            serde_json::from_slice::<EdgePresence>(&kv.value)
+                .ok()
+                .filter(|p| p.participants as usize == STORM + 1)
+        }
+    })
+    .await;
+    let writes = metric(child_http, "kcs_tree_presence_writes_total").await - writes_before;
+    println!(
+        "{STORM} joins: presence now {} participants after {writes} writes",
+        presence.participants
+    );
+    assert!(
+        writes < STORM as i64,
+        "joins are coalesced into fewer presence writes ({writes} for {STORM} joins)"
+    );
+    drop(storm);
     let _ = std::fs::remove_dir_all(&dir);
 }
