@@ -222,6 +222,12 @@ impl ReplicaTracker {
         }
     }
 
+    /// This edge's joined participants in `room` (waiting guests not counted: they take no
+    /// media).
+    pub fn local_count(&self, room: &RoomId) -> usize {
+        self.rooms.get(room).map_or(0, |m| m.local.len())
+    }
+
     /// Whether this edge has participants (or waiting guests) in `room`.
     pub fn has_room(&self, room: &RoomId) -> bool {
         self.rooms.contains_key(room)
@@ -409,6 +415,7 @@ mod tests {
         let r = t.replica(&room()).unwrap();
         assert_eq!(r.waiting, vec![guest.clone()]);
         assert!(r.participants.is_empty());
+        assert_eq!(t.local_count(&room()), 0, "a waiting guest takes no media");
         let Reply::Joined(snapshot) = joined(guest.clone(), vec![person(1, Role::Host)], 3) else {
             unreachable!()
         };
@@ -421,6 +428,7 @@ mod tests {
         let r = t.replica(&room()).unwrap();
         assert!(r.waiting.is_empty());
         assert_eq!(r.participants, vec![guest.clone()]);
+        assert_eq!(t.local_count(&room()), 1);
         t.on_event(&RoomEvent {
             room: room(),
             seq: 3,
@@ -431,6 +439,7 @@ mod tests {
         });
         // Its last local participant gone, the edge has nothing to restore.
         assert!(t.replica(&room()).is_none());
+        assert_eq!(t.local_count(&room()), 0);
     }
 
     #[test]

@@ -84,10 +84,13 @@ pub async fn register(
     region: &str,
     public_url: &str,
 ) -> anyhow::Result<()> {
-    register_kinds(store, keys, running, node_id, region, public_url, true).await
+    register_kinds(store, keys, running, node_id, region, public_url, true)
+        .await
+        .map(drop)
 }
 
-/// Registers this edge alone: its rooms live on origins over cascade links.
+/// Registers this edge alone: its rooms live on origins over cascade links. Returns the
+/// registration (its lease holds the edge's presence records, see [`crate::membership`]).
 pub async fn register_edge(
     store: Arc<dyn Store>,
     keys: &control_plane::keys::KeyLayout,
@@ -95,8 +98,14 @@ pub async fn register_edge(
     node_id: &str,
     region: &str,
     public_url: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<NodeRegistration> {
     register_kinds(store, keys, running, node_id, region, public_url, false).await
+}
+
+/// The registered id of the edge on node `node_id` (the key of its registration, presence
+/// records and tree positions).
+pub fn edge_id(node_id: &str) -> anyhow::Result<NodeId> {
+    NodeId::new(format!("{node_id}-edge")).map_err(|e| anyhow::anyhow!("node id: {e}"))
 }
 
 /// Registers a `kcs origin` under `node_id` with its cascade URL (`quic://NODE@HOST:PORT`, what
@@ -151,7 +160,7 @@ async fn register_kinds(
     region: &str,
     public_url: &str,
     with_origin: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<NodeRegistration> {
     let region = Region::new(region).map_err(|e| anyhow::anyhow!("region {region:?}: {e}"))?;
     let addresses: Vec<IpAddr> = running.edge.advertised_ips().to_vec();
     let mut regs = Vec::new();
@@ -184,6 +193,8 @@ async fn register_kinds(
         .with_context(|| format!("registering the {suffix}"))?;
         regs.push(reg);
     }
+    // The edge's registration is the last one registered.
+    let edge_reg = regs.last().cloned().context("no registration")?;
     let metrics = running.edge.metrics.clone();
     tokio::spawn(async move {
         let mut last_packets = 0u64;
@@ -214,7 +225,7 @@ async fn register_kinds(
             }
         }
     });
-    Ok(())
+    Ok(edge_reg)
 }
 
 /// CPU time (user + system) this process has used, from /proc/self/stat (0 where unavailable).

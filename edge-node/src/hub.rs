@@ -118,7 +118,13 @@ pub struct Hub {
     /// The rooms this edge has participants in, as the origin told it (written by the hub task;
     /// read by the cascade to serve child edges' subscriptions).
     replicas: Arc<Mutex<ReplicaTracker>>,
+    /// Joined local participants per room (rooms with none are absent), published by the hub
+    /// task whenever a reply or event changes a count.
+    local_counts: tokio::sync::watch::Receiver<LocalCounts>,
 }
+
+/// Joined participants on this edge per room; a room with none is absent.
+pub type LocalCounts = std::collections::BTreeMap<RoomId, u32>;
 
 impl Hub {
     /// Sends an intent and waits for the origin's reply. Joins pass a `listener` that will
@@ -161,6 +167,12 @@ impl Hub {
         lock(&self.publication_rooms).remove(&id);
     }
 
+    /// This edge's joined participants per room, as a watch: what the edge's presence records
+    /// and tree following ([`crate::membership`]) read. Cheap: a borrow, no hub round trip.
+    pub fn local_counts(&self) -> tokio::sync::watch::Receiver<LocalCounts> {
+        self.local_counts.clone()
+    }
+
     /// What the edge knows of `room`: `None` when it has no participants there; else the
     /// track, if the room has it.
     pub fn track_info(&self, room: &RoomId, track: TrackId) -> Option<Option<TrackInfo>> {
@@ -185,6 +197,7 @@ pub fn spawn(
     let rooms_by_pub = publication_rooms.clone();
     let replicas: Arc<Mutex<ReplicaTracker>> = Arc::default();
     let replicas_shared = replicas.clone();
+    let (counts_tx, local_counts) = tokio::sync::watch::channel(LocalCounts::new());
     tokio::spawn(async move {
         let mut next_id = 1u64;
         let mut pending: HashMap<RequestId, Pending> = HashMap::new();
@@ -207,6 +220,7 @@ pub fn spawn(
                     }
                     HubInput::Detach { room, participant } => {
                         lock(&replicas).on_local_left(&room, participant);
+                        publish_count(&counts_tx, &replicas, &room);
                         if let Some(members) = rooms.get_mut(&room) {
                             members.remove(&participant);
                             if members.is_empty() { rooms.remove(&room); }
@@ -260,6 +274,7 @@ pub fn spawn(
                         };
                         orphan_rooms.remove(&id);
                         lock(&replicas).on_reply(&room, &reply);
+                        publish_count(&counts_tx, &replicas, &room);
                         // Joined, or waiting in the lobby: either way the room's events (an
                         // admission, for one waiting) come to this listener from now on.
                         let you = match &reply {
@@ -274,6 +289,7 @@ pub fn spawn(
                     }
                     FromOrigin::Message(OriginToEdge::Event(event)) => {
                         lock(&replicas).on_event(&event);
+                        publish_count(&counts_tx, &replicas, &event.room);
                         let Some(members) = rooms.get_mut(&event.room) else { continue };
                         let room = event.room.clone();
                         deliver(members, &event);
@@ -309,7 +325,24 @@ pub fn spawn(
         tx,
         publication_rooms,
         replicas,
+        local_counts,
     }
+}
+
+/// Publishes `room`'s local count if it changed (receivers are woken only then).
+fn publish_count(
+    counts: &tokio::sync::watch::Sender<LocalCounts>,
+    replicas: &Mutex<ReplicaTracker>,
+    room: &RoomId,
+) {
+    let n = u32::try_from(lock(replicas).local_count(room)).unwrap_or(u32::MAX);
+    counts.send_if_modified(|m| {
+        if n == 0 {
+            m.remove(room).is_some()
+        } else {
+            m.insert(room.clone(), n) != Some(n)
+        }
+    });
 }
 
 /// Hands one room event to the sessions it is for. Moderator events go to every session, which

@@ -5,7 +5,8 @@
 //! Layout: [`transport`] (ICE-lite, DTLS, SRTP, RFC 7983 demux) and [`sdp`] are the protocol
 //! pieces; [`sfu`] is the sans-IO forwarding core of one shard and [`udp`] its thread-per-shard
 //! shell; [`session`] maps one participant's peer connections onto shard commands and room
-//! intents; [`hub`] links sessions to the room's origin; [`ws`] and [`http`] are the ways in.
+//! intents; [`hub`] links sessions to the room's origin; [`tree`] and [`membership`] put the edge in rooms'
+//! fan-out trees; [`ws`] and [`http`] are the ways in.
 //! docs/architecture.md has the picture.
 
 pub mod app;
@@ -16,6 +17,7 @@ pub mod edge;
 pub mod http;
 pub mod hub;
 pub mod media_hook;
+pub mod membership;
 pub mod metrics;
 pub mod origin_server;
 pub mod sdp;

@@ -303,6 +303,15 @@ fn main() -> anyhow::Result<()> {
                     }
                     _ => None,
                 };
+                // Each room's media parent: operator overrides first, then (with etcd) the
+                // rooms' fan-out trees (edge_node::membership), through one channel.
+                let pinned: std::collections::BTreeSet<RoomId> =
+                    media_parents.iter().map(|c| c.room.clone()).collect();
+                let (parents_tx, parents_rx) =
+                    tokio::sync::mpsc::channel(media_parents.len().max(256));
+                for change in media_parents {
+                    let _ = parents_tx.try_send(change);
+                }
                 let origins = match directory {
                     None => edge_node::app::Origins::InProcess,
                     Some(directory) => {
@@ -317,13 +326,7 @@ fn main() -> anyhow::Result<()> {
                                 &region,
                             )?,
                             directory,
-                            parents: (!media_parents.is_empty()).then(|| {
-                                let (tx, rx) = tokio::sync::mpsc::channel(media_parents.len());
-                                for change in media_parents {
-                                    let _ = tx.try_send(change);
-                                }
-                                rx
-                            }),
+                            parents: Some(parents_rx),
                         }
                     }
                 };
@@ -344,12 +347,46 @@ fn main() -> anyhow::Result<()> {
                         edge_node::cluster::register(store, &keys, &running, &node, &region, &url)
                             .await?;
                     } else {
-                        edge_node::cluster::register_edge(
-                            store, &keys, &running, &node, &region, &url,
+                        let registration = edge_node::cluster::register_edge(
+                            store.clone(),
+                            &keys,
+                            &running,
+                            &node,
+                            &region,
+                            &url,
                         )
                         .await?;
+                        if let Some(cascade_url) = running.cascade_url.clone() {
+                            let member = edge_node::membership::TreeMember {
+                                edge: edge_node::cluster::edge_id(&node)?,
+                                region: control_plane::nodes::Region::new(&region)
+                                    .map_err(|e| anyhow::anyhow!("--region: {e}"))?,
+                                cascade_url,
+                            };
+                            let counts = running.edge.hub.local_counts();
+                            edge_node::membership::spawn_tree_follower(
+                                store.clone(),
+                                keys.clone(),
+                                member.edge.clone(),
+                                counts.clone(),
+                                pinned,
+                                parents_tx.clone(),
+                                running.edge.metrics.clone(),
+                            );
+                            edge_node::membership::spawn_presence_writer(
+                                store,
+                                keys,
+                                member,
+                                registration,
+                                counts,
+                                running.edge.metrics.clone(),
+                            );
+                        }
                     }
                 }
+                // Held for the life of the process: closing the channel would end the data
+                // plane's follower and with it every parent link (and `--media-parent`).
+                let _parents = parents_tx;
                 wait_for_shutdown(running).await
             })
         }

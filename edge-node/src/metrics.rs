@@ -103,6 +103,25 @@ pub struct CascadeLinkCounters {
     pub parent_fallbacks: AtomicU64,
 }
 
+/// Counters of the edge's membership in rooms' fan-out trees (`crate::membership`).
+#[derive(Debug, Default)]
+pub struct TreeCounters {
+    /// Presence records written (puts), each a coalesced update of one room.
+    pub presence_writes: AtomicU64,
+    /// Presence records deleted (the room's last local participant left).
+    pub presence_deletes: AtomicU64,
+    /// Presence writes or deletes that failed (retried on the next round).
+    pub presence_failures: AtomicU64,
+    /// Rooms whose tree position this edge follows now.
+    pub rooms_followed: AtomicI64,
+    /// Media parent changes the tree follower handed to the data plane.
+    pub parent_changes: AtomicU64,
+    /// Tree positions or parent presence records that did not parse (treated as "origin").
+    pub malformed_records: AtomicU64,
+    /// Watches of tree positions or presence records that broke and were resynchronised.
+    pub watch_resyncs: AtomicU64,
+}
+
 /// Everything `/metrics` shows.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -116,6 +135,8 @@ pub struct Metrics {
     pub ws_resumable: AtomicI64,
     /// Cascade link media counted outside the shards (link readers and senders).
     pub cascade: CascadeLinkCounters,
+    /// Presence records and tree following (cluster mode with etcd).
+    pub tree: TreeCounters,
     /// Signaling and HTTP inputs rejected, by reason code.
     rejected: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
     /// Links to origins (cluster mode; all zero with an in-process origin).
@@ -221,6 +242,36 @@ impl Metrics {
                 "rooms whose media fell back to the origin when their parent edge's link dropped",
                 &self.cascade.parent_fallbacks,
             ),
+            (
+                "tree_presence_writes_total",
+                "presence records written to etcd (coalesced per room)",
+                &self.tree.presence_writes,
+            ),
+            (
+                "tree_presence_deletes_total",
+                "presence records deleted (a room's last local participant left)",
+                &self.tree.presence_deletes,
+            ),
+            (
+                "tree_presence_failures_total",
+                "presence writes or deletes that failed (retried)",
+                &self.tree.presence_failures,
+            ),
+            (
+                "tree_parent_changes_total",
+                "media parent changes taken from rooms' fan-out trees in etcd",
+                &self.tree.parent_changes,
+            ),
+            (
+                "tree_malformed_records_total",
+                "tree positions or presence records that did not parse (treated as the origin)",
+                &self.tree.malformed_records,
+            ),
+            (
+                "tree_watch_resyncs_total",
+                "tree or presence watches that broke and were read again",
+                &self.tree.watch_resyncs,
+            ),
         ] {
             let _ = writeln!(out, "# HELP kcs_{name} {help}");
             let _ = writeln!(out, "# TYPE kcs_{name} counter");
@@ -236,6 +287,11 @@ impl Metrics {
                 "cascade_parent_links",
                 "links to parent edges of rooms' fan-out trees that are up",
                 &self.cascade.parent_links,
+            ),
+            (
+                "tree_rooms_followed",
+                "rooms whose fan-out tree position this edge follows in etcd",
+                &self.tree.rooms_followed,
             ),
         ] {
             let _ = writeln!(out, "# HELP kcs_{name} {help}");

@@ -74,7 +74,8 @@ pub fn parse_media_parent(s: &str) -> anyhow::Result<ParentChange> {
 /// link per parent edge, shared by its rooms, dialled with backoff) and back to the origin's
 /// when the follower says so. A parent edge's link that drops sends its rooms to their origin
 /// at once ([`CascadeMedia::link_down`]); when it is back they return. Rooms whose parent did
-/// not change are never touched.
+/// not change are never touched. Closing `changes` ends the follower and all its parent links
+/// (their rooms go back to the origin): keep a sender for as long as parents should hold.
 pub fn spawn_follower(
     endpoint: Arc<LinkEndpoint>,
     media: Arc<CascadeMedia>,

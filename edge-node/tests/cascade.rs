@@ -4,6 +4,10 @@
 //! room. Then the faults: a peer from another CA is refused, a peer sending garbage loses only
 //! its own stream, and an origin that dies and comes back is reconnected to by both edges.
 
+mod common;
+
+use common::{certs, free_port, http_get, tls, Proc, KCS};
+
 use cascade_proto::link::{ControlMessage, GoodbyeCode, Hello, Label, NodeRole, PROTOCOL_VERSION};
 use cascade_proto::quic::{LinkConfig, LinkEndpoint, NodeCredentials};
 use cascade_proto::{Identity, Role, RoomId};
@@ -13,61 +17,16 @@ use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-const KCS: &str = env!("CARGO_BIN_EXE_kcs");
 const SEED: [u8; 32] = [9; 32];
 /// Long enough for a dead link to be noticed (idle timeout 3 s) and redialled (backoff ≤ 2 s).
 const WAIT: Duration = Duration::from_secs(10);
-
-/// A child process killed when dropped (a failing test leaves nothing behind).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    // A UDP and a TCP port both free right now (the origin's cascade is UDP, HTTP is TCP).
-    loop {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-fn certs(dir: &Path, nodes: &str) {
-    let out = Command::new(KCS)
-        .args(["certs", "--out"])
-        .arg(dir)
-        .args(["--node", nodes])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "kcs certs: {out:?}");
-}
-
-fn tls_args(dir: &Path, node: &str) -> Vec<String> {
-    vec![
-        "--ca".into(),
-        dir.join("ca.pem").display().to_string(),
-        "--cert".into(),
-        dir.join(format!("{node}.pem")).display().to_string(),
-        "--key".into(),
-        dir.join(format!("{node}.key")).display().to_string(),
-        "--node-id".into(),
-        node.into(),
-    ]
-}
 
 fn spawn(args: &[String], log: &Path) -> Proc {
     let log = std::fs::File::create(log).unwrap();
@@ -81,18 +40,6 @@ fn spawn(args: &[String], log: &Path) -> Proc {
             .spawn()
             .unwrap(),
     )
-}
-
-/// GET `path` over plain HTTP/1.0; `None` while nothing listens.
-async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    Some(out)
 }
 
 async fn wait_healthy(addr: SocketAddr) {
@@ -168,7 +115,7 @@ impl Cluster {
                 "--data-dir".into(),
                 c.dir.join(node).display().to_string(),
             ];
-            args.extend(tls_args(&c.dir, node));
+            args.extend(tls(&c.dir, node));
             let p = spawn(&args, &c.dir.join(format!("{node}.log")));
             c.edges.push((http, p));
         }
@@ -186,7 +133,7 @@ impl Cluster {
             "--http".into(),
             self.origin_http.to_string(),
         ];
-        args.extend(tls_args(&self.dir, "origin-1"));
+        args.extend(tls(&self.dir, "origin-1"));
         self.origin = Some(spawn(&args, &self.dir.join("origin.log")));
         wait_healthy(self.origin_http).await;
     }

@@ -17,16 +17,24 @@
 //!   resumes; the gap is printed, not asserted;
 //! - the proxy lets packets through again: C goes back to R;
 //! - a child subscribing to an unknown track or room gets `subscribe_refused` with a reason,
-//!   and its other flow keeps flowing; a peer that is not an edge is refused by an edge.
+//!   and its other flow keeps flowing; a peer that is not an edge is refused by an edge;
+//! - a parent edge with no participants in the room refuses the child's subscription: the
+//!   child takes the room's media from the origin (`a_parent_that_refuses_...`);
+//! - with real `kcs` processes and `--media-parent`, a SIGKILLed parent edge is replaced by the
+//!   origin and linked again when it returns (`a_killed_parent_edge_process_...`).
+//!
+//! The same tree learnt from etcd (presence records, the control plane's keeper) is
+//! `cascade_tree_etcd.rs`.
 
-use cascade_proto::link::{
-    ControlMessage, FlowId, GoodbyeCode, Hello, Label, Layer, MediaDatagram, MediaFlags, NodeRole,
-    PROTOCOL_VERSION,
-};
-use cascade_proto::quic::{ClusterCa, Link, LinkConfig, LinkEndpoint, NodeCredentials};
-use cascade_proto::room::{EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId};
+mod common;
+
+use common::*;
+
+use cascade_proto::link::{ControlMessage, FlowId, GoodbyeCode, Layer, NodeRole};
+use cascade_proto::quic::ClusterCa;
+use cascade_proto::room::{Intent, Reply};
 use cascade_proto::wire::decode_datagram;
-use cascade_proto::{Identity, Role, RoomId, TrackId, TrackSource};
+use cascade_proto::{Identity, Role, RoomId, TrackId};
 use control_plane::token::{TokenSigner, TokenVerifier};
 use edge_node::app::{Origins, Running};
 use edge_node::config::EdgeConfig;
@@ -40,42 +48,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-
-const WAIT: Duration = Duration::from_secs(15);
-
-fn label(s: &str) -> Label {
-    Label::new(s).unwrap()
-}
-
-fn hello(node: &str, role: NodeRole) -> Hello {
-    Hello {
-        node: label(node),
-        region: label("eu"),
-        role,
-        version: PROTOCOL_VERSION,
-    }
-}
-
-fn raw_endpoint(ca: &ClusterCa, node: &str, role: NodeRole) -> LinkEndpoint {
-    raw_endpoint_with(&ca.issue(&label(node)).unwrap(), node, role)
-}
-
-fn raw_endpoint_with(creds: &NodeCredentials, node: &str, role: NodeRole) -> LinkEndpoint {
-    LinkEndpoint::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        creds,
-        LinkConfig::new(hello(node, role)),
-    )
-    .unwrap()
-}
-
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A real edge linked to the origin over QUIC.
 async fn start_edge(
@@ -172,125 +144,6 @@ async fn proxy(target: SocketAddr) -> Proxy {
         addr: front.local_addr().unwrap(),
         cut,
     }
-}
-
-fn rtp(seq: u16, layer: u8) -> Vec<u8> {
-    let mut p = vec![0x80, 96];
-    p.extend_from_slice(&seq.to_be_bytes());
-    p.extend_from_slice(&(u32::from(seq) * 3000).to_be_bytes());
-    p.extend_from_slice(&(0x5555_0000u32 + u32::from(layer)).to_be_bytes());
-    p.extend_from_slice(&[0x10, 0x01, 0xab, 0xcd]);
-    p.extend_from_slice(&[seq as u8; 200]);
-    p
-}
-
-/// Edge A, played by the test: attaches to the origin, joins, publishes a 2-layer VP8 track
-/// and sends RTP on whatever flows the origin subscribes (every 10 ms per layer).
-async fn publisher(creds: &NodeCredentials, origin: &OriginAddr, room: &RoomId) -> TrackId {
-    let ep = raw_endpoint_with(creds, "edge-a", NodeRole::Edge);
-    let mut link = ep.connect(origin.addr, &origin.node).await.unwrap();
-    let send = |id: u64, intent: Intent| {
-        ControlMessage::ToOrigin(EdgeToOrigin::Request {
-            id: RequestId(id),
-            room: room.clone(),
-            intent,
-        })
-    };
-    link.sender
-        .send(&ControlMessage::ToOrigin(EdgeToOrigin::Attach {
-            incarnation: 7,
-        }))
-        .await
-        .unwrap();
-    let join = Intent::Join {
-        identity: Identity::new("alice").unwrap(),
-        role: Role::Host,
-        name: "alice".into(),
-    };
-    link.sender.send(&send(1, join)).await.unwrap();
-    let mut me = None;
-    let mut track = None;
-    while track.is_none() {
-        let msg = tokio::time::timeout(WAIT, link.receiver.recv())
-            .await
-            .expect("origin answers")
-            .unwrap();
-        match msg {
-            ControlMessage::ToEdge(OriginToEdge::Reply {
-                reply: Reply::Joined(s),
-                ..
-            }) => {
-                me = Some(s.you.id);
-                let publish = Intent::Publish {
-                    participant: s.you.id,
-                    source: TrackSource::Camera,
-                    codec: "VP8".into(),
-                    layers: 2,
-                };
-                link.sender.send(&send(2, publish)).await.unwrap();
-            }
-            ControlMessage::ToEdge(OriginToEdge::Reply {
-                reply: Reply::Published { track: t },
-                ..
-            }) => track = Some(t.id),
-            _ => {}
-        }
-    }
-    assert!(me.is_some());
-    let flows: Arc<Mutex<HashMap<u8, FlowId>>> = Arc::default();
-    let Link {
-        mut receiver,
-        media,
-        sender,
-        ..
-    } = link;
-    {
-        let flows = flows.clone();
-        tokio::spawn(async move {
-            let _keep = (ep, sender);
-            while let Ok(msg) = receiver.recv().await {
-                match msg {
-                    ControlMessage::Subscribe { flow, layer, .. } => {
-                        flows.lock().unwrap().insert(layer.index(), flow);
-                    }
-                    ControlMessage::Unsubscribe { flow, layer } => {
-                        let mut f = flows.lock().unwrap();
-                        if f.get(&layer.index()) == Some(&flow) {
-                            f.remove(&layer.index());
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        });
-    }
-    tokio::spawn(async move {
-        let mut seq = 0u16;
-        loop {
-            let now: Vec<(u8, FlowId)> = flows
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(l, f)| (*l, *f))
-                .collect();
-            for (layer, flow) in now {
-                let p = rtp(seq, layer);
-                let _ = media.send(&MediaDatagram {
-                    flow,
-                    layer: Layer::new(layer).unwrap(),
-                    flags: MediaFlags {
-                        keyframe: seq.is_multiple_of(50),
-                        end_of_frame: true,
-                        retransmission: false,
-                    },
-                    rtp: &p,
-                });
-            }
-            seq = seq.wrapping_add(1);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
-    track.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -520,221 +373,14 @@ async fn media_follows_the_tree_falls_back_to_the_origin_and_returns() {
     );
 }
 
-const KCS: &str = env!("CARGO_BIN_EXE_kcs");
-
-/// A child process killed when dropped (a failing test leaves nothing behind).
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    // Free for both UDP (cascade) and TCP (HTTP) right now.
-    loop {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-fn kcs(dir: &std::path::Path, name: &str, args: &[String]) -> Proc {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    Proc(
-        std::process::Command::new(KCS)
-            .args(args)
-            .env("KCS_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn tls(dir: &std::path::Path, node: &str) -> Vec<String> {
-    let p = |f: String| dir.join(f).display().to_string();
-    vec![
-        "--ca".into(),
-        p("ca.pem".into()),
-        "--cert".into(),
-        p(format!("{node}.pem")),
-        "--key".into(),
-        p(format!("{node}.key")),
-        "--node-id".into(),
-        node.into(),
-    ]
-}
-
-fn creds(dir: &std::path::Path, node: &str) -> NodeCredentials {
-    NodeCredentials::from_pem_files(
-        &dir.join("ca.pem"),
-        &dir.join(format!("{node}.pem")),
-        &dir.join(format!("{node}.key")),
-    )
-    .unwrap()
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.ok()?;
-    Some(out)
-}
-
-async fn wait_healthy(addr: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while !http_get(addr, "/healthz")
-        .await
-        .is_some_and(|r| r.contains(" 200 "))
-    {
-        assert!(Instant::now() < deadline, "{addr} never healthy");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn metric(addr: SocketAddr, name: &str) -> i64 {
-    let text = http_get(addr, "/metrics").await.unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(-1)
-}
-
-async fn metric_at_least(addr: SocketAddr, name: &str, min: i64) {
-    let deadline = Instant::now() + WAIT;
-    while metric(addr, name).await < min {
-        assert!(
-            Instant::now() < deadline,
-            "{name} on {addr} never reached {min}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// A WebSocket participant joined to `room` on the edge at `http` (kept open while held).
-async fn ws_join(
-    http: SocketAddr,
-    signer: &TokenSigner,
-    room: &RoomId,
-    who: &str,
-) -> mpsc::Sender<()> {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
-    let token = signer.mint(
-        room.clone(),
-        Identity::new(who).unwrap(),
-        Role::Host,
-        None,
-        control_plane::token::unix_now(),
-        600,
-    );
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{http}/ws"))
-            .await
-            .unwrap();
-        let mut acked = 0;
-        for (id, msg) in [
-            (
-                1,
-                serde_json::json!({"type": "hello", "version": 2, "id": 1}),
-            ),
-            (
-                2,
-                serde_json::json!({"type": "room:join", "token": token, "id": 2}),
-            ),
-        ] {
-            ws.send(Message::Text(msg.to_string().into()))
-                .await
-                .unwrap();
-            while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT, ws.next()).await {
-                let Message::Text(t) = m else { continue };
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                if v["id"] == id {
-                    if v["type"] == "ack" {
-                        acked += 1;
-                    }
-                    break;
-                }
-            }
-        }
-        if acked == 2 {
-            let (tx, mut rx) = mpsc::channel::<()>(1);
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = rx.recv() => return,
-                        m = ws.next() => if m.is_none() { return },
-                    }
-                }
-            });
-            return tx;
-        }
-        assert!(Instant::now() < deadline, "{who} never joined on {http}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A raw child edge subscribed to both layers of `track` on the edge at `parent`; returns the
-/// link (for control) and the arrival times of its datagrams.
-async fn child_subscriber(
-    ep: &LinkEndpoint,
-    parent: SocketAddr,
-    parent_node: &str,
-    room: &RoomId,
-    track: TrackId,
-) -> (Link, Arc<Mutex<Vec<Instant>>>) {
-    let d = ep.connect(parent, &label(parent_node)).await.unwrap();
-    let flow = FlowId::new(500).unwrap();
-    let mut d = d;
-    for layer in 0..2 {
-        d.sender
-            .send(&ControlMessage::Subscribe {
-                flow,
-                room: room.clone(),
-                track,
-                layer: Layer::new(layer).unwrap(),
-            })
-            .await
-            .unwrap();
-    }
-    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let (media, a) = (d.media.clone(), arrivals.clone());
-    tokio::spawn(async move {
-        while let Ok(bytes) = media.recv().await {
-            if decode_datagram(&bytes).is_ok_and(|dg| dg.flow == flow) {
-                a.lock().unwrap().push(Instant::now());
-            }
-        }
-    });
-    (d, arrivals)
-}
-
 /// Real processes: `kcs origin`, edge R and edge C (`--media-parent` naming R). R is killed
 /// (SIGKILL: no goodbye, its link just goes silent): C's media resumes through the origin.
 /// R is started again: C links to it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "written at the deadline and never run yet: run with --ignored and fix before enabling"]
 async fn a_killed_parent_edge_process_is_replaced_by_the_origin() {
     let dir = std::env::temp_dir().join(format!("kcs-tree-{}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
-    let out = std::process::Command::new(KCS)
-        .args(["certs", "--out"])
-        .arg(&dir)
-        .args(["--node", "origin-1,edge-a,edge-r,edge-c,edge-d"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "kcs certs: {out:?}");
+    certs(&dir, "origin-1,edge-a,edge-r,edge-c,edge-d");
     let signer = TokenSigner::from_seed("test", &[7; 32]);
     let key: String = signer
         .public_key()
@@ -857,4 +503,67 @@ async fn a_killed_parent_edge_process_is_replaced_by_the_origin() {
     let n = count(&arrivals);
     eventually("media still flows", || count(&arrivals) > n + 50).await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A parent edge that refuses the room's subscriptions (it has no participants there, e.g. its
+/// last one left before the tree changed): the child takes the room's media from the origin
+/// instead, and its own child keeps receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_that_refuses_the_subscription_sends_the_room_to_the_origin() {
+    let ca = ClusterCa::generate("test-cluster").unwrap();
+    let relay = OriginRelay::new();
+    let origin = edge_node::origin_server::start(
+        OriginSettings {
+            cascade: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            node: label("origin-1"),
+            region: label("eu"),
+            credentials: ca.issue(&label("origin-1")).unwrap(),
+            grace: edge_node::origin_server::DEFAULT_GRACE,
+            rooms: origin::RoomConfig::default(),
+        },
+        Arc::new(relay.clone()),
+    )
+    .await
+    .unwrap();
+    let origin_addr = OriginAddr {
+        node: label("origin-1"),
+        addr: origin.cascade,
+    };
+    let room = RoomId::new("refused-room").unwrap();
+    let track = publisher(&ca.issue(&label("edge-a")).unwrap(), &origin_addr, &room).await;
+    // R has no participants in the room: it cannot serve it.
+    let r = start_edge(&ca, "edge-r", &origin_addr, None).await;
+    let (parents, parent_rx) = mpsc::channel(8);
+    let c = start_edge(&ca, "edge-c", &origin_addr, Some(parent_rx)).await;
+    join(&c, &room, "carl").await;
+    let r_addr = OriginAddr::parse(r.cascade_url.as_ref().unwrap()).unwrap();
+    parents
+        .send(ParentChange {
+            room: room.clone(),
+            parent: MediaParent::Edge(r_addr),
+        })
+        .await
+        .unwrap();
+    eventually("C links to R", || {
+        c.edge.metrics.cascade.parent_links.load(Relaxed) == 1
+    })
+    .await;
+    let d_ep = raw_endpoint(&ca, "edge-d", NodeRole::Edge);
+    let c_addr = OriginAddr::parse(c.cascade_url.as_ref().unwrap()).unwrap();
+    let (_d, arrivals) = child_subscriber(&d_ep, c_addr.addr, "edge-c", &room, track).await;
+    eventually("R refuses C's subscription", || {
+        r.edge.metrics.cascade.subscribes_refused.load(Relaxed) >= 1
+            && c.edge.metrics.cascade.refusals_received.load(Relaxed) >= 1
+    })
+    .await;
+    eventually("D receives the track through the origin", || {
+        arrivals.lock().unwrap().len() > 50
+    })
+    .await;
+    // The room's media link is C's origin link, not the parent's (which stays up).
+    assert_eq!(c.edge.metrics.cascade.parent_links.load(Relaxed), 1);
+    assert_eq!(r.edge.metrics.media.link_packets_out.load(Relaxed), 0);
+    let c_in = relay.0.counters();
+    assert!(c_in.datagrams_out > 0, "the origin sends the track to C");
 }
