@@ -16,7 +16,7 @@
 //! last 50 messages then) and events since; a roster beyond the snapshot's first page only from
 //! the joins it saw since.
 
-use crate::ids::{ParticipantId, RoomId, TrackId};
+use crate::ids::{Identity, ParticipantId, Role, RoomId, TrackId};
 use crate::room::{
     Audience, ChatMessage, ParticipantInfo, Reply, RoomEvent, RoomEventBody, RoomReplica,
     RoomSettings, RoomSnapshot, TrackInfo,
@@ -38,6 +38,7 @@ struct Mirror {
     known: BTreeSet<ParticipantId>,
     max_participant: u64,
     max_track: u64,
+    invited: BTreeMap<Identity, Role>,
 }
 
 impl Mirror {
@@ -133,6 +134,14 @@ impl ReplicaTracker {
                 }
             }
             Reply::Done | Reply::Refused(_) => {}
+        }
+    }
+
+    /// The origin accepted an invitation one of this edge's participants made in `room` (an
+    /// invitation is not an event, so only the inviting edge knows of it).
+    pub fn on_invited(&mut self, room: &RoomId, identity: &Identity, role: Role) {
+        if let Some(m) = self.rooms.get_mut(room) {
+            m.invited.insert(identity.clone(), role);
         }
     }
 
@@ -264,6 +273,7 @@ impl ReplicaTracker {
             known: m.known.iter().copied().collect(),
             next_participant: m.max_participant + 1,
             next_track: m.max_track + 1,
+            invited: m.invited.iter().map(|(i, r)| (i.clone(), *r)).collect(),
         })
     }
 }
@@ -460,6 +470,28 @@ mod tests {
         ));
         assert!(t.replica(&room()).is_none());
         assert_eq!(t.rooms().count(), 0);
+    }
+
+    #[test]
+    fn accepted_invitations_are_in_the_replica_of_a_known_room_only() {
+        let mut t = ReplicaTracker::new();
+        let vip = Identity::new("vip").unwrap();
+        t.on_invited(&room(), &vip, Role::Presenter);
+        assert!(t.replica(&room()).is_none(), "no room, nothing recorded");
+        t.on_reply(&room(), &joined(person(2, Role::Host), vec![], 1));
+        t.on_invited(&room(), &vip, Role::Attendee);
+        t.on_invited(&room(), &vip, Role::Presenter);
+        let r = t.replica(&room()).unwrap();
+        assert_eq!(
+            r.invited,
+            vec![(vip, Role::Presenter)],
+            "the latest invitation wins"
+        );
+        // A replica from an edge that predates the field still decodes.
+        let mut json = serde_json::to_value(&r).unwrap();
+        json.as_object_mut().unwrap().remove("invited");
+        let old: RoomReplica = serde_json::from_value(json).unwrap();
+        assert!(old.invited.is_empty());
     }
 
     #[test]

@@ -437,6 +437,10 @@ pub struct RoomReplica {
     pub next_participant: u64,
     pub next_track: u64,
     pub next_chat: u64,
+    /// Invitations (`participant:add`) this edge's participants made, with the role each grants:
+    /// they let those identities past the lobby and the lock in the rebuilt room too.
+    #[serde(default)]
+    pub invited: Vec<(Identity, Role)>,
 }
 
 /// Edge -> origin.

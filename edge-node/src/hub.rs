@@ -15,7 +15,7 @@ use cascade_proto::room::{
     Audience, EdgeId, EdgeToOrigin, Intent, OriginToEdge, Reply, RequestId, RoomEvent,
     RoomEventBody,
 };
-use cascade_proto::{ParticipantId, RoomId, TrackId};
+use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
@@ -201,6 +201,8 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut next_id = 1u64;
         let mut pending: HashMap<RequestId, Pending> = HashMap::new();
+        // Invitations in flight: what the replica records once the origin accepts them.
+        let mut invites: HashMap<RequestId, (Identity, Role)> = HashMap::new();
         // Joins failed locally (link down) whose reply may still come: id -> room.
         let mut orphan_rooms: HashMap<RequestId, RoomId> = HashMap::new();
         let mut rooms: HashMap<RoomId, HashMap<ParticipantId, mpsc::Sender<RoomSignal>>> =
@@ -214,8 +216,12 @@ pub fn spawn(
                         let id = RequestId(next_id);
                         next_id += 1;
                         pending.insert(id, (reply, room.clone(), listener));
+                        if let Intent::Invite { identity, role, .. } = &intent {
+                            invites.insert(id, (identity.clone(), *role));
+                        }
                         if to_origin.send(EdgeToOrigin::Request { id, room, intent }).await.is_err() {
                             pending.remove(&id); // dropping the sender tells the caller
+                            invites.remove(&id);
                         }
                     }
                     HubInput::Detach { room, participant } => {
@@ -229,6 +235,7 @@ pub fn spawn(
                 },
                 Some(msg) = from_origin.recv() => match msg {
                     FromOrigin::Failed(id) => {
+                        invites.remove(&id);
                         // Dropping the sender tells the caller.
                         if let Some((_, room, Some(_))) = pending.remove(&id) {
                             if orphan_rooms.len() < MAX_ORPHAN_JOINS {
@@ -274,6 +281,9 @@ pub fn spawn(
                         };
                         orphan_rooms.remove(&id);
                         lock(&replicas).on_reply(&room, &reply);
+                        if let (Some((identity, role)), Reply::Done) = (invites.remove(&id), &reply) {
+                            lock(&replicas).on_invited(&room, &identity, role);
+                        }
                         publish_count(&counts_tx, &replicas, &room);
                         // Joined, or waiting in the lobby: either way the room's events (an
                         // admission, for one waiting) come to this listener from now on.

@@ -434,3 +434,52 @@ fn restoring_twice_changes_nothing() {
     c.tick(200);
     assert_eq!(snapshot(&c), once);
 }
+
+#[test]
+fn an_invitation_survives_the_failover_and_still_opens_the_lock() {
+    let (mut c, [host, ..]) = meeting();
+    let vip = Identity::new("vip").unwrap();
+    let r = c.ask(
+        E1,
+        Intent::Invite {
+            participant: host,
+            identity: vip.clone(),
+            role: Role::Presenter,
+        },
+    );
+    assert_eq!(r, Reply::Done);
+    // What the inviting edge's hub does with the accepted invitation.
+    c.edges
+        .get_mut(&E1)
+        .unwrap()
+        .on_invited(&room(), &vip, Role::Presenter);
+    c.fail_over(&[E1, E2]);
+    c.tick(RESTORE_GRACE_MS + 1);
+    assert!(c.origin.room(&room()).unwrap().settings().locked);
+    let stranger = c.ask(
+        E2,
+        Intent::Join {
+            identity: Identity::new("stranger").unwrap(),
+            role: Role::Attendee,
+            name: "stranger".into(),
+        },
+    );
+    assert!(
+        matches!(stranger, Reply::Refused(_)),
+        "the lock survived: {stranger:?}"
+    );
+    let joined = c.ask(
+        E2,
+        Intent::Join {
+            identity: vip,
+            role: Role::Attendee,
+            name: "vip".into(),
+        },
+    );
+    // (The invitation's role travels in the join token it minted; the origin only lets the
+    // identity past the lobby and the lock.)
+    assert!(
+        matches!(joined, Reply::Joined(_)),
+        "the invited identity is let in after the failover: {joined:?}"
+    );
+}

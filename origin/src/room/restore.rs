@@ -114,6 +114,9 @@ impl Room {
         while self.chat.len() > self.config.chat_history {
             self.chat.pop_front();
         }
+        for (identity, role) in replica.invited {
+            self.invited.entry(identity).or_insert(role);
+        }
     }
 
     /// Closes the restore window once `now_ms` is past it: those expected but never announced
