@@ -365,9 +365,8 @@ mod tests {
 
     #[test]
     fn file_then_flags() {
-        let dir = std::env::temp_dir().join(format!("kcs-cfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("edge.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.toml");
         std::fs::write(&path, "http = \"127.0.0.1:9000\"\nworkers = 3\n").unwrap();
         let args = EdgeArgs {
             config: Some(path),
@@ -382,9 +381,8 @@ mod tests {
 
     #[test]
     fn origin_file_then_flags() {
-        let dir = std::env::temp_dir().join(format!("kcs-ocfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("origin.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("origin.toml");
         std::fs::write(
             &path,
             "cascade = \"127.0.0.1:7500\"\nca = \"/etc/kcs/ca.pem\"\ngrace_secs = 3\n",
