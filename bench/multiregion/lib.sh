@@ -155,6 +155,8 @@ mr_control_plane_up() {
 
 http_listen = "$MR_CP_HTTP"
 signing_keys = [{ kid = "mr", seed_file = "$MR_DIR/signing-key.hex" }]
+# MR_PLAN_TREES=false: every edge takes the room's media from the origin (a star), to compare.
+plan_trees = ${MR_PLAN_TREES:-true}
 
 [etcd]
 endpoints = [$(echo "$MR_ETCD" | sed 's/[^,]*/"&"/g')]
