@@ -625,7 +625,13 @@ async fn run_link(
                     r = &mut attempt => break r,
                     req = requests.recv() => match req {
                         Some(req) => waiting.push(req),
-                        None => return,
+                        None => {
+                            // The router dropped this link (its rooms moved away).
+                            for req in waiting {
+                                fail(&hub, &metrics, req).await;
+                            }
+                            return;
+                        }
                     },
                 }
             }
@@ -681,7 +687,13 @@ async fn run_link(
                     lost = &mut rx => break lost.unwrap_or_default(),
                     req = requests.recv() => match req {
                         Some(req) => waiting.push(req),
-                        None => return,
+                        None => {
+                            for req in waiting {
+                                fail(&hub, &metrics, req).await;
+                            }
+                            metrics.links_up.fetch_sub(1, Ordering::Relaxed);
+                            return;
+                        }
                     },
                 }
             };
@@ -731,14 +743,16 @@ async fn run_link(
         .await;
         metrics.links_up.fetch_sub(1, Ordering::Relaxed);
         media.link_down(link_id);
-        let _ = router
-            .send(RouterInput::Down {
-                origin: origin.clone(),
-            })
-            .await;
         match reason {
-            None => return, // the hub is gone: the process is ending
+            // The router dropped this link (it already forgot the origin), or the process is
+            // ending.
+            None => return,
             Some(e) => {
+                let _ = router
+                    .send(RouterInput::Down {
+                        origin: origin.clone(),
+                    })
+                    .await;
                 tracing::warn!(origin = %origin.url(), link = link_id, error = %e, "origin link dropped; reconnecting")
             }
         }
@@ -776,7 +790,7 @@ async fn connect_and_attach(
     }
 }
 
-/// Relays until the link drops (`Some(why)`) or the hub is gone (`None`).
+/// Relays until the link drops (`Some(why)`) or the router or hub is gone (`None`).
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     link: cascade_proto::quic::Link,
@@ -797,11 +811,14 @@ async fn relay(
     let (media_tx, mut media_rx) = mpsc::channel::<ControlMessage>(1024);
     media.link_up(link_id, &peer, media_tx, channel.clone());
     let mut unsent: Vec<EdgeToOrigin> = Vec::new();
+    let mut router_gone = false;
     let why = 'relay: loop {
         let held_until = hold.as_ref().map(|h| h.until);
         tokio::select! {
             req = requests.recv() => {
-                let req = req?;
+                // The router dropped this link (its rooms moved away, or the hub is gone):
+                // what is in flight here gets no answer any more.
+                let Some(req) = req else { router_gone = true; break 'relay String::new() };
                 let out = match hold.as_mut() {
                     Some(h) => h.admit(req),
                     None => vec![req],
@@ -877,7 +894,7 @@ async fn relay(
     for req in unsent.into_iter().chain(held) {
         fail(hub, metrics, req).await;
     }
-    Some(why)
+    (!router_gone).then_some(why)
 }
 
 /// Requests for the rooms an origin lost, held until each room's restore has gone (sans-IO:
