@@ -5,7 +5,7 @@
 //! module is what sits behind that channel pair in a cluster (dev mode puts an in-process origin
 //! there instead). Which origin holds a room comes from an [`OriginDirectory`]: one static origin
 //! for every room (`kcs edge --origin quic://NODE@HOST:PORT`) or the control plane's placement
-//! (`--etcd`), looked up on the room's first request.
+//! (`--etcd`), looked up on the room's first request and followed afterwards.
 //!
 //! A link task dials its origin, sends [`EdgeToOrigin::Attach`] with this process's incarnation
 //! and waits for [`OriginToEdge::Attached`]. Then it relays: requests out (remembering which are
@@ -24,6 +24,19 @@
 //! would reach the origin before the room's restore and be refused with `not_in_room`, so the
 //! link holds them ([`RestoreHold`]) until that room's restore has gone out, and sends them
 //! right after it, in order.
+//!
+//! With placement, an origin can also die for good: the control plane then re-places its rooms
+//! on another origin (epoch + 1), and a link redialling the dead one would fail every request
+//! of those rooms for ever. So the router follows the placements ([`Placer::snapshot`], then
+//! [`Placer::watch`] from the next revision; a broken watch is followed by a new snapshot after
+//! [`PLACEMENT_RESYNC_BACKOFF`]). A [`PlacementFollower`] (sans-IO) decides, per change, whether
+//! a room the router routes now lives on another origin, using the epoch so that an older
+//! answer (a late snapshot, a lookup that raced the move) never moves a room back. A moved
+//! room is routed to the new origin's link (dialled if needed), the hub hears
+//! [`FromOrigin::Lost`] for it and sends its restore there, and the router holds the room's
+//! requests until that restore has passed (a [`RestoreHold`] per moving room, given up after
+//! [`RESTORE_HOLD`]). A link no room goes to any more is dropped, failing what it still held.
+//! A released placement (the meeting was deleted) is only logged.
 
 use crate::hub::FromOrigin;
 use crate::media_hook::{is_media_control, LinkId, MediaSide};
