@@ -331,6 +331,11 @@ impl Metrics {
                 "room requests failed because their origin was unreachable",
                 &u.requests_failed,
             ),
+            (
+                "uplink_rooms_moved_total",
+                "rooms moved to another origin because their placement changed",
+                &u.rooms_moved,
+            ),
         ] {
             let _ = writeln!(out, "# HELP kcs_{name} {help}");
             let _ = writeln!(out, "# TYPE kcs_{name} counter");

@@ -5,7 +5,7 @@
 //! module is what sits behind that channel pair in a cluster (dev mode puts an in-process origin
 //! there instead). Which origin holds a room comes from an [`OriginDirectory`]: one static origin
 //! for every room (`kcs edge --origin quic://NODE@HOST:PORT`) or the control plane's placement
-//! (`--etcd`), looked up on the room's first request.
+//! (`--etcd`), looked up on the room's first request and followed afterwards.
 //!
 //! A link task dials its origin, sends [`EdgeToOrigin::Attach`] with this process's incarnation
 //! and waits for [`OriginToEdge::Attached`]. Then it relays: requests out (remembering which are
@@ -24,6 +24,19 @@
 //! would reach the origin before the room's restore and be refused with `not_in_room`, so the
 //! link holds them ([`RestoreHold`]) until that room's restore has gone out, and sends them
 //! right after it, in order.
+//!
+//! With placement, an origin can also die for good: the control plane then re-places its rooms
+//! on another origin (epoch + 1), and a link redialling the dead one would fail every request
+//! of those rooms for ever. So the router follows the placements ([`Placer::snapshot`], then
+//! [`Placer::watch`] from the next revision; a broken watch is followed by a new snapshot after
+//! [`PLACEMENT_RESYNC_BACKOFF`]). A [`PlacementFollower`] (sans-IO) decides, per change, whether
+//! a room the router routes now lives on another origin, using the epoch so that an older
+//! answer (a late snapshot, a lookup that raced the move) never moves a room back. A moved
+//! room is routed to the new origin's link (dialled if needed), the hub hears
+//! [`FromOrigin::Lost`] for it and sends its restore there, and the router holds the room's
+//! requests until that restore has passed (a [`RestoreHold`] per moving room, given up after
+//! [`RESTORE_HOLD`]). A link no room goes to any more is dropped, failing what it still held.
+//! A released placement (the meeting was deleted) is only logged.
 
 use crate::hub::FromOrigin;
 use crate::media_hook::{is_media_control, LinkId, MediaSide};
@@ -31,6 +44,7 @@ use cascade_proto::link::{ControlMessage, GoodbyeCode, Label};
 use cascade_proto::quic::{LinkEndpoint, LinkError};
 use cascade_proto::room::{EdgeToOrigin, OriginToEdge, RequestId};
 use cascade_proto::RoomId;
+use control_plane::placement::{PlacementChange, Placer};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,14 +114,15 @@ pub enum OriginDirectory {
 }
 
 impl OriginDirectory {
-    async fn lookup(&self, room: &RoomId) -> anyhow::Result<OriginAddr> {
+    /// The room's origin and its placement epoch (0 for a static origin).
+    async fn lookup(&self, room: &RoomId) -> anyhow::Result<(OriginAddr, u64)> {
         match self {
-            OriginDirectory::Static(o) => Ok(o.clone()),
+            OriginDirectory::Static(o) => Ok((o.clone(), 0)),
             OriginDirectory::Placement { placer, region } => {
                 let p = tokio::time::timeout(PLACEMENT_TIMEOUT, placer.place(room, Some(region)))
                     .await
                     .map_err(|_| anyhow::anyhow!("placement timed out"))??;
-                OriginAddr::parse(&p.url)
+                Ok((OriginAddr::parse(&p.url)?, p.epoch))
             }
         }
     }
@@ -120,13 +135,18 @@ pub struct UplinkMetrics {
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
     pub requests_failed: AtomicU64,
+    /// Rooms moved to another origin because their placement changed.
+    pub rooms_moved: AtomicU64,
 }
 
 enum RouterInput {
     Placed {
         room: RoomId,
-        origin: Option<OriginAddr>,
+        /// The room's origin and placement epoch; `None`: the lookup failed.
+        origin: Option<(OriginAddr, u64)>,
     },
+    /// Placement changes from the control plane (a snapshot comes as one batch of `Placed`).
+    Placements(Vec<PlacementChange>),
     Attached {
         origin: OriginAddr,
         link: LinkId,
@@ -147,135 +167,419 @@ pub fn spawn(
     media: Arc<dyn MediaSide>,
     metrics: Arc<UplinkMetrics>,
 ) -> (mpsc::Sender<EdgeToOrigin>, mpsc::Receiver<FromOrigin>) {
-    let (to_origin, mut requests) = mpsc::channel::<EdgeToOrigin>(4096);
+    let (to_origin, requests) = mpsc::channel::<EdgeToOrigin>(4096);
     let (hub_tx, hub_rx) = mpsc::channel::<FromOrigin>(16384);
     let incarnation: u64 = rand::random();
-    tokio::spawn(async move {
-        let (router_tx, mut router_rx) = mpsc::channel::<RouterInput>(1024);
-        let mut room_origin: HashMap<RoomId, OriginAddr> = HashMap::new();
-        let mut placing: HashMap<RoomId, Vec<EdgeToOrigin>> = HashMap::new();
-        let mut links: HashMap<OriginAddr, mpsc::Sender<EdgeToOrigin>> = HashMap::new();
-        let mut ever_attached: HashSet<OriginAddr> = HashSet::new();
-        // Origins whose link is up now, and its id (rooms' media comes down it).
-        let mut up: HashMap<OriginAddr, LinkId> = HashMap::new();
+    let (router_tx, router_rx) = mpsc::channel::<RouterInput>(1024);
+    if let OriginDirectory::Placement { placer, .. } = &directory {
+        tokio::spawn(follow_placements(placer.clone(), router_tx.clone()));
+    }
+    let router = Router {
+        endpoint,
+        directory,
+        media,
+        metrics,
+        incarnation,
+        hub_tx,
+        router_tx,
+        room_origin: HashMap::new(),
+        placing: HashMap::new(),
+        links: HashMap::new(),
+        ever_attached: HashSet::new(),
+        up: HashMap::new(),
+        follower: PlacementFollower::default(),
+        moving: HashMap::new(),
+    };
+    tokio::spawn(router.run(requests, router_rx));
+    (to_origin, hub_rx)
+}
+
+/// The router task's state: which origin each room goes to and the links to them. Only the
+/// router task touches it.
+struct Router {
+    endpoint: Arc<LinkEndpoint>,
+    directory: OriginDirectory,
+    media: Arc<dyn MediaSide>,
+    metrics: Arc<UplinkMetrics>,
+    incarnation: u64,
+    hub_tx: mpsc::Sender<FromOrigin>,
+    router_tx: mpsc::Sender<RouterInput>,
+    room_origin: HashMap<RoomId, OriginAddr>,
+    /// Rooms being looked up, and their requests meanwhile.
+    placing: HashMap<RoomId, Vec<EdgeToOrigin>>,
+    links: HashMap<OriginAddr, mpsc::Sender<EdgeToOrigin>>,
+    ever_attached: HashSet<OriginAddr>,
+    /// Origins whose link is up now, and its id (rooms' media comes down it).
+    up: HashMap<OriginAddr, LinkId>,
+    /// Which placement changes move a room (placement mode only).
+    follower: PlacementFollower,
+    /// Rooms moved to a new origin whose restore has not gone yet: their requests wait here.
+    moving: HashMap<RoomId, RestoreHold>,
+}
+
+impl Router {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<EdgeToOrigin>,
+        mut router_rx: mpsc::Receiver<RouterInput>,
+    ) {
         // A static origin is dialled at once, so the first join does not wait for it.
-        if let OriginDirectory::Static(origin) = &directory {
-            links.insert(
-                origin.clone(),
-                spawn_link(
-                    endpoint.clone(),
-                    origin.clone(),
-                    incarnation,
-                    hub_tx.clone(),
-                    router_tx.clone(),
-                    media.clone(),
-                    metrics.clone(),
-                ),
-            );
+        if let OriginDirectory::Static(origin) = &self.directory {
+            let origin = origin.clone();
+            self.link(&origin);
         }
         loop {
+            let hold_until = self.moving.values().map(|h| h.until).min();
             tokio::select! {
                 req = requests.recv() => {
                     let Some(req) = req else { return };
-                    let (EdgeToOrigin::Request { room, .. } | EdgeToOrigin::Restore { room, .. }) = &req else { continue };
-                    if let Some(origin) = room_origin.get(room) {
-                        let link = links.entry(origin.clone()).or_insert_with(|| {
-                            spawn_link(endpoint.clone(), origin.clone(), incarnation, hub_tx.clone(), router_tx.clone(), media.clone(), metrics.clone())
-                        });
-                        let _ = link.send(req).await;
-                    } else {
-                        let room = room.clone();
-                        let queue = placing.entry(room.clone()).or_default();
-                        queue.push(req);
-                        if queue.len() == 1 {
-                            let directory = directory.clone();
-                            let router_tx = router_tx.clone();
-                            tokio::spawn(async move {
-                                let origin = match directory.lookup(&room).await {
-                                    Ok(o) => Some(o),
-                                    Err(e) => {
-                                        tracing::warn!(%room, error = %e, "no origin for the room");
-                                        None
-                                    }
-                                };
-                                let _ = router_tx.send(RouterInput::Placed { room, origin }).await;
-                            });
-                        }
-                    }
+                    self.handle_request(req).await;
                 }
                 Some(input) = router_rx.recv() => match input {
-                    RouterInput::Placed { room, origin } => {
-                        let queued = placing.remove(&room).unwrap_or_default();
-                        match origin {
-                            Some(origin) => {
-                                tracing::info!(%room, origin = %origin.url(), "room routed to its origin");
-                                if let Some(link) = up.get(&origin) {
-                                    media.room_link(&room, *link);
-                                }
-                                room_origin.insert(room, origin.clone());
-                                let link = links.entry(origin.clone()).or_insert_with(|| {
-                                    spawn_link(endpoint.clone(), origin.clone(), incarnation, hub_tx.clone(), router_tx.clone(), media.clone(), metrics.clone())
-                                });
-                                // A room being restored: its restore goes before the requests
-                                // that were queued behind the lookup (see `RestoreHold`).
-                                let (restores, requests): (Vec<_>, Vec<_>) = queued
-                                    .into_iter()
-                                    .partition(|r| matches!(r, EdgeToOrigin::Restore { .. }));
-                                for req in restores.into_iter().chain(requests) {
-                                    let _ = link.send(req).await;
-                                }
-                            }
-                            None => {
-                                for req in queued {
-                                    if let EdgeToOrigin::Request { id, .. } = req {
-                                        metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                                        let _ = hub_tx.send(FromOrigin::Failed(id)).await;
-                                    }
-                                }
-                            }
+                    RouterInput::Placed { room, origin } => self.handle_placed(room, origin).await,
+                    RouterInput::Placements(changes) => {
+                        for change in changes {
+                            self.handle_placement_change(change).await;
                         }
                     }
                     RouterInput::Down { origin } => {
-                        up.remove(&origin);
+                        self.up.remove(&origin);
                     }
-                    RouterInput::Attached { origin, link, resumed, lost: lost_to_link } => {
-                        up.insert(origin.clone(), link);
-                        let first = ever_attached.insert(origin.clone());
-                        let lost: Vec<RoomId> = if !resumed && !first {
-                            room_origin
-                                .iter()
-                                .filter(|(_, o)| **o == origin)
-                                .map(|(r, _)| r.clone())
-                                .collect()
-                        } else {
-                            Vec::new()
-                        };
-                        // The link learns the lost rooms before the hub does, so it holds their
-                        // requests before any restore can come.
-                        if let Some(tx) = lost_to_link {
-                            let _ = tx.send(lost.iter().cloned().collect());
+                    RouterInput::Attached { origin, link, resumed, lost } => {
+                        self.handle_attached(origin, link, resumed, lost).await;
+                    }
+                },
+                _ = tokio::time::sleep_until(hold_until.unwrap_or_else(Instant::now)), if hold_until.is_some() => {
+                    self.release_expired_holds(Instant::now()).await;
+                }
+            }
+        }
+    }
+
+    /// The link to `origin`, dialling it if there is none.
+    fn link(&mut self, origin: &OriginAddr) -> mpsc::Sender<EdgeToOrigin> {
+        self.links
+            .entry(origin.clone())
+            .or_insert_with(|| {
+                spawn_link(
+                    self.endpoint.clone(),
+                    origin.clone(),
+                    self.incarnation,
+                    self.hub_tx.clone(),
+                    self.router_tx.clone(),
+                    self.media.clone(),
+                    self.metrics.clone(),
+                )
+            })
+            .clone()
+    }
+
+    async fn handle_request(&mut self, req: EdgeToOrigin) {
+        let (EdgeToOrigin::Request { room, .. } | EdgeToOrigin::Restore { room, .. }) = &req else {
+            return;
+        };
+        let room = room.clone();
+        if let Some(origin) = self.room_origin.get(&room).cloned() {
+            let out = match self.moving.get_mut(&room) {
+                Some(hold) => {
+                    let out = hold.admit(req);
+                    if hold.is_done() {
+                        self.moving.remove(&room);
+                    }
+                    out
+                }
+                None => vec![req],
+            };
+            let link = self.link(&origin);
+            for req in out {
+                let _ = link.send(req).await;
+            }
+        } else {
+            let queue = self.placing.entry(room.clone()).or_default();
+            queue.push(req);
+            if queue.len() == 1 {
+                let directory = self.directory.clone();
+                let router_tx = self.router_tx.clone();
+                tokio::spawn(async move {
+                    let origin = match directory.lookup(&room).await {
+                        Ok(o) => Some(o),
+                        Err(e) => {
+                            tracing::warn!(%room, error = %e, "no origin for the room");
+                            None
                         }
-                        if !lost.is_empty() {
-                            // The origin forgot us: the rooms it held for us are lost, and with
-                            // placement they may live elsewhere now, so look them up again.
-                            if matches!(directory, OriginDirectory::Placement { .. }) {
-                                for r in &lost {
-                                    room_origin.remove(r);
-                                }
-                            }
-                            let _ = hub_tx.send(FromOrigin::Lost(lost)).await;
-                        }
-                        for (room, o) in &room_origin {
-                            if *o == origin {
-                                media.room_link(room, link);
-                            }
-                        }
+                    };
+                    let _ = router_tx.send(RouterInput::Placed { room, origin }).await;
+                });
+            }
+        }
+    }
+
+    async fn handle_placed(&mut self, room: RoomId, origin: Option<(OriginAddr, u64)>) {
+        let queued = self.placing.remove(&room).unwrap_or_default();
+        match origin {
+            Some((origin, epoch)) => {
+                // A placement change seen while the lookup ran is newer than its answer.
+                let origin = self.follower.handle_lookup(&room, epoch, origin);
+                tracing::info!(%room, origin = %origin.url(), "room routed to its origin");
+                if let Some(link) = self.up.get(&origin) {
+                    self.media.room_link(&room, *link);
+                }
+                self.room_origin.insert(room, origin.clone());
+                let link = self.link(&origin);
+                // A room being restored: its restore goes before the requests that were
+                // queued behind the lookup (see `RestoreHold`).
+                let (restores, requests): (Vec<_>, Vec<_>) = queued
+                    .into_iter()
+                    .partition(|r| matches!(r, EdgeToOrigin::Restore { .. }));
+                for req in restores.into_iter().chain(requests) {
+                    let _ = link.send(req).await;
+                }
+            }
+            None => {
+                for req in queued {
+                    fail(&self.hub_tx, &self.metrics, req).await;
+                }
+            }
+        }
+    }
+
+    async fn handle_placement_change(&mut self, change: PlacementChange) {
+        let p = match change {
+            PlacementChange::Placed(p) => p,
+            PlacementChange::Released(room) => {
+                self.follower.handle_released(&room);
+                if let Some(origin) = self.room_origin.get(&room) {
+                    tracing::info!(%room, origin = %origin.url(), "the room's placement was released");
+                }
+                return;
+            }
+        };
+        let current = self.room_origin.get(&p.room);
+        if current.is_none() && !self.placing.contains_key(&p.room) {
+            return; // not a room of this edge
+        }
+        let placed = match OriginAddr::parse(&p.url) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(room = %p.room, url = %p.url, error = %e, "a placement names an origin this edge cannot dial; ignoring it");
+                return;
+            }
+        };
+        let Follow::Move(to) = self
+            .follower
+            .handle_placed(&p.room, p.epoch, placed, current)
+        else {
+            return;
+        };
+        self.move_room(p.room, to, p.epoch).await;
+    }
+
+    /// Routes `room` to `to` from now on and has the hub rebuild it there; the room's
+    /// requests issued before its restore wait for it (`moving`).
+    async fn move_room(&mut self, room: RoomId, to: OriginAddr, epoch: u64) {
+        let from = self.room_origin.insert(room.clone(), to.clone());
+        self.metrics.rooms_moved.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%room, from = %from.as_ref().map(OriginAddr::url).unwrap_or_default(), to = %to.url(), epoch, "the room's placement moved: rebuilding it on its new origin");
+        let until = Instant::now() + RESTORE_HOLD;
+        self.moving
+            .entry(room.clone())
+            .or_insert_with(|| RestoreHold::new([room.clone()].into_iter().collect(), until))
+            .until = until;
+        self.link(&to);
+        if let Some(link) = self.up.get(&to) {
+            self.media.room_link(&room, *link);
+        }
+        // An origin no room goes to any more: drop its link (its task ends; a later room on
+        // it dials afresh, and that first attach loses nothing).
+        if let Some(from) = from {
+            if !self.room_origin.values().any(|o| *o == from) {
+                self.links.remove(&from);
+                self.up.remove(&from);
+                self.ever_attached.remove(&from);
+            }
+        }
+        let _ = self.hub_tx.send(FromOrigin::Lost(vec![room])).await;
+    }
+
+    /// Moved rooms whose restore never came (the hub had no replica): send what waited.
+    async fn release_expired_holds(&mut self, now: Instant) {
+        let expired: Vec<RoomId> = self
+            .moving
+            .iter()
+            .filter(|(_, h)| h.until <= now)
+            .map(|(r, _)| r.clone())
+            .collect();
+        for room in expired {
+            let held = self
+                .moving
+                .remove(&room)
+                .map(RestoreHold::release_all)
+                .unwrap_or_default();
+            tracing::warn!(%room, requests = held.len(), "no restore came for a moved room; sending its held requests");
+            match self.room_origin.get(&room).cloned() {
+                Some(origin) => {
+                    let link = self.link(&origin);
+                    for req in held {
+                        let _ = link.send(req).await;
+                    }
+                }
+                None => {
+                    for req in held {
+                        fail(&self.hub_tx, &self.metrics, req).await;
                     }
                 }
             }
         }
-    });
-    (to_origin, hub_rx)
+    }
+
+    async fn handle_attached(
+        &mut self,
+        origin: OriginAddr,
+        link: LinkId,
+        resumed: bool,
+        lost_to_link: Option<oneshot::Sender<HashSet<RoomId>>>,
+    ) {
+        self.up.insert(origin.clone(), link);
+        let first = self.ever_attached.insert(origin.clone());
+        let lost: Vec<RoomId> = if !resumed && !first {
+            self.room_origin
+                .iter()
+                .filter(|(_, o)| **o == origin)
+                .map(|(r, _)| r.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // The link learns the lost rooms before the hub does, so it holds their requests
+        // before any restore can come.
+        if let Some(tx) = lost_to_link {
+            let _ = tx.send(lost.iter().cloned().collect());
+        }
+        if !lost.is_empty() {
+            // The origin forgot us: the rooms it held for us are lost, and with placement they
+            // may live elsewhere now, so look them up again.
+            if matches!(self.directory, OriginDirectory::Placement { .. }) {
+                for r in &lost {
+                    self.room_origin.remove(r);
+                }
+            }
+            let _ = self.hub_tx.send(FromOrigin::Lost(lost)).await;
+        }
+        for (room, o) in &self.room_origin {
+            if *o == origin {
+                self.media.room_link(room, link);
+            }
+        }
+    }
+}
+
+/// Pause before re-reading the placements after the watch broke.
+const PLACEMENT_RESYNC_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Feeds the router every placement change: a snapshot, then the watch from the snapshot's
+/// revision on; a broken watch is followed by a new snapshot after a short pause. Ends with
+/// the router.
+async fn follow_placements(placer: Placer, router: mpsc::Sender<RouterInput>) {
+    loop {
+        match follow_placements_once(&placer, &router).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "placement watch broken; reading the placements again")
+            }
+        }
+        tokio::time::sleep(PLACEMENT_RESYNC_BACKOFF).await;
+    }
+}
+
+/// `Ok` when the router is gone; `Err` when the watch broke.
+async fn follow_placements_once(
+    placer: &Placer,
+    router: &mpsc::Sender<RouterInput>,
+) -> Result<(), control_plane::store::StoreError> {
+    use futures_util::StreamExt;
+    let (placements, revision) = placer.snapshot().await?;
+    let snapshot = placements
+        .into_iter()
+        .map(PlacementChange::Placed)
+        .collect();
+    if router
+        .send(RouterInput::Placements(snapshot))
+        .await
+        .is_err()
+    {
+        return Ok(());
+    }
+    let watch = placer
+        .watch(control_plane::store::Revision(revision.0 + 1))
+        .await?;
+    let mut watch = std::pin::pin!(watch);
+    while let Some(batch) = watch.next().await {
+        if router.send(RouterInput::Placements(batch?)).await.is_err() {
+            return Ok(());
+        }
+    }
+    Err(control_plane::store::StoreError::WatchLost {
+        reason: "placement watch ended".into(),
+    })
+}
+
+/// What a placement change means for a room this edge routes.
+#[derive(Debug, PartialEq, Eq)]
+enum Follow {
+    /// Nothing to do: the room stays where it is (or the change is older than what we know).
+    Stay,
+    /// The room lives on this other origin now.
+    Move(OriginAddr),
+}
+
+/// Decides which placement changes move a room (sans-IO). Placements come from two sources
+/// that race, the router's own lookups and the watch; the epoch orders them, so an older
+/// answer never moves a room back. A released placement starts over (its next epoch is 0).
+#[derive(Debug, Default)]
+struct PlacementFollower {
+    /// The newest placement seen per room this edge routes or is looking up.
+    newest: HashMap<RoomId, (u64, OriginAddr)>,
+}
+
+impl PlacementFollower {
+    /// A lookup answered `origin` at `epoch`: the origin to route to (a newer placement seen
+    /// while the lookup ran wins).
+    fn handle_lookup(&mut self, room: &RoomId, epoch: u64, origin: OriginAddr) -> OriginAddr {
+        match self.newest.get(room) {
+            Some((known, newer)) if *known > epoch => newer.clone(),
+            _ => {
+                self.newest.insert(room.clone(), (epoch, origin.clone()));
+                origin
+            }
+        }
+    }
+
+    /// The watch says the room is on `placed` at `epoch`; `current` is where the router sends
+    /// it now (`None`: still being looked up).
+    fn handle_placed(
+        &mut self,
+        room: &RoomId,
+        epoch: u64,
+        placed: OriginAddr,
+        current: Option<&OriginAddr>,
+    ) -> Follow {
+        if self
+            .newest
+            .get(room)
+            .is_some_and(|(known, _)| *known > epoch)
+        {
+            return Follow::Stay;
+        }
+        self.newest.insert(room.clone(), (epoch, placed.clone()));
+        match current {
+            Some(current) if *current != placed => Follow::Move(placed),
+            _ => Follow::Stay,
+        }
+    }
+
+    fn handle_released(&mut self, room: &RoomId) {
+        self.newest.remove(room);
+    }
 }
 
 fn spawn_link(
@@ -334,7 +638,13 @@ async fn run_link(
                     r = &mut attempt => break r,
                     req = requests.recv() => match req {
                         Some(req) => waiting.push(req),
-                        None => return,
+                        None => {
+                            // The router dropped this link (its rooms moved away).
+                            for req in waiting {
+                                fail(&hub, &metrics, req).await;
+                            }
+                            return;
+                        }
                     },
                 }
             }
@@ -390,7 +700,13 @@ async fn run_link(
                     lost = &mut rx => break lost.unwrap_or_default(),
                     req = requests.recv() => match req {
                         Some(req) => waiting.push(req),
-                        None => return,
+                        None => {
+                            for req in waiting {
+                                fail(&hub, &metrics, req).await;
+                            }
+                            metrics.links_up.fetch_sub(1, Ordering::Relaxed);
+                            return;
+                        }
                     },
                 }
             };
@@ -440,14 +756,16 @@ async fn run_link(
         .await;
         metrics.links_up.fetch_sub(1, Ordering::Relaxed);
         media.link_down(link_id);
-        let _ = router
-            .send(RouterInput::Down {
-                origin: origin.clone(),
-            })
-            .await;
         match reason {
-            None => return, // the hub is gone: the process is ending
+            // The router dropped this link (it already forgot the origin), or the process is
+            // ending.
+            None => return,
             Some(e) => {
+                let _ = router
+                    .send(RouterInput::Down {
+                        origin: origin.clone(),
+                    })
+                    .await;
                 tracing::warn!(origin = %origin.url(), link = link_id, error = %e, "origin link dropped; reconnecting")
             }
         }
@@ -485,7 +803,7 @@ async fn connect_and_attach(
     }
 }
 
-/// Relays until the link drops (`Some(why)`) or the hub is gone (`None`).
+/// Relays until the link drops (`Some(why)`) or the router or hub is gone (`None`).
 #[allow(clippy::too_many_arguments)]
 async fn relay(
     link: cascade_proto::quic::Link,
@@ -506,11 +824,14 @@ async fn relay(
     let (media_tx, mut media_rx) = mpsc::channel::<ControlMessage>(1024);
     media.link_up(link_id, &peer, media_tx, channel.clone());
     let mut unsent: Vec<EdgeToOrigin> = Vec::new();
+    let mut router_gone = false;
     let why = 'relay: loop {
         let held_until = hold.as_ref().map(|h| h.until);
         tokio::select! {
             req = requests.recv() => {
-                let req = req?;
+                // The router dropped this link (its rooms moved away, or the hub is gone):
+                // what is in flight here gets no answer any more.
+                let Some(req) = req else { router_gone = true; break 'relay String::new() };
                 let out = match hold.as_mut() {
                     Some(h) => h.admit(req),
                     None => vec![req],
@@ -586,7 +907,7 @@ async fn relay(
     for req in unsent.into_iter().chain(held) {
         fail(hub, metrics, req).await;
     }
-    Some(why)
+    (!router_gone).then_some(why)
 }
 
 /// Requests for the rooms an origin lost, held until each room's restore has gone (sans-IO:
@@ -720,6 +1041,60 @@ mod tests {
         }
         assert_eq!(ids(&hold.admit(restore(10, "b"))), vec![10, 2]);
         assert_eq!(ids(&hold.release_all()), vec![1, 3]);
+    }
+
+    fn origin(node: &str, port: u16) -> OriginAddr {
+        OriginAddr::parse(&format!("quic://{node}@127.0.0.1:{port}")).unwrap()
+    }
+
+    #[test]
+    fn a_newer_placement_on_another_origin_moves_the_room() {
+        let (a, b, c) = (
+            origin("origin-1", 1),
+            origin("origin-2", 2),
+            origin("origin-3", 3),
+        );
+        let mut f = PlacementFollower::default();
+        let r = room("r");
+        assert_eq!(f.handle_lookup(&r, 0, a.clone()), a);
+        // (epoch, placed on, routed to, expected)
+        let table = [
+            (0, &a, &a, Follow::Stay),            // the snapshot repeats the lookup
+            (1, &b, &a, Follow::Move(b.clone())), // the origin died: re-placed
+            (0, &a, &b, Follow::Stay),            // an old snapshot arriving late
+            (1, &b, &b, Follow::Stay),            // the same move seen twice
+            (2, &c, &b, Follow::Move(c.clone())), // and again
+        ];
+        for (epoch, placed, routed, want) in table {
+            assert_eq!(
+                f.handle_placed(&r, epoch, placed.clone(), Some(routed)),
+                want,
+                "epoch {epoch} on {} while routed to {}",
+                placed.url(),
+                routed.url()
+            );
+        }
+        // Released, then placed afresh (epoch 0 again): followed.
+        f.handle_released(&r);
+        assert_eq!(
+            f.handle_placed(&r, 0, a.clone(), Some(&c)),
+            Follow::Move(a.clone())
+        );
+    }
+
+    #[test]
+    fn a_move_seen_during_the_lookup_wins_over_its_older_answer() {
+        let (a, b) = (origin("origin-1", 1), origin("origin-2", 2));
+        let mut f = PlacementFollower::default();
+        let r = room("r");
+        assert_eq!(
+            f.handle_placed(&r, 3, b.clone(), None),
+            Follow::Stay,
+            "not routed yet: nothing to move"
+        );
+        assert_eq!(f.handle_lookup(&r, 2, a.clone()), b, "epoch 3 beats 2");
+        assert_eq!(f.handle_lookup(&room("s"), 0, a.clone()), a);
+        assert_eq!(f.handle_lookup(&r, 4, a.clone()), a, "a newer lookup wins");
     }
 
     #[test]
