@@ -719,27 +719,15 @@ async fn run_link(
             Some(h) => waiting.into_iter().flat_map(|r| h.admit(r)).collect(),
             None => waiting,
         };
-        let mut unsent = None;
-        for req in waiting {
-            if unsent.is_some() {
-                fail(&hub, &metrics, req).await;
-            } else if let Err(e) = link
-                .sender
-                .send(&ControlMessage::ToOrigin(req.clone()))
-                .await
-            {
-                fail(&hub, &metrics, req).await;
-                unsent = Some(e);
-            } else if let EdgeToOrigin::Request { id, .. } = req {
-                in_flight.insert(id);
-            }
-        }
-        if unsent.is_some() {
-            for req in hold
+        if let Err((_, rest)) =
+            send_requests(&mut link.sender, waiting, &mut in_flight, &hub, &metrics).await
+        {
+            // The link is already failing (relay sees it next): nothing more goes on it.
+            let held = hold
                 .take()
                 .map(RestoreHold::release_all)
-                .unwrap_or_default()
-            {
+                .unwrap_or_default();
+            for req in rest.into_iter().chain(held) {
                 fail(&hub, &metrics, req).await;
             }
         }
@@ -827,7 +815,7 @@ async fn relay(
     let mut router_gone = false;
     let why = 'relay: loop {
         let held_until = hold.as_ref().map(|h| h.until);
-        tokio::select! {
+        let to_send: Vec<EdgeToOrigin> = tokio::select! {
             req = requests.recv() => {
                 // The router dropped this link (its rooms moved away, or the hub is gone):
                 // what is in flight here gets no answer any more.
@@ -839,51 +827,33 @@ async fn relay(
                 if hold.as_ref().is_some_and(RestoreHold::is_done) {
                     hold = None;
                 }
-                let mut out = out.into_iter();
-                while let Some(req) = out.next() {
-                    let id = match &req { EdgeToOrigin::Request { id, .. } => Some(*id), _ => None };
-                    if let Err(e) = sender.send(&ControlMessage::ToOrigin(req)).await {
-                        if let Some(id) = id {
-                            metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                            let _ = hub.send(FromOrigin::Failed(id)).await;
-                        }
-                        unsent.extend(out);
-                        break 'relay e.to_string();
-                    }
-                    if let Some(id) = id { in_flight.insert(id); }
-                }
+                out
             }
             _ = tokio::time::sleep_until(held_until.unwrap_or_else(Instant::now)), if held_until.is_some() => {
                 // No restore came for some lost rooms (the hub had no replica of them): send
                 // what waited, as the origin would have seen it without the hold.
                 let released = hold.take().map(RestoreHold::release_all).unwrap_or_default();
                 tracing::warn!(link = link_id, requests = released.len(), "no restore came for a lost room; sending its held requests");
-                let mut out = released.into_iter();
-                while let Some(req) = out.next() {
-                    let id = match &req { EdgeToOrigin::Request { id, .. } => Some(*id), _ => None };
-                    if let Err(e) = sender.send(&ControlMessage::ToOrigin(req)).await {
-                        if let Some(id) = id {
-                            metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
-                            let _ = hub.send(FromOrigin::Failed(id)).await;
-                        }
-                        unsent.extend(out);
-                        break 'relay e.to_string();
-                    }
-                    if let Some(id) = id { in_flight.insert(id); }
-                }
+                released
             }
             Some(msg) = media_rx.recv() => {
                 if let Err(e) = sender.send(&msg).await { break e.to_string(); }
+                Vec::new()
             }
             msg = receiver.recv() => match msg {
                 Ok(ControlMessage::ToEdge(m)) => {
                     if let OriginToEdge::Reply { id, .. } = &m { in_flight.remove(id); }
                     if hub.send(FromOrigin::Message(m)).await.is_err() { return None; }
+                    Vec::new()
                 }
-                Ok(m) if is_media_control(&m) => media.on_control(link_id, m),
+                Ok(m) if is_media_control(&m) => {
+                    media.on_control(link_id, m);
+                    Vec::new()
+                }
                 Ok(ControlMessage::Goodbye { code, reason }) => break format!("origin said goodbye ({code:?}): {reason}"),
                 Ok(ControlMessage::Drain { deadline_ms }) => {
                     tracing::info!(link = link_id, deadline_ms, "origin draining");
+                    Vec::new()
                 }
                 Ok(other) => {
                     let reason = format!("an origin does not send {}", other.name());
@@ -896,6 +866,12 @@ async fn relay(
                 }
                 Err(e) => break e.to_string(),
             },
+        };
+        if let Err((why, rest)) =
+            send_requests(&mut sender, to_send, &mut in_flight, hub, metrics).await
+        {
+            unsent.extend(rest);
+            break why;
         }
     };
     channel.close(GoodbyeCode::ProtocolError, "control stream ended");
@@ -908,6 +884,35 @@ async fn relay(
         fail(hub, metrics, req).await;
     }
     (!router_gone).then_some(why)
+}
+
+/// Sends `reqs` in order, remembering the requests in flight. On a link error the failed
+/// request is reported to the hub, and the error and the requests not sent are returned.
+async fn send_requests(
+    sender: &mut cascade_proto::quic::ControlSender,
+    reqs: Vec<EdgeToOrigin>,
+    in_flight: &mut HashSet<RequestId>,
+    hub: &mpsc::Sender<FromOrigin>,
+    metrics: &UplinkMetrics,
+) -> Result<(), (String, Vec<EdgeToOrigin>)> {
+    let mut reqs = reqs.into_iter();
+    while let Some(req) = reqs.next() {
+        let id = match &req {
+            EdgeToOrigin::Request { id, .. } => Some(*id),
+            _ => None,
+        };
+        if let Err(e) = sender.send(&ControlMessage::ToOrigin(req)).await {
+            if let Some(id) = id {
+                metrics.requests_failed.fetch_add(1, Ordering::Relaxed);
+                let _ = hub.send(FromOrigin::Failed(id)).await;
+            }
+            return Err((e.to_string(), reqs.collect()));
+        }
+        if let Some(id) = id {
+            in_flight.insert(id);
+        }
+    }
+    Ok(())
 }
 
 /// Requests for the rooms an origin lost, held until each room's restore has gone (sans-IO:
