@@ -84,19 +84,18 @@ impl RecvBatch {
     /// Datagram `i` of the last batch: sender and bytes. `None` for truncated datagrams or
     /// addresses of other families.
     pub fn get(&self, i: usize) -> Option<(SocketAddr, &[u8])> {
-        if i >= self.len {
-            return None;
-        }
-        let m = &self.msgs[i];
-        if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-            return None;
-        }
-        let addr = from_storage(&self.addrs[i])?;
-        Some((addr, &self.bufs[i][..m.msg_len as usize]))
+        let (addr, len) = self.datagram(i)?;
+        Some((addr, &self.bufs[i][..len]))
     }
 
     /// As [`get`](Self::get), mutable: for decrypting a datagram where it was received.
     pub fn get_mut(&mut self, i: usize) -> Option<(SocketAddr, &mut [u8])> {
+        let (addr, len) = self.datagram(i)?;
+        Some((addr, &mut self.bufs[i][..len]))
+    }
+
+    /// Sender and length of datagram `i`, if it is whole and from an address we read.
+    fn datagram(&self, i: usize) -> Option<(SocketAddr, usize)> {
         if i >= self.len {
             return None;
         }
@@ -104,9 +103,7 @@ impl RecvBatch {
         if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
             return None;
         }
-        let addr = from_storage(&self.addrs[i])?;
-        let len = m.msg_len as usize;
-        Some((addr, &mut self.bufs[i][..len]))
+        Some((from_storage(&self.addrs[i])?, m.msg_len as usize))
     }
 }
 
