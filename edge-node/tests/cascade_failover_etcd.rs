@@ -160,35 +160,7 @@ async fn edges_follow_a_room_moved_onto_a_new_origin_and_the_meeting_carries_on(
     };
 
     // The control plane: its reassigner moves the rooms of a dead origin.
-    let cp_http = local(free_port());
-    let config = format!(
-        r#"http_listen = "{cp_http}"
-signing_keys = [{{ kid = "cp", seed_hex = "{}" }}]
-[etcd]
-endpoints = [{}]
-[api]
-api_keys = ["move-test-key"]
-[routing]
-default_region = "eu"
-"#,
-        "11".repeat(32),
-        etcd.endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    std::fs::write(dir.join("control-plane.toml"), config).unwrap();
-    let _cp = kcs(
-        &dir,
-        "control-plane",
-        &[
-            "control-plane".into(),
-            "--config".into(),
-            dir.join("control-plane.toml").display().to_string(),
-        ],
-    );
-    wait_healthy(cp_http).await;
+    let (_cp, _) = control_plane(&dir, &etcd.endpoints(), "").await;
 
     // Two origins in one region, both registered (placement picks one for the room).
     let mut origins: Vec<(&str, SocketAddr, Option<Proc>)> = Vec::new();

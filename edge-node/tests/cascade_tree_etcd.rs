@@ -100,38 +100,12 @@ async fn edges_follow_the_tree_in_etcd_and_a_killed_relay_is_replaced_by_the_ori
     let room = cascade_proto::RoomId::new("tree-etcd").unwrap();
 
     // The control plane: its tree keeper plans from presence and placements.
-    let cp_http = local(free_port());
-    let config = format!(
-        r#"http_listen = "{cp_http}"
-signing_keys = [{{ kid = "cp", seed_hex = "{}" }}]
-tree_fanout = 8
-[etcd]
-endpoints = [{}]
-[api]
-api_keys = ["tree-test-key"]
-[routing]
-default_region = "eu"
-[routing.latency_ms.eu]
-us = 40
-"#,
-        "11".repeat(32),
-        etcd.endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    std::fs::write(dir.join("control-plane.toml"), config).unwrap();
-    let _cp = kcs(
+    let (_cp, _) = control_plane(
         &dir,
-        "control-plane",
-        &[
-            "control-plane".into(),
-            "--config".into(),
-            dir.join("control-plane.toml").display().to_string(),
-        ],
-    );
-    wait_healthy(cp_http).await;
+        &etcd.endpoints(),
+        "tree_fanout = 8\n[routing.latency_ms.eu]\nus = 40",
+    )
+    .await;
 
     // The origin, registered in etcd (edges find it by placement).
     let (origin_port, origin_http) = (free_port(), local(free_port()));

@@ -304,6 +304,41 @@ pub async fn metric_at_least(addr: SocketAddr, name: &str, min: i64) {
     }
 }
 
+/// `kcs control-plane` on a free loopback port over the etcd at `endpoints`, signing with a
+/// fixed test key, default region eu; `extra` is appended to its TOML config (top-level keys
+/// first, then tables). Returns the process and its HTTP address, once healthy.
+pub async fn control_plane(
+    dir: &std::path::Path,
+    endpoints: &[String],
+    extra: &str,
+) -> (Proc, SocketAddr) {
+    let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    let config = format!(
+        "http_listen = \"{http}\"\n\
+         signing_keys = [{{ kid = \"cp\", seed_hex = \"{}\" }}]\n\
+         {extra}\n\
+         [etcd]\nendpoints = [{}]\n\
+         [api]\napi_keys = [\"test-key\"]\n\
+         [routing]\ndefault_region = \"eu\"\n",
+        "11".repeat(32),
+        endpoints.join(", ")
+    );
+    let path = dir.join("control-plane.toml");
+    std::fs::write(&path, config).unwrap();
+    let proc = kcs(
+        dir,
+        "control-plane",
+        &[
+            "control-plane".into(),
+            "--config".into(),
+            path.display().to_string(),
+        ],
+    );
+    wait_healthy(http).await;
+    (proc, http)
+}
+
 /// A WebSocket participant joined to `room` on the edge at `http`, there while the returned
 /// sender is held; sending on it or dropping it leaves the room.
 pub async fn ws_join(
