@@ -74,6 +74,76 @@ counters! {
     link_nacks_out => "cascade_nacks_out_total", "sequence numbers NACKed up cascade links";
 }
 
+/// Upper bounds of the [`Residence`] buckets, in microseconds: fine below the 5 ms the edge may
+/// add to a packet at half its capacity, coarse above.
+pub const RESIDENCE_BOUNDS_US: [u64; 13] = [
+    100, 250, 500, 1_000, 2_000, 3_000, 4_000, 5_000, 7_500, 10_000, 20_000, 50_000, 100_000,
+];
+const RESIDENCE_BUCKETS: usize = RESIDENCE_BOUNDS_US.len() + 1;
+
+/// A shard's own tally of how long media datagrams stayed in the edge: from the kernel's
+/// arrival stamp to the moment the copies they caused were handed to the kernel to send
+/// (socket queue, decryption, forwarding and encryption, batching). Folded into
+/// [`Residence`] on every tick, like [`ShardCounters`].
+#[derive(Debug, Default, Clone)]
+pub struct ShardResidence {
+    buckets: [u64; RESIDENCE_BUCKETS],
+    sum_us: u64,
+}
+
+impl ShardResidence {
+    pub fn observe(&mut self, stay: std::time::Duration) {
+        let us = stay.as_micros().min(u64::MAX as u128) as u64;
+        let i = RESIDENCE_BOUNDS_US.partition_point(|&b| b < us);
+        self.buckets[i] += 1;
+        self.sum_us += us;
+    }
+}
+
+/// Process-wide histogram of [`ShardResidence`]: `kcs_media_residence_seconds`.
+#[derive(Debug, Default)]
+pub struct Residence {
+    buckets: [AtomicU64; RESIDENCE_BUCKETS],
+    sum_us: AtomicU64,
+}
+
+impl Residence {
+    pub fn absorb(&self, s: &mut ShardResidence) {
+        for (total, n) in self.buckets.iter().zip(s.buckets) {
+            if n != 0 {
+                total.fetch_add(n, Relaxed);
+            }
+        }
+        self.sum_us.fetch_add(s.sum_us, Relaxed);
+        *s = ShardResidence::default();
+    }
+
+    fn render(&self, out: &mut String) {
+        let name = "kcs_media_residence_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} time from a media datagram's arrival (kernel stamp) to the hand-off of the copies it caused to the kernel"
+        );
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            cumulative += b.load(Relaxed);
+            match RESIDENCE_BOUNDS_US.get(i) {
+                Some(us) => {
+                    let le = *us as f64 / 1e6;
+                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+                }
+                None => {
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+                }
+            }
+        }
+        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}");
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
 /// Counters of the cascade links' media shell (`crate::cascade`).
 #[derive(Debug, Default)]
 pub struct CascadeLinkCounters {
@@ -126,6 +196,8 @@ pub struct TreeCounters {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub media: MediaCounters,
+    /// How long media datagrams stay in the edge (see [`ShardResidence`]).
+    pub residence: Residence,
     pub participants: AtomicI64,
     pub publications: AtomicI64,
     pub subscriptions: AtomicI64,
@@ -159,6 +231,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8192);
         self.media.render(&mut out);
+        self.residence.render(&mut out);
         for (name, help, v) in [
             (
                 "participants",
@@ -370,5 +443,33 @@ mod tests {
         assert!(text.contains("kcs_signaling_rejected_total{code=\"bad_request\"} 2\n"));
         assert!(text.contains("kcs_participants 4\n"));
         assert!(text.contains("# TYPE kcs_rtp_packets_in_total counter"));
+    }
+
+    #[test]
+    fn residence_buckets_are_cumulative_with_bounds_inclusive() {
+        use std::time::Duration;
+        let m = Metrics::default();
+        let mut s = ShardResidence::default();
+        for us in [50, 100, 101, 4_999, 5_000, 5_001, 200_000] {
+            s.observe(Duration::from_micros(us));
+        }
+        m.residence.absorb(&mut s);
+        m.residence.absorb(&mut s); // absorbed tallies are zeroed
+        let text = m.render();
+        let line = |le: &str| {
+            let key = format!("kcs_media_residence_seconds_bucket{{le=\"{le}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(key.as_str()))
+                .unwrap_or_else(|| panic!("no bucket {le} in\n{text}"))
+                .to_string()
+        };
+        assert_eq!(line("0.0001"), "2", "50 and 100 us");
+        assert_eq!(line("0.00025"), "3");
+        assert_eq!(line("0.005"), "5", "up to and including 5 ms");
+        assert_eq!(line("0.0075"), "6");
+        assert_eq!(line("0.1"), "6");
+        assert_eq!(line("+Inf"), "7");
+        assert!(text.contains("kcs_media_residence_seconds_count 7\n"));
+        assert!(text.contains("kcs_media_residence_seconds_sum 0.215251\n"));
     }
 }

@@ -31,5 +31,6 @@ pub mod roster;
 pub mod runner;
 pub mod scenario;
 pub mod sdp;
+pub mod server_metrics;
 pub mod signaling;
 pub mod stats;

@@ -2,6 +2,7 @@
 //! from anywhere) for people, and a short text summary for the terminal.
 
 use crate::scenario::Scenario;
+use crate::server_metrics::ResidenceSummary;
 use crate::stats::{Collector, Counters, Hist, Summary};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -67,6 +68,8 @@ pub struct CapacityStep {
     pub p99_ms: Option<f64>,
     pub failures: usize,
     pub pass: bool,
+    /// The edge's own delay over the step's measured part (its `/metrics`), when it has one.
+    pub edge_residence: Option<ResidenceSummary>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -102,6 +105,10 @@ pub struct Report {
     pub failures: Vec<String>,
     pub join: JoinReport,
     pub delay: Option<Summary>,
+    /// The edge's own share of the delay: how long media stayed in it, from the kernel's
+    /// arrival stamp to the hand-off of its copies (`kcs_media_residence_seconds`, scraped when
+    /// the joins were done and at the end). `None` for servers without that histogram.
+    pub edge_residence: Option<ResidenceSummary>,
     pub jitter: Option<Summary>,
     /// Packets never received / packets expected, over the whole run.
     pub loss: f64,
@@ -142,6 +149,11 @@ pub struct SignalingReport {
     pub roster_expected: usize,
 }
 
+/// A histogram bucket's upper bound in ms, or "over the last bucket".
+fn fmt_bound(ms: Option<f64>) -> String {
+    ms.map_or_else(|| "(beyond 100 ms)".into(), |ms| format!("{ms} ms"))
+}
+
 /// Send lag p99 above which the tool says it did not keep up: a frame late by more than this
 /// distorts the delay it measures.
 const LAG_LIMIT_MS: f64 = 10.0;
@@ -160,6 +172,7 @@ impl Report {
             failures: Vec::new(),
             join: JoinReport::default(),
             delay: None,
+            edge_residence: None,
             jitter: None,
             loss: 0.0,
             rx_kbps_mean: [0.0; 5],
@@ -337,6 +350,15 @@ impl Report {
         let _ = writeln!(s, "  join DTLS       {}", f(&self.join.dtls));
         let _ = writeln!(s, "  first media     {}", f(&self.join.first_media));
         let _ = writeln!(s, "  one-way delay   {}", f(&self.delay));
+        if let Some(r) = &self.edge_residence {
+            let _ = writeln!(
+                s,
+                "  edge's own share (kernel arrival to hand-off of the copies, {} packets): p50 <= {} p99 <= {}",
+                r.packets,
+                fmt_bound(r.p50_ms),
+                fmt_bound(r.p99_ms)
+            );
+        }
         let _ = writeln!(s, "  jitter          {}", f(&self.jitter));
         let _ = writeln!(
             s,

@@ -5,6 +5,7 @@
 use crate::participant::{self, Context, Spec};
 use crate::report::{CapacityStep, Report, Second, ServerSample};
 use crate::scenario::{Mode, Scenario};
+use crate::server_metrics::Residence;
 use crate::signaling::{self, ServerKind, Target, TokenSource};
 use crate::stats::{Collector, Hist, Shared};
 use edge_node::transport::dtls::DtlsCertificate;
@@ -270,6 +271,10 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
     let mut cap_step_expected = 0u64;
     let mut cap_step_lost = 0u64;
     let mut cap_step_failed_at_start = 0usize;
+    // The edge's residence histogram when a capacity step's measured part began, and when the
+    // joins were done (see crate::server_metrics).
+    let mut cap_step_residence: Option<Residence> = None;
+    let mut run_residence: Option<Residence> = None;
     let media_end: Option<Instant> = None;
     let mut media_end = media_end;
     let hard_limit = started
@@ -305,6 +310,12 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                     let pass = loss <= cap.max_loss
                         && p99.is_some_and(|p| p <= cap.max_p99_ms)
                         && failed_now == cap_step_failed_at_start;
+                    let edge_residence = match cap_step_residence.take() {
+                        Some(at_settle) => Residence::scrape(&target)
+                            .await
+                            .and_then(|r| r.since(&at_settle)),
+                        None => None,
+                    };
                     report.capacity_steps.push(CapacityStep {
                         viewers: cap_joined,
                         seconds: t.elapsed().as_secs_f64(),
@@ -312,6 +323,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                         p99_ms: p99,
                         failures: failed_now - cap_step_failed_at_start,
                         pass,
+                        edge_residence,
                     });
                     if !pass {
                         break Verdict::Done;
@@ -336,6 +348,9 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
             }
         } else if next_join >= schedule.len() && media_end.is_none() {
             media_end = Some(Instant::now() + scenario.duration);
+            if target.kind == ServerKind::Kcs {
+                run_residence = Residence::scrape(&target).await;
+            }
         }
 
         tokio::select! {
@@ -370,6 +385,9 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
             // Skip the start of a step (1.5 s, or half the step when longer): the step's joins
             // (a burst of ICE and DTLS handshakes on the tool's few threads) and the keyframes
             // they ask for settle. Steady forwarding is what the step measures.
+            if cap_step_residence.is_none() && target.kind == ServerKind::Kcs {
+                cap_step_residence = Residence::scrape(&target).await;
+            }
             cap_step_hist.merge(&delay_s.0);
             cap_step_expected += delay_s.1.expected;
             cap_step_lost += delay_s.1.net_lost();
@@ -461,6 +479,11 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                 break;
             }
         }
+    }
+    if let Some(start) = &run_residence {
+        report.edge_residence = Residence::scrape(&target)
+            .await
+            .and_then(|r| r.since(start));
     }
     if let Some(p) = &progress {
         p.finish_and_clear();

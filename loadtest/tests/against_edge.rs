@@ -323,10 +323,10 @@ fn a_relay_delay_shows_up_in_the_measured_delay() {
         let (out, report) = loadtest(&args, Duration::from_secs(90));
         let r = report.unwrap_or_else(|| panic!("no report: {}", text(&out)));
         assert!(out.status.success(), "{}", text(&out));
-        f(&r, &["delay", "p50"])
+        (f(&r, &["delay", "p50"]), r)
     };
-    let direct = run("d1", None);
-    let relayed = run("d2", Some(&relay_addr));
+    let (direct, _) = run("d1", None);
+    let (relayed, r) = run("d2", Some(&relay_addr));
     let _ = relay.kill();
     let _ = relay.wait();
     // Publisher -> relay -> edge and edge -> relay -> viewer: 20 ms each way.
@@ -338,6 +338,18 @@ fn a_relay_delay_shows_up_in_the_measured_delay() {
     assert!(
         added < 140.0,
         "measured {added:.1} ms added: far more than the relay's 40 ms"
+    );
+    // The edge's own share comes from its kernel arrival stamps: the relay's 20 ms on either
+    // side are in the participants' figure and not in the edge's.
+    let own = &r["edge_residence"];
+    assert!(
+        f(&r, &["edge_residence", "packets"]) > 100.0,
+        "the edge's histogram saw the media: {own}"
+    );
+    let own_p50 = f(&r, &["edge_residence", "p50_ms"]);
+    assert!(
+        own_p50 < 20.0,
+        "edge's own p50 <= {own_p50} ms of {relayed:.1} ms end to end: the path is not in it"
     );
 }
 

@@ -1643,6 +1643,11 @@ impl ShardCore {
     // ---- outputs ------------------------------------------------------------------------
 
     /// Moves queued datagrams into `out`.
+    /// Datagrams waiting for [`poll_transmits`](Self::poll_transmits).
+    pub fn queued_transmits(&self) -> usize {
+        self.transmits.len()
+    }
+
     pub fn poll_transmits(&mut self, out: &mut Vec<Transmit>) {
         out.append(&mut self.transmits);
     }

@@ -2,22 +2,52 @@
 //!
 //! A forwarder sends one packet to many different peers, which GSO (same destination only) does
 //! not batch; `sendmmsg` does. Buffers are allocated once per shard and reused.
+//!
+//! With [`enable_rx_timestamps`] on the socket, each received datagram carries the kernel's
+//! arrival time (`SO_TIMESTAMPNS`), so the shard can measure how long a packet stayed in the
+//! edge, socket queue included, which a timestamp taken after `recvmmsg` would miss.
 
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::RawFd;
+use std::time::{Duration, SystemTime};
 
 /// Datagrams read per `recvmmsg` call. 32 keeps the buffers (64 KiB) in L2.
 pub const BATCH: usize = 32;
 /// Largest datagram we accept; anything longer is truncated by the kernel and dropped by us.
 pub const MAX_DATAGRAM: usize = 2048;
 
+/// Control buffer per datagram: room for one `SCM_TIMESTAMPNS` (CMSG_SPACE(16) = 32 on 64-bit
+/// Linux) with margin; `u64`s keep it aligned for `cmsghdr`.
+type ControlBuf = [u64; 8];
+
+/// Asks the kernel to stamp every datagram `fd` receives with its arrival time (see
+/// [`RecvBatch::arrival`]).
+pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a plain setsockopt with an int option that outlives the call.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Reusable receive buffers for one shard.
 pub struct RecvBatch {
     bufs: Vec<[u8; MAX_DATAGRAM]>,
     addrs: Vec<libc::sockaddr_storage>,
     iovecs: Vec<libc::iovec>,
+    controls: Vec<ControlBuf>,
     msgs: Vec<libc::mmsghdr>,
     len: usize,
 }
@@ -38,6 +68,7 @@ impl RecvBatch {
             // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs; all-zero is valid.
             addrs: vec![unsafe { zeroed() }; BATCH],
             iovecs: vec![unsafe { zeroed() }; BATCH],
+            controls: vec![[0; 8]; BATCH],
             msgs: vec![unsafe { zeroed() }; BATCH],
             len: 0,
         };
@@ -51,16 +82,18 @@ impl RecvBatch {
             b.msgs[i].msg_hdr.msg_name = (&mut b.addrs[i] as *mut libc::sockaddr_storage).cast();
             b.msgs[i].msg_hdr.msg_iov = &mut b.iovecs[i];
             b.msgs[i].msg_hdr.msg_iovlen = 1;
+            b.msgs[i].msg_hdr.msg_control = b.controls[i].as_mut_ptr().cast();
         }
         b
     }
 
     /// Reads up to [`BATCH`] datagrams without blocking. `WouldBlock` when none is waiting.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        // The kernel writes back the address length and flags (and `msg_len`); the rest of each
-        // header stays as `new` set it.
+        // The kernel writes back the address and control lengths and the flags (and
+        // `msg_len`); the rest of each header stays as `new` set it.
         for m in &mut self.msgs {
             m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as u32;
+            m.msg_hdr.msg_controllen = size_of::<ControlBuf>() as _;
             m.msg_hdr.msg_flags = 0;
         }
         // SAFETY: msgs points at BATCH initialised headers whose buffers outlive the call.
@@ -92,6 +125,31 @@ impl RecvBatch {
     pub fn get_mut(&mut self, i: usize) -> Option<(SocketAddr, &mut [u8])> {
         let (addr, len) = self.datagram(i)?;
         Some((addr, &mut self.bufs[i][..len]))
+    }
+
+    /// When the kernel received datagram `i` of the last batch, if the socket stamps arrivals
+    /// ([`enable_rx_timestamps`]).
+    pub fn arrival(&self, i: usize) -> Option<SystemTime> {
+        if i >= self.len {
+            return None;
+        }
+        let hdr = &self.msgs[i].msg_hdr;
+        // SAFETY: the kernel filled msg_control up to msg_controllen with well-formed cmsgs in
+        // our own buffer; the CMSG_* macros stay inside it, and the payload is read unaligned.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts: libc::timespec =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
+                    return Some(
+                        SystemTime::UNIX_EPOCH + Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32),
+                    );
+                }
+                c = libc::CMSG_NXTHDR(hdr, c);
+            }
+        }
+        None
     }
 
     /// Sender and length of datagram `i`, if it is whole and from an address we read.
@@ -248,6 +306,48 @@ mod tests {
             let want: Vec<u8> = (0..40u8).filter(|&i| i as usize != at).collect();
             assert_eq!(got, want, "each other datagram arrives once, in order");
         }
+    }
+
+    #[test]
+    fn arrivals_are_stamped_by_the_kernel_only_when_asked() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_nonblocking(true).unwrap();
+        let to = b.local_addr().unwrap();
+        let mut batch = RecvBatch::new();
+
+        a.send_to(b"unstamped", to).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(batch.recv(b.as_raw_fd()).unwrap(), 1);
+        assert_eq!(batch.arrival(0), None);
+
+        enable_rx_timestamps(b.as_raw_fd()).unwrap();
+        // The kernel turns arrival stamping on with deferred work, so the first datagrams after
+        // the first socket asks may be stamped when read instead; a few tries cover that.
+        let mut queued_for = Duration::ZERO;
+        for _ in 0..20 {
+            let before = SystemTime::now();
+            a.send_to(b"stamped", to).unwrap();
+            // The datagram waits in the socket queue; its stamp is its arrival, not our read.
+            std::thread::sleep(Duration::from_millis(30));
+            let read_at = SystemTime::now();
+            assert_eq!(batch.recv(b.as_raw_fd()).unwrap(), 1);
+            assert_eq!(batch.get(0).unwrap().1, b"stamped");
+            let arrived = batch.arrival(0).expect("stamped");
+            assert!(
+                arrived >= before - Duration::from_millis(1),
+                "{arrived:?} vs {before:?}"
+            );
+            queued_for = read_at.duration_since(arrived).unwrap_or_default();
+            if queued_for >= Duration::from_millis(25) {
+                break;
+            }
+        }
+        assert!(
+            queued_for >= Duration::from_millis(25),
+            "the stamp is when the kernel queued it, {queued_for:?} before the read"
+        );
+        assert_eq!(batch.arrival(1), None, "past the batch");
     }
 
     #[test]
