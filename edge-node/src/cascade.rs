@@ -1041,9 +1041,7 @@ impl CascadeMedia {
             return;
         }
         let mut st = lock(&self.state);
-        let State {
-            relayed, links, ..
-        } = &mut *st;
+        let State { relayed, links, .. } = &mut *st;
         for (key, via) in fx.announce {
             if let Some(r) = relayed.get_mut(&key).filter(|r| r.via == Some(via)) {
                 r.announced = true;

@@ -430,7 +430,11 @@ fn demands(core: &mut ShardCore) -> Vec<u8> {
 fn layer_demand_follows_the_highest_max_layer_and_is_emitted_only_on_change() {
     let mut b = relayed_edge(3, &[0]);
     let now = b.now;
-    assert_eq!(demands(&mut b.core), vec![0b001], "the first subscriber wants layer 0");
+    assert_eq!(
+        demands(&mut b.core),
+        vec![0b001],
+        "the first subscriber wants layer 0"
+    );
     let set_max = |b: &mut Harness, sub: usize, max: u8| {
         b.core.handle_command(
             Command::SetMaxLayer {
@@ -441,8 +445,16 @@ fn layer_demand_follows_the_highest_max_layer_and_is_emitted_only_on_change() {
         );
         demands(&mut b.core)
     };
-    assert_eq!(set_max(&mut b, 0, 2), vec![0b111], "a bigger tile wants 0..=2");
-    assert_eq!(set_max(&mut b, 0, 2), Vec::<u8>::new(), "unchanged: nothing sent");
+    assert_eq!(
+        set_max(&mut b, 0, 2),
+        vec![0b111],
+        "a bigger tile wants 0..=2"
+    );
+    assert_eq!(
+        set_max(&mut b, 0, 2),
+        Vec::<u8>::new(),
+        "unchanged: nothing sent"
+    );
     assert_eq!(set_max(&mut b, 0, 1), vec![0b011], "a smaller tile narrows");
     // A max layer above what the publisher sends is capped at its top layer.
     assert_eq!(set_max(&mut b, 0, 7), vec![0b111]);
@@ -466,12 +478,8 @@ fn layer_demand_follows_the_highest_max_layer_and_is_emitted_only_on_change() {
         now,
     );
     assert_eq!(demands(&mut b.core), Vec::<u8>::new());
-    b.core.handle_command(
-        Command::RemoveSubscription {
-            id: relayed_sub(0),
-        },
-        now,
-    );
+    b.core
+        .handle_command(Command::RemoveSubscription { id: relayed_sub(0) }, now);
     assert_eq!(demands(&mut b.core), vec![0b001]);
     b.core.handle_command(
         Command::RemoveSubscription {
@@ -479,7 +487,11 @@ fn layer_demand_follows_the_highest_max_layer_and_is_emitted_only_on_change() {
         },
         now,
     );
-    assert_eq!(demands(&mut b.core), vec![0], "nobody consumes it: nothing wanted");
+    assert_eq!(
+        demands(&mut b.core),
+        vec![0],
+        "nobody consumes it: nothing wanted"
+    );
 }
 
 #[test]
@@ -498,7 +510,11 @@ fn layer_demand_is_empty_when_every_subscriber_paused_and_returns_on_resume() {
         demands(&mut b.core)
     };
     assert_eq!(pause(&mut b, 0, true), vec![0b001], "the big tile paused");
-    assert_eq!(pause(&mut b, 1, true), vec![0], "all paused: no layer crosses");
+    assert_eq!(
+        pause(&mut b, 1, true),
+        vec![0],
+        "all paused: no layer crosses"
+    );
     // A paused subscriber's max layer may change without waking the track.
     b.core.handle_command(
         Command::SetMaxLayer {
@@ -508,7 +524,11 @@ fn layer_demand_is_empty_when_every_subscriber_paused_and_returns_on_resume() {
         now,
     );
     assert_eq!(demands(&mut b.core), Vec::<u8>::new());
-    assert_eq!(pause(&mut b, 1, false), vec![0b011], "resumed at its new max");
+    assert_eq!(
+        pause(&mut b, 1, false),
+        vec![0b011],
+        "resumed at its new max"
+    );
 }
 
 #[test]
@@ -538,17 +558,21 @@ fn layer_demand_unites_child_edges_sinks_with_local_subscribers() {
         );
         demands(&mut b.core)
     };
-    assert_eq!(sink(&mut b, true, 2, 9), vec![0b101], "a child takes layer 2 too");
+    assert_eq!(
+        sink(&mut b, true, 2, 9),
+        vec![0b101],
+        "a child takes layer 2 too"
+    );
     assert_eq!(sink(&mut b, true, 0, 9), Vec::<u8>::new());
     assert_eq!(sink(&mut b, false, 2, 9), vec![0b001]);
     // Child sinks alone (no local subscriber) keep the track wanted, with layer 0.
-    b.core.handle_command(
-        Command::RemoveSubscription {
-            id: relayed_sub(0),
-        },
-        now,
+    b.core
+        .handle_command(Command::RemoveSubscription { id: relayed_sub(0) }, now);
+    assert_eq!(
+        demands(&mut b.core),
+        Vec::<u8>::new(),
+        "the child's layer 0 still"
     );
-    assert_eq!(demands(&mut b.core), Vec::<u8>::new(), "the child's layer 0 still");
     assert_eq!(sink(&mut b, true, 1, 10), vec![0b011]);
     assert_eq!(sink(&mut b, false, 0, 9), Vec::<u8>::new());
     assert_eq!(sink(&mut b, false, 1, 10), vec![0]);
