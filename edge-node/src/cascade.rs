@@ -31,8 +31,8 @@
 //!   every layer and narrow with `layer_demand` rather than subscribing only the wanted layers:
 //!   the flow stays bound while demand moves (an empty demand would otherwise be the last
 //!   `unsubscribe`, which ends the flow and, at a parent edge, the relayed publication it
-//!   holds), a wider demand costs upstream nothing but a message (no new subscription, no
-//!   keyframe storm), and upstream already honours it (the origin's relay, a parent edge's
+//!   holds), a change is one message whatever the number of layers it moves, and upstream
+//!   already honours it (the origin's relay, a parent edge's
 //!   sinks). The demand is kept per relayed publication and sent again after the `subscribe`s
 //!   of every new flow (a link back up, a move to another parent or origin: upstream then
 //!   starts from "all layers" for a moment, not for good). It goes out only once those
