@@ -23,6 +23,21 @@
 //!   batches ([`ShardInput::Relayed`]); the shard forwards them like any publication (selector,
 //!   rewrite, SRTP per subscriber). Its NACKs and keyframe requests come back as
 //!   [`CascadeRequest`]s and go up the link as `nack` / `keyframe_request`.
+//! - **Layer demand.** The shard also says which layers of a relayed publication anyone here
+//!   wants ([`CascadeRequest::LayerDemand`], the rule is on `ShardCore::layer_demand`: layers
+//!   up to the highest max layer of its unpaused subscribers, plus what child edges take, layer
+//!   0 whenever anyone consumes it, nothing when everyone paused) and this module sends it up
+//!   the flow as `layer_demand`, so the link carries only those layers. We keep subscribing
+//!   every layer and narrow with `layer_demand` rather than subscribing only the wanted layers:
+//!   the flow stays bound while demand moves (an empty demand would otherwise be the last
+//!   `unsubscribe`, which ends the flow and, at a parent edge, the relayed publication it
+//!   holds), a change is one message whatever the number of layers it moves, and upstream
+//!   already honours it (the origin's relay, a parent edge's
+//!   sinks). The demand is kept per relayed publication and sent again after the `subscribe`s
+//!   of every new flow (a link back up, a move to another parent or origin: upstream then
+//!   starts from "all layers" for a moment, not for good). It goes out only once those
+//!   subscribes are queued, and with `try_send` under the state lock, so upstream never sees
+//!   it for an unknown flow and the last one it sees is the current one.
 //!
 //! Along a room's fan-out tree ([`crate::tree`]) the same two directions serve more peers:
 //!
@@ -145,6 +160,15 @@ struct Relayed {
     layers: u8,
     /// Local consumers ([`CascadeMedia::ensure_remote`] minus `release_remote`).
     users: usize,
+    /// The layers wanted on this edge, as the shard last said
+    /// ([`CascadeRequest::LayerDemand`]); `None` until it says.
+    demand: Option<LayerSet>,
+    /// The demand sent upstream on the current flow (`None`: none yet, so upstream sends all
+    /// subscribed layers).
+    demand_sent: Option<LayerSet>,
+    /// The current flow's `subscribe`s are in the link's control queue, so a `layer_demand`
+    /// sent now reaches upstream after them (before, it would name an unknown flow there).
+    announced: bool,
 }
 
 struct LinkEntry {
@@ -184,6 +208,9 @@ struct State {
 struct Effects {
     commands: Vec<(usize, Command)>,
     control: Vec<(mpsc::Sender<ControlMessage>, ControlMessage)>,
+    /// Relayed publications subscribed on a new flow here: once the subscribes are queued,
+    /// their demand follows ([`CascadeMedia::apply`]).
+    announce: Vec<((RoomId, TrackId), (LinkId, FlowId))>,
 }
 
 /// What a link task posts from code that cannot await ([`CascadeMedia::post`]).
@@ -791,6 +818,9 @@ impl CascadeMedia {
                     via: None,
                     layers,
                     users: 1,
+                    demand: None,
+                    demand_sent: None,
+                    announced: false,
                 },
             );
             st.relayed_by_publication.insert(id, key);
@@ -868,6 +898,8 @@ impl CascadeMedia {
                 .get_mut(&(room.clone(), track))
                 .expect("listed above");
             r.via = Some((link, flow));
+            r.demand_sent = None;
+            r.announced = false;
             write(&self.links().flows).insert((link, flow), (r.shard, r.publication));
             for layer in (0..r.layers).filter_map(Layer::new) {
                 fx.control.push((
@@ -880,6 +912,7 @@ impl CascadeMedia {
                     },
                 ));
             }
+            fx.announce.push(((room.clone(), track), (link, flow)));
         }
     }
 
@@ -892,11 +925,20 @@ impl CascadeMedia {
         tokio::spawn(async move {
             while let Some(req) = rx.recv().await {
                 let Some(this) = this.upgrade() else { return };
+                if let CascadeRequest::LayerDemand {
+                    publication,
+                    layers,
+                } = req
+                {
+                    this.handle_layer_demand(publication, layers);
+                    continue;
+                }
                 let out = {
                     let st = lock(&this.state);
                     let publication = match &req {
                         CascadeRequest::Keyframe { publication, .. }
-                        | CascadeRequest::Nack { publication, .. } => *publication,
+                        | CascadeRequest::Nack { publication, .. }
+                        | CascadeRequest::LayerDemand { publication, .. } => *publication,
                     };
                     st.relayed_by_publication
                         .get(&publication)
@@ -923,12 +965,67 @@ impl CascadeMedia {
                             .collect(),
                         None => Vec::new(),
                     },
+                    CascadeRequest::LayerDemand { .. } => Vec::new(),
                 };
                 for m in msgs {
                     let _ = control.send(m).await;
                 }
             }
         });
+    }
+
+    /// A relayed publication's demand changed in its shard: remembered, and sent upstream on
+    /// its flow once that flow's subscribes are queued (else [`Self::apply`] sends it after
+    /// them).
+    fn handle_layer_demand(&self, publication: PublicationId, layers: LayerSet) {
+        let mut st = lock(&self.state);
+        let State {
+            relayed,
+            relayed_by_publication,
+            links,
+            ..
+        } = &mut *st;
+        let Some(r) = relayed_by_publication
+            .get(&publication)
+            .and_then(|key| relayed.get_mut(key))
+        else {
+            return;
+        };
+        r.demand = Some(layers);
+        if r.announced {
+            self.send_demand(r, links);
+        }
+    }
+
+    /// Sends `r`'s demand on its flow if upstream does not have it yet. Called under the state
+    /// lock with `try_send`, so demands reach the link's control queue in the order they were
+    /// decided (the last one sent is the current one). A full queue (the link is not draining
+    /// its control stream) drops it and counts a failure; the next change sends again.
+    fn send_demand(&self, r: &mut Relayed, links: &HashMap<LinkId, LinkEntry>) {
+        let (Some(demand), Some((link, flow))) = (r.demand, r.via) else {
+            return;
+        };
+        if r.demand_sent == Some(demand) {
+            return;
+        }
+        let Some(entry) = links.get(&link) else {
+            return;
+        };
+        let counters = &self.links().metrics.cascade;
+        match entry.control.try_send(ControlMessage::LayerDemand {
+            flow,
+            layers: demand,
+        }) {
+            Ok(()) => {
+                r.demand_sent = Some(demand);
+                counters.layer_demands_sent.fetch_add(1, Relaxed);
+                tracing::debug!(%link, %flow, layers = demand.0, "layer demand sent upstream");
+            }
+            Err(e) => {
+                counters.layer_demand_failures.fetch_add(1, Relaxed);
+                tracing::warn!(%link, %flow, error = %e, "layer demand not sent: link control queue");
+            }
+        }
     }
 
     async fn apply(&self, fx: Effects) {
@@ -938,6 +1035,17 @@ impl CascadeMedia {
         for (control, msg) in fx.control {
             if control.send(msg).await.is_err() {
                 tracing::debug!("cascade link control channel closed");
+            }
+        }
+        if fx.announce.is_empty() {
+            return;
+        }
+        let mut st = lock(&self.state);
+        let State { relayed, links, .. } = &mut *st;
+        for (key, via) in fx.announce {
+            if let Some(r) = relayed.get_mut(&key).filter(|r| r.via == Some(via)) {
+                r.announced = true;
+                self.send_demand(r, links);
             }
         }
     }
@@ -1115,6 +1223,7 @@ fn route(
         return;
     };
     let (layer, flags) = (d.layer.index(), d.flags);
+    links.metrics.cascade.relayed_datagrams_by_layer[usize::from(layer)].fetch_add(1, Relaxed);
     let offset = bytes.len() - d.rtp.len();
     batches.entry(shard).or_default().push(RelayedPacket {
         publication,

@@ -171,6 +171,13 @@ pub struct CascadeLinkCounters {
     pub parent_link_failures: AtomicU64,
     /// Rooms whose media fell back to the origin because their parent edge's link dropped.
     pub parent_fallbacks: AtomicU64,
+    /// `layer_demand` messages sent upstream for relayed publications.
+    pub layer_demands_sent: AtomicU64,
+    /// `layer_demand` messages not sent because the link's control queue was full or closed.
+    pub layer_demand_failures: AtomicU64,
+    /// Datagrams received from links for relayed publications, by simulcast layer (index =
+    /// layer): what each layer costs the links into this edge.
+    pub relayed_datagrams_by_layer: [AtomicU64; cascade_proto::link::MAX_LAYER as usize + 1],
 }
 
 /// Counters of the edge's membership in rooms' fan-out trees (`crate::membership`).
@@ -316,6 +323,16 @@ impl Metrics {
                 &self.cascade.parent_fallbacks,
             ),
             (
+                "cascade_layer_demands_sent_total",
+                "layer_demand messages sent upstream (the layers of relayed tracks wanted here)",
+                &self.cascade.layer_demands_sent,
+            ),
+            (
+                "cascade_layer_demand_failures_total",
+                "layer_demand messages dropped because the link's control queue was full or closed",
+                &self.cascade.layer_demand_failures,
+            ),
+            (
                 "tree_presence_writes_total",
                 "presence records written to etcd (coalesced per room)",
                 &self.tree.presence_writes,
@@ -349,6 +366,18 @@ impl Metrics {
             let _ = writeln!(out, "# HELP kcs_{name} {help}");
             let _ = writeln!(out, "# TYPE kcs_{name} counter");
             let _ = writeln!(out, "kcs_{name} {}", v.load(Relaxed));
+        }
+        let name = "kcs_cascade_relayed_datagrams_in_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} datagrams of relayed tracks received from cascade links, by simulcast layer"
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (layer, v) in self.cascade.relayed_datagrams_by_layer.iter().enumerate() {
+            let v = v.load(Relaxed);
+            if v > 0 || layer < 3 {
+                let _ = writeln!(out, "{name}{{layer=\"{layer}\"}} {v}");
+            }
         }
         for (name, help, v) in [
             (

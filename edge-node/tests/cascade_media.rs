@@ -6,7 +6,9 @@
 //! - datagrams the origin sends on that flow reach the room's shard as a relayed publication,
 //!   and a gap in them comes back up as a NACK;
 //! - a child that subscribes to that track gets the same RTP bytes, re-stamped with its flow;
-//! - when the upstream link drops the track stalls, and when it is back it is subscribed again.
+//! - the child wants layer 0 only, so the edge sends `layer_demand` {0} up the track's flow;
+//! - when the upstream link drops the track stalls, and when it is back it is subscribed again,
+//!   with the same demand right behind the new flow's subscribes.
 
 use cascade_proto::link::{
     ControlMessage, FlowId, Hello, Label, Layer, MediaDatagram, MediaFlags, NodeRole,
@@ -281,9 +283,15 @@ async fn remote_tracks_come_down_the_link_and_go_on_to_children() {
     assert_eq!(d.flow, child_flow, "re-stamped with the child's flow");
     let seq = u16::from_be_bytes([d.rtp[2], d.rtp[3]]);
     assert_eq!(d.rtp, rtp(seq).as_slice(), "the RTP packet is untouched");
-    let mut nacked = false;
-    while !nacked {
+    // The child takes layer 0 only, and no local subscriber wants more: the edge demands
+    // layer 0 of the track's flow upstream.
+    let (mut nacked, mut demanded) = (false, false);
+    while !(nacked && demanded) {
         match recv_control(&mut origin).await {
+            ControlMessage::LayerDemand { flow: f, layers } => {
+                assert_eq!((f, layers.0), (flow, 0b01), "layer 0 only");
+                demanded = true;
+            }
             ControlMessage::Nack {
                 flow: f,
                 layer,
@@ -338,6 +346,17 @@ async fn remote_tracks_come_down_the_link_and_go_on_to_children() {
     let _up_task = attach(cascade.clone(), upstream, edge_side);
     let flow_again = subscribes(&mut origin, &room, track, 2).await;
     assert_eq!(cascade.remote_is_live(&room, track), Some(true));
+    // The demand follows the new flow's subscribes: upstream does not fall back to every layer.
+    loop {
+        match recv_control(&mut origin).await {
+            ControlMessage::LayerDemand { flow: f, layers } => {
+                assert_eq!((f, layers.0), (flow_again, 0b01));
+                break;
+            }
+            ControlMessage::KeyframeRequest { .. } | ControlMessage::Nack { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
     // Media on the new flow reaches the child again.
     while child.media.recv().now_or_never_ready() {}
     let pump_origin = origin.media.clone();

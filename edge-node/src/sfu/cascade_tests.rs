@@ -19,11 +19,20 @@ fn flow(n: u32) -> FlowId {
 /// Edge B: a harness whose own publication is unused; its subscriber is moved onto a relayed
 /// publication with `layers` layers, at `max_layer`.
 fn edge_b(layers: u8, max_layer: u8) -> Harness {
-    let mut b = Harness::new(1, SrtpProfile::AeadAes128Gcm);
+    relayed_edge(layers, &[max_layer])
+}
+
+/// The subscription id of edge B's subscriber `i` on the relayed publication.
+fn relayed_sub(i: usize) -> SubscriptionId {
+    SubscriptionId(RELAYED_SUB.0 + i as u64)
+}
+
+/// Edge B with one subscriber per entry of `max_layers`, each moved onto a relayed publication
+/// with `layers` layers at that max layer (subscriber `i` is [`relayed_sub`]`(i)`). What the
+/// set-up emitted is drained.
+fn relayed_edge(layers: u8, max_layers: &[u8]) -> Harness {
+    let mut b = Harness::new(max_layers.len(), SrtpProfile::AeadAes128Gcm);
     let now = b.now;
-    let old = b.subscribers[0].subscription.take().unwrap();
-    b.core
-        .handle_command(Command::RemoveSubscription { id: old }, now);
     b.core.handle_command(
         Command::AddRelayedPublication {
             id: RELAYED_PUB,
@@ -36,26 +45,32 @@ fn edge_b(layers: u8, max_layer: u8) -> Harness {
         },
         now,
     );
-    let transport = b.subscribers[0].transport;
-    b.subscribers[0].out_ssrc = 0x3000_0000;
-    b.subscribers[0].subscription = Some(RELAYED_SUB);
-    b.core.handle_command(
-        Command::AddSubscription {
-            id: RELAYED_SUB,
-            spec: SubscriptionSpec {
-                transport,
-                publication: RELAYED_PUB,
-                mid: "0".into(),
-                ssrc: 0x3000_0000,
-                rtx_ssrc: None,
-                payload_type: VIDEO_PT,
-                rtx_payload_type: None,
-                max_layer: Some(SpatialLayer(max_layer)),
-                paused: false,
+    for (i, &max_layer) in max_layers.iter().enumerate() {
+        let old = b.subscribers[i].subscription.take().unwrap();
+        b.core
+            .handle_command(Command::RemoveSubscription { id: old }, now);
+        let transport = b.subscribers[i].transport;
+        let ssrc = 0x3000_0000 + i as u32;
+        b.subscribers[i].out_ssrc = ssrc;
+        b.subscribers[i].subscription = Some(relayed_sub(i));
+        b.core.handle_command(
+            Command::AddSubscription {
+                id: relayed_sub(i),
+                spec: SubscriptionSpec {
+                    transport,
+                    publication: RELAYED_PUB,
+                    mid: "0".into(),
+                    ssrc,
+                    rtx_ssrc: None,
+                    payload_type: VIDEO_PT,
+                    rtx_payload_type: None,
+                    max_layer: Some(SpatialLayer(max_layer)),
+                    paused: false,
+                },
             },
-        },
-        now,
-    );
+            now,
+        );
+    }
     b.drain();
     b
 }
@@ -390,4 +405,265 @@ fn relayed_packets_for_unknown_publications_are_counted_not_forwarded() {
     assert!(b.drain().is_empty());
     assert_eq!(b.core.counters.relayed_rejected, 4);
     assert_eq!(b.core.counters.relayed_in, 0);
+}
+
+// ---- layer demand ---------------------------------------------------------------------------
+
+/// The layer demands B emitted since the last call, as bit sets.
+fn demands(core: &mut ShardCore) -> Vec<u8> {
+    requests(core)
+        .into_iter()
+        .filter_map(|r| match r {
+            CascadeRequest::LayerDemand {
+                publication,
+                layers,
+            } => {
+                assert_eq!(publication, RELAYED_PUB);
+                Some(layers.0)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn layer_demand_follows_the_highest_max_layer_and_is_emitted_only_on_change() {
+    let mut b = relayed_edge(3, &[0]);
+    let now = b.now;
+    assert_eq!(
+        demands(&mut b.core),
+        vec![0b001],
+        "the first subscriber wants layer 0"
+    );
+    let set_max = |b: &mut Harness, sub: usize, max: u8| {
+        b.core.handle_command(
+            Command::SetMaxLayer {
+                id: relayed_sub(sub),
+                max: Some(SpatialLayer(max)),
+            },
+            now,
+        );
+        demands(&mut b.core)
+    };
+    assert_eq!(
+        set_max(&mut b, 0, 2),
+        vec![0b111],
+        "a bigger tile wants 0..=2"
+    );
+    assert_eq!(
+        set_max(&mut b, 0, 2),
+        Vec::<u8>::new(),
+        "unchanged: nothing sent"
+    );
+    assert_eq!(set_max(&mut b, 0, 1), vec![0b011], "a smaller tile narrows");
+    // A max layer above what the publisher sends is capped at its top layer.
+    assert_eq!(set_max(&mut b, 0, 7), vec![0b111]);
+    // A second subscriber at layer 0 changes nothing; the first leaving narrows to its 0.
+    let transport = b.subscribers[0].transport;
+    b.core.handle_command(
+        Command::AddSubscription {
+            id: SubscriptionId(7000),
+            spec: SubscriptionSpec {
+                transport,
+                publication: RELAYED_PUB,
+                mid: "1".into(),
+                ssrc: 0x3100_0000,
+                rtx_ssrc: None,
+                payload_type: VIDEO_PT,
+                rtx_payload_type: None,
+                max_layer: Some(SpatialLayer(0)),
+                paused: false,
+            },
+        },
+        now,
+    );
+    assert_eq!(demands(&mut b.core), Vec::<u8>::new());
+    b.core
+        .handle_command(Command::RemoveSubscription { id: relayed_sub(0) }, now);
+    assert_eq!(demands(&mut b.core), vec![0b001]);
+    b.core.handle_command(
+        Command::RemoveSubscription {
+            id: SubscriptionId(7000),
+        },
+        now,
+    );
+    assert_eq!(
+        demands(&mut b.core),
+        vec![0],
+        "nobody consumes it: nothing wanted"
+    );
+}
+
+#[test]
+fn layer_demand_is_empty_when_every_subscriber_paused_and_returns_on_resume() {
+    let mut b = relayed_edge(3, &[2, 0]);
+    let now = b.now;
+    assert_eq!(demands(&mut b.core).last(), Some(&0b111));
+    let pause = |b: &mut Harness, sub: usize, paused: bool| {
+        b.core.handle_command(
+            Command::SetPaused {
+                id: relayed_sub(sub),
+                paused,
+            },
+            now,
+        );
+        demands(&mut b.core)
+    };
+    assert_eq!(pause(&mut b, 0, true), vec![0b001], "the big tile paused");
+    assert_eq!(
+        pause(&mut b, 1, true),
+        vec![0],
+        "all paused: no layer crosses"
+    );
+    // A paused subscriber's max layer may change without waking the track.
+    b.core.handle_command(
+        Command::SetMaxLayer {
+            id: relayed_sub(1),
+            max: Some(SpatialLayer(1)),
+        },
+        now,
+    );
+    assert_eq!(demands(&mut b.core), Vec::<u8>::new());
+    assert_eq!(
+        pause(&mut b, 1, false),
+        vec![0b011],
+        "resumed at its new max"
+    );
+}
+
+#[test]
+fn layer_demand_unites_child_edges_sinks_with_local_subscribers() {
+    let mut b = relayed_edge(3, &[0]);
+    let now = b.now;
+    demands(&mut b.core);
+    let sink = |b: &mut Harness, add: bool, layer: u8, f: u32| {
+        let (publication, link, flow) = (RELAYED_PUB, LINK, flow(f));
+        b.core.handle_command(
+            if add {
+                Command::AddLinkSink {
+                    publication,
+                    layer,
+                    link,
+                    flow,
+                }
+            } else {
+                Command::RemoveLinkSink {
+                    publication,
+                    layer,
+                    link,
+                    flow,
+                }
+            },
+            now,
+        );
+        demands(&mut b.core)
+    };
+    assert_eq!(
+        sink(&mut b, true, 2, 9),
+        vec![0b101],
+        "a child takes layer 2 too"
+    );
+    assert_eq!(sink(&mut b, true, 0, 9), Vec::<u8>::new());
+    assert_eq!(sink(&mut b, false, 2, 9), vec![0b001]);
+    // Child sinks alone (no local subscriber) keep the track wanted, with layer 0.
+    b.core
+        .handle_command(Command::RemoveSubscription { id: relayed_sub(0) }, now);
+    assert_eq!(
+        demands(&mut b.core),
+        Vec::<u8>::new(),
+        "the child's layer 0 still"
+    );
+    assert_eq!(sink(&mut b, true, 1, 10), vec![0b011]);
+    assert_eq!(sink(&mut b, false, 0, 9), Vec::<u8>::new());
+    assert_eq!(sink(&mut b, false, 1, 10), vec![0]);
+}
+
+#[test]
+fn single_layer_and_local_publications_emit_no_layer_demand() {
+    // One layer (audio, plain video): nothing to narrow, so nothing is sent.
+    let mut b = relayed_edge(1, &[0]);
+    let now = b.now;
+    b.core.handle_command(
+        Command::SetPaused {
+            id: relayed_sub(0),
+            paused: true,
+        },
+        now,
+    );
+    assert!(demands(&mut b.core).is_empty());
+    // A local publication's link sinks are served from its publisher: no demand either.
+    let local = b.publication;
+    b.core.handle_command(
+        Command::AddLinkSink {
+            publication: local,
+            layer: 0,
+            link: LINK,
+            flow: flow(3),
+        },
+        now,
+    );
+    assert!(requests(&mut b.core).is_empty());
+}
+
+#[test]
+fn a_wider_demand_brings_the_higher_layer_to_a_growing_tile() {
+    // B's subscriber starts as a thumbnail: only layer 0 is demanded, so only layer 0 arrives.
+    let mut b = relayed_edge(3, &[0]);
+    assert_eq!(demands(&mut b.core), vec![0b001]);
+    let start = b.now;
+    let mut demanded = 0b001u8;
+    let mut seqs: [u16; 3] = [100, 5000, 9000];
+    let mut grew_at = None;
+    let mut first_top = None;
+    // 30 frames/s, keyframes every second on each layer; the tile grows at 2 s.
+    for frame in 0..240u32 {
+        let now = start + Duration::from_millis(u64::from(frame) * 33);
+        if frame == 60 {
+            b.core.handle_command(
+                Command::SetMaxLayer {
+                    id: relayed_sub(0),
+                    max: Some(SpatialLayer(2)),
+                },
+                now,
+            );
+            grew_at = Some(now);
+        }
+        // What upstream sends follows the demand B sent it.
+        if let Some(&d) = demands(&mut b.core).last() {
+            demanded = d;
+        }
+        for layer in 0..3u8 {
+            if demanded & (1 << layer) == 0 {
+                continue;
+            }
+            let keyframe = frame % 30 == 0;
+            let pkt = relayed_vp8(layer, seqs[usize::from(layer)], frame * 3000, keyframe);
+            seqs[usize::from(layer)] = seqs[usize::from(layer)].wrapping_add(1);
+            let flags = MediaFlags {
+                keyframe,
+                end_of_frame: true,
+                retransmission: false,
+            };
+            b.core.handle_relayed(RELAYED_PUB, layer, flags, &pkt, now);
+        }
+        b.core.handle_timeout(now);
+        let out = b.drain();
+        for (_, payload) in received(&mut b, &out) {
+            let layer = payload[2] - 0xa0;
+            assert!(
+                grew_at.is_some() || layer == 0,
+                "only layer 0 before the tile grows"
+            );
+            if layer == 2 && first_top.is_none() {
+                first_top = Some(now);
+            }
+        }
+    }
+    assert_eq!(demanded, 0b111, "the grown tile demands every layer");
+    let took = first_top.expect("layer 2 reaches the subscriber") - grew_at.unwrap();
+    println!("layer 2 reached the subscriber {took:?} after the tile grew");
+    assert!(
+        took <= Duration::from_secs(5),
+        "within a few keyframe intervals (simulated time): {took:?}"
+    );
 }

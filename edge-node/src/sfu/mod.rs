@@ -28,7 +28,7 @@ use crate::transport::dtls::SrtpKeys;
 use crate::transport::ice::{IceCredentials, IceEvent, IceLite, StunOutcome};
 use crate::transport::srtp::SrtpSession;
 use bytes::Bytes;
-pub use cascade_proto::link::{FlowId, MediaFlags};
+pub use cascade_proto::link::{FlowId, LayerSet, MediaFlags};
 pub use cascade_proto::relay::LinkId;
 use kcs_media::bwe::{BweConfig, SendSideBwe};
 use kcs_media::cache::{PacketCache, SentPacket, Sequencer};
@@ -264,6 +264,14 @@ pub enum CascadeRequest {
         layer: u8,
         seqs: Vec<u16>,
     },
+    /// The layers of a relayed publication wanted on this edge changed (see
+    /// [`ShardCore::layer_demand`] for the rule); the cascade sends `layer_demand` upstream so
+    /// the other layers stop crossing the link. Emitted only on change, never for a
+    /// publication with one layer.
+    LayerDemand {
+        publication: PublicationId,
+        layers: LayerSet,
+    },
 }
 
 /// Stands for "no transport" in the spec of a relayed publication.
@@ -358,6 +366,9 @@ struct Publication {
     /// Packets come from a cascade link ([`Command::AddRelayedPublication`]).
     relayed: bool,
     sinks: Vec<LinkSink>,
+    /// Of a relayed publication: the layer demand last emitted ([`CascadeRequest::LayerDemand`]);
+    /// `None` until the first (upstream then sends every layer).
+    demand: Option<LayerSet>,
 }
 
 struct Subscription {
@@ -546,6 +557,8 @@ impl ShardCore {
                     s.spec.paused = paused;
                     s.selector
                         .set_max_layer(if paused { None } else { s.spec.max_layer });
+                    let publication = s.spec.publication;
+                    self.update_layer_demand(publication);
                 }
             }
             Command::SetMaxLayer { id, max } => {
@@ -554,6 +567,8 @@ impl ShardCore {
                     if !s.spec.paused {
                         s.selector.set_max_layer(max);
                     }
+                    let publication = s.spec.publication;
+                    self.update_layer_demand(publication);
                 }
             }
             Command::AddRelayedPublication { id, spec } => self.add_relayed_publication(id, spec),
@@ -569,6 +584,7 @@ impl ShardCore {
                         p.sinks.push(sink);
                     }
                 }
+                self.update_layer_demand(publication);
             }
             Command::RemoveLinkSink {
                 publication,
@@ -579,6 +595,7 @@ impl ShardCore {
                 if let Some(p) = self.publications.get_mut(&publication) {
                     p.sinks.retain(|s| *s != LinkSink { layer, link, flow });
                 }
+                self.update_layer_demand(publication);
             }
             Command::RequestKeyframe { publication, layer } => {
                 if let Some(l) = self
@@ -1750,6 +1767,7 @@ impl ShardCore {
                 muted: false,
                 relayed: false,
                 sinks: Vec::new(),
+                demand: None,
             },
         );
     }
@@ -1786,6 +1804,7 @@ impl ShardCore {
                 muted: false,
                 relayed: true,
                 sinks: Vec::new(),
+                demand: None,
             },
         );
     }
@@ -1815,6 +1834,7 @@ impl ShardCore {
     }
 
     fn add_subscription(&mut self, id: SubscriptionId, spec: SubscriptionSpec, now: Instant) {
+        let publication = spec.publication;
         let (Some(p), Some(t)) = (
             self.publications.get_mut(&spec.publication),
             self.transports.get_mut(&spec.transport),
@@ -1857,6 +1877,7 @@ impl ShardCore {
                 shed: false,
             },
         );
+        self.update_layer_demand(publication);
     }
 
     fn remove_subscription(&mut self, id: SubscriptionId) {
@@ -1870,6 +1891,63 @@ impl ShardCore {
             t.subscriptions.retain(|x| *x != id);
             t.out_ssrcs.retain(|_, x| *x != id);
         }
+        self.update_layer_demand(s.spec.publication);
+    }
+
+    /// The layers of a relayed publication wanted downstream of this edge, or `None` for a
+    /// local publication or one with a single layer (audio, plain video: nothing to narrow).
+    ///
+    /// The rule (after LiveKit's dynacast): layers `0..=M`, where `M` is the highest
+    /// `max_layer` among the publication's subscriptions that are not paused, united with the
+    /// layers child edges' link sinks take. Every layer below `M` is wanted, not only `M`,
+    /// because a subscriber's selector chooses among the layers *being received* (bitrate
+    /// known): asking only for what selectors currently forward would deadlock, as a layer not
+    /// demanded is not received, so no selector ever targets it, so it is never demanded. The
+    /// max layer is the subscriber's wish (its tile), not the bandwidth allocator's choice, for
+    /// the same reason. Layer 0 is wanted whenever anyone consumes the track (the down-switch
+    /// fallback); nobody consuming (all paused, no sinks) is the empty set.
+    pub fn layer_demand(&self, id: PublicationId) -> Option<LayerSet> {
+        let p = self.publications.get(&id)?;
+        if !p.relayed || p.layers.len() <= 1 {
+            return None;
+        }
+        let top = p.layers.len() as u8 - 1;
+        let local = p
+            .subscribers
+            .iter()
+            .filter_map(|sid| self.subscriptions.get(sid))
+            .filter(|s| !s.spec.paused)
+            .filter_map(|s| s.spec.max_layer)
+            .map(|m| m.0.min(top))
+            .max();
+        let mut bits = local.map_or(0u8, |m| ((1u16 << (m + 1)) - 1) as u8);
+        for sink in &p.sinks {
+            if sink.layer <= top {
+                bits |= 1 << sink.layer;
+            }
+        }
+        if bits != 0 {
+            bits |= 1;
+        }
+        Some(LayerSet(bits))
+    }
+
+    /// Emits a [`CascadeRequest::LayerDemand`] when a relayed publication's demand changed.
+    fn update_layer_demand(&mut self, id: PublicationId) {
+        let Some(demand) = self.layer_demand(id) else {
+            return;
+        };
+        let Some(p) = self.publications.get_mut(&id) else {
+            return;
+        };
+        if p.demand == Some(demand) {
+            return;
+        }
+        p.demand = Some(demand);
+        self.cascade_requests.push(CascadeRequest::LayerDemand {
+            publication: id,
+            layers: demand,
+        });
     }
 
     fn remove_transport(&mut self, id: TransportId) {

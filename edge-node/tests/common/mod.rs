@@ -84,6 +84,18 @@ pub async fn publisher_as(
     origin: &OriginAddr,
     room: &RoomId,
 ) -> TrackId {
+    publisher_with_layers(creds, node, origin, room, 2).await
+}
+
+/// [`publisher_as`] publishing `layers` simulcast layers. Like an old edge, it ignores
+/// `layer_demand` and sends every layer subscribed (the origin's relay does the narrowing).
+pub async fn publisher_with_layers(
+    creds: &NodeCredentials,
+    node: &str,
+    origin: &OriginAddr,
+    room: &RoomId,
+    layers: u8,
+) -> TrackId {
     let ep = raw_endpoint_with(creds, node, NodeRole::Edge);
     let mut link = ep.connect(origin.addr, &origin.node).await.unwrap();
     let send = |id: u64, intent: Intent| {
@@ -122,7 +134,7 @@ pub async fn publisher_as(
                     participant: s.you.id,
                     source: TrackSource::Camera,
                     codec: "VP8".into(),
-                    layers: 2,
+                    layers,
                 };
                 link.sender.send(&send(2, publish)).await.unwrap();
             }
