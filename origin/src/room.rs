@@ -7,13 +7,25 @@
 //! in a pending batch that goes out as one event at the next [`Room::flush_presence`] (the
 //! origin calls it on a short tick), or just before any other room event so order holds. A room
 //! of N participants thus costs O(N) presence messages per batch window rather than O(N²).
+//!
+//! Batching alone is not enough for a town hall: at 180 joins a second into 10,000 sessions
+//! the batches still carry joins/s x sessions entries. So a room with more participants than
+//! [`RoomConfig::full_presence_up_to`] turns *large* ([`PresenceMode::Interesting`]) for the
+//! rest of its life. Then only *interesting* participants (hosts, co-hosts, presenters,
+//! publishers, raised hands) have their joins listed; everyone else is counted, in a
+//! `ParticipantCount` event at most once per [`COUNT_INTERVAL_MS`]. The room remembers whom
+//! it has *announced* (whose entry went out): someone who becomes interesting later is
+//! announced just before the event that made them so, an announced participant's leave is
+//! always listed, and nobody else's ever is. The mode latches (a room that shrinks stays
+//! large) so a client never has to rebuild a roster it was told not to keep; `room:members`
+//! pages through everyone in either mode.
 
 use cascade_proto::room::{
-    Action, Audience, ChatMessage, EdgeId, Intent, ParticipantInfo, Reply, RoomError, RoomEvent,
-    RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
+    Action, Audience, ChatMessage, EdgeId, Intent, ParticipantInfo, PresenceMode, Reply,
+    RoomError, RoomEvent, RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
 };
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 mod restore;
 pub use restore::RESTORE_GRACE_MS;
@@ -33,6 +45,12 @@ pub struct RoomConfig {
     pub roster_page: u32,
     /// Guests waiting in the lobby at most (default 1,000).
     pub max_waiting: u32,
+    /// Participants up to which every join and leave is listed to everyone (default 500).
+    /// Beyond it the room is large for the rest of its life: only interesting participants
+    /// are listed and the size goes out as a count (see the module docs). 500 keeps a meeting
+    /// people actually look down the list of on full presence, while a town hall's join storm
+    /// (joins/s x sessions entries) stops long before it costs an edge megabits per second.
+    pub full_presence_up_to: u32,
 }
 
 impl Default for RoomConfig {
@@ -44,6 +62,7 @@ impl Default for RoomConfig {
             chat_on_join: 50,
             roster_page: 100,
             max_waiting: 1_000,
+            full_presence_up_to: 500,
         }
     }
 }
@@ -52,6 +71,10 @@ impl Default for RoomConfig {
 pub const MAX_CHAT_CHARS: usize = 2000;
 /// Largest roster page a client may ask for.
 pub const MAX_ROSTER_PAGE: u32 = 500;
+/// Least time between two `ParticipantCount` events of a large room: a join storm then costs
+/// each session one small event a second, while a count a second behind is still one a
+/// person reads as current.
+pub const COUNT_INTERVAL_MS: u64 = 1_000;
 /// The reactions a client may send.
 pub const REACTIONS: [&str; 6] = ["👍", "❤️", "😂", "😮", "👏", "🎉"];
 
@@ -138,6 +161,16 @@ pub struct Room {
     settings: RoomSettings,
     pending_joined: Vec<ParticipantInfo>,
     pending_left: Vec<ParticipantId>,
+    /// Latches to `Interesting` once the room outgrows `full_presence_up_to`.
+    presence: PresenceMode,
+    /// Participants whose entry went out (in a batch or a join snapshot) and who are still
+    /// here: exactly those whose leave is listed.
+    announced: BTreeSet<ParticipantId>,
+    /// The last `ParticipantCount` sent and when (`None`: none yet in this mode, the next
+    /// flush sends one at once).
+    count_sent: Option<(u32, u64)>,
+    /// Latest time an input carried (Unix ms), for count coalescing outside the tick.
+    clock_ms: u64,
     next_participant: u64,
     next_track: u64,
     next_chat: u64,
@@ -165,6 +198,10 @@ impl Room {
             settings: RoomSettings::default(),
             pending_joined: Vec::new(),
             pending_left: Vec::new(),
+            presence: PresenceMode::Full,
+            announced: BTreeSet::new(),
+            count_sent: None,
+            clock_ms: 0,
             next_participant: 1,
             next_track: 1,
             next_chat: 1,
@@ -194,6 +231,16 @@ impl Room {
         self.participants.len()
     }
 
+    /// Which presence mode holds (see the module docs).
+    pub fn presence(&self) -> PresenceMode {
+        self.presence
+    }
+
+    /// Participants whose entries went out and who have not left.
+    pub fn announced(&self) -> impl Iterator<Item = ParticipantId> + '_ {
+        self.announced.iter().copied()
+    }
+
     /// Guests waiting in the lobby.
     pub fn waiting(&self) -> impl Iterator<Item = &ParticipantInfo> {
         self.waiting.values()
@@ -215,6 +262,7 @@ impl Room {
     /// Applies one intent from `edge` at `now_ms` (Unix milliseconds, for chat timestamps).
     /// A refused intent changes nothing and emits no event.
     pub fn handle(&mut self, edge: EdgeId, intent: Intent, now_ms: u64) -> (Reply, Events) {
+        self.clock_ms = self.clock_ms.max(now_ms);
         let mut events = Vec::new();
         let reply = match self.apply(edge, intent, now_ms, &mut events) {
             Ok(reply) => reply,
@@ -226,35 +274,98 @@ impl Room {
         (reply, events)
     }
 
-    /// Sends the pending joins and leaves as (at most) two batched events.
-    pub fn flush_presence(&mut self) -> Events {
+    /// Sends the pending joins and leaves as (at most) two batched events and, in a large room,
+    /// the room's size if it changed and the last count is [`COUNT_INTERVAL_MS`] old at
+    /// `now_ms` (Unix milliseconds; the origin's tick).
+    pub fn flush_presence(&mut self, now_ms: u64) -> Events {
+        self.clock_ms = self.clock_ms.max(now_ms);
         let mut events = Vec::new();
         self.flush_into(&mut events);
+        if let Some((sent, at)) = self.count_sent {
+            let count = self.participants.len() as u32;
+            if count != sent && self.clock_ms >= at + COUNT_INTERVAL_MS && !self.participants.is_empty() {
+                self.push_count(&mut events);
+            }
+        }
         events
     }
 
+    /// Whether a participant's presence matters to everyone in a large room: a moderator or
+    /// presenter, a publisher, or a raised hand.
+    fn is_interesting(&self, p: ParticipantId) -> bool {
+        self.participants.get(&p).is_some_and(|m| {
+            matches!(m.info.role, Role::Host | Role::CoHost | Role::Presenter)
+                || self.hands.contains(&p)
+                || self.tracks.values().any(|t| t.participant == p)
+        })
+    }
+
+    /// Makes sure everyone knows the name behind `p` before an event that names them: in a
+    /// large room someone not yet announced gets a `ParticipantsJoined` entry in the next
+    /// flush (which the caller's `emit` does at once).
+    fn announce(&mut self, p: ParticipantId) {
+        if self.presence == PresenceMode::Full || !self.announced.insert(p) {
+            return;
+        }
+        if self.pending_joined.iter().any(|q| q.id == p) {
+            return;
+        }
+        if let Some(m) = self.participants.get(&p) {
+            self.pending_joined.push(m.info.clone());
+        }
+    }
+
+    /// Turns the room large once it outgrows the threshold (for good: see the module docs).
+    fn check_size(&mut self) {
+        if self.presence == PresenceMode::Full
+            && self.participants.len() > self.config.full_presence_up_to as usize
+        {
+            tracing::info!(room = %self.id, participants = self.participants.len(),
+                threshold = self.config.full_presence_up_to,
+                "room is large: listing interesting participants only, counting the rest");
+            self.presence = PresenceMode::Interesting;
+        }
+    }
+
+    fn push_count(&mut self, events: &mut Events) {
+        let count = self.participants.len() as u32;
+        self.count_sent = Some((count, self.clock_ms));
+        self.push_to(
+            RoomEventBody::ParticipantCount { count },
+            Audience::All,
+            self.edges(),
+            events,
+        );
+    }
+
     fn flush_into(&mut self, events: &mut Events) {
+        if self.presence == PresenceMode::Interesting
+            && self.count_sent.is_none()
+            && self.restoring.is_none()
+            && !self.participants.is_empty()
+        {
+            // The first count tells clients the mode changed, before any entry they would
+            // otherwise count as a newcomer.
+            self.push_count(events);
+        }
         if self.pending_joined.is_empty() && self.pending_left.is_empty() {
             return;
         }
-        // A guest who came and went within one window is news to no one.
         let left = std::mem::take(&mut self.pending_left);
         let mut joined = std::mem::take(&mut self.pending_joined);
-        let gone_before_told: Vec<ParticipantId> = joined
-            .iter()
-            .filter(|p| left.contains(&p.id))
-            .map(|p| p.id)
-            .collect();
-        joined.retain(|p| !gone_before_told.contains(&p.id));
-        let left: Vec<ParticipantId> = left
-            .into_iter()
-            .filter(|p| !gone_before_told.contains(p))
-            .collect();
+        let full = self.presence == PresenceMode::Full;
+        // Pending joins are of present participants only (a leave takes its pending join
+        // back); a large room lists the interesting ones and those announced on purpose.
+        joined.retain(|p| {
+            self.participants.contains_key(&p.id)
+                && (full || self.announced.contains(&p.id) || self.is_interesting(p.id))
+        });
         // Refresh roles changed since the join was queued.
         for p in &mut joined {
             if let Some(m) = self.participants.get(&p.id) {
                 *p = m.info.clone();
             }
+            self.announced.insert(p.id);
         }
         if !joined.is_empty() {
             self.push_to(
@@ -336,6 +447,7 @@ impl Room {
                 };
                 self.next_track += 1;
                 self.tracks.insert(track.id, track.clone());
+                self.announce(participant);
                 self.emit(RoomEventBody::TrackPublished(track.clone()), events);
                 if source == TrackSource::Screen {
                     self.emit(
@@ -418,6 +530,13 @@ impl Room {
                 status,
             } => {
                 self.member(participant)?;
+                if self.presence == PresenceMode::Interesting
+                    && !self.announced.contains(&participant)
+                {
+                    // Nobody was told of this participant, so nobody needs its connection's
+                    // state (and a large room's reconnect wave would be presence again).
+                    return Ok(Reply::Done);
+                }
                 self.emit(
                     RoomEventBody::ParticipantStatus {
                         participant,
@@ -518,6 +637,7 @@ impl Room {
                     .expect("checked above")
                     .info
                     .role = role;
+                self.announce(target);
                 self.emit(
                     RoomEventBody::RoleChanged {
                         participant: target,
@@ -640,6 +760,7 @@ impl Room {
                 self.member(participant)?;
                 if !self.hands.contains(&participant) {
                     self.hands.push(participant);
+                    self.announce(participant);
                     self.emit_hand(participant, participant, true, events);
                 }
                 Ok(Reply::Done)
@@ -750,6 +871,9 @@ impl Room {
                 }
                 if let Some(s) = spotlight {
                     self.settings.spotlight = s;
+                    if let Some(p) = s {
+                        self.announce(p);
+                    }
                 }
                 self.emit(
                     RoomEventBody::Layout {
@@ -811,6 +935,7 @@ impl Room {
                 host_muted: [false; 2],
             },
         );
+        self.check_size();
     }
 
     fn admit(&mut self, waiting: ParticipantId, events: &mut Events) -> Result<(), RoomError> {
@@ -848,13 +973,9 @@ impl Room {
         chat.reverse();
         RoomSnapshot {
             you: you.clone(),
-            participants: self
-                .participants
-                .values()
-                .take(self.config.roster_page as usize)
-                .map(|m| m.info.clone())
-                .collect(),
+            participants: self.snapshot_roster(),
             participant_count: self.participants.len() as u32,
+            presence: self.presence,
             tracks: self.tracks.values().cloned().collect(),
             chat,
             hands: self.hands.clone(),
@@ -866,6 +987,31 @@ impl Room {
             },
             seq: self.seq,
         }
+    }
+
+    /// The roster a snapshot lists: the first page in full presence; in a large room the
+    /// announced participants, interesting ones first when they do not all fit a page.
+    fn snapshot_roster(&self) -> Vec<ParticipantInfo> {
+        if self.presence == PresenceMode::Full {
+            return self
+                .participants
+                .values()
+                .take(self.config.roster_page as usize)
+                .map(|m| m.info.clone())
+                .collect();
+        }
+        let bound = MAX_ROSTER_PAGE as usize;
+        let (mut ids, rest): (Vec<ParticipantId>, Vec<ParticipantId>) = self
+            .announced
+            .iter()
+            .partition(|p| self.is_interesting(**p));
+        ids.truncate(bound);
+        ids.extend(rest.into_iter().take(bound - ids.len()));
+        ids.sort();
+        ids.iter()
+            .filter_map(|p| self.participants.get(p))
+            .map(|m| m.info.clone())
+            .collect()
     }
 
     fn remove_member(&mut self, participant: ParticipantId, events: &mut Events) {
@@ -883,10 +1029,17 @@ impl Room {
             self.settings.spotlight = None;
         }
         self.participants.remove(&participant);
-        self.pending_left.push(participant);
+        if self.announced.remove(&participant) {
+            self.pending_left.push(participant);
+        } else {
+            // Never listed (came and went within one window, or not interesting in a large
+            // room): its leave is news to no one.
+            self.pending_joined.retain(|p| p.id != participant);
+        }
         if self.participants.is_empty() {
             self.pending_joined.clear();
             self.pending_left.clear();
+            self.announced.clear();
             self.push_to(
                 RoomEventBody::RoomClosed { by: None },
                 Audience::All,
@@ -1145,7 +1298,7 @@ mod tests {
         let a = join(&mut r, "a", Role::Host);
         let v = join(&mut r, "v", Role::Viewer);
         assert_eq!(r.seq(), 0, "joins wait for the presence batch");
-        let ev = r.flush_presence();
+        let ev = r.flush_presence(1_000);
         assert_eq!(seqs(&ev), vec![1], "two joins, one event");
         let RoomEventBody::ParticipantsJoined(ref ps) = ev[0].0.body else {
             panic!()
@@ -1177,7 +1330,7 @@ mod tests {
             vec![3],
             "track unpublished now, the leave batched"
         );
-        let ev = r.flush_presence();
+        let ev = r.flush_presence(1_000);
         assert_eq!(seqs(&ev), vec![4]);
         assert!(matches!(&ev[0].0.body, RoomEventBody::ParticipantsLeft(l) if l == &vec![a]));
         assert_eq!(r.tracks().count(), 0);
@@ -1203,7 +1356,7 @@ mod tests {
         join(&mut r, "b", Role::Attendee);
         let b = ParticipantId(2);
         ask(&mut r, Intent::Leave { participant: b });
-        assert!(r.flush_presence().is_empty());
+        assert!(r.flush_presence(1_000).is_empty());
     }
 
     #[test]
@@ -1248,7 +1401,7 @@ mod tests {
         let mut r = room();
         let h = join(&mut r, "h", Role::Host);
         let g = join(&mut r, "g", Role::Attendee);
-        r.flush_presence();
+        r.flush_presence(1_000);
         let seq = r.seq();
         let intents = [
             Intent::MuteRemote {
