@@ -526,4 +526,80 @@ mod tests {
         t.on_local_left(&room(), ParticipantId(2));
         assert!(t.replica(&room()).is_none());
     }
+
+    #[test]
+    fn presence_mode_and_the_announced_follow_the_stream() {
+        let mut t = ReplicaTracker::new();
+        // Joined a full-presence room: the snapshot's first page was listed to us.
+        t.on_reply(
+            &room(),
+            &joined(person(2, Role::Attendee), vec![person(1, Role::Host)], 3),
+        );
+        let r = t.replica(&room()).unwrap();
+        assert_eq!(r.presence, PresenceMode::Full);
+        assert_eq!(r.announced, vec![ParticipantId(1), ParticipantId(2)]);
+        // The room turns large: its first count says so. An attendee raises a hand and is
+        // announced; a page of members is known, not announced.
+        t.on_event(&event(4, RoomEventBody::ParticipantCount { count: 700 }));
+        t.on_event(&event(
+            5,
+            RoomEventBody::ParticipantsJoined(vec![person(40, Role::Attendee)]),
+        ));
+        t.on_reply(
+            &room(),
+            &Reply::Members {
+                participants: vec![person(41, Role::Attendee)],
+                next: None,
+                count: 700,
+            },
+        );
+        t.on_event(&event(
+            6,
+            RoomEventBody::ParticipantsLeft(vec![ParticipantId(1)]),
+        ));
+        let r = t.replica(&room()).unwrap();
+        assert_eq!(r.presence, PresenceMode::Interesting);
+        assert_eq!(r.announced, vec![ParticipantId(2), ParticipantId(40)]);
+        assert!(r.known.contains(&ParticipantId(41)));
+
+        // Another edge joins the large room: its snapshot says the mode; its own participant
+        // is not announced to anyone.
+        let mut other = ReplicaTracker::new();
+        other.on_reply(
+            &room(),
+            &Reply::Joined(Box::new(RoomSnapshot {
+                you: person(800, Role::Attendee),
+                participants: vec![person(40, Role::Attendee)],
+                participant_count: 800,
+                presence: PresenceMode::Interesting,
+                tracks: vec![],
+                chat: vec![],
+                hands: vec![ParticipantId(40)],
+                settings: RoomSettings::default(),
+                lobby: vec![],
+                seq: 9,
+            })),
+        );
+        let r = other.replica(&room()).unwrap();
+        assert_eq!(r.presence, PresenceMode::Interesting);
+        assert_eq!(r.announced, vec![ParticipantId(40)]);
+        assert_eq!(r.known, vec![ParticipantId(40), ParticipantId(800)]);
+
+        // A replica of an edge that predates presence modes decodes as full, none announced.
+        let mut json = serde_json::to_value(&r).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("presence");
+        fields.remove("announced");
+        let old: RoomReplica = serde_json::from_value(json).unwrap();
+        assert_eq!(old.presence, PresenceMode::Full);
+        assert!(old.announced.is_empty());
+        // And a snapshot from an origin before them is full presence.
+        let Reply::Joined(s) = joined(person(2, Role::Host), vec![], 1) else {
+            unreachable!()
+        };
+        let mut json = serde_json::to_value(&*s).unwrap();
+        json.as_object_mut().unwrap().remove("presence");
+        let old: RoomSnapshot = serde_json::from_value(json).unwrap();
+        assert_eq!(old.presence, PresenceMode::Full);
+    }
 }

@@ -1918,4 +1918,353 @@ mod tests {
         assert_eq!(refused(reply), "room_full");
         assert!(ev.is_empty());
     }
+
+    // --- presence in large rooms -------------------------------------------------------------
+
+    fn large_room(threshold: u32) -> Room {
+        Room::new(
+            RoomId::new("r").unwrap(),
+            RoomConfig {
+                full_presence_up_to: threshold,
+                ..RoomConfig::default()
+            },
+        )
+    }
+
+    /// Ids listed in `ParticipantsJoined` entries.
+    fn joined_ids(events: &Events) -> Vec<ParticipantId> {
+        events
+            .iter()
+            .filter_map(|(e, _)| match &e.body {
+                RoomEventBody::ParticipantsJoined(ps) => Some(ps.iter().map(|p| p.id)),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn left_ids(events: &Events) -> Vec<ParticipantId> {
+        events
+            .iter()
+            .filter_map(|(e, _)| match &e.body {
+                RoomEventBody::ParticipantsLeft(ps) => Some(ps.iter().copied()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn counts(events: &Events) -> Vec<u32> {
+        events
+            .iter()
+            .filter_map(|(e, _)| match e.body {
+                RoomEventBody::ParticipantCount { count } => Some(count),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kinds(events: &Events) -> Vec<&'static str> {
+        events
+            .iter()
+            .map(|(e, _)| match e.body {
+                RoomEventBody::ParticipantsJoined(_) => "joined",
+                RoomEventBody::ParticipantsLeft(_) => "left",
+                RoomEventBody::ParticipantCount { .. } => "count",
+                RoomEventBody::Hand { .. } => "hand",
+                RoomEventBody::TrackPublished(_) => "published",
+                RoomEventBody::RoleChanged { .. } => "role",
+                RoomEventBody::Layout { .. } => "layout",
+                RoomEventBody::ParticipantStatus { .. } => "status",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    fn at(r: &mut Room, intent: Intent, now_ms: u64) -> (Reply, Events) {
+        r.handle(E, intent, now_ms)
+    }
+
+    fn join_at(r: &mut Room, who: &str, role: Role, now_ms: u64) -> ParticipantId {
+        match at(r, join_intent(who, role), now_ms).0 {
+            Reply::Joined(s) => s.you.id,
+            other => panic!("join refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_large_room_counts_attendees_instead_of_listing_each_join() {
+        let mut r = large_room(10);
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        let mut all = r.flush_presence(0);
+        assert_eq!(joined_ids(&all), vec![host]);
+        // 50 attendees over five 200 ms windows: the room turns large in the first.
+        let mut t = 0;
+        for batch in 0..5 {
+            for i in 0..10 {
+                join_at(&mut r, &format!("a{batch}-{i}"), Role::Attendee, t + 10);
+            }
+            t += 200;
+            all.extend(r.flush_presence(t));
+        }
+        t += 200;
+        all.extend(r.flush_presence(t));
+        assert_eq!(r.presence(), PresenceMode::Interesting);
+        assert_eq!(
+            joined_ids(&all),
+            vec![host],
+            "no attendee is listed, not even those who joined while the room was small"
+        );
+        // The switch is told at once, then at most one count a second: at 200 ms and 1200 ms.
+        assert_eq!(counts(&all), vec![11, 51]);
+        assert_eq!(
+            seqs(&all),
+            (1..=all.len() as u64).collect::<Vec<_>>(),
+            "counts are room events in the sequence"
+        );
+        assert!(r.flush_presence(t + 5_000).is_empty(), "unchanged: no count");
+        // A joiner is told the mode, the size and who was announced.
+        let (reply, _) = at(&mut r, join_intent("late", Role::Attendee), t + 5_100);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(s.presence, PresenceMode::Interesting);
+        assert_eq!(s.participant_count, 52);
+        assert_eq!(
+            s.participants.iter().map(|p| p.id).collect::<Vec<_>>(),
+            vec![host]
+        );
+        assert_eq!(counts(&r.flush_presence(t + 5_200)), vec![52]);
+    }
+
+    #[test]
+    fn becoming_interesting_announces_first_and_announced_leaves_are_listed() {
+        let mut r = large_room(3);
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        let ids: Vec<ParticipantId> = (0..6)
+            .map(|i| join_at(&mut r, &format!("a{i}"), Role::Attendee, 0))
+            .collect();
+        r.flush_presence(0);
+        let [hand, publisher, promoted, spotlit, quiet, reconnecting] = ids[..] else {
+            unreachable!()
+        };
+
+        // A raised hand: the entry comes just before the hand event, and only once.
+        let (_, ev) = at(&mut r, Intent::RaiseHand { participant: hand }, 100);
+        assert_eq!(kinds(&ev), vec!["joined", "hand"]);
+        assert_eq!(joined_ids(&ev), vec![hand]);
+        let (_, ev) = at(
+            &mut r,
+            Intent::LowerHand {
+                participant: hand,
+                target: hand,
+            },
+            110,
+        );
+        assert_eq!(kinds(&ev), vec!["hand"]);
+        let (_, ev) = at(&mut r, Intent::RaiseHand { participant: hand }, 120);
+        assert_eq!(kinds(&ev), vec!["hand"], "announced already");
+
+        // Publishing: a viewer may not, an attendee may (mic).
+        let (_, ev) = at(
+            &mut r,
+            Intent::Publish {
+                participant: publisher,
+                source: TrackSource::Microphone,
+                codec: "opus".into(),
+                layers: 1,
+            },
+            130,
+        );
+        assert_eq!(kinds(&ev), vec!["joined", "published"]);
+        assert_eq!(joined_ids(&ev), vec![publisher]);
+
+        // A promotion.
+        let (_, ev) = at(
+            &mut r,
+            Intent::SetRole {
+                participant: host,
+                target: promoted,
+                role: Role::Presenter,
+            },
+            140,
+        );
+        assert_eq!(kinds(&ev), vec!["joined", "role"]);
+        let RoomEventBody::ParticipantsJoined(ref entry) = ev[0].0.body else {
+            panic!()
+        };
+        assert_eq!(entry[0].role, Role::Presenter, "the entry says the new role");
+
+        // A spotlight names someone: they are announced too.
+        let (_, ev) = at(
+            &mut r,
+            Intent::SetLayout {
+                participant: host,
+                layout: None,
+                spotlight: Some(Some(spotlit)),
+            },
+            150,
+        );
+        assert_eq!(kinds(&ev), vec!["joined", "layout"]);
+
+        // The connection state of someone nobody knows goes nowhere; of someone known, out.
+        let (reply, ev) = at(
+            &mut r,
+            Intent::SetStatus {
+                participant: reconnecting,
+                status: PresenceStatus::Reconnecting,
+            },
+            160,
+        );
+        assert_eq!(reply, Reply::Done);
+        assert!(ev.is_empty(), "{ev:?}");
+        let (_, ev) = at(
+            &mut r,
+            Intent::SetStatus {
+                participant: hand,
+                status: PresenceStatus::Reconnecting,
+            },
+            170,
+        );
+        assert_eq!(kinds(&ev), vec!["status"]);
+
+        // Leaves: the announced are listed, the quiet attendee is only counted.
+        for p in [hand, quiet, publisher] {
+            at(&mut r, Intent::Leave { participant: p }, 200);
+        }
+        let ev = r.flush_presence(2_000);
+        assert_eq!(left_ids(&ev), vec![hand, publisher]);
+        assert_eq!(counts(&ev), vec![r.participant_count() as u32]);
+        let announced: Vec<ParticipantId> = r.announced().collect();
+        assert_eq!(announced, vec![host, promoted, spotlit]);
+
+        // An interesting joiner is listed; one who came and went within a window is not.
+        let presenter = join_at(&mut r, "presenter", Role::Presenter, 2_100);
+        let gone = join_at(&mut r, "cohost", Role::CoHost, 2_100);
+        at(&mut r, Intent::Leave { participant: gone }, 2_150);
+        let ev = r.flush_presence(2_200);
+        assert_eq!(joined_ids(&ev), vec![presenter]);
+        assert!(left_ids(&ev).is_empty());
+    }
+
+    #[test]
+    fn counts_are_coalesced_to_one_a_second_and_end_on_the_final_size() {
+        let mut r = large_room(2);
+        for i in 0..3 {
+            join_at(&mut r, &format!("a{i}"), Role::Attendee, 0);
+        }
+        let mut sent: Vec<(u64, u32)> = Vec::new();
+        let mut t = 0;
+        let mut record = |r: &mut Room, t: u64| {
+            for c in counts(&r.flush_presence(t)) {
+                sent.push((t, c));
+            }
+        };
+        // A join every 100 ms for 3 s, flushed every 200 ms; then 2 s of quiet.
+        while t < 3_000 {
+            t += 100;
+            join_at(&mut r, &format!("j{t}"), Role::Attendee, t);
+            if t % 200 == 0 {
+                record(&mut r, t);
+            }
+        }
+        while t < 5_000 {
+            t += 200;
+            record(&mut r, t);
+        }
+        assert!(sent.len() >= 3, "{sent:?}");
+        for w in sent.windows(2) {
+            assert!(w[1].0 - w[0].0 >= COUNT_INTERVAL_MS, "{sent:?}");
+            assert_ne!(w[1].1, w[0].1, "never the same count twice: {sent:?}");
+        }
+        assert_eq!(
+            sent.last().unwrap().1,
+            r.participant_count() as u32,
+            "the last count is the room's size"
+        );
+    }
+
+    #[test]
+    fn a_small_room_lists_everyone_and_never_counts() {
+        let mut r = room();
+        let host = join(&mut r, "host", Role::Host);
+        let mut all = Vec::new();
+        let mut ids = vec![host];
+        for i in 0..50 {
+            ids.push(join_at(&mut r, &format!("a{i}"), Role::Attendee, i * 100));
+            if i % 10 == 9 {
+                all.extend(r.flush_presence(i * 100 + 50));
+            }
+        }
+        assert_eq!(joined_ids(&all), ids);
+        assert!(counts(&all).is_empty());
+        at(&mut r, Intent::Leave { participant: ids[3] }, 6_000);
+        let ev = r.flush_presence(6_100);
+        assert_eq!(left_ids(&ev), vec![ids[3]]);
+        assert!(counts(&ev).is_empty());
+        let (reply, _) = at(&mut r, join_intent("late", Role::Attendee), 6_200);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(s.presence, PresenceMode::Full);
+        assert_eq!(s.participants.len(), 51, "the first page, as before");
+    }
+
+    #[test]
+    fn a_large_room_stays_large_when_it_shrinks() {
+        let mut r = large_room(2);
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        let a = join_at(&mut r, "a", Role::Attendee, 0);
+        let b = join_at(&mut r, "b", Role::Attendee, 0);
+        assert_eq!(counts(&r.flush_presence(0)), vec![3]);
+        at(&mut r, Intent::Leave { participant: a }, 10);
+        at(&mut r, Intent::Leave { participant: b }, 10);
+        let ev = r.flush_presence(1_000);
+        assert!(left_ids(&ev).is_empty(), "a and b were never listed");
+        assert_eq!(counts(&ev), vec![1]);
+        assert_eq!(r.presence(), PresenceMode::Interesting);
+        let (reply, _) = at(&mut r, join_intent("c", Role::Attendee), 1_100);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(s.presence, PresenceMode::Interesting, "the mode latches");
+        assert_eq!(
+            s.participants.iter().map(|p| p.id).collect::<Vec<_>>(),
+            vec![host]
+        );
+    }
+
+    #[test]
+    fn a_large_snapshot_lists_at_most_a_page_of_announced_interesting_first() {
+        let mut r = large_room(0);
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        // Past one page of announced participants.
+        let n = MAX_ROSTER_PAGE + 19;
+        for i in 0..n {
+            join_at(&mut r, &format!("p{i}"), Role::Presenter, 0);
+        }
+        r.flush_presence(0);
+        assert_eq!(r.announced().count(), n as usize + 1);
+        // Demoted presenters stay announced but are no longer interesting.
+        for i in 0..30u64 {
+            at(
+                &mut r,
+                Intent::SetRole {
+                    participant: host,
+                    target: ParticipantId(host.0 + 1 + i),
+                    role: Role::Attendee,
+                },
+                10,
+            );
+        }
+        let last = ParticipantId(host.0 + u64::from(n));
+        let (reply, _) = at(&mut r, join_intent("x", Role::Attendee), 20);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(s.participants.len(), MAX_ROSTER_PAGE as usize);
+        assert!(s.participants.iter().any(|p| p.id == last));
+        let demoted_listed = s
+            .participants
+            .iter()
+            .filter(|p| p.role == Role::Attendee)
+            .count();
+        assert_eq!(
+            demoted_listed, 10,
+            "interesting first (the host and 489 presenters), then 10 of the 30 demoted"
+        );
+        assert!(s.participants.windows(2).all(|w| w[0].id < w[1].id), "by id");
+    }
 }
