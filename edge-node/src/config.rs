@@ -430,13 +430,23 @@ mod tests {
             config: Some(path.clone()),
             ..Default::default()
         };
-        assert_eq!(from_file.resolve().unwrap().room_config().full_presence_up_to, 40);
+        assert_eq!(
+            from_file
+                .resolve()
+                .unwrap()
+                .room_config()
+                .full_presence_up_to,
+            40
+        );
         let flagged = EdgeArgs {
             config: Some(path),
             full_presence_up_to: Some(7),
             ..Default::default()
         };
-        assert_eq!(flagged.resolve().unwrap().room_config().full_presence_up_to, 7);
+        assert_eq!(
+            flagged.resolve().unwrap().room_config().full_presence_up_to,
+            7
+        );
         let dir2 = tempfile::tempdir().unwrap();
         let origin_path = dir2.path().join("origin.toml");
         std::fs::write(&origin_path, "full_presence_up_to = 12\n").unwrap();
@@ -444,12 +454,18 @@ mod tests {
             config: Some(origin_path),
             ..Default::default()
         };
-        assert_eq!(origin.resolve().unwrap().room_config().full_presence_up_to, 12);
+        assert_eq!(
+            origin.resolve().unwrap().room_config().full_presence_up_to,
+            12
+        );
         let flagged = OriginArgs {
             full_presence_up_to: Some(3),
             ..Default::default()
         };
-        assert_eq!(flagged.resolve().unwrap().room_config().full_presence_up_to, 3);
+        assert_eq!(
+            flagged.resolve().unwrap().room_config().full_presence_up_to,
+            3
+        );
     }
 
     #[test]

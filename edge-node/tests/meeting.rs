@@ -1080,7 +1080,11 @@ async fn a_large_room_counts_attendees_and_announces_the_interesting() {
         .map(|p| p["id"].as_u64().unwrap())
         .collect();
     named.sort();
-    assert_eq!(named, vec![hid, small[0], small[1]], "the announced, not a3");
+    assert_eq!(
+        named,
+        vec![hid, small[0], small[1]],
+        "the announced, not a3"
+    );
     let count = h.event("participant:count").await;
     assert_eq!(
         (&count["participantCount"], &count["presence"]),
@@ -1092,10 +1096,8 @@ async fn a_large_room_counts_attendees_and_announces_the_interesting() {
     h.event_where("participant:count", |e| e["participantCount"] == 6)
         .await;
     assert!(
-        !h.events
-            .iter()
-            .any(|e| e["type"] == "participant:joined"
-                && listed_ids(e).iter().any(|p| *p == a3id || *p == a4id)),
+        !h.events.iter().any(|e| e["type"] == "participant:joined"
+            && listed_ids(e).iter().any(|p| *p == a3id || *p == a4id)),
         "attendees of a large room are not listed: {:?}",
         h.events
     );
@@ -1114,9 +1116,7 @@ async fn a_large_room_counts_attendees_and_announces_the_interesting() {
     );
 
     // Everyone is still one page away.
-    let page = h
-        .ok(json!({"type": "room:members", "limit": 500}))
-        .await;
+    let page = h.ok(json!({"type": "room:members", "limit": 500})).await;
     assert_eq!(page["participantCount"], 6);
     assert_eq!(page["participants"].as_array().unwrap().len(), 6);
 

@@ -113,7 +113,9 @@ mod tests {
         assert!(r.is_interesting());
         // A presenter joins and an attendee of long ago is announced (a raised hand): names,
         // not newcomers; and their leaves do not count down either.
-        r.on_event(&json!({"type": "participant:joined", "participants": [{"id": 901}, {"id": 12}]}));
+        r.on_event(
+            &json!({"type": "participant:joined", "participants": [{"id": 901}, {"id": 12}]}),
+        );
         r.on_event(&json!({"type": "participant:left", "participants": [12]}));
         assert_eq!(r.count(), 900);
         r.on_event(&json!({"type": "participant:count", "participantCount": 1_450}));
@@ -133,7 +135,11 @@ mod tests {
         assert!(r.is_interesting());
         assert_eq!(r.count(), 20);
         r.on_event(&json!({"type": "participant:joined", "participants": [{"id": 3}]}));
-        assert_eq!(r.count(), 20, "an announcement after the switch counts nothing");
+        assert_eq!(
+            r.count(),
+            20,
+            "an announcement after the switch counts nothing"
+        );
         // A session that missed the last count does not converge: the check stays real.
         let mut missed = RosterView::from_ack(&json!({"you": {"id": 5}, "participantCount": 5}));
         missed.on_event(&json!({"type": "participant:joined", "participants": [{"id": 6}]}));

@@ -21,8 +21,8 @@
 //! pages through everyone in either mode.
 
 use cascade_proto::room::{
-    Action, Audience, ChatMessage, EdgeId, Intent, ParticipantInfo, PresenceMode, Reply,
-    RoomError, RoomEvent, RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
+    Action, Audience, ChatMessage, EdgeId, Intent, ParticipantInfo, PresenceMode, Reply, RoomError,
+    RoomEvent, RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
 };
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -283,7 +283,10 @@ impl Room {
         self.flush_into(&mut events);
         if let Some((sent, at)) = self.count_sent {
             let count = self.participants.len() as u32;
-            if count != sent && self.clock_ms >= at + COUNT_INTERVAL_MS && !self.participants.is_empty() {
+            if count != sent
+                && self.clock_ms >= at + COUNT_INTERVAL_MS
+                && !self.participants.is_empty()
+            {
                 self.push_count(&mut events);
             }
         }
@@ -2022,7 +2025,10 @@ mod tests {
             (1..=all.len() as u64).collect::<Vec<_>>(),
             "counts are room events in the sequence"
         );
-        assert!(r.flush_presence(t + 5_000).is_empty(), "unchanged: no count");
+        assert!(
+            r.flush_presence(t + 5_000).is_empty(),
+            "unchanged: no count"
+        );
         // A joiner is told the mode, the size and who was announced.
         let (reply, _) = at(&mut r, join_intent("late", Role::Attendee), t + 5_100);
         let Reply::Joined(s) = reply else { panic!() };
@@ -2091,7 +2097,11 @@ mod tests {
         let RoomEventBody::ParticipantsJoined(ref entry) = ev[0].0.body else {
             panic!()
         };
-        assert_eq!(entry[0].role, Role::Presenter, "the entry says the new role");
+        assert_eq!(
+            entry[0].role,
+            Role::Presenter,
+            "the entry says the new role"
+        );
 
         // A spotlight names someone: they are announced too.
         let (_, ev) = at(
@@ -2196,7 +2206,13 @@ mod tests {
         }
         assert_eq!(joined_ids(&all), ids);
         assert!(counts(&all).is_empty());
-        at(&mut r, Intent::Leave { participant: ids[3] }, 6_000);
+        at(
+            &mut r,
+            Intent::Leave {
+                participant: ids[3],
+            },
+            6_000,
+        );
         let ev = r.flush_presence(6_100);
         assert_eq!(left_ids(&ev), vec![ids[3]]);
         assert!(counts(&ev).is_empty());
@@ -2265,6 +2281,9 @@ mod tests {
             demoted_listed, 10,
             "interesting first (the host and 489 presenters), then 10 of the 30 demoted"
         );
-        assert!(s.participants.windows(2).all(|w| w[0].id < w[1].id), "by id");
+        assert!(
+            s.participants.windows(2).all(|w| w[0].id < w[1].id),
+            "by id"
+        );
     }
 }

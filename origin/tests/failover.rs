@@ -495,7 +495,9 @@ fn listed(events: &[RoomEvent], leaves: bool) -> Vec<ParticipantId> {
     events
         .iter()
         .filter_map(|e| match &e.body {
-            RoomEventBody::ParticipantsJoined(j) if !leaves => Some(j.iter().map(|p| p.id).collect()),
+            RoomEventBody::ParticipantsJoined(j) if !leaves => {
+                Some(j.iter().map(|p| p.id).collect())
+            }
             RoomEventBody::ParticipantsLeft(l) if leaves => Some(l.clone()),
             _ => None,
         })
@@ -571,7 +573,11 @@ fn a_large_room_rebuilt_lists_only_the_leaves_of_the_announced_and_recounts() {
             vec![presenter],
             "edge {edge:?}: only the announced presenter's leave, not {quiet:?}"
         );
-        assert_eq!(counts(&c.seen[&edge]), vec![11], "a fresh count after the window");
+        assert_eq!(
+            counts(&c.seen[&edge]),
+            vec![11],
+            "a fresh count after the window"
+        );
     }
 
     // The rebuilt room goes on in the same mode: a quiet leave is counted, an announced one

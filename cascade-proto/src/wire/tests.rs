@@ -4,8 +4,8 @@
 use super::*;
 use crate::ids::{Identity, ParticipantId, Role, TrackSource};
 use crate::room::{
-    Audience, EdgeId, Intent, ParticipantInfo, PresenceMode, Reply, RequestId, RoomError, RoomEvent,
-    RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
+    Audience, EdgeId, Intent, ParticipantInfo, PresenceMode, Reply, RequestId, RoomError,
+    RoomEvent, RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
