@@ -963,7 +963,18 @@ impl Room {
         Ok(())
     }
 
-    fn snapshot(&self, you: &ParticipantInfo) -> RoomSnapshot {
+    /// The room as `you` first sees it. Everyone it names (but `you`) counts as announced from
+    /// now on: in full presence it may name joins still pending, and if the room turns large
+    /// before they are flushed, their entries must still go out (and their leaves be listed)
+    /// for the joiner's roster to stay true.
+    fn snapshot(&mut self, you: &ParticipantInfo) -> RoomSnapshot {
+        let participants = self.snapshot_roster();
+        self.announced.extend(
+            participants
+                .iter()
+                .map(|p| p.id)
+                .filter(|p| *p != you.id),
+        );
         let visible = |m: &&ChatMessage| m.to.is_none() || m.to == Some(you.id) || m.from == you.id;
         let mut chat: Vec<ChatMessage> = self
             .chat
@@ -976,7 +987,7 @@ impl Room {
         chat.reverse();
         RoomSnapshot {
             you: you.clone(),
-            participants: self.snapshot_roster(),
+            participants,
             participant_count: self.participants.len() as u32,
             presence: self.presence,
             tracks: self.tracks.values().cloned().collect(),
@@ -2013,11 +2024,10 @@ mod tests {
         t += 200;
         all.extend(r.flush_presence(t));
         assert_eq!(r.presence(), PresenceMode::Interesting);
-        assert_eq!(
-            joined_ids(&all),
-            vec![host],
-            "no attendee is listed, not even those who joined while the room was small"
-        );
+        // Listed: the host, and the first eight attendees, whom the snapshots of the joins
+        // after them named while the room was small. None of the 42 who came after.
+        let small: Vec<ParticipantId> = (1..=9).map(ParticipantId).collect();
+        assert_eq!(joined_ids(&all), small);
         // The switch is told at once, then at most one count a second: at 200 ms and 1200 ms.
         assert_eq!(counts(&all), vec![11, 51]);
         assert_eq!(
@@ -2036,15 +2046,17 @@ mod tests {
         assert_eq!(s.participant_count, 52);
         assert_eq!(
             s.participants.iter().map(|p| p.id).collect::<Vec<_>>(),
-            vec![host]
+            small
         );
+        assert_eq!(small[0], host);
         assert_eq!(counts(&r.flush_presence(t + 5_200)), vec![52]);
     }
 
     #[test]
     fn becoming_interesting_announces_first_and_announced_leaves_are_listed() {
-        let mut r = large_room(3);
+        let mut r = large_room(1);
         let host = join_at(&mut r, "host", Role::Host, 0);
+        r.flush_presence(0);
         let ids: Vec<ParticipantId> = (0..6)
             .map(|i| join_at(&mut r, &format!("a{i}"), Role::Attendee, 0))
             .collect();
@@ -2137,10 +2149,12 @@ mod tests {
         assert_eq!(kinds(&ev), vec!["status"]);
 
         // Leaves: the announced are listed, the quiet attendee is only counted.
+        // (The publisher's track goes first, and the pending batch before that event.)
+        let mut ev = Vec::new();
         for p in [hand, quiet, publisher] {
-            at(&mut r, Intent::Leave { participant: p }, 200);
+            ev.extend(at(&mut r, Intent::Leave { participant: p }, 200).1);
         }
-        let ev = r.flush_presence(2_000);
+        ev.extend(r.flush_presence(2_000));
         assert_eq!(left_ids(&ev), vec![hand, publisher]);
         assert_eq!(counts(&ev), vec![r.participant_count() as u32]);
         let announced: Vec<ParticipantId> = r.announced().collect();
@@ -2242,6 +2256,29 @@ mod tests {
             s.participants.iter().map(|p| p.id).collect::<Vec<_>>(),
             vec![host]
         );
+    }
+
+    #[test]
+    fn joins_a_snapshot_named_before_the_switch_are_still_listed() {
+        let mut r = large_room(3);
+        // All within one batch window: a1's snapshot names the host, a2's names a1 too.
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        let a1 = join_at(&mut r, "a1", Role::Attendee, 0);
+        let a2 = join_at(&mut r, "a2", Role::Attendee, 0);
+        // The fourth makes the room large: a2 was named to nobody but itself.
+        let (reply, _) = at(&mut r, join_intent("a3", Role::Attendee), 0);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(
+            s.participants.iter().map(|p| p.id).collect::<Vec<_>>(),
+            vec![host, a1]
+        );
+        let ev = r.flush_presence(100);
+        assert_eq!(kinds(&ev), vec!["count", "joined"]);
+        assert_eq!(joined_ids(&ev), vec![host, a1]);
+        // a1's leave is listed (a2 and a3 know a1), a2's is not.
+        at(&mut r, Intent::Leave { participant: a1 }, 200);
+        at(&mut r, Intent::Leave { participant: a2 }, 200);
+        assert_eq!(left_ids(&r.flush_presence(300)), vec![a1]);
     }
 
     #[test]
