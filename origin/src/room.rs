@@ -969,12 +969,8 @@ impl Room {
     /// for the joiner's roster to stay true.
     fn snapshot(&mut self, you: &ParticipantInfo) -> RoomSnapshot {
         let participants = self.snapshot_roster();
-        self.announced.extend(
-            participants
-                .iter()
-                .map(|p| p.id)
-                .filter(|p| *p != you.id),
-        );
+        self.announced
+            .extend(participants.iter().map(|p| p.id).filter(|p| *p != you.id));
         let visible = |m: &&ChatMessage| m.to.is_none() || m.to == Some(you.id) || m.from == you.id;
         let mut chat: Vec<ChatMessage> = self
             .chat
