@@ -27,6 +27,9 @@ pub struct RosterView {
     interesting: bool,
     /// Events received on the session, of any type.
     pub events: u64,
+    /// Presence entries received: participants listed in `participant:joined` and
+    /// `participant:left` (what grows with joins/s x sessions in a full-presence room).
+    pub entries: u64,
 }
 
 impl RosterView {
@@ -38,6 +41,7 @@ impl RosterView {
             counted: HashSet::new(),
             interesting: ack["presence"] == "interesting",
             events: 0,
+            entries: 0,
         }
     }
 
@@ -50,6 +54,12 @@ impl RosterView {
                 .flatten()
                 .filter_map(|p| p.as_u64().or_else(|| p["id"].as_u64()))
         };
+        if matches!(
+            ev["type"].as_str(),
+            Some("participant:joined" | "participant:left")
+        ) {
+            self.entries += ids().count() as u64;
+        }
         match ev["type"].as_str() {
             Some("participant:count") => {
                 if let Some(n) = ev["participantCount"].as_i64() {
@@ -104,6 +114,7 @@ mod tests {
         assert_eq!(r.count(), 50);
         r.on_event(&json!({"type": "chat:message"}));
         assert_eq!(r.events, 4);
+        assert_eq!(r.entries, 7);
     }
 
     #[test]
