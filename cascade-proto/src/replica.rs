@@ -15,11 +15,17 @@
 //! know it does not claim: chat only as far back as its first participant's join snapshot (the
 //! last 50 messages then) and events since; a roster beyond the snapshot's first page only from
 //! the joins it saw since.
+//!
+//! Presence: the replica carries the room's presence mode as the edge last saw it (a snapshot's
+//! `presence`, or any `ParticipantCount` event, which only an interesting-mode room sends) and
+//! the participants *announced* to this edge's clients (listed in a snapshot or a
+//! `ParticipantsJoined`, not left since). A rebuilt large room lists the leaves of those and of
+//! no one else, so clients never hear of someone they were never told about.
 
 use crate::ids::{Identity, ParticipantId, Role, RoomId, TrackId};
 use crate::room::{
-    Audience, ChatMessage, ParticipantInfo, Reply, RoomEvent, RoomEventBody, RoomReplica,
-    RoomSettings, RoomSnapshot, TrackInfo,
+    Audience, ChatMessage, ParticipantInfo, PresenceMode, Reply, RoomEvent, RoomEventBody,
+    RoomReplica, RoomSettings, RoomSnapshot, TrackInfo,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -36,6 +42,11 @@ struct Mirror {
     waiting: BTreeMap<ParticipantId, ParticipantInfo>,
     tracks: BTreeMap<TrackId, TrackInfo>,
     known: BTreeSet<ParticipantId>,
+    /// Listed to this edge's clients and not left since (a subset of `known`: paged members
+    /// and the edge's own unannounced participants are known but not announced).
+    announced: BTreeSet<ParticipantId>,
+    /// Latched like the room's own: once interesting, always.
+    presence: PresenceMode,
     max_participant: u64,
     max_track: u64,
     invited: BTreeMap<Identity, Role>,
@@ -53,6 +64,10 @@ impl Mirror {
         }
         for p in &s.participants {
             self.see_participant(p.id);
+            self.announced.insert(p.id);
+        }
+        if s.presence == PresenceMode::Interesting {
+            self.presence = PresenceMode::Interesting;
         }
         for t in &s.tracks {
             self.see_track(t);
@@ -81,6 +96,7 @@ impl Mirror {
 
     fn forget_participant(&mut self, p: ParticipantId) {
         self.known.remove(&p);
+        self.announced.remove(&p);
         self.local.remove(&p);
         self.waiting.remove(&p);
         self.tracks.retain(|_, t| t.participant != p);
@@ -157,6 +173,7 @@ impl ReplicaTracker {
             RoomEventBody::ParticipantsJoined(joined) => {
                 for p in joined {
                     m.see_participant(p.id);
+                    m.announced.insert(p.id);
                     if let Some(local) = m.local.get_mut(&p.id) {
                         *local = p.clone();
                     }
@@ -209,6 +226,7 @@ impl ReplicaTracker {
                     m.waiting.remove(&p);
                 }
             }
+            RoomEventBody::ParticipantCount { .. } => m.presence = PresenceMode::Interesting,
             RoomEventBody::ParticipantStatus { .. }
             | RoomEventBody::ScreenShare { .. }
             | RoomEventBody::Reaction { .. }
@@ -274,6 +292,8 @@ impl ReplicaTracker {
             next_participant: m.max_participant + 1,
             next_track: m.max_track + 1,
             invited: m.invited.iter().map(|(i, r)| (i.clone(), *r)).collect(),
+            presence: m.presence,
+            announced: m.announced.iter().copied().collect(),
         })
     }
 }
@@ -338,6 +358,7 @@ mod tests {
             you,
             participant_count: participants.len() as u32,
             participants,
+            presence: PresenceMode::Full,
             tracks: vec![track(1, 1)],
             chat: vec![chat(1, 1, None)],
             hands: vec![ParticipantId(1)],
@@ -504,5 +525,81 @@ mod tests {
         assert!(t.replica(&room()).is_some());
         t.on_local_left(&room(), ParticipantId(2));
         assert!(t.replica(&room()).is_none());
+    }
+
+    #[test]
+    fn presence_mode_and_the_announced_follow_the_stream() {
+        let mut t = ReplicaTracker::new();
+        // Joined a full-presence room: the snapshot's first page was listed to us.
+        t.on_reply(
+            &room(),
+            &joined(person(2, Role::Attendee), vec![person(1, Role::Host)], 3),
+        );
+        let r = t.replica(&room()).unwrap();
+        assert_eq!(r.presence, PresenceMode::Full);
+        assert_eq!(r.announced, vec![ParticipantId(1), ParticipantId(2)]);
+        // The room turns large: its first count says so. An attendee raises a hand and is
+        // announced; a page of members is known, not announced.
+        t.on_event(&event(4, RoomEventBody::ParticipantCount { count: 700 }));
+        t.on_event(&event(
+            5,
+            RoomEventBody::ParticipantsJoined(vec![person(40, Role::Attendee)]),
+        ));
+        t.on_reply(
+            &room(),
+            &Reply::Members {
+                participants: vec![person(41, Role::Attendee)],
+                next: None,
+                count: 700,
+            },
+        );
+        t.on_event(&event(
+            6,
+            RoomEventBody::ParticipantsLeft(vec![ParticipantId(1)]),
+        ));
+        let r = t.replica(&room()).unwrap();
+        assert_eq!(r.presence, PresenceMode::Interesting);
+        assert_eq!(r.announced, vec![ParticipantId(2), ParticipantId(40)]);
+        assert!(r.known.contains(&ParticipantId(41)));
+
+        // Another edge joins the large room: its snapshot says the mode; its own participant
+        // is not announced to anyone.
+        let mut other = ReplicaTracker::new();
+        other.on_reply(
+            &room(),
+            &Reply::Joined(Box::new(RoomSnapshot {
+                you: person(800, Role::Attendee),
+                participants: vec![person(40, Role::Attendee)],
+                participant_count: 800,
+                presence: PresenceMode::Interesting,
+                tracks: vec![],
+                chat: vec![],
+                hands: vec![ParticipantId(40)],
+                settings: RoomSettings::default(),
+                lobby: vec![],
+                seq: 9,
+            })),
+        );
+        let r = other.replica(&room()).unwrap();
+        assert_eq!(r.presence, PresenceMode::Interesting);
+        assert_eq!(r.announced, vec![ParticipantId(40)]);
+        assert_eq!(r.known, vec![ParticipantId(40), ParticipantId(800)]);
+
+        // A replica of an edge that predates presence modes decodes as full, none announced.
+        let mut json = serde_json::to_value(&r).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("presence");
+        fields.remove("announced");
+        let old: RoomReplica = serde_json::from_value(json).unwrap();
+        assert_eq!(old.presence, PresenceMode::Full);
+        assert!(old.announced.is_empty());
+        // And a snapshot from an origin before them is full presence.
+        let Reply::Joined(s) = joined(person(2, Role::Host), vec![], 1) else {
+            unreachable!()
+        };
+        let mut json = serde_json::to_value(&*s).unwrap();
+        json.as_object_mut().unwrap().remove("presence");
+        let old: RoomSnapshot = serde_json::from_value(json).unwrap();
+        assert_eq!(old.presence, PresenceMode::Full);
     }
 }

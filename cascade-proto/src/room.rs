@@ -104,13 +104,35 @@ pub enum PresenceStatus {
     Reconnecting,
 }
 
+/// How a room tells its participants about each other (docs/protocol.md, "Presence").
+///
+/// A room starts in [`PresenceMode::Full`]: every join and leave is listed to everyone, in
+/// batches. Once it has more participants than its threshold (`full_presence_up_to` of the
+/// origin's room config) it turns [`PresenceMode::Interesting`] for the rest of its life (the
+/// mode latches: a room that shrinks again keeps it, so a client never has to rebuild a roster
+/// it was told not to keep): joins and leaves are listed only for *announced* participants
+/// (hosts, co-hosts, presenters, publishers, raised hands, and anyone once announced), and the
+/// room's size goes out as [`RoomEventBody::ParticipantCount`], at most once a second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceMode {
+    #[default]
+    Full,
+    Interesting,
+}
+
 /// The room as a joining participant first sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomSnapshot {
     pub you: ParticipantInfo,
-    /// The first page of the roster, by id (the rest via [`Intent::Members`]).
+    /// Full presence: the first page of the roster, by id (the rest via [`Intent::Members`]).
+    /// Interesting presence: the announced participants (interesting ones first when there
+    /// are more than a page), by id.
     pub participants: Vec<ParticipantInfo>,
     pub participant_count: u32,
+    /// Which presence mode holds (absent from older origins: full).
+    #[serde(default)]
+    pub presence: PresenceMode,
     pub tracks: Vec<TrackInfo>,
     /// The last messages the participant may see, oldest first.
     pub chat: Vec<ChatMessage>,
@@ -342,6 +364,11 @@ pub enum RoomEventBody {
     /// Joins batched over a short window (presence that scales: one event for many joins).
     ParticipantsJoined(Vec<ParticipantInfo>),
     ParticipantsLeft(Vec<ParticipantId>),
+    /// The room's size, in [`PresenceMode::Interesting`] only: coalesced to at most one a
+    /// second, and never sent when unchanged. The first one tells clients the mode changed.
+    ParticipantCount {
+        count: u32,
+    },
     ParticipantStatus {
         participant: ParticipantId,
         status: PresenceStatus,
@@ -441,6 +468,14 @@ pub struct RoomReplica {
     /// they let those identities past the lobby and the lock in the rebuilt room too.
     #[serde(default)]
     pub invited: Vec<(Identity, Role)>,
+    /// The presence mode the edge last saw (absent from older edges: full).
+    #[serde(default)]
+    pub presence: PresenceMode,
+    /// Participants whose entries this edge's clients were sent (in a join snapshot or a
+    /// `participant:joined`) and who have not left since: a rebuilt room in the interesting
+    /// mode lists the leaves of these, and of no one else.
+    #[serde(default)]
+    pub announced: Vec<ParticipantId>,
 }
 
 /// Edge -> origin.

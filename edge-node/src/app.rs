@@ -89,7 +89,7 @@ pub async fn start_with(
     let mut bridge = None;
     let mut tree = None;
     let (to_origin, from_origin) = match origins {
-        Origins::InProcess => crate::hub::spawn_local_origin(origin::RoomConfig::default()),
+        Origins::InProcess => crate::hub::spawn_local_origin(config.room_config()),
         Origins::Linked {
             endpoint,
             directory,

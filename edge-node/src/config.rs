@@ -40,6 +40,10 @@ pub struct EdgeConfig {
     /// Local UDP address of the edge's cascade links: it dials origins and parent edges from it,
     /// and child edges of rooms' fan-out trees dial it (give a fixed port then). Port 0: any.
     pub cascade: SocketAddr,
+    /// Rooms of the in-process origin (`kcs dev`, and `kcs edge` without an origin) list every
+    /// join and leave up to this many participants; a larger room lists only interesting
+    /// participants and sends its size as `participant:count` (docs/protocol.md, "Presence").
+    pub full_presence_up_to: u32,
 }
 
 impl Default for EdgeConfig {
@@ -57,6 +61,7 @@ impl Default for EdgeConfig {
             cert: None,
             key: None,
             cascade: SocketAddr::from(([0, 0, 0, 0], 0)),
+            full_presence_up_to: origin::RoomConfig::default().full_presence_up_to,
         }
     }
 }
@@ -116,6 +121,14 @@ impl EdgeConfig {
         }
     }
 
+    /// The in-process origin's room settings.
+    pub fn room_config(&self) -> origin::RoomConfig {
+        origin::RoomConfig {
+            full_presence_up_to: self.full_presence_up_to,
+            ..Default::default()
+        }
+    }
+
     pub fn worker_count(&self) -> usize {
         if self.workers > 0 {
             self.workers
@@ -168,6 +181,10 @@ pub struct EdgeArgs {
     /// edges dial it [default: 0.0.0.0:0].
     #[arg(long, env = "KCS_CASCADE")]
     pub cascade: Option<SocketAddr>,
+    /// In-process origin: rooms list every join and leave up to this many participants, then
+    /// only interesting ones plus a count [default: 500].
+    #[arg(long, env = "KCS_FULL_PRESENCE_UP_TO")]
+    pub full_presence_up_to: Option<u32>,
 }
 
 impl EdgeArgs {
@@ -213,6 +230,9 @@ impl EdgeArgs {
         if let Some(v) = self.cascade {
             c.cascade = v;
         }
+        if let Some(v) = self.full_presence_up_to {
+            c.full_presence_up_to = v;
+        }
         c.port_range()?;
         Ok(c)
     }
@@ -240,6 +260,9 @@ pub struct OriginConfig {
     pub grace_secs: f64,
     pub etcd: Vec<String>,
     pub log: String,
+    /// Rooms list every join and leave up to this many participants; a larger room lists only
+    /// interesting participants and sends its size as `participant:count`.
+    pub full_presence_up_to: u32,
 }
 
 impl Default for OriginConfig {
@@ -256,6 +279,7 @@ impl Default for OriginConfig {
             grace_secs: 10.0,
             etcd: Vec::new(),
             log: "info".into(),
+            full_presence_up_to: origin::RoomConfig::default().full_presence_up_to,
         }
     }
 }
@@ -299,6 +323,20 @@ pub struct OriginArgs {
     /// Log filter [default: info].
     #[arg(long, env = "KCS_LOG")]
     pub log: Option<String>,
+    /// Rooms list every join and leave up to this many participants, then only interesting
+    /// ones plus a count [default: 500].
+    #[arg(long, env = "KCS_FULL_PRESENCE_UP_TO")]
+    pub full_presence_up_to: Option<u32>,
+}
+
+impl OriginConfig {
+    /// The origin's room settings.
+    pub fn room_config(&self) -> origin::RoomConfig {
+        origin::RoomConfig {
+            full_presence_up_to: self.full_presence_up_to,
+            ..Default::default()
+        }
+    }
 }
 
 impl OriginArgs {
@@ -349,6 +387,9 @@ impl OriginArgs {
         if let Some(v) = &self.log {
             c.log = v.clone();
         }
+        if let Some(v) = self.full_presence_up_to {
+            c.full_presence_up_to = v;
+        }
         Ok(c)
     }
 }
@@ -377,6 +418,54 @@ mod tests {
         assert_eq!(c.http.port(), 9000, "from the file");
         assert_eq!(c.workers, 1, "flag overrides file");
         assert_eq!(c.udp.port(), 50000, "default");
+        assert_eq!(c.room_config().full_presence_up_to, 500, "default");
+    }
+
+    #[test]
+    fn presence_threshold_from_file_and_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, "full_presence_up_to = 40\n").unwrap();
+        let from_file = EdgeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        assert_eq!(
+            from_file
+                .resolve()
+                .unwrap()
+                .room_config()
+                .full_presence_up_to,
+            40
+        );
+        let flagged = EdgeArgs {
+            config: Some(path),
+            full_presence_up_to: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(
+            flagged.resolve().unwrap().room_config().full_presence_up_to,
+            7
+        );
+        let dir2 = tempfile::tempdir().unwrap();
+        let origin_path = dir2.path().join("origin.toml");
+        std::fs::write(&origin_path, "full_presence_up_to = 12\n").unwrap();
+        let origin = OriginArgs {
+            config: Some(origin_path),
+            ..Default::default()
+        };
+        assert_eq!(
+            origin.resolve().unwrap().room_config().full_presence_up_to,
+            12
+        );
+        let flagged = OriginArgs {
+            full_presence_up_to: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            flagged.resolve().unwrap().room_config().full_presence_up_to,
+            3
+        );
     }
 
     #[test]

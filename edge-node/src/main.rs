@@ -457,7 +457,7 @@ async fn run_origin(config: edge_node::config::OriginConfig) -> anyhow::Result<(
             .map_err(|e| anyhow::anyhow!("region {:?}: {e}", config.region))?,
         credentials,
         grace: std::time::Duration::from_secs_f64(config.grace_secs),
-        rooms: origin::RoomConfig::default(),
+        rooms: config.room_config(),
     };
     let running = edge_node::origin_server::start(
         settings,

@@ -18,8 +18,8 @@ use crate::session::{leave_waiting, Entry, Participant, SessionError, Subscriber
 use crate::sfu::Event as ShardEvent;
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
 use cascade_proto::room::{
-    Action, Audience, ChatMessage, Intent, Layout, ParticipantInfo, PresenceStatus, Reply,
-    RoomEvent, RoomEventBody, RoomSnapshot,
+    Action, Audience, ChatMessage, Intent, Layout, ParticipantInfo, PresenceMode, PresenceStatus,
+    Reply, RoomEvent, RoomEventBody, RoomSnapshot,
 };
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
 use serde::Deserialize;
@@ -870,6 +870,7 @@ pub fn snapshot_json(room: &RoomId, s: &RoomSnapshot) -> Value {
         "you": participant_json(&s.you),
         "participants": s.participants.iter().map(participant_json).collect::<Vec<_>>(),
         "participantCount": s.participant_count,
+        "presence": s.presence,
         "tracks": s.tracks,
         "chat": s.chat,
         "hands": s.hands,
@@ -902,6 +903,10 @@ pub fn event_json(e: &RoomEvent) -> Option<Value> {
             }
             v
         }
+        // Only rooms in the interesting presence mode send it (its first one is how a client
+        // learns the mode changed).
+        RoomEventBody::ParticipantCount { count } => json!({"type": "participant:count",
+            "participantCount": count, "presence": PresenceMode::Interesting}),
         RoomEventBody::ParticipantStatus {
             participant,
             status,

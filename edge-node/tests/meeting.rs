@@ -27,15 +27,19 @@ struct Env {
 }
 
 async fn start() -> Env {
-    let signer = TokenSigner::from_seed("test", &SEED);
-    let mut verifier = TokenVerifier::new();
-    verifier.add_key(signer.kid(), &signer.public_key());
-    let config = EdgeConfig {
+    start_with(EdgeConfig {
         http: "127.0.0.1:0".parse().unwrap(),
         udp: "127.0.0.1:0".parse().unwrap(),
         workers: 1,
         ..Default::default()
-    };
+    })
+    .await
+}
+
+async fn start_with(config: EdgeConfig) -> Env {
+    let signer = TokenSigner::from_seed("test", &SEED);
+    let mut verifier = TokenVerifier::new();
+    verifier.add_key(signer.kid(), &signer.public_key());
     // The edge mints participant:add and room:create tokens with the same key (dev mode).
     let dev = TokenSigner::from_seed("test", &SEED);
     let running = edge_node::app::start(config, verifier, Some(dev))
@@ -1017,5 +1021,121 @@ async fn joins_reach_others_batched_with_consecutive_seqs() {
     while left < 20 {
         let e = h.event("participant:left").await;
         left += e["participants"].as_array().unwrap().len();
+    }
+}
+
+/// Participant ids of a `participant:joined` (entries) or `participant:left` (ids) event.
+fn listed_ids(e: &Value) -> Vec<u64> {
+    e["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().or_else(|| p["id"].as_u64()).unwrap())
+        .collect()
+}
+
+/// A room past the presence threshold (set in the edge's config file, as an operator would):
+/// the switch is told by `participant:count`, attendees are counted and not listed, a raised
+/// hand announces its owner first, announced leaves are listed, and `room:members` still
+/// pages through everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_room_counts_attendees_and_announces_the_interesting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edge.toml");
+    std::fs::write(
+        &file,
+        "http = \"127.0.0.1:0\"\nudp = \"127.0.0.1:0\"\nworkers = 1\nfull_presence_up_to = 3\n",
+    )
+    .unwrap();
+    let config = edge_node::config::EdgeArgs {
+        config: Some(file),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    assert_eq!(config.full_presence_up_to, 3);
+    let env = start_with(config).await;
+
+    let (mut h, hack) = env.join("big", "host", Role::Host).await;
+    assert_eq!(hack["presence"], "full");
+    let hid = pid(&hack);
+    // Two attendees while the room is small: listed, as always.
+    let (_a1, a1ack) = env.join("big", "a1", Role::Attendee).await;
+    let (_a2, a2ack) = env.join("big", "a2", Role::Attendee).await;
+    let small = [pid(&a1ack), pid(&a2ack)];
+    let mut seen = std::collections::HashSet::new();
+    while !small.iter().all(|p| seen.contains(p)) {
+        seen.extend(listed_ids(&h.event("participant:joined").await));
+    }
+
+    // The fourth participant makes the room large: its ack says so, the others hear a count.
+    let (mut a3, a3ack) = env.join("big", "a3", Role::Attendee).await;
+    let a3id = pid(&a3ack);
+    assert_eq!(a3ack["presence"], "interesting");
+    assert_eq!(a3ack["participantCount"], 4);
+    let mut named: Vec<u64> = a3ack["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    named.sort();
+    assert_eq!(
+        named,
+        vec![hid, small[0], small[1]],
+        "the announced, not a3"
+    );
+    let count = h.event("participant:count").await;
+    assert_eq!(
+        (&count["participantCount"], &count["presence"]),
+        (&json!(4), &json!("interesting"))
+    );
+    let (mut a4, a4ack) = env.join("big", "a4", Role::Attendee).await;
+    let (_a5, _) = env.join("big", "a5", Role::Attendee).await;
+    let a4id = pid(&a4ack);
+    h.event_where("participant:count", |e| e["participantCount"] == 6)
+        .await;
+    assert!(
+        !h.events.iter().any(|e| e["type"] == "participant:joined"
+            && listed_ids(e).iter().any(|p| *p == a3id || *p == a4id)),
+        "attendees of a large room are not listed: {:?}",
+        h.events
+    );
+
+    // A raised hand: its owner's entry comes first, then the hand.
+    a3.ok(json!({"type": "hand:raise"})).await;
+    let entry = h
+        .event_where("participant:joined", |e| listed_ids(e) == vec![a3id])
+        .await;
+    assert_eq!(entry["participants"][0]["name"], "a3");
+    let hand = h.event("hand:raise").await;
+    assert_eq!(hand["participant"], a3id);
+    assert_eq!(
+        hand["seq"].as_u64().unwrap(),
+        entry["seq"].as_u64().unwrap() + 1
+    );
+
+    // Everyone is still one page away.
+    let page = h.ok(json!({"type": "room:members", "limit": 500})).await;
+    assert_eq!(page["participantCount"], 6);
+    assert_eq!(page["participants"].as_array().unwrap().len(), 6);
+
+    // Leaves: a3 was announced and is listed; a4 never was and is only counted.
+    a3.ok(json!({"type": "room:leave"})).await;
+    a4.ok(json!({"type": "room:leave"})).await;
+    let left = h.event("participant:left").await;
+    assert_eq!(listed_ids(&left), vec![a3id]);
+    h.event_where("participant:count", |e| e["participantCount"] == 4)
+        .await;
+    assert!(
+        !h.events
+            .iter()
+            .any(|e| e["type"] == "participant:left" && listed_ids(e).contains(&a4id)),
+        "{:?}",
+        h.events
+    );
+    let seqs = h.room_seqs();
+    for w in seqs.windows(2) {
+        assert!(w[1] > w[0], "seq order {seqs:?}");
     }
 }

@@ -294,10 +294,10 @@ export class Emitter {
  * A connection to one room of a KCS edge.
  *
  * Events (listen with {@link Emitter#on}):
- * - every server event by its type (`participant:joined`, `participant:left`, `role:update`,
- *   `track:published`, `track:muted`, `hand:raise`, `chat:receive`, `lobby:update`,
- *   `sdp:offer`, `speaker:active`, `room:close`, ...), payload the message, after the room model
- *   was updated;
+ * - every server event by its type (`participant:joined`, `participant:left`,
+ *   `participant:count`, `role:update`, `track:published`, `track:muted`, `hand:raise`,
+ *   `chat:receive`, `lobby:update`, `sdp:offer`, `speaker:active`, `room:close`, ...), payload
+ *   the message, after the room model was updated;
  * - `room`: the room model changed (roster, roles, tracks, hands, settings, lobby);
  * - `chat` ({@link ChatMessage}): a chat message new to this client, with its position `index`
  *   in {@link KcsClient#chat} (messages are kept in the room's order, whatever order the ack
@@ -350,6 +350,12 @@ export class KcsClient extends Emitter {
     this.waiting = false;
     /** @type {number} participants in the room (the roster may be paged: see members()) */
     this.participantCount = 0;
+    /**
+     * @type {'full'|'interesting'} how the room reports presence: `full` lists every join and
+     * leave (the count follows them); `interesting` (a large room, for good) lists only hosts,
+     * presenters, publishers and raised hands, and `participant:count` carries the size.
+     */
+    this.presence = 'full';
     /** @type {Id[]} raised hands, oldest first */
     this.hands = [];
     /** @type {ChatMessage[]} chat messages we may see, in the room's order (by id) */
@@ -501,6 +507,7 @@ export class KcsClient extends Emitter {
     if (this.you) this.participants.set(this.you.id, this.you);
     this.participantCount = typeof ack.participantCount === 'number'
       ? ack.participantCount : this.participants.size;
+    this.presence = ack.presence === 'interesting' ? 'interesting' : 'full';
     this.tracks.clear();
     for (const t of ack.tracks ?? []) this.tracks.set(t.id, t);
     this.hands = Array.isArray(ack.hands) ? [...ack.hands] : [];
@@ -1138,7 +1145,9 @@ export class KcsClient extends Emitter {
         const list = Array.isArray(msg.participants) ? msg.participants : [msg.participant];
         for (const p of list) {
           if (p?.id == null) continue;
-          if (!this.participants.has(p.id)) this.participantCount += 1;
+          // In the interesting mode an entry may announce someone long here; only
+          // `participant:count` moves the count.
+          if (this.presence === 'full' && !this.participants.has(p.id)) this.participantCount += 1;
           this.participants.set(p.id, p);
           this.lobby.delete(p.id);
         }
@@ -1150,7 +1159,9 @@ export class KcsClient extends Emitter {
         for (const ref of list) {
           const id = idOf(ref);
           if (id === undefined) continue;
-          if (this.participants.delete(id)) this.participantCount = Math.max(0, this.participantCount - 1);
+          if (this.participants.delete(id) && this.presence === 'full') {
+            this.participantCount = Math.max(0, this.participantCount - 1);
+          }
           this.hands = this.hands.filter((h) => h !== id);
           this.status.delete(id);
           for (const [tid, t] of [...this.tracks]) if (t.participant === id) this.tracks.delete(tid);
@@ -1158,6 +1169,14 @@ export class KcsClient extends Emitter {
         this.emit('room');
         break;
       }
+      case 'participant:count':
+        // Only a large room sends it; the first one is how we learn the room turned large.
+        if (typeof msg.participantCount === 'number' && msg.participantCount >= 0) {
+          this.presence = 'interesting';
+          this.participantCount = msg.participantCount;
+          this.emit('room');
+        }
+        break;
       case 'participant:info':
         if (msg.participant != null && typeof msg.status === 'string') {
           this.status.set(msg.participant, msg.status);

@@ -137,3 +137,17 @@ export function initials(name) {
   if (words.length === 1) return words[0].slice(0, 2).toUpperCase();
   return (words[0][0] + words[1][0]).toUpperCase();
 }
+
+/**
+ * The line under the people list for those it does not name: a large room lists only its
+ * interesting participants (and a full-presence roster past its first page is not listed
+ * either), so the rest are a number.
+ * @param {number} count participants in the room (`participantCount`)
+ * @param {number} listed how many the list shows
+ * @returns {string} `and N others`, or '' when everyone is listed
+ */
+export function othersLine(count, listed) {
+  const n = Math.max(0, Math.floor(count) - listed);
+  if (!Number.isFinite(n) || n === 0) return '';
+  return n === 1 ? 'and 1 other' : `and ${n} others`;
+}

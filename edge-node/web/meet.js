@@ -24,7 +24,7 @@
  */
 import { KcsClient, KcsError, idOf, REACTIONS, ROLES } from './kcs-client.js';
 import {
-  chooseStage, gridOrder, formatElapsed, qualityOf, lossBetween, initials,
+  chooseStage, gridOrder, formatElapsed, qualityOf, lossBetween, initials, othersLine,
 } from './meet-layout.js';
 
 /** @typedef {import('./kcs-client.js').Id} Id */
@@ -624,7 +624,12 @@ function participantHostMuted(id) {
 /** The participant list, with the controls our role allows. */
 function renderPeople() {
   const list = $('people-list');
-  $('people-count').textContent = `(${client.participantCount || client.participants.size})`;
+  const count = client.participantCount || client.participants.size;
+  $('people-count').textContent = `(${count})`;
+  // A large room names only its interesting participants; the rest are a number.
+  const others = othersLine(count, client.participants.size);
+  $('people-others').textContent = others;
+  $('people-others').hidden = others === '';
   // Rebuilding on every render (speaker changes come several times a second) would pull the
   // buttons from under the pointer and the keyboard focus.
   const shown = JSON.stringify([
@@ -922,9 +927,11 @@ function wireClient() {
   client.on('track', onTrack);
   client.on('trackended', onTrackEnded);
   client.on('participant:joined', (/** @type {any} */ e) => {
-    noteJoined(e.participant.id);
+    // Batched: `participant` is there only for a batch of one.
+    for (const p of e.participants ?? [e.participant]) if (p?.id != null) noteJoined(p.id);
     render();
   });
+  client.on('participant:count', () => render());
   client.on('participant:left', (/** @type {any} */ e) => {
     const id = idOf(e.participant);
     if (state.pinned === id) state.pinned = null;

@@ -710,6 +710,7 @@ impl Life {
         c.joins.push(self.times);
         if let Some(r) = self.roster.take() {
             c.signaling_events += r.events;
+            c.presence_entries += r.entries;
             c.roster_views.push(r.count());
         }
     }

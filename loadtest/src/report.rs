@@ -141,6 +141,9 @@ pub struct SignalingReport {
     pub events: u64,
     /// Events per session per second of the run.
     pub events_per_session_per_s: f64,
+    /// Participants listed in `participant:joined` / `participant:left` per session: the
+    /// roster traffic that a large room's counts replace.
+    pub entries_per_session: f64,
     /// Room size as each session saw it at the end: min, median, max.
     pub roster_min: u64,
     pub roster_p50: u64,
@@ -243,6 +246,7 @@ impl Report {
                 events_per_session_per_s: c.signaling_events as f64
                     / views.len() as f64
                     / self.duration_s.max(1e-3),
+                entries_per_session: c.presence_entries as f64 / views.len() as f64,
                 roster_min: views[0],
                 roster_p50: views[views.len() / 2],
                 roster_max: views[views.len() - 1],
@@ -341,8 +345,8 @@ impl Report {
         if let Some(g) = &self.signaling {
             let _ = writeln!(
                 s,
-                "  signaling: {} sessions ({} signaling-only), {} events, {:.2} per session per s; roster seen min {} / p50 {} / max {} of {}",
-                g.sessions, g.signaling_only, g.events, g.events_per_session_per_s,
+                "  signaling: {} sessions ({} signaling-only), {} events, {:.2} per session per s, {:.1} presence entries per session; roster seen min {} / p50 {} / max {} of {}",
+                g.sessions, g.signaling_only, g.events, g.events_per_session_per_s, g.entries_per_session,
                 g.roster_min, g.roster_p50, g.roster_max, g.roster_expected
             );
         }

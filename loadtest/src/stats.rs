@@ -267,6 +267,8 @@ pub struct Collector {
     pub failures: Vec<String>,
     /// Events received by WS sessions, summed at their end.
     pub signaling_events: u64,
+    /// Presence entries (participants listed in joins and leaves) those sessions received.
+    pub presence_entries: u64,
     /// Each WS session's room size as it saw it at the end (see `roster`).
     pub roster_views: Vec<u64>,
 }

@@ -5,7 +5,7 @@
 //! [`Origin`] is sans-IO: [`Origin::handle`] takes one message from an edge (and the time, for
 //! chat timestamps) and returns the replies and events to deliver, each addressed to the edges
 //! that must see it; [`Origin::tick`], called every [`PRESENCE_BATCH`], sends the batched joins
-//! and leaves. Dev mode drives it from one task over an in-memory link; the cascade issue drives
+//! and leaves (and, in rooms too large for full presence, the coalesced participant count). Dev mode drives it from one task over an in-memory link; the cascade issue drives
 //! the same type over QUIC.
 //!
 //! Invariants: every request gets exactly one reply; each room's events for everyone are
@@ -16,8 +16,8 @@
 mod room;
 
 pub use room::{
-    allowed, is_moderator, Permission, Room, RoomConfig, MAX_CHAT_CHARS, MAX_ROSTER_PAGE,
-    REACTIONS, RESTORE_GRACE_MS,
+    allowed, is_moderator, Permission, Room, RoomConfig, COUNT_INTERVAL_MS, MAX_CHAT_CHARS,
+    MAX_ROSTER_PAGE, REACTIONS, RESTORE_GRACE_MS,
 };
 
 use cascade_proto::room::{
@@ -156,7 +156,8 @@ impl Origin {
         self.rooms.values().map(Room::participant_count).sum()
     }
 
-    /// Sends every room's batched joins and leaves, and closes restore windows that are due.
+    /// Sends every room's batched joins and leaves (and large rooms' counts), and closes restore
+    /// windows that are due.
     pub fn tick(&mut self) -> Vec<Outgoing> {
         self.tick_at(unix_millis())
     }
@@ -166,7 +167,7 @@ impl Origin {
         let mut out = Vec::new();
         for room in self.rooms.values_mut() {
             out.extend(fan_out(room.finish_restore(now_ms)));
-            out.extend(fan_out(room.flush_presence()));
+            out.extend(fan_out(room.flush_presence(now_ms)));
         }
         self.rooms.retain(|_, r| !r.is_finished());
         out

@@ -7,13 +7,25 @@
 //! in a pending batch that goes out as one event at the next [`Room::flush_presence`] (the
 //! origin calls it on a short tick), or just before any other room event so order holds. A room
 //! of N participants thus costs O(N) presence messages per batch window rather than O(N²).
+//!
+//! Batching alone is not enough for a town hall: at 180 joins a second into 10,000 sessions
+//! the batches still carry joins/s x sessions entries. So a room with more participants than
+//! [`RoomConfig::full_presence_up_to`] turns *large* ([`PresenceMode::Interesting`]) for the
+//! rest of its life. Then only *interesting* participants (hosts, co-hosts, presenters,
+//! publishers, raised hands) have their joins listed; everyone else is counted, in a
+//! `ParticipantCount` event at most once per [`COUNT_INTERVAL_MS`]. The room remembers whom
+//! it has *announced* (whose entry went out): someone who becomes interesting later is
+//! announced just before the event that made them so, an announced participant's leave is
+//! always listed, and nobody else's ever is. The mode latches (a room that shrinks stays
+//! large) so a client never has to rebuild a roster it was told not to keep; `room:members`
+//! pages through everyone in either mode.
 
 use cascade_proto::room::{
-    Action, Audience, ChatMessage, EdgeId, Intent, ParticipantInfo, Reply, RoomError, RoomEvent,
-    RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
+    Action, Audience, ChatMessage, EdgeId, Intent, ParticipantInfo, PresenceMode, Reply, RoomError,
+    RoomEvent, RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
 };
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 mod restore;
 pub use restore::RESTORE_GRACE_MS;
@@ -33,6 +45,12 @@ pub struct RoomConfig {
     pub roster_page: u32,
     /// Guests waiting in the lobby at most (default 1,000).
     pub max_waiting: u32,
+    /// Participants up to which every join and leave is listed to everyone (default 500).
+    /// Beyond it the room is large for the rest of its life: only interesting participants
+    /// are listed and the size goes out as a count (see the module docs). 500 keeps a meeting
+    /// people actually look down the list of on full presence, while a town hall's join storm
+    /// (joins/s x sessions entries) stops long before it costs an edge megabits per second.
+    pub full_presence_up_to: u32,
 }
 
 impl Default for RoomConfig {
@@ -44,6 +62,7 @@ impl Default for RoomConfig {
             chat_on_join: 50,
             roster_page: 100,
             max_waiting: 1_000,
+            full_presence_up_to: 500,
         }
     }
 }
@@ -52,6 +71,10 @@ impl Default for RoomConfig {
 pub const MAX_CHAT_CHARS: usize = 2000;
 /// Largest roster page a client may ask for.
 pub const MAX_ROSTER_PAGE: u32 = 500;
+/// Least time between two `ParticipantCount` events of a large room: a join storm then costs
+/// each session one small event a second, while a count a second behind is still one a
+/// person reads as current.
+pub const COUNT_INTERVAL_MS: u64 = 1_000;
 /// The reactions a client may send.
 pub const REACTIONS: [&str; 6] = ["👍", "❤️", "😂", "😮", "👏", "🎉"];
 
@@ -138,6 +161,16 @@ pub struct Room {
     settings: RoomSettings,
     pending_joined: Vec<ParticipantInfo>,
     pending_left: Vec<ParticipantId>,
+    /// Latches to `Interesting` once the room outgrows `full_presence_up_to`.
+    presence: PresenceMode,
+    /// Participants whose entry went out (in a batch or a join snapshot) and who are still
+    /// here: exactly those whose leave is listed.
+    announced: BTreeSet<ParticipantId>,
+    /// The last `ParticipantCount` sent and when (`None`: none yet in this mode, the next
+    /// flush sends one at once).
+    count_sent: Option<(u32, u64)>,
+    /// Latest time an input carried (Unix ms), for count coalescing outside the tick.
+    clock_ms: u64,
     next_participant: u64,
     next_track: u64,
     next_chat: u64,
@@ -165,6 +198,10 @@ impl Room {
             settings: RoomSettings::default(),
             pending_joined: Vec::new(),
             pending_left: Vec::new(),
+            presence: PresenceMode::Full,
+            announced: BTreeSet::new(),
+            count_sent: None,
+            clock_ms: 0,
             next_participant: 1,
             next_track: 1,
             next_chat: 1,
@@ -194,6 +231,16 @@ impl Room {
         self.participants.len()
     }
 
+    /// Which presence mode holds (see the module docs).
+    pub fn presence(&self) -> PresenceMode {
+        self.presence
+    }
+
+    /// Participants whose entries went out and who have not left.
+    pub fn announced(&self) -> impl Iterator<Item = ParticipantId> + '_ {
+        self.announced.iter().copied()
+    }
+
     /// Guests waiting in the lobby.
     pub fn waiting(&self) -> impl Iterator<Item = &ParticipantInfo> {
         self.waiting.values()
@@ -215,6 +262,7 @@ impl Room {
     /// Applies one intent from `edge` at `now_ms` (Unix milliseconds, for chat timestamps).
     /// A refused intent changes nothing and emits no event.
     pub fn handle(&mut self, edge: EdgeId, intent: Intent, now_ms: u64) -> (Reply, Events) {
+        self.clock_ms = self.clock_ms.max(now_ms);
         let mut events = Vec::new();
         let reply = match self.apply(edge, intent, now_ms, &mut events) {
             Ok(reply) => reply,
@@ -226,35 +274,101 @@ impl Room {
         (reply, events)
     }
 
-    /// Sends the pending joins and leaves as (at most) two batched events.
-    pub fn flush_presence(&mut self) -> Events {
+    /// Sends the pending joins and leaves as (at most) two batched events and, in a large room,
+    /// the room's size if it changed and the last count is [`COUNT_INTERVAL_MS`] old at
+    /// `now_ms` (Unix milliseconds; the origin's tick).
+    pub fn flush_presence(&mut self, now_ms: u64) -> Events {
+        self.clock_ms = self.clock_ms.max(now_ms);
         let mut events = Vec::new();
         self.flush_into(&mut events);
+        if let Some((sent, at)) = self.count_sent {
+            let count = self.participants.len() as u32;
+            if count != sent
+                && self.clock_ms >= at + COUNT_INTERVAL_MS
+                && !self.participants.is_empty()
+            {
+                self.push_count(&mut events);
+            }
+        }
         events
     }
 
+    /// Whether a participant's presence matters to everyone in a large room: a moderator or
+    /// presenter, a publisher, or a raised hand.
+    fn is_interesting(&self, p: ParticipantId) -> bool {
+        self.participants.get(&p).is_some_and(|m| {
+            matches!(m.info.role, Role::Host | Role::CoHost | Role::Presenter)
+                || self.hands.contains(&p)
+                || self.tracks.values().any(|t| t.participant == p)
+        })
+    }
+
+    /// Makes sure everyone knows the name behind `p` before an event that names them: in a
+    /// large room someone not yet announced gets a `ParticipantsJoined` entry in the next
+    /// flush (which the caller's `emit` does at once).
+    fn announce(&mut self, p: ParticipantId) {
+        if self.presence == PresenceMode::Full || !self.announced.insert(p) {
+            return;
+        }
+        if self.pending_joined.iter().any(|q| q.id == p) {
+            return;
+        }
+        if let Some(m) = self.participants.get(&p) {
+            self.pending_joined.push(m.info.clone());
+        }
+    }
+
+    /// Turns the room large once it outgrows the threshold (for good: see the module docs).
+    fn check_size(&mut self) {
+        if self.presence == PresenceMode::Full
+            && self.participants.len() > self.config.full_presence_up_to as usize
+        {
+            tracing::info!(room = %self.id, participants = self.participants.len(),
+                threshold = self.config.full_presence_up_to,
+                "room is large: listing interesting participants only, counting the rest");
+            self.presence = PresenceMode::Interesting;
+        }
+    }
+
+    fn push_count(&mut self, events: &mut Events) {
+        let count = self.participants.len() as u32;
+        self.count_sent = Some((count, self.clock_ms));
+        self.push_to(
+            RoomEventBody::ParticipantCount { count },
+            Audience::All,
+            self.edges(),
+            events,
+        );
+    }
+
     fn flush_into(&mut self, events: &mut Events) {
+        if self.presence == PresenceMode::Interesting
+            && self.count_sent.is_none()
+            && self.restoring.is_none()
+            && !self.participants.is_empty()
+        {
+            // The first count tells clients the mode changed, before any entry they would
+            // otherwise count as a newcomer.
+            self.push_count(events);
+        }
         if self.pending_joined.is_empty() && self.pending_left.is_empty() {
             return;
         }
-        // A guest who came and went within one window is news to no one.
         let left = std::mem::take(&mut self.pending_left);
         let mut joined = std::mem::take(&mut self.pending_joined);
-        let gone_before_told: Vec<ParticipantId> = joined
-            .iter()
-            .filter(|p| left.contains(&p.id))
-            .map(|p| p.id)
-            .collect();
-        joined.retain(|p| !gone_before_told.contains(&p.id));
-        let left: Vec<ParticipantId> = left
-            .into_iter()
-            .filter(|p| !gone_before_told.contains(p))
-            .collect();
+        let full = self.presence == PresenceMode::Full;
+        // Pending joins are of present participants only (a leave takes its pending join
+        // back); a large room lists the interesting ones and those announced on purpose.
+        joined.retain(|p| {
+            self.participants.contains_key(&p.id)
+                && (full || self.announced.contains(&p.id) || self.is_interesting(p.id))
+        });
         // Refresh roles changed since the join was queued.
         for p in &mut joined {
             if let Some(m) = self.participants.get(&p.id) {
                 *p = m.info.clone();
             }
+            self.announced.insert(p.id);
         }
         if !joined.is_empty() {
             self.push_to(
@@ -336,6 +450,7 @@ impl Room {
                 };
                 self.next_track += 1;
                 self.tracks.insert(track.id, track.clone());
+                self.announce(participant);
                 self.emit(RoomEventBody::TrackPublished(track.clone()), events);
                 if source == TrackSource::Screen {
                     self.emit(
@@ -418,6 +533,13 @@ impl Room {
                 status,
             } => {
                 self.member(participant)?;
+                if self.presence == PresenceMode::Interesting
+                    && !self.announced.contains(&participant)
+                {
+                    // Nobody was told of this participant, so nobody needs its connection's
+                    // state (and a large room's reconnect wave would be presence again).
+                    return Ok(Reply::Done);
+                }
                 self.emit(
                     RoomEventBody::ParticipantStatus {
                         participant,
@@ -518,6 +640,7 @@ impl Room {
                     .expect("checked above")
                     .info
                     .role = role;
+                self.announce(target);
                 self.emit(
                     RoomEventBody::RoleChanged {
                         participant: target,
@@ -640,6 +763,7 @@ impl Room {
                 self.member(participant)?;
                 if !self.hands.contains(&participant) {
                     self.hands.push(participant);
+                    self.announce(participant);
                     self.emit_hand(participant, participant, true, events);
                 }
                 Ok(Reply::Done)
@@ -750,6 +874,9 @@ impl Room {
                 }
                 if let Some(s) = spotlight {
                     self.settings.spotlight = s;
+                    if let Some(p) = s {
+                        self.announce(p);
+                    }
                 }
                 self.emit(
                     RoomEventBody::Layout {
@@ -811,6 +938,7 @@ impl Room {
                 host_muted: [false; 2],
             },
         );
+        self.check_size();
     }
 
     fn admit(&mut self, waiting: ParticipantId, events: &mut Events) -> Result<(), RoomError> {
@@ -835,7 +963,14 @@ impl Room {
         Ok(())
     }
 
-    fn snapshot(&self, you: &ParticipantInfo) -> RoomSnapshot {
+    /// The room as `you` first sees it. Everyone it names (but `you`) counts as announced from
+    /// now on: in full presence it may name joins still pending, and if the room turns large
+    /// before they are flushed, their entries must still go out (and their leaves be listed)
+    /// for the joiner's roster to stay true.
+    fn snapshot(&mut self, you: &ParticipantInfo) -> RoomSnapshot {
+        let participants = self.snapshot_roster();
+        self.announced
+            .extend(participants.iter().map(|p| p.id).filter(|p| *p != you.id));
         let visible = |m: &&ChatMessage| m.to.is_none() || m.to == Some(you.id) || m.from == you.id;
         let mut chat: Vec<ChatMessage> = self
             .chat
@@ -848,13 +983,9 @@ impl Room {
         chat.reverse();
         RoomSnapshot {
             you: you.clone(),
-            participants: self
-                .participants
-                .values()
-                .take(self.config.roster_page as usize)
-                .map(|m| m.info.clone())
-                .collect(),
+            participants,
             participant_count: self.participants.len() as u32,
+            presence: self.presence,
             tracks: self.tracks.values().cloned().collect(),
             chat,
             hands: self.hands.clone(),
@@ -866,6 +997,31 @@ impl Room {
             },
             seq: self.seq,
         }
+    }
+
+    /// The roster a snapshot lists: the first page in full presence; in a large room the
+    /// announced participants, interesting ones first when they do not all fit a page.
+    fn snapshot_roster(&self) -> Vec<ParticipantInfo> {
+        if self.presence == PresenceMode::Full {
+            return self
+                .participants
+                .values()
+                .take(self.config.roster_page as usize)
+                .map(|m| m.info.clone())
+                .collect();
+        }
+        let bound = MAX_ROSTER_PAGE as usize;
+        let (mut ids, rest): (Vec<ParticipantId>, Vec<ParticipantId>) = self
+            .announced
+            .iter()
+            .partition(|p| self.is_interesting(**p));
+        ids.truncate(bound);
+        ids.extend(rest.into_iter().take(bound - ids.len()));
+        ids.sort();
+        ids.iter()
+            .filter_map(|p| self.participants.get(p))
+            .map(|m| m.info.clone())
+            .collect()
     }
 
     fn remove_member(&mut self, participant: ParticipantId, events: &mut Events) {
@@ -883,10 +1039,17 @@ impl Room {
             self.settings.spotlight = None;
         }
         self.participants.remove(&participant);
-        self.pending_left.push(participant);
+        if self.announced.remove(&participant) {
+            self.pending_left.push(participant);
+        } else {
+            // Never listed (came and went within one window, or not interesting in a large
+            // room): its leave is news to no one.
+            self.pending_joined.retain(|p| p.id != participant);
+        }
         if self.participants.is_empty() {
             self.pending_joined.clear();
             self.pending_left.clear();
+            self.announced.clear();
             self.push_to(
                 RoomEventBody::RoomClosed { by: None },
                 Audience::All,
@@ -1145,7 +1308,7 @@ mod tests {
         let a = join(&mut r, "a", Role::Host);
         let v = join(&mut r, "v", Role::Viewer);
         assert_eq!(r.seq(), 0, "joins wait for the presence batch");
-        let ev = r.flush_presence();
+        let ev = r.flush_presence(1_000);
         assert_eq!(seqs(&ev), vec![1], "two joins, one event");
         let RoomEventBody::ParticipantsJoined(ref ps) = ev[0].0.body else {
             panic!()
@@ -1177,7 +1340,7 @@ mod tests {
             vec![3],
             "track unpublished now, the leave batched"
         );
-        let ev = r.flush_presence();
+        let ev = r.flush_presence(1_000);
         assert_eq!(seqs(&ev), vec![4]);
         assert!(matches!(&ev[0].0.body, RoomEventBody::ParticipantsLeft(l) if l == &vec![a]));
         assert_eq!(r.tracks().count(), 0);
@@ -1203,7 +1366,7 @@ mod tests {
         join(&mut r, "b", Role::Attendee);
         let b = ParticipantId(2);
         ask(&mut r, Intent::Leave { participant: b });
-        assert!(r.flush_presence().is_empty());
+        assert!(r.flush_presence(1_000).is_empty());
     }
 
     #[test]
@@ -1248,7 +1411,7 @@ mod tests {
         let mut r = room();
         let h = join(&mut r, "h", Role::Host);
         let g = join(&mut r, "g", Role::Attendee);
-        r.flush_presence();
+        r.flush_presence(1_000);
         let seq = r.seq();
         let intents = [
             Intent::MuteRemote {
@@ -1764,5 +1927,396 @@ mod tests {
         let (reply, ev) = ask(&mut r, join_intent("b", Role::Attendee));
         assert_eq!(refused(reply), "room_full");
         assert!(ev.is_empty());
+    }
+
+    // --- presence in large rooms -------------------------------------------------------------
+
+    fn large_room(threshold: u32) -> Room {
+        Room::new(
+            RoomId::new("r").unwrap(),
+            RoomConfig {
+                full_presence_up_to: threshold,
+                ..RoomConfig::default()
+            },
+        )
+    }
+
+    /// Ids listed in `ParticipantsJoined` entries.
+    fn joined_ids(events: &Events) -> Vec<ParticipantId> {
+        events
+            .iter()
+            .filter_map(|(e, _)| match &e.body {
+                RoomEventBody::ParticipantsJoined(ps) => Some(ps.iter().map(|p| p.id)),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn left_ids(events: &Events) -> Vec<ParticipantId> {
+        events
+            .iter()
+            .filter_map(|(e, _)| match &e.body {
+                RoomEventBody::ParticipantsLeft(ps) => Some(ps.iter().copied()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    fn counts(events: &Events) -> Vec<u32> {
+        events
+            .iter()
+            .filter_map(|(e, _)| match e.body {
+                RoomEventBody::ParticipantCount { count } => Some(count),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn kinds(events: &Events) -> Vec<&'static str> {
+        events
+            .iter()
+            .map(|(e, _)| match e.body {
+                RoomEventBody::ParticipantsJoined(_) => "joined",
+                RoomEventBody::ParticipantsLeft(_) => "left",
+                RoomEventBody::ParticipantCount { .. } => "count",
+                RoomEventBody::Hand { .. } => "hand",
+                RoomEventBody::TrackPublished(_) => "published",
+                RoomEventBody::RoleChanged { .. } => "role",
+                RoomEventBody::Layout { .. } => "layout",
+                RoomEventBody::ParticipantStatus { .. } => "status",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    fn at(r: &mut Room, intent: Intent, now_ms: u64) -> (Reply, Events) {
+        r.handle(E, intent, now_ms)
+    }
+
+    fn join_at(r: &mut Room, who: &str, role: Role, now_ms: u64) -> ParticipantId {
+        match at(r, join_intent(who, role), now_ms).0 {
+            Reply::Joined(s) => s.you.id,
+            other => panic!("join refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_large_room_counts_attendees_instead_of_listing_each_join() {
+        let mut r = large_room(10);
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        let mut all = r.flush_presence(0);
+        assert_eq!(joined_ids(&all), vec![host]);
+        // 50 attendees over five 200 ms windows: the room turns large in the first.
+        let mut t = 0;
+        for batch in 0..5 {
+            for i in 0..10 {
+                join_at(&mut r, &format!("a{batch}-{i}"), Role::Attendee, t + 10);
+            }
+            t += 200;
+            all.extend(r.flush_presence(t));
+        }
+        t += 200;
+        all.extend(r.flush_presence(t));
+        assert_eq!(r.presence(), PresenceMode::Interesting);
+        // Listed: the host, and the first eight attendees, whom the snapshots of the joins
+        // after them named while the room was small. None of the 42 who came after.
+        let small: Vec<ParticipantId> = (1..=9).map(ParticipantId).collect();
+        assert_eq!(joined_ids(&all), small);
+        // The switch is told at once, then at most one count a second: at 200 ms and 1200 ms.
+        assert_eq!(counts(&all), vec![11, 51]);
+        assert_eq!(
+            seqs(&all),
+            (1..=all.len() as u64).collect::<Vec<_>>(),
+            "counts are room events in the sequence"
+        );
+        assert!(
+            r.flush_presence(t + 5_000).is_empty(),
+            "unchanged: no count"
+        );
+        // A joiner is told the mode, the size and who was announced.
+        let (reply, _) = at(&mut r, join_intent("late", Role::Attendee), t + 5_100);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(s.presence, PresenceMode::Interesting);
+        assert_eq!(s.participant_count, 52);
+        assert_eq!(
+            s.participants.iter().map(|p| p.id).collect::<Vec<_>>(),
+            small
+        );
+        assert_eq!(small[0], host);
+        assert_eq!(counts(&r.flush_presence(t + 5_200)), vec![52]);
+    }
+
+    #[test]
+    fn becoming_interesting_announces_first_and_announced_leaves_are_listed() {
+        let mut r = large_room(1);
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        r.flush_presence(0);
+        let ids: Vec<ParticipantId> = (0..6)
+            .map(|i| join_at(&mut r, &format!("a{i}"), Role::Attendee, 0))
+            .collect();
+        r.flush_presence(0);
+        let [hand, publisher, promoted, spotlit, quiet, reconnecting] = ids[..] else {
+            unreachable!()
+        };
+
+        // A raised hand: the entry comes just before the hand event, and only once.
+        let (_, ev) = at(&mut r, Intent::RaiseHand { participant: hand }, 100);
+        assert_eq!(kinds(&ev), vec!["joined", "hand"]);
+        assert_eq!(joined_ids(&ev), vec![hand]);
+        let (_, ev) = at(
+            &mut r,
+            Intent::LowerHand {
+                participant: hand,
+                target: hand,
+            },
+            110,
+        );
+        assert_eq!(kinds(&ev), vec!["hand"]);
+        let (_, ev) = at(&mut r, Intent::RaiseHand { participant: hand }, 120);
+        assert_eq!(kinds(&ev), vec!["hand"], "announced already");
+
+        // Publishing: a viewer may not, an attendee may (mic).
+        let (_, ev) = at(
+            &mut r,
+            Intent::Publish {
+                participant: publisher,
+                source: TrackSource::Microphone,
+                codec: "opus".into(),
+                layers: 1,
+            },
+            130,
+        );
+        assert_eq!(kinds(&ev), vec!["joined", "published"]);
+        assert_eq!(joined_ids(&ev), vec![publisher]);
+
+        // A promotion.
+        let (_, ev) = at(
+            &mut r,
+            Intent::SetRole {
+                participant: host,
+                target: promoted,
+                role: Role::Presenter,
+            },
+            140,
+        );
+        assert_eq!(kinds(&ev), vec!["joined", "role"]);
+        let RoomEventBody::ParticipantsJoined(ref entry) = ev[0].0.body else {
+            panic!()
+        };
+        assert_eq!(
+            entry[0].role,
+            Role::Presenter,
+            "the entry says the new role"
+        );
+
+        // A spotlight names someone: they are announced too.
+        let (_, ev) = at(
+            &mut r,
+            Intent::SetLayout {
+                participant: host,
+                layout: None,
+                spotlight: Some(Some(spotlit)),
+            },
+            150,
+        );
+        assert_eq!(kinds(&ev), vec!["joined", "layout"]);
+
+        // The connection state of someone nobody knows goes nowhere; of someone known, out.
+        let (reply, ev) = at(
+            &mut r,
+            Intent::SetStatus {
+                participant: reconnecting,
+                status: PresenceStatus::Reconnecting,
+            },
+            160,
+        );
+        assert_eq!(reply, Reply::Done);
+        assert!(ev.is_empty(), "{ev:?}");
+        let (_, ev) = at(
+            &mut r,
+            Intent::SetStatus {
+                participant: hand,
+                status: PresenceStatus::Reconnecting,
+            },
+            170,
+        );
+        assert_eq!(kinds(&ev), vec!["status"]);
+
+        // Leaves: the announced are listed, the quiet attendee is only counted.
+        // (The publisher's track goes first, and the pending batch before that event.)
+        let mut ev = Vec::new();
+        for p in [hand, quiet, publisher] {
+            ev.extend(at(&mut r, Intent::Leave { participant: p }, 200).1);
+        }
+        ev.extend(r.flush_presence(2_000));
+        assert_eq!(left_ids(&ev), vec![hand, publisher]);
+        assert_eq!(counts(&ev), vec![r.participant_count() as u32]);
+        let announced: Vec<ParticipantId> = r.announced().collect();
+        assert_eq!(announced, vec![host, promoted, spotlit]);
+
+        // An interesting joiner is listed; one who came and went within a window is not.
+        let presenter = join_at(&mut r, "presenter", Role::Presenter, 2_100);
+        let gone = join_at(&mut r, "cohost", Role::CoHost, 2_100);
+        at(&mut r, Intent::Leave { participant: gone }, 2_150);
+        let ev = r.flush_presence(2_200);
+        assert_eq!(joined_ids(&ev), vec![presenter]);
+        assert!(left_ids(&ev).is_empty());
+    }
+
+    #[test]
+    fn counts_are_coalesced_to_one_a_second_and_end_on_the_final_size() {
+        let mut r = large_room(2);
+        for i in 0..3 {
+            join_at(&mut r, &format!("a{i}"), Role::Attendee, 0);
+        }
+        let mut sent: Vec<(u64, u32)> = Vec::new();
+        let mut t = 0;
+        let mut record = |r: &mut Room, t: u64| {
+            for c in counts(&r.flush_presence(t)) {
+                sent.push((t, c));
+            }
+        };
+        // A join every 100 ms for 3 s, flushed every 200 ms; then 2 s of quiet.
+        while t < 3_000 {
+            t += 100;
+            join_at(&mut r, &format!("j{t}"), Role::Attendee, t);
+            if t % 200 == 0 {
+                record(&mut r, t);
+            }
+        }
+        while t < 5_000 {
+            t += 200;
+            record(&mut r, t);
+        }
+        assert!(sent.len() >= 3, "{sent:?}");
+        for w in sent.windows(2) {
+            assert!(w[1].0 - w[0].0 >= COUNT_INTERVAL_MS, "{sent:?}");
+            assert_ne!(w[1].1, w[0].1, "never the same count twice: {sent:?}");
+        }
+        assert_eq!(
+            sent.last().unwrap().1,
+            r.participant_count() as u32,
+            "the last count is the room's size"
+        );
+    }
+
+    #[test]
+    fn a_small_room_lists_everyone_and_never_counts() {
+        let mut r = room();
+        let host = join(&mut r, "host", Role::Host);
+        let mut all = Vec::new();
+        let mut ids = vec![host];
+        for i in 0..50 {
+            ids.push(join_at(&mut r, &format!("a{i}"), Role::Attendee, i * 100));
+            if i % 10 == 9 {
+                all.extend(r.flush_presence(i * 100 + 50));
+            }
+        }
+        assert_eq!(joined_ids(&all), ids);
+        assert!(counts(&all).is_empty());
+        at(
+            &mut r,
+            Intent::Leave {
+                participant: ids[3],
+            },
+            6_000,
+        );
+        let ev = r.flush_presence(6_100);
+        assert_eq!(left_ids(&ev), vec![ids[3]]);
+        assert!(counts(&ev).is_empty());
+        let (reply, _) = at(&mut r, join_intent("late", Role::Attendee), 6_200);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(s.presence, PresenceMode::Full);
+        assert_eq!(s.participants.len(), 51, "the first page, as before");
+    }
+
+    #[test]
+    fn a_large_room_stays_large_when_it_shrinks() {
+        let mut r = large_room(2);
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        let a = join_at(&mut r, "a", Role::Attendee, 0);
+        let b = join_at(&mut r, "b", Role::Attendee, 0);
+        assert_eq!(counts(&r.flush_presence(0)), vec![3]);
+        at(&mut r, Intent::Leave { participant: a }, 10);
+        at(&mut r, Intent::Leave { participant: b }, 10);
+        let ev = r.flush_presence(1_000);
+        assert!(left_ids(&ev).is_empty(), "a and b were never listed");
+        assert_eq!(counts(&ev), vec![1]);
+        assert_eq!(r.presence(), PresenceMode::Interesting);
+        let (reply, _) = at(&mut r, join_intent("c", Role::Attendee), 1_100);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(s.presence, PresenceMode::Interesting, "the mode latches");
+        assert_eq!(
+            s.participants.iter().map(|p| p.id).collect::<Vec<_>>(),
+            vec![host]
+        );
+    }
+
+    #[test]
+    fn joins_a_snapshot_named_before_the_switch_are_still_listed() {
+        let mut r = large_room(3);
+        // All within one batch window: a1's snapshot names the host, a2's names a1 too.
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        let a1 = join_at(&mut r, "a1", Role::Attendee, 0);
+        let a2 = join_at(&mut r, "a2", Role::Attendee, 0);
+        // The fourth makes the room large: a2 was named to nobody but itself.
+        let (reply, _) = at(&mut r, join_intent("a3", Role::Attendee), 0);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(
+            s.participants.iter().map(|p| p.id).collect::<Vec<_>>(),
+            vec![host, a1]
+        );
+        let ev = r.flush_presence(100);
+        assert_eq!(kinds(&ev), vec!["count", "joined"]);
+        assert_eq!(joined_ids(&ev), vec![host, a1]);
+        // a1's leave is listed (a2 and a3 know a1), a2's is not.
+        at(&mut r, Intent::Leave { participant: a1 }, 200);
+        at(&mut r, Intent::Leave { participant: a2 }, 200);
+        assert_eq!(left_ids(&r.flush_presence(300)), vec![a1]);
+    }
+
+    #[test]
+    fn a_large_snapshot_lists_at_most_a_page_of_announced_interesting_first() {
+        let mut r = large_room(0);
+        let host = join_at(&mut r, "host", Role::Host, 0);
+        // Past one page of announced participants.
+        let n = MAX_ROSTER_PAGE + 19;
+        for i in 0..n {
+            join_at(&mut r, &format!("p{i}"), Role::Presenter, 0);
+        }
+        r.flush_presence(0);
+        assert_eq!(r.announced().count(), n as usize + 1);
+        // Demoted presenters stay announced but are no longer interesting.
+        for i in 0..30u64 {
+            at(
+                &mut r,
+                Intent::SetRole {
+                    participant: host,
+                    target: ParticipantId(host.0 + 1 + i),
+                    role: Role::Attendee,
+                },
+                10,
+            );
+        }
+        let last = ParticipantId(host.0 + u64::from(n));
+        let (reply, _) = at(&mut r, join_intent("x", Role::Attendee), 20);
+        let Reply::Joined(s) = reply else { panic!() };
+        assert_eq!(s.participants.len(), MAX_ROSTER_PAGE as usize);
+        assert!(s.participants.iter().any(|p| p.id == last));
+        let demoted_listed = s
+            .participants
+            .iter()
+            .filter(|p| p.role == Role::Attendee)
+            .count();
+        assert_eq!(
+            demoted_listed, 10,
+            "interesting first (the host and 489 presenters), then 10 of the 30 demoted"
+        );
+        assert!(
+            s.participants.windows(2).all(|w| w[0].id < w[1].id),
+            "by id"
+        );
     }
 }

@@ -6,12 +6,12 @@
 
 use cascade_proto::replica::ReplicaTracker;
 use cascade_proto::room::{
-    Audience, EdgeId, EdgeToOrigin, Intent, Layout, OriginToEdge, Reply, RequestId, RoomEvent,
-    RoomEventBody,
+    Audience, EdgeId, EdgeToOrigin, Intent, Layout, OriginToEdge, PresenceMode, Reply, RequestId,
+    RoomEvent, RoomEventBody,
 };
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackKind, TrackSource};
 use origin::{Origin, RoomConfig, RESTORE_GRACE_MS};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 const E1: EdgeId = EdgeId(1);
 const E2: EdgeId = EdgeId(2);
@@ -20,6 +20,7 @@ const T0: u64 = 1_000_000;
 /// An origin and the edges' replica trackers, fed from what the origin sends each edge.
 struct Cluster {
     origin: Origin,
+    config: RoomConfig,
     edges: HashMap<EdgeId, ReplicaTracker>,
     /// Events each edge received, for checks.
     seen: HashMap<EdgeId, Vec<RoomEvent>>,
@@ -33,8 +34,13 @@ fn room() -> RoomId {
 
 impl Cluster {
     fn new() -> Self {
+        Self::with(RoomConfig::default())
+    }
+
+    fn with(config: RoomConfig) -> Self {
         Self {
-            origin: Origin::new(RoomConfig::default()),
+            origin: Origin::new(config.clone()),
+            config,
             edges: [(E1, ReplicaTracker::new()), (E2, ReplicaTracker::new())].into(),
             seen: HashMap::new(),
             next_id: 1,
@@ -109,7 +115,7 @@ impl Cluster {
 
     /// The origin dies; a fresh one takes the room from the replicas of `survivors`.
     fn fail_over(&mut self, survivors: &[EdgeId]) {
-        self.origin = Origin::new(RoomConfig::default());
+        self.origin = Origin::new(self.config.clone());
         for &edge in survivors {
             let replica = self.edges[&edge]
                 .replica(&room())
@@ -482,4 +488,163 @@ fn an_invitation_survives_the_failover_and_still_opens_the_lock() {
         matches!(joined, Reply::Joined(_)),
         "the invited identity is let in after the failover: {joined:?}"
     );
+}
+
+/// Ids in `ParticipantsJoined` (or `ParticipantsLeft`) events an edge saw.
+fn listed(events: &[RoomEvent], leaves: bool) -> Vec<ParticipantId> {
+    events
+        .iter()
+        .filter_map(|e| match &e.body {
+            RoomEventBody::ParticipantsJoined(j) if !leaves => {
+                Some(j.iter().map(|p| p.id).collect())
+            }
+            RoomEventBody::ParticipantsLeft(l) if leaves => Some(l.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn counts(events: &[RoomEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e.body {
+            RoomEventBody::ParticipantCount { count } => Some(count),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_large_room_rebuilt_lists_only_the_leaves_of_the_announced_and_recounts() {
+    let mut c = Cluster::with(RoomConfig {
+        full_presence_up_to: 5,
+        ..RoomConfig::default()
+    });
+    const E3: EdgeId = EdgeId(3);
+    let host = c.join(E1, "host", Role::Host);
+    // Listed while the room is small: announced for good.
+    let a: Vec<ParticipantId> = (0..4)
+        .map(|i| c.join(E1, &format!("a{i}"), Role::Attendee))
+        .collect();
+    c.tick(200);
+    let b: Vec<ParticipantId> = (0..6)
+        .map(|i| c.join(E2, &format!("b{i}"), Role::Attendee))
+        .collect();
+    c.tick(200);
+    let hand = b[0];
+    c.ask(E2, Intent::RaiseHand { participant: hand });
+    // Edge 3 dies with the origin: its presenter was announced, its attendees never were.
+    let presenter = c.join(E3, "presenter", Role::Presenter);
+    let quiet: Vec<ParticipantId> = (0..2)
+        .map(|i| c.join(E3, &format!("c{i}"), Role::Attendee))
+        .collect();
+    c.tick(1_000);
+    c.tick(1_000);
+    assert_eq!(counts(&c.seen[&E1]).last(), Some(&14));
+    let told_e2: HashSet<ParticipantId> = listed(&c.seen[&E2], false).into_iter().collect();
+    assert_eq!(
+        told_e2,
+        HashSet::from([hand, presenter]),
+        "after the switch only the interesting were listed"
+    );
+    // A replica from an edge of the large room says so, and names whom its clients know: the
+    // small room's five (from its first join's snapshot) and the interesting since.
+    let replica = c.edges[&E2].replica(&room()).unwrap();
+    assert_eq!(replica.presence, PresenceMode::Interesting);
+    let mut known_to_e2 = vec![host];
+    known_to_e2.extend(&a);
+    known_to_e2.extend([hand, presenter]);
+    assert_eq!(replica.announced, known_to_e2);
+    assert!(
+        replica.known.contains(&b[3]),
+        "its own participants are known"
+    );
+
+    c.seen.clear();
+    c.fail_over(&[E1, E2]);
+    c.tick(RESTORE_GRACE_MS / 2);
+    assert!(
+        c.seen.get(&E1).is_none_or(|e| counts(e).is_empty()),
+        "no count while replicas may still come"
+    );
+    c.tick(RESTORE_GRACE_MS);
+    let r = c.origin.room(&room()).unwrap();
+    assert!(!r.is_restoring());
+    assert_eq!(r.presence(), PresenceMode::Interesting);
+    let mut announced = vec![host];
+    announced.extend(&a);
+    announced.push(hand);
+    assert_eq!(r.announced().collect::<Vec<_>>(), announced);
+    for edge in [E1, E2] {
+        assert_eq!(
+            listed(&c.seen[&edge], true),
+            vec![presenter],
+            "edge {edge:?}: only the announced presenter's leave, not {quiet:?}"
+        );
+        assert_eq!(
+            counts(&c.seen[&edge]),
+            vec![11],
+            "a fresh count after the window"
+        );
+    }
+
+    // The rebuilt room goes on in the same mode: a quiet leave is counted, an announced one
+    // listed; a late joiner is told the mode and the announced.
+    c.seen.clear();
+    c.ask(E2, Intent::Leave { participant: b[1] });
+    c.ask(E2, Intent::Leave { participant: hand });
+    c.tick(1_000);
+    assert_eq!(listed(&c.seen[&E1], true), vec![hand]);
+    assert_eq!(counts(&c.seen[&E1]), vec![9]);
+    let late = c.ask(
+        E1,
+        Intent::Join {
+            identity: Identity::new("late").unwrap(),
+            role: Role::Attendee,
+            name: "late".into(),
+        },
+    );
+    let Reply::Joined(s) = late else {
+        panic!("{late:?}")
+    };
+    assert_eq!(s.presence, PresenceMode::Interesting);
+    let mut named = vec![host];
+    named.extend(&a);
+    assert_eq!(
+        s.participants.iter().map(|p| p.id).collect::<Vec<_>>(),
+        named
+    );
+    assert_eq!(s.participant_count, 10);
+}
+
+#[test]
+fn a_replica_from_an_edge_before_presence_modes_still_restores_a_full_room() {
+    let (mut c, [host, guest, pres, att]) = meeting();
+    let replica = c.edges[&E1].replica(&room()).unwrap();
+    let mut json = serde_json::to_value(&replica).unwrap();
+    let fields = json.as_object_mut().unwrap();
+    fields.remove("presence");
+    fields.remove("announced");
+    let old: cascade_proto::room::RoomReplica = serde_json::from_value(json).unwrap();
+    assert_eq!(old.presence, PresenceMode::Full);
+    c.seen.clear();
+    c.origin = Origin::new(RoomConfig::default());
+    let out = c.origin.handle_at(
+        E1,
+        EdgeToOrigin::Restore {
+            id: RequestId(99),
+            room: room(),
+            replica: Box::new(old),
+        },
+        c.now,
+    );
+    c.deliver(out, None);
+    c.tick(RESTORE_GRACE_MS + 1);
+    // Full presence as before: edge 2's participants' leaves are listed, no count.
+    assert_eq!(listed(&c.seen[&E1], true), vec![pres, att]);
+    assert!(counts(&c.seen[&E1]).is_empty());
+    let r = c.origin.room(&room()).unwrap();
+    assert_eq!(r.presence(), PresenceMode::Full);
+    assert_eq!(r.announced().collect::<Vec<_>>(), vec![host, guest]);
 }

@@ -245,6 +245,47 @@ test('batched joins and leaves update the roster and the count', async () => {
   assert.equal(client.tracks.has(10), false);
 });
 
+test('a large room: the count comes from participant:count, entries only name people', async () => {
+  const [client, ws] = await joined({ participantCount: 5000, presence: 'interesting' });
+  assert.equal(client.presence, 'interesting');
+  assert.equal(client.participantCount, 5000);
+  // An attendee who raised a hand is announced: a name, not a newcomer.
+  ws.deliver({ type: 'participant:joined', seq: 6, participants: [{ id: 77, identity: 'eve', role: 'attendee' }] });
+  ws.deliver({ type: 'hand:raise', seq: 7, participant: 77, by: 77, hands: [77] });
+  assert.equal(client.participants.get(77).identity, 'eve');
+  assert.equal(client.participantCount, 5000, 'an announcement does not count');
+  ws.deliver({ type: 'participant:count', seq: 8, participantCount: 5123, presence: 'interesting' });
+  assert.equal(client.participantCount, 5123);
+  ws.deliver({ type: 'participant:left', seq: 9, participants: [77] });
+  assert.equal(client.participants.has(77), false);
+  assert.deepEqual(client.hands, []);
+  assert.equal(client.participantCount, 5123, 'only participant:count moves the count');
+  ws.deliver({ type: 'participant:count', seq: 10, participantCount: 5122, presence: 'interesting' });
+  assert.equal(client.participantCount, 5122);
+  assert.equal(client.seq, 10);
+});
+
+test('a room that turns large: the first participant:count switches the mode', async () => {
+  const [client, ws] = await joined({ participantCount: 2 });
+  assert.equal(client.presence, 'full');
+  ws.deliver({ type: 'participant:joined', seq: 6, participants: [{ id: 3, identity: 'carol', role: 'attendee' }] });
+  assert.equal(client.participantCount, 3, 'full presence counts the entries');
+  let rooms = 0;
+  client.on('room', () => { rooms += 1; });
+  ws.deliver({ type: 'participant:count', seq: 7, participantCount: 40, presence: 'interesting' });
+  assert.equal(client.presence, 'interesting');
+  assert.equal(client.participantCount, 40);
+  assert.equal(rooms, 1, 'the count is a room change');
+  // Someone here since before is announced now: no double count.
+  ws.deliver({ type: 'participant:joined', seq: 8, participants: [{ id: 9, identity: 'dan', role: 'presenter' }] });
+  assert.equal(client.participantCount, 40);
+  ws.deliver({ type: 'participant:count', seq: 9, participantCount: -1 });
+  assert.equal(client.participantCount, 40, 'a nonsense count is ignored');
+  // A resume or a rejoin takes the mode from its ack again.
+  client._applyJoin({ room: 'r', you: { id: 1 }, participants: [], participantCount: 3, presence: 'full' });
+  assert.equal(client.presence, 'full');
+});
+
 test('role:update of ourselves changes what we may do', async () => {
   const [client, ws] = await joined({ you: { id: 1, identity: 'me', role: 'attendee' } });
   assert.equal(client.can('mute_others'), false);

@@ -6,7 +6,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  chooseStage, gridOrder, formatElapsed, qualityOf, lossBetween, initials, QUALITY_THRESHOLDS,
+  chooseStage, gridOrder, formatElapsed, qualityOf, lossBetween, initials, othersLine,
+  QUALITY_THRESHOLDS,
 } from '../../edge-node/web/meet-layout.js';
 
 const base = {
@@ -72,4 +73,11 @@ test('loss between two samples of cumulative counters', () => {
 test('initials for tiles without video', () => {
   const table = [['alice', 'AL'], ['Alice Smith', 'AS'], ['guest-1a2b3c', 'G1'], ['  ', '?'], ['x', 'X']];
   for (const [name, text] of table) assert.equal(initials(name), text, name);
+});
+
+test('people list: the ones it does not name are a number', () => {
+  assert.equal(othersLine(3, 3), '');
+  assert.equal(othersLine(2, 3), '', 'never negative (the count lags the roster)');
+  assert.equal(othersLine(4, 3), 'and 1 other');
+  assert.equal(othersLine(10000, 12), 'and 9988 others');
 });

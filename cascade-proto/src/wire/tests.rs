@@ -4,8 +4,8 @@
 use super::*;
 use crate::ids::{Identity, ParticipantId, Role, TrackSource};
 use crate::room::{
-    Audience, EdgeId, Intent, ParticipantInfo, Reply, RequestId, RoomError, RoomEvent,
-    RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
+    Audience, EdgeId, Intent, ParticipantInfo, PresenceMode, Reply, RequestId, RoomError,
+    RoomEvent, RoomEventBody, RoomSettings, RoomSnapshot, TrackInfo,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -150,6 +150,11 @@ fn to_edge(rng: &mut StdRng) -> OriginToEdge {
                     you: participant(rng),
                     participant_count: participants.len() as u32,
                     participants,
+                    presence: if rng.gen() {
+                        PresenceMode::Interesting
+                    } else {
+                        PresenceMode::Full
+                    },
                     tracks: (0..rng.gen_range(0..5)).map(|_| track_info(rng)).collect(),
                     chat: Vec::new(),
                     hands: (0..rng.gen_range(0..3))
@@ -175,7 +180,7 @@ fn to_edge(rng: &mut StdRng) -> OriginToEdge {
             reply,
         }
     } else {
-        let body = match rng.gen_range(0..6) {
+        let body = match rng.gen_range(0..7) {
             0 => RoomEventBody::ParticipantsJoined(
                 (0..rng.gen_range(1..10))
                     .map(|_| participant(rng))
@@ -197,6 +202,7 @@ fn to_edge(rng: &mut StdRng) -> OriginToEdge {
                 host_muted: rng.gen(),
                 by: ParticipantId(rng.gen()),
             },
+            5 => RoomEventBody::ParticipantCount { count: rng.gen() },
             _ => RoomEventBody::RoomClosed {
                 by: rng.gen::<bool>().then(|| ParticipantId(rng.gen())),
             },

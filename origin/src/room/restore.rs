@@ -17,13 +17,20 @@
 //! that died with the origin — leaves, with the usual batched event; hands and the spotlight
 //! of those gone are dropped.
 //!
+//! Presence: the rebuilt room is large if any replica saw it large (the mode latches), or if
+//! it now holds more than the threshold. Its announced set is the union of the replicas'
+//! (what some edge's clients were told). A large room lists the leaves of gone participants
+//! only if they were announced, announces any interesting participant nobody was told of,
+//! and sends a fresh `ParticipantCount` when the window closes (clients' counts predate the
+//! failover). A full-presence room counts everyone as announced, as before.
+//!
 //! The same message reaches a live origin after a link blip. Merging is idempotent there:
 //! known participants are re-homed on the edge's new link, nothing else changes, and a
 //! participant the origin had already let go (its grace ran out while the link was down) is
 //! taken back, since its edge still serves it.
 
 use super::{kind_index, Events, Member, Room, RoomConfig};
-use cascade_proto::room::{EdgeId, RoomReplica};
+use cascade_proto::room::{EdgeId, PresenceMode, RoomReplica};
 use cascade_proto::{ParticipantId, RoomId};
 use std::collections::BTreeSet;
 
@@ -69,6 +76,10 @@ impl Room {
             }
             r.expected.extend(replica.known.iter().copied());
             self.seq = self.seq.max(replica.seq);
+            if replica.presence == PresenceMode::Interesting {
+                self.presence = PresenceMode::Interesting;
+            }
+            self.announced.extend(replica.announced.iter().copied());
         }
         self.next_participant = self.next_participant.max(replica.next_participant);
         self.next_track = self.next_track.max(replica.next_track);
@@ -132,7 +143,7 @@ impl Room {
         let Some(r) = self.restoring.take() else {
             return events;
         };
-        let gone: Vec<ParticipantId> = r
+        let mut gone: Vec<ParticipantId> = r
             .expected
             .into_iter()
             .filter(|p| !self.participants.contains_key(p) && !self.waiting.contains_key(p))
@@ -144,16 +155,36 @@ impl Room {
         }
         self.tracks
             .retain(|_, t| self.participants.contains_key(&t.participant));
-        if gone.is_empty() {
-            return events;
-        }
-        self.pending_left.extend(gone);
         if self.participants.is_empty() {
             self.pending_joined.clear();
             self.pending_left.clear();
-            self.closed = true;
+            self.announced.clear();
+            self.closed = !gone.is_empty();
             return events;
         }
+        let was_large = self.presence == PresenceMode::Interesting;
+        self.check_size();
+        if was_large {
+            // Only those some edge's clients were told of hear of their leave.
+            gone.retain(|p| self.announced.contains(p));
+            self.announced.retain(|p| self.participants.contains_key(p));
+            let unannounced: Vec<ParticipantId> = self
+                .participants
+                .keys()
+                .copied()
+                .filter(|p| !self.announced.contains(p) && self.is_interesting(*p))
+                .collect();
+            for p in unannounced {
+                self.announce(p);
+            }
+        } else {
+            // Full presence: everyone here was listed to everyone (a room that turns large
+            // only now starts from that).
+            self.announced = self.participants.keys().copied().collect();
+        }
+        // The counts clients hold predate the failover.
+        self.count_sent = None;
+        self.pending_left.extend(gone);
         self.flush_into(&mut events);
         events
     }
