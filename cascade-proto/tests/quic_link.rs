@@ -278,8 +278,12 @@ async fn a_version_mismatch_is_refused_with_a_reason() {
     };
     assert_eq!(code, GoodbyeCode::VersionMismatch);
     assert!(
-        reason.contains("edge edge-new speaks version 2")
-            && reason.contains("origin origin-1 speaks version 1"),
+        reason.contains(&format!(
+            "edge edge-new speaks version {}",
+            PROTOCOL_VERSION + 1
+        )) && reason.contains(&format!(
+            "origin origin-1 speaks version {PROTOCOL_VERSION}"
+        )),
         "{reason}"
     );
     let Err(LinkError::Refused { code, .. }) = next(&mut accepted).await else {

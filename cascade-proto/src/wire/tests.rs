@@ -359,7 +359,7 @@ fn byte_layout_matches_the_documentation() {
             node: Label::new("edge-a").unwrap(),
             region: Label::new("eu").unwrap(),
             role: NodeRole::Edge,
-            version: 1,
+            version: 2,
         }),
         &mut buf,
     )
@@ -368,7 +368,7 @@ fn byte_layout_matches_the_documentation() {
         buf,
         [
             0x01, 0x01, 0x00, 0x00, 0x0d, // version, type hello, length 13
-            0x00, 0x01, 0x01, // protocol version 1, role edge
+            0x00, 0x02, 0x01, // protocol version 2, role edge
             0x06, b'e', b'd', b'g', b'e', b'-', b'a', 0x02, b'e', b'u',
         ]
     );
