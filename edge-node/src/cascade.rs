@@ -1178,6 +1178,8 @@ fn remote_codec(info: &TrackInfo) -> (Codec, MediaKind, MediaCodec) {
 /// Reads a link's datagrams and hands them to shards in batches until the link closes.
 async fn read_link(link: LinkId, media: MediaChannel, links: Arc<LinkChannels>, shards: Shards) {
     let mut batches: HashMap<usize, Vec<RelayedPacket>> = HashMap::new();
+    // Counted per read batch and folded into the shared counters once, not per datagram.
+    let mut by_layer = [0u64; cascade_proto::link::MAX_LAYER as usize + 1];
     loop {
         let first = match media.recv().await {
             Ok(b) => b,
@@ -1192,10 +1194,21 @@ async fn read_link(link: LinkId, media: MediaChannel, links: Arc<LinkChannels>, 
             let flows = read(&links.flows);
             while let Some(bytes) = next.take() {
                 taken += 1;
-                route(link, bytes, &flows, &links, &mut batches);
+                route(link, bytes, &flows, &links, &mut batches, &mut by_layer);
                 if taken < READ_BATCH {
                     next = media.recv().now_or_never().and_then(Result::ok);
                 }
+            }
+        }
+        for (total, n) in links
+            .metrics
+            .cascade
+            .relayed_datagrams_by_layer
+            .iter()
+            .zip(&mut by_layer)
+        {
+            if *n != 0 {
+                total.fetch_add(std::mem::take(n), Relaxed);
             }
         }
         for (shard, packets) in batches.drain() {
@@ -1213,6 +1226,7 @@ fn route(
     flows: &HashMap<(LinkId, FlowId), (usize, PublicationId)>,
     links: &LinkChannels,
     batches: &mut HashMap<usize, Vec<RelayedPacket>>,
+    by_layer: &mut [u64],
 ) {
     let Ok(d) = cascade_proto::wire::decode_datagram(&bytes) else {
         links.metrics.cascade.unsolicited.fetch_add(1, Relaxed);
@@ -1223,7 +1237,7 @@ fn route(
         return;
     };
     let (layer, flags) = (d.layer.index(), d.flags);
-    links.metrics.cascade.relayed_datagrams_by_layer[usize::from(layer)].fetch_add(1, Relaxed);
+    by_layer[usize::from(layer)] += 1;
     let offset = bytes.len() - d.rtp.len();
     batches.entry(shard).or_default().push(RelayedPacket {
         publication,

@@ -38,7 +38,7 @@ use cascade_proto::{Identity, Role, RoomId, TrackId};
 use control_plane::token::{TokenSigner, TokenVerifier};
 use edge_node::app::{Origins, Running};
 use edge_node::config::EdgeConfig;
-use edge_node::origin_server::{OriginRelay, OriginSettings};
+use edge_node::origin_server::{OriginRelay, OriginSettings, RunningOrigin};
 use edge_node::tree::{MediaParent, ParentChange};
 use edge_node::uplink::{OriginAddr, OriginDirectory};
 use std::collections::HashMap;
@@ -146,9 +146,9 @@ async fn proxy(target: SocketAddr) -> Proxy {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn media_follows_the_tree_falls_back_to_the_origin_and_returns() {
-    let ca = ClusterCa::generate("test-cluster").unwrap();
+/// `origin-1` in eu with an [`OriginRelay`] as its media side (the relay's counters show what
+/// it forwards), and its address for edges.
+async fn start_origin(ca: &ClusterCa) -> (RunningOrigin, OriginRelay, OriginAddr) {
     let relay = OriginRelay::new();
     let origin = edge_node::origin_server::start(
         OriginSettings {
@@ -164,10 +164,17 @@ async fn media_follows_the_tree_falls_back_to_the_origin_and_returns() {
     )
     .await
     .unwrap();
-    let origin_addr = OriginAddr {
+    let addr = OriginAddr {
         node: label("origin-1"),
         addr: origin.cascade,
     };
+    (origin, relay, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_follows_the_tree_falls_back_to_the_origin_and_returns() {
+    let ca = ClusterCa::generate("test-cluster").unwrap();
+    let (_origin, relay, origin_addr) = start_origin(&ca).await;
     let room = RoomId::new("tree-room").unwrap();
     let track = publisher(&ca.issue(&label("edge-a")).unwrap(), &origin_addr, &room).await;
 
@@ -539,25 +546,7 @@ async fn a_killed_parent_edge_process_is_replaced_by_the_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parent_that_refuses_the_subscription_sends_the_room_to_the_origin() {
     let ca = ClusterCa::generate("test-cluster").unwrap();
-    let relay = OriginRelay::new();
-    let origin = edge_node::origin_server::start(
-        OriginSettings {
-            cascade: "127.0.0.1:0".parse().unwrap(),
-            http: "127.0.0.1:0".parse().unwrap(),
-            node: label("origin-1"),
-            region: label("eu"),
-            credentials: ca.issue(&label("origin-1")).unwrap(),
-            grace: edge_node::origin_server::DEFAULT_GRACE,
-            rooms: origin::RoomConfig::default(),
-        },
-        Arc::new(relay.clone()),
-    )
-    .await
-    .unwrap();
-    let origin_addr = OriginAddr {
-        node: label("origin-1"),
-        addr: origin.cascade,
-    };
+    let (_origin, relay, origin_addr) = start_origin(&ca).await;
     let room = RoomId::new("refused-room").unwrap();
     let track = publisher(&ca.issue(&label("edge-a")).unwrap(), &origin_addr, &room).await;
     // R has no participants in the room: it cannot serve it.
@@ -604,25 +593,7 @@ async fn a_parent_that_refuses_the_subscription_sends_the_room_to_the_origin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_link_into_an_edge_carries_only_the_layers_demanded_downstream() {
     let ca = ClusterCa::generate("test-cluster").unwrap();
-    let relay = OriginRelay::new();
-    let origin = edge_node::origin_server::start(
-        OriginSettings {
-            cascade: "127.0.0.1:0".parse().unwrap(),
-            http: "127.0.0.1:0".parse().unwrap(),
-            node: label("origin-1"),
-            region: label("eu"),
-            credentials: ca.issue(&label("origin-1")).unwrap(),
-            grace: edge_node::origin_server::DEFAULT_GRACE,
-            rooms: origin::RoomConfig::default(),
-        },
-        Arc::new(relay.clone()),
-    )
-    .await
-    .unwrap();
-    let origin_addr = OriginAddr {
-        node: label("origin-1"),
-        addr: origin.cascade,
-    };
+    let (_origin, _relay, origin_addr) = start_origin(&ca).await;
     let room = RoomId::new("demand-room").unwrap();
     let creds = ca.issue(&label("edge-a")).unwrap();
     let track = publisher_with_layers(&creds, "edge-a", &origin_addr, &room, 3).await;

@@ -1659,12 +1659,12 @@ impl ShardCore {
 
     // ---- outputs ------------------------------------------------------------------------
 
-    /// Moves queued datagrams into `out`.
     /// Datagrams waiting for [`poll_transmits`](Self::poll_transmits).
     pub fn queued_transmits(&self) -> usize {
         self.transmits.len()
     }
 
+    /// Moves queued datagrams into `out`.
     pub fn poll_transmits(&mut self, out: &mut Vec<Transmit>) {
         out.append(&mut self.transmits);
     }

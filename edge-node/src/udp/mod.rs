@@ -318,7 +318,9 @@ impl ShardShell {
                                 let now = Instant::now();
                                 for i in 0..n {
                                     let Some((from, data)) = batch.get(i) else { continue };
-                                    if is_rtp(data) {
+                                    // The residence histogram is about forwarded media, not
+                                    // feedback, STUN or DTLS.
+                                    if matches!(classify(data), PacketClass::Rtp) {
                                         if let Some(t) = batch.arrival(i) { arrivals.push(t); }
                                     }
                                     self.dispatch(&mut core, from, data, now, &mut handshakes, &mut handoff, &fingerprints, &dtls_out_tx, &done_tx);
@@ -557,12 +559,6 @@ impl ShardShell {
             }
         }
     }
-}
-
-/// RTP (first byte 128-191, RFC 7983) that is not RTCP (second byte 192-223, RFC 5761): the
-/// residence histogram is about forwarded media, not feedback, STUN or DTLS.
-fn is_rtp(data: &[u8]) -> bool {
-    matches!(data, [128..=191, b, ..] if !(192..=223).contains(b))
 }
 
 /// Records how long each datagram in `arrivals` stayed, now that what it caused was sent.
