@@ -201,6 +201,47 @@ pub struct ControlPlane {
     dns: Option<(GeoDns, tokio::net::UdpSocket, tokio::net::TcpListener)>,
 }
 
+/// How many OS-chosen ports DNS tries before giving up (port 0 in the config).
+const DNS_PORT_ATTEMPTS: usize = 32;
+
+/// Binds the DNS sockets: UDP and TCP on one port. With port 0 the OS picks the UDP port, and
+/// TCP may find that port taken (another process's TCP socket); then another port is tried, so
+/// a dev node never fails to start on a collision it did not choose.
+async fn bind_dns(
+    listen: SocketAddr,
+) -> Result<(tokio::net::UdpSocket, tokio::net::TcpListener), ControlPlaneError> {
+    let attempts = if listen.port() == 0 {
+        DNS_PORT_ATTEMPTS
+    } else {
+        1
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let udp = tokio::net::UdpSocket::bind(listen)
+            .await
+            .map_err(|source| ControlPlaneError::Bind {
+                what: "DNS (UDP)",
+                addr: listen,
+                source,
+            })?;
+        let tcp_addr = udp.local_addr().unwrap_or(listen);
+        match tokio::net::TcpListener::bind(tcp_addr).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < attempts => {
+                tracing::debug!(port = tcp_addr.port(), "DNS TCP port taken; trying another");
+            }
+            Err(source) => {
+                return Err(ControlPlaneError::Bind {
+                    what: "DNS (TCP)",
+                    addr: tcp_addr,
+                    source,
+                })
+            }
+        }
+    }
+}
+
 impl ControlPlane {
     /// Validates the config and binds the HTTP (and DNS) sockets.
     pub async fn bind(
@@ -226,22 +267,7 @@ impl ControlPlane {
                     .cloned()
                     .collect();
                 let core = GeoDns::new(d, EdgeRouter::new(&config.routing)?, regions)?;
-                let udp = tokio::net::UdpSocket::bind(d.listen)
-                    .await
-                    .map_err(|source| ControlPlaneError::Bind {
-                        what: "DNS (UDP)",
-                        addr: d.listen,
-                        source,
-                    })?;
-                // TCP on the port UDP got (they differ only when the config asks for port 0).
-                let tcp_addr = udp.local_addr().unwrap_or(d.listen);
-                let tcp = tokio::net::TcpListener::bind(tcp_addr)
-                    .await
-                    .map_err(|source| ControlPlaneError::Bind {
-                        what: "DNS (TCP)",
-                        addr: tcp_addr,
-                        source,
-                    })?;
+                let (udp, tcp) = bind_dns(d.listen).await?;
                 Some((core, udp, tcp))
             }
             None => None,
@@ -419,6 +445,29 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// With port 0, DNS gets one port for UDP and TCP even when many TCP ports are taken by
+    /// others (the CI failure this guards: TCP found the OS's UDP pick in use).
+    #[tokio::test]
+    async fn dns_on_port_zero_binds_udp_and_tcp_on_one_port_despite_taken_tcp_ports() {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        // Hold ~3% of the ephemeral range as TCP listeners: over 100 binds, a collision is
+        // all but certain (1 - 0.97^100 > 95%), and each must be survived.
+        let _taken: Vec<_> = (0..900)
+            .map(|_| std::net::TcpListener::bind(loopback).unwrap())
+            .collect();
+        for _ in 0..100 {
+            let (udp, tcp) = bind_dns(loopback).await.expect("a free pair");
+            assert_eq!(
+                udp.local_addr().unwrap().port(),
+                tcp.local_addr().unwrap().port()
+            );
+        }
+        // A fixed port that is taken is refused at once, naming the socket.
+        let held = std::net::TcpListener::bind(loopback).unwrap();
+        let err = bind_dns(held.local_addr().unwrap()).await.unwrap_err();
+        assert!(err.to_string().contains("DNS (TCP)"), "{err}");
     }
 
     #[test]
