@@ -33,12 +33,18 @@ taskset -c "$TOOL_CPUS" "$BIN/loadtest" capacity --max-viewers "$MAX" --step "$S
 python3 - "$OUT/capacity.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print("step  viewers  loss%   p99ms  pass  edge's own p99 (ms, bucket bound)")
+# "fan-out span": viewers x the edge's CPU per delivered packet, i.e. how long its core takes to
+# hand one packet to every viewer; the last copy cannot leave sooner (report.rs, StepLoad).
+print("step  viewers  loss%   p99ms  pass   edge's own p99 (ms, bucket bound)  edge CPU%  fan-out span ms")
 for s in r["capacity_steps"]:
     p99 = "-" if s["p99_ms"] is None else f'{s["p99_ms"]:.1f}'
     own = (s.get("edge_residence") or {}).get("p99_ms")
     own = "-" if own is None else f"<= {own:g}"
-    print(f'      {s["viewers"]:>7}  {s["loss"]*100:5.2f}  {p99:>6}  {s["pass"]!s:5}  {own}')
+    cpu = s.get("server_cpu_pct")
+    cpu = "-" if cpu is None else f"{cpu:.0f}"
+    span = s.get("fanout_span_ms")
+    span = "-" if span is None else f"{span:.1f}"
+    print(f'      {s["viewers"]:>7}  {s["loss"]*100:5.2f}  {p99:>6}  {s["pass"]!s:5}  {own:>33}  {cpu:>9}  {span:>15}')
 tl = [x for x in r["timeline"] if x["server"] and x["server"]["cpu_pct"] is not None]
 if tl:
     print(f'edge CPU max {max(x["server"]["cpu_pct"] for x in tl):.0f}%  RSS max {max(x["server"]["rss_mb"] for x in tl):.1f} MB')

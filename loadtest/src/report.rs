@@ -70,6 +70,58 @@ pub struct CapacityStep {
     pub pass: bool,
     /// The edge's own delay over the step's measured part (its `/metrics`), when it has one.
     pub edge_residence: Option<ResidenceSummary>,
+    /// Packets the viewers received per second over the step's measured part.
+    pub rx_packets_per_s: f64,
+    /// The server's mean CPU over the step's measured part, in % of one core (with `--server-pid`).
+    pub server_cpu_pct: Option<f64>,
+    /// How long the server's CPU takes to hand one packet to every viewer: viewers × its CPU time
+    /// per delivered packet. On one core the last viewer's copy of a packet cannot leave sooner,
+    /// so this is the floor under the server's own delay at this step (see [`StepLoad`]).
+    pub fanout_span_ms: Option<f64>,
+}
+
+/// What a capacity step's measured seconds cost the server, for [`CapacityStep::fanout_span_ms`].
+///
+/// Why: at a fixed utilisation U of one core, a packet to V viewers costs V × c of CPU, and
+/// V × r × c = U when each viewer receives r packets/s, so its last copy leaves U / r after its
+/// first whatever the per-copy cost c. That floor, measured, says how much of the server's p99 is
+/// the fan-out itself and how much is queueing.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepLoad {
+    seconds: u32,
+    rx_packets: u64,
+    cpu_pct_sum: f64,
+    cpu_seconds: u32,
+}
+
+impl StepLoad {
+    /// Adds one measured second.
+    pub fn add(&mut self, second: &Second) {
+        self.seconds += 1;
+        self.rx_packets += second.rx_packets;
+        if let Some(cpu) = second.server.as_ref().and_then(|s| s.cpu_pct) {
+            self.cpu_pct_sum += cpu;
+            self.cpu_seconds += 1;
+        }
+    }
+
+    pub fn rx_packets_per_s(&self) -> f64 {
+        if self.seconds == 0 {
+            return 0.0;
+        }
+        self.rx_packets as f64 / f64::from(self.seconds)
+    }
+
+    pub fn server_cpu_pct(&self) -> Option<f64> {
+        (self.cpu_seconds > 0).then(|| self.cpu_pct_sum / f64::from(self.cpu_seconds))
+    }
+
+    /// Viewers × the server's CPU seconds per delivered packet, in ms.
+    pub fn fanout_span_ms(&self, viewers: usize) -> Option<f64> {
+        let pps = self.rx_packets_per_s();
+        let cpu = self.server_cpu_pct()?;
+        (pps > 0.0).then(|| viewers as f64 * (cpu / 100.0) / pps * 1000.0)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -640,6 +692,48 @@ fn histogram(values: &[f64], unit: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn second(rx_packets: u64, cpu_pct: Option<f64>) -> Second {
+        let mut s = Second::from_parts(
+            0.0,
+            0,
+            &Counters::default(),
+            &Hist::default(),
+            &Hist::default(),
+            cpu_pct.map(|c| ServerSample {
+                cpu_pct: Some(c),
+                cpu_wait_pct: None,
+                rss_mb: 1.0,
+            }),
+            None,
+        );
+        s.rx_packets = rx_packets;
+        s
+    }
+
+    #[test]
+    fn fanout_span_is_viewers_times_cpu_per_delivered_packet() {
+        let mut load = StepLoad::default();
+        assert_eq!(load.fanout_span_ms(100), None);
+        // 1,000 viewers at 90 packets/s each with the server at half a core: per second,
+        // 90,000 packets cost 0.5 s, so one packet to all 1,000 costs 1,000 × 5.56 µs.
+        load.add(&second(90_000, Some(40.0)));
+        load.add(&second(90_000, Some(60.0)));
+        load.add(&second(90_000, None)); // a second without a CPU sample still counts packets
+        assert_eq!(load.rx_packets_per_s(), 90_000.0);
+        assert_eq!(load.server_cpu_pct(), Some(50.0));
+        let span = load.fanout_span_ms(1_000).unwrap();
+        assert!(
+            (span - 1_000.0 * 0.5 / 90_000.0 * 1000.0).abs() < 1e-9,
+            "{span}"
+        );
+        // = utilisation / per-viewer rate: 0.5 / 90 s.
+        assert!((span - 0.5 / 90.0 * 1000.0).abs() < 1e-9);
+        // No server sampling: no span.
+        let mut blind = StepLoad::default();
+        blind.add(&second(10, None));
+        assert_eq!(blind.fanout_span_ms(10), None);
+    }
 
     #[test]
     fn html_is_self_contained() {

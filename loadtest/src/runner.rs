@@ -3,7 +3,7 @@
 //! report. Every wait is bounded, so a run always ends and always leaves a report.
 
 use crate::participant::{self, Context, Spec};
-use crate::report::{CapacityStep, Report, Second, ServerSample};
+use crate::report::{CapacityStep, Report, Second, ServerSample, StepLoad};
 use crate::scenario::{Mode, Scenario};
 use crate::server_metrics::Residence;
 use crate::signaling::{self, ServerKind, Target, TokenSource};
@@ -271,6 +271,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
     let mut cap_step_expected = 0u64;
     let mut cap_step_lost = 0u64;
     let mut cap_step_failed_at_start = 0usize;
+    let mut cap_step_load = StepLoad::default();
     // The edge's residence histogram when a capacity step's measured part began, and when the
     // joins were done (see crate::server_metrics).
     let mut cap_step_residence: Option<Residence> = None;
@@ -324,6 +325,9 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                         failures: failed_now - cap_step_failed_at_start,
                         pass,
                         edge_residence,
+                        rx_packets_per_s: cap_step_load.rx_packets_per_s(),
+                        server_cpu_pct: cap_step_load.server_cpu_pct(),
+                        fanout_span_ms: cap_step_load.fanout_span_ms(cap_joined),
                     });
                     if !pass {
                         break Verdict::Done;
@@ -344,6 +348,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                 cap_step_hist = Hist::default();
                 cap_step_expected = 0;
                 cap_step_lost = 0;
+                cap_step_load = StepLoad::default();
                 cap_step_failed_at_start = collector.lock().expect("collector lock").failed;
             }
         } else if next_join >= schedule.len() && media_end.is_none() {
@@ -391,6 +396,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
             cap_step_hist.merge(&delay_s.0);
             cap_step_expected += delay_s.1.expected;
             cap_step_lost += delay_s.1.net_lost();
+            cap_step_load.add(&second);
         }
         ever_connected |= connected > 0;
         let expecting_media = connected > 0 && scenario.groups.iter().any(|g| g.subscribe);
