@@ -6,6 +6,9 @@
 #   bash bench/loadtest/capacity.sh [max-viewers] [step] [step-duration] [profile]
 #   e.g. bash bench/loadtest/capacity.sh 400 25 5s release
 #
+# Env: LAYER=0|1|2 caps every viewer's simulcast layer (default: none, the edge's per-viewer
+# bandwidth estimate chooses), EDGE_CPU (0), TOOL_CPUS (1), OUT, SKIP_BUILD=1.
+#
 # Traffic stays on loopback. The edge is stopped at the end, also on failure.
 # Against Janus as well, side by side: bench/loadtest/side-by-side.sh.
 set -euo pipefail
@@ -15,6 +18,8 @@ STEP_DURATION=${3:-5s}
 PROFILE=${4:-release}
 EDGE_CPU=${EDGE_CPU:-0}
 TOOL_CPUS=${TOOL_CPUS:-1}
+LAYER_ARGS=()
+[ -z "${LAYER:-}" ] || LAYER_ARGS=(--max-layer "$LAYER")
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-$ROOT/bench/loadtest/out}
 mkdir -p "$OUT"
@@ -28,14 +33,14 @@ lt_start_edge "$EDGE_CPU" "$DATA/data" "$OUT/edge.log"
 lt_machine
 echo "edge pid $EDGE_PID on cpu $EDGE_CPU; loadtest on cpus $TOOL_CPUS"
 taskset -c "$TOOL_CPUS" "$BIN/loadtest" capacity --max-viewers "$MAX" --step "$STEP" \
-  --step-duration "$STEP_DURATION" --target "$EDGE_URL" --server-pid "$EDGE_PID" --threads 1 \
+  --step-duration "$STEP_DURATION" --target "$EDGE_URL" --server-pid "$EDGE_PID" --threads 1 "${LAYER_ARGS[@]}" \
   --quiet --json "$OUT/capacity.json" --html "$OUT/capacity.html" || true
 python3 - "$OUT/capacity.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 # "fan-out span": viewers x the edge's CPU per delivered packet, i.e. how long its core takes to
 # hand one packet to every viewer; the last copy cannot leave sooner (report.rs, StepLoad).
-print("step  viewers  loss%   p99ms  pass   edge's own p99 (ms, bucket bound)  edge CPU%  fan-out span ms")
+print("step  viewers  loss%   p99ms  pass   edge's own p99 (ms, bucket bound)  edge CPU%  pkt/s per viewer  fan-out span ms")
 for s in r["capacity_steps"]:
     p99 = "-" if s["p99_ms"] is None else f'{s["p99_ms"]:.1f}'
     own = (s.get("edge_residence") or {}).get("p99_ms")
@@ -44,7 +49,8 @@ for s in r["capacity_steps"]:
     cpu = "-" if cpu is None else f"{cpu:.0f}"
     span = s.get("fanout_span_ms")
     span = "-" if span is None else f"{span:.1f}"
-    print(f'      {s["viewers"]:>7}  {s["loss"]*100:5.2f}  {p99:>6}  {s["pass"]!s:5}  {own:>33}  {cpu:>9}  {span:>15}')
+    rate = s["rx_packets_per_s"] / s["viewers"] if s["viewers"] else 0
+    print(f'      {s["viewers"]:>7}  {s["loss"]*100:5.2f}  {p99:>6}  {s["pass"]!s:5}  {own:>33}  {cpu:>9}  {rate:>16.0f}  {span:>15}')
 tl = [x for x in r["timeline"] if x["server"] and x["server"]["cpu_pct"] is not None]
 if tl:
     print(f'edge CPU max {max(x["server"]["cpu_pct"] for x in tl):.0f}%  RSS max {max(x["server"]["rss_mb"] for x in tl):.1f} MB')
