@@ -17,7 +17,7 @@ mod room;
 
 pub use room::{
     allowed, is_moderator, Permission, Room, RoomConfig, COUNT_INTERVAL_MS, MAX_CHAT_CHARS,
-    MAX_ROSTER_PAGE, REACTIONS, RESTORE_GRACE_MS,
+    MAX_ROSTER_PAGE, REACTIONS, RESTORE_GRACE_MS, RESTORE_ID_MARGIN,
 };
 
 use cascade_proto::room::{

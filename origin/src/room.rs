@@ -28,7 +28,7 @@ use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, T
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 mod restore;
-pub use restore::RESTORE_GRACE_MS;
+pub use restore::{RESTORE_GRACE_MS, RESTORE_ID_MARGIN};
 
 /// Limits for one room. Plain data with the defaults documented.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,8 +9,9 @@
 //!   homed on the edge that announced them; tracks a moderator muted stay host-muted;
 //! - chat is the union of the replicas by message id (the room's order is the id order);
 //! - settings and raised hands come from the replica that saw the latest event (highest `seq`),
-//!   as do the room's sequence number and id counters (the maximum over all replicas, so no id
-//!   a client holds is reused).
+//!   and the room's sequence number and id counters are the maximum over all replicas plus
+//!   [`RESTORE_ID_MARGIN`] while the window is open, so no id or sequence number a client holds
+//!   is reused, not even one only a replica still to come knows.
 //!
 //! When the window closes (on [`Room::finish_restore`], driven by the origin's tick), anyone
 //! some edge listed in its roster view but no edge announced — the participants of an edge
@@ -33,6 +34,17 @@ use super::{kind_index, Events, Member, Room, RoomConfig};
 use cascade_proto::room::{EdgeId, PresenceMode, RoomReplica};
 use cascade_proto::{ParticipantId, RoomId};
 use std::collections::BTreeSet;
+
+/// How far above every counter seen so far a rebuilt room starts the ids it hands out (for
+/// participants, tracks and chat) while it still waits for replicas.
+///
+/// Why: the dying origin's last events reach its edges at different moments, so a replica that
+/// comes later may hold ids the earlier ones never saw (a participant who joined, a message
+/// acknowledged, on that edge only). Handing those ids out again would merge two participants
+/// into one or drop a message on the later merge. Edges differ by the events in flight when
+/// the origin died, far fewer than this; ids are opaque to clients, and chat keeps its order
+/// (everything sent during the window comes after everything sent before it).
+pub const RESTORE_ID_MARGIN: u64 = 1 << 20;
 
 /// How long a rebuilt room waits for the replicas of the rest of its edges. Edges dial the new
 /// origin when the placement changes (an etcd watch, well under a second) and send their
@@ -75,15 +87,28 @@ impl Room {
                 self.hands = replica.hands.clone();
             }
             r.expected.extend(replica.known.iter().copied());
-            self.seq = self.seq.max(replica.seq);
+            // Events sent during the window come after anything a client saw from the old
+            // origin, whichever edge it is on (resume replays by `seq`).
+            self.seq = self.seq.max(replica.seq.saturating_add(RESTORE_ID_MARGIN));
             if replica.presence == PresenceMode::Interesting {
                 self.presence = PresenceMode::Interesting;
             }
             self.announced.extend(replica.announced.iter().copied());
         }
-        self.next_participant = self.next_participant.max(replica.next_participant);
-        self.next_track = self.next_track.max(replica.next_track);
-        self.next_chat = self.next_chat.max(replica.next_chat);
+        // While the window is open, ids handed out stay clear of anything a later replica may
+        // hold (see RESTORE_ID_MARGIN); a live room's merge (a link blip) changes no counter.
+        let margin = if self.restoring.is_some() {
+            RESTORE_ID_MARGIN
+        } else {
+            0
+        };
+        self.next_participant = self
+            .next_participant
+            .max(replica.next_participant.saturating_add(margin));
+        self.next_track = self
+            .next_track
+            .max(replica.next_track.saturating_add(margin));
+        self.next_chat = self.next_chat.max(replica.next_chat.saturating_add(margin));
 
         for mut info in replica.participants {
             info.edge = edge;
