@@ -713,7 +713,7 @@ fn participant(
     let identity = format!("{}-{}", spec.group, spec.index);
     let token = TokenSigner::from_seed("test", &TOKEN_SEED).mint(
         room.clone(),
-        Identity::new(&format!("p-{identity}")).unwrap(),
+        Identity::new(format!("p-{identity}")).unwrap(),
         Role::Host,
         None,
         control_plane::token::unix_now(),
