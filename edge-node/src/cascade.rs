@@ -127,9 +127,21 @@ impl LinkChannels {
     }
 
     /// Queues a relayed publication's request for the cascade (from a shard shell). Dropped
-    /// when the queue is full: NACKs and keyframe requests are retried by the shard.
-    pub fn request(&self, r: CascadeRequest) {
-        let _ = self.requests.try_send(r);
+    /// when the queue is full (or the cascade is gone) and handed back: NACKs and keyframe
+    /// requests are retried by the shard; a layer demand is not (the shard emits one only when
+    /// the demand changes, so upstream keeps the previous one until the next change) and is
+    /// counted in `layer_demand_failures`, for the shell to log with its room.
+    pub fn request(&self, r: CascadeRequest) -> Result<(), CascadeRequest> {
+        self.requests.try_send(r).map_err(|e| {
+            let r = e.into_inner();
+            if matches!(r, CascadeRequest::LayerDemand { .. }) {
+                self.metrics
+                    .cascade
+                    .layer_demand_failures
+                    .fetch_add(1, Relaxed);
+            }
+            r
+        })
     }
 }
 
@@ -916,7 +928,9 @@ impl CascadeMedia {
         }
     }
 
-    /// Relayed publications' NACKs and keyframe requests, from the shards, go up their link.
+    /// Relayed publications' requests from the shards: NACKs and keyframe requests go up
+    /// their link as they come; a layer demand is remembered and sent by
+    /// [`Self::handle_layer_demand`].
     fn start_request_pump(self: &Arc<Self>) {
         let Some(mut rx) = lock(&self.links().requests_rx).take() else {
             return;
@@ -925,53 +939,59 @@ impl CascadeMedia {
         tokio::spawn(async move {
             while let Some(req) = rx.recv().await {
                 let Some(this) = this.upgrade() else { return };
-                if let CascadeRequest::LayerDemand {
-                    publication,
-                    layers,
-                } = req
-                {
-                    this.handle_layer_demand(publication, layers);
-                    continue;
-                }
-                let out = {
-                    let st = lock(&this.state);
-                    let publication = match &req {
-                        CascadeRequest::Keyframe { publication, .. }
-                        | CascadeRequest::Nack { publication, .. }
-                        | CascadeRequest::LayerDemand { publication, .. } => *publication,
-                    };
-                    st.relayed_by_publication
-                        .get(&publication)
-                        .and_then(|key| st.relayed.get(key))
-                        .and_then(|r| r.via)
-                        .and_then(|(link, flow)| {
-                            st.links.get(&link).map(|e| (e.control.clone(), flow))
-                        })
-                };
-                let Some((control, flow)) = out else { continue };
-                let msgs: Vec<ControlMessage> = match req {
-                    CascadeRequest::Keyframe { layer, .. } => Layer::new(layer)
-                        .map(|layer| ControlMessage::KeyframeRequest { flow, layer })
-                        .into_iter()
-                        .collect(),
-                    CascadeRequest::Nack { layer, seqs, .. } => match Layer::new(layer) {
-                        Some(layer) => pack_nack(&seqs)
-                            .chunks(MAX_NACK_ENTRIES)
-                            .map(|c| ControlMessage::Nack {
-                                flow,
-                                layer,
-                                entries: c.to_vec(),
-                            })
-                            .collect(),
-                        None => Vec::new(),
-                    },
-                    CascadeRequest::LayerDemand { .. } => Vec::new(),
-                };
-                for m in msgs {
-                    let _ = control.send(m).await;
+                match req {
+                    CascadeRequest::LayerDemand {
+                        publication,
+                        layers,
+                    } => this.handle_layer_demand(publication, layers),
+                    CascadeRequest::Keyframe { publication, layer } => {
+                        let Some((control, flow)) = this.upstream(publication) else {
+                            continue;
+                        };
+                        if let Some(layer) = Layer::new(layer) {
+                            let _ = control
+                                .send(ControlMessage::KeyframeRequest { flow, layer })
+                                .await;
+                        }
+                    }
+                    CascadeRequest::Nack {
+                        publication,
+                        layer,
+                        seqs,
+                    } => {
+                        let (Some((control, flow)), Some(layer)) =
+                            (this.upstream(publication), Layer::new(layer))
+                        else {
+                            continue;
+                        };
+                        for entries in pack_nack(&seqs).chunks(MAX_NACK_ENTRIES) {
+                            let _ = control
+                                .send(ControlMessage::Nack {
+                                    flow,
+                                    layer,
+                                    entries: entries.to_vec(),
+                                })
+                                .await;
+                        }
+                    }
                 }
             }
         });
+    }
+
+    /// The control sender of the link a relayed publication comes through, and its flow
+    /// there; `None` while it is stalled (or gone).
+    fn upstream(
+        &self,
+        publication: PublicationId,
+    ) -> Option<(mpsc::Sender<ControlMessage>, FlowId)> {
+        let st = lock(&self.state);
+        let (link, flow) = st
+            .relayed_by_publication
+            .get(&publication)
+            .and_then(|key| st.relayed.get(key))
+            .and_then(|r| r.via)?;
+        st.links.get(&link).map(|e| (e.control.clone(), flow))
     }
 
     /// A relayed publication's demand changed in its shard: remembered, and sent upstream on
@@ -1255,4 +1275,33 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_layer_demand_the_full_request_queue_drops_is_counted() {
+        let metrics = Arc::new(Metrics::default());
+        let links = LinkChannels::new(metrics.clone());
+        let keyframe = CascadeRequest::Keyframe {
+            publication: PublicationId(1),
+            layer: 0,
+        };
+        // No pump drains the queue here: fill it.
+        for _ in 0..REQUEST_QUEUE {
+            links.request(keyframe.clone()).expect("room in the queue");
+        }
+        let demand = CascadeRequest::LayerDemand {
+            publication: PublicationId(1),
+            layers: LayerSet(0b001),
+        };
+        assert_eq!(links.request(demand.clone()), Err(demand));
+        let failures = || metrics.cascade.layer_demand_failures.load(Relaxed);
+        assert_eq!(failures(), 1);
+        // A dropped keyframe request (the shard retries those) is not a demand failure.
+        assert_eq!(links.request(keyframe.clone()), Err(keyframe));
+        assert_eq!(failures(), 1);
+    }
 }

@@ -173,7 +173,9 @@ pub struct CascadeLinkCounters {
     pub parent_fallbacks: AtomicU64,
     /// `layer_demand` messages sent upstream for relayed publications.
     pub layer_demands_sent: AtomicU64,
-    /// `layer_demand` messages not sent because the link's control queue was full or closed.
+    /// Layer demands dropped on the way up: a shard's could not be queued for the cascade
+    /// (its request queue full), or the `layer_demand` message could not be queued on the
+    /// link (its control queue full or closed).
     pub layer_demand_failures: AtomicU64,
     /// Datagrams received from links for relayed publications, by simulcast layer (index =
     /// layer): what each layer costs the links into this edge.
@@ -329,7 +331,7 @@ impl Metrics {
             ),
             (
                 "cascade_layer_demand_failures_total",
-                "layer_demand messages dropped because the link's control queue was full or closed",
+                "layer demands dropped: the cascade's request queue or the link's control queue was full or closed",
                 &self.cascade.layer_demand_failures,
             ),
             (

@@ -21,7 +21,11 @@
 //! - a parent edge with no participants in the room refuses the child's subscription: the
 //!   child takes the room's media from the origin (`a_parent_that_refuses_...`);
 //! - with real `kcs` processes and `--media-parent`, a SIGKILLed parent edge is replaced by the
-//!   origin and linked again when it returns (`a_killed_parent_edge_process_...`).
+//!   origin and linked again when it returns (`a_killed_parent_edge_process_...`);
+//! - layer demand: what crosses the link into an edge follows what is wanted there, from a
+//!   child edge (`the_link_into_an_edge_carries_only_...`) and, with real edges A and B and the
+//!   load tester's WebRTC clients, from a viewer's `consumer:layers`
+//!   (`a_subscribers_max_layer_decides_...`).
 //!
 //! The same tree learnt from etcd (presence records, the control plane's keeper) is
 //! `cascade_tree_etcd.rs`.
@@ -39,15 +43,23 @@ use control_plane::token::{TokenSigner, TokenVerifier};
 use edge_node::app::{Origins, Running};
 use edge_node::config::EdgeConfig;
 use edge_node::origin_server::{OriginRelay, OriginSettings, RunningOrigin};
+use edge_node::transport::dtls::DtlsCertificate;
 use edge_node::tree::{MediaParent, ParentChange};
 use edge_node::uplink::{OriginAddr, OriginDirectory};
+use loadtest::participant::{Context, ParticipantError, Spec};
+use loadtest::peer::Ticker;
+use loadtest::scenario::{Mode, Publish};
+use loadtest::signaling::{Target, TokenSource};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+
+/// The key of the participant tokens the edges of [`start_edge`] accept.
+const TOKEN_SEED: [u8; 32] = [9; 32];
 
 /// A real edge linked to the origin over QUIC.
 async fn start_edge(
@@ -65,7 +77,7 @@ async fn start_edge(
     };
     let creds = ca.issue(&label(node)).unwrap();
     let endpoint = edge_node::app::edge_endpoint(&config, &creds, node, "eu").unwrap();
-    let signer = TokenSigner::generate("test");
+    let signer = TokenSigner::from_seed("test", &TOKEN_SEED);
     let mut verifier = TokenVerifier::new();
     verifier.add_key(signer.kid(), &signer.public_key());
     edge_node::app::start_with(
@@ -688,4 +700,165 @@ async fn the_link_into_an_edge_carries_only_the_layers_demanded_downstream() {
         grown.elapsed()
     );
     assert!(b.edge.metrics.cascade.layer_demands_sent.load(Relaxed) > sent_before);
+}
+
+/// A load-tester participant (a real WebRTC client: WebSocket signaling, ICE, DTLS, SRTP,
+/// RTCP) in `room` on `edge` until `stop`.
+fn participant(
+    edge: &Running,
+    room: &RoomId,
+    spec: Spec,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Result<(), ParticipantError>> {
+    let identity = format!("{}-{}", spec.group, spec.index);
+    let token = TokenSigner::from_seed("test", &TOKEN_SEED).mint(
+        room.clone(),
+        Identity::new(format!("p-{identity}")).unwrap(),
+        Role::Host,
+        None,
+        control_plane::token::unix_now(),
+        600,
+    );
+    edge_node::transport::install_crypto_provider();
+    let ctx = Arc::new(Context {
+        target: Target::parse(&format!("http://{}", edge.http)).unwrap(),
+        tokens: TokenSource::Fixed(token),
+        cert: DtlsCertificate::generate().unwrap(),
+        collector: Arc::default(),
+        ticker: Ticker::start(),
+        hub: None,
+        media_via: None,
+        local_ip: [127, 0, 0, 1].into(),
+        room: room.as_str().into(),
+        identity_prefix: "p".into(),
+        janus_room: 0,
+        mode: Mode::Ws,
+        nack: true,
+        stop,
+    });
+    tokio::spawn(loadtest::participant::run(ctx, spec))
+}
+
+/// Layer demand end to end, with real parts only: the origin, edges A and B linked to it over
+/// QUIC, and the load tester's WebRTC clients: a 3-layer simulcast camera published on A and a
+/// viewer on B that asks for max layer 0 (`consumer:layers`), later 2. B's `/metrics`
+/// (`kcs_cascade_relayed_datagrams_in_total{layer}`) shows what crossed the link into B. B
+/// subscribes every layer of the track upstream, so without its `layer_demand` layers 1 and 2
+/// would keep crossing and the first check fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribers_max_layer_decides_what_crosses_the_link_into_its_edge() {
+    /// How long a wider demand may take to bring layer 2 across: a correctness bound (the
+    /// demand is sent at all, and acted on), generous for a loaded 2-core machine.
+    const WIDENED_WITHIN: Duration = Duration::from_secs(5);
+    let ca = ClusterCa::generate("test-cluster").unwrap();
+    let (_origin, _relay, origin_addr) = start_origin(&ca).await;
+    let a = start_edge(&ca, "edge-a", &origin_addr, None).await;
+    let b = start_edge(&ca, "edge-b", &origin_addr, None).await;
+    let room = RoomId::new("demand-e2e").unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let publisher = participant(
+        &a,
+        &room,
+        Spec {
+            index: 0,
+            group: "camera".into(),
+            publish: Publish::Camera,
+            subscribe: false,
+            max_layer: None,
+            max_layer_changes: None,
+        },
+        stop.clone(),
+    );
+    let (max_layer, max_layer_rx) = watch::channel(0u8);
+    let viewer = participant(
+        &b,
+        &room,
+        Spec {
+            index: 1,
+            group: "viewer".into(),
+            publish: Publish::None,
+            subscribe: true,
+            max_layer: Some(0),
+            max_layer_changes: Some(max_layer_rx),
+        },
+        stop.clone(),
+    );
+    let b_http = b.http;
+    let into_b = |layer: u8| async move {
+        let name = format!("kcs_cascade_relayed_datagrams_in_total{{layer=\"{layer}\"}}");
+        let v = metric(b_http, &name).await;
+        assert!(v >= 0, "{name} on B's /metrics");
+        v as u64
+    };
+    let alive = || {
+        assert!(!publisher.is_finished(), "the publisher ended early");
+        assert!(!viewer.is_finished(), "the viewer ended early");
+    };
+
+    let deadline = Instant::now() + WAIT;
+    while into_b(0).await < 100 {
+        alive();
+        assert!(Instant::now() < deadline, "layer 0 never crossed into B");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The viewer's max layer 0 reaches B's shard after its subscription (which starts at the
+    // top layer): wait until layers 1 and 2 stand still, then watch a whole second.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        alive();
+        let upper = (into_b(1).await, into_b(2).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if (into_b(1).await, into_b(2).await) == upper {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "layers 1 and 2 never stop crossing into B, where the only viewer wants layer 0"
+        );
+    }
+    let before = [into_b(0).await, into_b(1).await, into_b(2).await];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = [into_b(0).await, into_b(1).await, into_b(2).await];
+    println!(
+        "into B over 1 s, viewer at max layer 0: layer 0 {}, layer 1 {}, layer 2 {}",
+        after[0] - before[0],
+        after[1] - before[1],
+        after[2] - before[2]
+    );
+    assert!(
+        after[0] - before[0] > 20,
+        "layer 0 keeps crossing: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        (after[1] - before[1], after[2] - before[2]),
+        (0, 0),
+        "layers 1 and 2 do not cross the link into B"
+    );
+    assert!(metric(b.http, "kcs_cascade_layer_demands_sent_total").await >= 1);
+
+    // The viewer's tile grows: max layer 2. Layers 1 and 2 cross into B again.
+    let (mid, top) = (into_b(1).await, into_b(2).await);
+    let widened = Instant::now();
+    max_layer.send(2).unwrap();
+    while !(into_b(1).await > mid + 10 && into_b(2).await > top + 10) {
+        alive();
+        assert!(
+            widened.elapsed() < WIDENED_WITHIN,
+            "layers 1 and 2 did not cross into B within {WIDENED_WITHIN:?} of max layer 2"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "layers 1 and 2 crossing into B {:?} after the viewer's max layer 2",
+        widened.elapsed()
+    );
+
+    stop_tx.send(true).unwrap();
+    for (who, p) in [("publisher", publisher), ("viewer", viewer)] {
+        let r = tokio::time::timeout(WAIT, p)
+            .await
+            .unwrap_or_else(|_| panic!("the {who} stops"))
+            .unwrap();
+        assert!(r.is_ok(), "the {who}: {r:?}");
+    }
 }

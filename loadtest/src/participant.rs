@@ -66,6 +66,9 @@ pub struct Spec {
     pub publish: Publish,
     pub subscribe: bool,
     pub max_layer: Option<u8>,
+    /// A new max layer for every video track received, each time one is sent (a viewer's tile
+    /// resized mid-run: the edge's layer demand upstream follows). WebSocket mode only.
+    pub max_layer_changes: Option<watch::Receiver<u8>>,
 }
 
 /// Why a participant ended early.
@@ -85,6 +88,18 @@ impl ParticipantError {
     pub fn is_fatal(&self) -> bool {
         matches!(self, ParticipantError::Signaling(e) if e.is_fatal())
     }
+}
+
+/// The next max layer sent on `changes`; pending forever without a sender (or once it is gone).
+async fn next_max_layer(changes: &mut Option<watch::Receiver<u8>>) -> Option<u8> {
+    let Some(rx) = changes else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        *changes = None;
+        return None;
+    }
+    Some(*rx.borrow_and_update())
 }
 
 fn local_transport(peer: &Peer, ice: &IceCredentials, cert: &DtlsCertificate) -> LocalTransport {
@@ -292,7 +307,10 @@ impl Life {
             self.mark_connected();
         }
         let mut sub: Option<(Arc<Peer>, IceCredentials)> = None;
-        let mut layered: HashSet<u64> = HashSet::new();
+        // Video tracks received; each got `consumer:layers` if a max layer was set by then.
+        let mut videos: HashSet<u64> = HashSet::new();
+        let mut max_layer = self.spec.max_layer;
+        let mut changes = self.spec.max_layer_changes.clone();
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Result<(), ParticipantError>>(1);
         let mut stop = self.ctx.stop.clone();
         let mut check = tokio::time::interval(Duration::from_millis(200));
@@ -309,6 +327,12 @@ impl Life {
                 Some(done) = conn_rx.recv() => {
                     done?;
                     self.mark_connected();
+                }
+                Some(max) = next_max_layer(&mut changes) => {
+                    max_layer = Some(max);
+                    for id in &videos {
+                        ws.request("consumer:layers", json!({"track": id, "maxSpatial": max})).await?;
+                    }
                 }
                 ev = events.recv() => {
                     let Some(ev) = ev else { break };
@@ -363,13 +387,11 @@ impl Life {
                                 });
                                 self.pending_times = Some(times_slot);
                             }
-                            if let Some(max) = self.spec.max_layer {
-                                for t in ev["tracks"].as_array().into_iter().flatten() {
-                                    if t["kind"] == "video" {
-                                        if let Some(id) = t["track"].as_u64() {
-                                            if layered.insert(id) {
-                                                ws.request("consumer:layers", json!({"track": id, "maxSpatial": max})).await?;
-                                            }
+                            for t in ev["tracks"].as_array().into_iter().flatten() {
+                                if t["kind"] == "video" {
+                                    if let Some(id) = t["track"].as_u64() {
+                                        if let (true, Some(max)) = (videos.insert(id), max_layer) {
+                                            ws.request("consumer:layers", json!({"track": id, "maxSpatial": max})).await?;
                                         }
                                     }
                                 }

@@ -225,6 +225,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                 publish: g.publish,
                 subscribe: g.subscribe,
                 max_layer: g.max_layer,
+                max_layer_changes: None,
             };
             index += 1;
             if cap_group.as_deref() == Some(g.name.as_str()) {

@@ -1683,6 +1683,11 @@ impl ShardCore {
         self.link_out.len()
     }
 
+    /// The room of a publication (local or relayed), for logs.
+    pub fn publication_room(&self, id: PublicationId) -> Option<&str> {
+        self.publications.get(&id).map(|p| p.spec.room.as_str())
+    }
+
     /// The next request a relayed publication sends upstream.
     pub fn poll_cascade_request(&mut self) -> Option<CascadeRequest> {
         if self.cascade_requests.is_empty() {

@@ -14,7 +14,7 @@
 pub mod batch;
 
 use crate::metrics::{Metrics, ShardResidence};
-use crate::sfu::{Command, Event, SessionId, ShardCore, TransportId, TICK};
+use crate::sfu::{CascadeRequest, Command, Event, SessionId, ShardCore, TransportId, TICK};
 use crate::transport::demux::{classify, PacketClass};
 use crate::transport::dtls::{self, DtlsCertificate, DtlsSession, SrtpKeys};
 use std::collections::HashMap;
@@ -384,7 +384,18 @@ impl ShardShell {
                 core.drain_link_datagrams(|link, bytes| links.send(link, bytes));
             }
             while let Some(r) = core.poll_cascade_request() {
-                self.links.request(r);
+                if let Err(CascadeRequest::LayerDemand {
+                    publication,
+                    layers,
+                }) = self.links.request(r)
+                {
+                    tracing::debug!(
+                        room = core.publication_room(publication).unwrap_or("?"),
+                        publication = publication.0,
+                        layers = layers.0,
+                        "layer demand dropped: the cascade's request queue is full"
+                    );
+                }
             }
             core.poll_transmits(&mut transmits);
             if !transmits.is_empty() {
