@@ -494,6 +494,29 @@ fn layer_demand_follows_the_highest_max_layer_and_is_emitted_only_on_change() {
     );
 }
 
+/// A demand the cascade's queue dropped is not lost: the next timeout sends it again, as it
+/// then stands, even though it did not change.
+#[test]
+fn a_dropped_layer_demand_goes_out_again_on_the_next_timeout() {
+    let mut b = relayed_edge(3, &[2]);
+    let now = b.now;
+    assert_eq!(demands(&mut b.core), vec![0b111]);
+    b.core.layer_demand_dropped(RELAYED_PUB);
+    assert_eq!(
+        demands(&mut b.core),
+        Vec::<u8>::new(),
+        "not before the tick"
+    );
+    b.core.handle_timeout(now + Duration::from_millis(20));
+    assert_eq!(demands(&mut b.core), vec![0b111], "sent again unchanged");
+    b.core.handle_timeout(now + Duration::from_millis(40));
+    assert_eq!(demands(&mut b.core), Vec::<u8>::new(), "and only once");
+    // An unknown publication is ignored.
+    b.core.layer_demand_dropped(PublicationId(424242));
+    b.core.handle_timeout(now + Duration::from_millis(60));
+    assert_eq!(demands(&mut b.core), Vec::<u8>::new());
+}
+
 #[test]
 fn layer_demand_is_empty_when_every_subscriber_paused_and_returns_on_resume() {
     let mut b = relayed_edge(3, &[2, 0]);

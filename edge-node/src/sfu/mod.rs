@@ -408,6 +408,9 @@ pub struct ShardCore {
     link_bytes: Vec<u8>,
     link_out: Vec<(LinkId, std::ops::Range<usize>)>,
     cascade_requests: Vec<CascadeRequest>,
+    /// Relayed publications whose last layer demand the cascade's queue dropped: sent again on
+    /// the next timeout, since a demand only goes out when it changes.
+    demand_retries: Vec<PublicationId>,
     pub counters: ShardCounters,
 }
 
@@ -456,6 +459,7 @@ impl ShardCore {
             link_bytes: Vec::new(),
             link_out: Vec::new(),
             cascade_requests: Vec::new(),
+            demand_retries: Vec::new(),
             counters: ShardCounters::default(),
         }
     }
@@ -1253,6 +1257,9 @@ impl ShardCore {
         self.run_feedback(now);
         self.run_probes(now);
         self.run_allocation(now);
+        for id in std::mem::take(&mut self.demand_retries) {
+            self.update_layer_demand(id);
+        }
         let reports_due = self
             .last_reports
             .is_none_or(|t| now.duration_since(t) >= REPORT_INTERVAL);
@@ -1686,6 +1693,17 @@ impl ShardCore {
     /// The room of a publication (local or relayed), for logs.
     pub fn publication_room(&self, id: PublicationId) -> Option<&str> {
         self.publications.get(&id).map(|p| p.spec.room.as_str())
+    }
+
+    /// The cascade could not take this publication's layer demand (its request queue was
+    /// full): it is sent again, as it then stands, on the next [`ShardCore::handle_timeout`].
+    pub fn layer_demand_dropped(&mut self, id: PublicationId) {
+        if let Some(p) = self.publications.get_mut(&id) {
+            p.demand = None;
+            if !self.demand_retries.contains(&id) {
+                self.demand_retries.push(id);
+            }
+        }
     }
 
     /// The next request a relayed publication sends upstream.

@@ -393,8 +393,9 @@ impl ShardShell {
                         room = core.publication_room(publication).unwrap_or("?"),
                         publication = publication.0,
                         layers = layers.0,
-                        "layer demand dropped: the cascade's request queue is full"
+                        "layer demand dropped: the cascade's request queue is full; retried on the next tick"
                     );
+                    core.layer_demand_dropped(publication);
                 }
             }
             core.poll_transmits(&mut transmits);
