@@ -246,6 +246,24 @@ mr_edges_up() {
     mr_log "edges: $MR_EDGES_PER_REGION per region up"
 }
 
+# Scrapes /metrics of every origin and edge into DIR/NODE.prom (for hops.py: each node's own
+# share of the delay between two scrapes). A node that does not answer leaves no file.
+mr_scrape() { # dir
+    local dir=$1 r i n
+    mkdir -p "$dir"
+    for r in "${MR_REGIONS[@]}"; do
+        i=${MR_INDEX[$r]}
+        if [ "${MR_CASCADE:-1}" = 1 ]; then
+            ip netns exec "mr-$r" curl -sf -m 2 -o "$dir/origin-$r.prom" \
+                "http://$(mr_side_addr "$i"):8090/metrics" || rm -f "$dir/origin-$r.prom"
+        fi
+        for n in $(mr_edge_numbers); do
+            ip netns exec "mr-$r" curl -sf -m 2 -o "$dir/edge-$r-$n.prom" \
+                "http://$(mr_edge_addr "$i" "$n"):8080/metrics" || rm -f "$dir/edge-$r-$n.prom"
+        done
+    done
+}
+
 # What a participant in region $1 gets for meet.<zone> from the geo-DNS (one address per line).
 mr_dig_edge() {
     ip netns exec "mr-$1" dig +short +time=1 +tries=2 -p "${MR_DNS##*:}" "@${MR_DNS%:*}" "meet.$MR_ZONE" A

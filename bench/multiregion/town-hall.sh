@@ -20,7 +20,9 @@
 # participant gauge; at least 8 edges must have had some), per-edge media and signaling
 # bandwidth and per-link cascade bandwidth (nftables counters), per-process CPU and RSS (/proc
 # of every kcs, etcd, relay and loadtest process), one-way delay and loss per region, signaling
-# messages per participant per second. Results in $OUT (default artifacts/town-hall).
+# messages per participant per second; each origin's and edge's own share of the delay
+# (hops.py: residence histograms scraped before and after the run, joins included). Results in
+# $OUT (default artifacts/town-hall).
 # Exits 0 when >= 99.9% joined, >= 8 edges served, and every load tester with receivers
 # measured media.
 #
@@ -162,6 +164,8 @@ start_tester() { # region n address presenters viewers audience
     echo "$! loadtest-$1-$2" >>"$MR_DIR/procs"
 }
 mr_log "town hall: $PARTICIPANTS participants ($PRESENTERS presenters, $RECEIVERS media receivers, $audience signaling-only) over $testers edges; load: $(uptime)"
+# Each node's residence histograms before the run, for its own share of the delay (hops.py).
+mr_scrape "$OUT/metrics-before"
 # The presenters' tester first: the room's origin is placed near the first joiner.
 read -r r n a p v s <<<"${plan[0]}"
 start_tester "$r" "$n" "$a" "$p" "$v" "$s"
@@ -176,5 +180,9 @@ touch "$OUT/stop"
 wait "$monitor" || true
 monitor=""
 mr_log "load testers done (exit status $status); load: $(uptime)"
+mr_scrape "$OUT/metrics-after"
 python3 "$ROOT/bench/multiregion/town_hall.py" report "$OUT" | tee "$OUT/summary.txt"
-exit "${PIPESTATUS[0]}"
+report=${PIPESTATUS[0]}
+echo "each node's own share of the delay over the whole run (joins included):" | tee -a "$OUT/summary.txt"
+python3 "$ROOT/bench/multiregion/hops.py" "$OUT/metrics-before" "$OUT/metrics-after" | tee -a "$OUT/summary.txt" || true
+exit "$report"

@@ -1208,15 +1208,28 @@ async fn read_link(link: LinkId, media: MediaChannel, links: Arc<LinkChannels>, 
                 return;
             }
         };
-        let mut next = Some(first);
+        // The start of the datagram's stay in kcs_cascade_residence_seconds.
+        let mut next = Some((first, std::time::Instant::now()));
         let mut taken = 0;
         {
             let flows = read(&links.flows);
-            while let Some(bytes) = next.take() {
+            while let Some((bytes, received)) = next.take() {
                 taken += 1;
-                route(link, bytes, &flows, &links, &mut batches, &mut by_layer);
+                route(
+                    link,
+                    bytes,
+                    received,
+                    &flows,
+                    &links,
+                    &mut batches,
+                    &mut by_layer,
+                );
                 if taken < READ_BATCH {
-                    next = media.recv().now_or_never().and_then(Result::ok);
+                    next = media
+                        .recv()
+                        .now_or_never()
+                        .and_then(Result::ok)
+                        .map(|b| (b, std::time::Instant::now()));
                 }
             }
         }
@@ -1243,6 +1256,7 @@ async fn read_link(link: LinkId, media: MediaChannel, links: Arc<LinkChannels>, 
 fn route(
     link: LinkId,
     bytes: Bytes,
+    received: std::time::Instant,
     flows: &HashMap<(LinkId, FlowId), (usize, PublicationId)>,
     links: &LinkChannels,
     batches: &mut HashMap<usize, Vec<RelayedPacket>>,
@@ -1264,6 +1278,7 @@ fn route(
         layer,
         flags,
         rtp: bytes.slice(offset..),
+        received,
     });
 }
 

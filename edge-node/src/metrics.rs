@@ -5,6 +5,7 @@
 //! Signaling code counts straight into [`Metrics`]. Rendering is the Prometheus text format
 //! (version 0.0.4): a fixed set of series does not need a metrics framework.
 
+use kcs_media::residence::{Residence, BOUNDS_US, BUCKETS};
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
@@ -74,75 +75,90 @@ counters! {
     link_nacks_out => "cascade_nacks_out_total", "sequence numbers NACKed up cascade links";
 }
 
-/// Upper bounds of the [`Residence`] buckets, in microseconds: fine below the 5 ms the edge may
-/// add to a packet at half its capacity, coarse above.
-pub const RESIDENCE_BOUNDS_US: [u64; 13] = [
-    100, 250, 500, 1_000, 2_000, 3_000, 4_000, 5_000, 7_500, 10_000, 20_000, 50_000, 100_000,
-];
-const RESIDENCE_BUCKETS: usize = RESIDENCE_BOUNDS_US.len() + 1;
-
-/// A shard's own tally of how long media datagrams stayed in the edge: from the kernel's
-/// arrival stamp to the moment the copies they caused were handed to the kernel to send
-/// (socket queue, decryption, forwarding and encryption, batching). Folded into
-/// [`Residence`] on every tick, like [`ShardCounters`].
-#[derive(Debug, Default, Clone)]
-pub struct ShardResidence {
-    buckets: [u64; RESIDENCE_BUCKETS],
-    sum_us: u64,
-}
-
-impl ShardResidence {
-    pub fn observe(&mut self, stay: std::time::Duration) {
-        let us = stay.as_micros().min(u64::MAX as u128) as u64;
-        let i = RESIDENCE_BOUNDS_US.partition_point(|&b| b < us);
-        self.buckets[i] += 1;
-        self.sum_us += us;
-    }
-}
-
-/// Process-wide histogram of [`ShardResidence`]: `kcs_media_residence_seconds`.
+/// Process-wide totals of a residence histogram ([`kcs_media::residence::Residence`], the one
+/// bucket layout): shards observe into their own plain `Residence` and fold it in with
+/// [`ResidenceTotals::absorb`] on every tick, like [`ShardCounters`].
 #[derive(Debug, Default)]
-pub struct Residence {
-    buckets: [AtomicU64; RESIDENCE_BUCKETS],
+pub struct ResidenceTotals {
+    buckets: [AtomicU64; BUCKETS],
     sum_us: AtomicU64,
 }
 
-impl Residence {
-    pub fn absorb(&self, s: &mut ShardResidence) {
-        for (total, n) in self.buckets.iter().zip(s.buckets) {
-            if n != 0 {
-                total.fetch_add(n, Relaxed);
+impl ResidenceTotals {
+    /// Adds a shard's tally and zeroes it.
+    pub fn absorb(&self, r: &mut Residence) {
+        if r.is_empty() {
+            return;
+        }
+        let r = r.take();
+        for (total, n) in self.buckets.iter().zip(r.buckets()) {
+            if *n != 0 {
+                total.fetch_add(*n, Relaxed);
             }
         }
-        self.sum_us.fetch_add(s.sum_us, Relaxed);
-        *s = ShardResidence::default();
+        self.sum_us.fetch_add(r.sum_us(), Relaxed);
     }
 
-    fn render(&self, out: &mut String) {
-        let name = "kcs_media_residence_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} time from a media datagram's arrival (kernel stamp) to the hand-off of the copies it caused to the kernel"
-        );
-        let _ = writeln!(out, "# TYPE {name} histogram");
-        let mut cumulative = 0;
-        for (i, b) in self.buckets.iter().enumerate() {
-            cumulative += b.load(Relaxed);
-            match RESIDENCE_BOUNDS_US.get(i) {
-                Some(us) => {
-                    let le = *us as f64 / 1e6;
-                    let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-                }
-                None => {
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-                }
-            }
-        }
-        let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {cumulative}");
+    /// Per-bucket counts (not cumulative) and the sum in microseconds.
+    pub fn load(&self) -> ([u64; BUCKETS], u64) {
+        (
+            std::array::from_fn(|i| self.buckets[i].load(Relaxed)),
+            self.sum_us.load(Relaxed),
+        )
     }
 }
+
+/// How long cascade datagrams (received from links, relayed publications) stay in the edge,
+/// by where their copies go: `kcs_cascade_residence_seconds{to="links"|"subscribers"}`. See
+/// docs/cascade.md ("Residence") for exactly what each span includes.
+#[derive(Debug, Default)]
+pub struct CascadeResidence {
+    /// Until the copies for child edges were handed to quinn (`send_datagram`).
+    pub links: ResidenceTotals,
+    /// Until the SRTP copies for local subscribers were handed to the kernel (`sendmmsg`).
+    pub subscribers: ResidenceTotals,
+}
+
+/// `# HELP` and `# TYPE` of a histogram (once per name, before its series).
+pub(crate) fn histogram_header(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+}
+
+/// One series of a residence histogram in the Prometheus text format: cumulative buckets in
+/// seconds, `_sum`, `_count`. `labels` is empty or `key="value"` pairs without braces.
+pub(crate) fn histogram_series(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    buckets: &[u64; BUCKETS],
+    sum_us: u64,
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        cumulative += n;
+        let le = match BOUNDS_US.get(i) {
+            Some(us) => (*us as f64 / 1e6).to_string(),
+            None => "+Inf".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let braces = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let sum = sum_us as f64 / 1e6;
+    let _ = writeln!(out, "{name}_sum{braces} {sum}");
+    let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+}
+
+/// Help of `kcs_cascade_residence_seconds`, on edges and origins alike.
+pub(crate) const CASCADE_RESIDENCE_HELP: &str = "time from a cascade datagram's delivery by quinn to the hand-off of its copies: to=links, to quinn for downstream links; to=subscribers, SRTP copies to the kernel for local subscribers";
 
 /// Counters of the cascade links' media shell (`crate::cascade`).
 #[derive(Debug, Default)]
@@ -205,8 +221,12 @@ pub struct TreeCounters {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub media: MediaCounters,
-    /// How long media datagrams stay in the edge (see [`ShardResidence`]).
-    pub residence: Residence,
+    /// How long client media datagrams stay in the edge: from the kernel's arrival stamp to
+    /// the moment the copies they caused were handed to the kernel to send (socket queue,
+    /// decryption, forwarding and encryption, batching): `kcs_media_residence_seconds`.
+    pub residence: ResidenceTotals,
+    /// How long cascade datagrams stay in the edge: `kcs_cascade_residence_seconds`.
+    pub cascade_residence: CascadeResidence,
     pub participants: AtomicI64,
     pub publications: AtomicI64,
     pub subscriptions: AtomicI64,
@@ -240,7 +260,23 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8192);
         self.media.render(&mut out);
-        self.residence.render(&mut out);
+        let name = "kcs_media_residence_seconds";
+        histogram_header(
+            &mut out,
+            name,
+            "time from a client media datagram's arrival (kernel stamp) to the hand-off of the copies it caused to the kernel",
+        );
+        let (buckets, sum) = self.residence.load();
+        histogram_series(&mut out, name, "", &buckets, sum);
+        let name = "kcs_cascade_residence_seconds";
+        histogram_header(&mut out, name, CASCADE_RESIDENCE_HELP);
+        for (to, totals) in [
+            ("links", &self.cascade_residence.links),
+            ("subscribers", &self.cascade_residence.subscribers),
+        ] {
+            let (buckets, sum) = totals.load();
+            histogram_series(&mut out, name, &format!("to=\"{to}\""), &buckets, sum);
+        }
         for (name, help, v) in [
             (
                 "participants",
@@ -480,7 +516,7 @@ mod tests {
     fn residence_buckets_are_cumulative_with_bounds_inclusive() {
         use std::time::Duration;
         let m = Metrics::default();
-        let mut s = ShardResidence::default();
+        let mut s = Residence::default();
         for us in [50, 100, 101, 4_999, 5_000, 5_001, 200_000] {
             s.observe(Duration::from_micros(us));
         }
@@ -502,5 +538,20 @@ mod tests {
         assert_eq!(line("+Inf"), "7");
         assert!(text.contains("kcs_media_residence_seconds_count 7\n"));
         assert!(text.contains("kcs_media_residence_seconds_sum 0.215251\n"));
+        // The cascade histogram's series carry their `to` label before `le`.
+        let mut c = Residence::default();
+        c.observe(Duration::from_micros(80));
+        m.cascade_residence.links.absorb(&mut c);
+        let text = m.render();
+        for line in [
+            "# TYPE kcs_cascade_residence_seconds histogram\n",
+            "kcs_cascade_residence_seconds_bucket{to=\"links\",le=\"0.0001\"} 1\n",
+            "kcs_cascade_residence_seconds_bucket{to=\"links\",le=\"+Inf\"} 1\n",
+            "kcs_cascade_residence_seconds_sum{to=\"links\"} 0.00008\n",
+            "kcs_cascade_residence_seconds_count{to=\"links\"} 1\n",
+            "kcs_cascade_residence_seconds_count{to=\"subscribers\"} 0\n",
+        ] {
+            assert!(text.contains(line), "no {line:?} in\n{text}");
+        }
     }
 }

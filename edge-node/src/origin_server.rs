@@ -318,6 +318,12 @@ impl MediaSide for OriginRelay {
             let _ = writeln!(out, "# TYPE kcs_relay_{name} counter");
             let _ = writeln!(out, "kcs_relay_{name} {v}");
         }
+        // The relay's own share of a cascade hop: the same series an edge exports for what it
+        // relays to child edges (an origin has no local subscribers).
+        let name = "kcs_cascade_residence_seconds";
+        crate::metrics::histogram_header(&mut out, name, crate::metrics::CASCADE_RESIDENCE_HELP);
+        let r = self.0.residence();
+        crate::metrics::histogram_series(&mut out, name, "to=\"links\"", r.buckets(), r.sum_us());
         out
     }
 

@@ -116,6 +116,13 @@ async fn join(running: &Running, room: &RoomId, who: &str) {
     tokio::spawn(async move { while rx.recv().await.is_some() {} });
 }
 
+/// The value of the one line of a Prometheus text page that starts with `key ` (0 if none).
+fn series(page: &str, key: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 /// A UDP forwarder between one client and `target` that the test can cut.
 struct Proxy {
     addr: SocketAddr,
@@ -186,7 +193,7 @@ async fn start_origin(ca: &ClusterCa) -> (RunningOrigin, OriginRelay, OriginAddr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn media_follows_the_tree_falls_back_to_the_origin_and_returns() {
     let ca = ClusterCa::generate("test-cluster").unwrap();
-    let (_origin, relay, origin_addr) = start_origin(&ca).await;
+    let (origin, relay, origin_addr) = start_origin(&ca).await;
     let room = RoomId::new("tree-room").unwrap();
     let track = publisher(&ca.issue(&label("edge-a")).unwrap(), &origin_addr, &room).await;
 
@@ -294,6 +301,47 @@ async fn media_follows_the_tree_falls_back_to_the_origin_and_returns() {
         (dout as f64) < 1.5 * din as f64,
         "the origin sends to R only (in {din}, out {dout})"
     );
+
+    // Each relaying hop timed its own share: the origin (to R), R (to its child C) and C (to
+    // its child D), from quinn's delivery to the copies handed to quinn. Figures are printed,
+    // never asserted; that the histograms are fed, by every datagram that made copies, is.
+    let origin_text = http_get(origin.http, "/metrics").await.unwrap();
+    let origin_hops = series(
+        &origin_text,
+        "kcs_cascade_residence_seconds_count{to=\"links\"}",
+    );
+    let origin_sum = series(
+        &origin_text,
+        "kcs_cascade_residence_seconds_sum{to=\"links\"}",
+    );
+    let relayed = relay.0.residence();
+    println!(
+        "hop residence: origin {} datagrams, mean {:.0} us",
+        relayed.count(),
+        relayed.sum_us() as f64 / relayed.count().max(1) as f64
+    );
+    assert!(
+        origin_hops > 50.0,
+        "the origin times what it relays ({origin_hops})"
+    );
+    assert!(origin_sum > 0.0 && origin_sum.is_finite(), "{origin_sum}");
+    for (name, running) in [("R", &r), ("C", &c)] {
+        let text = http_get(running.http, "/metrics").await.unwrap();
+        let hops = series(&text, "kcs_cascade_residence_seconds_count{to=\"links\"}");
+        let sum = series(&text, "kcs_cascade_residence_seconds_sum{to=\"links\"}");
+        println!("hop residence: {name} to its child, {hops} datagrams, {sum} s in all");
+        assert!(
+            hops > 50.0,
+            "{name} times what it relays to its child ({hops})"
+        );
+        assert!(sum > 0.0 && sum.is_finite(), "{name}: {sum}");
+        // No local subscriber with a transport here: nothing is timed to subscribers.
+        let local = series(
+            &text,
+            "kcs_cascade_residence_seconds_count{to=\"subscribers\"}",
+        );
+        assert_eq!(local, 0.0, "{name} has no SRTP subscriber");
+    }
 
     // Bad input from a child: an unknown track and an unknown room are refused with a
     // reason; D's other flow goes on.

@@ -16,6 +16,7 @@
 //! - [`keyframe`]: coalescing and throttling of keyframe requests towards a publisher.
 //! - [`speaker`]: dominant speaker detection from audio levels.
 //! - [`stats`]: RTCP sender/receiver statistics and RTT.
+//! - [`residence`]: the histogram of how long packets stay in a node (`*_residence_seconds`).
 
 pub mod bwe;
 pub mod cache;
@@ -23,6 +24,7 @@ pub mod codec;
 pub mod keyframe;
 pub mod meter;
 pub mod nack;
+pub mod residence;
 pub mod rewrite;
 pub mod selector;
 pub mod seq;

@@ -7,12 +7,25 @@
 //! [`RelayNode::remove_track`]. A reader task per link takes datagrams straight into the relay
 //! and sends the copies it queues at once, under one short `std::sync::Mutex` (never held across
 //! an `.await`): no channel hop per packet.
+//!
+//! ## Residence
+//!
+//! The node records how long each relayed datagram stays in it ([`RelayNode::residence`],
+//! exported as `kcs_cascade_residence_seconds{to="links"}`): from the moment the reader takes
+//! it from quinn ([`MediaChannel::recv`] returns, so quinn's own receive path and decryption
+//! are before the start) to the moment the last of its copies for downstream links was handed
+//! to quinn (`send_datagram` returned, so the packet protection and the UDP send quinn does
+//! after that are not included). Included: waiting for the relay's lock, the relay's
+//! forwarding, the other datagrams of the same read batch, and the copies of those. Only
+//! datagrams that made at least one copy count (dropped, unsolicited and unwanted ones do not);
+//! copies sent in answer to NACKs do not either.
 
 use crate::ids::{RoomId, TrackId};
 use crate::link::ControlMessage;
 use crate::quic::MediaChannel;
 use crate::relay::{LinkId, Relay, RelayConfig, RelayCounters, RelayError};
 use futures_util_free::now_or_never;
+use kcs_media::residence::Residence;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -21,6 +34,8 @@ use tokio::sync::mpsc;
 struct Inner {
     relay: Relay,
     links: HashMap<LinkId, LinkHandles>,
+    /// How long relayed datagrams stayed (see the module docs).
+    residence: Residence,
 }
 
 struct LinkHandles {
@@ -41,6 +56,7 @@ impl RelayNode {
             inner: Arc::new(Mutex::new(Inner {
                 relay: Relay::new(config),
                 links: HashMap::new(),
+                residence: Residence::default(),
             })),
         }
     }
@@ -105,12 +121,18 @@ impl RelayNode {
     pub fn counters(&self) -> RelayCounters {
         lock(&self.inner).relay.counters
     }
+
+    /// How long relayed datagrams stayed in this node so far (cumulative; see the module
+    /// docs for what the span covers).
+    pub fn residence(&self) -> Residence {
+        lock(&self.inner).residence.clone()
+    }
 }
 
 /// Sends what the relay queued: datagrams now, control messages without waiting (a full
 /// control channel means the link is hopelessly behind; the message is dropped and logged).
 fn flush(inner: &mut Inner) {
-    let Inner { relay, links } = inner;
+    let Inner { relay, links, .. } = inner;
     relay.drain_datagrams(|link, bytes| {
         if let Some(l) = links.get(&link) {
             let _ = l.media.send_encoded(bytes);
@@ -131,22 +153,48 @@ fn flush(inner: &mut Inner) {
 async fn read_datagrams(link: LinkId, media: MediaChannel, inner: std::sync::Weak<Mutex<Inner>>) {
     /// Datagrams handled per lock: a keyframe's burst, without starving the other links.
     const BATCH: usize = 64;
+    // When quinn handed over each datagram of the batch that made copies.
+    let mut copied: Vec<Instant> = Vec::with_capacity(BATCH);
     loop {
         let Ok(first) = media.recv().await else {
             return;
         };
+        let received = Instant::now();
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let mut inner = lock(&inner);
-        inner.relay.handle_datagram(link, &first);
+        relay_one(&mut inner.relay, link, &first, received, &mut copied);
         for _ in 1..BATCH {
             match now_or_never(media.recv()) {
-                Some(Ok(bytes)) => inner.relay.handle_datagram(link, &bytes),
+                Some(Ok(bytes)) => {
+                    relay_one(&mut inner.relay, link, &bytes, Instant::now(), &mut copied)
+                }
                 _ => break,
             }
         }
         flush(&mut inner);
+        if !copied.is_empty() {
+            let sent = Instant::now();
+            for t in copied.drain(..) {
+                inner.residence.observe(sent.saturating_duration_since(t));
+            }
+        }
+    }
+}
+
+/// Hands one datagram to the relay; notes `received` in `copied` if it made any copies.
+fn relay_one(
+    relay: &mut Relay,
+    link: LinkId,
+    bytes: &[u8],
+    received: Instant,
+    copied: &mut Vec<Instant>,
+) {
+    let before = relay.queued_datagrams();
+    relay.handle_datagram(link, bytes);
+    if relay.queued_datagrams() > before {
+        copied.push(received);
     }
 }
 

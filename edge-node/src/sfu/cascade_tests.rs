@@ -407,6 +407,61 @@ fn relayed_packets_for_unknown_publications_are_counted_not_forwarded() {
     assert_eq!(b.core.counters.relayed_in, 0);
 }
 
+/// The shard shell's bookkeeping for `kcs_cascade_residence_seconds` (`crate::udp`), driven
+/// through a real core: a relayed packet is timed in a series only if it made copies of that
+/// kind (SRTP for a local subscriber, a datagram for a child edge).
+#[test]
+fn a_relayed_packet_is_timed_only_where_it_made_copies() {
+    use crate::udp::{observe_stays, CascadeStays, RelayedPacket};
+    let mut b = edge_b(1, 0);
+    let now = b.now;
+    let packet = |publication, seq: u16, keyframe| RelayedPacket {
+        publication,
+        layer: 0,
+        flags: MediaFlags {
+            keyframe,
+            end_of_frame: true,
+            retransmission: false,
+        },
+        rtp: bytes::Bytes::from(relayed_vp8(0, seq, u32::from(seq) * 3000, keyframe)),
+        received: now,
+    };
+    let mut stays = CascadeStays::default();
+    let counts = |s: &CascadeStays| (s.to_links.len(), s.to_subscribers.len());
+    // A local subscriber, no child edge: to subscribers only.
+    stays.relay(&mut b.core, packet(RELAYED_PUB, 1, true), now);
+    assert_eq!(counts(&stays), (0, 1));
+    // A child edge's sink too: both.
+    b.core.handle_command(
+        Command::AddLinkSink {
+            publication: RELAYED_PUB,
+            layer: 0,
+            link: LINK,
+            flow: flow(9),
+        },
+        now,
+    );
+    stays.relay(&mut b.core, packet(RELAYED_PUB, 2, false), now);
+    assert_eq!(counts(&stays), (1, 2));
+    // Nobody's publication: neither.
+    stays.relay(&mut b.core, packet(PublicationId(999), 3, false), now);
+    assert_eq!(counts(&stays), (1, 2));
+    // The subscriber leaves: to the child only.
+    b.core
+        .handle_command(Command::RemoveSubscription { id: relayed_sub(0) }, now);
+    stays.relay(&mut b.core, packet(RELAYED_PUB, 4, false), now);
+    assert_eq!(counts(&stays), (2, 2));
+    // The flush: each series records its own and is emptied.
+    observe_stays(&mut stays.to_links, &mut stays.links);
+    observe_stays(&mut stays.to_subscribers, &mut stays.subscribers);
+    assert_eq!(counts(&stays), (0, 0));
+    assert_eq!((stays.links.count(), stays.subscribers.count()), (2, 2));
+    // What the core queued is what was counted.
+    assert_eq!(link_datagrams(&mut b.core).len(), 2);
+    let out = b.drain();
+    assert_eq!(received(&mut b, &out).len(), 2);
+}
+
 // ---- layer demand ---------------------------------------------------------------------------
 
 /// The layer demands B emitted since the last call, as bit sets.

@@ -13,10 +13,11 @@
 
 pub mod batch;
 
-use crate::metrics::{Metrics, ShardResidence};
+use crate::metrics::Metrics;
 use crate::sfu::{CascadeRequest, Command, Event, SessionId, ShardCore, TransportId, TICK};
 use crate::transport::demux::{classify, PacketClass};
 use crate::transport::dtls::{self, DtlsCertificate, DtlsSession, SrtpKeys};
+use kcs_media::residence::Residence;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -71,6 +72,47 @@ pub struct RelayedPacket {
     pub flags: crate::sfu::MediaFlags,
     /// The plaintext RTP packet (a slice of the received datagram, not a copy).
     pub rtp: bytes::Bytes,
+    /// When quinn delivered the datagram to the link reader: the start of its stay in
+    /// `kcs_cascade_residence_seconds`.
+    pub received: Instant,
+}
+
+/// Cascade datagrams handled since the last flush, by where their copies go, and the shard's
+/// tallies of how long they stayed (`kcs_cascade_residence_seconds`, folded into [`Metrics`]
+/// on every tick). A datagram counts in a series only if it made copies of that kind.
+#[derive(Debug, Default)]
+pub(crate) struct CascadeStays {
+    /// Delivery instants of datagrams that queued copies for links (child edges).
+    pub(crate) to_links: Vec<Instant>,
+    /// Delivery instants of datagrams that queued SRTP copies for local subscribers.
+    pub(crate) to_subscribers: Vec<Instant>,
+    pub(crate) links: Residence,
+    pub(crate) subscribers: Residence,
+}
+
+impl CascadeStays {
+    /// One relayed packet into the core, noting which copies it made.
+    pub(crate) fn relay(&mut self, core: &mut ShardCore, p: RelayedPacket, now: Instant) {
+        let (links, transmits) = (core.queued_link_datagrams(), core.queued_transmits());
+        core.handle_relayed(p.publication, p.layer, p.flags, &p.rtp, now);
+        if core.queued_link_datagrams() > links {
+            self.to_links.push(p.received);
+        }
+        if core.queued_transmits() > transmits {
+            self.to_subscribers.push(p.received);
+        }
+    }
+}
+
+/// Records how long each datagram in `received` stayed, now that its copies were handed on.
+pub(crate) fn observe_stays(received: &mut Vec<Instant>, residence: &mut Residence) {
+    if received.is_empty() {
+        return;
+    }
+    let sent = Instant::now();
+    for t in received.drain(..) {
+        residence.observe(sent.saturating_duration_since(t));
+    }
 }
 
 /// Which shard owns which ICE ufrag and peer address (written on the cold path only).
@@ -302,7 +344,8 @@ impl ShardShell {
         let mut transmits = Vec::new();
         // Kernel arrival stamps of the media datagrams processed since the last send.
         let mut arrivals: Vec<SystemTime> = Vec::with_capacity(batch::BATCH * 4);
-        let mut residence = ShardResidence::default();
+        let mut residence = Residence::default();
+        let mut cascade = CascadeStays::default();
         let mut next_tick = tokio::time::Instant::now() + TICK;
 
         loop {
@@ -340,10 +383,10 @@ impl ShardShell {
                 }
                 Some(input) = self.inbox.recv() => {
                     let now = Instant::now();
-                    self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, now);
+                    self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, &mut cascade, now);
                     // Take whatever else is queued in the same pass.
                     while let Ok(input) = self.inbox.try_recv() {
-                        self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, now);
+                        self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, &mut cascade, now);
                     }
                 }
                 Some((to, data)) = dtls_out.recv() => {
@@ -368,6 +411,8 @@ impl ShardShell {
                     next_tick = tokio::time::Instant::now() + TICK;
                     self.metrics.absorb(&mut core.counters);
                     self.metrics.residence.absorb(&mut residence);
+                    self.metrics.cascade_residence.links.absorb(&mut cascade.links);
+                    self.metrics.cascade_residence.subscribers.absorb(&mut cascade.subscribers);
                 }
             }
             // Flush: handed-off datagrams, transmits, events.
@@ -383,6 +428,7 @@ impl ShardShell {
                 let links = &self.links;
                 core.drain_link_datagrams(|link, bytes| links.send(link, bytes));
             }
+            observe_stays(&mut cascade.to_links, &mut cascade.links);
             while let Some(r) = core.poll_cascade_request() {
                 if let Err(CascadeRequest::LayerDemand {
                     publication,
@@ -404,6 +450,7 @@ impl ShardShell {
                 transmits.clear();
             }
             observe_residence(&mut arrivals, &mut residence);
+            observe_stays(&mut cascade.to_subscribers, &mut cascade.subscribers);
             while let Some((owner, event)) = core.poll_event() {
                 match (&event, owner) {
                     (Event::Nominated { transport, addr }, _) => {
@@ -514,6 +561,7 @@ impl ShardShell {
         handoff: &mut HashMap<usize, Vec<(SocketAddr, Vec<u8>)>>,
         dtls_out: &mpsc::Sender<(SocketAddr, Vec<u8>)>,
         done: &mpsc::Sender<HandshakeDone>,
+        cascade: &mut CascadeStays,
         now: Instant,
     ) {
         match input {
@@ -541,7 +589,7 @@ impl ShardShell {
             }
             ShardInput::Relayed(packets) => {
                 for p in packets {
-                    core.handle_relayed(p.publication, p.layer, p.flags, &p.rtp, now);
+                    cascade.relay(core, p, now);
                 }
             }
             ShardInput::Datagrams(items) => {
@@ -574,7 +622,7 @@ impl ShardShell {
 }
 
 /// Records how long each datagram in `arrivals` stayed, now that what it caused was sent.
-fn observe_residence(arrivals: &mut Vec<SystemTime>, residence: &mut ShardResidence) {
+fn observe_residence(arrivals: &mut Vec<SystemTime>, residence: &mut Residence) {
     if arrivals.is_empty() {
         return;
     }
