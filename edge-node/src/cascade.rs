@@ -15,7 +15,9 @@
 //!   every packet of that layer, as plaintext RTP in a datagram stamped with the peer's flow,
 //!   and its shell sends the batch on the link ([`LinkChannels::send`]). `layer_demand` narrows
 //!   which subscribed layers have sinks; `keyframe_request` becomes a PLI at the publisher (rate
-//!   limited by the shard); `nack` is answered from the shard's packet cache.
+//!   limited by the shard); `nack` is answered from the shard's packet cache. A subscribe for a
+//!   track the session has not registered here yet waits for it ([`Early`]): the origin may
+//!   relay one before this edge's session has the origin's answer to its `publish`.
 //! - **Down (relayed publications).** A remote track a local participant consumes becomes
 //!   [`Command::AddRelayedPublication`] on the room's shard plus a `subscribe` per layer on the
 //!   room's upstream link, with a flow id this edge picks. A reader task per link decodes the
@@ -92,6 +94,24 @@ const REFUSED_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 /// Publication ids of relayed publications live in their own range, apart from the edge's
 /// counter, so the two never collide.
 const RELAYED_ID_BASE: u64 = 1 << 62;
+/// Subscribes waiting for a track this edge has not registered yet ([`Early`]), over all
+/// links: far more than a room's publishers announce at once, small enough that a peer naming
+/// tracks that never come cannot grow the edge's memory.
+const MAX_EARLY_SUBSCRIBES: usize = 4096;
+
+/// A subscribe from upstream (the origin, or any peer that is not a child edge) for a track
+/// this edge has not registered yet. The origin learns of a local track from this edge's
+/// `publish` request and may relay a subscribe for it before the session here has the origin's
+/// reply and registers the publication: under load that window is tens of milliseconds, and a
+/// subscribe dropped in it left the track dark upstream for good (the origin subscribes once).
+/// Kept per flow until the track is registered ([`CascadeMedia::local_published`]), the peer
+/// unsubscribes, or the link ends.
+struct Early {
+    room: RoomId,
+    track: TrackId,
+    layers: LayerSet,
+    demand: Option<LayerSet>,
+}
 
 /// Media channels of the links that are up, shared with the shard shells (which send queued
 /// datagrams) and the link readers (which map flows to relayed publications).
@@ -211,6 +231,8 @@ struct State {
     children: HashSet<LinkId>,
     /// Child sinks that hold a relayed publication (each counts once in its `users`).
     holds: HashMap<(LinkId, FlowId), (RoomId, TrackId)>,
+    /// Upstream subscribes that came before their track was registered here.
+    early: HashMap<(LinkId, FlowId), Early>,
     next_flow: u32,
     next_publication: u64,
 }
@@ -431,6 +453,7 @@ impl CascadeMedia {
                 }
             }
             st.children.remove(&link);
+            st.early.retain(|(l, _), _| *l != link);
             st.parent_links.retain(|_, l| *l != link);
             // Rooms that took media from this link move to what is left: a parent edge's
             // rooms fall back to their origin at once.
@@ -552,6 +575,12 @@ impl CascadeMedia {
                     layer,
                 } => self.handle_subscribe(&mut st, link, flow, room, track, layer, &mut fx),
                 ControlMessage::Unsubscribe { flow, layer } => {
+                    if let Some(e) = st.early.get_mut(&(link, flow)) {
+                        e.layers = LayerSet(e.layers.0 & !(1u8 << layer.index()));
+                        if e.layers.is_empty() {
+                            st.early.remove(&(link, flow));
+                        }
+                    }
                     if let Some(sink) = st.sinks.get_mut(&(link, flow)) {
                         sink.subscribed = LayerSet(sink.subscribed.0 & !(1u8 << layer.index()));
                         sync_sink(sink, link, flow, &mut fx);
@@ -564,6 +593,9 @@ impl CascadeMedia {
                     }
                 }
                 ControlMessage::LayerDemand { flow, layers } => {
+                    if let Some(e) = st.early.get_mut(&(link, flow)) {
+                        e.demand = Some(layers);
+                    }
                     if let Some(sink) = st.sinks.get_mut(&(link, flow)) {
                         sink.demand = Some(layers);
                         sync_sink(sink, link, flow, &mut fx);
@@ -736,7 +768,7 @@ impl CascadeMedia {
                 return;
             }
             None => {
-                tracing::debug!(%link, %room, track = track.0, "subscribe to a track not on this edge");
+                self.park_subscribe(st, link, flow, room, track, layer, fx);
                 return;
             }
         };
@@ -765,6 +797,78 @@ impl CascadeMedia {
                 layer: layer.index(),
             },
         ));
+    }
+
+    /// Keeps an upstream subscribe for a track not registered here yet ([`Early`]); past
+    /// [`MAX_EARLY_SUBSCRIBES`] it is refused with the reason instead.
+    #[allow(clippy::too_many_arguments)]
+    fn park_subscribe(
+        &self,
+        st: &mut State,
+        link: LinkId,
+        flow: FlowId,
+        room: RoomId,
+        track: TrackId,
+        layer: Layer,
+        fx: &mut Effects,
+    ) {
+        if let Some(e) = st.early.get_mut(&(link, flow)) {
+            if e.room == room && e.track == track {
+                e.layers = e.layers.with(layer);
+                // As on a bound sink: a layer subscribed after a demand widens it.
+                e.demand = e.demand.map(|d| d.with(layer));
+            } else {
+                tracing::warn!(%link, %flow, "peer rebound a flow to another track; ignored");
+            }
+            return;
+        }
+        if st.early.len() >= MAX_EARLY_SUBSCRIBES {
+            let reason = format!(
+                "room {room} track {track} is not on this edge, and {MAX_EARLY_SUBSCRIBES} \
+                 subscribes already wait for tracks to be published here"
+            );
+            self.refuse_subscribe(st, link, flow, reason, fx);
+            return;
+        }
+        tracing::debug!(%link, %flow, %room, track = track.0, "subscribe waits for the track to be published here");
+        st.early.insert(
+            (link, flow),
+            Early {
+                room,
+                track,
+                layers: LayerSet::default().with(layer),
+                demand: None,
+            },
+        );
+    }
+
+    /// A publication of this edge was registered ([`crate::edge::Edge::add_publication`]):
+    /// upstream subscribes that came before it ([`Early`]) are bound now, with their demand.
+    pub async fn local_published(&self, room: &RoomId, track: TrackId) {
+        let mut fx = Effects::default();
+        {
+            let mut st = lock(&self.state);
+            let waiting: Vec<(LinkId, FlowId)> = st
+                .early
+                .iter()
+                .filter(|(_, e)| e.room == *room && e.track == track)
+                .map(|(k, _)| *k)
+                .collect();
+            for (link, flow) in waiting {
+                let Some(e) = st.early.remove(&(link, flow)) else {
+                    continue;
+                };
+                tracing::debug!(%link, %flow, %room, track = track.0, "early subscribe bound");
+                for layer in layers_of(e.layers).filter_map(Layer::new) {
+                    self.handle_subscribe(&mut st, link, flow, room.clone(), track, layer, &mut fx);
+                }
+                if let (Some(demand), Some(sink)) = (e.demand, st.sinks.get_mut(&(link, flow))) {
+                    sink.demand = Some(demand);
+                    sync_sink(sink, link, flow, &mut fx);
+                }
+            }
+        }
+        self.apply(fx).await;
     }
 
     /// The publication to consume `track` of `room` from, when it is published on another edge:

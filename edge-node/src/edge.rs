@@ -135,8 +135,11 @@ impl Edge {
         (creds, local)
     }
 
-    pub fn add_publication(&self, room: &RoomId, track: TrackId, p: LocalPublication) {
+    /// Registers a publication of this edge; upstream subscribes that reached the edge before
+    /// it are bound to it ([`crate::cascade::CascadeMedia::local_published`]).
+    pub async fn add_publication(&self, room: &RoomId, track: TrackId, p: LocalPublication) {
         lock(&self.publications).insert((room.clone(), track), p);
+        self.cascade.local_published(room, track).await;
     }
     pub fn remove_publication(&self, room: &RoomId, track: TrackId) -> Option<LocalPublication> {
         lock(&self.publications).remove(&(room.clone(), track))

@@ -442,18 +442,20 @@ impl Participant {
                 .await;
             }
             self.edge.hub.note_publication(pid, self.room.clone());
-            self.edge.add_publication(
-                &self.room,
-                track.id,
-                LocalPublication {
-                    id: pid,
-                    participant: self.me.id,
-                    source,
-                    codec: m.codec.clone(),
-                    kind: m.kind,
-                    layers,
-                },
-            );
+            self.edge
+                .add_publication(
+                    &self.room,
+                    track.id,
+                    LocalPublication {
+                        id: pid,
+                        participant: self.me.id,
+                        source,
+                        codec: m.codec.clone(),
+                        kind: m.kind,
+                        layers,
+                    },
+                )
+                .await;
             self.edge
                 .metrics
                 .publications

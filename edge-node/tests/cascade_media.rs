@@ -9,6 +9,11 @@
 //! - the child wants layer 0 only, so the edge sends `layer_demand` {0} up the track's flow;
 //! - when the upstream link drops the track stalls, and when it is back it is subscribed again,
 //!   with the same demand right behind the new flow's subscribes.
+//! - the other way: the origin's subscribe for a track of this edge may come before the session
+//!   that published it has registered it here; it waits, and the track's media (only the
+//!   demanded layer) goes up the flow once a real WebRTC publisher's track is registered.
+
+mod common;
 
 use cascade_proto::link::{
     ControlMessage, FlowId, Hello, Label, Layer, MediaDatagram, MediaFlags, NodeRole,
@@ -394,6 +399,126 @@ async fn remote_tracks_come_down_the_link_and_go_on_to_children() {
         }
     }
     assert_eq!(edge.publication(&room, track).map(|p| p.id), None);
+}
+
+/// The origin learns of an edge's track from the edge's `publish` request and may relay a
+/// subscribe for it before the session that published it has the origin's reply and registers
+/// the track on its edge (under load this happened: the video never left its edge). Here the
+/// test, as the origin, subscribes first, with a layer demand; then a real WebRTC publisher
+/// (the load tester's simulcast camera) publishes the track on the edge. The waiting
+/// subscribe is bound when the track is registered: its media comes up the flow, only the
+/// demanded layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_subscribe_that_comes_before_its_track_is_bound_when_it_is_published() {
+    let signer = TokenSigner::generate("test");
+    let mut verifier = TokenVerifier::new();
+    verifier.add_key(signer.kid(), &signer.public_key());
+    let running = edge_node::app::start(
+        EdgeConfig {
+            http: "127.0.0.1:0".parse().unwrap(),
+            udp: "127.0.0.1:0".parse().unwrap(),
+            workers: 2,
+            ..Default::default()
+        },
+        verifier,
+        None,
+    )
+    .await
+    .unwrap();
+    let edge = running.edge.clone();
+    let ca = ClusterCa::generate("test-cluster").unwrap();
+    let origin_ep = endpoint(&ca, "origin-1", NodeRole::Origin);
+    let edge_ep = endpoint(&ca, "edge-a", NodeRole::Edge);
+    let (edge_side, mut origin) = tokio::join!(
+        async {
+            edge_ep
+                .connect(origin_ep.local_addr().unwrap(), &label("origin-1"))
+                .await
+                .unwrap()
+        },
+        accept(&origin_ep)
+    );
+    let _up_task = attach_posted(edge.cascade.clone(), LinkId(1), edge_side);
+
+    // The room's first track gets id 1: the camera's video (its m-line comes first).
+    let room = RoomId::new("early-room").unwrap();
+    let track = TrackId(1);
+    let flow = FlowId::new(700).unwrap();
+    for layer in 0..3 {
+        origin
+            .sender
+            .send(&ControlMessage::Subscribe {
+                flow,
+                room: room.clone(),
+                track,
+                layer: Layer::new(layer).unwrap(),
+            })
+            .await
+            .unwrap();
+    }
+    origin
+        .sender
+        .send(&ControlMessage::LayerDemand {
+            flow,
+            layers: cascade_proto::link::LayerSet(0b001),
+        })
+        .await
+        .unwrap();
+    // The subscribes are read and kept before anything is published.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(edge.publication(&room, track).map(|p| p.id), None);
+
+    let token = signer.mint(
+        room.clone(),
+        cascade_proto::Identity::new("camera").unwrap(),
+        cascade_proto::Role::Host,
+        None,
+        control_plane::token::unix_now(),
+        600,
+    );
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let publisher = common::loadtest_participant(
+        running.http,
+        &room,
+        token,
+        loadtest::participant::Spec {
+            index: 0,
+            group: "camera".into(),
+            publish: loadtest::scenario::Publish::Camera,
+            subscribe: false,
+            max_layer: None,
+            max_layer_changes: None,
+        },
+        stop,
+    );
+
+    // 50 datagrams of the video on the flow, all of them layer 0 (the demand was kept too).
+    let mut layers = [0u32; 3];
+    while layers.iter().sum::<u32>() < 50 {
+        assert!(!publisher.is_finished(), "the publisher ended early");
+        let bytes = tokio::time::timeout(WAIT, origin.media.recv())
+            .await
+            .expect("the track's media comes up the flow subscribed before it was published")
+            .unwrap();
+        let d = decode_datagram(&bytes).unwrap();
+        assert_eq!(d.flow, flow);
+        layers[usize::from(d.layer.index())] += 1;
+    }
+    let video = edge
+        .publication(&room, track)
+        .expect("the track is registered");
+    assert_eq!(
+        (video.kind, video.layers),
+        (edge_node::sdp::MediaKind::Video, 3)
+    );
+    assert_eq!(layers[1..], [0, 0], "only the demanded layer 0: {layers:?}");
+
+    stop_tx.send(true).unwrap();
+    let r = tokio::time::timeout(WAIT, publisher)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(r.is_ok(), "the publisher: {r:?}");
 }
 
 /// Drains datagrams already queued without waiting.

@@ -457,3 +457,32 @@ pub async fn child_subscriber(
     });
     (d, arrivals)
 }
+
+/// A load-tester participant (a real WebRTC client: WebSocket signaling, ICE, DTLS, SRTP,
+/// RTCP) in `room` on the edge serving HTTP at `http`, joining with `token`, until `stop`.
+pub fn loadtest_participant(
+    http: SocketAddr,
+    room: &RoomId,
+    token: String,
+    spec: loadtest::participant::Spec,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Result<(), loadtest::participant::ParticipantError>> {
+    edge_node::transport::install_crypto_provider();
+    let ctx = Arc::new(loadtest::participant::Context {
+        target: loadtest::signaling::Target::parse(&format!("http://{http}")).unwrap(),
+        tokens: loadtest::signaling::TokenSource::Fixed(token),
+        cert: edge_node::transport::dtls::DtlsCertificate::generate().unwrap(),
+        collector: Arc::default(),
+        ticker: loadtest::peer::Ticker::start(),
+        hub: None,
+        media_via: None,
+        local_ip: [127, 0, 0, 1].into(),
+        room: room.as_str().into(),
+        identity_prefix: "p".into(),
+        janus_room: 0,
+        mode: loadtest::scenario::Mode::Ws,
+        nack: true,
+        stop,
+    });
+    tokio::spawn(loadtest::participant::run(ctx, spec))
+}
