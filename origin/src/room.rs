@@ -575,6 +575,9 @@ impl Room {
                 locked,
             } => {
                 self.require(participant, Permission::Lock)?;
+                if let Some(r) = &mut self.restoring {
+                    r.here.settings.locked = true;
+                }
                 if self.settings.locked != locked {
                     self.settings.locked = locked;
                     self.emit_settings(participant, events);
@@ -586,6 +589,9 @@ impl Room {
                 enabled,
             } => {
                 self.require(participant, Permission::Lock)?;
+                if let Some(r) = &mut self.restoring {
+                    r.here.settings.lobby = true;
+                }
                 if self.settings.lobby != enabled {
                     self.settings.lobby = enabled;
                     self.emit_settings(participant, events);
@@ -761,6 +767,9 @@ impl Room {
             }
             Intent::RaiseHand { participant } => {
                 self.member(participant)?;
+                if let Some(r) = &mut self.restoring {
+                    r.here.hand_raised(participant);
+                }
                 if !self.hands.contains(&participant) {
                     self.hands.push(participant);
                     self.announce(participant);
@@ -779,6 +788,9 @@ impl Room {
                     }
                 } else {
                     self.member(participant)?;
+                }
+                if let Some(r) = &mut self.restoring {
+                    r.here.hand_lowered(target);
                 }
                 if let Some(i) = self.hands.iter().position(|p| *p == target) {
                     self.hands.remove(i);
@@ -868,6 +880,10 @@ impl Room {
                     if !self.participants.contains_key(&s) {
                         return Err(RoomError::NoSuchParticipant);
                     }
+                }
+                if let Some(r) = &mut self.restoring {
+                    r.here.settings.layout |= layout.is_some();
+                    r.here.settings.spotlight |= spotlight.is_some();
                 }
                 if let Some(l) = layout {
                     self.settings.layout = l;
@@ -1035,6 +1051,9 @@ impl Room {
             self.unpublish(track, events);
         }
         self.hands.retain(|p| *p != participant);
+        if let Some(r) = &mut self.restoring {
+            r.here.left(participant);
+        }
         if self.settings.spotlight == Some(participant) {
             self.settings.spotlight = None;
         }

@@ -2,7 +2,8 @@
 //! (`cascade_proto::replica`) from exactly what the origin sent it; the origin dies; a new origin
 //! is rebuilt from the replicas of the edges that are still there. Nothing the old origin
 //! acknowledged to a surviving participant is lost: roster, roles, hands, chat, settings,
-//! tracks, host mutes.
+//! tracks, host mutes; nor what the new origin acknowledged while it waited for the replicas
+//! (a hand raised or lowered, a setting, a leave), whatever later replica comes after it.
 
 use cascade_proto::replica::ReplicaTracker;
 use cascade_proto::room::{
@@ -739,4 +740,223 @@ fn a_replica_from_an_edge_before_presence_modes_still_restores_a_full_room() {
     let r = c.origin.room(&room()).unwrap();
     assert_eq!(r.presence(), PresenceMode::Full);
     assert_eq!(r.announced().collect::<Vec<_>>(), vec![host, guest]);
+}
+
+/// What a participant joining now is told: hands in order and the settings.
+fn joiner_view(c: &mut Cluster, who: &str) -> cascade_proto::room::RoomSnapshot {
+    let r = c.ask(
+        E1,
+        Intent::Join {
+            identity: Identity::new(who).unwrap(),
+            role: Role::Host,
+            name: who.into(),
+        },
+    );
+    match r {
+        Reply::Joined(s) => *s,
+        other => panic!("join of {who} refused: {other:?}"),
+    }
+}
+
+/// A room with a host and a guest on edge 1, a co-host and an attendee on edge 2, whose old origin's
+/// last events (`last_words`) reach edge 2 only; then a new origin hears edge 1's replica
+/// first (`window` runs while it waits), and edge 2's later one after.
+fn window_then_later_replica(
+    last_words: impl FnOnce(&mut Cluster, [ParticipantId; 4]),
+    window: impl FnOnce(&mut Cluster, [ParticipantId; 4]),
+) -> (Cluster, [ParticipantId; 4]) {
+    let mut c = Cluster::new();
+    let host = c.join(E1, "host", Role::Host);
+    let guest = c.join(E1, "guest", Role::Attendee);
+    let a = c.join(E2, "a", Role::CoHost);
+    let b = c.join(E2, "b", Role::Attendee);
+    c.tick(200);
+    let people = [host, guest, a, b];
+    c.cut.insert(E1);
+    last_words(&mut c, people);
+    c.cut.clear();
+    let seq_e1 = c.edges[&E1].replica(&room()).unwrap().seq;
+    let seq_e2 = c.edges[&E2].replica(&room()).unwrap().seq;
+    assert!(
+        seq_e2 > seq_e1,
+        "edge 2 saw later events: {seq_e2} vs {seq_e1}"
+    );
+
+    c.origin = Origin::new(c.config.clone());
+    c.restore_from(E1);
+    window(&mut c, people);
+    c.restore_from(E2);
+    (c, people)
+}
+
+/// The old origin's last hand (edge 2 only) and one raised on the new origin while it waits:
+/// both are up after edge 2's later replica, the old origin's first.
+#[test]
+fn a_hand_raised_on_the_new_origin_survives_a_later_replica() {
+    let (mut c, [_, guest, a, b]) = window_then_later_replica(
+        |c, [_, _, a, b]| {
+            assert_eq!(c.ask(E2, Intent::RaiseHand { participant: b }), Reply::Done);
+            assert_eq!(c.ask(E2, Intent::RaiseHand { participant: a }), Reply::Done);
+        },
+        |c, [_, guest, ..]| {
+            assert_eq!(
+                c.ask(E1, Intent::RaiseHand { participant: guest }),
+                Reply::Done
+            );
+        },
+    );
+    assert_eq!(joiner_view(&mut c, "during").hands, vec![b, a, guest]);
+    c.tick(RESTORE_GRACE_MS + 1);
+    assert_eq!(joiner_view(&mut c, "after").hands, vec![b, a, guest]);
+}
+
+/// A hand both edges saw raised, lowered on the new origin while it waits: a later replica
+/// that still has it up does not raise it again.
+#[test]
+fn a_hand_lowered_on_the_new_origin_stays_down_after_a_later_replica() {
+    let mut c = Cluster::new();
+    let host = c.join(E1, "host", Role::Host);
+    let guest = c.join(E1, "guest", Role::Attendee);
+    let other = c.join(E1, "other", Role::Attendee);
+    let a = c.join(E2, "a", Role::Attendee);
+    c.tick(200);
+    for p in [guest, other] {
+        assert_eq!(c.ask(E1, Intent::RaiseHand { participant: p }), Reply::Done);
+    }
+    c.cut.insert(E1);
+    assert_eq!(c.ask(E2, Intent::RaiseHand { participant: a }), Reply::Done);
+    c.cut.clear();
+
+    c.origin = Origin::new(c.config.clone());
+    c.restore_from(E1);
+    // One lowers their own hand, the host lowers another's.
+    assert_eq!(
+        c.ask(
+            E1,
+            Intent::LowerHand {
+                participant: guest,
+                target: guest
+            }
+        ),
+        Reply::Done
+    );
+    assert_eq!(
+        c.ask(
+            E1,
+            Intent::LowerHand {
+                participant: host,
+                target: other
+            }
+        ),
+        Reply::Done
+    );
+    c.restore_from(E2);
+    assert_eq!(joiner_view(&mut c, "during").hands, vec![a]);
+    c.tick(RESTORE_GRACE_MS + 1);
+    assert_eq!(joiner_view(&mut c, "after").hands, vec![a]);
+}
+
+/// Settings per field: what the new origin set while it waited (lock, lobby, spotlight) wins;
+/// what it did not touch (layout) comes from the replica that saw the old origin's last event.
+#[test]
+fn settings_set_on_the_new_origin_survive_a_later_replica_field_by_field() {
+    let (mut c, [host, guest, a, _]) = window_then_later_replica(
+        |c, [_, _, a, _]| {
+            let r = c.ask(
+                E2,
+                Intent::SetLayout {
+                    participant: a,
+                    layout: Some(Layout::Speaker),
+                    spotlight: Some(Some(a)),
+                },
+            );
+            assert_eq!(r, Reply::Done);
+        },
+        |c, [host, guest, ..]| {
+            for intent in [
+                Intent::SetLocked {
+                    participant: host,
+                    locked: true,
+                },
+                Intent::SetLobby {
+                    participant: host,
+                    enabled: true,
+                },
+                Intent::SetLayout {
+                    participant: host,
+                    layout: None,
+                    spotlight: Some(Some(guest)),
+                },
+            ] {
+                assert_eq!(c.ask(E1, intent), Reply::Done);
+            }
+        },
+    );
+    c.tick(RESTORE_GRACE_MS + 1);
+    let s = c.origin.room(&room()).unwrap().settings().clone();
+    assert!(s.locked, "{s:?}");
+    assert!(s.lobby, "{s:?}");
+    assert_eq!(s.spotlight, Some(guest), "{s:?}");
+    assert_eq!(
+        s.layout,
+        Layout::Speaker,
+        "the old origin's last layout: {s:?}"
+    );
+    let stranger = c.ask(
+        E2,
+        Intent::Join {
+            identity: Identity::new("stranger").unwrap(),
+            role: Role::Attendee,
+            name: "stranger".into(),
+        },
+    );
+    assert!(
+        matches!(stranger, Reply::Refused(_)),
+        "the lock set during the window holds: {stranger:?}"
+    );
+    let _ = (host, a);
+}
+
+/// Someone who left the new origin while it waited: their hand does not come back with a
+/// later replica that still has it up, nor their spotlight, and their leave is listed once.
+#[test]
+fn a_participant_who_left_during_the_window_stays_gone() {
+    let (mut c, [host, guest, a, _]) = window_then_later_replica(
+        |c, [host, guest, a, _]| {
+            // Both edges see these...
+            c.cut.clear();
+            assert_eq!(
+                c.ask(E1, Intent::RaiseHand { participant: guest }),
+                Reply::Done
+            );
+            let r = c.ask(
+                E1,
+                Intent::SetLayout {
+                    participant: host,
+                    layout: None,
+                    spotlight: Some(Some(guest)),
+                },
+            );
+            assert_eq!(r, Reply::Done);
+            // ...edge 2 only this one.
+            c.cut.insert(E1);
+            assert_eq!(c.ask(E2, Intent::RaiseHand { participant: a }), Reply::Done);
+        },
+        |c, [_, guest, ..]| {
+            c.seen.clear();
+            assert_eq!(c.ask(E1, Intent::Leave { participant: guest }), Reply::Done);
+            c.tick(200);
+        },
+    );
+    let during = joiner_view(&mut c, "during");
+    assert_eq!(during.hands, vec![a]);
+    assert_eq!(during.settings.spotlight, None);
+    c.tick(RESTORE_GRACE_MS + 1);
+    assert_eq!(joiner_view(&mut c, "after").hands, vec![a]);
+    assert_eq!(
+        listed(&c.seen[&E1], true),
+        vec![guest],
+        "one leave, not a second one when the window closes"
+    );
+    let _ = host;
 }
