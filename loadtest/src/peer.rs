@@ -148,8 +148,10 @@ impl Hub {
             let mut got = 0;
             // As in `Peer::receive_loop`: a short batch ends the burst without another read.
             let read = hub.socket.try_io(Interest::READABLE, || {
-                let mut iovs: Vec<io::IoSliceMut<'_>> =
-                    bufs.iter_mut().map(|b| io::IoSliceMut::new(b)).collect();
+                // On the stack: no allocation per read.
+                let mut free = bufs.iter_mut();
+                let mut iovs: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+                    std::array::from_fn(|_| io::IoSliceMut::new(free.next().expect("a buffer")));
                 got = hub
                     .state
                     .recv((&hub.socket).into(), &mut iovs, &mut metas)?;
@@ -868,8 +870,13 @@ impl Peer {
     }
 
     fn mark_alive(&self) {
-        self.last_rx_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.mark_alive_at(Instant::now());
+    }
+
+    /// [`Self::mark_alive`] with the receive batch's clock (no clock read per packet).
+    fn mark_alive_at(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.last_rx_ms.store(ms, Ordering::Relaxed);
     }
 
     fn handle_rtp(&self, data: &mut [u8], now: Instant, now_us: u64, out: &mut Outgoing) {
@@ -893,7 +900,7 @@ impl Peer {
             r.handle_rtp(pkt, now, now_us);
             out.rtcp.extend(r.poll_rtcp(now));
         }
-        self.mark_alive();
+        self.mark_alive_at(now);
     }
 
     fn handle_rtcp(&self, data: &[u8], out: &mut Outgoing) {

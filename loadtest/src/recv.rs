@@ -20,7 +20,6 @@ use rtcp::transport_feedbacks::transport_layer_cc::{
     TransportLayerCc,
 };
 use rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use webrtc_util::Marshal;
 
@@ -106,7 +105,9 @@ impl Stream {
 pub struct Receiver {
     our_ssrc: u32,
     nack: bool,
-    streams: HashMap<u32, Stream>,
+    /// By SSRC. A viewer receives a handful of streams (audio, a video or two), so a scan of a
+    /// vector is cheaper per packet than hashing into a map.
+    streams: Vec<(u32, Stream)>,
     /// (unwrapped transport-wide sequence number, arrival) in arrival order: a push per
     /// packet, sorted once per feedback (arrivals are nearly in order, so that is cheap).
     twcc_arrivals: Vec<(u64, Instant)>,
@@ -129,7 +130,7 @@ impl Receiver {
         Self {
             our_ssrc: rand::random(),
             nack,
-            streams: HashMap::new(),
+            streams: Vec::new(),
             twcc_arrivals: Vec::new(),
             twcc_last: 0,
             twcc_cycles: 0,
@@ -155,10 +156,15 @@ impl Receiver {
         }
         let probe = Probe::find(pkt.payload);
         let video = probe.is_some_and(|p| p.stream != 0);
-        let s = self
-            .streams
-            .entry(pkt.ssrc)
-            .or_insert_with(|| Stream::new(pkt.seq, video, now));
+        let at = match self.streams.iter().position(|(ssrc, _)| *ssrc == pkt.ssrc) {
+            Some(i) => i,
+            None => {
+                self.streams
+                    .push((pkt.ssrc, Stream::new(pkt.seq, video, now)));
+                self.streams.len() - 1
+            }
+        };
+        let s = &mut self.streams[at].1;
         let ext = s.extend(pkt.seq);
         let c = &mut self.pending.counters;
         if ext + WINDOW <= s.max {
@@ -303,7 +309,7 @@ impl Receiver {
                 self.pending.counters.twcc_sent += 1;
             }
             // Jitter samples for the report, once per tick per stream.
-            for s in self.streams.values() {
+            for (_, s) in &self.streams {
                 if s.last_transit.is_some() {
                     self.pending.jitter_us.push(s.jitter_us as u32);
                 }
@@ -324,7 +330,8 @@ impl Receiver {
             return None;
         }
         let mut reports = Vec::new();
-        for (&ssrc, s) in self.streams.iter_mut().take(31) {
+        for (ssrc, s) in self.streams.iter_mut().take(31) {
+            let ssrc = *ssrc;
             let expected = s.max - s.base + 1;
             let lost = expected.saturating_sub(s.received);
             let exp_int = expected - s.rr_expected_prior;

@@ -27,9 +27,9 @@
 
 use aes::cipher::{BlockEncrypt, InnerIvInit, KeyInit, StreamCipher};
 use aes::Aes128;
-use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM};
 use bytes::{Bytes, BytesMut};
 use hmac::{Hmac, Mac};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_128_GCM};
 use sha1::Sha1;
 
 use super::dtls::SrtpProfile;
@@ -66,10 +66,7 @@ fn derive(master_key: &[u8], master_salt: &[u8], label: u8, out: &mut [u8]) {
 enum Cipher {
     /// AES_CM_128_HMAC_SHA1_80: the expanded AES key (cloned into a counter-mode instance per
     /// packet, no key schedule per packet) and the keyed HMAC (cloned per packet likewise).
-    AesCm {
-        aes: Aes128,
-        mac: Hmac<Sha1>,
-    },
+    AesCm { aes: Aes128, mac: Hmac<Sha1> },
     /// AEAD_AES_128_GCM through ring (BoringSSL's assembly: AES-NI and carry-less multiply
     /// over several blocks at once), about three times the RustCrypto `aes-gcm` rate here.
     Gcm(LessSafeKey),
