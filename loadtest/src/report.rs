@@ -78,6 +78,12 @@ pub struct CapacityStep {
     /// per delivered packet. On one core the last viewer's copy of a packet cannot leave sooner,
     /// so this is the floor under the server's own delay at this step (see [`StepLoad`]).
     pub fanout_span_ms: Option<f64>,
+    /// The load tester's own mean CPU over the step's measured part, in % of one core.
+    pub tool_cpu_pct: Option<f64>,
+    /// How many times this step's load one core of the tool could drive, over how many times
+    /// one core of the server could serve it: the server's CPU over the tool's for the same
+    /// packets. At 2 the tool drives twice the load that saturates a server core.
+    pub tool_headroom: Option<f64>,
 }
 
 /// What a capacity step's measured seconds cost the server, for [`CapacityStep::fanout_span_ms`].
@@ -92,6 +98,8 @@ pub struct StepLoad {
     rx_packets: u64,
     cpu_pct_sum: f64,
     cpu_seconds: u32,
+    tool_cpu_pct_sum: f64,
+    tool_cpu_seconds: u32,
 }
 
 impl StepLoad {
@@ -103,6 +111,22 @@ impl StepLoad {
             self.cpu_pct_sum += cpu;
             self.cpu_seconds += 1;
         }
+        if let Some(cpu) = second.tool.as_ref().and_then(|s| s.cpu_pct) {
+            self.tool_cpu_pct_sum += cpu;
+            self.tool_cpu_seconds += 1;
+        }
+    }
+
+    pub fn tool_cpu_pct(&self) -> Option<f64> {
+        (self.tool_cpu_seconds > 0)
+            .then(|| self.tool_cpu_pct_sum / f64::from(self.tool_cpu_seconds))
+    }
+
+    /// The server's CPU over the tool's for the same packets (see
+    /// [`CapacityStep::tool_headroom`]).
+    pub fn tool_headroom(&self) -> Option<f64> {
+        let tool = self.tool_cpu_pct().filter(|c| *c > 0.0)?;
+        Some(self.server_cpu_pct()? / tool)
     }
 
     pub fn rx_packets_per_s(&self) -> f64 {
@@ -733,6 +757,33 @@ mod tests {
         let mut blind = StepLoad::default();
         blind.add(&second(10, None));
         assert_eq!(blind.fanout_span_ms(10), None);
+    }
+
+    #[test]
+    fn tool_headroom_is_the_servers_cpu_over_the_tools() {
+        let with_tool = |server: Option<f64>, tool: Option<f64>| {
+            let mut s = second(1_000, server);
+            s.tool = tool.map(|c| ServerSample {
+                cpu_pct: Some(c),
+                cpu_wait_pct: None,
+                rss_mb: 1.0,
+            });
+            s
+        };
+        let mut load = StepLoad::default();
+        load.add(&with_tool(Some(90.0), Some(40.0)));
+        load.add(&with_tool(Some(100.0), Some(50.0)));
+        load.add(&with_tool(None, None));
+        assert_eq!(load.tool_cpu_pct(), Some(45.0));
+        // 95% of the server's core against 45% of the tool's: 2.11 times.
+        assert!((load.tool_headroom().unwrap() - 95.0 / 45.0).abs() < 1e-9);
+        // Unknown without either side's samples.
+        let mut no_tool = StepLoad::default();
+        no_tool.add(&with_tool(Some(50.0), None));
+        assert_eq!(no_tool.tool_headroom(), None);
+        let mut no_server = StepLoad::default();
+        no_server.add(&with_tool(None, Some(20.0)));
+        assert_eq!(no_server.tool_headroom(), None);
     }
 
     #[test]

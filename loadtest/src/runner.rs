@@ -329,6 +329,8 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                         rx_packets_per_s: cap_step_load.rx_packets_per_s(),
                         server_cpu_pct: cap_step_load.server_cpu_pct(),
                         fanout_span_ms: cap_step_load.fanout_span_ms(cap_joined),
+                        tool_cpu_pct: cap_step_load.tool_cpu_pct(),
+                        tool_headroom: cap_step_load.tool_headroom(),
                     });
                     if !pass {
                         break Verdict::Done;
