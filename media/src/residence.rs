@@ -8,12 +8,12 @@
 //! the process folds it into its shared totals on a tick or renders it under its own lock.
 //!
 //! Time model: sans-IO. The caller measures the stay with its own clock and passes the
-//! [`Duration`]; nothing here reads a clock.
+//! [`Duration`] (or the instants); nothing here reads a clock.
 //!
 //! Quantiles read from these buckets are upper bounds (the bound of the bucket they fall in),
 //! so a reported figure is never better than the truth.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Upper bounds of the buckets, in microseconds: fine below the 5 ms a node may add to a packet
 /// at half its capacity (and around the 2 ms a cascade hop may add), coarse above. The last
@@ -39,6 +39,23 @@ impl Residence {
         let i = BOUNDS_US.partition_point(|&b| b < us);
         self.buckets[i] += 1;
         self.sum_us = self.sum_us.saturating_add(us);
+    }
+
+    /// Records the stay of every packet whose arrival is in `received` (drained), all handed on
+    /// at the instant `now` gives: how a batch's packets are observed once their copies left.
+    /// `now` (the caller's clock) is not read when there is nothing to record.
+    pub fn observe_handed_on(
+        &mut self,
+        received: &mut Vec<Instant>,
+        now: impl FnOnce() -> Instant,
+    ) {
+        if received.is_empty() {
+            return;
+        }
+        let sent = now();
+        for t in received.drain(..) {
+            self.observe(sent.saturating_duration_since(t));
+        }
     }
 
     /// Stays recorded.
@@ -101,6 +118,30 @@ mod tests {
         assert!(r.is_empty());
         assert_eq!(r.sum_us(), 0);
         assert_eq!(taken.count(), 1);
+    }
+
+    #[test]
+    fn a_batch_handed_on_is_observed_from_each_arrival_and_the_clock_read_only_when_needed() {
+        let mut r = Residence::default();
+        let t0 = Instant::now();
+        let mut received = vec![
+            t0,
+            t0 + Duration::from_micros(1_500),
+            t0 + Duration::from_millis(4),
+        ];
+        let sent = t0 + Duration::from_millis(5);
+        r.observe_handed_on(&mut received, || sent);
+        assert!(received.is_empty(), "drained");
+        // Stays of 5 ms, 3.5 ms and 1 ms.
+        assert_eq!(r.count(), 3);
+        assert_eq!(r.sum_us(), 5_000 + 3_500 + 1_000);
+        let b = r.buckets();
+        assert_eq!((b[3], b[6], b[7]), (1, 1, 1), "{b:?}");
+        // Nothing received: the clock is not read.
+        r.observe_handed_on(&mut received, || {
+            panic!("read the clock for an empty batch")
+        });
+        assert_eq!(r.count(), 3);
     }
 
     #[test]

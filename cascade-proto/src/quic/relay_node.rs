@@ -174,12 +174,7 @@ async fn read_datagrams(link: LinkId, media: MediaChannel, inner: std::sync::Wea
             }
         }
         flush(&mut inner);
-        if !copied.is_empty() {
-            let sent = Instant::now();
-            for t in copied.drain(..) {
-                inner.residence.observe(sent.saturating_duration_since(t));
-            }
-        }
+        inner.residence.observe_handed_on(&mut copied, Instant::now);
     }
 }
 

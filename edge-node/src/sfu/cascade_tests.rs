@@ -412,7 +412,7 @@ fn relayed_packets_for_unknown_publications_are_counted_not_forwarded() {
 /// kind (SRTP for a local subscriber, a datagram for a child edge).
 #[test]
 fn a_relayed_packet_is_timed_only_where_it_made_copies() {
-    use crate::udp::{observe_stays, CascadeStays, RelayedPacket};
+    use crate::udp::{CascadeStays, RelayedPacket};
     let mut b = edge_b(1, 0);
     let now = b.now;
     let packet = |publication, seq: u16, keyframe| RelayedPacket {
@@ -452,8 +452,12 @@ fn a_relayed_packet_is_timed_only_where_it_made_copies() {
     stays.relay(&mut b.core, packet(RELAYED_PUB, 4, false), now);
     assert_eq!(counts(&stays), (2, 2));
     // The flush: each series records its own and is emptied.
-    observe_stays(&mut stays.to_links, &mut stays.links);
-    observe_stays(&mut stays.to_subscribers, &mut stays.subscribers);
+    stays
+        .links
+        .observe_handed_on(&mut stays.to_links, Instant::now);
+    stays
+        .subscribers
+        .observe_handed_on(&mut stays.to_subscribers, Instant::now);
     assert_eq!(counts(&stays), (0, 0));
     assert_eq!((stays.links.count(), stays.subscribers.count()), (2, 2));
     // What the core queued is what was counted.

@@ -104,17 +104,6 @@ impl CascadeStays {
     }
 }
 
-/// Records how long each datagram in `received` stayed, now that its copies were handed on.
-pub(crate) fn observe_stays(received: &mut Vec<Instant>, residence: &mut Residence) {
-    if received.is_empty() {
-        return;
-    }
-    let sent = Instant::now();
-    for t in received.drain(..) {
-        residence.observe(sent.saturating_duration_since(t));
-    }
-}
-
 /// Which shard owns which ICE ufrag and peer address (written on the cold path only).
 #[derive(Debug, Default)]
 pub struct Router {
@@ -428,7 +417,9 @@ impl ShardShell {
                 let links = &self.links;
                 core.drain_link_datagrams(|link, bytes| links.send(link, bytes));
             }
-            observe_stays(&mut cascade.to_links, &mut cascade.links);
+            cascade
+                .links
+                .observe_handed_on(&mut cascade.to_links, Instant::now);
             while let Some(r) = core.poll_cascade_request() {
                 if let Err(CascadeRequest::LayerDemand {
                     publication,
@@ -450,7 +441,9 @@ impl ShardShell {
                 transmits.clear();
             }
             observe_residence(&mut arrivals, &mut residence);
-            observe_stays(&mut cascade.to_subscribers, &mut cascade.subscribers);
+            cascade
+                .subscribers
+                .observe_handed_on(&mut cascade.to_subscribers, Instant::now);
             while let Some((owner, event)) = core.poll_event() {
                 match (&event, owner) {
                     (Event::Nominated { transport, addr }, _) => {
