@@ -119,6 +119,27 @@ fn attach_posted(
     })
 }
 
+/// A real edge (two shards, its own in-process room state) and the signer of the tokens it
+/// accepts.
+async fn start_edge() -> (edge_node::app::Running, TokenSigner) {
+    let signer = TokenSigner::generate("test");
+    let mut verifier = TokenVerifier::new();
+    verifier.add_key(signer.kid(), &signer.public_key());
+    let running = edge_node::app::start(
+        EdgeConfig {
+            http: "127.0.0.1:0".parse().unwrap(),
+            udp: "127.0.0.1:0".parse().unwrap(),
+            workers: 2,
+            ..Default::default()
+        },
+        verifier,
+        None,
+    )
+    .await
+    .unwrap();
+    (running, signer)
+}
+
 async fn accept(ep: &LinkEndpoint) -> Link {
     let pending = tokio::time::timeout(WAIT, ep.accept())
         .await
@@ -184,21 +205,7 @@ fn send_media(link: &Link, flow: FlowId, seq: u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_tracks_come_down_the_link_and_go_on_to_children() {
-    let signer = TokenSigner::generate("test");
-    let mut verifier = TokenVerifier::new();
-    verifier.add_key(signer.kid(), &signer.public_key());
-    let running = edge_node::app::start(
-        EdgeConfig {
-            http: "127.0.0.1:0".parse().unwrap(),
-            udp: "127.0.0.1:0".parse().unwrap(),
-            workers: 2,
-            ..Default::default()
-        },
-        verifier,
-        None,
-    )
-    .await
-    .unwrap();
+    let (running, _signer) = start_edge().await;
     let edge = running.edge.clone();
     let cascade = edge.cascade.clone();
     let ca = ClusterCa::generate("test-cluster").unwrap();
@@ -410,21 +417,7 @@ async fn remote_tracks_come_down_the_link_and_go_on_to_children() {
 /// demanded layer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_subscribe_that_comes_before_its_track_is_bound_when_it_is_published() {
-    let signer = TokenSigner::generate("test");
-    let mut verifier = TokenVerifier::new();
-    verifier.add_key(signer.kid(), &signer.public_key());
-    let running = edge_node::app::start(
-        EdgeConfig {
-            http: "127.0.0.1:0".parse().unwrap(),
-            udp: "127.0.0.1:0".parse().unwrap(),
-            workers: 2,
-            ..Default::default()
-        },
-        verifier,
-        None,
-    )
-    .await
-    .unwrap();
+    let (running, signer) = start_edge().await;
     let edge = running.edge.clone();
     let ca = ClusterCa::generate("test-cluster").unwrap();
     let origin_ep = endpoint(&ca, "origin-1", NodeRole::Origin);
@@ -444,18 +437,7 @@ async fn an_upstream_subscribe_that_comes_before_its_track_is_bound_when_it_is_p
     let room = RoomId::new("early-room").unwrap();
     let track = TrackId(1);
     let flow = FlowId::new(700).unwrap();
-    for layer in 0..3 {
-        origin
-            .sender
-            .send(&ControlMessage::Subscribe {
-                flow,
-                room: room.clone(),
-                track,
-                layer: Layer::new(layer).unwrap(),
-            })
-            .await
-            .unwrap();
-    }
+    common::subscribe_layers(&mut origin, flow, &room, track, 0..3).await;
     origin
         .sender
         .send(&ControlMessage::LayerDemand {

@@ -249,17 +249,7 @@ async fn media_follows_the_tree_falls_back_to_the_origin_and_returns() {
     let c_addr = OriginAddr::parse(c.cascade_url.as_ref().unwrap()).unwrap();
     let mut d = d_ep.connect(c_addr.addr, &label("edge-c")).await.unwrap();
     let flow = FlowId::new(500).unwrap();
-    for layer in 0..2 {
-        d.sender
-            .send(&ControlMessage::Subscribe {
-                flow,
-                room: room.clone(),
-                track,
-                layer: Layer::new(layer).unwrap(),
-            })
-            .await
-            .unwrap();
-    }
+    subscribe_layers(&mut d, flow, &room, track, 0..2).await;
     let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
     {
         let (media, arrivals) = (d.media.clone(), arrivals.clone());

@@ -555,14 +555,7 @@ fn an_invitation_survives_the_failover_and_still_opens_the_lock() {
     c.fail_over(&[E1, E2]);
     c.tick(RESTORE_GRACE_MS + 1);
     assert!(c.origin.room(&room()).unwrap().settings().locked);
-    let stranger = c.ask(
-        E2,
-        Intent::Join {
-            identity: Identity::new("stranger").unwrap(),
-            role: Role::Attendee,
-            name: "stranger".into(),
-        },
-    );
+    let stranger = stranger_joins(&mut c, E2);
     assert!(
         matches!(stranger, Reply::Refused(_)),
         "the lock survived: {stranger:?}"
@@ -584,6 +577,18 @@ fn an_invitation_survives_the_failover_and_still_opens_the_lock() {
 }
 
 /// Ids in `ParticipantsJoined` (or `ParticipantsLeft`) events an edge saw.
+/// An attendee nobody invited asks to join through `edge`: the reply (refused while locked).
+fn stranger_joins(c: &mut Cluster, edge: EdgeId) -> Reply {
+    c.ask(
+        edge,
+        Intent::Join {
+            identity: Identity::new("stranger").unwrap(),
+            role: Role::Attendee,
+            name: "stranger".into(),
+        },
+    )
+}
+
 fn listed(events: &[RoomEvent], leaves: bool) -> Vec<ParticipantId> {
     events
         .iter()
@@ -902,14 +907,7 @@ fn settings_set_on_the_new_origin_survive_a_later_replica_field_by_field() {
         Layout::Speaker,
         "the old origin's last layout: {s:?}"
     );
-    let stranger = c.ask(
-        E2,
-        Intent::Join {
-            identity: Identity::new("stranger").unwrap(),
-            role: Role::Attendee,
-            name: "stranger".into(),
-        },
-    );
+    let stranger = stranger_joins(&mut c, E2);
     assert!(
         matches!(stranger, Reply::Refused(_)),
         "the lock set during the window holds: {stranger:?}"

@@ -432,20 +432,9 @@ pub async fn child_subscriber(
     room: &RoomId,
     track: TrackId,
 ) -> (Link, Arc<Mutex<Vec<Instant>>>) {
-    let d = ep.connect(parent, &label(parent_node)).await.unwrap();
+    let mut d = ep.connect(parent, &label(parent_node)).await.unwrap();
     let flow = FlowId::new(500).unwrap();
-    let mut d = d;
-    for layer in 0..2 {
-        d.sender
-            .send(&ControlMessage::Subscribe {
-                flow,
-                room: room.clone(),
-                track,
-                layer: Layer::new(layer).unwrap(),
-            })
-            .await
-            .unwrap();
-    }
+    subscribe_layers(&mut d, flow, room, track, 0..2).await;
     let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let (media, a) = (d.media.clone(), arrivals.clone());
     tokio::spawn(async move {
@@ -485,4 +474,25 @@ pub fn loadtest_participant(
         stop,
     });
     tokio::spawn(loadtest::participant::run(ctx, spec))
+}
+
+/// Sends `subscribe(flow, room, track, layer)` on `link` for each of `layers`.
+pub async fn subscribe_layers(
+    link: &mut Link,
+    flow: FlowId,
+    room: &RoomId,
+    track: TrackId,
+    layers: std::ops::Range<u8>,
+) {
+    for layer in layers {
+        link.sender
+            .send(&ControlMessage::Subscribe {
+                flow,
+                room: room.clone(),
+                track,
+                layer: Layer::new(layer).unwrap(),
+            })
+            .await
+            .unwrap();
+    }
 }
