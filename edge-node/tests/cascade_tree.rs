@@ -652,17 +652,7 @@ async fn the_link_into_an_edge_carries_only_the_layers_demanded_downstream() {
     let b_addr = OriginAddr::parse(b.cascade_url.as_ref().unwrap()).unwrap();
     let mut d = d_ep.connect(b_addr.addr, &label("edge-b")).await.unwrap();
     let flow = FlowId::new(700).unwrap();
-    for layer in 0..3 {
-        d.sender
-            .send(&ControlMessage::Subscribe {
-                flow,
-                room: room.clone(),
-                track,
-                layer: Layer::new(layer).unwrap(),
-            })
-            .await
-            .unwrap();
-    }
+    subscribe_layers(&mut d, flow, &room, track, 0..3).await;
     let demand = |bits: u8| ControlMessage::LayerDemand {
         flow,
         layers: cascade_proto::link::LayerSet(bits),
