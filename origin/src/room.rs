@@ -575,8 +575,8 @@ impl Room {
                 locked,
             } => {
                 self.require(participant, Permission::Lock)?;
-                if let Some(r) = &mut self.restoring {
-                    r.here.settings.locked = true;
+                if let Some(here) = self.acknowledged_here() {
+                    here.settings.locked = true;
                 }
                 if self.settings.locked != locked {
                     self.settings.locked = locked;
@@ -589,8 +589,8 @@ impl Room {
                 enabled,
             } => {
                 self.require(participant, Permission::Lock)?;
-                if let Some(r) = &mut self.restoring {
-                    r.here.settings.lobby = true;
+                if let Some(here) = self.acknowledged_here() {
+                    here.settings.lobby = true;
                 }
                 if self.settings.lobby != enabled {
                     self.settings.lobby = enabled;
@@ -767,8 +767,8 @@ impl Room {
             }
             Intent::RaiseHand { participant } => {
                 self.member(participant)?;
-                if let Some(r) = &mut self.restoring {
-                    r.here.hand_raised(participant);
+                if let Some(here) = self.acknowledged_here() {
+                    here.hand_raised(participant);
                 }
                 if !self.hands.contains(&participant) {
                     self.hands.push(participant);
@@ -789,8 +789,8 @@ impl Room {
                 } else {
                     self.member(participant)?;
                 }
-                if let Some(r) = &mut self.restoring {
-                    r.here.hand_lowered(target);
+                if let Some(here) = self.acknowledged_here() {
+                    here.hand_lowered(target);
                 }
                 if let Some(i) = self.hands.iter().position(|p| *p == target) {
                     self.hands.remove(i);
@@ -881,9 +881,9 @@ impl Room {
                         return Err(RoomError::NoSuchParticipant);
                     }
                 }
-                if let Some(r) = &mut self.restoring {
-                    r.here.settings.layout |= layout.is_some();
-                    r.here.settings.spotlight |= spotlight.is_some();
+                if let Some(here) = self.acknowledged_here() {
+                    here.settings.layout |= layout.is_some();
+                    here.settings.spotlight |= spotlight.is_some();
                 }
                 if let Some(l) = layout {
                     self.settings.layout = l;
@@ -1051,8 +1051,8 @@ impl Room {
             self.unpublish(track, events);
         }
         self.hands.retain(|p| *p != participant);
-        if let Some(r) = &mut self.restoring {
-            r.here.left(participant);
+        if let Some(here) = self.acknowledged_here() {
+            here.left(participant);
         }
         if self.settings.spotlight == Some(participant) {
             self.settings.spotlight = None;

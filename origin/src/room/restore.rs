@@ -178,6 +178,12 @@ impl Room {
         room
     }
 
+    /// Where an acknowledgement is recorded while the restore window is open (see
+    /// [`Acknowledged`]); `None` once it closed.
+    pub(super) fn acknowledged_here(&mut self) -> Option<&mut Acknowledged> {
+        self.restoring.as_mut().map(|r| &mut r.here)
+    }
+
     /// Whether the room is still waiting for replicas.
     pub fn is_restoring(&self) -> bool {
         self.restoring.is_some()
