@@ -35,11 +35,15 @@ async function decodesGrowing(page, from, label) {
     const v = await remoteVideo(page, from);
     return v && v.framesDecoded > 0 ? v : null;
   }, { timeoutMs: 30_000 });
-  await sleep(2000);
-  const second = await remoteVideo(page, from);
-  if (!second || second.framesDecoded <= first.framesDecoded) {
-    throw new Error(`${label}: framesDecoded of ${from}'s camera did not grow (${first.framesDecoded} -> ${second?.framesDecoded})`);
-  }
+  // Polled, as in meeting.mjs: a first frame of the low layer may be followed by a switch up (or
+  // a lost packet) that waits for a keyframe, which takes seconds on a loaded 2-core machine.
+  let last;
+  const second = await waitFor(`${label}'s frames of ${from}'s camera growing past ${first.framesDecoded}`, async () => {
+    last = await remoteVideo(page, from);
+    return last && last.framesDecoded > first.framesDecoded ? last : null;
+  }, { timeoutMs: 10_000 }).catch(() => {
+    throw new Error(`${label}: framesDecoded of ${from}'s camera did not grow (${first.framesDecoded} -> ${last?.framesDecoded})`);
+  });
   log(`${label} decodes ${from}: framesDecoded ${first.framesDecoded} -> ${second.framesDecoded}, ${second.frameWidth}x${second.frameHeight}`);
   return second;
 }
