@@ -24,8 +24,9 @@ use std::fmt;
 ///
 /// History: 2 added the room event `ParticipantCount` (large rooms' presence), which a
 /// version-1 node cannot decode, so mixed clusters are refused at the handshake instead of
-/// failing on the first large room.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// failing on the first large room. 3 added the room event `Restored` (a rebuilt room's
+/// settings and hands, sent to clients that may hold others).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The QUIC ALPN of cascade links (RFC 7301). A TLS peer offering anything else fails the
 /// handshake, so a stray HTTP/3 client never reaches our control stream.
@@ -406,11 +407,11 @@ mod tests {
             Ok(())
         );
         let refusal = origin
-            .check_peer(&hello("edge-1", NodeRole::Edge, 1))
+            .check_peer(&hello("edge-1", NodeRole::Edge, 2))
             .unwrap_err();
         assert_eq!(refusal.code, GoodbyeCode::VersionMismatch);
-        assert!(refusal.reason.contains("edge edge-1 speaks version 1"));
-        assert!(refusal.reason.contains("origin origin-1 speaks version 2"));
+        assert!(refusal.reason.contains("edge edge-1 speaks version 2"));
+        assert!(refusal.reason.contains("origin origin-1 speaks version 3"));
         let refusal = origin
             .check_peer(&hello("origin-2", NodeRole::Origin, PROTOCOL_VERSION))
             .unwrap_err();

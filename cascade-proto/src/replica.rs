@@ -215,6 +215,10 @@ impl ReplicaTracker {
                 m.settings.spotlight = *spotlight;
             }
             RoomEventBody::Settings { settings, .. } => m.settings = settings.clone(),
+            RoomEventBody::Restored { settings, hands } => {
+                m.settings = settings.clone();
+                m.hands = hands.clone();
+            }
             RoomEventBody::RoomClosed { .. } => {
                 self.rooms.remove(&event.room);
                 return;

@@ -435,6 +435,14 @@ pub enum RoomEventBody {
     Removed {
         by: ParticipantId,
     },
+    /// The room was rebuilt on a new origin from its edges' replicas, and some client may hold
+    /// other settings or another hand queue than the rebuilt room (the replicas disagreed, or
+    /// the room dropped the hands and spotlight of those who never came back): what the room
+    /// holds now, replacing what clients hold. It has no actor: a merge is nobody's action.
+    Restored {
+        settings: RoomSettings,
+        hands: Vec<ParticipantId>,
+    },
 }
 
 /// What one edge knows of a room: sent whenever the edge's link to the room's origin comes up,

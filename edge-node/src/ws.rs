@@ -955,6 +955,9 @@ pub fn event_json(e: &RoomEvent) -> Option<Value> {
         RoomEventBody::Settings { settings, by } => {
             json!({"type": "room:update", "settings": settings, "by": by})
         }
+        RoomEventBody::Restored { settings, hands } => {
+            json!({"type": "room:restored", "settings": settings, "hands": hands})
+        }
         RoomEventBody::RoomClosed { .. } => json!({"type": "room:close", "reason": "ended"}),
         RoomEventBody::Admitted(_) => return None,
         RoomEventBody::Denied => json!({"type": "lobby:denied"}),
@@ -2185,6 +2188,30 @@ mod tests {
             "a".repeat(MAX_FRAME)
         );
         assert_eq!(decode(&huge).unwrap_err().code, "too_large");
+    }
+
+    #[test]
+    fn a_restored_room_reaches_clients_as_room_restored() {
+        use cascade_proto::room::RoomSettings;
+        let e = RoomEvent {
+            room: RoomId::new("r").unwrap(),
+            seq: 1_048_607,
+            audience: Audience::All,
+            body: RoomEventBody::Restored {
+                settings: RoomSettings {
+                    locked: true,
+                    ..RoomSettings::default()
+                },
+                hands: vec![ParticipantId(3), ParticipantId(1)],
+            },
+        };
+        let v = event_json(&e).unwrap();
+        assert_eq!(v["type"], "room:restored");
+        assert_eq!(v["seq"], 1_048_607);
+        assert_eq!(v["hands"], json!([3, 1]));
+        assert_eq!(v["settings"]["locked"], true);
+        assert_eq!(v["settings"]["layout"], "grid");
+        assert!(v.get("by").is_none(), "a merge names no actor: {v}");
     }
 
     #[test]

@@ -1230,6 +1230,12 @@ export class KcsClient extends Emitter {
         if (msg.settings && typeof msg.settings === 'object') this.settings = { ...this.settings, ...msg.settings };
         this.emit('room');
         break;
+      case 'room:restored':
+        // The room was rebuilt on a new origin: its settings and hand queue replace ours.
+        if (msg.settings && typeof msg.settings === 'object') this.settings = { ...this.settings, ...msg.settings };
+        if (Array.isArray(msg.hands)) this.hands = [...msg.hands];
+        this.emit('room');
+        break;
       case 'lobby:update':
         this.lobby.clear();
         for (const w of msg.waiting ?? []) if (w?.id != null) this.lobby.set(w.id, w);

@@ -71,17 +71,20 @@ impl Origin {
         match msg {
             EdgeToOrigin::Restore { id, room, replica } => {
                 let config = self.config.clone();
-                self.rooms
+                let events = self
+                    .rooms
                     .entry(room.clone())
                     .or_insert_with(|| Room::restored(room, config, now_ms))
                     .restore(edge, *replica);
-                vec![Outgoing {
+                let mut out = vec![Outgoing {
                     edge,
                     message: OriginToEdge::Reply {
                         id,
                         reply: Reply::Done,
                     },
-                }]
+                }];
+                out.extend(fan_out(events));
+                out
             }
             EdgeToOrigin::Request { id, room, intent } => {
                 let state = match self.rooms.get_mut(&room) {

@@ -254,6 +254,11 @@ impl Room {
         &self.settings
     }
 
+    /// Raised hands, oldest first.
+    pub fn hands(&self) -> &[ParticipantId] {
+        &self.hands
+    }
+
     /// Last event sequence number issued.
     pub fn seq(&self) -> u64 {
         self.seq

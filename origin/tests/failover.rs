@@ -8,7 +8,7 @@
 use cascade_proto::replica::ReplicaTracker;
 use cascade_proto::room::{
     Audience, EdgeId, EdgeToOrigin, Intent, Layout, OriginToEdge, PresenceMode, Reply, RequestId,
-    RoomEvent, RoomEventBody,
+    RoomEvent, RoomEventBody, RoomSettings,
 };
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackKind, TrackSource};
 use origin::{Origin, RoomConfig, RESTORE_GRACE_MS, RESTORE_ID_MARGIN};
@@ -459,6 +459,98 @@ fn participants_of_an_edge_that_died_with_the_origin_leave_after_the_window() {
     assert_eq!(s.hands, vec![guest]);
     assert_eq!(s.settings.spotlight, None);
     assert!(s.tracks.iter().all(|t| t.participant == guest));
+    // Edge 1's replica was the only one and agreed with the room until the close dropped the
+    // gone presenter's hand and spotlight: one `Restored`, after the leave, tells its clients.
+    let restored: Vec<usize> = c.seen[&E1]
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e.body, RoomEventBody::Restored { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(restored.len(), 1, "{:?}", c.seen[&E1]);
+    let leave_at = c.seen[&E1]
+        .iter()
+        .position(|e| matches!(e.body, RoomEventBody::ParticipantsLeft(_)))
+        .unwrap();
+    assert!(restored[0] > leave_at);
+    assert_eq!(held_by(&c, E1), (s.settings.clone(), s.hands.clone()));
+}
+
+/// The settings and hand queue the clients of `edge` hold: its replica tracker follows every
+/// event they were sent.
+fn held_by(c: &Cluster, edge: EdgeId) -> (RoomSettings, Vec<ParticipantId>) {
+    let r = c.edges[&edge].replica(&room()).expect("edge has the room");
+    (r.settings, r.hands)
+}
+
+fn restored_count(c: &Cluster, edge: EdgeId) -> usize {
+    c.seen.get(&edge).map_or(0, |events| {
+        events
+            .iter()
+            .filter(|e| matches!(e.body, RoomEventBody::Restored { .. }))
+            .count()
+    })
+}
+
+/// Edge 2 saw the old origin's last events (a hand, the lock); edge 1 saw a hand raised on the
+/// new origin while it waited. After edge 2's later replica each edge's clients held another
+/// queue and settings than the room: both are sent the room's with `Restored`, and hold them.
+#[test]
+fn clients_on_every_edge_are_told_the_rebuilt_rooms_hands_and_settings() {
+    let (mut c, [_, guest, a, b]) = window_then_later_replica(
+        |c, [_, _, a, b]| {
+            assert_eq!(c.ask(E2, Intent::RaiseHand { participant: b }), Reply::Done);
+            assert_eq!(
+                c.ask(
+                    E2,
+                    Intent::SetLocked {
+                        participant: a,
+                        locked: true
+                    }
+                ),
+                Reply::Done
+            );
+        },
+        |c, [_, guest, ..]| {
+            assert_eq!(
+                c.ask(E1, Intent::RaiseHand { participant: guest }),
+                Reply::Done
+            );
+            assert_eq!(
+                restored_count(c, E1),
+                0,
+                "one replica merged: nothing to tell"
+            );
+        },
+    );
+    let room_now = {
+        let r = c.origin.room(&room()).unwrap();
+        (r.settings().clone(), r.hands().to_vec())
+    };
+    assert_eq!(room_now.1, vec![b, guest]);
+    assert!(room_now.0.locked);
+    for edge in [E1, E2] {
+        assert_eq!(restored_count(&c, edge), 1, "edge {edge:?}");
+        assert_eq!(held_by(&c, edge), room_now, "edge {edge:?}");
+    }
+    // Closing the window changes nothing anyone holds: no second one.
+    c.tick(RESTORE_GRACE_MS + 1);
+    for edge in [E1, E2] {
+        assert_eq!(restored_count(&c, edge), 1, "edge {edge:?}");
+    }
+    let _ = a;
+}
+
+/// Replicas that agree (both edges saw every event) send no `Restored`: nothing to correct.
+#[test]
+fn replicas_that_agree_send_no_restored() {
+    let (mut c, _) = meeting();
+    c.seen.clear();
+    c.fail_over(&[E1, E2]);
+    c.tick(RESTORE_GRACE_MS + 1);
+    for edge in [E1, E2] {
+        assert_eq!(restored_count(&c, edge), 0, "{:?}", c.seen.get(&edge));
+    }
 }
 
 #[test]

@@ -245,6 +245,24 @@ test('batched joins and leaves update the roster and the count', async () => {
   assert.equal(client.tracks.has(10), false);
 });
 
+test('room:restored replaces the hands and settings a rebuilt room disagrees with', async () => {
+  const [client, ws] = await joined({});
+  ws.deliver({ type: 'hand:raise', seq: 6, participant: 2, by: 2, hands: [2] });
+  ws.deliver({ type: 'layout:update', seq: 7, layout: 'speaker', spotlight: 2, by: 1 });
+  let changes = 0;
+  client.on('room', () => { changes += 1; });
+  ws.deliver({
+    type: 'room:restored', seq: 1009,
+    settings: { locked: true, lobby: false, layout: 'grid', spotlight: null, streaming: false },
+    hands: [1, 2],
+  });
+  assert.deepEqual(client.hands, [1, 2]);
+  assert.equal(client.settings.locked, true);
+  assert.equal(client.settings.layout, 'grid');
+  assert.equal(client.settings.spotlight, null);
+  assert.equal(changes, 1, 'one room change for listeners');
+});
+
 test('a large room: the count comes from participant:count, entries only name people', async () => {
   const [client, ws] = await joined({ participantCount: 5000, presence: 'interesting' });
   assert.equal(client.presence, 'interesting');

@@ -180,7 +180,7 @@ fn to_edge(rng: &mut StdRng) -> OriginToEdge {
             reply,
         }
     } else {
-        let body = match rng.gen_range(0..7) {
+        let body = match rng.gen_range(0..8) {
             0 => RoomEventBody::ParticipantsJoined(
                 (0..rng.gen_range(1..10))
                     .map(|_| participant(rng))
@@ -203,6 +203,16 @@ fn to_edge(rng: &mut StdRng) -> OriginToEdge {
                 by: ParticipantId(rng.gen()),
             },
             5 => RoomEventBody::ParticipantCount { count: rng.gen() },
+            6 => RoomEventBody::Restored {
+                settings: RoomSettings {
+                    locked: rng.gen(),
+                    spotlight: rng.gen::<bool>().then(|| ParticipantId(rng.gen())),
+                    ..RoomSettings::default()
+                },
+                hands: (0..rng.gen_range(0..4))
+                    .map(|_| ParticipantId(rng.gen()))
+                    .collect(),
+            },
             _ => RoomEventBody::RoomClosed {
                 by: rng.gen::<bool>().then(|| ParticipantId(rng.gen())),
             },
@@ -359,7 +369,7 @@ fn byte_layout_matches_the_documentation() {
             node: Label::new("edge-a").unwrap(),
             region: Label::new("eu").unwrap(),
             role: NodeRole::Edge,
-            version: 2,
+            version: 3,
         }),
         &mut buf,
     )
@@ -368,7 +378,7 @@ fn byte_layout_matches_the_documentation() {
         buf,
         [
             0x01, 0x01, 0x00, 0x00, 0x0d, // version, type hello, length 13
-            0x00, 0x02, 0x01, // protocol version 2, role edge
+            0x00, 0x03, 0x01, // protocol version 3, role edge
             0x06, b'e', b'd', b'g', b'e', b'-', b'a', 0x02, b'e', b'u',
         ]
     );

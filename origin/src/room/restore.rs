@@ -23,15 +23,17 @@
 //!   here), then the hands raised here, in theirs. A replica that saw no later event than one
 //!   merged before changes neither.
 //!
-//! A merge sends no event: clients already in the room are not told when a later replica
-//! changes the settings or hands they hold (no event carries a change without an actor). The
-//! next `Hand` event carries the whole queue, the next `Settings` event the whole settings, and
-//! every snapshot the merged state.
+//! Clients on different edges may hold different settings and hands: each edge's clients saw
+//! its replica's. Whenever a merge leaves some client holding another view than the rebuilt
+//! room's (this edge's replica differs from the result, or the result differs from what the
+//! edges merged before hold), the room sends `Restored`, the whole settings and hand queue,
+//! to every edge, and the edges' replicas take it too (so a second failover starts from it).
+//! It has no actor; a merge that changes nothing anyone holds sends nothing.
 //!
 //! When the window closes (on [`Room::finish_restore`], driven by the origin's tick), anyone
 //! some edge listed in its roster view but no edge announced — the participants of an edge
 //! that died with the origin — leaves, with the usual batched event; hands and the spotlight
-//! of those gone are dropped. Someone who left here had their leave listed then, and is not
+//! of those gone are dropped (followed by a `Restored` if that changed either). Someone who left here had their leave listed then, and is not
 //! listed again though a later replica's roster view still names them.
 //!
 //! Presence: the rebuilt room is large if any replica saw it large (the mode latches), or if
@@ -47,7 +49,7 @@
 //! taken back, since its edge still serves it.
 
 use super::{kind_index, Events, Member, Room, RoomConfig};
-use cascade_proto::room::{EdgeId, PresenceMode, RoomReplica, RoomSettings};
+use cascade_proto::room::{EdgeId, PresenceMode, RoomEventBody, RoomReplica, RoomSettings};
 use cascade_proto::{ParticipantId, RoomId};
 use std::collections::BTreeSet;
 
@@ -189,14 +191,26 @@ impl Room {
         self.restoring.is_some()
     }
 
-    /// Merges one edge's replica (see the module docs).
-    pub fn restore(&mut self, edge: EdgeId, replica: RoomReplica) {
+    /// Merges one edge's replica (see the module docs). Returns the events to send: a
+    /// `Restored` when some client may now hold other settings or hands than the room.
+    pub fn restore(&mut self, edge: EdgeId, replica: RoomReplica) -> Events {
+        let mut views_differ = false;
         if let Some(r) = &mut self.restoring {
+            // What the clients of the edges merged before hold (none before the first).
+            let held = r
+                .best_seq
+                .is_some()
+                .then(|| (self.settings.clone(), self.hands.clone()));
             if r.best_seq.is_none_or(|best| replica.seq > best) {
                 r.best_seq = Some(replica.seq);
                 self.settings = r.here.settings_over(&replica.settings, &self.settings);
                 self.hands = r.here.hands_over(&replica.hands);
             }
+            views_differ = replica.settings != self.settings
+                || replica.hands != self.hands
+                || held.is_some_and(|(settings, hands)| {
+                    settings != self.settings || hands != self.hands
+                });
             r.expected.extend(replica.known.iter().copied());
             // Events sent during the window come after anything a client saw from the old
             // origin, whichever edge it is on (resume replays by `seq`).
@@ -264,6 +278,20 @@ impl Room {
         for (identity, role) in replica.invited {
             self.invited.entry(identity).or_insert(role);
         }
+        let mut events = Vec::new();
+        if views_differ {
+            self.emit_restored(&mut events);
+        }
+        events
+    }
+
+    /// Tells every edge the room's settings and hand queue after a merge (see the module docs).
+    fn emit_restored(&mut self, events: &mut Events) {
+        let body = RoomEventBody::Restored {
+            settings: self.settings.clone(),
+            hands: self.hands.clone(),
+        };
+        self.emit(body, events);
     }
 
     /// Closes the restore window once `now_ms` is past it: those expected but never announced
@@ -291,9 +319,12 @@ impl Room {
             })
             .collect();
         let present = |p: &ParticipantId| self.participants.contains_key(p);
+        let hands_before = self.hands.len();
         self.hands.retain(present);
+        let mut dropped = self.hands.len() != hands_before;
         if self.settings.spotlight.is_some_and(|p| !present(&p)) {
             self.settings.spotlight = None;
+            dropped = true;
         }
         self.tracks
             .retain(|_, t| self.participants.contains_key(&t.participant));
@@ -328,6 +359,9 @@ impl Room {
         self.count_sent = None;
         self.pending_left.extend(gone);
         self.flush_into(&mut events);
+        if dropped {
+            self.emit_restored(&mut events);
+        }
         events
     }
 }
@@ -549,7 +583,7 @@ mod tests {
             layout: Layout::Speaker,
             ..RoomSettings::default()
         };
-        r.restore(E2, replica(30, vec![a.clone()], &[2, 3], latest));
+        let events = r.restore(E2, replica(30, vec![a.clone()], &[2, 3], latest));
         assert_eq!(r.hands, ids(&[3, 1]));
         let want = RoomSettings {
             locked: true,
@@ -559,19 +593,27 @@ mod tests {
         };
         assert_eq!(r.settings(), &want);
         assert!(seq < 30 + RESTORE_ID_MARGIN);
-        assert_eq!(
-            r.seq(),
-            30 + RESTORE_ID_MARGIN,
-            "numbered on above the latest"
-        );
+        // Both edges' clients hold other views than the room: one `Restored` to both,
+        // numbered on above the latest replica.
+        let restored = RoomEventBody::Restored {
+            settings: want.clone(),
+            hands: ids(&[3, 1]),
+        };
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].0.body, restored);
+        assert_eq!(events[0].0.seq, 30 + RESTORE_ID_MARGIN + 1);
+        assert_eq!(events[0].1, vec![E1, E2]);
 
-        // An older one: nothing of its settings or hands.
-        r.restore(
+        // An older one: nothing of its settings or hands; its clients are told the room's.
+        let events = r.restore(
             E3,
             replica(20, vec![b.clone()], &[2, 4], RoomSettings::default()),
         );
         assert_eq!(r.hands, ids(&[3, 1]));
         assert_eq!(r.settings(), &want);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].0.body, restored);
+        assert_eq!(events[0].1, vec![E1, E2, E3]);
         done(&mut r, E3, Intent::RaiseHand { participant: b.id });
         done(
             &mut r,
