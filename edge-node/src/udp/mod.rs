@@ -371,11 +371,26 @@ impl ShardShell {
                     }
                 }
                 Some(input) = self.inbox.recv() => {
-                    let now = Instant::now();
-                    self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, &mut cascade, now);
                     // Take whatever else is queued in the same pass.
-                    while let Ok(input) = self.inbox.try_recv() {
-                        self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, &mut cascade, now);
+                    let mut next = Some(input);
+                    while let Some(input) = next.take() {
+                        let now = Instant::now();
+                        let relayed = self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, now);
+                        // Relayed media is sent as it goes, as on the socket path: a burst from
+                        // a link (a keyframe, or what queued while the shard was busy) to many
+                        // local subscribers is thousands of encryptions.
+                        for p in relayed.into_iter().flatten() {
+                            cascade.relay(&mut core, p, now);
+                            if core.queued_transmits() >= FLUSH_TRANSMITS {
+                                core.poll_transmits(&mut transmits);
+                                send_all(&socket, &transmits).await;
+                                transmits.clear();
+                                cascade
+                                    .subscribers
+                                    .observe_handed_on(&mut cascade.to_subscribers, Instant::now);
+                            }
+                        }
+                        next = self.inbox.try_recv().ok();
                     }
                 }
                 Some((to, data)) = dtls_out.recv() => {
@@ -543,6 +558,8 @@ impl ShardShell {
         }
     }
 
+    /// Applies one input from the rest of the edge; relayed media is returned for the caller,
+    /// which relays it and sends as it goes.
     #[allow(clippy::too_many_arguments)]
     fn handle_input(
         &self,
@@ -554,9 +571,8 @@ impl ShardShell {
         handoff: &mut HashMap<usize, Vec<(SocketAddr, Vec<u8>)>>,
         dtls_out: &mpsc::Sender<(SocketAddr, Vec<u8>)>,
         done: &mpsc::Sender<HandshakeDone>,
-        cascade: &mut CascadeStays,
         now: Instant,
-    ) {
+    ) -> Option<Vec<RelayedPacket>> {
         match input {
             ShardInput::Command(cmd) => {
                 if let Command::RemoveTransport { id } = &cmd {
@@ -580,11 +596,7 @@ impl ShardShell {
             } => {
                 fingerprints.insert(transport, fingerprint);
             }
-            ShardInput::Relayed(packets) => {
-                for p in packets {
-                    cascade.relay(core, p, now);
-                }
-            }
+            ShardInput::Relayed(packets) => return Some(packets),
             ShardInput::Datagrams(items) => {
                 for (from, data) in items {
                     // Dispatch as if received here; a datagram for nobody is dropped, not
@@ -611,6 +623,7 @@ impl ShardShell {
                 }
             }
         }
+        None
     }
 }
 
