@@ -190,6 +190,20 @@ impl Receiver {
                 c.recovered += 1;
                 s.nacked.retain(|&n| n != ext);
             }
+        } else if s.received > 0 && ext < s.base {
+            // Older than the stream's first packet, which it was overtaken by: the stream
+            // starts here. As for a gap, the numbers in between count as lost until they come
+            // (then as reordered), and this one is a late arrival.
+            for missing in ext + 1..s.base {
+                let (w, m) = s.bit(missing);
+                s.seen[w] &= !m;
+            }
+            s.seen[word] |= mask;
+            let gap = s.base - ext;
+            c.expected += gap;
+            c.lost += gap;
+            c.reordered += 1;
+            s.base = ext;
         } else {
             let from = if s.received == 0 { ext } else { s.max + 1 };
             // Clear window bits for the sequence numbers we pass over.
@@ -494,6 +508,23 @@ mod tests {
                 crate::media::unix_micros(),
             );
         }
+    }
+
+    /// A packet older than the first one received (it was overtaken) opens the stream
+    /// earlier; it used to underflow the loss counters.
+    #[test]
+    fn a_packet_older_than_the_first_extends_the_stream_back() {
+        let now = Instant::now();
+        let mut r = Receiver::new(true, now);
+        feed(&mut r, &[10, 7, 11, 9], now);
+        let c = r.pending.counters;
+        assert_eq!(c.expected, 5, "7..=11: {c:?}");
+        assert_eq!(c.rx_packets, 4, "{c:?}");
+        assert_eq!(c.net_lost(), 1, "8 never came: {c:?}");
+        assert_eq!((c.lost, c.reordered, c.duplicates), (3, 2, 0), "{c:?}");
+        feed(&mut r, &[8, 7], now);
+        let c = r.pending.counters;
+        assert_eq!((c.expected, c.net_lost(), c.duplicates), (5, 0, 1), "{c:?}");
     }
 
     #[test]
