@@ -8,7 +8,8 @@
 //!
 //! Layout: [`media`] makes the synthetic audio/video and the probe each payload carries;
 //! [`recv`] is the sans-IO receiver (loss, delay, jitter, RTCP it owes); [`peer`] is one peer
-//! connection's async shell; [`signaling`] the WebSocket/WHIP/WHEP/token clients;
+//! connection's async shell, [`send_from`] its batched sends from many source addresses;
+//! [`signaling`] the WebSocket/WHIP/WHEP/token clients;
 //! [`participant`] one participant's life; [`scenario`] the scenario model and TOML files;
 //! [`runner`] runs a scenario; [`report`] writes JSON/HTML; [`relay`] is the delay relay;
 //! [`janus`] speaks Janus's VideoRoom API (the same scenarios against Janus) and
@@ -31,6 +32,7 @@ pub mod roster;
 pub mod runner;
 pub mod scenario;
 pub mod sdp;
+pub mod send_from;
 pub mod server_metrics;
 pub mod signaling;
 pub mod stats;

@@ -313,11 +313,13 @@ impl Life {
         let mut changes = self.spec.max_layer_changes.clone();
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Result<(), ParticipantError>>(1);
         let mut stop = self.ctx.stop.clone();
+        // Polls for the first media packet, and only until it came: a thousand idle viewers'
+        // tasks then sleep until an event instead of waking five times a second each.
         let mut check = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = check.tick() => {
+                _ = check.tick(), if self.times.first_media_ms.is_none() => {
                     if self.times.first_media_ms.is_none() {
                         if let Some(at) = sub.as_ref().and_then(|(p, _)| p.first_media()) {
                             self.times.first_media_ms = ms(at.duration_since(self.t0));
@@ -457,11 +459,13 @@ impl Life {
         }
         self.mark_connected();
         let mut stop = self.ctx.stop.clone();
+        // Polls for the first media packet, and only until it came: a thousand idle viewers'
+        // tasks then sleep until an event instead of waking five times a second each.
         let mut check = tokio::time::interval(Duration::from_millis(200));
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = check.tick() => {
+                _ = check.tick(), if self.times.first_media_ms.is_none() => {
                     if self.times.first_media_ms.is_none() {
                         if let Some(at) = self.peers.iter().find_map(|p| p.first_media()) {
                             self.times.first_media_ms = ms(at.duration_since(self.t0));
@@ -531,6 +535,8 @@ impl Life {
         let mut sub: Option<JanusSub> = None;
         let (conn_tx, mut conn_rx) = tokio::sync::mpsc::channel::<Result<(), ParticipantError>>(1);
         let mut stop = self.ctx.stop.clone();
+        // Polls for the first media packet, and only until it came: a thousand idle viewers'
+        // tasks then sleep until an event instead of waking five times a second each.
         let mut check = tokio::time::interval(Duration::from_millis(200));
         loop {
             if self.spec.subscribe && !feeds.is_empty() {
@@ -539,7 +545,7 @@ impl Life {
             }
             tokio::select! {
                 _ = stop.changed() => break,
-                _ = check.tick() => {
+                _ = check.tick(), if self.times.first_media_ms.is_none() => {
                     if self.times.first_media_ms.is_none() {
                         if let Some(at) = sub.as_ref().and_then(|s| s.peer.first_media()) {
                             self.times.first_media_ms = ms(at.duration_since(self.t0));

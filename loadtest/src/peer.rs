@@ -7,26 +7,33 @@
 //! - a 5-tuple per peer connection, as a browser has. Toward a server on loopback (the
 //!   benchmarks) each peer gets its own loopback address (127.100.0.0/10 and up) on one of
 //!   the run's shared sockets, the [`Hub`] (one socket per [`PEERS_PER_SOCKET`] peers):
-//!   wildcard-bound sockets that learn each datagram's destination address (`IP_PKTINFO`) and
-//!   send from the peer's address, through quinn-udp. One `recvmmsg` then reads up to 32
-//!   datagrams for as many viewers, where a socket per peer costs an epoll wakeup and a
-//!   syscall per datagram (half the tool's CPU).
+//!   wildcard-bound sockets that learn each datagram's destination address (`IP_PKTINFO`,
+//!   through quinn-udp) and send from the peer's address ([`crate::send_from`]). One
+//!   `recvmmsg` then reads up to 32 datagrams for as many viewers, where a socket per peer
+//!   costs an epoll wakeup and a syscall per datagram (half the tool's CPU). The destination
+//!   address is the peer's number in its socket's table, so a datagram finds its peer without
+//!   a lock or a hash; a thread's hub sockets share one set of receive buffers, and what a
+//!   burst leaves to send for all of the socket's peers goes in one `sendmmsg`.
 //!   Otherwise (another host, a relay in the path, Janus in its namespace) each peer binds its
 //!   own socket on the given address;
 //! - a receive task per peer (not per packet): woken once per burst, it reads every queued
 //!   datagram with one `recvmmsg` (the edge's [`RecvBatch`], one per runtime thread, so a
 //!   thousand peers do not hold a thousand 64 KiB buffers), classifies each (RFC 7983), feeds
 //!   DTLS, decrypts SRTP where the datagram was received (no copy, no allocation), runs the
-//!   [`Receiver`] (subscriber) or handles NACK/PLI/FIR (publisher), and sends the RTCP that
-//!   results once per burst. A read shorter than the batch means the socket was drained, so
-//!   the task goes back to waiting without the extra `recvmmsg` that would return `EAGAIN`
-//!   (a syscall per packet saved: viewers mostly get one packet per wakeup);
+//!   [`Receiver`] (subscriber) or handles NACK/PLI/FIR (publisher), and sends the NACKs, PLIs
+//!   and retransmissions that result once per burst. A read shorter than the batch means the
+//!   socket was drained, so the task goes back to waiting without the extra `recvmmsg` that
+//!   would return `EAGAIN` (a syscall per packet saved: viewers mostly get one packet per
+//!   wakeup);
 //! - no timer per peer: one [`Ticker`] per run drives every peer's periodic work (TWCC
 //!   feedback, receiver reports, ICE consent every [`CONSENT_INTERVAL`] as browsers do,
 //!   RFC 7675, and flushing measurements), a tenth of the peers every 10 ms so their RTCP is
-//!   spread over time as independent browsers' is, not sent in one burst;
+//!   spread over time as independent browsers' is, not sent in one burst. Transport-wide
+//!   feedback and receiver reports come from the tick only (a browser sends them on a timer
+//!   too), and a tick's RTCP for the peers of one hub socket leaves with one `sendmmsg`;
 //! - publishers encrypt into a per-thread arena (one allocation per 64 KiB of packets) and
-//!   send each wakeup's packets with one `sendmmsg` ([`Peer::send_rtp_batch`]).
+//!   send each wakeup's packets with one `sendmmsg` ([`Peer::send_rtp_batch`]), on a hub
+//!   socket too.
 //!
 //! State shared by these tasks and the participant's media task sits behind one short
 //! `std::sync::Mutex` per peer, never held across an `.await`.
@@ -34,6 +41,7 @@
 use crate::media::{read_rtp, unix_micros};
 use crate::recv::Receiver;
 use crate::sdp::RemoteDescription;
+use crate::send_from::{send_all_or_drop, send_from, Datagram};
 use crate::stats::{Pending, Shared};
 use bytes::{Bytes, BytesMut};
 use edge_node::transport::demux::{classify, PacketClass};
@@ -42,13 +50,12 @@ use edge_node::transport::ice;
 use edge_node::transport::srtp::SrtpSession;
 use edge_node::udp::batch::{send_batch, RecvBatch, BATCH};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -92,8 +99,33 @@ struct HubInner {
     socket: UdpSocket,
     state: quinn_udp::UdpSocketState,
     port: u16,
-    peers: Mutex<HashMap<Ipv4Addr, Weak<Peer>>>,
+    /// The number ([`Hub::assign`]) of the socket's first peer; peer `n` is in slot
+    /// `n - first`. Numbers are handed out once and in order, so a slot is set once and its
+    /// datagrams find their peer without a lock or a hash.
+    first: u32,
+    peers: Vec<OnceLock<Weak<Peer>>>,
 }
+
+/// Peer numbers wrap past this (22 bits: 127.100.0.0 to 127.163.255.255).
+const NUMBER_MASK: u32 = 0x3f_ffff;
+
+/// The loopback address of peer number `n`.
+fn hub_ip(n: u32) -> Ipv4Addr {
+    Ipv4Addr::new(127, 100 + ((n >> 16) & 0x3f) as u8, (n >> 8) as u8, n as u8)
+}
+
+/// The peer number of a hub address, the inverse of [`hub_ip`] (modulo [`NUMBER_MASK`]).
+fn hub_number(ip: Ipv4Addr) -> Option<u32> {
+    match ip.octets() {
+        [127, b, c, d] if (100..164).contains(&b) => {
+            Some(u32::from(b - 100) << 16 | u32::from(c) << 8 | u32::from(d))
+        }
+        _ => None,
+    }
+}
+
+/// Encrypted datagrams of a hub's peers waiting for one batched send: (from, to, datagram).
+type HubSends = Vec<(Ipv4Addr, SocketAddr, Bytes)>;
 
 impl Hub {
     /// An empty hub: sockets are bound as peers arrive, each with its receive task on the
@@ -106,18 +138,33 @@ impl Hub {
         }))
     }
 
-    /// Binds one wildcard socket and starts its receive task on the current runtime.
-    fn open_socket() -> io::Result<(Arc<HubInner>, JoinHandle<()>)> {
+    /// Binds one wildcard socket for peers `first..first + PEERS_PER_SOCKET` and starts its
+    /// receive task on the current runtime.
+    fn open_socket(first: u32) -> io::Result<(Arc<HubInner>, JoinHandle<()>)> {
         let std_socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
         std_socket.set_nonblocking(true)?;
         let state = quinn_udp::UdpSocketState::new((&std_socket).into())?;
         let _ = state.set_recv_buffer_size((&std_socket).into(), 8 << 20);
+        // quinn-udp asks for each datagram's TOS byte (ECN); nothing here reads it, and the
+        // control message costs the kernel a `put_cmsg` per datagram.
+        let off: libc::c_int = 0;
+        // SAFETY: a plain setsockopt with an int option that outlives the call.
+        unsafe {
+            libc::setsockopt(
+                std_socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVTOS,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
         let port = std_socket.local_addr()?.port();
         let inner = Arc::new(HubInner {
             socket: UdpSocket::from_std(std_socket)?,
             state,
             port,
-            peers: Mutex::new(HashMap::new()),
+            first,
+            peers: (0..PEERS_PER_SOCKET).map(|_| OnceLock::new()).collect(),
         });
         let task = tokio::spawn(Self::receive_loop(inner.clone()));
         Ok((inner, task))
@@ -126,83 +173,125 @@ impl Hub {
     /// A fresh loopback address for a peer, on the socket whose turn it is.
     fn assign(&self) -> io::Result<(Arc<HubInner>, Ipv4Addr)> {
         let n = self.next_ip.fetch_add(1, Ordering::Relaxed);
-        let ip = Ipv4Addr::new(127, 100 + ((n >> 16) & 0x3f) as u8, (n >> 8) as u8, n as u8);
+        let ip = hub_ip(n);
         let shard = ((n - 1) / PEERS_PER_SOCKET) as usize;
         let mut sockets = self.sockets.lock().expect("hub lock");
         while sockets.len() <= shard {
-            sockets.push(Self::open_socket()?);
+            let first = sockets.len() as u32 * PEERS_PER_SOCKET + 1;
+            sockets.push(Self::open_socket(first)?);
         }
         Ok((sockets[shard].0.clone(), ip))
     }
 
     async fn receive_loop(hub: Arc<HubInner>) {
-        let mut bufs = vec![[0u8; edge_node::udp::batch::MAX_DATAGRAM]; quinn_udp::BATCH_SIZE];
-        let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
         let mut out = Outgoing::default();
-        let mut peers: Vec<Option<Arc<Peer>>> = Vec::with_capacity(quinn_udp::BATCH_SIZE);
+        let mut sends = HubSends::new();
         loop {
             if hub.socket.readable().await.is_err() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
-            let mut got = 0;
-            // As in `Peer::receive_loop`: a short batch ends the burst without another read.
-            let read = hub.socket.try_io(Interest::READABLE, || {
-                // On the stack: no allocation per read.
-                let mut free = bufs.iter_mut();
-                let mut iovs: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
-                    std::array::from_fn(|_| io::IoSliceMut::new(free.next().expect("a buffer")));
-                got = hub
-                    .state
-                    .recv((&hub.socket).into(), &mut iovs, &mut metas)?;
-                if got < quinn_udp::BATCH_SIZE {
-                    Err(io::ErrorKind::WouldBlock.into())
-                } else {
-                    Ok(())
-                }
-            });
+            let read = HUB_RECV.with(|b| hub.read_burst(&mut b.borrow_mut(), &mut out, &mut sends));
+            // The burst's RTCP and retransmissions for all of the socket's peers: one call.
+            hub.send_queued(&mut sends);
             if let Err(e) = read {
                 if e.kind() != io::ErrorKind::WouldBlock {
                     tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            }
-            {
-                let map = hub.peers.lock().expect("hub lock");
-                peers.extend(metas[..got].iter().map(|m| match m.dst_ip {
-                    Some(IpAddr::V4(ip)) => map.get(&ip).and_then(Weak::upgrade),
-                    _ => None,
-                }));
-            }
-            let (now, now_us) = (Instant::now(), unix_micros());
-            for (i, peer) in peers.drain(..).enumerate() {
-                let Some(peer) = peer else { continue };
-                let m = &metas[i];
-                // Coalesced datagrams (GRO) come back-to-back, `stride` bytes apart.
-                let stride = m.stride.max(1);
-                for chunk in bufs[i][..m.len].chunks_mut(stride) {
-                    peer.handle_datagram(chunk, m.addr, now, now_us, &mut out);
-                }
-                if !out.rtcp.is_empty() {
-                    peer.send_rtcp(&out.rtcp);
-                    out.rtcp.clear();
-                }
-                for p in out.resend.drain(..) {
-                    if let Some(remote) = *peer.remote.lock().expect("peer lock") {
-                        let _ = peer.endpoint.try_send_to(&p, remote);
-                    }
                 }
             }
         }
     }
 }
 
+/// Receive buffers of a hub socket's task: one set per runtime thread, shared by all the
+/// thread's hub sockets (each use is synchronous), so a thousand viewers' sockets cycle
+/// through 64 KiB that stays in cache instead of 64 KiB each.
+struct HubRecv {
+    bufs: Vec<[u8; edge_node::udp::batch::MAX_DATAGRAM]>,
+    metas: Vec<quinn_udp::RecvMeta>,
+}
+
+thread_local! {
+    static HUB_RECV: RefCell<HubRecv> = RefCell::new(HubRecv {
+        bufs: vec![[0u8; edge_node::udp::batch::MAX_DATAGRAM]; quinn_udp::BATCH_SIZE],
+        metas: vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE],
+    });
+}
+
 impl HubInner {
-    /// The peer's place in the receive map.
+    /// Reads one batch and hands each datagram to its peer; what that leaves to send is
+    /// queued on `sends`. As in `Peer::receive_loop`, a short batch ends the burst without
+    /// another read: `WouldBlock` then (readiness cleared), `Ok` when the batch was full.
+    fn read_burst(
+        &self,
+        b: &mut HubRecv,
+        out: &mut Outgoing,
+        sends: &mut HubSends,
+    ) -> io::Result<()> {
+        let HubRecv { bufs, metas } = b;
+        let mut got = 0;
+        let read = self.socket.try_io(Interest::READABLE, || {
+            // On the stack: no allocation per read.
+            let mut free = bufs.iter_mut();
+            let mut iovs: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
+                std::array::from_fn(|_| io::IoSliceMut::new(free.next().expect("a buffer")));
+            got = self.state.recv((&self.socket).into(), &mut iovs, metas)?;
+            if got < quinn_udp::BATCH_SIZE {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(())
+            }
+        });
+        if got == 0 {
+            return read;
+        }
+        let (now, now_us) = (Instant::now(), unix_micros());
+        for (i, m) in metas[..got].iter().enumerate() {
+            let Some(peer) = m.dst_ip.and_then(|ip| self.peer(ip)) else {
+                continue;
+            };
+            // Coalesced datagrams (GRO) come back-to-back, `stride` bytes apart.
+            let stride = m.stride.max(1);
+            for chunk in bufs[i][..m.len].chunks_mut(stride) {
+                peer.handle_datagram(chunk, m.addr, now, now_us, out);
+            }
+            peer.queue_outgoing(out, sends);
+        }
+        read
+    }
+
+    /// The peer's place in the receive table.
     fn register(&self, ip: Ipv4Addr, peer: &Arc<Peer>) {
-        let mut map = self.peers.lock().expect("hub lock");
-        map.retain(|_, p| p.strong_count() > 0);
-        map.insert(ip, Arc::downgrade(peer));
+        let slot = hub_number(ip).map(|n| (n.wrapping_sub(self.first) & NUMBER_MASK) as usize);
+        if let Some(slot) = slot.and_then(|i| self.peers.get(i)) {
+            let _ = slot.set(Arc::downgrade(peer));
+        }
+    }
+
+    /// The live peer a datagram to `ip` is for.
+    fn peer(&self, ip: IpAddr) -> Option<Arc<Peer>> {
+        let IpAddr::V4(ip) = ip else { return None };
+        let slot = (hub_number(ip)?.wrapping_sub(self.first) & NUMBER_MASK) as usize;
+        self.peers.get(slot)?.get()?.upgrade()
+    }
+
+    /// Sends the queued datagrams with as few `sendmmsg` calls as possible, each from its
+    /// peer's address, without waiting: what the socket buffer has no room for is dropped, as
+    /// RTCP over UDP may be (see [`Peer::send_rtcp`]).
+    fn send_queued(&self, sends: &mut HubSends) {
+        if sends.is_empty() {
+            return;
+        }
+        let items: Vec<Datagram<'_>> = sends
+            .iter()
+            .filter_map(|(from, to, data)| Datagram::new(*from, *to, data))
+            .collect();
+        let fd = self.socket.as_raw_fd();
+        send_all_or_drop(&items, |rest| {
+            self.socket
+                .try_io(Interest::WRITABLE, || send_from(fd, rest))
+        });
+        sends.clear();
     }
 }
 
@@ -293,11 +382,16 @@ impl Ticker {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut group = 0usize;
             let mut due: Vec<Arc<Peer>> = Vec::new();
+            let mut hubs: Vec<(Arc<HubInner>, HubSends)> = Vec::new();
             loop {
                 tick.tick().await;
                 {
                     let mut peers = registry.lock().expect("ticker lock");
-                    peers.retain(|p| p.strong_count() > 0);
+                    // Once a round: reading every peer's count every tick touches a thousand
+                    // peers' memory a hundred times a second for nothing.
+                    if group == 0 {
+                        peers.retain(|p| p.strong_count() > 0);
+                    }
                     due.extend(
                         peers
                             .iter()
@@ -309,7 +403,12 @@ impl Ticker {
                 group = (group + 1) % TICK_GROUPS;
                 let now = Instant::now();
                 for p in due.drain(..) {
-                    p.tick(now);
+                    p.tick(now, &mut hubs);
+                }
+                // The group's RTCP: one batched send per hub socket.
+                for (hub, sends) in hubs.drain(..) {
+                    let mut sends = sends;
+                    hub.send_queued(&mut sends);
                 }
             }
         });
@@ -630,14 +729,29 @@ impl Peer {
         };
         let socket = match &self.endpoint {
             Endpoint::Own(s) => s,
-            // One sendmsg each from the peer's address (publishers are few). A packet the
-            // kernel refuses (a firewall drop reports EPERM) is lost on the way like any other,
-            // and the rest of the batch still goes.
-            Endpoint::Shared { .. } => {
-                let mut bytes = 0;
-                for p in packets {
-                    if self.endpoint.send_to(p, remote).await.is_ok() {
-                        bytes += p.len();
+            // From the peer's address on the hub's socket, with the same batching and the same
+            // handling of refused packets as below.
+            Endpoint::Shared { hub, ip } => {
+                let items: Vec<Datagram<'_>> = packets
+                    .iter()
+                    .filter_map(|p| Datagram::new(*ip, remote, p))
+                    .collect();
+                let fd = hub.socket.as_raw_fd();
+                let (mut next, mut bytes) = (0, 0);
+                while next < items.len() {
+                    match hub
+                        .socket
+                        .async_io(Interest::WRITABLE, || send_from(fd, &items[next..]))
+                        .await
+                    {
+                        Ok(n) => {
+                            bytes += items[next..next + n]
+                                .iter()
+                                .map(|d| d.data.len())
+                                .sum::<usize>();
+                            next += n;
+                        }
+                        Err(_) => next += 1,
                     }
                 }
                 return bytes;
@@ -709,8 +823,23 @@ impl Peer {
         }
     }
 
+    /// Encrypts RTCP; each protected packet goes to `sink`.
+    fn protect_rtcp(&self, plain: &[Vec<u8>], mut sink: impl FnMut(Bytes)) {
+        let mut st = self.state.lock().expect("peer lock");
+        let Some(srtp) = st.srtp.as_mut() else {
+            return;
+        };
+        for p in plain {
+            if let Ok(b) = srtp.encrypt_rtcp(p) {
+                sink(b);
+            }
+        }
+    }
+
     /// Encrypts and sends RTCP without waiting: a datagram the socket buffer has no room for
     /// is dropped, as RTCP over UDP may be (the next report carries the same information).
+    /// Peers on a hub have theirs batched instead ([`Self::queue_outgoing`], [`Self::tick`]),
+    /// with the same dropping.
     fn send_rtcp(&self, plain: &[Vec<u8>]) {
         if plain.is_empty() {
             return;
@@ -718,19 +847,32 @@ impl Peer {
         let Some(remote) = *self.remote.lock().expect("peer lock") else {
             return;
         };
-        let mut st = self.state.lock().expect("peer lock");
-        let Some(srtp) = st.srtp.as_mut() else {
-            return;
-        };
-        for p in plain {
-            if let Ok(b) = srtp.encrypt_rtcp(p) {
-                let _ = self.endpoint.try_send_to(&b, remote);
-            }
+        let mut protected = Vec::with_capacity(plain.len());
+        self.protect_rtcp(plain, |b| protected.push(b));
+        for b in protected {
+            let _ = self.endpoint.try_send_to(&b, remote);
         }
     }
 
+    /// After a receive burst on a hub: queues what handling it left to send (RTCP, encrypted
+    /// here, and retransmissions) on the hub's batch, from this peer's address.
+    fn queue_outgoing(&self, out: &mut Outgoing, sends: &mut HubSends) {
+        if out.rtcp.is_empty() && out.resend.is_empty() {
+            return;
+        }
+        let remote = *self.remote.lock().expect("peer lock");
+        if let (Endpoint::Shared { ip, .. }, Some(remote)) = (&self.endpoint, remote) {
+            self.protect_rtcp(&out.rtcp, |b| sends.push((*ip, remote, b)));
+            sends.extend(out.resend.drain(..).map(|p| (*ip, remote, p)));
+        }
+        out.rtcp.clear();
+        out.resend.clear();
+    }
+
     /// The periodic work, called by the run's [`Ticker`] every [`crate::recv::TWCC_INTERVAL`].
-    fn tick(&self, now: Instant) {
+    /// A hub peer's RTCP joins its hub's batch in `hubs`, which the ticker sends after the
+    /// group; a peer on its own socket sends its own.
+    fn tick(&self, now: Instant, hubs: &mut Vec<(Arc<HubInner>, HubSends)>) {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
@@ -742,7 +884,22 @@ impl Peer {
                 _ => Vec::new(),
             }
         };
-        self.send_rtcp(&rtcp);
+        match &self.endpoint {
+            Endpoint::Shared { hub, ip } if !rtcp.is_empty() => {
+                if let Some(remote) = *self.remote.lock().expect("peer lock") {
+                    let at = match hubs.iter().position(|(h, _)| Arc::ptr_eq(h, hub)) {
+                        Some(at) => at,
+                        None => {
+                            hubs.push((hub.clone(), HubSends::new()));
+                            hubs.len() - 1
+                        }
+                    };
+                    let sends = &mut hubs[at].1;
+                    self.protect_rtcp(&rtcp, |b| sends.push((*ip, remote, b)));
+                }
+            }
+            _ => self.send_rtcp(&rtcp),
+        }
         self.flush();
         let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
         if now_ms >= self.next_consent_ms.load(Ordering::Relaxed)
@@ -898,7 +1055,10 @@ impl Peer {
                 return;
             };
             r.handle_rtp(pkt, now, now_us);
-            out.rtcp.extend(r.poll_rtcp(now));
+            // NACK and PLI go out at once; the periodic feedback waits for the tick.
+            if r.feedback_due() {
+                out.rtcp.extend(r.poll_feedback());
+            }
         }
         self.mark_alive_at(now);
     }
@@ -980,5 +1140,48 @@ impl Drop for Peer {
         {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_addresses_map_back_to_their_numbers() {
+        for n in [1, 2, 255, 256, 32_768, 65_535, 65_536, NUMBER_MASK] {
+            let ip = hub_ip(n);
+            assert_eq!(hub_number(ip), Some(n), "{ip}");
+        }
+        assert_eq!(hub_ip(1), Ipv4Addr::new(127, 100, 0, 1));
+        assert_eq!(hub_number(Ipv4Addr::new(127, 0, 0, 1)), None);
+        assert_eq!(hub_number(Ipv4Addr::new(10, 100, 0, 1)), None);
+    }
+
+    /// What a burst or a tick queued for a hub's peers leaves the hub's socket in one batch,
+    /// each datagram from its own peer's address and the socket's port, to its own remote.
+    #[tokio::test]
+    async fn queued_datagrams_leave_from_each_peers_address() {
+        let (hub, task) = Hub::open_socket(1).unwrap();
+        let edges: Vec<std::net::UdpSocket> = (0..2)
+            .map(|_| std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap())
+            .collect();
+        let mut sends = HubSends::new();
+        for n in 1..=40u32 {
+            let to = edges[n as usize % 2].local_addr().unwrap();
+            sends.push((hub_ip(n), to, Bytes::from(n.to_be_bytes().to_vec())));
+        }
+        // Sends never wait: like the receive task's, this one goes once the runtime knows the
+        // socket is writable.
+        hub.socket.writable().await.unwrap();
+        hub.send_queued(&mut sends);
+        assert!(sends.is_empty(), "the queue is drained");
+        let mut buf = [0u8; 16];
+        for n in 1..=40u32 {
+            let (len, from) = edges[n as usize % 2].recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..len], &n.to_be_bytes(), "datagram {n} in order");
+            assert_eq!(from, SocketAddr::from((hub_ip(n), hub.port)));
+        }
+        task.abort();
     }
 }

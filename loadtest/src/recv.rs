@@ -2,8 +2,11 @@
 //! that costs the server work (RFC 3550 receiver reports, RFC 4585 NACK and PLI,
 //! transport-wide congestion control feedback), plus the measurements.
 //!
-//! Feed decrypted RTP with [`Receiver::handle_rtp`]; call [`Receiver::poll_rtcp`] every tick
-//! (100 ms) and after each packet (NACKs go out at once) and encrypt and send what it returns.
+//! Feed decrypted RTP with [`Receiver::handle_rtp`]; after a packet, when
+//! [`Receiver::feedback_due`], send what [`Receiver::poll_feedback`] returns (NACK and PLI go out
+//! at once); call [`Receiver::poll_rtcp`] every tick ([`TWCC_INTERVAL`]) for those and the
+//! periodic feedback (transport-wide feedback every tick and receiver reports every second, as
+//! a browser sends them on a timer), and encrypt and send what it returns.
 //! Measurements accumulate in [`Receiver::pending`] for the caller to flush.
 //!
 //! Loss is counted on the sequence numbers the edge sends (they are contiguous per forwarded
@@ -41,7 +44,10 @@ struct Stream {
     max: u64,
     cycles: u64,
     last_seq: u16,
-    seen: Vec<u64>,
+    /// Which of the last [`WINDOW`] sequence numbers arrived. Inline: a packet's bit is then
+    /// in the stream's own allocation, not one more pointer away (a cache miss per packet
+    /// when many viewers take turns).
+    seen: [u64; (WINDOW / 64) as usize],
     received: u64,
     nacked: Vec<u64>,
     jitter_us: f64,
@@ -63,7 +69,7 @@ impl Stream {
             max: u64::from(seq),
             cycles: 0,
             last_seq: seq,
-            seen: vec![0; (WINDOW / 64) as usize],
+            seen: [0; (WINDOW / 64) as usize],
             received: 0,
             nacked: Vec::new(),
             jitter_us: 0.0,
@@ -184,6 +190,20 @@ impl Receiver {
                 c.recovered += 1;
                 s.nacked.retain(|&n| n != ext);
             }
+        } else if s.received > 0 && ext < s.base {
+            // Older than the stream's first packet, which it was overtaken by: the stream
+            // starts here. As for a gap, the numbers in between count as lost until they come
+            // (then as reordered), and this one is a late arrival.
+            for missing in ext + 1..s.base {
+                let (w, m) = s.bit(missing);
+                s.seen[w] &= !m;
+            }
+            s.seen[word] |= mask;
+            let gap = s.base - ext;
+            c.expected += gap;
+            c.lost += gap;
+            c.reordered += 1;
+            s.base = ext;
         } else {
             let from = if s.received == 0 { ext } else { s.max + 1 };
             // Clear window bits for the sequence numbers we pass over.
@@ -266,8 +286,13 @@ impl Receiver {
         self.twcc_arrivals.push((ext, now));
     }
 
-    /// RTCP packets due now, each a plain (unencrypted) RTCP packet.
-    pub fn poll_rtcp(&mut self, now: Instant) -> Vec<Vec<u8>> {
+    /// Whether a packet left NACKs or PLIs to send ([`Self::poll_feedback`]).
+    pub fn feedback_due(&self) -> bool {
+        !self.nack_out.is_empty() || !self.pli_out.is_empty()
+    }
+
+    /// The NACKs and PLIs due, each a plain (unencrypted) RTCP packet.
+    pub fn poll_feedback(&mut self) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         for (ssrc, seqs) in self.nack_out.drain(..) {
             let mut nacks: Vec<NackPair> = Vec::new();
@@ -302,7 +327,17 @@ impl Receiver {
                 self.pending.counters.pli_sent += 1;
             }
         }
-        if now >= self.next_twcc {
+        out
+    }
+
+    /// RTCP packets due now, each a plain (unencrypted) RTCP packet: what
+    /// [`Self::poll_feedback`] returns, transport-wide feedback and receiver reports. Call
+    /// every [`TWCC_INTERVAL`]: a call up to half an interval early still sends, so ticks that
+    /// jitter do not skip a report.
+    pub fn poll_rtcp(&mut self, now: Instant) -> Vec<Vec<u8>> {
+        let mut out = self.poll_feedback();
+        let early = now + TWCC_INTERVAL / 2;
+        if early >= self.next_twcc {
             self.next_twcc = now + TWCC_INTERVAL;
             if let Some(fb) = self.twcc_feedback() {
                 out.push(fb);
@@ -315,7 +350,7 @@ impl Receiver {
                 }
             }
         }
-        if now >= self.next_rr {
+        if early >= self.next_rr {
             self.next_rr = now + RR_INTERVAL;
             if let Some(rr) = self.receiver_report() {
                 out.push(rr);
@@ -473,6 +508,23 @@ mod tests {
                 crate::media::unix_micros(),
             );
         }
+    }
+
+    /// A packet older than the first one received (it was overtaken) opens the stream
+    /// earlier; it used to underflow the loss counters.
+    #[test]
+    fn a_packet_older_than_the_first_extends_the_stream_back() {
+        let now = Instant::now();
+        let mut r = Receiver::new(true, now);
+        feed(&mut r, &[10, 7, 11, 9], now);
+        let c = r.pending.counters;
+        assert_eq!(c.expected, 5, "7..=11: {c:?}");
+        assert_eq!(c.rx_packets, 4, "{c:?}");
+        assert_eq!(c.net_lost(), 1, "8 never came: {c:?}");
+        assert_eq!((c.lost, c.reordered, c.duplicates), (3, 2, 0), "{c:?}");
+        feed(&mut r, &[8, 7], now);
+        let c = r.pending.counters;
+        assert_eq!((c.expected, c.net_lost(), c.duplicates), (5, 0, 1), "{c:?}");
     }
 
     #[test]

@@ -330,9 +330,10 @@ impl Report {
             });
         }
         self.join_first_media_ms = c.joins.iter().filter_map(|j| j.first_media_ms).collect();
-        self.delay = c.delay_total.summary_ms();
+        let delay = c.delay_total();
+        self.delay = delay.summary_ms();
         self.jitter = c.jitter_total.summary_ms();
-        self.delay_cdf = c.delay_total.cdf_ms();
+        self.delay_cdf = delay.cdf_ms();
         self.counters = c.total;
         self.loss = c.total.loss();
         self.send_lag = c.lag_total.summary_ms();

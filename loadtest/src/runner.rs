@@ -381,7 +381,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
         let (second, connected, failed, delay_s) = {
             let mut c = collector.lock().expect("collector lock");
             let s = std::mem::take(&mut c.second);
-            let d = std::mem::take(&mut c.delay_second);
+            let d = c.close_delay_second();
             let lag = std::mem::take(&mut c.lag_second);
             let sec = Second::from_parts(t, c.connected, &s, &d, &lag, server_sample, tool_sample);
             (sec, c.connected, c.failed, (d, s))

@@ -250,7 +250,10 @@ pub struct JoinTimes {
 pub struct Collector {
     pub total: Counters,
     pub second: Counters,
-    pub delay_total: Hist,
+    /// Delays of the closed seconds; [`Collector::delay_total`] adds the open one. Each delay
+    /// is recorded once, into `delay_second`, and the second's histogram is merged in when it
+    /// closes ([`Collector::close_delay_second`]): one histogram write per packet, not two.
+    delay_closed: Hist,
     pub delay_second: Hist,
     pub jitter_total: Hist,
     pub lag_total: Hist,
@@ -280,7 +283,6 @@ impl Collector {
         self.total.add(&p.counters);
         self.second.add(&p.counters);
         for &d in &p.delays_us {
-            self.delay_total.record(u64::from(d));
             self.delay_second.record(u64::from(d));
         }
         for &j in &p.jitter_us {
@@ -289,6 +291,20 @@ impl Collector {
         p.counters = Counters::default();
         p.delays_us.clear();
         p.jitter_us.clear();
+    }
+
+    /// Closes the current second's delays: returns them, and the run's total keeps them.
+    pub fn close_delay_second(&mut self) -> Hist {
+        let d = std::mem::take(&mut self.delay_second);
+        self.delay_closed.merge(&d);
+        d
+    }
+
+    /// Every delay recorded in the run, the open second's included.
+    pub fn delay_total(&self) -> Hist {
+        let mut total = self.delay_closed.clone();
+        total.merge(&self.delay_second);
+        total
     }
 
     pub fn record_lag(&mut self, us: u64) {
@@ -327,5 +343,26 @@ mod tests {
         assert!(cdf.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
         assert_eq!(cdf.last().unwrap().1, 1.0);
         assert!(Hist::default().quantile(0.5).is_none());
+    }
+
+    /// The run's delay histogram is the same whether or not seconds were closed in between.
+    #[test]
+    fn delay_total_counts_closed_and_open_seconds() {
+        let mut c = Collector::default();
+        let mut p = Pending::default();
+        p.delays_us.extend([100, 2_000, 150_000]);
+        c.flush(&mut p);
+        let first = c.close_delay_second();
+        assert_eq!(first.count(), 3);
+        p.delays_us.extend([300, 20_000_000]);
+        c.flush(&mut p);
+        let mut expect = Hist::default();
+        for d in [100, 2_000, 150_000, 300, 20_000_000] {
+            expect.record(d);
+        }
+        let total = c.delay_total();
+        assert_eq!(total.summary_ms(), expect.summary_ms());
+        assert_eq!(total.cdf_ms(), expect.cdf_ms());
+        assert_eq!(c.delay_second.count(), 2, "the open second");
     }
 }
