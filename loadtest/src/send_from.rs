@@ -94,18 +94,7 @@ pub fn send_from(fd: RawFd, items: &[Datagram<'_>]) -> io::Result<usize> {
         }
     }
     // SAFETY: the headers point at stack arrays and caller-owned data that outlive the call.
-    let n = unsafe {
-        libc::sendmmsg(
-            fd,
-            msgs.as_mut_ptr(),
-            chunk.len() as u32,
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
+    unsafe { edge_node::udp::batch::send_mmsg(fd, &mut msgs[..chunk.len()]) }
 }
 
 const _: () = assert!(

@@ -189,28 +189,33 @@ pub fn send_batch(fd: RawFd, items: &[(SocketAddr, &[u8])]) -> io::Result<usize>
             msgs[i].msg_hdr.msg_iovlen = 1;
         }
         // SAFETY: the headers point at stack arrays and caller-owned data that outlive the call.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd,
-                msgs.as_mut_ptr(),
-                chunk.len() as u32,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
+        let n = match unsafe { send_mmsg(fd, &mut msgs[..chunk.len()]) } {
+            Ok(n) => n,
             // Report what went before the failing datagram; it then leads the caller's next
             // call, which reports its error.
-            if sent > 0 {
-                return Ok(sent);
-            }
-            return Err(io::Error::last_os_error());
-        }
-        sent += n as usize;
-        if (n as usize) < chunk.len() {
+            Err(_) if sent > 0 => return Ok(sent),
+            Err(e) => return Err(e),
+        };
+        sent += n;
+        if n < chunk.len() {
             return Ok(sent);
         }
     }
     Ok(sent)
+}
+
+/// One non-blocking `sendmmsg(2)` of `msgs`: how many datagrams the kernel took, or the error
+/// of the first one.
+///
+/// # Safety
+/// Every header's name, iovecs and control buffer must point at memory valid for the call.
+pub unsafe fn send_mmsg(fd: RawFd, msgs: &mut [libc::mmsghdr]) -> io::Result<usize> {
+    // SAFETY: the caller vouches for the headers; the length is the slice's.
+    let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as u32, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 fn from_storage(s: &libc::sockaddr_storage) -> Option<SocketAddr> {
