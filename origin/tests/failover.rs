@@ -476,6 +476,60 @@ fn participants_of_an_edge_that_died_with_the_origin_leave_after_the_window() {
     assert_eq!(held_by(&c, E1), (s.settings.clone(), s.hands.clone()));
 }
 
+/// Events the origin sent while edge 2's link was down never reached it: when the edge comes
+/// back on a new link, its replica shows its clients' stale hands and settings, and the room
+/// sends `Restored` (to every edge, so no one sees a gap in the room's numbering).
+#[test]
+fn a_link_blip_that_lost_events_tells_the_edges_clients_the_rooms_hands_and_settings() {
+    let (mut c, [host, guest, ..]) = meeting();
+    c.cut.insert(E2);
+    assert_eq!(
+        c.ask(
+            E1,
+            Intent::LowerHand {
+                participant: host,
+                target: guest
+            }
+        ),
+        Reply::Done
+    );
+    assert_eq!(
+        c.ask(
+            E1,
+            Intent::SetLobby {
+                participant: host,
+                enabled: true
+            }
+        ),
+        Reply::Done
+    );
+    c.cut.clear();
+    c.seen.clear();
+    const E2_NEW: EdgeId = EdgeId(7);
+    let replica = c.edges[&E2].replica(&room()).unwrap();
+    let out = c.origin.handle_at(
+        E2_NEW,
+        EdgeToOrigin::Restore {
+            id: RequestId(9_999),
+            room: room(),
+            replica: Box::new(replica),
+        },
+        c.now,
+    );
+    c.deliver(out, None);
+    let r = c.origin.room(&room()).unwrap();
+    let want = RoomEventBody::Restored {
+        settings: r.settings().clone(),
+        hands: r.hands().to_vec(),
+    };
+    assert!(r.settings().lobby);
+    assert!(!r.hands().contains(&guest));
+    for edge in [E1, E2_NEW] {
+        let bodies: Vec<&RoomEventBody> = c.seen[&edge].iter().map(|e| &e.body).collect();
+        assert_eq!(bodies, vec![&want], "edge {edge:?}");
+    }
+}
+
 /// The settings and hand queue the clients of `edge` hold: its replica tracker follows every
 /// event they were sent.
 fn held_by(c: &Cluster, edge: EdgeId) -> (RoomSettings, Vec<ParticipantId>) {

@@ -46,7 +46,8 @@
 //! The same message reaches a live origin after a link blip. Merging is idempotent there:
 //! known participants are re-homed on the edge's new link, nothing else changes, and a
 //! participant the origin had already let go (its grace ran out while the link was down) is
-//! taken back, since its edge still serves it.
+//! taken back, since its edge still serves it. If the edge's settings or hands differ from the
+//! room's (events sent while its link was down were lost), the room sends `Restored`.
 
 use super::{kind_index, Events, Member, Room, RoomConfig};
 use cascade_proto::room::{EdgeId, PresenceMode, RoomEventBody, RoomReplica, RoomSettings};
@@ -194,8 +195,7 @@ impl Room {
     /// Merges one edge's replica (see the module docs). Returns the events to send: a
     /// `Restored` when some client may now hold other settings or hands than the room.
     pub fn restore(&mut self, edge: EdgeId, replica: RoomReplica) -> Events {
-        let mut views_differ = false;
-        if let Some(r) = &mut self.restoring {
+        let views_differ = if let Some(r) = &mut self.restoring {
             // What the clients of the edges merged before hold (none before the first).
             let held = r
                 .best_seq
@@ -206,7 +206,7 @@ impl Room {
                 self.settings = r.here.settings_over(&replica.settings, &self.settings);
                 self.hands = r.here.hands_over(&replica.hands);
             }
-            views_differ = replica.settings != self.settings
+            let differ = replica.settings != self.settings
                 || replica.hands != self.hands
                 || held.is_some_and(|(settings, hands)| {
                     settings != self.settings || hands != self.hands
@@ -219,7 +219,12 @@ impl Room {
                 self.presence = PresenceMode::Interesting;
             }
             self.announced.extend(replica.announced.iter().copied());
-        }
+            differ
+        } else {
+            // A link blip on a live room: what the room sent while the link was down never
+            // reached the edge's clients.
+            replica.settings != self.settings || replica.hands != self.hands
+        };
         // While the window is open, ids handed out stay clear of anything a later replica may
         // hold (see RESTORE_ID_MARGIN); a live room's merge (a link blip) changes no counter.
         let margin = if self.restoring.is_some() {
