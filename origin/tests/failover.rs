@@ -8,7 +8,7 @@
 use cascade_proto::replica::ReplicaTracker;
 use cascade_proto::room::{
     Audience, EdgeId, EdgeToOrigin, Intent, Layout, OriginToEdge, PresenceMode, Reply, RequestId,
-    RoomEvent, RoomEventBody, RoomSettings,
+    RoomEvent, RoomEventBody, RoomReplica, RoomSettings,
 };
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackKind, TrackSource};
 use origin::{Origin, RoomConfig, RESTORE_GRACE_MS, RESTORE_ID_MARGIN};
@@ -133,10 +133,23 @@ impl Cluster {
         let replica = self.edges[&edge]
             .replica(&room())
             .expect("edge has the room");
+        let (id, out) = self.offer_replica(edge, replica);
+        let mut reply = None;
+        self.deliver(out, Some((id, &mut reply)));
+        assert_eq!(reply, Some(Reply::Done));
+    }
+
+    /// `replica` reaches the origin on `link` (the edge's link, or its new one after a blip);
+    /// returns the request's id and what the origin sends, not yet delivered.
+    fn offer_replica(
+        &mut self,
+        link: EdgeId,
+        replica: RoomReplica,
+    ) -> (RequestId, Vec<origin::Outgoing>) {
         let id = RequestId(self.next_id);
         self.next_id += 1;
         let out = self.origin.handle_at(
-            edge,
+            link,
             EdgeToOrigin::Restore {
                 id,
                 room: room(),
@@ -144,9 +157,7 @@ impl Cluster {
             },
             self.now,
         );
-        let mut reply = None;
-        self.deliver(out, Some((id, &mut reply)));
-        assert_eq!(reply, Some(Reply::Done));
+        (id, out)
     }
 
     fn chat(&mut self, edge: EdgeId, participant: ParticipantId, text: &str) -> u64 {
@@ -507,15 +518,7 @@ fn a_link_blip_that_lost_events_tells_the_edges_clients_the_rooms_hands_and_sett
     c.seen.clear();
     const E2_NEW: EdgeId = EdgeId(7);
     let replica = c.edges[&E2].replica(&room()).unwrap();
-    let out = c.origin.handle_at(
-        E2_NEW,
-        EdgeToOrigin::Restore {
-            id: RequestId(9_999),
-            room: room(),
-            replica: Box::new(replica),
-        },
-        c.now,
-    );
+    let (_, out) = c.offer_replica(E2_NEW, replica);
     c.deliver(out, None);
     let r = c.origin.room(&room()).unwrap();
     let want = RoomEventBody::Restored {
@@ -615,15 +618,7 @@ fn a_link_blip_rehomes_an_edge_on_the_same_origin() {
     const E2_NEW: EdgeId = EdgeId(7);
     let replica = c.edges[&E2].replica(&room()).unwrap();
     c.edges.insert(E2_NEW, ReplicaTracker::new());
-    let out = c.origin.handle_at(
-        E2_NEW,
-        EdgeToOrigin::Restore {
-            id: RequestId(9_999),
-            room: room(),
-            replica: Box::new(replica),
-        },
-        c.now,
-    );
+    let (_, out) = c.offer_replica(E2_NEW, replica);
     assert_eq!(
         out.len(),
         1,
@@ -665,15 +660,7 @@ fn restoring_twice_changes_nothing() {
     let once = snapshot(&c);
     for edge in [E1, E2] {
         let replica = c.edges[&edge].replica(&room()).unwrap();
-        let out = c.origin.handle_at(
-            edge,
-            EdgeToOrigin::Restore {
-                id: RequestId(1),
-                room: room(),
-                replica: Box::new(replica),
-            },
-            c.now,
-        );
+        let (_, out) = c.offer_replica(edge, replica);
         assert_eq!(out.len(), 1);
     }
     c.tick(200);
@@ -874,15 +861,7 @@ fn a_replica_from_an_edge_before_presence_modes_still_restores_a_full_room() {
     assert_eq!(old.presence, PresenceMode::Full);
     c.seen.clear();
     c.origin = Origin::new(RoomConfig::default());
-    let out = c.origin.handle_at(
-        E1,
-        EdgeToOrigin::Restore {
-            id: RequestId(99),
-            room: room(),
-            replica: Box::new(old),
-        },
-        c.now,
-    );
+    let (_, out) = c.offer_replica(E1, old);
     c.deliver(out, None);
     c.tick(RESTORE_GRACE_MS + 1);
     // Full presence as before: edge 2's participants' leaves are listed, no count.
