@@ -41,7 +41,7 @@
 use crate::media::{read_rtp, unix_micros};
 use crate::recv::Receiver;
 use crate::sdp::RemoteDescription;
-use crate::send_from::{send_all_or_drop, send_from, Datagram};
+use crate::send_from::{send_all_or_drop, send_from, Datagram, SEND_BATCH};
 use crate::stats::{Pending, Shared};
 use bytes::{Bytes, BytesMut};
 use edge_node::transport::demux::{classify, PacketClass};
@@ -749,6 +749,11 @@ impl Peer {
                                 .iter()
                                 .map(|d| d.data.len())
                                 .sum::<usize>();
+                            // A short batch stopped at a refused datagram: skip it, as
+                            // `send_all_or_drop` does (a retry would undo a firewall's drop).
+                            if n < (items.len() - next).min(SEND_BATCH) {
+                                next += 1;
+                            }
                             next += n;
                         }
                         Err(_) => next += 1,

@@ -106,17 +106,25 @@ const _: () = assert!(
 /// refuses is skipped, and a full socket buffer (`WouldBlock`) drops the rest, as a
 /// non-blocking `send` per datagram would. `send` is [`send_from`], or it wrapped in the
 /// runtime's readiness (`try_io`). Returns how many were sent.
+///
+/// A call that stops short of its batch hit an error on the datagram after the last it sent,
+/// and `sendmmsg` does not say which: that datagram is skipped, not tried again, so a
+/// firewall's drop (EPERM) stays a loss, as it is for a browser.
 pub fn send_all_or_drop(
     items: &[Datagram<'_>],
     mut send: impl FnMut(&[Datagram<'_>]) -> io::Result<usize>,
 ) -> usize {
     let (mut next, mut sent) = (0, 0);
     while next < items.len() {
+        let batch = (items.len() - next).min(SEND_BATCH);
         match send(&items[next..]) {
             Ok(0) => break,
             Ok(n) => {
                 next += n;
                 sent += n;
+                if n < batch {
+                    next += 1;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
             Err(_) => next += 1,
