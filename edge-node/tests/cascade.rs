@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{certs, free_port, http_get, tls, Proc, KCS};
+use common::{certs, free_port, metric, metric_at_least, tls, wait_healthy, Proc, KCS};
 
 use cascade_proto::link::{ControlMessage, GoodbyeCode, Hello, Label, NodeRole, PROTOCOL_VERSION};
 use cascade_proto::quic::{LinkConfig, LinkEndpoint, NodeCredentials};
@@ -40,33 +40,6 @@ fn spawn(args: &[String], log: &Path) -> Proc {
             .spawn()
             .unwrap(),
     )
-}
-
-async fn wait_healthy(addr: SocketAddr) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(r) = http_get(addr, "/healthz").await {
-            if r.starts_with("HTTP/1.1 200") || r.starts_with("HTTP/1.0 200") {
-                return;
-            }
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{addr} never healthy"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The value of an un-labelled metric.
-async fn metric(addr: SocketAddr, name: &str) -> i64 {
-    let text = http_get(addr, "/metrics").await.expect("metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 struct Cluster {
@@ -366,7 +339,9 @@ async fn two_edges_one_origin_meet_survive_bad_peers_and_an_origin_restart() {
         .connect(origin_addr, &Label::new("origin-1").unwrap())
         .await;
     assert!(refused.is_err(), "a certificate from another CA is refused");
-    assert!(metric(cluster.origin_http, "kcs_origin_handshakes_failed_total").await >= 1);
+    // The stranger refuses the origin's certificate too and may give up before the origin has
+    // counted its side of the failure.
+    metric_at_least(cluster.origin_http, "kcs_origin_handshakes_failed_total", 1).await;
 
     // A peer that breaks the wire format loses its own stream, with a reason; the room goes on.
     let probe = prober(&cluster.dir, "prober");
@@ -385,7 +360,7 @@ async fn two_edges_one_origin_meet_survive_bad_peers_and_an_origin_restart() {
         }
         other => panic!("expected a goodbye, got {other:?}"),
     }
-    assert!(metric(cluster.origin_http, "kcs_origin_links_refused_total").await >= 1);
+    metric_at_least(cluster.origin_http, "kcs_origin_links_refused_total", 1).await;
     host.ok(json!({"type": "chat:send", "text": "still here"}))
         .await;
     guest

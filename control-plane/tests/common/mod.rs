@@ -1,9 +1,17 @@
 //! Test harness: a real 3-member etcd cluster (Debian's etcd-server) on loopback.
 //!
 //! Each [`EtcdCluster`] gets its own temporary directory (in /dev/shm when it exists, so fsync
-//! is cheap) and six loopback ports chosen free by the OS at start-up. `start` waits until every
-//! member reports healthy over its client port; `Drop` kills every member and removes the data,
+//! is cheap) and two loopback ports per member. `start` waits until every member reports healthy
+//! over its client port and is still running; `Drop` kills every member and removes the data,
 //! so a failing test leaves nothing running. Install the binaries with control-plane/deps.sh.
+//!
+//! Ports come from below the kernel's ephemeral range (32768 and up), handed out by one
+//! process-wide counter that starts at an offset from the pid. A port the OS picked (`bind` to
+//! port 0) is free only until it is released, and tests in one binary start clusters at the same
+//! time: one CI run had two clusters' members on one port, so two tests shared a store. Here no
+//! two clusters of a process get the same port, no outgoing connection or `bind(0)` takes one,
+//! and a member that still failed to bind (another process holds the port) exits, which `start`
+//! notices and answers with fresh ports.
 
 #![allow(dead_code)]
 
@@ -30,8 +38,32 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port")
+/// Ports handed out start here and stay below the ephemeral range.
+const PORTS: std::ops::Range<u16> = 10_000..32_000;
+
+/// A loopback port in [`PORTS`] that no earlier call in this process returned and that is free
+/// for both TCP and UDP now. Child processes (etcd members, `kcs` nodes) bind it soon after.
+pub fn unused_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end - PORTS.start);
+    // Separate test binaries (pids) start far apart in the range.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(397) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORTS.start + offset as u16;
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {PORTS:?}");
 }
 
 impl EtcdCluster {
@@ -41,6 +73,30 @@ impl EtcdCluster {
             Command::new("etcd").arg("--version").output().is_ok(),
             "etcd not installed: run control-plane/deps.sh"
         );
+        for _ in 0..3 {
+            let mut cluster = Self::spawn_all(n);
+            cluster.wait_healthy(START_TIMEOUT);
+            match cluster.exited() {
+                None => return cluster,
+                // Most likely a port taken between our check and its bind: try fresh ports.
+                Some(name) => eprintln!(
+                    "etcd member {name} exited at start; log:\n{}",
+                    cluster.log(&name)
+                ),
+            }
+        }
+        panic!("etcd cluster did not start in three attempts (see the logs above)");
+    }
+
+    /// The name of a member that was started and is no longer running, if any.
+    fn exited(&mut self) -> Option<String> {
+        self.members.iter_mut().find_map(|m| {
+            let gone = matches!(m.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
+            gone.then(|| m.name.clone())
+        })
+    }
+
+    fn spawn_all(n: usize) -> Self {
         let base = if Path::new("/dev/shm").is_dir() {
             "/dev/shm"
         } else {
@@ -50,17 +106,11 @@ impl EtcdCluster {
             .prefix("kcs-etcd-")
             .tempdir_in(base)
             .expect("temp dir");
-        // Hold all listeners until the URLs are fixed so two members never get the same port;
-        // release them just before etcd binds (a tiny race with other processes, acceptable).
-        let listeners: Vec<(TcpListener, TcpListener)> =
-            (0..n).map(|_| (free_port(), free_port())).collect();
-        let mut members: Vec<Member> = listeners
-            .iter()
-            .enumerate()
-            .map(|(i, (c, p))| Member {
+        let mut members: Vec<Member> = (0..n)
+            .map(|i| Member {
                 name: format!("m{i}"),
-                client_url: format!("http://127.0.0.1:{}", c.local_addr().unwrap().port()),
-                peer_url: format!("http://127.0.0.1:{}", p.local_addr().unwrap().port()),
+                client_url: format!("http://127.0.0.1:{}", unused_port()),
+                peer_url: format!("http://127.0.0.1:{}", unused_port()),
                 child: None,
                 args: Vec::new(),
             })
@@ -75,7 +125,6 @@ impl EtcdCluster {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "kcs-test".into());
-        drop(listeners);
         for m in &mut members {
             let data = dir.path().join(&m.name);
             m.args = [
@@ -108,7 +157,6 @@ impl EtcdCluster {
         for i in 0..cluster.members.len() {
             cluster.spawn(i);
         }
-        cluster.wait_healthy(START_TIMEOUT);
         cluster
     }
 
@@ -141,19 +189,22 @@ impl EtcdCluster {
         self.members.iter().map(|m| m.client_url.clone()).collect()
     }
 
-    /// Waits until every running member reports healthy (it sees a leader).
-    pub fn wait_healthy(&self, timeout: Duration) {
+    /// Waits until every running member reports healthy (it sees a leader). A member that
+    /// exits meanwhile is left for the caller to notice ([`Self::start`] retries).
+    pub fn wait_healthy(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        for m in self.members.iter().filter(|m| m.child.is_some()) {
+        for i in 0..self.members.len() {
             loop {
-                if health(&m.client_url) {
+                let m = &mut self.members[i];
+                let Some(child) = m.child.as_mut() else { break };
+                if matches!(child.try_wait(), Ok(Some(_))) || health(&m.client_url) {
                     break;
                 }
                 if Instant::now() > deadline {
+                    let name = m.name.clone();
                     panic!(
-                        "etcd member {} not healthy after {timeout:?}; log:\n{}",
-                        m.name,
-                        self.log(&m.name)
+                        "etcd member {name} not healthy after {timeout:?}; log:\n{}",
+                        self.log(&name)
                     );
                 }
                 std::thread::sleep(Duration::from_millis(50));

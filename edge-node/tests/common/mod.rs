@@ -214,16 +214,10 @@ impl Drop for Proc {
     }
 }
 
-/// A port free for both UDP (cascade) and TCP (HTTP) right now.
+/// A port free for both UDP (cascade) and TCP (HTTP), never handed out twice in this process
+/// (see [`etcd::unused_port`]).
 pub fn free_port() -> u16 {
-    // Free for both UDP (cascade) and TCP (HTTP) right now.
-    loop {
-        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = t.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
+    etcd::unused_port()
 }
 
 pub fn kcs(dir: &std::path::Path, name: &str, args: &[String]) -> Proc {
