@@ -25,6 +25,7 @@ pub mod janus;
 pub mod media;
 pub mod participant;
 pub mod peer;
+pub mod prefetch;
 pub mod recv;
 pub mod relay;
 pub mod report;

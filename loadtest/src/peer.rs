@@ -13,7 +13,9 @@
 //!   costs an epoll wakeup and a syscall per datagram (half the tool's CPU). The destination
 //!   address is the peer's number in its socket's table, so a datagram finds its peer without
 //!   a lock or a hash; a thread's hub sockets share one set of receive buffers, and what a
-//!   burst leaves to send for all of the socket's peers goes in one `sendmmsg`.
+//!   burst leaves to send for all of the socket's peers goes in one `sendmmsg`. While a burst's
+//!   datagram is handled, the state of the next ones' viewers is prefetched
+//!   ([`crate::prefetch`]): each is another viewer's, cold.
 //!   Otherwise (another host, a relay in the path, Janus in its namespace) each peer binds its
 //!   own socket on the given address;
 //! - a receive task per peer (not per packet): woken once per burst, it reads every queued
@@ -39,6 +41,7 @@
 //! `std::sync::Mutex` per peer, never held across an `.await`.
 
 use crate::media::{read_rtp, unix_micros};
+use crate::prefetch::{prefetch_line, Hints};
 use crate::recv::Receiver;
 use crate::sdp::RemoteDescription;
 use crate::send_from::{send_all_or_drop, send_from, Datagram, SEND_BATCH};
@@ -48,7 +51,7 @@ use edge_node::transport::demux::{classify, PacketClass};
 use edge_node::transport::dtls::{self, DtlsCertificate, DtlsSession, Fingerprint};
 use edge_node::transport::ice;
 use edge_node::transport::srtp::SrtpSession;
-use edge_node::udp::batch::{send_batch, RecvBatch, BATCH};
+use edge_node::udp::batch::{send_batch, RecvBatch, BATCH, MAX_DATAGRAM};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
@@ -103,7 +106,15 @@ struct HubInner {
     /// `n - first`. Numbers are handed out once and in order, so a slot is set once and its
     /// datagrams find their peer without a lock or a hash.
     first: u32,
-    peers: Vec<OnceLock<Weak<Peer>>>,
+    peers: Vec<Slot>,
+}
+
+/// A peer's place in its hub socket's table.
+#[derive(Default)]
+struct Slot {
+    peer: OnceLock<Weak<Peer>>,
+    /// Where the peer's next packet will read, for the prefetch one datagram ahead.
+    hints: Hints,
 }
 
 /// Peer numbers wrap past this (22 bits: 127.100.0.0 to 127.163.255.255).
@@ -120,6 +131,14 @@ fn hub_number(ip: Ipv4Addr) -> Option<u32> {
         [127, b, c, d] if (100..164).contains(&b) => {
             Some(u32::from(b - 100) << 16 | u32::from(c) << 8 | u32::from(d))
         }
+        _ => None,
+    }
+}
+
+/// The SSRC of an SRTP packet (its header is not encrypted), for the prefetch.
+fn rtp_ssrc(datagram: &[u8]) -> Option<u32> {
+    match (classify(datagram), datagram.get(8..12)) {
+        (PacketClass::Rtp, Some(b)) => Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
         _ => None,
     }
 }
@@ -164,7 +183,7 @@ impl Hub {
             state,
             port,
             first,
-            peers: (0..PEERS_PER_SOCKET).map(|_| OnceLock::new()).collect(),
+            peers: (0..PEERS_PER_SOCKET).map(|_| Slot::default()).collect(),
         });
         let task = tokio::spawn(Self::receive_loop(inner.clone()));
         Ok((inner, task))
@@ -246,7 +265,31 @@ impl HubInner {
             return read;
         }
         let (now, now_us) = (Instant::now(), unix_micros());
+        let slot = |i: usize| metas[..got].get(i).and_then(|m| self.slot(m.dst_ip?));
+        let stream_ahead = |bufs: &[[u8; MAX_DATAGRAM]], i: usize| {
+            if let Some(slot) = slot(i) {
+                let datagram = &bufs[i][..metas[i].len];
+                if let Some(ssrc) = rtp_ssrc(datagram) {
+                    slot.hints.prefetch_stream(ssrc);
+                }
+            }
+        };
+        let peer_ahead = |i: usize| {
+            if let Some(slot) = slot(i) {
+                if let Some(peer) = slot.peer.get() {
+                    // The reference counts sit just before the peer in its allocation.
+                    prefetch_line((peer.as_ptr() as usize).saturating_sub(16));
+                }
+                slot.hints.prefetch_fixed();
+            }
+        };
+        peer_ahead(0);
+        peer_ahead(1);
+        stream_ahead(bufs, 0);
         for (i, m) in metas[..got].iter().enumerate() {
+            // What the next datagrams need loads while this one is handled.
+            peer_ahead(i + 2);
+            stream_ahead(bufs, i + 1);
             let Some(peer) = m.dst_ip.and_then(|ip| self.peer(ip)) else {
                 continue;
             };
@@ -262,17 +305,21 @@ impl HubInner {
 
     /// The peer's place in the receive table.
     fn register(&self, ip: Ipv4Addr, peer: &Arc<Peer>) {
-        let slot = hub_number(ip).map(|n| (n.wrapping_sub(self.first) & NUMBER_MASK) as usize);
-        if let Some(slot) = slot.and_then(|i| self.peers.get(i)) {
-            let _ = slot.set(Arc::downgrade(peer));
+        if let Some(slot) = self.slot(IpAddr::V4(ip)) {
+            let _ = slot.peer.set(Arc::downgrade(peer));
         }
+    }
+
+    /// The table slot of the peer at `ip`.
+    fn slot(&self, ip: IpAddr) -> Option<&Slot> {
+        let IpAddr::V4(ip) = ip else { return None };
+        let slot = (hub_number(ip)?.wrapping_sub(self.first) & NUMBER_MASK) as usize;
+        self.peers.get(slot)
     }
 
     /// The live peer a datagram to `ip` is for.
     fn peer(&self, ip: IpAddr) -> Option<Arc<Peer>> {
-        let IpAddr::V4(ip) = ip else { return None };
-        let slot = (hub_number(ip)?.wrapping_sub(self.first) & NUMBER_MASK) as usize;
-        self.peers.get(slot)?.get()?.upgrade()
+        self.slot(ip)?.peer.get()?.upgrade()
     }
 
     /// Sends the queued datagrams with as few `sendmmsg` calls as possible, each from its
@@ -1059,13 +1106,33 @@ impl Peer {
             let Some(pkt) = read_rtp(plain, st.twcc_id) else {
                 return;
             };
+            let ssrc = pkt.ssrc;
             r.handle_rtp(pkt, now, now_us);
             // NACK and PLI go out at once; the periodic feedback waits for the tick.
             if r.feedback_due() {
                 out.rtcp.extend(r.poll_feedback());
             }
+            if let Some(hints) = self.hints() {
+                let [key, table, stream, window] = srtp.inbound_rtp_lines(ssrc);
+                let [counters, seen, arrivals, delays] = r.hot_lines(ssrc);
+                let lock = (std::ptr::from_ref(&self.state) as usize, 64);
+                let receiver = (std::ptr::from_ref(&*r) as usize, size_of::<Receiver>());
+                hints.record(
+                    [lock, key, table, receiver],
+                    ssrc,
+                    [stream, window, counters, seen, arrivals, delays],
+                );
+            }
         }
         self.mark_alive_at(now);
+    }
+
+    /// Where this peer's prefetch hints go: its hub slot's (none on a socket of its own).
+    fn hints(&self) -> Option<&Hints> {
+        match &self.endpoint {
+            Endpoint::Shared { hub, ip } => hub.slot(IpAddr::V4(*ip)).map(|s| &s.hints),
+            Endpoint::Own(_) => None,
+        }
     }
 
     fn handle_rtcp(&self, data: &[u8], out: &mut Outgoing) {

@@ -38,16 +38,13 @@ const MAX_NACK_GAP: u64 = 256;
 const WINDOW: u64 = 2048;
 
 #[derive(Debug)]
+#[repr(C)]
 struct Stream {
     video: bool,
     base: u64,
     max: u64,
     cycles: u64,
     last_seq: u16,
-    /// Which of the last [`WINDOW`] sequence numbers arrived. Inline: a packet's bit is then
-    /// in the stream's own allocation, not one more pointer away (a cache miss per packet
-    /// when many viewers take turns).
-    seen: [u64; (WINDOW / 64) as usize],
     received: u64,
     nacked: Vec<u64>,
     jitter_us: f64,
@@ -59,6 +56,11 @@ struct Stream {
     // For receiver reports.
     rr_expected_prior: u64,
     rr_received_prior: u64,
+    /// Which of the last [`WINDOW`] sequence numbers arrived. Inline: a packet's bit is then
+    /// in the stream's own allocation, not one more pointer away (a cache miss per packet
+    /// when many viewers take turns). Last, so the counters above share few cache lines
+    /// ([`Receiver::hot_lines`]).
+    seen: [u64; (WINDOW / 64) as usize],
 }
 
 impl Stream {
@@ -151,6 +153,30 @@ impl Receiver {
             pending: Pending::default(),
             first_media: None,
         }
+    }
+
+    /// Where handling the next packet of `ssrc` will read and write, as (address, length)
+    /// ranges: the stream's counters, its window word for the next sequence number, and the
+    /// ends of the arrival and delay lists (`(0, 0)` for a stream not seen yet). For the hub's
+    /// prefetch ([`crate::prefetch`]).
+    pub fn hot_lines(&self, ssrc: u32) -> [(usize, usize); 4] {
+        let tail = |end: usize, len: usize| (end, len);
+        let arrivals = tail(
+            self.twcc_arrivals.as_ptr_range().end as usize,
+            size_of::<(u64, Instant)>(),
+        );
+        let delays = tail(self.pending.delays_us.as_ptr_range().end as usize, 4);
+        let Some((_, s)) = self.streams.iter().find(|(s, _)| *s == ssrc) else {
+            return [(0, 0), (0, 0), arrivals, delays];
+        };
+        // `seen` is last (`repr(C)`): what is before it is the per-packet counters.
+        let counters = (
+            std::ptr::from_ref(s) as usize,
+            std::mem::offset_of!(Stream, seen),
+        );
+        let i = ((s.max + 1) % WINDOW) as usize / 64;
+        let word = (std::ptr::from_ref(&s.seen[i]) as usize, 8);
+        [counters, word, arrivals, delays]
     }
 
     /// A decrypted media packet arrived at `now` (`now_us`: unix µs, the probes' clock).
@@ -512,6 +538,28 @@ mod tests {
 
     /// A packet older than the first one received (it was overtaken) opens the stream
     /// earlier; it used to underflow the loss counters.
+    #[test]
+    fn hot_lines_name_the_state_the_next_packet_of_a_stream_uses() {
+        let now = Instant::now();
+        let mut r = Receiver::new(true, now);
+        let [counters, seen, ..] = r.hot_lines(42);
+        assert_eq!((counters, seen), ((0, 0), (0, 0)), "no stream yet");
+        feed(&mut r, &[100, 127], now);
+        let [counters, seen, arrivals, delays] = r.hot_lines(42);
+        let s = &r.streams[0].1;
+        let start = std::ptr::from_ref(s) as usize;
+        assert_eq!(counters.0, start);
+        // Everything but the window, which is last.
+        let max = std::ptr::from_ref(&s.max) as usize;
+        let received = std::ptr::from_ref(&s.received) as usize;
+        assert!(max < start + counters.1 && received < start + counters.1);
+        assert_eq!(counters.1 + size_of_val(&s.seen), size_of::<Stream>());
+        // 128 is the next sequence number: bit 0 of word 2.
+        assert_eq!(seen, (std::ptr::from_ref(&s.seen[2]) as usize, 8));
+        assert_eq!(arrivals.0, r.twcc_arrivals.as_ptr_range().end as usize);
+        assert_eq!(delays.0, r.pending.delays_us.as_ptr_range().end as usize);
+    }
+
     #[test]
     fn a_packet_older_than_the_first_extends_the_stream_back() {
         let now = Instant::now();

@@ -190,6 +190,15 @@ impl SrtpSession {
         self.rtp_in.decrypt(buf)
     }
 
+    /// Where decrypting the next RTP packet of `ssrc` from the peer will read: (address,
+    /// length) ranges of the key, the stream table's header, the stream's state and its replay
+    /// window's next word (`(0, 0)` for a stream not seen yet). Plain numbers, for a receiver of many transports
+    /// to prefetch one datagram ahead (each datagram of a fan-out finds another transport's
+    /// state cold); reading through them is never needed.
+    pub fn inbound_rtp_lines(&self, ssrc: u32) -> [(usize, usize); 4] {
+        self.rtp_in.hot_lines(ssrc)
+    }
+
     /// Bytes SRTP adds to an RTP packet (the authentication tag).
     pub fn rtp_overhead(&self) -> usize {
         self.rtp_out.overhead()

@@ -343,6 +343,30 @@ impl RtpTransform {
         }
     }
 
+    /// The memory decrypting the next packet of `ssrc` reads, as (address, length) ranges:
+    /// the key, the stream table's header, the stream's state, and the replay window's word
+    /// for the next index (`(0, 0)` for a stream not seen yet). For callers that prefetch it
+    /// ([`super::srtp::SrtpSession::inbound_rtp_lines`]).
+    pub(super) fn hot_lines(&self, ssrc: u32) -> [(usize, usize); 4] {
+        let key = match &self.cipher {
+            Cipher::Gcm(key) => (std::ptr::from_ref(key) as usize, size_of_val(key)),
+            cm => (std::ptr::from_ref(cm) as usize, size_of_val(cm)),
+        };
+        let table = (
+            std::ptr::from_ref(&self.streams) as usize,
+            size_of::<Vec<Stream>>(),
+        );
+        let Some(stream) = self.stream(ssrc).map(|i| &self.streams[i]) else {
+            return [key, table, (0, 0), (0, 0)];
+        };
+        let word = stream.replay.as_ref().map_or((0, 0), |r| {
+            let next = (u64::from(stream.roc) << 16 | u64::from(stream.highest_seq)) + 1;
+            (std::ptr::from_ref(&r.bits[r.slot(next).0]) as usize, 8)
+        });
+        let entry = (std::ptr::from_ref(stream) as usize, size_of::<Stream>());
+        [key, table, entry, word]
+    }
+
     /// Authenticates and decrypts the SRTP packet in `buf` in place; returns the length of the
     /// plain RTP packet now in `buf[..n]`. Replays and packets older than the window fail.
     pub(super) fn decrypt(&mut self, buf: &mut [u8]) -> Result<usize, SrtpError> {
@@ -586,6 +610,45 @@ mod tests {
         // Earlier packets are not overwritten by later ones sharing the arena.
         for (out, expected) in kept {
             assert_eq!(&out[..], &expected[..]);
+        }
+    }
+
+    #[test]
+    fn hot_lines_name_the_state_the_next_packet_of_a_stream_uses() {
+        let within = |(addr, len): (usize, usize), p: usize| addr <= p && p < addr + len;
+        for profile in [SrtpProfile::AeadAes128Gcm, SrtpProfile::Aes128CmHmacSha1_80] {
+            let (k, s) = keys(profile, 3);
+            let mut tx = RtpTransform::new(profile, &k, &s, None).unwrap();
+            let mut rx = RtpTransform::new(profile, &k, &s, Some(1024)).unwrap();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            let [key, table, entry, word] = rx.hot_lines(77);
+            // The key's range is the key: inside the cipher, the whole of it for AES-CM.
+            let cipher = std::ptr::from_ref(&rx.cipher) as usize;
+            assert!(key.0 >= cipher && key.0 + key.1 <= cipher + size_of::<Cipher>());
+            assert!(key.1 >= 176, "at least the AES-128 round keys");
+            assert!(within(table, std::ptr::from_ref(&rx.streams) as usize));
+            assert_eq!((entry, word), ((0, 0), (0, 0)), "no stream yet");
+            for (ssrc, seq) in [(77, 63), (78, 500)] {
+                let plain = rtp_packet(&mut rng, ssrc, seq);
+                let mut buf = plain.clone();
+                buf.resize(plain.len() + tx.overhead(), 0);
+                let len = tx.encrypt(&mut buf, plain.len()).unwrap();
+                buf.truncate(len);
+                rx.decrypt(&mut buf).unwrap();
+            }
+            for (i, (ssrc, next)) in [(77u32, 64u64), (78, 501)].into_iter().enumerate() {
+                let [_, _, entry, word] = rx.hot_lines(ssrc);
+                let stream = &rx.streams[i];
+                assert_eq!(stream.ssrc, ssrc);
+                assert_eq!(
+                    entry,
+                    (std::ptr::from_ref(stream) as usize, size_of::<Stream>())
+                );
+                // The word the next index's bit is cleared and set in.
+                let r = stream.replay.as_ref().unwrap();
+                let bit = std::ptr::from_ref(&r.bits[r.slot(next).0]) as usize;
+                assert_eq!(word, (bit, 8));
+            }
         }
     }
 
