@@ -34,12 +34,14 @@ const SOCKET_BUFFER: usize = 4 << 20;
 const DTLS_TIMEOUT: Duration = Duration::from_secs(20);
 /// DTLS datagrams queued per handshake before we drop (a handshake flight is a few packets).
 const DTLS_INBOUND: usize = 64;
-/// Transmits queued while draining the socket that trigger a send before the next datagram is
-/// processed. Without it a wake-up's first packet waits until up to 64 x 32 datagrams are
-/// processed, and with fan-out that is thousands of encryptions (a keyframe to 200 viewers is
-/// ~6,000). 512 keeps `sendmmsg` batches full (16 calls) and the wait to a fraction of a
-/// millisecond.
-const FLUSH_TRANSMITS: usize = 512;
+/// Transmits queued while the shard works through its socket or inbox that trigger a send
+/// before the next datagram is processed. Without it a wake-up's first packet waits until up
+/// to 64 x 32 datagrams are processed, and with fan-out that is thousands of encryptions (a
+/// keyframe to 200 viewers is ~6,000). One `sendmmsg` batch: `send_batch` sends 32 per call
+/// however many are queued, so sending as soon as a batch is full costs no extra call, and no
+/// copy waits for more than a batch of others to be encrypted (at 512 a relayed packet to 60
+/// subscribers waited for up to eight others' copies).
+const FLUSH_TRANSMITS: usize = batch::BATCH;
 
 /// What the rest of the edge sends a shard.
 #[derive(Debug)]
