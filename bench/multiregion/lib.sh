@@ -286,15 +286,6 @@ mr_up() {
         mr_origins_up
     fi
     mr_edges_up
-    if [ -n "${MR_NODE_SCHED:-}" ]; then
-        local pid name
-        while read -r pid name; do
-            case "$name" in origin-* | edge-*)
-                chrt -a "--${MR_NODE_SCHED% *}" -p "${MR_NODE_SCHED#* }" "$pid" >/dev/null ;;
-            esac
-        done <"$MR_DIR/procs"
-        mr_log "nodes scheduled with chrt $MR_NODE_SCHED"
-    fi
 }
 
 mr_down() {

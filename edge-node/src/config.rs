@@ -44,6 +44,10 @@ pub struct EdgeConfig {
     /// join and leave up to this many participants; a larger room lists only interesting
     /// participants and sends its size as `participant:count` (docs/protocol.md, "Presence").
     pub full_presence_up_to: u32,
+    /// Real-time (`SCHED_RR`) priority 1-99 for every thread of the node, so a datagram's
+    /// wake-ups (quinn's runtime, the shard) preempt ordinary processes on a busy host; 0
+    /// (default) keeps the normal scheduler. See [`crate::realtime`].
+    pub realtime_priority: u8,
 }
 
 impl Default for EdgeConfig {
@@ -62,6 +66,7 @@ impl Default for EdgeConfig {
             key: None,
             cascade: SocketAddr::from(([0, 0, 0, 0], 0)),
             full_presence_up_to: origin::RoomConfig::default().full_presence_up_to,
+            realtime_priority: 0,
         }
     }
 }
@@ -79,6 +84,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("udp_ports must be \"first-last\" with first <= last, got {0:?}")]
     BadPortRange(String),
+    #[error("realtime_priority must be 0 (off) or 1-99 (SCHED_RR), got {0}")]
+    BadRealtimePriority(u8),
 }
 
 impl EdgeConfig {
@@ -185,6 +192,10 @@ pub struct EdgeArgs {
     /// only interesting ones plus a count [default: 500].
     #[arg(long, env = "KCS_FULL_PRESENCE_UP_TO")]
     pub full_presence_up_to: Option<u32>,
+    /// SCHED_RR priority 1-99 for the node's threads (needs CAP_SYS_NICE); 0: normal
+    /// scheduling [default: 0].
+    #[arg(long, env = "KCS_REALTIME_PRIORITY")]
+    pub realtime_priority: Option<u8>,
 }
 
 impl EdgeArgs {
@@ -233,7 +244,13 @@ impl EdgeArgs {
         if let Some(v) = self.full_presence_up_to {
             c.full_presence_up_to = v;
         }
+        if let Some(v) = self.realtime_priority {
+            c.realtime_priority = v;
+        }
         c.port_range()?;
+        if c.realtime_priority > 99 {
+            return Err(ConfigError::BadRealtimePriority(c.realtime_priority));
+        }
         Ok(c)
     }
 }
@@ -501,5 +518,34 @@ mod tests {
             c.udp_ports = Some(bad.into());
             assert!(c.port_range().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn realtime_priority_from_file_and_flag_and_refused_above_99() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, "realtime_priority = 20\n").unwrap();
+        let from_file = EdgeArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        assert_eq!(from_file.resolve().unwrap().realtime_priority, 20);
+        assert_eq!(
+            EdgeArgs::default().resolve().unwrap().realtime_priority,
+            0,
+            "off"
+        );
+        let flagged = EdgeArgs {
+            config: Some(path.clone()),
+            realtime_priority: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(flagged.resolve().unwrap().realtime_priority, 5);
+        std::fs::write(&path, "realtime_priority = 100\n").unwrap();
+        let err = from_file.resolve().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::BadRealtimePriority(100)),
+            "{err}"
+        );
     }
 }

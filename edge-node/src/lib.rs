@@ -20,6 +20,7 @@ pub mod media_hook;
 pub mod membership;
 pub mod metrics;
 pub mod origin_server;
+pub mod realtime;
 pub mod sdp;
 pub mod session;
 pub mod sfu;

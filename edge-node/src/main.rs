@@ -181,6 +181,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let config = edge.resolve()?;
             init_logging(&config.log);
+            realtime(config.realtime_priority);
             let signer = edge_node::app::dev_signer(&config.data_dir)?;
             let room = RoomId::new(room).context("--room")?;
             let host = signer.mint(
@@ -255,6 +256,7 @@ fn main() -> anyhow::Result<()> {
                 .context("--media-parent")?;
             let wants_parents = !media_parents.is_empty();
             init_logging(&config.log);
+            realtime(config.realtime_priority);
             let mut verifier = TokenVerifier::new();
             for k in &token_public_keys {
                 let (kid, key) =
@@ -505,6 +507,24 @@ async fn run_origin(config: edge_node::config::OriginConfig) -> anyhow::Result<(
         _ = running.server => { anyhow::bail!("HTTP server stopped"); }
     }
     Ok(())
+}
+
+/// `realtime_priority`, before any thread is started (they inherit it): a refusal is logged
+/// and the node runs with the normal scheduler.
+fn realtime(priority: u8) {
+    match edge_node::realtime::apply(priority) {
+        Ok(()) if priority > 0 => {
+            tracing::info!(priority, "threads scheduled SCHED_RR (realtime_priority)");
+        }
+        Ok(()) => {}
+        Err(e) => tracing::warn!(
+            priority,
+            error = %e,
+            "realtime_priority not applied: it needs CAP_SYS_NICE (root, or \
+             AmbientCapabilities=CAP_SYS_NICE / LimitRTPRIO in the systemd unit); \
+             running with the normal scheduler"
+        ),
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
