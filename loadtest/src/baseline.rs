@@ -250,6 +250,19 @@ fn bind() -> io::Result<UdpSocket> {
             );
         }
     }
+    // Don't-fragment without path MTU discovery, as the edge's media socket sends: the kernel
+    // then skips hashing an IP id per datagram, and the ceiling stays a fair one.
+    let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
+    // SAFETY: as above.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&probe as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     Ok(s)
 }
 

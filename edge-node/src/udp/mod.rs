@@ -267,6 +267,12 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     if let Err(e) = batch::enable_rx_timestamps(s.as_raw_fd()) {
         tracing::warn!(error = %e, "no SO_TIMESTAMPNS: kcs_media_residence_seconds stays empty");
     }
+    if addr.is_ipv4() {
+        // Best effort: without it the kernel only spends more per datagram sent.
+        if let Err(e) = batch::set_dont_fragment(s.as_raw_fd()) {
+            tracing::warn!(error = %e, "no IP_PMTUDISC_PROBE on the media socket");
+        }
+    }
     s.bind(&addr.into())?;
     Ok(s.into())
 }
@@ -666,5 +672,44 @@ async fn send_all(socket: &tokio::net::UdpSocket, transmits: &[crate::sfu::Trans
                 done += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mtu_discover(socket: &std::net::UdpSocket) -> libc::c_int {
+        let mut value: libc::c_int = -1;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `value`, which outlives the call.
+        let r = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_MTU_DISCOVER,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        value
+    }
+
+    #[test]
+    fn the_media_socket_sends_with_dont_fragment_and_never_refuses_for_the_path_mtu() {
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The default (WANT) lets the kernel fragment a UDP datagram, so it hashes an IP id.
+        assert_ne!(mtu_discover(&plain), libc::IP_PMTUDISC_PROBE);
+        let media = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(mtu_discover(&media), libc::IP_PMTUDISC_PROBE);
+        // PROBE, not DO: a datagram over the device's MTU is still sent (loopback's is 64 KiB).
+        let to = plain.local_addr().unwrap();
+        media.send_to(&[7u8; 9000], to).unwrap();
+        plain
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 10_000];
+        assert_eq!(plain.recv(&mut buf).unwrap(), 9000);
     }
 }
