@@ -22,13 +22,13 @@
 //! ranges of that stream ([`PER_SSRC`]). The peer writes them as it handles a packet (under
 //! its lock: one writer), on the hub thread that reads them.
 
+use kcs_media::prefetch::LINE;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// Ranges every packet of a peer touches.
 pub const FIXED: usize = 4;
 /// Ranges of one stream.
 pub const PER_SSRC: usize = 6;
-const LINE: usize = 64;
 /// Lines prefetched per range at most: an AES-GCM key is 9. More lines than the core can
 /// have in flight make the prefetches themselves wait.
 const MAX_LINES: usize = 10;
@@ -59,20 +59,7 @@ fn fetch(packed: u64) {
     }
 }
 
-/// Asks for the cache line holding `addr`, without waiting for it.
-#[inline(always)]
-pub fn prefetch_line(addr: usize) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 is a hint to the cache: it never faults and never reads into the
-    // program, whatever the address.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(addr as *const i8);
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = addr;
-}
-
+pub use kcs_media::prefetch::prefetch_line;
 /// One peer's hints (see the module docs).
 #[derive(Debug, Default)]
 pub struct Hints {

@@ -180,6 +180,9 @@ const FEEDBACK_TIMEOUT_FACTOR: f64 = 0.8;
 const HISTORY_AGE: Duration = Duration::from_secs(2);
 /// Hard bound of the sent-packet history (2 s at 10 Mbit/s of 1200-byte packets is ~2100).
 const HISTORY_MAX: usize = 8192;
+/// Every how many sent packets the history and the sent-rate window drop what has aged out
+/// (each keeps at most this many packets past its age until then; the size cap holds always).
+const HOUSEKEEPING_EVERY: u64 = 32;
 /// RTT samples kept for the min filter.
 const RTT_SAMPLES: usize = 16;
 
@@ -566,6 +569,14 @@ impl RateWindow {
     }
 }
 
+/// Where `deque`'s next `push_back` will most likely write: just past its last entry (when the
+/// ring wraps there instead, the hint is a line off: harmless for a prefetch).
+fn next_entry<T>(deque: &VecDeque<T>) -> crate::prefetch::Range {
+    let (front, back) = deque.as_slices();
+    let last = if back.is_empty() { front } else { back };
+    (last.as_ptr_range().end as usize, size_of::<T>())
+}
+
 /// Send-side bandwidth estimator of one subscriber transport.
 #[derive(Debug, Clone)]
 pub struct SendSideBwe {
@@ -686,9 +697,32 @@ impl SendSideBwe {
         );
         let now_ms = self.ms_since_epoch(now);
         self.sent_rate.add(now_ms, size_bytes);
-        self.sent_rate.trim(now_ms);
-        self.prune_history(now);
+        if seq % HOUSEKEEPING_EVERY == 0 {
+            // The oldest entries are cold in the cache by now: reading them for every packet
+            // cost a busy edge more than recording the packet did.
+            self.sent_rate.trim(now_ms);
+            self.prune_history(now);
+        } else if self.history.len() > HISTORY_MAX {
+            self.history.pop_front();
+        }
         self.check_feedback_timeout(now);
+    }
+
+    /// What [`handle_sent`](Self::handle_sent) reads and writes for the next packet: the fields
+    /// it uses and where the history and the sent-rate window will take their next entries
+    /// (for [`crate::prefetch`]).
+    pub fn hot_lines(&self) -> [crate::prefetch::Range; 8] {
+        use crate::prefetch::range_of;
+        [
+            range_of(&self.last_sent_seq),
+            range_of(&self.probe),
+            range_of(&self.history),
+            range_of(&self.sent_rate),
+            range_of(&self.last_send),
+            range_of(&self.unreported_since),
+            next_entry(&self.history.slots),
+            next_entry(&self.sent_rate.samples),
+        ]
     }
 
     /// A transport-wide-cc feedback message arrived at `now`; `statuses` are its packets in
@@ -1118,6 +1152,44 @@ mod tests {
             arrival_ms: None,
             probe: None,
         }
+    }
+
+    fn last<T>(d: &VecDeque<T>) -> usize {
+        std::ptr::from_ref(d.back().unwrap()) as usize
+    }
+
+    #[test]
+    fn hot_lines_name_where_the_next_sent_packet_is_written() {
+        let t0 = Instant::now();
+        let mut bwe = SendSideBwe::new(BweConfig::default(), t0);
+        let (mut checked, mut seq) = (0, 0u16);
+        for i in 0..300u64 {
+            let now = t0 + ms(i);
+            let hints = bwe.hot_lines();
+            let base = std::ptr::from_ref(&bwe) as usize;
+            let fields = base..base + size_of::<SendSideBwe>();
+            assert!(hints[..6].iter().all(|(a, l)| fields.contains(a) && *l > 0));
+            let caps = (
+                bwe.history.slots.capacity(),
+                bwe.sent_rate.samples.capacity(),
+            );
+            bwe.handle_sent(seq, 1200, now);
+            seq = seq.wrapping_add(1);
+            if caps
+                != (
+                    bwe.history.slots.capacity(),
+                    bwe.sent_rate.samples.capacity(),
+                )
+            {
+                continue; // a deque grew: its entries moved, the hint was stale (harmless)
+            }
+            assert_eq!(hints[6].0, last(&bwe.history.slots), "packet {i}");
+            if bwe.sent_rate.samples.as_slices().1.is_empty() {
+                assert_eq!(hints[7].0, last(&bwe.sent_rate.samples), "packet {i}");
+            }
+            checked += 1;
+        }
+        assert!(checked > 250, "{checked}");
     }
 
     #[test]

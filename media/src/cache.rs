@@ -122,16 +122,17 @@ pub struct Sequencer {
 }
 
 impl Sequencer {
-    /// A sequencer remembering the last `capacity` output seqs (at least 1).
+    /// A sequencer remembering at least the last `capacity` output seqs (rounded up to a power
+    /// of two, so that a slot is found with a mask instead of a division on every copy sent).
     pub fn new(capacity: usize) -> Self {
         Self {
-            slots: vec![None; capacity.max(1)],
+            slots: vec![None; capacity.max(1).next_power_of_two()],
             out_seqs: SeqUnwrapper::new(),
         }
     }
 
     fn index(&self, ext: u64) -> usize {
-        (ext % self.slots.len() as u64) as usize
+        (ext & (self.slots.len() as u64 - 1)) as usize
     }
 
     /// Remembers that output seq `out_seq` carried `packet`. A record older than the remembered
@@ -144,6 +145,12 @@ impl Sequencer {
             return;
         }
         *slot = Some((ext, packet));
+    }
+
+    /// Where the next output seq will be recorded (for [`crate::prefetch`]).
+    pub fn next_slot(&self) -> crate::prefetch::Range {
+        let next = self.out_seqs.highest().map_or(0, |h| h + 1);
+        crate::prefetch::range_of(&self.slots[self.index(next)])
     }
 
     /// What was sent as output seq `out_seq`, if still remembered.
@@ -252,6 +259,7 @@ mod tests {
 
     #[test]
     fn sequencer_wraps() {
+        // 100 rounds up to 128 slots: the last 128 of 200 are remembered.
         let mut q = Sequencer::new(100);
         assert_eq!(q.lookup(0), None);
         for i in 0..200u64 {
@@ -260,7 +268,7 @@ mod tests {
         }
         for i in 0..200u64 {
             let out = (65_500 + i) as u16;
-            let want = (i >= 100).then(|| sent(i));
+            let want = (i >= 200 - 128).then(|| sent(i));
             assert_eq!(q.lookup(out), want, "i {i}");
         }
         // A lap later, the same wire seq that was not re-recorded does not find the old packet.
@@ -271,6 +279,18 @@ mod tests {
         }
         assert_eq!(q.lookup(5), None);
         assert_eq!(q.lookup((5 + 66_000u64) as u16), Some(sent(66)));
+    }
+
+    #[test]
+    fn next_slot_is_where_the_next_seq_is_recorded() {
+        let mut q = Sequencer::new(16);
+        let at = |q: &Sequencer, i: usize| crate::prefetch::range_of(&q.slots[i]);
+        assert_eq!(q.next_slot(), at(&q, 0), "nothing recorded yet");
+        q.record(65_534, sent(1));
+        // 65534 extends to 2^16 + 65534; the next, 65535, goes to slot 15 of 16.
+        assert_eq!(q.next_slot(), at(&q, 15));
+        q.record(65_535, sent(2));
+        assert_eq!(q.next_slot(), at(&q, 0));
     }
 
     #[test]

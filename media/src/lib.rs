@@ -16,6 +16,7 @@
 //! - [`keyframe`]: coalescing and throttling of keyframe requests towards a publisher.
 //! - [`speaker`]: dominant speaker detection from audio levels.
 //! - [`stats`]: RTCP sender/receiver statistics and RTT.
+//! - [`prefetch`]: cache-line prefetch hints for fan-out loops.
 //! - [`residence`]: the histogram of how long packets stay in a node (`*_residence_seconds`).
 
 pub mod bwe;
@@ -24,6 +25,7 @@ pub mod codec;
 pub mod keyframe;
 pub mod meter;
 pub mod nack;
+pub mod prefetch;
 pub mod residence;
 pub mod rewrite;
 pub mod selector;
