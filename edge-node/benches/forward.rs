@@ -1,6 +1,8 @@
 //! The forward path: one incoming SRTP packet (decrypt once) to N subscribers (rewrite and
 //! encrypt once per copy), through the real shard core. Throughput is reported in outgoing
-//! packets per second of one core; `cargo bench -p edge-node --bench forward`.
+//! packets per second of one core; `cargo bench -p edge-node --bench forward`. At 500
+//! subscribers their state (about 5 KiB each with the transport) no longer fits in the core's
+//! cache, as on a busy edge: each copy then also waits for memory.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use edge_node::sfu::harness::Harness;
@@ -10,7 +12,7 @@ fn forward(c: &mut Criterion) {
     edge_node::transport::install_crypto_provider();
     let mut group = c.benchmark_group("forward_1200B");
     for profile in [SrtpProfile::AeadAes128Gcm, SrtpProfile::Aes128CmHmacSha1_80] {
-        for n in [1usize, 10, 50] {
+        for n in [1usize, 10, 50, 500] {
             let mut h = Harness::new(n, profile);
             // Pre-encrypt a long run of packets so the bench measures the edge, not the client.
             let packets: Vec<_> = (0..4096u32)
@@ -49,7 +51,7 @@ fn raw_srtp(c: &mut Criterion) {
     use edge_node::transport::srtp::SrtpSession;
     let mut group = c.benchmark_group("raw_srtp_1200B");
     for profile in [SrtpProfile::AeadAes128Gcm, SrtpProfile::Aes128CmHmacSha1_80] {
-        for n in [1usize, 10, 50] {
+        for n in [1usize, 10, 50, 500] {
             let mut h = Harness::new(0, profile);
             let packets: Vec<_> = (0..4096u32)
                 .map(|k| h.publisher_packet(k as u16, k * 3000, false, 1200))

@@ -67,10 +67,6 @@ const ALLOCATION_INTERVAL: Duration = Duration::from_millis(200);
 const PACKET_CACHE_SIZE: usize = 1024;
 /// Output packets remembered per subscription for mapping NACKs back to sources.
 const SEQUENCER_SIZE: usize = 1024;
-/// Lines of a subscription the fan-out loop prefetches: all of it (about 7).
-const PREFETCH_SUBSCRIPTION_LINES: usize = 8;
-/// Lines of a subscriber's SRTP key the fan-out loop prefetches: all of an AES-GCM key's.
-const PREFETCH_KEY_LINES: usize = 10;
 /// Budget set aside per audio subscription before video is allocated (Opus at its usual rate).
 const AUDIO_RESERVE: Bitrate = Bitrate::kbps(64);
 /// A probe aims this much above what the wanted upgrade needs, so that its measured rate (which
@@ -1016,20 +1012,23 @@ impl ShardCore {
     }
 
     /// Starts loading what forwarding to the subscribers after `sids[i]` will read, while the
-    /// copy for `sids[i]` is made: two ahead, the subscription itself; one ahead (its entry has
-    /// arrived by now), its transport's fields, SRTP stream and key, bandwidth estimator and the
-    /// slots the copy will be recorded in. In a fan-out every copy goes to another subscriber
-    /// whose state the previous packet's hundreds of copies pushed out of the cache; profiled,
-    /// the loop stalled on those loads one after the other ([`kcs_media::prefetch`]).
+    /// copy for `sids[i]` is made. In a fan-out every copy goes to another subscriber whose
+    /// state the previous packet's hundreds of copies pushed out of the cache, and a copy's
+    /// loads form chains (the subscription's key, then its transport's key, then the SRTP
+    /// stream the transport points to...) that the core cannot overlap by itself. So only the
+    /// heads of those chains are asked for: two ahead, the subscription's key and the line
+    /// naming its transport; one ahead (those have arrived by now), the transport's key, its
+    /// SRTP stream, and the slots behind pointers the copy will write (sequencer, bandwidth
+    /// estimator). Fields read straight from an entry need no help, and more lines than the
+    /// core has fill buffers make the prefetches themselves wait ([`kcs_media::prefetch`]).
     fn prefetch_ahead(&self, sids: &[SubscriptionId], i: usize) {
         use kcs_media::prefetch::{prefetch, range_of};
         if let Some((id, s)) = sids
             .get(i + 2)
             .and_then(|id| self.subscriptions.get_key_value(id))
         {
-            // The key too: the lookup compares it.
             prefetch(range_of(id), 1);
-            prefetch(range_of(s), PREFETCH_SUBSCRIPTION_LINES);
+            prefetch(range_of(&s.spec.transport), 1);
         }
         let Some(s) = sids.get(i + 1).and_then(|id| self.subscriptions.get(id)) else {
             return;
@@ -1039,15 +1038,12 @@ impl ShardCore {
             return;
         };
         prefetch(range_of(id), 1);
-        prefetch(range_of(&t.addr), 1);
-        prefetch(range_of(&t.ext_out), 1);
-        prefetch(range_of(&t.twcc_out_seq), 1);
         if let Some(srtp) = &t.srtp {
             for r in srtp.outbound_rtp_lines(s.spec.ssrc) {
-                prefetch(r, PREFETCH_KEY_LINES);
+                prefetch(r, 1);
             }
         }
-        for r in t.bwe.hot_lines() {
+        for r in t.bwe.next_entries() {
             prefetch(r, 1);
         }
     }

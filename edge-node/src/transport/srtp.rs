@@ -199,11 +199,11 @@ impl SrtpSession {
         self.rtp_in.hot_lines(ssrc)
     }
 
-    /// What encrypting the next RTP packet of `ssrc` for the peer reads: the key, the stream
-    /// table and the stream's state (see [`Self::inbound_rtp_lines`]).
-    pub fn outbound_rtp_lines(&self, ssrc: u32) -> [(usize, usize); 3] {
-        let [key, table, entry, _] = self.rtp_out.hot_lines(ssrc);
-        [key, table, entry]
+    /// Where encrypting the next RTP packet of `ssrc` for the peer finds its stream: the
+    /// stream table's header and the stream's state (see [`Self::inbound_rtp_lines`]).
+    pub fn outbound_rtp_lines(&self, ssrc: u32) -> [(usize, usize); 2] {
+        let [_, table, entry, _] = self.rtp_out.hot_lines(ssrc);
+        [table, entry]
     }
 
     /// Bytes SRTP adds to an RTP packet (the authentication tag).
