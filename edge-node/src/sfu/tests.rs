@@ -194,6 +194,29 @@ fn unknown_ssrc_and_payload_type_are_dropped() {
 }
 
 #[test]
+fn consent_is_swept_once_a_second_not_every_tick() {
+    let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
+    let closed = |h: &mut Harness| {
+        let mut n = 0;
+        while let Some((_, e)) = h.core.poll_event() {
+            n += usize::from(matches!(e, Event::Closed { .. }));
+        }
+        n
+    };
+    h.core.handle_timeout(h.now + Duration::from_millis(29_500));
+    assert_eq!(closed(&mut h), 0, "consent still fresh");
+    // Past the 30 s deadline but within a second of the last sweep: not yet looked at.
+    h.core.handle_timeout(h.now + Duration::from_millis(30_200));
+    assert_eq!(closed(&mut h), 0);
+    h.core.handle_timeout(h.now + Duration::from_millis(30_500));
+    assert_eq!(
+        closed(&mut h),
+        2,
+        "closed at most a second after the deadline"
+    );
+}
+
+#[test]
 fn consent_expiry_closes_the_transport_and_its_publications() {
     let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
     let later = h.now + Duration::from_secs(31);
