@@ -854,22 +854,21 @@ impl SendSideBwe {
         let mut i = 0;
         while i < self.probes_pending.len() {
             let c = self.probes_pending[i];
-            let sent: Vec<SentPacket> = match c.seqs {
-                Some((first, last)) => self
-                    .history
-                    .range(first, last)
-                    .copied()
-                    .filter(|p| p.probe == Some(c.id))
-                    .collect(),
-                None => Vec::new(),
+            let cluster = || {
+                c.seqs
+                    .into_iter()
+                    .flat_map(|(first, last)| self.history.range(first, last))
+                    .filter(move |p| p.probe == Some(c.id))
             };
-            let reported = sent.iter().all(|p| p.counted);
+            // Asked every tick while feedback is awaited: look, and copy only to conclude.
+            let reported = cluster().all(|p| p.counted);
             let overdue =
                 now.saturating_duration_since(c.start) >= PROBE_DURATION + PROBE_FEEDBACK_TIMEOUT;
             if !(reported || overdue) {
                 i += 1;
                 continue;
             }
+            let sent: Vec<SentPacket> = cluster().copied().collect();
             self.probes_pending.remove(i);
             let measured = self.probe_rate(&sent);
             let carried = measured.and_then(|(rate, saturated)| (!saturated).then_some(rate));
