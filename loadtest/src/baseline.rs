@@ -236,33 +236,16 @@ pub fn run(cfg: &BaselineConfig) -> io::Result<BaselineReport> {
 }
 
 fn bind() -> io::Result<UdpSocket> {
+    use edge_node::udp::batch::{set_dont_fragment, set_int_option};
     let s = UdpSocket::bind("127.0.0.1:0")?;
     s.set_nonblocking(true)?;
     for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-        // SAFETY: setsockopt with an int option on a socket we own. A refusal keeps the default.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&SOCKET_BUFFER as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        // A refusal keeps the default.
+        let _ = set_int_option(s.as_raw_fd(), libc::SOL_SOCKET, opt, SOCKET_BUFFER);
     }
     // Don't-fragment without path MTU discovery, as the edge's media socket sends: the kernel
     // then skips hashing an IP id per datagram, and the ceiling stays a fair one.
-    let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
-    // SAFETY: as above.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&probe as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    let _ = set_dont_fragment(s.as_raw_fd());
     Ok(s)
 }
 

@@ -166,17 +166,12 @@ impl Hub {
         let _ = state.set_recv_buffer_size((&std_socket).into(), 8 << 20);
         // quinn-udp asks for each datagram's TOS byte (ECN); nothing here reads it, and the
         // control message costs the kernel a `put_cmsg` per datagram.
-        let off: libc::c_int = 0;
-        // SAFETY: a plain setsockopt with an int option that outlives the call.
-        unsafe {
-            libc::setsockopt(
-                std_socket.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_RECVTOS,
-                (&off as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
+        let _ = edge_node::udp::batch::set_int_option(
+            std_socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_RECVTOS,
+            0,
+        );
         let port = std_socket.local_addr()?.port();
         let inner = Arc::new(HubInner {
             socket: UdpSocket::from_std(std_socket)?,

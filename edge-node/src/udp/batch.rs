@@ -22,17 +22,20 @@ pub const MAX_DATAGRAM: usize = 2048;
 /// Linux) with margin; `u64`s keep it aligned for `cmsghdr`.
 type ControlBuf = [u64; 8];
 
-/// Asks the kernel to stamp every datagram `fd` receives with its arrival time (see
-/// [`RecvBatch::arrival`]).
-pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
+/// Sets the int socket option `level`/`name` of `fd` to `value`.
+pub fn set_int_option(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: a plain setsockopt with an int option that outlives the call.
     let r = unsafe {
         libc::setsockopt(
             fd,
-            libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -40,6 +43,12 @@ pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Asks the kernel to stamp every datagram `fd` receives with its arrival time (see
+/// [`RecvBatch::arrival`]).
+pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
 }
 
 /// Sets the don't-fragment bit on everything `fd` sends over IPv4, without path MTU discovery
@@ -50,21 +59,12 @@ pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
 /// their senders to fit any path (browsers keep RTP near 1,200 bytes) and a fragmented SRTP
 /// packet is mostly a lost one, so DF costs nothing; QUIC and browsers set it too.
 pub fn set_dont_fragment(fd: RawFd) -> io::Result<()> {
-    let probe: libc::c_int = libc::IP_PMTUDISC_PROBE;
-    // SAFETY: a plain setsockopt with an int option that outlives the call.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&probe as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_int_option(
+        fd,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_PROBE,
+    )
 }
 
 /// Reusable receive buffers for one shard.
