@@ -24,7 +24,7 @@ use cascade_proto::room::{
 use cascade_proto::{Identity, ParticipantId, Role, RoomId, TrackId, TrackKind, TrackSource};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -1073,6 +1073,7 @@ pub async fn serve(edge: Arc<Edge>, mut socket: WebSocket) {
     resubscribe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dropped = false;
     loop {
+        let mut ticked = false;
         let (out, close): (Vec<String>, bool) = tokio::select! {
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Text(t))) => match conn.handle_text(&t, &mut links).await {
@@ -1099,10 +1100,14 @@ pub async fn serve(edge: Arc<Edge>, mut socket: WebSocket) {
                     (vec![error(None, "internal", "lost the room's events; join again")], true)
                 }
             },
-            _ = resubscribe.tick(), if conn.auto_subscribe && conn.joined() => {
+            _ = resubscribe.tick(), if conn.resubscribe_due && conn.auto_subscribe && conn.joined() => {
                 // A track announced by the origin can reach us before its publisher's session
                 // has registered it on this edge; auto-subscribe picks it up on the next tick.
-                (conn.subscribe_all().await.map(|o| vec![offer_event(&o)]).unwrap_or_default(), false)
+                // Runs only while something may be left to subscribe: a thousand idle viewers'
+                // timers cost the edge 4,000 wake-ups a second otherwise.
+                ticked = true;
+                let offer = conn.subscribe_all().await;
+                (offer.map(|o| vec![offer_event(&o)]).unwrap_or_default(), false)
             }
             Some(ev) = links.shard_rx.recv() => (conn.handle_shard(ev).await, false),
             Some(n) = links.notice_rx.recv() => (vec![n], false),
@@ -1111,6 +1116,12 @@ pub async fn serve(edge: Arc<Edge>, mut socket: WebSocket) {
                 break;
             }
         };
+        if !conn.resubscribe_due && !ticked {
+            // Whatever was handled may have left a track unsubscribed (a consumer closed, a
+            // track announced before its media arrived): look again one interval from now.
+            conn.resubscribe_due = true;
+            resubscribe.reset();
+        }
         let mut failed = false;
         for o in out {
             if socket
@@ -1260,6 +1271,12 @@ struct Connection {
     /// DTLS-SRTP up on [publisher, subscriber].
     connected: [bool; 2],
     pinned: Option<ParticipantId>,
+    /// Auto-subscribe should look again on its next tick: something happened since it last
+    /// found every track it wants subscribed.
+    resubscribe_due: bool,
+    /// Tracks the client closed (`consumer:close`): auto-subscribe leaves them alone until the
+    /// client asks for them again (`consume`).
+    declined: HashSet<TrackId>,
 }
 
 impl Connection {
@@ -1279,6 +1296,8 @@ impl Connection {
             video_shed: HashMap::new(),
             connected: [false; 2],
             pinned: None,
+            resubscribe_due: false,
+            declined: HashSet::new(),
         }
     }
 
@@ -1494,12 +1513,16 @@ impl Connection {
                 Ok(json!({"connected": self.connected[usize::from(!publisher)]}))
             }
             Request::Consume { tracks } => {
+                for t in &tracks {
+                    self.declined.remove(t);
+                }
                 if let Some(o) = p.consume(&tracks, None).await? {
                     out.push(offer_event(&o));
                 }
                 Ok(json!({}))
             }
             Request::CloseConsumers { tracks } => {
+                self.declined.extend(tracks.iter().copied());
                 if let Some(o) = p.close_consumers(&tracks).await {
                     out.push(offer_event(&o));
                 }
@@ -1772,17 +1795,26 @@ impl Connection {
         let State::Joined(p) = &mut self.state else {
             return None;
         };
-        let tracks = p.unsubscribed_tracks();
+        let declined = &self.declined;
+        let wanted = |p: &Participant| -> Vec<TrackId> {
+            let mut v = p.unsubscribed_tracks();
+            v.retain(|t| !declined.contains(t));
+            v
+        };
+        let tracks = wanted(p);
         if tracks.is_empty() {
+            self.resubscribe_due = false;
             return None;
         }
-        match p.consume(&tracks, None).await {
+        let offer = match p.consume(&tracks, None).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::debug!(error = %e, "auto-subscribe skipped a track");
                 None
             }
-        }
+        };
+        self.resubscribe_due = !wanted(p).is_empty();
+        offer
     }
 
     /// Keeps a sent event for replay after a resume (the frame is shared with every session

@@ -199,6 +199,24 @@ impl Client {
         }
     }
 
+    /// Answers a subscriber `sdp:offer` as a browser would: the same m-lines, receive-only,
+    /// DTLS client, a full ICE agent (the ICE and DTLS details are not exercised here).
+    async fn answer(&mut self, offer: &Value) {
+        let sdp: String = offer["sdp"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .filter(|l| *l != "a=ice-lite" && !l.starts_with("a=candidate"))
+            .map(|l| match l {
+                "a=setup:actpass" => "a=setup:active\r\n".to_owned(),
+                "a=sendonly" => "a=recvonly\r\n".to_owned(),
+                l => format!("{l}\r\n"),
+            })
+            .collect();
+        self.ok(json!({"type": "sdp:answer", "revision": offer["revision"], "sdp": sdp}))
+            .await;
+    }
+
     /// Waits for the server to close the connection.
     async fn closed_by_server(&mut self) {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -985,6 +1003,59 @@ async fn media_controls_host_mute_screen_share_and_the_rest_of_the_catalog() {
             assert!(w[1] > w[0], "seq order {seqs:?}");
         }
     }
+}
+
+/// The track ids an `sdp:offer` event says the subscriber receives.
+fn offered(e: &Value) -> Vec<u64> {
+    let mut v: Vec<u64> = e["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["track"].as_u64())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_subscribe_takes_new_tracks_and_leaves_a_closed_one_closed_until_asked_again() {
+    let env = start().await;
+    let (mut v, _) = env.join("m7", "viewer", Role::Attendee).await;
+    let (mut g, _) = env.join("m7", "guest", Role::Presenter).await;
+    let produced = g
+        .ok(json!({"type": "produce", "sdp": AIORTC_OFFER,
+            "tracks": [{"mid": "0", "source": "microphone"}, {"mid": "1", "source": "camera"}]}))
+        .await;
+    let mut both: Vec<u64> = produced["tracks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["track"].as_u64().unwrap())
+        .collect();
+    both.sort();
+    let mic = produced["tracks"][0]["track"].as_u64().unwrap();
+    // Auto-subscribe (the default) offers the viewer both new tracks (a track added while an
+    // offer is unanswered comes in the next one).
+    loop {
+        let offer = v.event("sdp:offer").await;
+        v.answer(&offer).await;
+        if offered(&offer) == both {
+            break;
+        }
+    }
+
+    // Closed by the client: renegotiated without it, and auto-subscribe does not take it
+    // back (it retries only tracks it wants and does not receive yet).
+    v.ok(json!({"type": "consumer:close", "tracks": [mic]})).await;
+    let without = v.event("sdp:offer").await;
+    assert!(!offered(&without).contains(&mic), "{without}");
+    v.answer(&without).await;
+    v.no_event("sdp:offer", Duration::from_millis(1500)).await;
+
+    // Asked for again: received again.
+    v.ok(json!({"type": "consume", "tracks": [mic]})).await;
+    let again = v.event("sdp:offer").await;
+    assert!(offered(&again).contains(&mic), "{again}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
