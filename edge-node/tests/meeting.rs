@@ -1046,7 +1046,8 @@ async fn auto_subscribe_takes_new_tracks_and_leaves_a_closed_one_closed_until_as
 
     // Closed by the client: renegotiated without it, and auto-subscribe does not take it
     // back (it retries only tracks it wants and does not receive yet).
-    v.ok(json!({"type": "consumer:close", "tracks": [mic]})).await;
+    v.ok(json!({"type": "consumer:close", "tracks": [mic]}))
+        .await;
     let without = v.event("sdp:offer").await;
     assert!(!offered(&without).contains(&mic), "{without}");
     v.answer(&without).await;

@@ -395,6 +395,23 @@ struct Subscription {
     audio: bool,
     /// Drop the current layer until the switch down (see `run_allocation`).
     shed: bool,
+    /// On the shard's `layer_watch` list.
+    watched: bool,
+}
+
+impl Subscription {
+    /// Puts a video subscription on `watch` when its layers moved since last reported or it
+    /// waits for a switch; call after anything that may move its selector.
+    fn watch_layers(&mut self, id: SubscriptionId, watch: &mut Vec<SubscriptionId>) {
+        if self.watched || self.audio {
+            return;
+        }
+        let layers = (self.selector.current(), self.selector.target());
+        if layers != self.reported || layers.0 != layers.1 {
+            self.watched = true;
+            watch.push(id);
+        }
+    }
 }
 
 /// The shard's forwarding state. See the module docs.
@@ -421,6 +438,13 @@ pub struct ShardCore {
     /// Relayed publications whose last layer demand the cascade's queue dropped: sent again on
     /// the next timeout, since a demand only goes out when it changes.
     demand_retries: Vec<PublicationId>,
+    /// Transports whose BWE runs or awaits a probe: the only ones `run_probes` visits (a tick
+    /// touching every transport's cold BWE to find none was 3% of a busy shard).
+    probing: Vec<TransportId>,
+    /// Video subscriptions whose layers changed since last reported or that wait for a switch
+    /// (a keyframe on their target layer): the only ones the per-tick keyframe polls and
+    /// layer-change notices visit (a sweep over every subscription was 3% of a busy shard).
+    layer_watch: Vec<SubscriptionId>,
     pub counters: ShardCounters,
 }
 
@@ -471,6 +495,8 @@ impl ShardCore {
             link_out: Vec::new(),
             cascade_requests: Vec::new(),
             demand_retries: Vec::new(),
+            probing: Vec::new(),
+            layer_watch: Vec::new(),
             counters: ShardCounters::default(),
         }
     }
@@ -572,6 +598,7 @@ impl ShardCore {
                     s.spec.paused = paused;
                     s.selector
                         .set_max_layer(if paused { None } else { s.spec.max_layer });
+                    s.watch_layers(id, &mut self.layer_watch);
                     let publication = s.spec.publication;
                     self.update_layer_demand(publication);
                 }
@@ -582,6 +609,7 @@ impl ShardCore {
                     if !s.spec.paused {
                         s.selector.set_max_layer(max);
                     }
+                    s.watch_layers(id, &mut self.layer_watch);
                     let publication = s.spec.publication;
                     self.update_layer_demand(publication);
                 }
@@ -1003,6 +1031,7 @@ impl ShardCore {
                     if let Some(t) = self.transports.get(&s.spec.transport) {
                         s.selector.handle_allocation(t.bwe.estimate(), &rates, now);
                     }
+                    s.watch_layers(*sid, &mut self.layer_watch);
                 }
             }
         }
@@ -1086,7 +1115,9 @@ impl ShardCore {
         let decision = if s.audio {
             Decision::Forward { switch: false }
         } else {
-            s.selector.handle_packet(SpatialLayer(layer), keyframe, now)
+            let d = s.selector.handle_packet(SpatialLayer(layer), keyframe, now);
+            s.watch_layers(sid, &mut self.layer_watch);
+            d
         };
         let decision = match decision {
             Decision::Forward { switch: false } if s.shed => Decision::Drop,
@@ -1338,8 +1369,13 @@ impl ShardCore {
                 });
             }
         }
-        // Layer change notifications.
-        for (sid, s) in self.subscriptions.iter_mut().filter(|(_, s)| !s.audio) {
+        // Layer change notifications; a subscription leaves the watch list once reported and
+        // not waiting for a switch.
+        let mut watch = std::mem::take(&mut self.layer_watch);
+        watch.retain(|sid| {
+            let Some(s) = self.subscriptions.get_mut(sid) else {
+                return false;
+            };
             let now_layers = (s.selector.current(), s.selector.target());
             if now_layers != s.reported {
                 s.reported = now_layers;
@@ -1363,14 +1399,21 @@ impl ShardCore {
                     ));
                 }
             }
-        }
+            let keep = now_layers.1.is_some() && now_layers.0 != now_layers.1;
+            s.watched = keep;
+            keep
+        });
+        self.layer_watch = watch;
     }
 
     /// NACKs and keyframe requests towards publishers.
     fn run_feedback(&mut self, now: Instant) {
         // Subscribers' selectors wanting a keyframe on a layer.
         let mut wanted: Vec<(PublicationId, u8)> = Vec::new();
-        for s in self.subscriptions.values_mut() {
+        for id in &self.layer_watch {
+            let Some(s) = self.subscriptions.get_mut(id) else {
+                continue;
+            };
             if let Some(l) = s.selector.poll_keyframe_request(now) {
                 wanted.push((s.spec.publication, l.0));
             }
@@ -1471,7 +1514,7 @@ impl ShardCore {
 
     /// Splits each subscriber transport's estimate over its subscriptions.
     fn run_allocation(&mut self, now: Instant) {
-        for t in self.transports.values_mut() {
+        for (&tid, t) in self.transports.iter_mut() {
             if t.subscriptions.is_empty()
                 || t.last_allocation
                     .is_some_and(|l| now.duration_since(l) < ALLOCATION_INTERVAL)
@@ -1517,6 +1560,7 @@ impl ShardCore {
                 };
                 s.selector
                     .handle_allocation(Bitrate::bps(share), &rates, now);
+                s.watch_layers(sid, &mut self.layer_watch);
                 // Over budget on the layer being forwarded and waiting for a lower layer's
                 // keyframe: shed the current layer now (a short freeze) rather than keep
                 // overfilling the subscriber's bottleneck until the keyframe comes (loss for
@@ -1558,13 +1602,35 @@ impl ShardCore {
                     "bandwidth probe"
                 );
                 t.padding = Some((sid, 0));
+                self.probing.push(tid);
             }
         }
     }
 
     /// Sends the running probes' padding and acts on their verdicts.
+    /// Subscriptions the per-tick keyframe polls and layer-change notices visit.
+    #[cfg(test)]
+    pub(crate) fn watched_subscriptions(&self) -> usize {
+        self.layer_watch.len()
+    }
+
+    /// Transports the probe sweep visits on the next tick.
+    #[cfg(test)]
+    pub(crate) fn probing_transports(&self) -> usize {
+        self.probing.len()
+    }
+
     fn run_probes(&mut self, now: Instant) {
-        for t in self.transports.values_mut() {
+        let mut probing = std::mem::take(&mut self.probing);
+        probing.retain(|id| {
+            self.transports
+                .get(id)
+                .is_some_and(|t| t.bwe.probing() || t.padding.is_some())
+        });
+        for &id in &probing {
+            let Some(t) = self.transports.get_mut(&id) else {
+                continue;
+            };
             let due = t.bwe.probe_bytes_due(now);
             while let Some(r) = t.bwe.poll_probe_result() {
                 tracing::debug!(
@@ -1624,6 +1690,7 @@ impl ShardCore {
             }
             t.padding = Some((sid, cursor));
         }
+        self.probing = probing;
     }
 
     fn send_reports(&mut self, now: Instant) {
@@ -1954,8 +2021,12 @@ impl ShardCore {
                 started: false,
                 audio,
                 shed: false,
+                watched: false,
             },
         );
+        if let Some(s) = self.subscriptions.get_mut(&id) {
+            s.watch_layers(id, &mut self.layer_watch);
+        }
         self.update_layer_demand(publication);
     }
 

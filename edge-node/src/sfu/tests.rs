@@ -320,8 +320,12 @@ fn keyframe_requests_from_many_subscribers_coalesce_into_one_pli() {
 /// A subscriber that wants a layer above its estimate, on a simulated downlink of
 /// `capacity_bps` (a FIFO at that rate plus 5 ms; the subscriber's TWCC feedback every 100 ms
 /// reports when each packet got through). Returns (the subscription's target layer `secs` after
-/// it subscribed, probe packets sent, probe packets seen on the RTX stream).
-fn probe_scenario(capacity_bps: u64, secs: u64) -> (Option<SpatialLayer>, u64, usize) {
+/// it subscribed, probe packets sent, probe packets seen on the RTX stream, and the most
+/// and the last number of transports the probe sweep visited on a tick).
+fn probe_scenario(
+    capacity_bps: u64,
+    secs: u64,
+) -> (Option<SpatialLayer>, u64, usize, (usize, usize)) {
     use interceptor::twcc::Recorder;
     const LOW: u32 = 0x0A0A_0000;
     const HIGH: u32 = 0x0B0B_0000;
@@ -365,6 +369,7 @@ fn probe_scenario(capacity_bps: u64, secs: u64) -> (Option<SpatialLayer>, u64, u
     let mut link_free = t0;
     let mut seqs = [0u16; 2];
     let mut rtx_seen = 0;
+    let mut most_probing = 0;
     // 1 ms steps: layer 0 ~100 kbit/s (250 B every 20 ms), layer 1 ~960 kbit/s (1200 B every
     // 10 ms), keyframes every second on both. The subscriber comes after 1 s, when the layers'
     // rates are known.
@@ -413,6 +418,7 @@ fn probe_scenario(capacity_bps: u64, secs: u64) -> (Option<SpatialLayer>, u64, u
         }
         if ms % 10 == 0 {
             h.core.handle_timeout(h.now);
+            most_probing = most_probing.max(h.core.probing_transports());
         }
         for t in h.drain() {
             if t.to != h.subscribers[0].addr {
@@ -451,15 +457,21 @@ fn probe_scenario(capacity_bps: u64, secs: u64) -> (Option<SpatialLayer>, u64, u
         .core
         .subscription_layers(sid)
         .and_then(|(_, target)| target);
-    (target, h.core.counters.probe_packets_out, rtx_seen)
+    let probing = (most_probing, h.core.probing_transports());
+    (target, h.core.counters.probe_packets_out, rtx_seen, probing)
 }
 
 #[test]
 fn probe_on_a_wide_link_earns_the_upgrade() {
     // Estimate starts at 1 Mbit/s: layer 1 (~1 Mbit/s with the 15 % upgrade margin) does not
     // fit until a probe shows the 5 Mbit/s link carries it.
-    let (target, probes, rtx_seen) = probe_scenario(5_000_000, 4);
+    let (target, probes, rtx_seen, probing) = probe_scenario(5_000_000, 4);
     assert!(probes > 0, "no probe sent");
+    assert_eq!(
+        probing,
+        (1, 0),
+        "the sweep visits the probing transport, and none once the upgrade is done"
+    );
     assert_eq!(
         rtx_seen as u64, probes,
         "probe packets go out on the RTX stream"
@@ -475,7 +487,7 @@ fn probe_on_a_wide_link_earns_the_upgrade() {
 fn probe_on_a_narrow_link_keeps_the_lower_layer() {
     // 700 kbit/s: the probe saturates, the estimate stays, the subscriber stays on layer 0,
     // and the failed probe backs off (2 s, then 4 s: three clusters at most in 8 s).
-    let (target, probes, _) = probe_scenario(700_000, 8);
+    let (target, probes, _, _) = probe_scenario(700_000, 8);
     assert!(probes > 0, "no probe sent");
     assert_eq!(target, Some(SpatialLayer(0)));
 }
@@ -514,4 +526,147 @@ fn a_muted_publication_is_not_forwarded_until_unmuted() {
         10,
         "forwarding resumes when the mute is lifted"
     );
+}
+
+/// Audio has no layers to switch: its subscriptions never make the edge ask the publisher for
+/// a keyframe (a PLI on an audio SSRC), however long they run.
+#[test]
+fn an_audio_subscription_never_asks_its_publisher_for_a_keyframe() {
+    const AUDIO_SSRC: u32 = 0x0A0D_1000;
+    const OPUS_PT: u8 = 111;
+    let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
+    let (pid, sid) = (PublicationId(7), SubscriptionId(8));
+    h.core.handle_command(
+        Command::AddPublication {
+            id: pid,
+            spec: PublicationSpec {
+                room: "bench".into(),
+                transport: h.publisher.transport,
+                mid: "1".into(),
+                codec: MediaCodec::Audio,
+                clock_rate: 48_000,
+                payload_type: OPUS_PT,
+                rtx_payload_type: None,
+                layers: vec![LayerSpec {
+                    rid: None,
+                    ssrc: Some(AUDIO_SSRC),
+                    rtx_ssrc: None,
+                }],
+                prefers_fir: false,
+            },
+        },
+        h.now,
+    );
+    h.core.handle_command(
+        Command::AddSubscription {
+            id: sid,
+            spec: SubscriptionSpec {
+                transport: h.subscribers[0].transport,
+                publication: pid,
+                mid: "1".into(),
+                ssrc: 0x3000_0000,
+                rtx_ssrc: None,
+                payload_type: OPUS_PT,
+                rtx_payload_type: None,
+                max_layer: Some(SpatialLayer(0)),
+                paused: false,
+            },
+        },
+        h.now,
+    );
+    let t0 = h.now;
+    let (mut forwarded, mut audio_plis) = (0, 0);
+    for i in 0..300u16 {
+        h.now = t0 + Duration::from_millis(20 * u64::from(i));
+        let mut buf = vec![0u8; MAX_OUT_HEADER + 80];
+        let n = rtp::write_header(
+            &mut buf,
+            true,
+            OPUS_PT,
+            i,
+            u32::from(i) * 960,
+            AUDIO_SSRC,
+            &rtp::OutExtensions::default(),
+        );
+        buf.truncate(n);
+        buf.extend_from_slice(&[0x42; 80]);
+        let data = h.publisher.srtp.encrypt_rtp(&buf).expect("encrypt");
+        h.from_publisher(&data);
+        h.core.handle_timeout(h.now);
+        for t in h.drain() {
+            if t.to == h.subscribers[0].addr {
+                forwarded += usize::from(h.subscribers[0].srtp.decrypt_rtp(&t.data).is_ok());
+                continue;
+            }
+            let Ok(plain) = h.publisher.srtp.decrypt_rtcp(&t.data) else {
+                continue;
+            };
+            let mut raw = &plain[..];
+            for p in rtcp::packet::unmarshal(&mut raw).expect("rtcp") {
+                if let Some(pli) = p
+                    .as_any()
+                    .downcast_ref::<rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication>()
+                {
+                    audio_plis += usize::from(pli.media_ssrc == AUDIO_SSRC);
+                }
+            }
+        }
+    }
+    assert!(
+        forwarded >= 290,
+        "audio reached the subscriber: {forwarded}"
+    );
+    assert_eq!(audio_plis, 0, "keyframe requests on the audio SSRC");
+    assert_eq!(h.core.watched_subscriptions(), 0);
+}
+
+/// A video subscription's layer changes reach its session once each, and a subscription at
+/// rest costs the per-tick sweeps nothing (it leaves the watch list once reported).
+#[test]
+fn layer_changes_are_reported_once_and_a_settled_subscription_leaves_the_watch_list() {
+    let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
+    let sid = h.subscribers[0].subscription.expect("subscribed");
+    let t0 = h.now;
+    let mut changes = Vec::new();
+    let poll = |h: &mut Harness, changes: &mut Vec<_>| {
+        h.core.handle_timeout(h.now);
+        h.core.poll_transmits(&mut Vec::new());
+        while let Some((_, e)) = h.core.poll_event() {
+            if let Event::LayerChanged {
+                subscription,
+                current,
+                target,
+            } = e
+            {
+                assert_eq!(subscription, sid);
+                changes.push((current, target));
+            }
+        }
+    };
+    // Two seconds of 30 fps video, a keyframe first.
+    for i in 0..60u16 {
+        h.now = t0 + Duration::from_millis(33 * u64::from(i));
+        let data = h.publisher_packet(i, u32::from(i) * 3000, i == 0, 600);
+        h.from_publisher(&data);
+        poll(&mut h, &mut changes);
+    }
+    assert_eq!(
+        changes.last(),
+        Some(&(Some(SpatialLayer(0)), Some(SpatialLayer(0)))),
+        "{changes:?}"
+    );
+    let settled = changes.len();
+    assert_eq!(h.core.watched_subscriptions(), 0, "settled, not watched");
+    // Capped to nothing (as a pause does): one more notice, then quiet again.
+    h.core
+        .handle_command(Command::SetMaxLayer { id: sid, max: None }, h.now);
+    for i in 60..90u16 {
+        h.now = t0 + Duration::from_millis(33 * u64::from(i));
+        let data = h.publisher_packet(i, u32::from(i) * 3000, false, 600);
+        h.from_publisher(&data);
+        poll(&mut h, &mut changes);
+    }
+    assert!(changes.len() > settled, "the cap was reported: {changes:?}");
+    assert_eq!(changes.last().map(|c| c.1), Some(None), "{changes:?}");
+    assert_eq!(h.core.watched_subscriptions(), 0);
 }
