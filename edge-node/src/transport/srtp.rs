@@ -10,30 +10,30 @@
 //! two profiles we negotiate): the hot paths are [`SrtpSession::decrypt_rtp_in_place`] (in
 //! the receive buffer) and [`SrtpSession::encrypt_rtp_into`] (into the caller's arena), with
 //! no allocation per packet; `decrypt_rtp` / `encrypt_rtp` are conveniences that allocate.
-//! RTCP uses webrtc-srtp `Context`s, keyed from the same material.
+//! SRTCP from the peer goes through the same module's `RtcpInbound` (every subscriber's
+//! transport-wide feedback, 10-20 packets a second each); SRTCP to the peer (a sender report a
+//! second, feedback to publishers) through a webrtc-srtp `Context` keyed from the same
+//! material.
 //!
-//! Every input is peer-controlled, and webrtc-srtp 0.17 needed three guards in front of it
-//! (the first now guards our RTP transform the same way):
-//! - it parses the RTP header with the rtp crate (0.17.2), which panics on an RFC 8285 header
-//!   extension element that runs past the packet (found by `fuzz/fuzz_targets/rtp_rtcp.rs`);
-//!   [`super::parse::check_rtp_header`] walks the header first;
-//! - it indexes SRTCP packets by their tail before checking their length (a panic on short
-//!   input), so lengths are checked here first;
-//! - with AES-CM it returns an SRTCP packet whose E flag is clear *without checking its
-//!   authentication tag*, although RFC 3711 §3.4 makes authentication mandatory whatever the
-//!   E flag says. Anyone who can send to our port from the peer's address could inject RTCP.
-//!   WebRTC always encrypts SRTCP, so we reject E=0 outright ([`SrtpError::UnencryptedSrtcp`]).
+//! Every input is peer-controlled. Rules kept from the guards webrtc-srtp 0.17 needed:
+//! - RTP headers are walked by [`super::parse::check_rtp_header`] before anything parses them
+//!   (the rtp crate 0.17.2 panics on an RFC 8285 header extension element that runs past the
+//!   packet, found by `fuzz/fuzz_targets/rtp_rtcp.rs`);
+//! - SRTCP lengths are checked before the packet is indexed from its tail;
+//! - SRTCP with the E flag clear is refused outright ([`SrtpError::UnencryptedSrtcp`]): WebRTC
+//!   always encrypts it, and webrtc-srtp with AES-CM returned such packets *without checking
+//!   their authentication tag*, although RFC 3711 §3.4 makes authentication mandatory whatever
+//!   the E flag says.
 //!
 //! Errors come back as [`SrtpError`] for the caller to drop and count.
 
 use bytes::{Bytes, BytesMut};
 use webrtc_srtp::context::Context;
-use webrtc_srtp::option::{srtcp_replay_protection, srtp_replay_protection};
 use webrtc_srtp::protection_profile::ProtectionProfile;
 
 use super::dtls::{SrtpKeys, SrtpProfile};
 use super::parse::ParseError;
-use super::srtp_rtp::RtpTransform;
+use super::srtp_rtp::{RtcpInbound, RtpTransform};
 
 /// Inbound SRTP replay window, in packets. RFC 3711 §3.3.2 asks for at least 64; video
 /// arrives reordered by more than that at high bitrates, so we follow libwebrtc's 1024.
@@ -111,7 +111,7 @@ impl From<webrtc_srtp::Error> for SrtpError {
 /// SRTP state of one transport: see the module docs.
 pub struct SrtpSession {
     /// SRTCP from the peer.
-    inbound: Context,
+    rtcp_in: RtcpInbound,
     /// SRTCP to the peer.
     outbound: Context,
     rtp_in: RtpTransform,
@@ -137,14 +137,6 @@ impl SrtpSession {
             profile: keys.profile,
             source,
         };
-        let inbound = Context::new(
-            &keys.remote_key,
-            &keys.remote_salt,
-            profile,
-            Some(srtp_replay_protection(SRTP_REPLAY_WINDOW)),
-            Some(srtcp_replay_protection(SRTCP_REPLAY_WINDOW)),
-        )
-        .map_err(bad_keys)?;
         // Outbound needs no replay protection: we generate the sequence numbers.
         let outbound = Context::new(&keys.local_key, &keys.local_salt, profile, None, None)
             .map_err(bad_keys)?;
@@ -159,8 +151,15 @@ impl SrtpSession {
         .ok_or_else(wrong_length)?;
         let rtp_out = RtpTransform::new(keys.profile, &keys.local_key, &keys.local_salt, None)
             .ok_or_else(wrong_length)?;
+        let rtcp_in = RtcpInbound::new(
+            keys.profile,
+            &keys.remote_key,
+            &keys.remote_salt,
+            SRTCP_REPLAY_WINDOW,
+        )
+        .ok_or_else(wrong_length)?;
         Ok(SrtpSession {
-            inbound,
+            rtcp_in,
             outbound,
             rtp_in,
             rtp_out,
@@ -231,7 +230,7 @@ impl SrtpSession {
         if packet[e_flag_at] & 0x80 == 0 {
             return Err(SrtpError::UnencryptedSrtcp);
         }
-        Ok(self.inbound.decrypt_rtcp(packet)?)
+        self.rtcp_in.decrypt(packet)
     }
 
     /// Encrypts and authenticates a plain RTP packet for the peer, into a new buffer.
@@ -381,6 +380,71 @@ mod tests {
             assert_eq!(
                 &client.decrypt_rtp(&protected).unwrap()[..],
                 &rtp(9, b"down")[..]
+            );
+        }
+    }
+
+    /// Our SRTCP decryption against webrtc-srtp's encryption: two senders, SRTCP indices past
+    /// 2^16 (where the index's high half enters the IV), a packet reordered within the window
+    /// accepted once, one older than the window refused.
+    #[test]
+    fn srtcp_from_the_peer_decrypts_across_indices_and_senders() {
+        let rr = |ssrc: u32, n: u32| {
+            rtcp::receiver_report::ReceiverReport {
+                ssrc,
+                reports: vec![rtcp::reception_report::ReceptionReport {
+                    ssrc: n,
+                    last_sequence_number: n,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+            .marshal()
+            .unwrap()
+            .to_vec()
+        };
+        for profile in PROFILES {
+            let (ck, sk) = key_pair(profile);
+            let mut client = SrtpSession::new(&ck).unwrap();
+            let mut server = SrtpSession::new(&sk).unwrap();
+            let mut held = None;
+            let mut oldest = None;
+            // Sender A sends nine packets in ten: its SRTCP index passes 2^16 near n = 72,818.
+            for n in 0..80_000u32 {
+                let ssrc = if n % 10 == 9 {
+                    0x0202_0202
+                } else {
+                    0x0101_0101
+                };
+                let plain = rr(ssrc, n);
+                let protected = client.encrypt_rtcp(&plain).unwrap();
+                match n {
+                    100 => oldest = Some(protected),
+                    72_815 => held = Some((protected, plain)),
+                    _ if n % 97 == 0 || (72_800..72_840).contains(&n) || n >= 79_990 => {
+                        let got = server
+                            .decrypt_rtcp(&protected)
+                            .unwrap_or_else(|e| panic!("{profile:?} packet {n}: {e}"));
+                        assert_eq!(&got[..], &plain[..], "{profile:?} packet {n}");
+                    }
+                    _ => {}
+                }
+                if n == 72_830 {
+                    // Delivered after its successors: accepted once.
+                    let (protected, plain) = held.take().unwrap();
+                    assert_eq!(&server.decrypt_rtcp(&protected).unwrap()[..], &plain[..]);
+                    assert!(matches!(
+                        server.decrypt_rtcp(&protected),
+                        Err(SrtpError::Replayed)
+                    ));
+                }
+            }
+            assert!(
+                matches!(
+                    server.decrypt_rtcp(&oldest.unwrap()),
+                    Err(SrtpError::Replayed)
+                ),
+                "{profile:?}: older than the window"
             );
         }
     }
