@@ -5,9 +5,9 @@
 //! packet; at hundreds of thousands of packets per second per core that allocator traffic was
 //! about a fifth of the edge's profile. Here a packet is transformed where it lies: decrypted in
 //! the buffer it was received in, encrypted in the buffer it is sent from (or appended to a
-//! caller's arena, see [`RtpTransform::encrypt_into`]). SRTCP from the peer is decrypted
-//! here too ([`RtcpInbound`]); SRTCP we send (a packet a second per stream) stays on
-//! webrtc-srtp.
+//! caller's arena, see [`RtpTransform::encrypt_into`]). SRTCP is done here too, with the
+//! same primitives ([`RtcpInbound`], [`RtcpOutbound`]): a subscriber sends transport-wide
+//! feedback 10-20 times a second, and a load tester sends it for every simulated viewer.
 //!
 //! What it implements, for the two profiles we negotiate (RFC 5764 §4.1.2, RFC 7714 §14.2):
 //! - session keys from the DTLS-exported master key and salt with the AES-CM PRF, key
@@ -557,6 +557,84 @@ impl RtcpInbound {
         self.streams[at].1.accept(u64::from(index));
         buf.truncate(plain_len);
         Ok(buf.into())
+    }
+}
+
+/// SRTCP to the peer: the inverse of [`RtcpInbound`], with an SRTCP index per sender SSRC
+/// counting from 0. Entries are never evicted: a restarted index would reuse IVs under the
+/// same key (fatal for GCM); the SSRCs are ours, a handful per transport.
+pub(super) struct RtcpOutbound {
+    cipher: Cipher,
+    salt: [u8; 14],
+    next_index: Vec<(u32, u32)>,
+}
+
+impl RtcpOutbound {
+    pub(super) fn new(profile: SrtpProfile, master_key: &[u8], master_salt: &[u8]) -> Option<Self> {
+        let (cipher, salt) = session_keys(profile, master_key, master_salt, SRTCP_LABELS)?;
+        Some(Self {
+            cipher,
+            salt,
+            next_index: Vec::new(),
+        })
+    }
+
+    /// Encrypts and authenticates a plain (compound) RTCP packet, E flag set.
+    pub(super) fn encrypt(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        if packet.len() < RTCP_HEADER_LEN {
+            return Err(SrtpError::TooShort {
+                len: packet.len(),
+                min: RTCP_HEADER_LEN,
+            });
+        }
+        let ssrc = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+        let at = match self.next_index.iter().position(|(s, _)| *s == ssrc) {
+            Some(i) => i,
+            None => {
+                self.next_index.push((ssrc, 0));
+                self.next_index.len() - 1
+            }
+        };
+        // RFC 3711 §9.2: 2^31 packets under one key, then no more.
+        let index = self.next_index[at].1;
+        if index > 0x7fff_ffff {
+            return Err(SrtpError::IndexOutOfRange);
+        }
+        self.next_index[at].1 = index + 1;
+        let e_index = (0x8000_0000 | index).to_be_bytes();
+        let (roc, seq) = (index >> 16, index as u16);
+        let tag_len = match self.cipher {
+            Cipher::AesCm { .. } => HMAC_TAG_LEN,
+            Cipher::Gcm(_) => GCM_TAG_LEN,
+        };
+        let mut out = Vec::with_capacity(packet.len() + SRTCP_INDEX_LEN + tag_len);
+        out.extend_from_slice(packet);
+        match &self.cipher {
+            Cipher::AesCm { aes, mac } => {
+                let mut ctr = keystream(aes, cm_iv(&self.salt, ssrc, roc, seq));
+                ctr.apply_keystream(&mut out[RTCP_HEADER_LEN..]);
+                out.extend_from_slice(&e_index);
+                let mut mac = mac.clone();
+                mac.update(&out);
+                let tag = mac.finalize().into_bytes();
+                out.extend_from_slice(&tag[..HMAC_TAG_LEN]);
+            }
+            Cipher::Gcm(gcm) => {
+                let mut aad = [0u8; RTCP_HEADER_LEN + SRTCP_INDEX_LEN];
+                aad[..RTCP_HEADER_LEN].copy_from_slice(&packet[..RTCP_HEADER_LEN]);
+                aad[RTCP_HEADER_LEN..].copy_from_slice(&e_index);
+                let tag = gcm
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(gcm_iv(&self.salt, ssrc, roc, seq)),
+                        Aad::from(aad),
+                        &mut out[RTCP_HEADER_LEN..],
+                    )
+                    .map_err(|_| SrtpError::AuthFailed)?;
+                out.extend_from_slice(tag.as_ref());
+                out.extend_from_slice(&e_index);
+            }
+        }
+        Ok(out.into())
     }
 }
 
