@@ -199,6 +199,47 @@ impl Harness {
         self.publisher.srtp.encrypt_rtp(&buf).expect("encrypt")
     }
 
+    /// A second publication of the publisher's, at mid "1": one layer per SSRC in `ssrcs`, no
+    /// RTX.
+    pub fn publish(
+        &mut self,
+        id: PublicationId,
+        codec: MediaCodec,
+        payload_type: u8,
+        ssrcs: &[u32],
+    ) {
+        let clock_rate = if codec == MediaCodec::Audio {
+            48_000
+        } else {
+            90_000
+        };
+        let layers = ssrcs
+            .iter()
+            .map(|&ssrc| LayerSpec {
+                rid: None,
+                ssrc: Some(ssrc),
+                rtx_ssrc: None,
+            })
+            .collect();
+        self.core.handle_command(
+            Command::AddPublication {
+                id,
+                spec: PublicationSpec {
+                    room: "bench".into(),
+                    transport: self.publisher.transport,
+                    mid: "1".into(),
+                    codec,
+                    clock_rate,
+                    payload_type,
+                    rtx_payload_type: None,
+                    layers,
+                    prefers_fir: false,
+                },
+            },
+            self.now,
+        );
+    }
+
     /// Feeds a datagram from the publisher.
     pub fn from_publisher(&mut self, data: &[u8]) {
         let addr = self.publisher.addr;

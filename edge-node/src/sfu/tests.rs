@@ -334,28 +334,11 @@ fn probe_scenario(
     let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
     let pid = PublicationId(2);
     let sid = SubscriptionId(3);
-    h.core.handle_command(
-        Command::AddPublication {
-            id: pid,
-            spec: PublicationSpec {
-                room: "bench".into(),
-                transport: h.publisher.transport,
-                mid: "1".into(),
-                codec: MediaCodec::Video(VideoCodec::Vp8),
-                clock_rate: 90_000,
-                payload_type: VIDEO_PT,
-                rtx_payload_type: None,
-                layers: [LOW, HIGH]
-                    .map(|ssrc| LayerSpec {
-                        rid: None,
-                        ssrc: Some(ssrc),
-                        rtx_ssrc: None,
-                    })
-                    .to_vec(),
-                prefers_fir: false,
-            },
-        },
-        h.now,
+    h.publish(
+        pid,
+        MediaCodec::Video(VideoCodec::Vp8),
+        VIDEO_PT,
+        &[LOW, HIGH],
     );
     let sub = h.subscribers[0].transport;
     let vp8 = |key: bool, size: usize| {
@@ -536,27 +519,7 @@ fn an_audio_subscription_never_asks_its_publisher_for_a_keyframe() {
     const OPUS_PT: u8 = 111;
     let mut h = Harness::new(1, SrtpProfile::Aes128CmHmacSha1_80);
     let (pid, sid) = (PublicationId(7), SubscriptionId(8));
-    h.core.handle_command(
-        Command::AddPublication {
-            id: pid,
-            spec: PublicationSpec {
-                room: "bench".into(),
-                transport: h.publisher.transport,
-                mid: "1".into(),
-                codec: MediaCodec::Audio,
-                clock_rate: 48_000,
-                payload_type: OPUS_PT,
-                rtx_payload_type: None,
-                layers: vec![LayerSpec {
-                    rid: None,
-                    ssrc: Some(AUDIO_SSRC),
-                    rtx_ssrc: None,
-                }],
-                prefers_fir: false,
-            },
-        },
-        h.now,
-    );
+    h.publish(pid, MediaCodec::Audio, OPUS_PT, &[AUDIO_SSRC]);
     h.core.handle_command(
         Command::AddSubscription {
             id: sid,
