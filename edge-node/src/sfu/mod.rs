@@ -1607,7 +1607,6 @@ impl ShardCore {
         }
     }
 
-    /// Sends the running probes' padding and acts on their verdicts.
     /// Subscriptions the per-tick keyframe polls and layer-change notices visit.
     #[cfg(test)]
     pub(crate) fn watched_subscriptions(&self) -> usize {
@@ -1620,6 +1619,7 @@ impl ShardCore {
         self.probing.len()
     }
 
+    /// Sends the running probes' padding and acts on their verdicts.
     fn run_probes(&mut self, now: Instant) {
         let mut probing = std::mem::take(&mut self.probing);
         probing.retain(|id| {

@@ -526,9 +526,7 @@ impl RtcpInbound {
                 index_at
             }
             Cipher::Gcm(gcm) => {
-                let mut aad = [0u8; RTCP_HEADER_LEN + SRTCP_INDEX_LEN];
-                aad[..RTCP_HEADER_LEN].copy_from_slice(&packet[..RTCP_HEADER_LEN]);
-                aad[RTCP_HEADER_LEN..].copy_from_slice(&e_index);
+                let aad = srtcp_aad(packet, e_index);
                 let tag_at = index_at - GCM_TAG_LEN;
                 let tag =
                     Tag::try_from(&packet[tag_at..index_at]).map_err(|_| SrtpError::AuthFailed)?;
@@ -620,9 +618,7 @@ impl RtcpOutbound {
                 out.extend_from_slice(&tag[..HMAC_TAG_LEN]);
             }
             Cipher::Gcm(gcm) => {
-                let mut aad = [0u8; RTCP_HEADER_LEN + SRTCP_INDEX_LEN];
-                aad[..RTCP_HEADER_LEN].copy_from_slice(&packet[..RTCP_HEADER_LEN]);
-                aad[RTCP_HEADER_LEN..].copy_from_slice(&e_index);
+                let aad = srtcp_aad(packet, e_index);
                 let tag = gcm
                     .seal_in_place_separate_tag(
                         Nonce::assume_unique_for_key(gcm_iv(&self.salt, ssrc, roc, seq)),
@@ -636,6 +632,18 @@ impl RtcpOutbound {
         }
         Ok(out.into())
     }
+}
+
+/// RFC 7714 §17: an SRTCP packet's associated data is its first 8 octets (header and sender
+/// SSRC) and the E flag with the SRTCP index.
+fn srtcp_aad(
+    packet: &[u8],
+    e_index: [u8; SRTCP_INDEX_LEN],
+) -> [u8; RTCP_HEADER_LEN + SRTCP_INDEX_LEN] {
+    let mut aad = [0u8; RTCP_HEADER_LEN + SRTCP_INDEX_LEN];
+    aad[..RTCP_HEADER_LEN].copy_from_slice(&packet[..RTCP_HEADER_LEN]);
+    aad[RTCP_HEADER_LEN..].copy_from_slice(&e_index);
+    aad
 }
 
 /// AES-CM with an expanded key: a copy of the key schedule, not a new one per packet.
