@@ -42,7 +42,7 @@
 
 use crate::media::{read_rtp, unix_micros};
 use crate::prefetch::{prefetch_line, Hints};
-use crate::recv::Receiver;
+use crate::recv::{Receiver, RtcpPackets};
 use crate::sdp::RemoteDescription;
 use crate::send_from::{send_all_or_drop, send_from, Datagram, SEND_BATCH};
 use crate::stats::{Pending, Shared};
@@ -425,6 +425,7 @@ impl Ticker {
             let mut group = 0usize;
             let mut due: Vec<Arc<Peer>> = Vec::new();
             let mut hubs: Vec<(Arc<HubInner>, HubSends)> = Vec::new();
+            let mut rtcp = RtcpPackets::default();
             loop {
                 tick.tick().await;
                 {
@@ -445,7 +446,7 @@ impl Ticker {
                 group = (group + 1) % TICK_GROUPS;
                 let now = Instant::now();
                 for p in due.drain(..) {
-                    p.tick(now, &mut hubs);
+                    p.tick(now, &mut hubs, &mut rtcp);
                 }
                 // The group's RTCP: one batched send per hub socket.
                 for (hub, sends) in hubs.drain(..) {
@@ -481,7 +482,7 @@ impl std::fmt::Debug for Ticker {
 /// packets to retransmit (already encrypted).
 #[derive(Default)]
 struct Outgoing {
-    rtcp: Vec<Vec<u8>>,
+    rtcp: RtcpPackets,
     resend: Vec<Bytes>,
 }
 
@@ -871,12 +872,12 @@ impl Peer {
     }
 
     /// Encrypts RTCP; each protected packet goes to `sink`.
-    fn protect_rtcp(&self, plain: &[Vec<u8>], mut sink: impl FnMut(Bytes)) {
+    fn protect_rtcp(&self, plain: &RtcpPackets, mut sink: impl FnMut(Bytes)) {
         let mut st = self.state.lock().expect("peer lock");
         let Some(srtp) = st.srtp.as_mut() else {
             return;
         };
-        for p in plain {
+        for p in plain.iter() {
             if let Ok(b) = srtp.encrypt_rtcp(p) {
                 sink(b);
             }
@@ -887,7 +888,7 @@ impl Peer {
     /// is dropped, as RTCP over UDP may be (the next report carries the same information).
     /// Peers on a hub have theirs batched instead ([`Self::queue_outgoing`], [`Self::tick`]),
     /// with the same dropping.
-    fn send_rtcp(&self, plain: &[Vec<u8>]) {
+    fn send_rtcp(&self, plain: &RtcpPackets) {
         if plain.is_empty() {
             return;
         }
@@ -918,19 +919,24 @@ impl Peer {
 
     /// The periodic work, called by the run's [`Ticker`] every [`crate::recv::TWCC_INTERVAL`].
     /// A hub peer's RTCP joins its hub's batch in `hubs`, which the ticker sends after the
-    /// group; a peer on its own socket sends its own.
-    fn tick(&self, now: Instant, hubs: &mut Vec<(Arc<HubInner>, HubSends)>) {
+    /// group; a peer on its own socket sends its own. `rtcp` is the ticker's scratch buffer.
+    fn tick(
+        &self,
+        now: Instant,
+        hubs: &mut Vec<(Arc<HubInner>, HubSends)>,
+        rtcp: &mut RtcpPackets,
+    ) {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
-        let rtcp = {
+        rtcp.clear();
+        {
             let mut st = self.state.lock().expect("peer lock");
             let connected = st.srtp.is_some();
-            match st.receiver.as_mut() {
-                Some(r) if connected => r.poll_rtcp(now),
-                _ => Vec::new(),
+            if let Some(r) = st.receiver.as_mut().filter(|_| connected) {
+                r.poll_rtcp(now, rtcp);
             }
-        };
+        }
         match &self.endpoint {
             Endpoint::Shared { hub, ip } if !rtcp.is_empty() => {
                 if let Some(remote) = *self.remote.lock().expect("peer lock") {
@@ -942,10 +948,10 @@ impl Peer {
                         }
                     };
                     let sends = &mut hubs[at].1;
-                    self.protect_rtcp(&rtcp, |b| sends.push((*ip, remote, b)));
+                    self.protect_rtcp(rtcp, |b| sends.push((*ip, remote, b)));
                 }
             }
-            _ => self.send_rtcp(&rtcp),
+            _ => self.send_rtcp(rtcp),
         }
         self.flush();
         let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
@@ -1105,7 +1111,7 @@ impl Peer {
             r.handle_rtp(pkt, now, now_us);
             // NACK and PLI go out at once; the periodic feedback waits for the tick.
             if r.feedback_due() {
-                out.rtcp.extend(r.poll_feedback());
+                r.poll_feedback(&mut out.rtcp);
             }
             if let Some(hints) = self.hints() {
                 let [key, table, stream, window] = srtp.inbound_rtp_lines(ssrc);

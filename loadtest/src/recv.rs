@@ -18,10 +18,6 @@ use crate::stats::Pending;
 use rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtcp::receiver_report::ReceiverReport;
 use rtcp::reception_report::ReceptionReport;
-use rtcp::transport_feedbacks::transport_layer_cc::{
-    PacketStatusChunk, RecvDelta, RunLengthChunk, StatusChunkTypeTcc, SymbolTypeTcc,
-    TransportLayerCc,
-};
 use rtcp::transport_feedbacks::transport_layer_nack::{NackPair, TransportLayerNack};
 use std::time::{Duration, Instant};
 use webrtc_util::Marshal;
@@ -36,6 +32,44 @@ const PLI_INTERVAL: Duration = Duration::from_secs(1);
 const MAX_NACK_GAP: u64 = 256;
 /// Sequence window for duplicate detection.
 const WINDOW: u64 = 2048;
+
+/// Plain RTCP packets back to back in one buffer that keeps its capacity, so the feedback
+/// every simulated viewer sends ten times a second is built without an allocation.
+#[derive(Debug, Default)]
+pub struct RtcpPackets {
+    bytes: Vec<u8>,
+    /// Where each packet ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl RtcpPackets {
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    pub fn push(&mut self, packet: &[u8]) {
+        self.bytes.extend_from_slice(packet);
+        self.ends.push(self.bytes.len());
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            let packet = &self.bytes[start..end];
+            start = end;
+            packet
+        })
+    }
+}
 
 #[derive(Debug)]
 #[repr(C)]
@@ -317,9 +351,8 @@ impl Receiver {
         !self.nack_out.is_empty() || !self.pli_out.is_empty()
     }
 
-    /// The NACKs and PLIs due, each a plain (unencrypted) RTCP packet.
-    pub fn poll_feedback(&mut self) -> Vec<Vec<u8>> {
-        let mut out = Vec::new();
+    /// Appends the NACKs and PLIs due to `out`, each a plain (unencrypted) RTCP packet.
+    pub fn poll_feedback(&mut self, out: &mut RtcpPackets) {
         for (ssrc, seqs) in self.nack_out.drain(..) {
             let mut nacks: Vec<NackPair> = Vec::new();
             for seq in seqs {
@@ -339,7 +372,7 @@ impl Receiver {
                 nacks,
             };
             if let Ok(b) = pkt.marshal() {
-                out.push(b.to_vec());
+                out.push(&b);
                 self.pending.counters.nack_sent += 1;
             }
         }
@@ -349,24 +382,22 @@ impl Receiver {
                 media_ssrc: ssrc,
             };
             if let Ok(b) = pkt.marshal() {
-                out.push(b.to_vec());
+                out.push(&b);
                 self.pending.counters.pli_sent += 1;
             }
         }
-        out
     }
 
-    /// RTCP packets due now, each a plain (unencrypted) RTCP packet: what
-    /// [`Self::poll_feedback`] returns, transport-wide feedback and receiver reports. Call
+    /// Appends the RTCP packets due now to `out`, each a plain (unencrypted) RTCP packet:
+    /// what [`Self::poll_feedback`] gives, transport-wide feedback and receiver reports. Call
     /// every [`TWCC_INTERVAL`]: a call up to half an interval early still sends, so ticks that
     /// jitter do not skip a report.
-    pub fn poll_rtcp(&mut self, now: Instant) -> Vec<Vec<u8>> {
-        let mut out = self.poll_feedback();
+    pub fn poll_rtcp(&mut self, now: Instant, out: &mut RtcpPackets) {
+        self.poll_feedback(out);
         let early = now + TWCC_INTERVAL / 2;
         if early >= self.next_twcc {
             self.next_twcc = now + TWCC_INTERVAL;
-            if let Some(fb) = self.twcc_feedback() {
-                out.push(fb);
+            if self.twcc_feedback(out) {
                 self.pending.counters.twcc_sent += 1;
             }
             // Jitter samples for the report, once per tick per stream.
@@ -379,14 +410,13 @@ impl Receiver {
         if early >= self.next_rr {
             self.next_rr = now + RR_INTERVAL;
             if let Some(rr) = self.receiver_report() {
-                out.push(rr);
+                out.push(&rr);
                 self.pending.counters.rr_sent += 1;
             }
         }
-        out
     }
 
-    fn receiver_report(&mut self) -> Option<Vec<u8>> {
+    fn receiver_report(&mut self) -> Option<bytes::Bytes> {
         if self.streams.is_empty() {
             return None;
         }
@@ -421,91 +451,153 @@ impl Receiver {
         }
         .marshal()
         .ok()
-        .map(|b| b.to_vec())
     }
 
     /// draft-holmer-rmcat-transport-wide-cc-extensions-01 §3.1: one feedback covering every
-    /// transport sequence number from the lowest unreported to the highest received.
-    fn twcc_feedback(&mut self) -> Option<Vec<u8>> {
-        // Stable sort, then the first arrival of a duplicated sequence number counts.
-        self.twcc_arrivals.sort_by_key(|&(seq, _)| seq);
+    /// transport sequence number from the lowest unreported to the highest received, appended
+    /// to `out`. False when nothing arrived since the last one.
+    fn twcc_feedback(&mut self, out: &mut RtcpPackets) -> bool {
+        // Arrivals are nearly always in order: check before sorting. The sort is stable and
+        // the dedup keeps the first, so the first arrival of a duplicate counts.
+        if !self.twcc_arrivals.is_sorted_by_key(|&(seq, _)| seq) {
+            self.twcc_arrivals.sort_by_key(|&(seq, _)| seq);
+        }
         self.twcc_arrivals.dedup_by_key(|&mut (seq, _)| seq);
-        let &(first, first_at) = self.twcc_arrivals.first()?;
-        let &(last, _) = self.twcc_arrivals.last()?;
-        let last = last.min(first + 8000);
-        let reference = first_at.duration_since(self.epoch);
-        // Reference time in 64 ms units (24 bits), deltas in 250 µs units.
-        let ref_units = (reference.as_micros() / 64_000) as u32 & 0x00ff_ffff;
-        let mut prev_us = i64::from(ref_units) * 64_000;
-        let mut chunks: Vec<PacketStatusChunk> = Vec::new();
-        let mut deltas = Vec::new();
-        let mut run: Option<(SymbolTypeTcc, u16)> = None;
-        let push_run = |chunks: &mut Vec<PacketStatusChunk>, sym: SymbolTypeTcc, n: u16| {
-            chunks.push(PacketStatusChunk::RunLengthChunk(RunLengthChunk {
-                type_tcc: StatusChunkTypeTcc::RunLengthChunk,
-                packet_status_symbol: sym,
-                run_length: n,
-            }));
-        };
-        let mut next = 0;
-        for seq in first..=last {
-            let arrival = match self.twcc_arrivals.get(next) {
-                Some(&(s, at)) if s == seq => {
-                    next += 1;
-                    Some(at)
-                }
-                _ => None,
-            };
-            let sym = match arrival {
-                None => SymbolTypeTcc::PacketNotReceived,
-                Some(at) => {
-                    let us = at.duration_since(self.epoch).as_micros() as i64;
-                    let units = (us - prev_us) / 250;
-                    prev_us += units * 250;
-                    let sym = if (0..=255).contains(&units) {
-                        SymbolTypeTcc::PacketReceivedSmallDelta
-                    } else {
-                        SymbolTypeTcc::PacketReceivedLargeDelta
-                    };
-                    deltas.push(RecvDelta {
-                        type_tcc_packet: sym,
-                        delta: units.clamp(i64::from(i16::MIN), i64::from(i16::MAX)) * 250,
-                    });
-                    sym
-                }
-            };
-            run = match run {
-                Some((s, n)) if s == sym && n < 8191 => Some((s, n + 1)),
-                Some((s, n)) => {
-                    push_run(&mut chunks, s, n);
-                    Some((sym, 1))
-                }
-                None => Some((sym, 1)),
-            };
-        }
-        if let Some((s, n)) = run {
-            push_run(&mut chunks, s, n);
-        }
-        let fb = TransportLayerCc {
+        let header = TwccHeader {
             sender_ssrc: self.our_ssrc,
             media_ssrc: self.twcc_media_ssrc,
-            base_sequence_number: first as u16,
-            packet_status_count: (last - first + 1) as u16,
-            reference_time: ref_units,
             fb_pkt_count: self.twcc_count,
-            packet_chunks: chunks,
-            recv_deltas: deltas,
         };
+        let Some(covered) = write_twcc(&mut out.bytes, header, self.epoch, &self.twcc_arrivals)
+        else {
+            return false;
+        };
+        out.ends.push(out.bytes.len());
         self.twcc_count = self.twcc_count.wrapping_add(1);
-        self.twcc_arrivals.drain(..next);
-        fb.marshal().ok().map(|b| b.to_vec())
+        self.twcc_arrivals.drain(..covered);
+        true
     }
+}
+
+/// The fixed fields of a transport-wide feedback packet.
+#[derive(Debug, Clone, Copy)]
+struct TwccHeader {
+    sender_ssrc: u32,
+    media_ssrc: u32,
+    fb_pkt_count: u8,
+}
+
+/// Most sequence numbers one feedback covers; later arrivals wait for the next.
+const TWCC_MAX_SPAN: u64 = 8000;
+
+/// Appends one transport-wide feedback packet (RTCP PT 205, FMT 15) for `arrivals`
+/// (unwrapped sequence number, arrival), sorted and without duplicates, to `buf`: run-length
+/// status chunks, then a receive delta per received packet in 250 µs units (one byte when
+/// 0-63.75 ms after the previous, else two, signed), padded to 32 bits (RFC 3550 padding:
+/// P bit, count in the last byte). Returns how many arrivals it covered (`None` and nothing
+/// written when there are none).
+fn write_twcc(
+    buf: &mut Vec<u8>,
+    header: TwccHeader,
+    epoch: Instant,
+    arrivals: &[(u64, Instant)],
+) -> Option<usize> {
+    const NOT_RECEIVED: u16 = 0;
+    const SMALL_DELTA: u16 = 1;
+    const LARGE_DELTA: u16 = 2;
+    const MAX_RUN: u16 = 0x1fff;
+    let &(first, first_at) = arrivals.first()?;
+    let last = arrivals
+        .last()
+        .map_or(first, |a| a.0)
+        .min(first + TWCC_MAX_SPAN);
+    // Reference time in 64 ms units (24 bits), deltas in 250 µs units from it.
+    let ref_units = (first_at.duration_since(epoch).as_micros() / 64_000) as u32 & 0x00ff_ffff;
+    let start = buf.len();
+    buf.extend_from_slice(&[0x80 | 15, 205, 0, 0]);
+    buf.extend_from_slice(&header.sender_ssrc.to_be_bytes());
+    buf.extend_from_slice(&header.media_ssrc.to_be_bytes());
+    buf.extend_from_slice(&(first as u16).to_be_bytes());
+    buf.extend_from_slice(&((last - first + 1) as u16).to_be_bytes());
+    buf.extend_from_slice(&(ref_units << 8 | u32::from(header.fb_pkt_count)).to_be_bytes());
+    // Status chunks first; the deltas follow them all, from a second pass.
+    let mut run: Option<(u16, u16)> = None;
+    let push_run = |buf: &mut Vec<u8>, (symbol, n): (u16, u16)| {
+        buf.extend_from_slice(&(symbol << 13 | n).to_be_bytes());
+    };
+    let symbol_of = |units: i64| {
+        if (0..=255).contains(&units) {
+            SMALL_DELTA
+        } else {
+            LARGE_DELTA
+        }
+    };
+    let mut deltas = receive_deltas(epoch, ref_units, arrivals);
+    let mut next = 0;
+    for seq in first..=last {
+        let symbol = match arrivals.get(next) {
+            Some(&(s, _)) if s == seq => {
+                next += 1;
+                deltas.next().map_or(LARGE_DELTA, symbol_of)
+            }
+            _ => NOT_RECEIVED,
+        };
+        run = match run {
+            Some((s, n)) if s == symbol && n < MAX_RUN => Some((s, n + 1)),
+            Some(done) => {
+                push_run(buf, done);
+                Some((symbol, 1))
+            }
+            None => Some((symbol, 1)),
+        };
+    }
+    if let Some(done) = run {
+        push_run(buf, done);
+    }
+    for units in receive_deltas(epoch, ref_units, &arrivals[..next]) {
+        if symbol_of(units) == SMALL_DELTA {
+            buf.push(units as u8);
+        } else {
+            let units = units.clamp(i64::from(i16::MIN), i64::from(i16::MAX)) as i16;
+            buf.extend_from_slice(&units.to_be_bytes());
+        }
+    }
+    let padding = (4 - (buf.len() - start) % 4) % 4;
+    if padding > 0 {
+        buf.resize(buf.len() + padding, 0);
+        *buf.last_mut().expect("padded") = padding as u8;
+        buf[start] |= 0x20;
+    }
+    let words = ((buf.len() - start) / 4 - 1) as u16;
+    buf[start + 2..start + 4].copy_from_slice(&words.to_be_bytes());
+    Some(next)
+}
+
+/// Each arrival's receive delta in 250 µs units: from the reference time for the first, from
+/// the previous one (as rounded) for the others.
+fn receive_deltas(
+    epoch: Instant,
+    ref_units: u32,
+    arrivals: &[(u64, Instant)],
+) -> impl Iterator<Item = i64> + '_ {
+    let mut prev_us = i64::from(ref_units) * 64_000;
+    arrivals.iter().map(move |&(_, at)| {
+        let us = at.duration_since(epoch).as_micros() as i64;
+        let units = (us - prev_us) / 250;
+        prev_us += units * 250;
+        units
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::media::{read_rtp, write_rtp, OutExt, RtpHeader, VideoProfile, VideoSource};
+    use rand::{Rng, SeedableRng};
+    use rtcp::transport_feedbacks::transport_layer_cc::{
+        PacketStatusChunk, RecvDelta, RunLengthChunk, StatusChunkTypeTcc, SymbolTypeTcc,
+        TransportLayerCc,
+    };
 
     fn feed(r: &mut Receiver, seqs: &[u16], now: Instant) {
         let mut src = VideoSource::new(1, VideoProfile::camera(1), now);
@@ -589,7 +681,8 @@ mod tests {
         assert_eq!(c.reordered, 1);
         assert_eq!(c.recovered, 1, "2 was nacked, then arrived");
         assert_eq!(c.rx_packets, 5);
-        let rtcp = r.poll_rtcp(now + Duration::from_secs(2));
+        let mut rtcp = RtcpPackets::default();
+        r.poll_rtcp(now + Duration::from_secs(2), &mut rtcp);
         let parsed: Vec<_> = rtcp
             .iter()
             .flat_map(|b| edge_node::transport::parse::parse_rtcp(b).unwrap())
@@ -607,5 +700,145 @@ mod tests {
         assert!(parsed
             .iter()
             .any(|p| p.as_any().downcast_ref::<ReceiverReport>().is_some()));
+    }
+
+    /// The same feedback built with the rtcp crate's types and marshal (what the load tester
+    /// sent before it wrote the packet itself): the reference for [`write_twcc`].
+    fn twcc_by_rtcp_crate(
+        header: TwccHeader,
+        epoch: Instant,
+        arrivals: &[(u64, Instant)],
+    ) -> (Vec<u8>, usize) {
+        let (first, first_at) = arrivals[0];
+        let last = arrivals[arrivals.len() - 1].0.min(first + TWCC_MAX_SPAN);
+        let ref_units = (first_at.duration_since(epoch).as_micros() / 64_000) as u32 & 0x00ff_ffff;
+        let mut prev_us = i64::from(ref_units) * 64_000;
+        let (mut chunks, mut deltas) = (Vec::new(), Vec::new());
+        let mut run: Option<(SymbolTypeTcc, u16)> = None;
+        let push_run = |chunks: &mut Vec<PacketStatusChunk>, sym, n| {
+            chunks.push(PacketStatusChunk::RunLengthChunk(RunLengthChunk {
+                type_tcc: StatusChunkTypeTcc::RunLengthChunk,
+                packet_status_symbol: sym,
+                run_length: n,
+            }));
+        };
+        let mut next = 0;
+        for seq in first..=last {
+            let sym = match arrivals.get(next) {
+                Some(&(s, at)) if s == seq => {
+                    next += 1;
+                    let us = at.duration_since(epoch).as_micros() as i64;
+                    let units = (us - prev_us) / 250;
+                    prev_us += units * 250;
+                    let sym = if (0..=255).contains(&units) {
+                        SymbolTypeTcc::PacketReceivedSmallDelta
+                    } else {
+                        SymbolTypeTcc::PacketReceivedLargeDelta
+                    };
+                    deltas.push(RecvDelta {
+                        type_tcc_packet: sym,
+                        delta: units.clamp(i64::from(i16::MIN), i64::from(i16::MAX)) * 250,
+                    });
+                    sym
+                }
+                _ => SymbolTypeTcc::PacketNotReceived,
+            };
+            run = match run {
+                Some((s, n)) if s == sym && n < 8191 => Some((s, n + 1)),
+                Some((s, n)) => {
+                    push_run(&mut chunks, s, n);
+                    Some((sym, 1))
+                }
+                None => Some((sym, 1)),
+            };
+        }
+        if let Some((s, n)) = run {
+            push_run(&mut chunks, s, n);
+        }
+        let fb = TransportLayerCc {
+            sender_ssrc: header.sender_ssrc,
+            media_ssrc: header.media_ssrc,
+            base_sequence_number: first as u16,
+            packet_status_count: (last - first + 1) as u16,
+            reference_time: ref_units,
+            fb_pkt_count: header.fb_pkt_count,
+            packet_chunks: chunks,
+            recv_deltas: deltas,
+        };
+        (fb.marshal().unwrap().to_vec(), next)
+    }
+
+    /// Random arrival sets (loss runs, reordered and late arrivals, gaps past the one-byte
+    /// delta and past what two bytes hold, spans past one feedback's limit): the packet written
+    /// directly is the one the rtcp crate builds, byte for byte, and parses back.
+    #[test]
+    fn transport_feedback_is_byte_for_byte_what_the_rtcp_crate_builds() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let epoch = Instant::now();
+        let mut out = RtcpPackets::default();
+        out.push(&[0x81, 201, 0, 1, 0, 0, 0, 9]);
+        let mut large = 0;
+        for case in 0..400 {
+            let mut seq = rng.gen_range(0..70_000u64);
+            let mut at = epoch + Duration::from_millis(rng.gen_range(0..100_000));
+            let mut arrivals = Vec::new();
+            let n = if case % 50 == 0 {
+                3000
+            } else {
+                rng.gen_range(1..200)
+            };
+            for _ in 0..n {
+                arrivals.push((seq, at));
+                seq += match rng.gen_range(0..20) {
+                    0 => rng.gen_range(2..40),
+                    1 if case % 50 == 0 => 9000,
+                    _ => 1,
+                };
+                at = match rng.gen_range(0..30) {
+                    0 => at + Duration::from_millis(rng.gen_range(64..10_000)),
+                    1 => at
+                        .checked_sub(Duration::from_millis(rng.gen_range(1..90)))
+                        .unwrap_or(at),
+                    _ => at + Duration::from_micros(rng.gen_range(0..3_000)),
+                };
+            }
+            let header = TwccHeader {
+                sender_ssrc: rng.gen(),
+                media_ssrc: rng.gen(),
+                fb_pkt_count: rng.gen(),
+            };
+            let (want, want_covered) = twcc_by_rtcp_crate(header, epoch, &arrivals);
+            let before = out.bytes.len();
+            let covered = write_twcc(&mut out.bytes, header, epoch, &arrivals).unwrap();
+            out.ends.push(out.bytes.len());
+            assert_eq!(&out.bytes[before..], &want[..], "case {case}");
+            assert_eq!(covered, want_covered, "case {case}");
+            let parsed =
+                edge_node::transport::parse::parse_rtcp(out.iter().last().unwrap()).unwrap();
+            let fb = parsed[0]
+                .as_any()
+                .downcast_ref::<TransportLayerCc>()
+                .unwrap();
+            assert_eq!(fb.recv_deltas.len(), covered, "case {case}");
+            large += fb
+                .recv_deltas
+                .iter()
+                .filter(|d| d.delta.abs() > 63_750)
+                .count();
+        }
+        assert!(large > 100, "the cases must reach two-byte deltas: {large}");
+        assert_eq!(out.len(), 401);
+        assert_eq!(out.iter().next(), Some(&[0x81, 201, 0, 1, 0, 0, 0, 9][..]));
+        assert!(write_twcc(
+            &mut out.bytes,
+            TwccHeader {
+                sender_ssrc: 1,
+                media_ssrc: 2,
+                fb_pkt_count: 0
+            },
+            epoch,
+            &[]
+        )
+        .is_none());
     }
 }
