@@ -81,8 +81,9 @@ thread_local! {
     /// Receive buffers of this runtime thread, shared by its peers: each use is synchronous
     /// (no `.await` while borrowed).
     static RECV_BATCH: RefCell<RecvBatch> = RefCell::new(RecvBatch::new());
-    /// Where this thread's publishers encrypt media: packets are split off as `Bytes` (sent,
-    /// and kept in the NACK history) without an allocation each.
+    /// Where this thread's publishers encrypt media and its peers their RTCP: packets are
+    /// split off as `Bytes` (sent, and media kept in the NACK history) without an allocation
+    /// each.
     static ARENA: RefCell<BytesMut> = RefCell::new(BytesMut::with_capacity(TX_ARENA));
 }
 
@@ -877,11 +878,14 @@ impl Peer {
         let Some(srtp) = st.srtp.as_mut() else {
             return;
         };
-        for p in plain.iter() {
-            if let Ok(b) = srtp.encrypt_rtcp(p) {
-                sink(b);
+        ARENA.with(|arena| {
+            let mut arena = arena.borrow_mut();
+            for p in plain.iter() {
+                if let Ok(b) = srtp.encrypt_rtcp_into(p, &mut arena) {
+                    sink(b);
+                }
             }
-        }
+        });
     }
 
     /// Encrypts and sends RTCP without waiting: a datagram the socket buffer has no room for

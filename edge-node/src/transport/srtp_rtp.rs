@@ -579,6 +579,17 @@ impl RtcpOutbound {
 
     /// Encrypts and authenticates a plain (compound) RTCP packet, E flag set.
     pub(super) fn encrypt(&mut self, packet: &[u8]) -> Result<Bytes, SrtpError> {
+        self.encrypt_into(packet, &mut BytesMut::new())
+    }
+
+    /// [`Self::encrypt`] into the arena `out` (which must be empty), split off as with
+    /// [`RtpTransform::encrypt_into`]: no allocation while the arena has room.
+    pub(super) fn encrypt_into(
+        &mut self,
+        packet: &[u8],
+        out: &mut BytesMut,
+    ) -> Result<Bytes, SrtpError> {
+        debug_assert!(out.is_empty());
         if packet.len() < RTCP_HEADER_LEN {
             return Err(SrtpError::TooShort {
                 len: packet.len(),
@@ -605,7 +616,7 @@ impl RtcpOutbound {
             Cipher::AesCm { .. } => HMAC_TAG_LEN,
             Cipher::Gcm(_) => GCM_TAG_LEN,
         };
-        let mut out = Vec::with_capacity(packet.len() + SRTCP_INDEX_LEN + tag_len);
+        out.reserve(packet.len() + SRTCP_INDEX_LEN + tag_len);
         out.extend_from_slice(packet);
         match &self.cipher {
             Cipher::AesCm { aes, mac } => {
@@ -625,12 +636,15 @@ impl RtcpOutbound {
                         Aad::from(aad),
                         &mut out[RTCP_HEADER_LEN..],
                     )
-                    .map_err(|_| SrtpError::AuthFailed)?;
+                    .map_err(|_| {
+                        out.clear();
+                        SrtpError::AuthFailed
+                    })?;
                 out.extend_from_slice(tag.as_ref());
                 out.extend_from_slice(&e_index);
             }
         }
-        Ok(out.into())
+        Ok(out.split().freeze())
     }
 }
 
