@@ -624,7 +624,7 @@ impl RtcpOutbound {
                 ctr.apply_keystream(&mut out[RTCP_HEADER_LEN..]);
                 out.extend_from_slice(&e_index);
                 let mut mac = mac.clone();
-                mac.update(&out);
+                mac.update(out);
                 let tag = mac.finalize().into_bytes();
                 out.extend_from_slice(&tag[..HMAC_TAG_LEN]);
             }
