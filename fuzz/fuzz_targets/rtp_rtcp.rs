@@ -47,5 +47,9 @@ fuzz_target!(|data: &[u8]| {
         // Our own output path must not panic on whatever a parser let through either.
         let _ = session.encrypt_rtp(data);
         let _ = session.encrypt_rtcp(data);
+        // Into an arena: split off whole or refused, never leaving bytes behind.
+        let mut arena = bytes::BytesMut::new();
+        let _ = session.encrypt_rtcp_into(data, &mut arena);
+        assert!(arena.is_empty(), "a packet left in the arena");
     }
 });
