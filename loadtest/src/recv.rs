@@ -564,8 +564,9 @@ fn write_twcc(
     }
     let padding = (4 - (buf.len() - start) % 4) % 4;
     if padding > 0 {
-        buf.resize(buf.len() + padding, 0);
-        *buf.last_mut().expect("padded") = padding as u8;
+        // Zeros, then the padding's length in its last byte.
+        buf.resize(buf.len() + padding - 1, 0);
+        buf.push(padding as u8);
         buf[start] |= 0x20;
     }
     let words = ((buf.len() - start) / 4 - 1) as u16;
