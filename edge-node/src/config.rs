@@ -48,6 +48,11 @@ pub struct EdgeConfig {
     /// wake-ups (quinn's runtime, the shard) preempt ordinary processes on a busy host; 0
     /// (default) keeps the normal scheduler. See [`crate::realtime`].
     pub realtime_priority: u8,
+    /// Send each subscriber's share of a burst (a frame's packets, a keyframe) as one UDP GSO
+    /// message where the kernel supports it (default). Off: one datagram per message, as
+    /// before; a device that cannot segment turns it off by itself. See
+    /// [`crate::udp::batch::SendBatch`].
+    pub gso: bool,
 }
 
 impl Default for EdgeConfig {
@@ -67,6 +72,7 @@ impl Default for EdgeConfig {
             cascade: SocketAddr::from(([0, 0, 0, 0], 0)),
             full_presence_up_to: origin::RoomConfig::default().full_presence_up_to,
             realtime_priority: 0,
+            gso: true,
         }
     }
 }
@@ -196,6 +202,10 @@ pub struct EdgeArgs {
     /// scheduling [default: 0].
     #[arg(long, env = "KCS_REALTIME_PRIORITY")]
     pub realtime_priority: Option<u8>,
+    /// Send a frame's packets to each subscriber as one UDP GSO message (where the kernel
+    /// can) [default: true].
+    #[arg(long, env = "KCS_GSO", value_name = "BOOL")]
+    pub gso: Option<bool>,
 }
 
 impl EdgeArgs {
@@ -246,6 +256,9 @@ impl EdgeArgs {
         }
         if let Some(v) = self.realtime_priority {
             c.realtime_priority = v;
+        }
+        if let Some(v) = self.gso {
+            c.gso = v;
         }
         c.port_range()?;
         if c.realtime_priority > 99 {
@@ -547,5 +560,26 @@ mod tests {
             matches!(err, ConfigError::BadRealtimePriority(100)),
             "{err}"
         );
+    }
+
+    #[test]
+    fn gso_is_on_by_default_and_turned_off_by_file_or_flag() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            args: EdgeArgs,
+        }
+        assert!(EdgeArgs::default().resolve().unwrap().gso);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, "gso = false\n").unwrap();
+        let file = path.to_str().unwrap();
+        let parsed =
+            |argv: &[&str]| Cmd::try_parse_from(argv).map(|c| c.args.resolve().unwrap().gso);
+        assert!(!parsed(&["kcs", "--config", file]).unwrap());
+        assert!(parsed(&["kcs", "--config", file, "--gso", "true"]).unwrap());
+        assert!(!parsed(&["kcs", "--gso", "false"]).unwrap());
+        assert!(parsed(&["kcs", "--gso", "maybe"]).is_err());
     }
 }

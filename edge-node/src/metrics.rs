@@ -73,6 +73,8 @@ counters! {
     link_retransmits_out => "cascade_link_retransmits_out_total", "packets resent to cascade links in answer to NACKs";
     link_keyframe_requests_out => "cascade_keyframe_requests_out_total", "keyframe requests sent up cascade links";
     link_nacks_out => "cascade_nacks_out_total", "sequence numbers NACKed up cascade links";
+    udp_datagrams_out => "udp_datagrams_out_total", "datagrams the media sockets handed to the kernel";
+    udp_messages_out => "udp_messages_out_total", "messages those went in: a GSO message carries a frame's packets to one destination";
 }
 
 /// Process-wide totals of a residence histogram ([`kcs_media::residence::Residence`], the one

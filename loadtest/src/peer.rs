@@ -173,6 +173,14 @@ impl Hub {
             libc::IP_RECVTOS,
             0,
         );
+        // quinn-udp also turns GRO on, which hands a GSO message from the edge over whole,
+        // larger than a receive buffer here; a browser takes it one datagram at a time too.
+        let _ = edge_node::udp::batch::set_int_option(
+            std_socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            0,
+        );
         let port = std_socket.local_addr()?.port();
         let inner = Arc::new(HubInner {
             socket: UdpSocket::from_std(std_socket)?,

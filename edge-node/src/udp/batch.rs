@@ -1,7 +1,8 @@
 //! Batched UDP I/O: `recvmmsg(2)` and `sendmmsg(2)`, one syscall per batch.
 //!
-//! A forwarder sends one packet to many different peers, which GSO (same destination only) does
-//! not batch; `sendmmsg` does. Buffers are allocated once per shard and reused.
+//! A forwarder sends one packet to many different peers, which `sendmmsg` batches; and a frame's
+//! several packets to each of them, which UDP GSO sends as one message per peer
+//! ([`SendBatch`]). Buffers are allocated once per shard and reused.
 //!
 //! With [`enable_rx_timestamps`] on the socket, each received datagram carries the kernel's
 //! arrival time (`SO_TIMESTAMPNS`), so the shard can measure how long a packet stayed in the
@@ -190,43 +191,229 @@ impl RecvBatch {
     }
 }
 
-/// Sends datagrams with as few `sendmmsg` calls as possible. Returns how many were sent, from
-/// the front; stops early at the first datagram the kernel does not take. An error means the
-/// first datagram was not sent: on `WouldBlock` the caller waits for writability and calls
-/// again; any other error (EPERM from a firewall drop, ECONNREFUSED) belongs to that one
-/// datagram, which the caller skips before sending the rest.
-pub fn send_batch(fd: RawFd, items: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
-    let mut sent = 0;
-    while sent < items.len() {
-        let chunk = &items[sent..(sent + BATCH).min(items.len())];
-        let mut addrs: [libc::sockaddr_storage; BATCH] = unsafe { zeroed() };
-        let mut iovecs: [libc::iovec; BATCH] = unsafe { zeroed() };
-        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-        for (i, (to, data)) in chunk.iter().enumerate() {
-            let len = to_storage(to, &mut addrs[i]);
-            iovecs[i] = libc::iovec {
-                iov_base: data.as_ptr() as *mut _,
-                iov_len: data.len(),
-            };
-            msgs[i].msg_hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_storage).cast();
-            msgs[i].msg_hdr.msg_namelen = len;
-            msgs[i].msg_hdr.msg_iov = &mut iovecs[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: the headers point at stack arrays and caller-owned data that outlive the call.
-        let n = match unsafe { send_mmsg(fd, &mut msgs[..chunk.len()]) } {
-            Ok(n) => n,
-            // Report what went before the failing datagram; it then leads the caller's next
-            // call, which reports its error.
-            Err(_) if sent > 0 => return Ok(sent),
-            Err(e) => return Err(e),
-        };
-        sent += n;
-        if n < chunk.len() {
-            return Ok(sent);
+/// Most datagrams one GSO send carries (the kernel's `UDP_MAX_SEGMENTS`).
+pub const MAX_SEGMENTS: usize = 64;
+/// Most payload bytes one GSO send carries: a UDP datagram's limit (65,507 over IPv4) with
+/// margin.
+const MAX_GSO_BYTES: usize = 65_000;
+
+/// Whether this kernel segments UDP for us (`UDP_SEGMENT`, Linux 4.18+): asks `fd`.
+pub fn gso_supported(fd: RawFd) -> bool {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, which outlives the call.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    r == 0
+}
+
+/// A send the kernel refused: the error, and how many datagrams of the caller's list it was
+/// for (one message: a single datagram, or one GSO run to one destination). The caller skips
+/// those and sends the rest; on `WouldBlock` it waits for writability instead.
+#[derive(Debug)]
+pub struct SendError {
+    pub error: io::Error,
+    pub datagrams: usize,
+}
+
+/// Reusable buffers for sending datagrams with as few `sendmmsg(2)` calls as possible, and,
+/// where the kernel can, with one message per run of datagrams to the same destination (UDP
+/// GSO, `UDP_SEGMENT`).
+///
+/// Why GSO: on a forwarder most of a packet's cost is the kernel's per-datagram send path
+/// (routing, socket buffer accounting, the IP output, and on loopback the delivery too). A
+/// video frame is several packets of one size (the packetizer splits it evenly) to each
+/// subscriber, and a keyframe tens: as one message the kernel walks that path once and
+/// splits the payload at the end (or the NIC does). Measured on loopback, a 21-packet keyframe
+/// to 60 subscribers took 3.3x less time to send as 60 GSO messages than as 1,260 datagrams.
+///
+/// A run is consecutive datagrams with one destination and one size, the last of them possibly
+/// shorter (the kernel cuts the payload every `size` bytes); callers put each destination's
+/// datagrams side by side in the order they should arrive.
+pub struct SendBatch {
+    gso: bool,
+    addrs: Box<[libc::sockaddr_storage]>,
+    iovecs: Box<[libc::iovec]>,
+    controls: Box<[ControlBuf]>,
+    msgs: Box<[libc::mmsghdr]>,
+    /// Datagrams and messages the kernel took since [`take_sent`](Self::take_sent).
+    sent: (u64, u64),
+}
+
+// The raw pointers inside point only into the struct's own buffers and, during `send`, into
+// the caller's datagrams; none outlives the call.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    /// Buffers for one `sendmmsg` of [`BATCH`] messages; with `gso`, each message may carry up
+    /// to [`MAX_SEGMENTS`] datagrams (see [`gso_supported`]).
+    pub fn new(gso: bool) -> Self {
+        let segments = if gso { MAX_SEGMENTS } else { 1 };
+        // SAFETY (the `zeroed` calls): plain C structs, for which all-zero is valid.
+        Self {
+            gso,
+            addrs: vec![unsafe { zeroed() }; BATCH].into_boxed_slice(),
+            iovecs: vec![unsafe { zeroed() }; BATCH * segments].into_boxed_slice(),
+            controls: vec![[0; 8]; BATCH].into_boxed_slice(),
+            msgs: vec![unsafe { zeroed() }; BATCH].into_boxed_slice(),
+            sent: (0, 0),
         }
     }
-    Ok(sent)
+
+    /// Datagrams and messages (a GSO message is several datagrams) the kernel took since the
+    /// last call.
+    pub fn take_sent(&mut self) -> (u64, u64) {
+        std::mem::take(&mut self.sent)
+    }
+
+    /// Whether runs go as single GSO messages (false when built without, or after the kernel
+    /// refused segmentation on this socket's device).
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Sends `items` in order. Returns how many were sent, from the front; stops early at the
+    /// first message the kernel does not take, which leads the next call, whose error then
+    /// says what happened to it (see [`SendError`]).
+    pub fn send(&mut self, fd: RawFd, items: &[(SocketAddr, &[u8])]) -> Result<usize, SendError> {
+        let mut sent = 0;
+        // Datagrams before this index go one per message: their GSO send was refused for its
+        // size (a segment larger than the device's MTU), which alone they may still pass.
+        let mut plain_until = 0;
+        while sent < items.len() {
+            let mut runs = [0usize; BATCH];
+            let (mut msgs, mut iovs, mut next) = (0, 0, sent);
+            while msgs < BATCH && next < items.len() {
+                let run = if self.gso && next >= plain_until {
+                    gso_run(&items[next..])
+                } else {
+                    1
+                };
+                for (k, (_, data)) in items[next..next + run].iter().enumerate() {
+                    self.iovecs[iovs + k] = libc::iovec {
+                        iov_base: data.as_ptr() as *mut _,
+                        iov_len: data.len(),
+                    };
+                }
+                let namelen = to_storage(&items[next].0, &mut self.addrs[msgs]);
+                let hdr = &mut self.msgs[msgs].msg_hdr;
+                hdr.msg_name = (&mut self.addrs[msgs] as *mut libc::sockaddr_storage).cast();
+                hdr.msg_namelen = namelen;
+                hdr.msg_iov = &mut self.iovecs[iovs];
+                hdr.msg_iovlen = run as _;
+                if run > 1 {
+                    hdr.msg_control = self.controls[msgs].as_mut_ptr().cast();
+                    // SAFETY: CMSG_SPACE(2) (24) fits the 64-byte control buffer `msg_control`
+                    // points at; the header and its u16 are written inside it.
+                    unsafe {
+                        hdr.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
+                        let c = libc::CMSG_FIRSTHDR(hdr);
+                        (*c).cmsg_level = libc::SOL_UDP;
+                        (*c).cmsg_type = libc::UDP_SEGMENT;
+                        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                        std::ptr::write_unaligned(
+                            libc::CMSG_DATA(c).cast::<u16>(),
+                            items[next].1.len() as u16,
+                        );
+                    }
+                } else {
+                    hdr.msg_control = std::ptr::null_mut();
+                    hdr.msg_controllen = 0;
+                }
+                runs[msgs] = run;
+                msgs += 1;
+                iovs += run;
+                next += run;
+            }
+            // SAFETY: the headers point at our buffers and the caller's data, both valid for
+            // the call.
+            match unsafe { send_mmsg(fd, &mut self.msgs[..msgs]) } {
+                Ok(n) => {
+                    let datagrams = runs[..n].iter().sum::<usize>();
+                    sent += datagrams;
+                    self.sent.0 += datagrams as u64;
+                    self.sent.1 += n as u64;
+                    if n < msgs {
+                        return Ok(sent);
+                    }
+                }
+                Err(e) if runs[0] > 1 && refused_segmentation(&e) => {
+                    if e.raw_os_error() == Some(libc::EIO) {
+                        // The device cannot checksum segments (as quinn does, stop asking).
+                        tracing::warn!(error = %e, "UDP GSO refused by the device: sending datagrams one by one from now on");
+                        self.gso = false;
+                    } else {
+                        plain_until = sent + runs[0];
+                    }
+                }
+                // Report what went before the failing message; it then leads the caller's
+                // next call, which reports its error.
+                Err(_) if sent > 0 => return Ok(sent),
+                Err(error) => {
+                    return Err(SendError {
+                        error,
+                        datagrams: runs[0],
+                    })
+                }
+            }
+        }
+        Ok(sent)
+    }
+}
+
+/// How many datagrams from the front of `items` one GSO message can carry: same destination,
+/// same size, the last possibly shorter, within the kernel's limits.
+fn gso_run(items: &[(SocketAddr, &[u8])]) -> usize {
+    let (to, first) = items[0];
+    let size = first.len();
+    if size == 0 || size > usize::from(u16::MAX) {
+        return 1;
+    }
+    let (mut n, mut total) = (1, size);
+    while n < items.len().min(MAX_SEGMENTS) {
+        let (next_to, data) = items[n];
+        if next_to != to
+            || data.len() > size
+            || data.is_empty()
+            || total + data.len() > MAX_GSO_BYTES
+        {
+            break;
+        }
+        total += data.len();
+        n += 1;
+        if data.len() < size {
+            break;
+        }
+    }
+    n
+}
+
+/// Whether a GSO send failed for the segmentation itself (the device cannot, or a segment
+/// does not fit its MTU) rather than for its destination.
+fn refused_segmentation(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE)
+    )
+}
+
+/// Sends datagrams one per message with as few `sendmmsg` calls as possible. Returns how many
+/// were sent, from the front; stops early at the first datagram the kernel does not take. An
+/// error means the first datagram was not sent: on `WouldBlock` the caller waits for
+/// writability and calls again; any other error (EPERM from a firewall drop, ECONNREFUSED)
+/// belongs to that one datagram, which the caller skips before sending the rest.
+pub fn send_batch(fd: RawFd, items: &[(SocketAddr, &[u8])]) -> io::Result<usize> {
+    thread_local! {
+        static PLAIN: std::cell::RefCell<SendBatch> = std::cell::RefCell::new(SendBatch::new(false));
+    }
+    PLAIN.with(|b| b.borrow_mut().send(fd, items).map_err(|e| e.error))
 }
 
 /// One non-blocking `sendmmsg(2)` of `msgs`: how many datagrams the kernel took, or the error
@@ -297,7 +484,7 @@ fn to_storage(addr: &SocketAddr, s: &mut libc::sockaddr_storage) -> libc::sockle
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
@@ -410,6 +597,183 @@ mod tests {
             }
         }
         assert_eq!(got, payloads);
+    }
+
+    /// A socket that takes a GSO message whole (`UDP_GRO`): one read per message sent, with
+    /// its segment size, so a test sees how the datagrams were grouped.
+    pub(crate) fn coalescing_receiver() -> std::net::UdpSocket {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        set_int_option(s.as_raw_fd(), libc::SOL_UDP, libc::UDP_GRO, 1).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    /// Every message waiting on `s` (a [`coalescing_receiver`]): its bytes and segment size
+    /// (the whole length when it came as one plain datagram).
+    pub(crate) fn messages(s: &std::net::UdpSocket, want: usize) -> Vec<(Vec<u8>, usize)> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut control = [0u64; 8];
+        while out.len() < want {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            let mut hdr: libc::msghdr = unsafe { zeroed() };
+            hdr.msg_iov = &mut iov;
+            hdr.msg_iovlen = 1;
+            hdr.msg_control = control.as_mut_ptr().cast();
+            hdr.msg_controllen = size_of::<[u64; 8]>() as _;
+            // SAFETY: the header points at buffers that outlive the call.
+            let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut hdr, 0) };
+            assert!(n >= 0, "{}", io::Error::last_os_error());
+            let mut segment = n as usize;
+            // SAFETY: the kernel wrote well-formed cmsgs into our control buffer.
+            unsafe {
+                let mut c = libc::CMSG_FIRSTHDR(&hdr);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                        segment =
+                            std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u16>()) as usize;
+                    }
+                    c = libc::CMSG_NXTHDR(&hdr, c);
+                }
+            }
+            out.push((buf[..n as usize].to_vec(), segment));
+        }
+        out
+    }
+
+    fn payloads(sizes: &[usize], tag: u8) -> Vec<Vec<u8>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![tag.wrapping_add(i as u8); n])
+            .collect()
+    }
+
+    #[test]
+    fn runs_to_one_destination_go_as_one_gso_message_each_and_arrive_whole_in_order() {
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(gso_supported(tx.as_raw_fd()), "this kernel segments UDP");
+        let (b, c) = (coalescing_receiver(), coalescing_receiver());
+        let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+        // A frame of five equal packets and a shorter last one; two to c; one more to b, of
+        // another size; then 70 equal ones to c, more than one message may carry.
+        let frame = payloads(&[1000, 1000, 1000, 1000, 1000, 300], 1);
+        let two = payloads(&[800, 800], 50);
+        let single = payloads(&[1200], 90);
+        let many = payloads(&[100; 70], 100);
+        let mut items: Vec<(SocketAddr, &[u8])> = Vec::new();
+        items.extend(frame.iter().map(|p| (to_b, p.as_slice())));
+        items.extend(two.iter().map(|p| (to_c, p.as_slice())));
+        items.extend(single.iter().map(|p| (to_b, p.as_slice())));
+        items.extend(many.iter().map(|p| (to_c, p.as_slice())));
+        let mut sender = SendBatch::new(true);
+        assert_eq!(sender.send(tx.as_raw_fd(), &items).unwrap(), items.len());
+        assert_eq!(sender.take_sent(), (79, 5));
+        assert_eq!(sender.take_sent(), (0, 0));
+
+        let at_b = messages(&b, 2);
+        assert_eq!(at_b[0], (frame.concat(), 1000), "the frame is one message");
+        assert_eq!(at_b[1], (single.concat(), 1200));
+        let at_c = messages(&c, 3);
+        assert_eq!(at_c[0], (two.concat(), 800));
+        assert_eq!(
+            at_c[1],
+            (many[..MAX_SEGMENTS].concat(), 100),
+            "at most 64 per message"
+        );
+        assert_eq!(at_c[2], (many[MAX_SEGMENTS..].concat(), 100));
+
+        // Without GSO the same list is 79 datagrams.
+        let mut plain = SendBatch::new(false);
+        assert_eq!(plain.send(tx.as_raw_fd(), &items).unwrap(), items.len());
+        let at_b = messages(&b, 7);
+        let want: Vec<(Vec<u8>, usize)> = frame
+            .iter()
+            .chain(&single)
+            .map(|p| (p.clone(), p.len()))
+            .collect();
+        assert_eq!(at_b, want);
+    }
+
+    #[test]
+    fn a_run_to_a_refused_destination_is_skipped_whole_and_the_rest_still_go() {
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = coalescing_receiver();
+        let to_b = b.local_addr().unwrap();
+        // An IPv6 destination on an IPv4 socket: the kernel refuses it (EAFNOSUPPORT).
+        let bad: SocketAddr = "[::1]:9".parse().unwrap();
+        let before = payloads(&[500, 500], 1);
+        let refused = payloads(&[700; 3], 10);
+        let after = payloads(&[600, 600, 600], 20);
+        let mut items: Vec<(SocketAddr, &[u8])> = Vec::new();
+        items.extend(before.iter().map(|p| (to_b, p.as_slice())));
+        items.extend(refused.iter().map(|p| (bad, p.as_slice())));
+        items.extend(after.iter().map(|p| (to_b, p.as_slice())));
+        let mut sender = SendBatch::new(true);
+        let mut next = 0;
+        let mut skipped = Vec::new();
+        while next < items.len() {
+            match sender.send(tx.as_raw_fd(), &items[next..]) {
+                Ok(n) => next += n,
+                Err(e) => {
+                    skipped.push((next, e.datagrams));
+                    next += e.datagrams;
+                }
+            }
+        }
+        assert_eq!(skipped, vec![(2, 3)], "the bad destination's run, once");
+        assert!(sender.gso());
+        assert_eq!(
+            messages(&b, 2),
+            vec![(before.concat(), 500), (after.concat(), 600)]
+        );
+    }
+
+    #[test]
+    fn a_run_the_kernel_will_not_segment_goes_datagram_by_datagram() {
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Without UDP checksums the kernel refuses every GSO send (EINVAL), as it does for a
+        // segment over the device's MTU; plain datagrams still go.
+        set_int_option(tx.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NO_CHECK, 1).unwrap();
+        let b = coalescing_receiver();
+        let to_b = b.local_addr().unwrap();
+        let frame = payloads(&[900, 900, 900, 400], 1);
+        let items: Vec<(SocketAddr, &[u8])> = frame.iter().map(|p| (to_b, p.as_slice())).collect();
+        let mut sender = SendBatch::new(true);
+        assert_eq!(sender.send(tx.as_raw_fd(), &items).unwrap(), 4);
+        let want: Vec<(Vec<u8>, usize)> = frame.iter().map(|p| (p.clone(), p.len())).collect();
+        assert_eq!(messages(&b, 4), want, "one datagram each, in order");
+        assert!(sender.gso(), "only that run went without");
+    }
+
+    #[test]
+    fn gso_runs_break_at_a_new_destination_a_larger_datagram_or_after_a_shorter_one() {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let run = |list: &[(SocketAddr, usize)]| {
+            let bufs: Vec<Vec<u8>> = list.iter().map(|&(_, n)| vec![0; n]).collect();
+            let items: Vec<(SocketAddr, &[u8])> = list
+                .iter()
+                .zip(&bufs)
+                .map(|(&(to, _), d)| (to, d.as_slice()))
+                .collect();
+            gso_run(&items)
+        };
+        assert_eq!(run(&[(a, 100), (a, 100), (b, 100)]), 2);
+        assert_eq!(run(&[(a, 100), (a, 100), (a, 101)]), 2, "larger");
+        assert_eq!(
+            run(&[(a, 100), (a, 50), (a, 50)]),
+            2,
+            "a shorter one ends it"
+        );
+        assert_eq!(run(&[(a, 0), (a, 0)]), 1, "empty");
+        assert_eq!(run(&[(a, 100); 100]), MAX_SEGMENTS);
+        assert_eq!(run(&[(a, 1400); 60]), MAX_GSO_BYTES / 1400, "bytes");
     }
 
     #[test]
