@@ -25,7 +25,11 @@ fn send(c: &mut Criterion) {
         let payloads: Vec<Vec<u8>> = (0..packets).map(|p| vec![p as u8; 1200]).collect();
         let queued: Vec<(SocketAddr, &[u8])> = payloads
             .iter()
-            .flat_map(|p| receivers.iter().map(move |r| (r.local_addr().unwrap(), &p[..])))
+            .flat_map(|p| {
+                receivers
+                    .iter()
+                    .map(move |r| (r.local_addr().unwrap(), &p[..]))
+            })
             .collect();
         let mut grouped = queued.clone();
         grouped.sort_by_key(|&(to, _)| to);

@@ -375,20 +375,21 @@ impl ShardShell {
                                 let now = Instant::now();
                                 for i in 0..n {
                                     let Some((from, data)) = batch.get(i) else { continue };
-                                    // The residence histogram is about forwarded media, not
-                                    // feedback, STUN or DTLS.
                                     let stream = match classify(data) {
                                         PacketClass::Rtp => rtp_ssrc(data),
                                         _ => None,
                                     };
-                                    if stream.is_some() {
-                                        if let Some(t) = batch.arrival(i) { arrivals.push(t); }
-                                    }
                                     if flush_before(core.queued_transmits(), &mut burst, stream) {
                                         core.poll_transmits(&mut transmits);
                                         send_all(&socket, &mut sender, &transmits).await;
                                         transmits.clear();
                                         observe_residence(&mut arrivals, &mut residence);
+                                    }
+                                    // The residence histogram is about forwarded media, not
+                                    // feedback, STUN or DTLS; this datagram's stay ends with
+                                    // the next send, which carries its copies.
+                                    if stream.is_some() {
+                                        if let Some(t) = batch.arrival(i) { arrivals.push(t); }
                                     }
                                     self.dispatch(&mut core, from, data, now, &mut handshakes, &mut handoff, &fingerprints, &dtls_out_tx, &done_tx);
                                 }
@@ -405,9 +406,9 @@ impl ShardShell {
                     while let Some(input) = next.take() {
                         let now = Instant::now();
                         let relayed = self.handle_input(input, &mut core, &mut sessions, &mut fingerprints, &mut handshakes, &mut handoff, &dtls_out_tx, &done_tx, now);
-                        // Relayed media is sent as it goes, as on the socket path: a burst from
-                        // a link (a keyframe, or what queued while the shard was busy) to many
-                        // local subscribers is thousands of encryptions.
+                        // Relayed media is sent a stream's burst at a time, as on the socket
+                        // path (see FLUSH_TRANSMITS): what queued from a link while the shard
+                        // was busy, to many local subscribers, is thousands of encryptions.
                         for p in relayed.into_iter().flatten() {
                             // Bit 63 keeps relayed streams apart from SSRCs.
                             let stream = Some(1 << 63 | p.publication.0 << 8 | u64::from(p.layer));
