@@ -231,8 +231,9 @@ pub struct SendError {
 /// (routing, socket buffer accounting, the IP output, and on loopback the delivery too). A
 /// video frame is several packets of one size (the packetizer splits it evenly) to each
 /// subscriber, and a keyframe tens: as one message the kernel walks that path once and
-/// splits the payload at the end (or the NIC does). Measured on loopback, a 21-packet keyframe
-/// to 60 subscribers took 3.3x less time to send as 60 GSO messages than as 1,260 datagrams.
+/// splits the payload at the end (or the NIC does). On loopback, a 21-packet keyframe to 60
+/// subscribers takes 2.3-2.5x less time to send as 60 GSO messages than as 1,260 datagrams,
+/// a 2-packet frame 1.4-1.6x (`cargo bench -p edge-node --bench send`, BENCHMARKS.md).
 ///
 /// A run is consecutive datagrams with one destination and one size, the last of them possibly
 /// shorter (the kernel cuts the payload every `size` bytes); callers put each destination's

@@ -42,7 +42,7 @@ const DTLS_INBOUND: usize = 64;
 /// Why: a stream's packets come back to back, a frame at a time (a keyframe is tens of them),
 /// and each subscriber's copies of one frame leave as one GSO message when they are sent
 /// together ([`batch::SendBatch`]): for a 21-packet keyframe to 60 subscribers that is 60
-/// messages instead of 1,260 datagrams, a third of the time. Sending at every change of
+/// messages instead of 1,260 datagrams, sent in less than half the time. Sending at every change of
 /// stream keeps what waited short: without a bound a wake-up's first packet would wait until
 /// up to 64 x 32 datagrams were processed, thousands of encryptions with fan-out.
 const FLUSH_TRANSMITS: usize = batch::BATCH;
