@@ -445,7 +445,37 @@ pub struct ShardCore {
     /// (a keyframe on their target layer): the only ones the per-tick keyframe polls and
     /// layer-change notices visit (a sweep over every subscription was 3% of a busy shard).
     layer_watch: Vec<SubscriptionId>,
+    /// Packets taken in whose copies are not made yet: the fan-out runs when the shell polls
+    /// the transmits, a burst at a time (see [`ShardCore::fan_out`]).
+    pending: PendingFanOut,
     pub counters: ShardCounters,
+}
+
+/// Packets waiting for their fan-out, in arrival order, with their bytes back to back.
+///
+/// Why wait: the shell sends a stream's burst (a frame, a keyframe) together so each
+/// subscriber's copies leave as one GSO message (`crate::udp`). Made subscriber after
+/// subscriber, a burst's copies to the first subscribers are ready after their own
+/// encryption instead of after every subscriber's copy of the packets before theirs, and each
+/// subscriber's state (subscription, transport, SRTP stream, BWE) is loaded once per burst
+/// instead of once per packet.
+#[derive(Default)]
+struct PendingFanOut {
+    packets: Vec<PendingPacket>,
+    bytes: Vec<u8>,
+    /// Copies the waiting packets will make at most: their publications' subscribers.
+    copies: usize,
+}
+
+struct PendingPacket {
+    publication: PublicationId,
+    layer: u8,
+    ext_seq: u64,
+    keyframe: bool,
+    audio_level: Option<u8>,
+    /// The `now` the packet was taken in with: what its copies are timed by, as if made then.
+    now: Instant,
+    bytes: std::ops::Range<usize>,
 }
 
 /// The shard's reused packet buffers: with them the packet path allocates nothing per packet.
@@ -497,6 +527,7 @@ impl ShardCore {
             demand_retries: Vec::new(),
             probing: Vec::new(),
             layer_watch: Vec::new(),
+            pending: PendingFanOut::default(),
             counters: ShardCounters::default(),
         }
     }
@@ -504,6 +535,8 @@ impl ShardCore {
     // ---- inputs -------------------------------------------------------------------------
 
     pub fn handle_command(&mut self, cmd: Command, now: Instant) {
+        // What was taken in before the command is copied under the state it came in.
+        self.fan_out();
         match cmd {
             Command::AddTransport {
                 id,
@@ -1035,14 +1068,82 @@ impl ShardCore {
                 }
             }
         }
-        let subscribers = std::mem::take(&mut p.subscribers);
-        for (i, sid) in subscribers.iter().enumerate() {
-            self.prefetch_ahead(&subscribers, i);
-            self.forward(*sid, layer_idx, ext_seq, view, keyframe, audio_level, now);
+        if p.subscribers.is_empty() {
+            return;
         }
-        if let Some(p) = self.publications.get_mut(&pid) {
-            p.subscribers = subscribers;
+        let pending = &mut self.pending;
+        pending.copies += p.subscribers.len();
+        let start = pending.bytes.len();
+        pending.bytes.extend_from_slice(view.bytes());
+        pending.packets.push(PendingPacket {
+            publication: pid,
+            layer: layer_idx,
+            ext_seq,
+            keyframe,
+            audio_level,
+            now,
+            bytes: start..pending.bytes.len(),
+        });
+    }
+
+    /// Makes the copies of every packet taken in since the last fan-out: for each run of
+    /// packets of one publication's layer, subscriber after subscriber, each subscriber's
+    /// copies in arrival order (so a subscriber's layer switches see the layers' packets in the
+    /// order they came, as when each packet was fanned out on arrival).
+    fn fan_out(&mut self) {
+        if self.pending.packets.is_empty() {
+            return;
         }
+        let PendingFanOut {
+            packets,
+            bytes,
+            copies: _,
+        } = std::mem::take(&mut self.pending);
+        let mut start = 0;
+        while start < packets.len() {
+            let (pid, layer) = (packets[start].publication, packets[start].layer);
+            let len = packets[start..]
+                .iter()
+                .take_while(|p| p.publication == pid && p.layer == layer)
+                .count();
+            let run = &packets[start..start + len];
+            start += len;
+            // Parsed when taken in: the bytes are what that view was made of.
+            let views: Vec<(&PendingPacket, RtpView<'_>)> = run
+                .iter()
+                .filter_map(|p| Some((p, RtpView::parse(&bytes[p.bytes.clone()]).ok()?)))
+                .collect();
+            let Some(p) = self.publications.get_mut(&pid) else {
+                continue;
+            };
+            let subscribers = std::mem::take(&mut p.subscribers);
+            for (i, sid) in subscribers.iter().enumerate() {
+                self.prefetch_ahead(&subscribers, i);
+                for (packet, view) in &views {
+                    self.forward(
+                        *sid,
+                        layer,
+                        packet.ext_seq,
+                        view,
+                        packet.keyframe,
+                        packet.audio_level,
+                        packet.now,
+                    );
+                }
+            }
+            if let Some(p) = self.publications.get_mut(&pid) {
+                p.subscribers = subscribers;
+            }
+        }
+        // Keep the buffers' capacity for the next bursts.
+        let (mut packets, mut bytes) = (packets, bytes);
+        packets.clear();
+        bytes.clear();
+        self.pending = PendingFanOut {
+            packets,
+            bytes,
+            copies: 0,
+        };
     }
 
     /// Starts loading what forwarding to the subscribers after `sids[i]` will read, while the
@@ -1326,6 +1427,7 @@ impl ShardCore {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.fan_out();
         // ICE consent freshness: a 30 s deadline needs no 10 ms sweep, and the sweep touches
         // every transport (a cold 3 KB entry each on a busy shard).
         let consent_due = self
@@ -1791,11 +1893,13 @@ impl ShardCore {
 
     /// Datagrams waiting for [`poll_transmits`](Self::poll_transmits).
     pub fn queued_transmits(&self) -> usize {
-        self.transmits.len()
+        self.transmits.len() + self.pending.copies
     }
 
-    /// Moves queued datagrams into `out`.
+    /// Makes the copies of the packets taken in since the last call and moves every queued
+    /// datagram into `out`.
     pub fn poll_transmits(&mut self, out: &mut Vec<Transmit>) {
+        self.fan_out();
         out.append(&mut self.transmits);
     }
 

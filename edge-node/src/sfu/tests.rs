@@ -633,3 +633,85 @@ fn layer_changes_are_reported_once_and_a_settled_subscription_leaves_the_watch_l
     assert_eq!(changes.last().map(|c| c.1), Some(None), "{changes:?}");
     assert_eq!(h.core.watched_subscriptions(), 0);
 }
+
+#[test]
+fn a_burst_fanned_out_at_once_goes_subscriber_after_subscriber_with_what_each_got_one_by_one() {
+    // What a subscriber sees of a packet: rewritten sequence, timestamp, marker, payload.
+    type Seen = (u16, u32, bool, Vec<u8>);
+    let seen = |h: &mut Harness, out: &[Transmit]| {
+        let mut by_subscriber: Vec<Vec<Seen>> = vec![Vec::new(); h.subscribers.len()];
+        for (i, plain) in decrypt_all(h, out) {
+            let v = RtpView::parse(&plain).unwrap();
+            by_subscriber[i].push((v.seq, v.timestamp, v.marker, v.payload().to_vec()));
+        }
+        by_subscriber
+    };
+    // A keyframe, then delta frames of four packets each.
+    let plan: Vec<(u16, u32, bool)> = (0..12u16)
+        .map(|k| (100 + k, u32::from(k / 4) * 3000, k == 0))
+        .collect();
+    let profile = SrtpProfile::AeadAes128Gcm;
+
+    // Each packet's copies made as it arrives: the reference.
+    let mut one_by_one = Harness::new(3, profile);
+    let mut expected: Vec<Vec<Seen>> = vec![Vec::new(); 3];
+    for &(seq, ts, key) in &plan {
+        let p = one_by_one.publisher_packet(seq, ts, key, 300 + usize::from(seq));
+        one_by_one.from_publisher(&p);
+        let out = one_by_one.drain();
+        for (i, got) in seen(&mut one_by_one, &out).into_iter().enumerate() {
+            expected[i].extend(got);
+        }
+    }
+    assert!(
+        expected.iter().all(|e| e.len() == 12),
+        "every packet to everyone"
+    );
+
+    // The same packets taken in as one burst, then fanned out when the shell asks.
+    let mut burst = Harness::new(3, profile);
+    for &(seq, ts, key) in &plan {
+        let p = burst.publisher_packet(seq, ts, key, 300 + usize::from(seq));
+        burst.from_publisher(&p);
+    }
+    assert_eq!(
+        burst.core.queued_transmits(),
+        36,
+        "the copies to come count as queued before they are made"
+    );
+    let out = burst.drain();
+    let order: Vec<SocketAddr> = out.iter().map(|t| t.to).collect();
+    let want: Vec<SocketAddr> = burst
+        .subscribers
+        .iter()
+        .flat_map(|s| std::iter::repeat_n(s.addr, 12))
+        .collect();
+    assert_eq!(order, want, "subscriber after subscriber");
+    assert_eq!(seen(&mut burst, &out), expected);
+    assert_eq!(burst.core.queued_transmits(), 0);
+}
+
+#[test]
+fn a_command_applies_after_the_copies_of_what_came_before_it() {
+    let mut h = Harness::new(2, SrtpProfile::AeadAes128Gcm);
+    let key = h.publisher_packet(1, 0, true, 200);
+    h.from_publisher(&key);
+    // The subscriber leaves after the keyframe came: it still gets its copy, as when copies
+    // were made on arrival.
+    let leaving = h.subscribers[1].subscription.unwrap();
+    let now = h.now;
+    h.core
+        .handle_command(Command::RemoveSubscription { id: leaving }, now);
+    let delta = h.publisher_packet(2, 3000, false, 200);
+    h.from_publisher(&delta);
+    let out = h.drain();
+    let got: Vec<usize> = decrypt_all(&mut h, &out)
+        .into_iter()
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        got,
+        vec![0, 1, 0],
+        "the keyframe to both, the delta to who stayed"
+    );
+}
