@@ -1891,7 +1891,8 @@ impl ShardCore {
 
     // ---- outputs ------------------------------------------------------------------------
 
-    /// Datagrams waiting for [`poll_transmits`](Self::poll_transmits).
+    /// Datagrams waiting for [`poll_transmits`](Self::poll_transmits), counting the copies
+    /// the packets taken in will make (at most: a paused or dropping subscription makes none).
     pub fn queued_transmits(&self) -> usize {
         self.transmits.len() + self.pending.copies
     }
