@@ -1095,9 +1095,9 @@ impl ShardCore {
             return;
         }
         let PendingFanOut {
-            packets,
-            bytes,
-            copies: _,
+            mut packets,
+            mut bytes,
+            ..
         } = std::mem::take(&mut self.pending);
         let mut start = 0;
         while start < packets.len() {
@@ -1136,7 +1136,6 @@ impl ShardCore {
             }
         }
         // Keep the buffers' capacity for the next bursts.
-        let (mut packets, mut bytes) = (packets, bytes);
         packets.clear();
         bytes.clear();
         self.pending = PendingFanOut {
