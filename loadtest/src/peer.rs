@@ -47,7 +47,7 @@ use crate::sdp::RemoteDescription;
 use crate::send_from::{send_all_or_drop, send_from, Datagram, SEND_BATCH};
 use crate::stats::{Pending, Shared};
 use bytes::{Bytes, BytesMut};
-use edge_node::transport::demux::{classify, PacketClass};
+use edge_node::transport::demux::{classify, rtp_ssrc, PacketClass};
 use edge_node::transport::dtls::{self, DtlsCertificate, DtlsSession, Fingerprint};
 use edge_node::transport::ice;
 use edge_node::transport::srtp::SrtpSession;
@@ -132,14 +132,6 @@ fn hub_number(ip: Ipv4Addr) -> Option<u32> {
         [127, b, c, d] if (100..164).contains(&b) => {
             Some(u32::from(b - 100) << 16 | u32::from(c) << 8 | u32::from(d))
         }
-        _ => None,
-    }
-}
-
-/// The SSRC of an SRTP packet (its header is not encrypted), for the prefetch.
-fn rtp_ssrc(datagram: &[u8]) -> Option<u32> {
-    match (classify(datagram), datagram.get(8..12)) {
-        (PacketClass::Rtp, Some(b)) => Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
         _ => None,
     }
 }

@@ -57,9 +57,36 @@ pub fn classify(buf: &[u8]) -> PacketClass {
     }
 }
 
+/// The SSRC of an RTP datagram (RFC 3550 §5.1: bytes 8-11, in the clear under SRTP), without
+/// parsing or decrypting it; `None` for anything else or a datagram too short to carry one.
+pub fn rtp_ssrc(buf: &[u8]) -> Option<u32> {
+    match (classify(buf), buf.get(8..12)) {
+        (PacketClass::Rtp, Some(b)) => Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtp_ssrc_is_read_from_rtp_only() {
+        let mut rtp = [0u8; 12];
+        rtp[0] = 0x80;
+        rtp[1] = 96;
+        rtp[8..12].copy_from_slice(&0xdead_beefu32.to_be_bytes());
+        assert_eq!(rtp_ssrc(&rtp), Some(0xdead_beef));
+        assert_eq!(rtp_ssrc(&rtp[..11]), None, "too short");
+        let mut rtcp = rtp;
+        rtcp[1] = 200;
+        assert_eq!(rtp_ssrc(&rtcp), None, "RTCP");
+        assert_eq!(
+            rtp_ssrc(&[0x00, 0x01, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4]),
+            None,
+            "STUN"
+        );
+    }
 
     #[test]
     fn classify_table() {

@@ -15,7 +15,7 @@ pub mod batch;
 
 use crate::metrics::Metrics;
 use crate::sfu::{CascadeRequest, Command, Event, SessionId, ShardCore, TransportId, TICK};
-use crate::transport::demux::{classify, PacketClass};
+use crate::transport::demux::{classify, rtp_ssrc, PacketClass};
 use crate::transport::dtls::{self, DtlsCertificate, DtlsSession, SrtpKeys};
 use kcs_media::residence::Residence;
 use std::collections::HashMap;
@@ -375,10 +375,7 @@ impl ShardShell {
                                 let now = Instant::now();
                                 for i in 0..n {
                                     let Some((from, data)) = batch.get(i) else { continue };
-                                    let stream = match classify(data) {
-                                        PacketClass::Rtp => rtp_ssrc(data),
-                                        _ => None,
-                                    };
+                                    let stream = rtp_ssrc(data).map(u64::from);
                                     if flush_before(core.queued_transmits(), &mut burst, stream) {
                                         core.poll_transmits(&mut transmits);
                                         send_all(&socket, &mut sender, &transmits).await;
@@ -683,12 +680,6 @@ fn flush_before(queued: usize, burst: &mut Option<u64>, stream: Option<u64>) -> 
         *burst = stream;
     }
     queued >= MAX_QUEUED_TRANSMITS || (queued >= FLUSH_TRANSMITS && other_stream)
-}
-
-/// The SSRC of an RTP packet (RFC 3550 §5.1: bytes 8-11, in the clear under SRTP).
-fn rtp_ssrc(packet: &[u8]) -> Option<u64> {
-    let b = packet.get(8..12)?;
-    Some(u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])))
 }
 
 /// Sends every transmit, waiting for writability when the socket buffer is full. Each
