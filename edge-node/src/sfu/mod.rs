@@ -459,12 +459,20 @@ pub struct ShardCore {
 /// encryption instead of after every subscriber's copy of the packets before theirs, and each
 /// subscriber's state (subscription, transport, SRTP stream, BWE) is loaded once per burst
 /// instead of once per packet.
+///
+/// The shell may take the copies a few subscribers at a time
+/// ([`ShardCore::poll_transmits_upto`]) and send each part before the next is made; the
+/// fan-out then stops between two subscribers and resumes there.
 #[derive(Default)]
 struct PendingFanOut {
     packets: Vec<PendingPacket>,
     bytes: Vec<u8>,
     /// Copies the waiting packets will make at most: their publications' subscribers.
     copies: usize,
+    /// Where a fan-out stopped part way: the first packet of the run in progress and the
+    /// index of the next subscriber in its publication's list. While it is set, nothing that
+    /// could change a subscriber list runs: every input finishes the fan-out first.
+    resume: Option<(usize, usize)>,
 }
 
 struct PendingPacket {
@@ -536,7 +544,7 @@ impl ShardCore {
 
     pub fn handle_command(&mut self, cmd: Command, now: Instant) {
         // What was taken in before the command is copied under the state it came in.
-        self.fan_out();
+        self.fan_out(usize::MAX);
         match cmd {
             Command::AddTransport {
                 id,
@@ -703,6 +711,7 @@ impl ShardCore {
         rtp: &[u8],
         now: Instant,
     ) {
+        self.finish_interrupted_fan_out();
         let Ok(view) = RtpView::parse(rtp) else {
             self.counters.relayed_rejected += 1;
             return;
@@ -777,6 +786,7 @@ impl ShardCore {
     }
 
     pub fn handle_stun(&mut self, from: SocketAddr, msg: &[u8], now: Instant) {
+        self.finish_interrupted_fan_out();
         let id = match self.by_addr.get(&from) {
             Some(id) => *id,
             None => match crate::transport::ice::stun_username(msg)
@@ -849,6 +859,7 @@ impl ShardCore {
 
     /// An SRTP or SRTCP datagram from `from`.
     pub fn handle_srtp(&mut self, from: SocketAddr, data: &[u8], is_rtcp: bool, now: Instant) {
+        self.finish_interrupted_fan_out();
         let Some(&id) = self.by_addr.get(&from) else {
             self.counters.rejected_unknown_source += 1;
             return;
@@ -1086,42 +1097,45 @@ impl ShardCore {
         });
     }
 
-    /// Makes the copies of every packet taken in since the last fan-out: for each run of
-    /// packets of one publication's layer, subscriber after subscriber, each subscriber's
-    /// copies in arrival order (so a subscriber's layer switches see the layers' packets in the
-    /// order they came, as when each packet was fanned out on arrival).
-    fn fan_out(&mut self) {
+    /// Makes the copies of the packets taken in since the last fan-out, for at most
+    /// `subscribers` subscribers (each served whole: all its copies of a run), and says whether
+    /// copies are left to make. For each run of packets of one publication's layer it goes
+    /// subscriber after subscriber, each subscriber's copies in arrival order (so a
+    /// subscriber's layer switches see the layers' packets in the order they came, as when
+    /// each packet was fanned out on arrival). A fan-out stopped by the bound resumes with the
+    /// next subscriber.
+    fn fan_out(&mut self, subscribers: usize) -> bool {
         if self.pending.packets.is_empty() {
-            return;
+            return false;
         }
-        let PendingFanOut {
-            mut packets,
-            mut bytes,
-            ..
-        } = std::mem::take(&mut self.pending);
-        let mut start = 0;
-        while start < packets.len() {
-            let (pid, layer) = (packets[start].publication, packets[start].layer);
-            let len = packets[start..]
+        let mut pending = std::mem::take(&mut self.pending);
+        let (mut start, mut next) = pending.resume.take().unwrap_or((0, 0));
+        let mut served = 0;
+        while start < pending.packets.len() {
+            let (pid, layer) = (
+                pending.packets[start].publication,
+                pending.packets[start].layer,
+            );
+            let len = pending.packets[start..]
                 .iter()
                 .take_while(|p| p.publication == pid && p.layer == layer)
                 .count();
-            let run = &packets[start..start + len];
-            start += len;
+            let run = &pending.packets[start..start + len];
             // Parsed when taken in: the bytes are what that view was made of.
             let views: Vec<(&PendingPacket, RtpView<'_>)> = run
                 .iter()
-                .filter_map(|p| Some((p, RtpView::parse(&bytes[p.bytes.clone()]).ok()?)))
+                .filter_map(|p| Some((p, RtpView::parse(&pending.bytes[p.bytes.clone()]).ok()?)))
                 .collect();
             let Some(p) = self.publications.get_mut(&pid) else {
+                (start, next) = (start + len, 0);
                 continue;
             };
-            let subscribers = std::mem::take(&mut p.subscribers);
-            for (i, sid) in subscribers.iter().enumerate() {
-                self.prefetch_ahead(&subscribers, i);
+            let list = std::mem::take(&mut p.subscribers);
+            while next < list.len() && served < subscribers {
+                self.prefetch_ahead(&list, next);
                 for (packet, view) in &views {
                     self.forward(
-                        *sid,
+                        list[next],
                         layer,
                         packet.ext_seq,
                         view,
@@ -1130,19 +1144,34 @@ impl ShardCore {
                         packet.now,
                     );
                 }
+                pending.copies = pending.copies.saturating_sub(len);
+                (next, served) = (next + 1, served + 1);
             }
+            let done = next >= list.len();
             if let Some(p) = self.publications.get_mut(&pid) {
-                p.subscribers = subscribers;
+                p.subscribers = list;
             }
+            if !done {
+                pending.resume = Some((start, next));
+                self.pending = pending;
+                return true;
+            }
+            (start, next) = (start + len, 0);
         }
         // Keep the buffers' capacity for the next bursts.
-        packets.clear();
-        bytes.clear();
-        self.pending = PendingFanOut {
-            packets,
-            bytes,
-            copies: 0,
-        };
+        pending.packets.clear();
+        pending.bytes.clear();
+        pending.copies = 0;
+        self.pending = pending;
+        false
+    }
+
+    /// Makes what a fan-out stopped by the shell's bound still owes, before an input that
+    /// could change whom it goes to.
+    fn finish_interrupted_fan_out(&mut self) {
+        if self.pending.resume.is_some() {
+            self.fan_out(usize::MAX);
+        }
     }
 
     /// Starts loading what forwarding to the subscribers after `sids[i]` will read, while the
@@ -1426,7 +1455,7 @@ impl ShardCore {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.fan_out();
+        self.fan_out(usize::MAX);
         // ICE consent freshness: a 30 s deadline needs no 10 ms sweep, and the sweep touches
         // every transport (a cold 3 KB entry each on a busy shard).
         let consent_due = self
@@ -1899,8 +1928,19 @@ impl ShardCore {
     /// Makes the copies of the packets taken in since the last call and moves every queued
     /// datagram into `out`.
     pub fn poll_transmits(&mut self, out: &mut Vec<Transmit>) {
-        self.fan_out();
+        self.fan_out(usize::MAX);
         out.append(&mut self.transmits);
+    }
+
+    /// As [`poll_transmits`](Self::poll_transmits), but makes copies for at most
+    /// `subscribers` subscribers (whole: every copy one subscriber gets of a run) before
+    /// returning; `true` when copies are left for the next call. The shell sends each part
+    /// before the next is made, so the first subscribers' copies of a large fan-out leave
+    /// while the others' are still being encrypted instead of after all of them.
+    pub fn poll_transmits_upto(&mut self, out: &mut Vec<Transmit>, subscribers: usize) -> bool {
+        let more = self.fan_out(subscribers.max(1));
+        out.append(&mut self.transmits);
+        more
     }
 
     /// Hands every queued cascade datagram (encoded, for `MediaChannel::send_encoded`) to

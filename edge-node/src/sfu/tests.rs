@@ -715,3 +715,109 @@ fn a_command_applies_after_the_copies_of_what_came_before_it() {
         "the keyframe to both, the delta to who stayed"
     );
 }
+
+#[test]
+fn a_fan_out_taken_a_few_subscribers_at_a_time_stops_between_subscribers_and_resumes_there() {
+    // What a subscriber sees of a packet: rewritten sequence, timestamp, marker, payload.
+    type Seen = (usize, u16, u32, bool, Vec<u8>);
+    let seen = |h: &mut Harness, out: &[Transmit]| -> Vec<Seen> {
+        decrypt_all(h, out)
+            .into_iter()
+            .map(|(i, plain)| {
+                let v = RtpView::parse(&plain).unwrap();
+                (i, v.seq, v.timestamp, v.marker, v.payload().to_vec())
+            })
+            .collect()
+    };
+    // A four-packet keyframe, then a delta frame of two, to five subscribers.
+    let plan: Vec<(u16, u32, bool)> = (0..6u16)
+        .map(|k| (500 + k, if k < 4 { 0 } else { 3000 }, k == 0))
+        .collect();
+    let profile = SrtpProfile::AeadAes128Gcm;
+    let feed = |h: &mut Harness| {
+        for &(seq, ts, key) in &plan {
+            let p = h.publisher_packet(seq, ts, key, 200 + usize::from(seq));
+            h.from_publisher(&p);
+        }
+    };
+
+    // The reference: the whole fan-out at once.
+    let mut whole = Harness::new(5, profile);
+    feed(&mut whole);
+    let all = whole.drain();
+    let expected = seen(&mut whole, &all);
+    assert_eq!(expected.len(), 30, "every packet to everyone");
+
+    let mut steps = Harness::new(5, profile);
+    feed(&mut steps);
+    let mut parts = Vec::new();
+    loop {
+        let mut out = Vec::new();
+        let more = steps.core.poll_transmits_upto(&mut out, 2);
+        parts.push(out);
+        if !more {
+            break;
+        }
+        assert_eq!(
+            steps.core.queued_transmits(),
+            30 - 12 * parts.len(),
+            "the copies still to make count as queued"
+        );
+    }
+    let sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![12, 12, 6], "two subscribers' six copies a step");
+    // Each copy decrypts once (the subscriber's replay window), so each part is read once.
+    let mut joined = Vec::new();
+    for (k, part) in parts.iter().enumerate() {
+        let got = seen(&mut steps, part);
+        let who: Vec<usize> = got.iter().map(|s| s.0).collect();
+        let want: Vec<usize> = (2 * k..(2 * k + 2).min(5))
+            .flat_map(|i| std::iter::repeat_n(i, 6))
+            .collect();
+        assert_eq!(who, want, "step {k}: whole subscribers, in their order");
+        joined.extend(got);
+    }
+    assert!(joined == expected, "the same copies as at once");
+    assert_eq!(steps.core.queued_transmits(), 0);
+    let mut out = Vec::new();
+    assert!(!steps.core.poll_transmits_upto(&mut out, 2));
+    assert!(out.is_empty(), "nothing is made twice");
+}
+
+#[test]
+fn a_fan_out_left_part_way_is_finished_before_the_next_input() {
+    let mut h = Harness::new(3, SrtpProfile::AeadAes128Gcm);
+    let key = h.publisher_packet(1, 0, true, 200);
+    h.from_publisher(&key);
+    let mut out = Vec::new();
+    assert!(h.core.poll_transmits_upto(&mut out, 1), "copies left");
+    // A packet comes before the shell asks for the rest: the keyframe's copies to the other
+    // two are made first, then the delta's to all three.
+    let delta = h.publisher_packet(2, 3000, false, 200);
+    h.from_publisher(&delta);
+    // A subscriber leaves before the delta's copies are asked for: it still gets the
+    // keyframe and the delta, both taken in before it left.
+    assert!(h.core.poll_transmits_upto(&mut out, 1), "copies left");
+    let leaving = h.subscribers[2].subscription.unwrap();
+    let now = h.now;
+    h.core
+        .handle_command(Command::RemoveSubscription { id: leaving }, now);
+    out.extend(h.drain());
+    let got: Vec<(usize, u16)> = decrypt_all(&mut h, &out)
+        .into_iter()
+        .map(|(i, plain)| (i, RtpView::parse(&plain).unwrap().seq))
+        .collect();
+    let first: Vec<(usize, u16)> = got.iter().take(3).copied().collect();
+    assert_eq!(
+        got.iter().map(|&(i, _)| i).collect::<Vec<_>>(),
+        vec![0, 1, 2, 0, 1, 2],
+        "the keyframe to everyone, then the delta to everyone"
+    );
+    // Each subscriber's sequence continues from its keyframe copy.
+    for (i, seq) in first {
+        assert!(
+            got.contains(&(i, seq.wrapping_add(1))),
+            "subscriber {i} got the delta right after the keyframe"
+        );
+    }
+}

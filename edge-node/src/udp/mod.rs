@@ -49,6 +49,15 @@ const FLUSH_TRANSMITS: usize = batch::BATCH;
 /// The most copies queued before they are sent, one stream or not: a full `sendmmsg` of full
 /// GSO messages.
 const MAX_QUEUED_TRANSMITS: usize = batch::BATCH * batch::MAX_SEGMENTS;
+/// Subscribers whose copies of the queued packets are made before those copies are sent, and
+/// the next subscribers' made.
+///
+/// Why: a keyframe to 60 subscribers is over a thousand encryptions; made all before the
+/// first send, the first subscriber's copies waited for the last subscriber's. With GSO each
+/// subscriber's copies of a stream's burst are one message, so a step is one full `sendmmsg`:
+/// the same calls as sending the whole fan-out at once, and the copies' wait, averaged over
+/// the subscribers, no longer includes the encryptions of the subscribers after them.
+const FAN_OUT_STEP: usize = batch::BATCH;
 
 /// What the rest of the edge sends a shard.
 #[derive(Debug)]
@@ -377,9 +386,7 @@ impl ShardShell {
                                     let Some((from, data)) = batch.get(i) else { continue };
                                     let stream = rtp_ssrc(data).map(u64::from);
                                     if flush_before(core.queued_transmits(), &mut burst, stream) {
-                                        core.poll_transmits(&mut transmits);
-                                        send_all(&socket, &mut sender, &transmits).await;
-                                        transmits.clear();
+                                        make_and_send(&mut core, &socket, &mut sender, &mut transmits).await;
                                         observe_residence(&mut arrivals, &mut residence);
                                     }
                                     // The residence histogram is about forwarded media, not
@@ -410,9 +417,7 @@ impl ShardShell {
                             // Bit 63 keeps relayed streams apart from SSRCs.
                             let stream = Some(1 << 63 | p.publication.0 << 8 | u64::from(p.layer));
                             if flush_before(core.queued_transmits(), &mut burst, stream) {
-                                core.poll_transmits(&mut transmits);
-                                send_all(&socket, &mut sender, &transmits).await;
-                                transmits.clear();
+                                make_and_send(&mut core, &socket, &mut sender, &mut transmits).await;
                                 cascade
                                     .subscribers
                                     .observe_handed_on(&mut cascade.to_subscribers, Instant::now);
@@ -482,11 +487,7 @@ impl ShardShell {
                     core.layer_demand_dropped(publication);
                 }
             }
-            core.poll_transmits(&mut transmits);
-            if !transmits.is_empty() {
-                send_all(&socket, &mut sender, &transmits).await;
-                transmits.clear();
-            }
+            make_and_send(&mut core, &socket, &mut sender, &mut transmits).await;
             burst = None;
             observe_residence(&mut arrivals, &mut residence);
             cascade
@@ -680,6 +681,26 @@ fn flush_before(queued: usize, burst: &mut Option<u64>, stream: Option<u64>) -> 
         *burst = stream;
     }
     queued >= MAX_QUEUED_TRANSMITS || (queued >= FLUSH_TRANSMITS && other_stream)
+}
+
+/// Makes the queued copies and sends them, [`FAN_OUT_STEP`] subscribers' copies at a time:
+/// each part leaves before the next is encrypted.
+async fn make_and_send(
+    core: &mut ShardCore,
+    socket: &tokio::net::UdpSocket,
+    sender: &mut batch::SendBatch,
+    transmits: &mut Vec<crate::sfu::Transmit>,
+) {
+    loop {
+        let more = core.poll_transmits_upto(transmits, FAN_OUT_STEP);
+        if !transmits.is_empty() {
+            send_all(socket, sender, transmits).await;
+            transmits.clear();
+        }
+        if !more {
+            return;
+        }
+    }
 }
 
 /// Sends every transmit, waiting for writability when the socket buffer is full. Each
