@@ -99,16 +99,23 @@ impl RecvBatch {
             len: 0,
         };
         // The headers point into the vectors' heap buffers, which never move or grow (moving
-        // the struct moves only the vectors' handles), so this is done once.
-        for i in 0..BATCH {
-            b.iovecs[i] = libc::iovec {
-                iov_base: b.bufs[i].as_mut_ptr().cast(),
-                iov_len: MAX_DATAGRAM,
-            };
-            b.msgs[i].msg_hdr.msg_name = (&mut b.addrs[i] as *mut libc::sockaddr_storage).cast();
-            b.msgs[i].msg_hdr.msg_iov = &mut b.iovecs[i];
-            b.msgs[i].msg_hdr.msg_iovlen = 1;
-            b.msgs[i].msg_hdr.msg_control = b.controls[i].as_mut_ptr().cast();
+        // the struct moves only the vectors' handles), so this is done once. Every pointer
+        // derives from one `as_mut_ptr` per buffer (which takes no reference to the elements),
+        // so none is invalidated by a later borrow of its vector.
+        let (bufs, addrs) = (b.bufs.as_mut_ptr(), b.addrs.as_mut_ptr());
+        let (iovecs, controls) = (b.iovecs.as_mut_ptr(), b.controls.as_mut_ptr());
+        for (i, m) in b.msgs.iter_mut().enumerate() {
+            // SAFETY: i < BATCH, the length of every vector here.
+            unsafe {
+                iovecs.add(i).write(libc::iovec {
+                    iov_base: bufs.add(i).cast(),
+                    iov_len: MAX_DATAGRAM,
+                });
+                m.msg_hdr.msg_name = addrs.add(i).cast();
+                m.msg_hdr.msg_iov = iovecs.add(i);
+                m.msg_hdr.msg_control = controls.add(i).cast();
+            }
+            m.msg_hdr.msg_iovlen = 1;
         }
         b
     }
@@ -289,7 +296,11 @@ impl SendBatch {
         // size (a segment larger than the device's MTU), which alone they may still pass.
         let mut plain_until = 0;
         while sent < items.len() {
+            // Each message's datagrams, destination and length first; then the headers, with
+            // pointers all derived from one `as_mut_ptr` per buffer taken after the last write
+            // through an index (a later index borrow would invalidate earlier pointers).
             let mut runs = [0usize; BATCH];
+            let mut namelens = [0 as libc::socklen_t; BATCH];
             let (mut msgs, mut iovs, mut next) = (0, 0, sent);
             while msgs < BATCH && next < items.len() {
                 let run = if self.gso && next >= plain_until {
@@ -303,17 +314,31 @@ impl SendBatch {
                         iov_len: data.len(),
                     };
                 }
-                let namelen = to_storage(&items[next].0, &mut self.addrs[msgs]);
-                let hdr = &mut self.msgs[msgs].msg_hdr;
-                hdr.msg_name = (&mut self.addrs[msgs] as *mut libc::sockaddr_storage).cast();
-                hdr.msg_namelen = namelen;
-                hdr.msg_iov = &mut self.iovecs[iovs];
+                namelens[msgs] = to_storage(&items[next].0, &mut self.addrs[msgs]);
+                runs[msgs] = run;
+                msgs += 1;
+                iovs += run;
+                next += run;
+            }
+            let (addrs, iovecs) = (self.addrs.as_mut_ptr(), self.iovecs.as_mut_ptr());
+            let controls = self.controls.as_mut_ptr();
+            let mut iov = 0;
+            for (m, (msg, &run)) in self.msgs[..msgs].iter_mut().zip(&runs).enumerate() {
+                let hdr = &mut msg.msg_hdr;
+                // SAFETY: m < msgs <= BATCH, the length of `addrs` and `controls`, and
+                // iov + run <= iovs, within `iovecs` (as filled above).
+                unsafe {
+                    hdr.msg_name = addrs.add(m).cast();
+                    hdr.msg_iov = iovecs.add(iov);
+                }
+                hdr.msg_namelen = namelens[m];
                 hdr.msg_iovlen = run as _;
                 if run > 1 {
-                    hdr.msg_control = self.controls[msgs].as_mut_ptr().cast();
                     // SAFETY: CMSG_SPACE(2) (24) fits the 64-byte control buffer `msg_control`
-                    // points at; the header and its u16 are written inside it.
+                    // points at; the header and its u16 are written inside it. The segment
+                    // size is the message's first datagram's length.
                     unsafe {
+                        hdr.msg_control = controls.add(m).cast();
                         hdr.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
                         let c = libc::CMSG_FIRSTHDR(hdr);
                         (*c).cmsg_level = libc::SOL_UDP;
@@ -321,17 +346,14 @@ impl SendBatch {
                         (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
                         std::ptr::write_unaligned(
                             libc::CMSG_DATA(c).cast::<u16>(),
-                            items[next].1.len() as u16,
+                            (*iovecs.add(iov)).iov_len as u16,
                         );
                     }
                 } else {
                     hdr.msg_control = std::ptr::null_mut();
                     hdr.msg_controllen = 0;
                 }
-                runs[msgs] = run;
-                msgs += 1;
-                iovs += run;
-                next += run;
+                iov += run;
             }
             // SAFETY: the headers point at our buffers and the caller's data, both valid for
             // the call.
