@@ -7,8 +7,8 @@
 //! - a 5-tuple per peer connection, as a browser has. Toward a server on loopback (the
 //!   benchmarks) each peer gets its own loopback address (127.100.0.0/10 and up) on one of
 //!   the run's shared sockets, the [`Hub`] (one socket per [`PEERS_PER_SOCKET`] peers):
-//!   wildcard-bound sockets that learn each datagram's destination address (`IP_PKTINFO`,
-//!   through quinn-udp) and send from the peer's address ([`crate::send_from`]). One
+//!   wildcard-bound sockets that learn each datagram's destination address (`IP_PKTINFO`)
+//!   and send from the peer's address ([`crate::send_from`]). One
 //!   `recvmmsg` then reads up to 32 datagrams for as many viewers, where a socket per peer
 //!   costs an epoll wakeup and a syscall per datagram (half the tool's CPU). The destination
 //!   address is the peer's number in its socket's table, so a datagram finds its peer without
@@ -27,6 +27,10 @@
 //!   socket was drained, so the task goes back to waiting without the extra `recvmmsg` that
 //!   would return `EAGAIN` (a syscall per packet saved: viewers mostly get one packet per
 //!   wakeup);
+//! - each datagram is timed by the kernel's arrival stamp (`SO_TIMESTAMPNS`), not by when
+//!   the tool reads it: delay, jitter and transport-wide feedback are then the server's and
+//!   the network's even while the tool is busy, and the wait between the two is the tool's
+//!   own receive lag, reported beside its send lag (`Arrival`);
 //! - no timer per peer: one [`Ticker`] per run drives every peer's periodic work (TWCC
 //!   feedback, receiver reports, ICE consent every [`CONSENT_INTERVAL`] as browsers do,
 //!   RFC 7675, and flushing measurements), a tenth of the peers every 10 ms so their RTCP is
@@ -51,7 +55,9 @@ use edge_node::transport::demux::{classify, rtp_ssrc, PacketClass};
 use edge_node::transport::dtls::{self, DtlsCertificate, DtlsSession, Fingerprint};
 use edge_node::transport::ice;
 use edge_node::transport::srtp::SrtpSession;
-use edge_node::udp::batch::{send_batch, RecvBatch, BATCH, MAX_DATAGRAM};
+use edge_node::udp::batch::{
+    enable_rx_destination, enable_rx_timestamps, send_batch, RecvBatch, BATCH,
+};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
@@ -136,6 +142,50 @@ fn hub_number(ip: Ipv4Addr) -> Option<u32> {
     }
 }
 
+/// When a datagram arrived: the kernel's stamp (`SO_TIMESTAMPNS`) in both clocks the receiver
+/// uses, and how long the datagram then waited in its socket for the tool to read it.
+///
+/// Why the kernel's time: one-way delay, jitter and the transport-wide feedback's arrival
+/// times are the network's and the server's, and must not grow when the tool itself is busy
+/// (a keyframe's burst to a thousand viewers takes the tool milliseconds to read too). The
+/// wait is the tool's own receive lag, reported beside its send lag.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    at: Instant,
+    unix_us: u64,
+    read_lag_us: u32,
+}
+
+impl Arrival {
+    /// Datagram `i` of a batch read at `read_at` (`read_us` on the unix clock); the read
+    /// time when the datagram carries no stamp.
+    fn of(batch: &RecvBatch, i: usize, read_at: Instant, read_us: u64) -> Arrival {
+        let stamped = batch
+            .arrival(i)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_micros() as u64);
+        let Some(unix_us) = stamped.filter(|&us| us <= read_us) else {
+            return Arrival::read_at(read_at, read_us);
+        };
+        let lag = read_us - unix_us;
+        Arrival {
+            at: read_at
+                .checked_sub(Duration::from_micros(lag))
+                .unwrap_or(read_at),
+            unix_us,
+            read_lag_us: lag.min(u64::from(u32::MAX)) as u32,
+        }
+    }
+
+    fn read_at(at: Instant, unix_us: u64) -> Arrival {
+        Arrival {
+            at,
+            unix_us,
+            read_lag_us: 0,
+        }
+    }
+}
+
 /// Encrypted datagrams of a hub's peers waiting for one batched send: (from, to, datagram).
 type HubSends = Vec<(Ipv4Addr, SocketAddr, Bytes)>;
 
@@ -173,6 +223,10 @@ impl Hub {
             libc::UDP_GRO,
             0,
         );
+        // Each datagram's destination (the peer it is for) and its kernel arrival time, read
+        // with the edge's `RecvBatch` (see `Arrival`).
+        enable_rx_destination(std_socket.as_raw_fd())?;
+        enable_rx_timestamps(std_socket.as_raw_fd())?;
         let port = std_socket.local_addr()?.port();
         let inner = Arc::new(HubInner {
             socket: UdpSocket::from_std(std_socket)?,
@@ -218,19 +272,11 @@ impl Hub {
     }
 }
 
-/// Receive buffers of a hub socket's task: one set per runtime thread, shared by all the
-/// thread's hub sockets (each use is synchronous), so a thousand viewers' sockets cycle
-/// through 64 KiB that stays in cache instead of 64 KiB each.
-struct HubRecv {
-    bufs: Vec<[u8; edge_node::udp::batch::MAX_DATAGRAM]>,
-    metas: Vec<quinn_udp::RecvMeta>,
-}
-
 thread_local! {
-    static HUB_RECV: RefCell<HubRecv> = RefCell::new(HubRecv {
-        bufs: vec![[0u8; edge_node::udp::batch::MAX_DATAGRAM]; quinn_udp::BATCH_SIZE],
-        metas: vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE],
-    });
+    /// Receive buffers of a hub socket's task: one set per runtime thread, shared by all the
+    /// thread's hub sockets (each use is synchronous), so a thousand viewers' sockets cycle
+    /// through 64 KiB that stays in cache instead of 64 KiB each.
+    static HUB_RECV: RefCell<RecvBatch> = RefCell::new(RecvBatch::new());
 }
 
 impl HubInner {
@@ -239,19 +285,15 @@ impl HubInner {
     /// another read: `WouldBlock` then (readiness cleared), `Ok` when the batch was full.
     fn read_burst(
         &self,
-        b: &mut HubRecv,
+        batch: &mut RecvBatch,
         out: &mut Outgoing,
         sends: &mut HubSends,
     ) -> io::Result<()> {
-        let HubRecv { bufs, metas } = b;
+        let fd = self.socket.as_raw_fd();
         let mut got = 0;
         let read = self.socket.try_io(Interest::READABLE, || {
-            // On the stack: no allocation per read.
-            let mut free = bufs.iter_mut();
-            let mut iovs: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] =
-                std::array::from_fn(|_| io::IoSliceMut::new(free.next().expect("a buffer")));
-            got = self.state.recv((&self.socket).into(), &mut iovs, metas)?;
-            if got < quinn_udp::BATCH_SIZE {
+            got = batch.recv(fd)?;
+            if got < BATCH {
                 Err(io::ErrorKind::WouldBlock.into())
             } else {
                 Ok(())
@@ -261,17 +303,19 @@ impl HubInner {
             return read;
         }
         let (now, now_us) = (Instant::now(), unix_micros());
-        let slot = |i: usize| metas[..got].get(i).and_then(|m| self.slot(m.dst_ip?));
-        let stream_ahead = |bufs: &[[u8; MAX_DATAGRAM]], i: usize| {
-            if let Some(slot) = slot(i) {
-                let datagram = &bufs[i][..metas[i].len];
+        let slot = |batch: &RecvBatch, i: usize| {
+            let ip = batch.destination(i)?;
+            self.slot(IpAddr::V4(ip))
+        };
+        let stream_ahead = |batch: &RecvBatch, i: usize| {
+            if let (Some(slot), Some((_, datagram))) = (slot(batch, i), batch.get(i)) {
                 if let Some(ssrc) = rtp_ssrc(datagram) {
                     slot.hints.prefetch_stream(ssrc);
                 }
             }
         };
-        let peer_ahead = |i: usize| {
-            if let Some(slot) = slot(i) {
+        let peer_ahead = |batch: &RecvBatch, i: usize| {
+            if let Some(slot) = slot(batch, i) {
                 if let Some(peer) = slot.peer.get() {
                     // The reference counts sit just before the peer in its allocation.
                     prefetch_line((peer.as_ptr() as usize).saturating_sub(16));
@@ -279,22 +323,33 @@ impl HubInner {
                 slot.hints.prefetch_fixed();
             }
         };
-        peer_ahead(0);
-        peer_ahead(1);
-        stream_ahead(bufs, 0);
-        for (i, m) in metas[..got].iter().enumerate() {
+        peer_ahead(batch, 0);
+        peer_ahead(batch, 1);
+        stream_ahead(batch, 0);
+        let mut first: Option<(Arc<Peer>, u32)> = None;
+        for i in 0..got {
             // What the next datagrams need loads while this one is handled.
-            peer_ahead(i + 2);
-            stream_ahead(bufs, i + 1);
-            let Some(peer) = m.dst_ip.and_then(|ip| self.peer(ip)) else {
+            peer_ahead(batch, i + 2);
+            stream_ahead(batch, i + 1);
+            let Some(peer) = batch
+                .destination(i)
+                .and_then(|ip| self.peer(IpAddr::V4(ip)))
+            else {
                 continue;
             };
-            // Coalesced datagrams (GRO) come back-to-back, `stride` bytes apart.
-            let stride = m.stride.max(1);
-            for chunk in bufs[i][..m.len].chunks_mut(stride) {
-                peer.handle_datagram(chunk, m.addr, now, now_us, out);
-            }
+            let arrival = Arrival::of(batch, i, now, now_us);
+            let Some((from, data)) = batch.get_mut(i) else {
+                continue;
+            };
+            peer.handle_datagram(data, from, arrival, out);
             peer.queue_outgoing(out, sends);
+            if first.is_none() {
+                first = Some((peer, arrival.read_lag_us));
+            }
+        }
+        // The read's lag is its oldest datagram's wait: one sample per read.
+        if let Some((peer, lag)) = first {
+            peer.record_read_lag(lag);
         }
         read
     }
@@ -576,11 +631,13 @@ impl Peer {
                 let (hub, ip) = h.assign().map_err(|e| PeerError::Bind(ip, e))?;
                 Endpoint::Shared { hub, ip }
             }
-            None => Endpoint::Own(Arc::new(
-                UdpSocket::bind(SocketAddr::new(ip, 0))
+            None => {
+                let socket = UdpSocket::bind(SocketAddr::new(ip, 0))
                     .await
-                    .map_err(|e| PeerError::Bind(ip, e))?,
-            )),
+                    .map_err(|e| PeerError::Bind(ip, e))?;
+                enable_rx_timestamps(socket.as_raw_fd()).map_err(|e| PeerError::Bind(ip, e))?;
+                Endpoint::Own(Arc::new(socket))
+            }
         };
         let is_sender = receiver.is_none();
         let peer = Arc::new(Peer {
@@ -1001,8 +1058,12 @@ impl Peer {
                     let n = batch.recv(fd)?;
                     let (now, now_us) = (Instant::now(), unix_micros());
                     for i in 0..n {
+                        let arrival = Arrival::of(&batch, i, now, now_us);
+                        if i == 0 {
+                            self.record_read_lag(arrival.read_lag_us);
+                        }
                         if let Some((from, data)) = batch.get_mut(i) {
-                            self.handle_datagram(data, from, now, now_us, &mut out);
+                            self.handle_datagram(data, from, arrival, &mut out);
                         }
                     }
                     if n < BATCH {
@@ -1053,8 +1114,7 @@ impl Peer {
         &self,
         data: &mut [u8],
         from: SocketAddr,
-        now: Instant,
-        now_us: u64,
+        arrival: Arrival,
         out: &mut Outgoing,
     ) {
         match classify(data) {
@@ -1077,7 +1137,7 @@ impl Peer {
                     let _ = tx.try_send(data.to_vec());
                 }
             }
-            PacketClass::Rtp => self.handle_rtp(data, now, now_us, out),
+            PacketClass::Rtp => self.handle_rtp(data, arrival, out),
             PacketClass::Rtcp => self.handle_rtcp(data, out),
             PacketClass::Unknown => {}
         }
@@ -1093,7 +1153,16 @@ impl Peer {
         self.last_rx_ms.store(ms, Ordering::Relaxed);
     }
 
-    fn handle_rtp(&self, data: &mut [u8], now: Instant, now_us: u64, out: &mut Outgoing) {
+    /// How long the oldest datagram of a read waited for it, for a subscriber's report.
+    fn record_read_lag(&self, lag_us: u32) {
+        let mut st = self.state.lock().expect("peer lock");
+        if st.receiver.is_some() {
+            st.pending.read_lag_us.push(lag_us);
+        }
+    }
+
+    fn handle_rtp(&self, data: &mut [u8], arrival: Arrival, out: &mut Outgoing) {
+        let now = arrival.at;
         {
             let mut st = self.state.lock().expect("peer lock");
             let st = &mut *st;
@@ -1112,7 +1181,7 @@ impl Peer {
                 return;
             };
             let ssrc = pkt.ssrc;
-            r.handle_rtp(pkt, now, now_us);
+            r.handle_rtp(pkt, now, arrival.unix_us);
             // NACK and PLI go out at once; the periodic feedback waits for the tick.
             if r.feedback_due() {
                 r.poll_feedback(&mut out.rtcp);
@@ -1223,6 +1292,55 @@ impl Drop for Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_datagram_is_timed_at_its_kernel_arrival_and_the_wait_for_the_read_is_the_lag() {
+        use std::os::fd::AsRawFd;
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let to = rx.local_addr().unwrap();
+        let mut batch = RecvBatch::new();
+
+        // Unstamped: timed at the read, no lag.
+        tx.send_to(b"a", to).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(batch.recv(rx.as_raw_fd()).unwrap(), 1);
+        let (read_at, read_us) = (Instant::now(), unix_micros());
+        let a = Arrival::of(&batch, 0, read_at, read_us);
+        assert_eq!((a.at, a.unix_us, a.read_lag_us), (read_at, read_us, 0));
+
+        // Stamped: the datagram waits 40 ms in the socket before the tool reads it (a busy
+        // tool); its time is when it came, and the 40 ms are the tool's lag, not delay. The
+        // kernel may stamp the first datagrams after the option is set at the read instead
+        // (it turns stamping on with deferred work), so a few tries cover that.
+        enable_rx_timestamps(rx.as_raw_fd()).unwrap();
+        let mut last = None;
+        for _ in 0..20 {
+            let sent_us = unix_micros();
+            tx.send_to(b"b", to).unwrap();
+            std::thread::sleep(Duration::from_millis(40));
+            assert_eq!(batch.recv(rx.as_raw_fd()).unwrap(), 1);
+            let (read_at, read_us) = (Instant::now(), unix_micros());
+            let a = Arrival::of(&batch, 0, read_at, read_us);
+            last = Some((sent_us, read_at, read_us, a));
+            if a.read_lag_us >= 35_000 {
+                break;
+            }
+        }
+        let (sent_us, read_at, read_us, a) = last.unwrap();
+        assert!(a.read_lag_us >= 35_000, "waited {} µs", a.read_lag_us);
+        assert!(
+            a.unix_us >= sent_us && a.unix_us - sent_us < 5_000,
+            "arrived {} µs after it was sent",
+            a.unix_us - sent_us
+        );
+        assert_eq!(read_us - a.unix_us, u64::from(a.read_lag_us));
+        assert_eq!(
+            read_at.duration_since(a.at).as_micros() as u32,
+            a.read_lag_us
+        );
+    }
 
     #[test]
     fn hub_addresses_map_back_to_their_numbers() {

@@ -195,7 +195,13 @@ pub struct Report {
     pub tool: ResourceReport,
     /// The tool's own lateness in sending media (how far behind schedule a send was).
     pub send_lag: Option<Summary>,
-    /// Whether the tool kept up: send lag p99 under 10 ms (tokio timers alone add up to 1 ms).
+    /// The tool's own lateness in reading media: per read, how long its oldest datagram had
+    /// waited in the socket after the kernel received it. Delay and jitter are timed from the
+    /// kernel's arrival stamp, so this does not add to them; it delays the feedback the tool
+    /// sends (NACK, transport-wide feedback) as a slow browser's would.
+    pub receive_lag: Option<Summary>,
+    /// Whether the tool kept up: send lag p99 and receive lag p99 under 10 ms (tokio timers
+    /// alone add up to 1 ms).
     pub tool_kept_up: Option<bool>,
     pub capacity_steps: Vec<CapacityStep>,
     /// Capacity search result: the most viewers whose step passed.
@@ -233,8 +239,9 @@ fn fmt_bound(ms: Option<f64>) -> String {
     ms.map_or_else(|| "(beyond 100 ms)".into(), |ms| format!("{ms} ms"))
 }
 
-/// Send lag p99 above which the tool says it did not keep up: a frame late by more than this
-/// distorts the delay it measures.
+/// Send or receive lag p99 above which the tool says it did not keep up: a frame sent late by
+/// more than this distorts the load's shape, feedback read late by more distorts the server's
+/// congestion control.
 const LAG_LIMIT_MS: f64 = 10.0;
 
 impl Report {
@@ -265,6 +272,7 @@ impl Report {
                 ..Default::default()
             },
             send_lag: None,
+            receive_lag: None,
             tool_kept_up: None,
             capacity_steps: Vec::new(),
             capacity_viewers: None,
@@ -337,7 +345,10 @@ impl Report {
         self.counters = c.total;
         self.loss = c.total.loss();
         self.send_lag = c.lag_total.summary_ms();
-        self.tool_kept_up = self.send_lag.map(|s| s.p99 <= LAG_LIMIT_MS);
+        self.receive_lag = c.read_lag_total.summary_ms();
+        self.tool_kept_up = self.send_lag.map(|s| {
+            s.p99 <= LAG_LIMIT_MS && self.receive_lag.is_none_or(|r| r.p99 <= LAG_LIMIT_MS)
+        });
         let media: Vec<&Second> = self.timeline.iter().filter(|s| s.rx_packets > 0).collect();
         if !media.is_empty() {
             for i in 0..5 {
@@ -469,10 +480,11 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "  tool CPU avg {}, waiting for a CPU {}, send lag {}{}",
+            "  tool CPU avg {}, waiting for a CPU {}, send lag {}, receive lag {}{}",
             pct(self.tool.cpu_avg_pct),
             pct(self.tool.cpu_wait_avg_pct),
             f(&self.send_lag),
+            f(&self.receive_lag),
             match self.tool_kept_up {
                 Some(false) => "  (THE TOOL DID NOT KEEP UP: figures are pessimistic)",
                 _ => "",

@@ -221,12 +221,15 @@ pub struct Pending {
     pub counters: Counters,
     pub delays_us: Vec<u32>,
     pub jitter_us: Vec<u32>,
+    /// The tool's own receive lag: per read, how long its oldest datagram had waited.
+    pub read_lag_us: Vec<u32>,
 }
 
 impl Pending {
     pub fn is_empty(&self) -> bool {
         self.delays_us.is_empty()
             && self.jitter_us.is_empty()
+            && self.read_lag_us.is_empty()
             && self.counters.rx_packets == 0
             && self.counters.tx_packets == 0
     }
@@ -258,6 +261,8 @@ pub struct Collector {
     pub jitter_total: Hist,
     pub lag_total: Hist,
     pub lag_second: Hist,
+    /// The tool's receive lag ([`Pending::read_lag_us`]) over the run.
+    pub read_lag_total: Hist,
     pub joins: Vec<JoinTimes>,
     pub connected: usize,
     /// Participants whose join completed (signaling ack, and the peer connections they need),
@@ -288,9 +293,13 @@ impl Collector {
         for &j in &p.jitter_us {
             self.jitter_total.record(u64::from(j));
         }
+        for &l in &p.read_lag_us {
+            self.read_lag_total.record(u64::from(l));
+        }
         p.counters = Counters::default();
         p.delays_us.clear();
         p.jitter_us.clear();
+        p.read_lag_us.clear();
     }
 
     /// Closes the current second's delays: returns them, and the run's total keeps them.

@@ -213,6 +213,15 @@ fn webinar_over_websocket_reports_real_media_and_server_figures() {
         "one delay sample per received packet"
     );
     assert!(f(&r, &["delay", "p50"]) > 0.0);
+    // The tool's own receive lag is reported beside its send lag: one sample per read, and
+    // on this small run far below the delay it no longer adds to.
+    let reads = f(&r, &["receive_lag", "count"]);
+    assert!(reads > 0.0 && reads <= rx, "{reads} reads for {rx} packets");
+    assert!(
+        f(&r, &["receive_lag", "p50"]) < 10.0,
+        "{}",
+        r["receive_lag"]
+    );
     // Audio and video both arrive, at a plausible rate (audio ~32 kbit/s while talking).
     let kbps = r["rx_kbps_mean"].as_array().unwrap();
     assert!(kbps[0].as_f64().unwrap() > 10.0, "{kbps:?}");

@@ -19,9 +19,11 @@ pub const BATCH: usize = 32;
 /// Largest datagram we accept; anything longer is truncated by the kernel and dropped by us.
 pub const MAX_DATAGRAM: usize = 2048;
 
-/// Control buffer per datagram: room for one `SCM_TIMESTAMPNS` (CMSG_SPACE(16) = 32 on 64-bit
-/// Linux) with margin; `u64`s keep it aligned for `cmsghdr`.
-type ControlBuf = [u64; 8];
+/// Control buffer per datagram: room for an `SCM_TIMESTAMPNS` and an `IP_PKTINFO`
+/// (CMSG_SPACE(16) + CMSG_SPACE(12) = 64 bytes on 64-bit Linux) with margin; `u64`s keep it
+/// aligned for `cmsghdr`.
+const CONTROL_WORDS: usize = 10;
+type ControlBuf = [u64; CONTROL_WORDS];
 
 /// Sets the int socket option `level`/`name` of `fd` to `value`.
 pub fn set_int_option(
@@ -50,6 +52,13 @@ pub fn set_int_option(
 /// [`RecvBatch::arrival`]).
 pub fn enable_rx_timestamps(fd: RawFd) -> io::Result<()> {
     set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 1)
+}
+
+/// Asks the kernel to tell, for every datagram `fd` receives, the local IPv4 address it was
+/// sent to (`IP_PKTINFO`, see [`RecvBatch::destination`]): one wildcard-bound socket can then
+/// serve many addresses, as the load tester's simulated participants share one.
+pub fn enable_rx_destination(fd: RawFd) -> io::Result<()> {
+    set_int_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
 }
 
 /// Sets the don't-fragment bit on everything `fd` sends over IPv4, without path MTU discovery
@@ -94,7 +103,7 @@ impl RecvBatch {
             // SAFETY: sockaddr_storage, iovec and mmsghdr are plain C structs; all-zero is valid.
             addrs: vec![unsafe { zeroed() }; BATCH],
             iovecs: vec![unsafe { zeroed() }; BATCH],
-            controls: vec![[0; 8]; BATCH],
+            controls: vec![[0; CONTROL_WORDS]; BATCH],
             msgs: vec![unsafe { zeroed() }; BATCH],
             len: 0,
         };
@@ -163,21 +172,34 @@ impl RecvBatch {
     /// When the kernel received datagram `i` of the last batch, if the socket stamps arrivals
     /// ([`enable_rx_timestamps`]).
     pub fn arrival(&self, i: usize) -> Option<SystemTime> {
+        let ts: libc::timespec = self.control(i, libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS)?;
+        Some(SystemTime::UNIX_EPOCH + Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+
+    /// The local IPv4 address datagram `i` of the last batch was sent to, if the socket reports
+    /// it ([`enable_rx_destination`]).
+    pub fn destination(&self, i: usize) -> Option<Ipv4Addr> {
+        let info: libc::in_pktinfo = self.control(i, libc::IPPROTO_IP, libc::IP_PKTINFO)?;
+        Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)))
+    }
+
+    /// The payload of datagram `i`'s control message `level`/`kind`, read as a `T`.
+    fn control<T: Copy>(&self, i: usize, level: libc::c_int, kind: libc::c_int) -> Option<T> {
         if i >= self.len {
             return None;
         }
         let hdr = &self.msgs[i].msg_hdr;
         // SAFETY: the kernel filled msg_control up to msg_controllen with well-formed cmsgs in
-        // our own buffer; the CMSG_* macros stay inside it, and the payload is read unaligned.
+        // our own buffer; the CMSG_* macros stay inside it, a payload is read (unaligned) only
+        // when its cmsg is long enough for a `T`, and `T` is a plain C struct.
         unsafe {
             let mut c = libc::CMSG_FIRSTHDR(hdr);
             while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
-                    let ts: libc::timespec =
-                        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
-                    return Some(
-                        SystemTime::UNIX_EPOCH + Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32),
-                    );
+                if (*c).cmsg_level == level
+                    && (*c).cmsg_type == kind
+                    && (*c).cmsg_len as usize >= libc::CMSG_LEN(size_of::<T>() as u32) as usize
+                {
+                    return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<T>()));
                 }
                 c = libc::CMSG_NXTHDR(hdr, c);
             }
@@ -269,7 +291,7 @@ impl SendBatch {
             gso,
             addrs: vec![unsafe { zeroed() }; BATCH].into_boxed_slice(),
             iovecs: vec![unsafe { zeroed() }; BATCH * segments].into_boxed_slice(),
-            controls: vec![[0; 8]; BATCH].into_boxed_slice(),
+            controls: vec![[0; CONTROL_WORDS]; BATCH].into_boxed_slice(),
             msgs: vec![unsafe { zeroed() }; BATCH].into_boxed_slice(),
             sent: (0, 0),
         }
@@ -588,6 +610,36 @@ pub(crate) mod tests {
             "the stamp is when the kernel queued it, {queued_for:?} before the read"
         );
         assert_eq!(batch.arrival(1), None, "past the batch");
+    }
+
+    #[test]
+    fn each_datagram_names_the_local_address_it_was_sent_to_when_asked() {
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        b.set_nonblocking(true).unwrap();
+        let port = b.local_addr().unwrap().port();
+        let mut batch = RecvBatch::new();
+
+        a.send_to(b"untold", ("127.0.0.1", port)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(batch.recv(b.as_raw_fd()).unwrap(), 1);
+        assert_eq!(batch.destination(0), None);
+
+        // With both control messages on, each is found whatever the other.
+        enable_rx_destination(b.as_raw_fd()).unwrap();
+        enable_rx_timestamps(b.as_raw_fd()).unwrap();
+        let to: Vec<Ipv4Addr> = (1..=3).map(|n| Ipv4Addr::new(127, 100, 0, n)).collect();
+        for ip in &to {
+            a.send_to(&ip.octets(), (*ip, port)).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(batch.recv(b.as_raw_fd()).unwrap(), 3);
+        for (i, ip) in to.iter().enumerate() {
+            assert_eq!(batch.get(i).unwrap().1, ip.octets(), "datagram {i}");
+            assert_eq!(batch.destination(i), Some(*ip), "datagram {i}");
+            assert!(batch.arrival(i).is_some(), "datagram {i} is stamped too");
+        }
+        assert_eq!(batch.destination(3), None, "past the batch");
     }
 
     #[test]
