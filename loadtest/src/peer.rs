@@ -326,7 +326,7 @@ impl HubInner {
         peer_ahead(batch, 0);
         peer_ahead(batch, 1);
         stream_ahead(batch, 0);
-        let mut first: Option<(Arc<Peer>, u32)> = None;
+        let mut lag_recorded = false;
         for i in 0..got {
             // What the next datagrams need loads while this one is handled.
             peer_ahead(batch, i + 2);
@@ -341,15 +341,13 @@ impl HubInner {
             let Some((from, data)) = batch.get_mut(i) else {
                 continue;
             };
+            // The read's lag is its oldest datagram's wait: one sample per read.
+            if !lag_recorded {
+                peer.record_read_lag(arrival.read_lag_us);
+                lag_recorded = true;
+            }
             peer.handle_datagram(data, from, arrival, out);
             peer.queue_outgoing(out, sends);
-            if first.is_none() {
-                first = Some((peer, arrival.read_lag_us));
-            }
-        }
-        // The read's lag is its oldest datagram's wait: one sample per read.
-        if let Some((peer, lag)) = first {
-            peer.record_read_lag(lag);
         }
         read
     }
