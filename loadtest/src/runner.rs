@@ -198,7 +198,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
         collector: collector.clone(),
         ticker: crate::peer::Ticker::start(),
         hub: if local_ip.is_loopback() {
-            crate::peer::Hub::start().ok()
+            crate::peer::Hub::start(tokio::runtime::Handle::current().metrics().num_workers()).ok()
         } else {
             None
         },
