@@ -70,7 +70,6 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
-use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Notify};
@@ -120,10 +119,11 @@ pub struct Hub {
 }
 
 struct HubInner {
-    /// Registered with the runtime for writability only: a datagram's arrival must not wake
-    /// the runtime (the hub's reader thread reads, see [`HubReader`]), while publishers still
-    /// wait for room in a full send buffer.
-    socket: AsyncFd<std::net::UdpSocket>,
+    /// In no epoll set: arrivals would wake the runtime, and a socket in one has a waiter that
+    /// every datagram delivered to it, and every one it sent, calls back (a lock taken in the
+    /// edge's sends). The hub's reader thread reads it
+    /// ([`HubReader`]); sends that find its buffer full wait with [`send_waiting`].
+    socket: std::net::UdpSocket,
     state: quinn_udp::UdpSocketState,
     port: u16,
     /// The number ([`Hub::assign`]) of the socket's first peer; peer `n` is in slot
@@ -222,8 +222,7 @@ impl Hub {
         }))
     }
 
-    /// Binds one wildcard socket for peers `first..first + PEERS_PER_SOCKET`, registered with
-    /// the current runtime for writability.
+    /// Binds one wildcard socket for peers `first..first + PEERS_PER_SOCKET`.
     fn open_socket(first: u32) -> io::Result<Arc<HubInner>> {
         let std_socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
         std_socket.set_nonblocking(true)?;
@@ -250,11 +249,8 @@ impl Hub {
         enable_rx_destination(std_socket.as_raw_fd())?;
         enable_rx_timestamps(std_socket.as_raw_fd())?;
         let port = std_socket.local_addr()?.port();
-        // SAFETY: the socket owns its descriptor and keeps it until the `AsyncFd` drops it.
-        let socket = unsafe { AsyncFd::register_with_interest(std_socket, Interest::WRITABLE) }
-            .map_err(|e| e.into_parts().1)?;
         Ok(Arc::new(HubInner {
-            socket,
+            socket: std_socket,
             state,
             port,
             first,
@@ -304,8 +300,8 @@ impl std::fmt::Debug for Hub {
 /// (one subscriber's at a time), and waking for each few costs the tool an `epoll_wait` and a
 /// task wakeup per read; a sweep a millisecond reads them in full batches. The wait changes no
 /// figure: each datagram is timed by its kernel arrival stamp, and the wait shows as the tool's
-/// receive lag (about a millisecond). Its sockets are not in the runtime's epoll set for
-/// reading, or every arrival would still wake the runtime.
+/// receive lag (about a millisecond). Its sockets are in no epoll set, or every arrival would
+/// still wake the runtime.
 struct HubReader {
     shared: Arc<ReaderShared>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -375,6 +371,20 @@ impl HubReader {
                 // SAFETY: `polls` is a live array of pollfds of its stated length.
                 unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 10) };
             }
+        }
+    }
+}
+
+/// Runs a send on a hub socket until its buffer takes it. Hub sockets are in no epoll set
+/// (see [`HubInner::socket`]), so a full buffer is tried again each millisecond; toward a
+/// server on loopback it does not fill, as the kernel delivers each datagram within the call.
+async fn send_waiting<R>(mut send: impl FnMut() -> io::Result<R>) -> io::Result<R> {
+    loop {
+        match send() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(SWEEP_PERIOD).await;
+            }
+            sent => return sent,
         }
     }
 }
@@ -531,7 +541,7 @@ impl Endpoint {
             Endpoint::Own(s) => s.try_send_to(data, to).map(|_| ()),
             Endpoint::Shared { hub, ip } => hub
                 .state
-                .try_send(hub.socket.get_ref().into(), &shared_transmit(data, to, *ip)),
+                .try_send((&hub.socket).into(), &shared_transmit(data, to, *ip)),
         }
     }
 
@@ -539,12 +549,11 @@ impl Endpoint {
         match self {
             Endpoint::Own(s) => s.send_to(data, to).await.map(|_| ()),
             Endpoint::Shared { hub, ip } => {
-                hub.socket
-                    .async_io(Interest::WRITABLE, |socket| {
-                        hub.state
-                            .try_send(socket.into(), &shared_transmit(data, to, *ip))
-                    })
-                    .await
+                send_waiting(|| {
+                    hub.state
+                        .try_send((&hub.socket).into(), &shared_transmit(data, to, *ip))
+                })
+                .await
             }
         }
     }
@@ -938,11 +947,7 @@ impl Peer {
                 let fd = hub.socket.as_raw_fd();
                 let (mut next, mut bytes) = (0, 0);
                 while next < items.len() {
-                    match hub
-                        .socket
-                        .async_io(Interest::WRITABLE, |_| send_from(fd, &items[next..]))
-                        .await
-                    {
+                    match send_waiting(|| send_from(fd, &items[next..])).await {
                         Ok(n) => {
                             bytes += items[next..next + n]
                                 .iter()
