@@ -42,7 +42,9 @@ r = json.load(open(sys.argv[1]))
 # hand one packet to every viewer; the last copy cannot leave sooner (report.rs, StepLoad).
 # "tool drives": the edge's CPU over the tool's for the same packets, i.e. how many times the
 # load that saturates one edge core one core of the tool drives (the issue asks for >= 2).
-print("step  viewers  loss%   p99ms  pass   edge's own p99 (ms, bucket bound)  edge CPU%  pkt/s per viewer  fan-out span ms  tool CPU%  tool drives")
+# "tool lag": the tool's own send / receive lag p99 over the step's measured part; "!" when
+# over 10 ms (the step then measured the tool as well as the edge).
+print("step  viewers  loss%   p99ms  pass   edge's own p99 (ms, bucket bound)  edge CPU%  pkt/s per viewer  fan-out span ms  tool CPU%  tool drives  tool lag p99 ms")
 for s in r["capacity_steps"]:
     p99 = "-" if s["p99_ms"] is None else f'{s["p99_ms"]:.1f}'
     own = (s.get("edge_residence") or {}).get("p99_ms")
@@ -56,9 +58,14 @@ for s in r["capacity_steps"]:
     tool = "-" if tool is None else f"{tool:.0f}"
     drives = s.get("tool_headroom")
     drives = "-" if drives is None else f"{drives:.2f}x"
-    print(f'      {s["viewers"]:>7}  {s["loss"]*100:5.2f}  {p99:>6}  {s["pass"]!s:5}  {own:>33}  {cpu:>9}  {rate:>16.0f}  {span:>15}  {tool:>9}  {drives:>11}')
+    ms = lambda v: "-" if v is None else f"{v:.1f}"
+    lag = f'{ms(s.get("tool_send_lag_p99_ms"))} / {ms(s.get("tool_receive_lag_p99_ms"))}'
+    lag += "" if s.get("tool_kept_up") is not False else " !"
+    print(f'      {s["viewers"]:>7}  {s["loss"]*100:5.2f}  {p99:>6}  {s["pass"]!s:5}  {own:>33}  {cpu:>9}  {rate:>16.0f}  {span:>15}  {tool:>9}  {drives:>11}  {lag:>15}')
 tl = [x for x in r["timeline"] if x["server"] and x["server"]["cpu_pct"] is not None]
 if tl:
     print(f'edge CPU max {max(x["server"]["cpu_pct"] for x in tl):.0f}%  RSS max {max(x["server"]["rss_mb"] for x in tl):.1f} MB')
-print(f'rx packets/s max {max(x["rx_packets"] for x in r["timeline"])}; capacity: {r["capacity_viewers"]} viewers; tool kept up: {r["tool_kept_up"]}')
+kept = [s.get("tool_kept_up") for s in r["capacity_steps"]]
+print(f'rx packets/s max {max(x["rx_packets"] for x in r["timeline"])}; capacity: {r["capacity_viewers"]} viewers; '
+      f'tool kept up in every step\'s measured part: {all(k is not False for k in kept)}, over the whole run (joins included): {r["tool_kept_up"]}')
 PY

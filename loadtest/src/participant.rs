@@ -43,6 +43,8 @@ pub struct Context {
     pub ticker: Arc<crate::peer::Ticker>,
     /// The shared loopback socket for peers toward a loopback edge (see `peer`), if bound.
     pub hub: Option<Arc<crate::peer::Hub>>,
+    /// Where publishers pace their media (see [`Pacer`]).
+    pub pacer: Pacer,
     /// Send media here instead of the edge's candidate (a delay relay in the path).
     pub media_via: Option<SocketAddr>,
     /// Local address to bind peer sockets on.
@@ -56,6 +58,44 @@ pub struct Context {
     pub mode: Mode,
     pub nack: bool,
     pub stop: watch::Receiver<bool>,
+}
+
+/// A thread of its own on which every publisher of the run paces and sends its media.
+///
+/// Why: a browser's encoder and pacer do not wait for other people's handshakes, but on the
+/// tool's few runtime threads a step of a capacity search puts hundreds of ICE and DTLS
+/// handshakes (each a few polls of public-key work) in the run queue ahead of a publisher's
+/// timer, and its frames then left tens of milliseconds late: the load's shape changed in the
+/// very seconds being measured. Here the publishers' timers only wait for each other.
+/// Dropping it stops the thread.
+pub struct Pacer {
+    pub handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Pacer {
+    pub fn start() -> std::io::Result<Pacer> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("pacer".into())
+            .spawn(move || {
+                let _ = rt.block_on(stopped);
+            })?;
+        Ok(Pacer {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
+impl std::fmt::Debug for Pacer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pacer").finish_non_exhaustive()
+    }
 }
 
 /// One participant's part in the scenario.
@@ -257,7 +297,7 @@ impl Life {
         let sender = self.spec.index;
         let collector = self.ctx.collector.clone();
         let stop = self.ctx.stop.clone();
-        self.media = Some(tokio::spawn(send_media(
+        self.media = Some(self.ctx.pacer.handle.spawn(send_media(
             peer, publish, sender, mids, ext, collector, stop,
         )));
     }

@@ -84,6 +84,13 @@ pub struct CapacityStep {
     /// one core of the server could serve it: the server's CPU over the tool's for the same
     /// packets. At 2 the tool drives twice the load that saturates a server core.
     pub tool_headroom: Option<f64>,
+    /// The tool's own send and receive lag over the step's measured part (p99, ms), and whether
+    /// both stayed within the limit the run's verdict uses: a step the tool did not keep up
+    /// with measured the tool as well as the server. The joins before it (a burst of
+    /// handshakes on the tool's few threads) are not in it; the run's figures are.
+    pub tool_send_lag_p99_ms: Option<f64>,
+    pub tool_receive_lag_p99_ms: Option<f64>,
+    pub tool_kept_up: Option<bool>,
 }
 
 /// What a capacity step's measured seconds cost the server, for [`CapacityStep::fanout_span_ms`].
@@ -244,6 +251,12 @@ fn fmt_bound(ms: Option<f64>) -> String {
 /// congestion control.
 const LAG_LIMIT_MS: f64 = 10.0;
 
+/// Whether the tool kept up, from its send and receive lag p99s (ms): unknown without a send
+/// lag (nothing was sent), and a missing receive lag (nothing read) does not count against it.
+pub fn kept_up(send_p99_ms: Option<f64>, receive_p99_ms: Option<f64>) -> Option<bool> {
+    send_p99_ms.map(|s| s <= LAG_LIMIT_MS && receive_p99_ms.is_none_or(|r| r <= LAG_LIMIT_MS))
+}
+
 impl Report {
     pub fn new(scenario: &Scenario, target: &str, server_pid: Option<u32>) -> Self {
         Self {
@@ -346,9 +359,10 @@ impl Report {
         self.loss = c.total.loss();
         self.send_lag = c.lag_total.summary_ms();
         self.receive_lag = c.read_lag_total.summary_ms();
-        self.tool_kept_up = self.send_lag.map(|s| {
-            s.p99 <= LAG_LIMIT_MS && self.receive_lag.is_none_or(|r| r.p99 <= LAG_LIMIT_MS)
-        });
+        self.tool_kept_up = kept_up(
+            self.send_lag.map(|s| s.p99),
+            self.receive_lag.map(|r| r.p99),
+        );
         let media: Vec<&Second> = self.timeline.iter().filter(|s| s.rx_packets > 0).collect();
         if !media.is_empty() {
             for i in 0..5 {
@@ -505,6 +519,24 @@ impl Report {
                     .capacity
                     .as_ref()
                     .map_or(0.0, |c| c.max_p99_ms)
+            );
+            let behind: Vec<String> = self
+                .capacity_steps
+                .iter()
+                .filter(|st| st.tool_kept_up == Some(false))
+                .map(|st| st.viewers.to_string())
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {}",
+                if behind.is_empty() {
+                    "the tool kept up in every step's measured part".to_string()
+                } else {
+                    format!(
+                        "the tool did not keep up in the measured part of the steps at {} viewers: they measured the tool as well",
+                        behind.join(", ")
+                    )
+                }
             );
         }
         s
@@ -770,6 +802,16 @@ mod tests {
         let mut blind = StepLoad::default();
         blind.add(&second(10, None));
         assert_eq!(blind.fanout_span_ms(10), None);
+    }
+
+    #[test]
+    fn the_tool_kept_up_when_both_its_lags_stay_within_the_limit() {
+        assert_eq!(kept_up(Some(3.0), Some(2.0)), Some(true));
+        assert_eq!(kept_up(Some(10.0), Some(10.0)), Some(true));
+        assert_eq!(kept_up(Some(10.1), Some(1.0)), Some(false), "sent late");
+        assert_eq!(kept_up(Some(1.0), Some(12.0)), Some(false), "read late");
+        assert_eq!(kept_up(Some(1.0), None), Some(true), "nothing read");
+        assert_eq!(kept_up(None, Some(1.0)), None, "nothing sent");
     }
 
     #[test]

@@ -184,6 +184,13 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
             return report;
         }
     };
+    let pacer = match participant::Pacer::start() {
+        Ok(p) => p,
+        Err(e) => {
+            report.abort(format!("starting the publishers' pacing thread: {e}"));
+            return report;
+        }
+    };
     let collector: Shared = Arc::new(Mutex::new(Collector::default()));
     let (stop_tx, stop_rx) = watch::channel(false);
     let local_ip: IpAddr = if target.addr.ip().is_loopback() {
@@ -202,6 +209,7 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
         } else {
             None
         },
+        pacer,
         media_via: cfg.media_via,
         local_ip,
         room: scenario.room.clone(),
@@ -273,6 +281,9 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
     let mut cap_step_lost = 0u64;
     let mut cap_step_failed_at_start = 0usize;
     let mut cap_step_load = StepLoad::default();
+    // The tool's own send and receive lag over the step's measured part.
+    let mut cap_step_send_lag = Hist::default();
+    let mut cap_step_read_lag = Hist::default();
     // The edge's residence histogram when a capacity step's measured part began, and when the
     // joins were done (see crate::server_metrics).
     let mut cap_step_residence: Option<Residence> = None;
@@ -309,6 +320,12 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                         cap_step_lost as f64 / cap_step_expected as f64
                     };
                     let p99 = cap_step_hist.quantile(0.99).map(|us| us as f64 / 1000.0);
+                    let send_lag = cap_step_send_lag
+                        .quantile(0.99)
+                        .map(|us| us as f64 / 1000.0);
+                    let read_lag = cap_step_read_lag
+                        .quantile(0.99)
+                        .map(|us| us as f64 / 1000.0);
                     let pass = loss <= cap.max_loss
                         && p99.is_some_and(|p| p <= cap.max_p99_ms)
                         && failed_now == cap_step_failed_at_start;
@@ -331,6 +348,9 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                         fanout_span_ms: cap_step_load.fanout_span_ms(cap_joined),
                         tool_cpu_pct: cap_step_load.tool_cpu_pct(),
                         tool_headroom: cap_step_load.tool_headroom(),
+                        tool_send_lag_p99_ms: send_lag,
+                        tool_receive_lag_p99_ms: read_lag,
+                        tool_kept_up: crate::report::kept_up(send_lag, read_lag),
                     });
                     if !pass {
                         break Verdict::Done;
@@ -352,6 +372,8 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
                 cap_step_expected = 0;
                 cap_step_lost = 0;
                 cap_step_load = StepLoad::default();
+                cap_step_send_lag = Hist::default();
+                cap_step_read_lag = Hist::default();
                 cap_step_failed_at_start = collector.lock().expect("collector lock").failed;
             }
         } else if next_join >= schedule.len() && media_end.is_none() {
@@ -383,8 +405,9 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
             let s = std::mem::take(&mut c.second);
             let d = c.close_delay_second();
             let lag = std::mem::take(&mut c.lag_second);
+            let read_lag = std::mem::take(&mut c.read_lag_second);
             let sec = Second::from_parts(t, c.connected, &s, &d, &lag, server_sample, tool_sample);
-            (sec, c.connected, c.failed, (d, s))
+            (sec, c.connected, c.failed, (d, s, lag, read_lag))
         };
         let settle = scenario.capacity.as_ref().map_or(Duration::ZERO, |c| {
             Duration::from_millis(1500).max(c.step_duration / 2)
@@ -400,6 +423,8 @@ pub async fn run(scenario: Scenario, cfg: RunConfig) -> Report {
             cap_step_expected += delay_s.1.expected;
             cap_step_lost += delay_s.1.net_lost();
             cap_step_load.add(&second);
+            cap_step_send_lag.merge(&delay_s.2);
+            cap_step_read_lag.merge(&delay_s.3);
         }
         ever_connected |= connected > 0;
         let expecting_media = connected > 0 && scenario.groups.iter().any(|g| g.subscribe);

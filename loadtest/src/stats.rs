@@ -261,8 +261,9 @@ pub struct Collector {
     pub jitter_total: Hist,
     pub lag_total: Hist,
     pub lag_second: Hist,
-    /// The tool's receive lag ([`Pending::read_lag_us`]) over the run.
+    /// The tool's receive lag ([`Pending::read_lag_us`]) over the run, and in the open second.
     pub read_lag_total: Hist,
+    pub read_lag_second: Hist,
     pub joins: Vec<JoinTimes>,
     pub connected: usize,
     /// Participants whose join completed (signaling ack, and the peer connections they need),
@@ -295,6 +296,7 @@ impl Collector {
         }
         for &l in &p.read_lag_us {
             self.read_lag_total.record(u64::from(l));
+            self.read_lag_second.record(u64::from(l));
         }
         p.counters = Counters::default();
         p.delays_us.clear();

@@ -257,6 +257,64 @@ fn webinar_over_websocket_reports_real_media_and_server_figures() {
     assert!(!page.contains("<script"), "self-contained");
 }
 
+/// A small capacity search: each step's figures are the step's own (its measured part), the
+/// tool's own lag included, and the result is the largest passing step.
+#[test]
+fn a_capacity_search_reports_each_step_and_the_tools_lag_in_it() {
+    let edge = Edge::start();
+    let pid = edge.pid().to_string();
+    let (out, report) = loadtest(
+        &[
+            "capacity",
+            "--max-viewers",
+            "6",
+            "--step",
+            "3",
+            "--step-duration",
+            "3s",
+            "--target",
+            &edge.url,
+            "--server-pid",
+            &pid,
+        ],
+        Duration::from_secs(120),
+    );
+    let r = report.unwrap_or_else(|| panic!("no report: {}", text(&out)));
+    assert!(out.status.success(), "{}\n{}", text(&out), edge.log());
+    let steps = r["capacity_steps"].as_array().unwrap();
+    let viewers: Vec<u64> = steps
+        .iter()
+        .map(|s| s["viewers"].as_u64().unwrap())
+        .collect();
+    assert_eq!(viewers, [3, 6], "{}", text(&out));
+    for s in steps {
+        assert_eq!(s["pass"], true, "{s}");
+        // ~110 packets/s per viewer of one presenter's audio and video.
+        let rate = f(s, &["rx_packets_per_s"]) / f(s, &["viewers"]);
+        assert!(
+            (30.0..400.0).contains(&rate),
+            "{rate} packets/s per viewer: {s}"
+        );
+        assert!(f(s, &["server_cpu_pct"]) > 0.0, "{s}");
+        assert!(f(s, &["tool_cpu_pct"]) > 0.0, "{s}");
+        // The tool's lag over the step's measured part, and the verdict from it.
+        let send = f(s, &["tool_send_lag_p99_ms"]);
+        let receive = f(s, &["tool_receive_lag_p99_ms"]);
+        assert!(send >= 0.0 && receive >= 0.0, "{s}");
+        assert_eq!(
+            s["tool_kept_up"].as_bool(),
+            Some(send <= 10.0 && receive <= 10.0),
+            "{s}"
+        );
+    }
+    assert_eq!(r["capacity_viewers"], 6);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        summary.contains("capacity: 6 viewers passed") && summary.contains("the tool "),
+        "{summary}"
+    );
+}
+
 #[test]
 fn whip_and_whep_mode_carries_media() {
     let edge = Edge::start();
