@@ -458,6 +458,7 @@ pub fn loadtest_participant(
         collector: Arc::default(),
         ticker: loadtest::peer::Ticker::start(),
         hub: None,
+        pacer: loadtest::participant::Pacer::start().unwrap(),
         media_via: None,
         local_ip: [127, 0, 0, 1].into(),
         room: room.as_str().into(),
