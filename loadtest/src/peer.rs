@@ -277,7 +277,8 @@ impl Hub {
 impl Drop for Hub {
     fn drop(&mut self) {
         for reader in &self.readers {
-            reader.shared.stop.store(true, Ordering::Relaxed);
+            reader.shared.stop.store(true, Ordering::Release);
+            reader.wake();
         }
         for reader in &mut self.readers {
             if let Some(thread) = reader.thread.take() {
@@ -307,22 +308,33 @@ struct HubReader {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-#[derive(Default)]
 struct ReaderShared {
     sockets: Mutex<Vec<Arc<HubInner>>>,
     /// How many sockets `sockets` holds, read without the lock once a sweep.
     count: AtomicU32,
     stop: AtomicBool,
+    /// A datagram here ends the reader's wait at once: a new socket's first datagrams (its
+    /// peers' ICE answers, timed as join time) must not wait out the poll's timeout, nor the
+    /// stop.
+    wake: std::os::unix::net::UnixDatagram,
 }
 
 impl HubReader {
     fn spawn(n: usize) -> io::Result<HubReader> {
-        let shared = Arc::new(ReaderShared::default());
+        let (wake, woken) = std::os::unix::net::UnixDatagram::pair()?;
+        wake.set_nonblocking(true)?;
+        woken.set_nonblocking(true)?;
+        let shared = Arc::new(ReaderShared {
+            sockets: Mutex::default(),
+            count: AtomicU32::new(0),
+            stop: AtomicBool::new(false),
+            wake,
+        });
         let thread = std::thread::Builder::new()
             .name(format!("hub-reader-{n}"))
             .spawn({
                 let shared = shared.clone();
-                move || Self::run(&shared)
+                move || Self::run(&shared, &woken)
             })?;
         Ok(HubReader {
             shared,
@@ -336,25 +348,40 @@ impl HubReader {
         self.shared
             .count
             .store(sockets.len() as u32, Ordering::Release);
+        self.wake();
     }
 
-    fn run(shared: &ReaderShared) {
+    fn wake(&self) {
+        // A full wake queue already holds a wake-up.
+        let _ = self.shared.wake.send(&[1]);
+    }
+
+    fn run(shared: &ReaderShared, woken: &std::os::unix::net::UnixDatagram) {
         let mut sockets: Vec<Arc<HubInner>> = Vec::new();
-        let mut polls: Vec<libc::pollfd> = Vec::new();
+        let waker = libc::pollfd {
+            fd: woken.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let mut polls = vec![waker];
         let mut batch = RecvBatch::new();
         let mut out = Outgoing::default();
         let mut sends = HubSends::new();
         let mut last_sweep = Instant::now();
-        while !shared.stop.load(Ordering::Relaxed) {
+        loop {
+            // Wake-ups first: one sent after this is still queued for the poll below.
+            while woken.recv(&mut [0u8; 8]).is_ok() {}
+            if shared.stop.load(Ordering::Acquire) {
+                return;
+            }
             if shared.count.load(Ordering::Acquire) as usize != sockets.len() {
                 sockets = shared.sockets.lock().expect("hub reader lock").clone();
-                polls = sockets
-                    .iter()
-                    .map(|s| libc::pollfd {
+                polls = std::iter::once(waker)
+                    .chain(sockets.iter().map(|s| libc::pollfd {
                         fd: s.socket.as_raw_fd(),
                         events: libc::POLLIN,
                         revents: 0,
-                    })
+                    }))
                     .collect();
             }
             let sweep = Instant::now();
@@ -367,9 +394,9 @@ impl HubReader {
             if busy(read, since) {
                 std::thread::sleep(SWEEP_PERIOD.saturating_sub(sweep.elapsed()));
             } else {
-                // Until a datagram arrives; now and then to see new sockets and the stop.
+                // Until a datagram arrives, a socket is added or the hub stops.
                 // SAFETY: `polls` is a live array of pollfds of its stated length.
-                unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 10) };
+                unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, -1) };
             }
         }
     }
@@ -1462,8 +1489,9 @@ mod tests {
         );
     }
 
-    /// A socket a peer joins is read by the hub's reader thread, whole bursts at a time and
-    /// until it is drained, and dropping the hub stops the thread.
+    /// A socket a peer joins is read by the hub's reader thread until it is drained, and
+    /// dropping the hub stops the thread. The readers start with no socket and wait without a
+    /// timeout, so only the wake-up on each new socket (and on the stop) gets them going.
     #[tokio::test]
     async fn the_hub_reader_drains_every_socket_it_is_given() {
         let hub = Hub::start(2).unwrap();
