@@ -53,6 +53,11 @@ pub struct EdgeConfig {
     /// before; a device that cannot segment turns it off by itself. See
     /// [`crate::udp::batch::SendBatch`].
     pub gso: bool,
+    /// Threads per shard that help it make a large fan-out (a keyframe to a big room is
+    /// hundreds of copies); unset (default): one when the edge may run on two cores or more,
+    /// else none; 0: none, each room's copies are made on its shard's thread alone. See
+    /// [`crate::spread`].
+    pub fan_out_helpers: Option<usize>,
 }
 
 impl Default for EdgeConfig {
@@ -73,6 +78,7 @@ impl Default for EdgeConfig {
             full_presence_up_to: origin::RoomConfig::default().full_presence_up_to,
             realtime_priority: 0,
             gso: true,
+            fan_out_helpers: None,
         }
     }
 }
@@ -104,6 +110,15 @@ impl EdgeConfig {
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
+        })
+    }
+
+    /// Helper threads per shard ([`Self::fan_out_helpers`], resolved): unset, one when the
+    /// cores this process may run on (its CPU affinity) are two or more, so an edge pinned to
+    /// one core spreads nothing.
+    pub fn fan_out_helper_count(&self) -> usize {
+        self.fan_out_helpers.unwrap_or_else(|| {
+            usize::from(std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2))
         })
     }
 
@@ -206,6 +221,10 @@ pub struct EdgeArgs {
     /// can) [default: true].
     #[arg(long, env = "KCS_GSO", value_name = "BOOL")]
     pub gso: Option<bool>,
+    /// Threads per shard that help it make large fan-outs; 0: none [default: 1 on two cores
+    /// or more].
+    #[arg(long, env = "KCS_FAN_OUT_HELPERS")]
+    pub fan_out_helpers: Option<usize>,
 }
 
 impl EdgeArgs {
@@ -259,6 +278,9 @@ impl EdgeArgs {
         }
         if let Some(v) = self.gso {
             c.gso = v;
+        }
+        if let Some(v) = self.fan_out_helpers {
+            c.fan_out_helpers = Some(v);
         }
         c.port_range()?;
         if c.realtime_priority > 99 {

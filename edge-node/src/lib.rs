@@ -24,6 +24,7 @@ pub mod realtime;
 pub mod sdp;
 pub mod session;
 pub mod sfu;
+pub mod spread;
 pub mod transport;
 pub mod tree;
 pub mod udp;

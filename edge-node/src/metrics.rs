@@ -75,6 +75,8 @@ counters! {
     link_nacks_out => "cascade_nacks_out_total", "sequence numbers NACKed up cascade links";
     udp_datagrams_out => "udp_datagrams_out_total", "datagrams the media sockets handed to the kernel";
     udp_messages_out => "udp_messages_out_total", "messages those went in: a GSO message carries a frame's packets to one destination";
+    fan_out_parts => "fan_out_parts_total", "parts of large fan-outs spread over a shard and its helper threads";
+    fan_out_parts_helped => "fan_out_parts_by_helpers_total", "of those parts, the ones a helper thread made";
 }
 
 /// Process-wide totals of a residence histogram ([`kcs_media::residence::Residence`], the one

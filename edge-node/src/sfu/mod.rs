@@ -52,6 +52,7 @@ use rtcp::packet::Packet as RtcpPacket;
 use rustc_hash::FxHashMap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 /// How often the core runs its periodic work (NACKs, keyframe requests, allocation). 10 ms keeps
@@ -448,6 +449,8 @@ pub struct ShardCore {
     /// Packets taken in whose copies are not made yet: the fan-out runs when the shell polls
     /// the transmits, a burst at a time (see [`ShardCore::fan_out`]).
     pending: PendingFanOut,
+    /// Copies made on this thread since they were last folded into `counters`.
+    tallies: CopyTallies,
     pub counters: ShardCounters,
 }
 
@@ -536,6 +539,7 @@ impl ShardCore {
             probing: Vec::new(),
             layer_watch: Vec::new(),
             pending: PendingFanOut::default(),
+            tallies: CopyTallies::default(),
             counters: ShardCounters::default(),
         }
     }
@@ -1154,6 +1158,7 @@ impl ShardCore {
             if !done {
                 pending.resume = Some((start, next));
                 self.pending = pending;
+                self.tallies.fold_into(&mut self.counters);
                 return true;
             }
             (start, next) = (start + len, 0);
@@ -1163,6 +1168,7 @@ impl ShardCore {
         pending.bytes.clear();
         pending.copies = 0;
         self.pending = pending;
+        self.tallies.fold_into(&mut self.counters);
         false
     }
 
@@ -1228,98 +1234,22 @@ impl ShardCore {
         let Some(t) = self.transports.get_mut(&s.spec.transport) else {
             return;
         };
-        let (Some(addr), Some(srtp)) = (t.addr, t.srtp.as_mut()) else {
-            return;
+        let mut out = CopyOut {
+            scratch: &mut self.bufs.scratch,
+            arena: &mut self.bufs.arena,
+            transmits: &mut self.transmits,
+            tallies: &mut self.tallies,
+            watch: &mut self.layer_watch,
         };
-        if s.spec.paused {
-            return;
-        }
-        let input = RewriteInput {
-            layer: SpatialLayer(layer),
+        let packet = CopyOf {
+            layer,
             ext_seq,
-            timestamp: view.timestamp,
-            arrival: now,
+            view,
+            keyframe,
+            audio_level,
+            now,
         };
-        // Audio has no layers and no keyframes: every packet is forwarded.
-        let decision = if s.audio {
-            Decision::Forward { switch: false }
-        } else {
-            let d = s.selector.handle_packet(SpatialLayer(layer), keyframe, now);
-            s.watch_layers(sid, &mut self.layer_watch);
-            d
-        };
-        let decision = match decision {
-            Decision::Forward { switch: false } if s.shed => Decision::Drop,
-            d => d,
-        };
-        let switch = match decision {
-            Decision::Drop => {
-                if s.selector.current() == Some(SpatialLayer(layer)) {
-                    s.rewriter.skip(&input);
-                }
-                return;
-            }
-            Decision::Forward { switch } => switch || !s.started,
-        };
-        let Some(out) = s.rewriter.rewrite(&input, switch) else {
-            return;
-        };
-        s.started = true;
-        let twcc = t.ext_out.transport_cc.map(|id| {
-            let seq = t.twcc_out_seq;
-            t.twcc_out_seq = t.twcc_out_seq.wrapping_add(1);
-            (id, seq)
-        });
-        let ext = rtp::OutExtensions {
-            abs_send_time: t
-                .ext_out
-                .abs_send_time
-                .map(|id| (id, rtp::abs_send_time(micros_since(self.epoch, now)))),
-            transport_cc: twcc,
-            audio_level: t.ext_out.audio_level.zip(audio_level),
-            mid: None,
-        };
-        let payload = view.payload();
-        let buf = &mut self.bufs.scratch;
-        if buf.len() < MAX_OUT_HEADER + payload.len() {
-            buf.resize(MAX_OUT_HEADER + payload.len(), 0);
-        }
-        let n = rtp::write_header(
-            buf,
-            view.marker,
-            s.spec.payload_type,
-            out.seq,
-            out.timestamp,
-            s.spec.ssrc,
-            &ext,
-        );
-        buf[n..n + payload.len()].copy_from_slice(payload);
-        if let Some(m) = s.vp8.as_mut() {
-            // A payload the munger cannot parse is forwarded as it came.
-            let _ = m.rewrite(&mut buf[n..n + payload.len()], switch);
-        }
-        let len = n + payload.len();
-        match srtp.encrypt_rtp_into(&buf[..len], &mut self.bufs.arena) {
-            Ok(data) => {
-                if let Some((_, seq)) = twcc {
-                    t.bwe.handle_sent(seq, data.len(), now);
-                }
-                s.stats.handle_sent(payload.len(), out.timestamp, now);
-                s.last_out_seq = Some(out.seq);
-                s.sequencer.record(
-                    out.seq,
-                    SentPacket {
-                        layer: SpatialLayer(layer),
-                        ext_seq,
-                        timestamp: out.timestamp,
-                    },
-                );
-                self.counters.packets_out += 1;
-                self.counters.bytes_out += data.len() as u64;
-                self.transmits.push(Transmit { to: addr, data });
-            }
-            Err(_) => self.counters.encrypt_failures += 1,
-        }
+        make_copy(sid, s, t, &packet, self.epoch, &mut out);
     }
 
     fn handle_rtcp(&mut self, tid: TransportId, plain: &[u8], now: Instant) {
@@ -1943,6 +1873,144 @@ impl ShardCore {
         more
     }
 
+    /// Makes every copy still owed and hands them to `send` (from whichever thread made them),
+    /// like [`poll_transmits_upto`](Self::poll_transmits_upto) called with `step` until done,
+    /// but with the copies of one publication layer's run to many subscribers shared with
+    /// `helpers`: from [`SPREAD_MIN_COPIES`] copies on, the run's subscribers are cut into parts
+    /// that this thread and any helper that wakes in time claim one by one
+    /// ([`crate::spread::Helpers::run`]), each part making and sending its subscribers' copies
+    /// `step` subscribers at a time. The call returns when every part is sent; everything
+    /// queued besides the copies goes to `send` too.
+    ///
+    /// Why: a keyframe to a large room is thousands of copies, and on one thread the last
+    /// subscribers wait for all of them: that span is what bounds a busy edge's p99
+    /// (BENCHMARKS.md, "The fan-out span"). Each part borrows its own subscriptions and their
+    /// transports, so no state is shared between threads, and a subscriber's copies keep their
+    /// order (one part makes all of a subscriber's copies of a run, and a run is sent before
+    /// the next is made).
+    pub fn fan_out_spread(
+        &mut self,
+        helpers: &crate::spread::Helpers,
+        step: usize,
+        send: &(dyn Fn(&mut Vec<Transmit>) + Sync),
+    ) {
+        let step = step.max(1);
+        let mut pending = std::mem::take(&mut self.pending);
+        let (mut start, mut next) = pending.resume.take().unwrap_or((0, 0));
+        let mut transports = Vec::new();
+        while start < pending.packets.len() {
+            let (pid, layer) = (
+                pending.packets[start].publication,
+                pending.packets[start].layer,
+            );
+            let len = pending.packets[start..]
+                .iter()
+                .take_while(|p| p.publication == pid && p.layer == layer)
+                .count();
+            let views: Vec<(&PendingPacket, RtpView<'_>)> = pending.packets[start..start + len]
+                .iter()
+                .filter_map(|p| Some((p, RtpView::parse(&pending.bytes[p.bytes.clone()]).ok()?)))
+                .collect();
+            let Some(p) = self.publications.get_mut(&pid) else {
+                (start, next) = (start + len, 0);
+                continue;
+            };
+            let list = std::mem::take(&mut p.subscribers);
+            let rest = &list[next.min(list.len())..];
+            let spread = rest.len() * views.len() >= SPREAD_MIN_COPIES
+                && helpers.count() > 0
+                && self.spread_run(helpers, rest, &views, layer, step, send, &mut transports);
+            if !spread {
+                for chunk in rest.chunks(step) {
+                    for (i, &sid) in chunk.iter().enumerate() {
+                        self.prefetch_ahead(chunk, i);
+                        for (packet, view) in &views {
+                            self.forward(
+                                sid,
+                                layer,
+                                packet.ext_seq,
+                                view,
+                                packet.keyframe,
+                                packet.audio_level,
+                                packet.now,
+                            );
+                        }
+                    }
+                    if !self.transmits.is_empty() {
+                        send(&mut self.transmits);
+                        self.transmits.clear();
+                    }
+                }
+            }
+            if let Some(p) = self.publications.get_mut(&pid) {
+                p.subscribers = list;
+            }
+            (start, next) = (start + len, 0);
+        }
+        pending.packets.clear();
+        pending.bytes.clear();
+        pending.copies = 0;
+        self.pending = pending;
+        self.tallies.fold_into(&mut self.counters);
+        if !self.transmits.is_empty() {
+            send(&mut self.transmits);
+            self.transmits.clear();
+        }
+    }
+
+    /// The spread part of [`fan_out_spread`](Self::fan_out_spread) for one run: `false`, with
+    /// nothing made, when two of `sids` share a transport (their copies must then be made by
+    /// one thread; the caller makes the run on its own).
+    #[allow(clippy::too_many_arguments)]
+    fn spread_run(
+        &mut self,
+        helpers: &crate::spread::Helpers,
+        sids: &[SubscriptionId],
+        views: &[(&PendingPacket, RtpView<'_>)],
+        layer: u8,
+        step: usize,
+        send: &(dyn Fn(&mut Vec<Transmit>) + Sync),
+        transports: &mut Vec<TransportId>,
+    ) -> bool {
+        let Some(mut entries) = borrow_disjoint(
+            &mut self.subscriptions,
+            &mut self.transports,
+            sids,
+            transports,
+        ) else {
+            return false;
+        };
+        // What was queued before the run (RTCP, retransmissions) leaves first, as it would have.
+        if !self.transmits.is_empty() {
+            send(&mut self.transmits);
+            self.transmits.clear();
+        }
+        // Parts small enough that a helper waking late still finds some, and that the wait
+        // for one a helper is making stays short.
+        let part = SPREAD_PART_COPIES
+            .div_ceil(views.len().max(1))
+            .max(SPREAD_PART_MIN_SUBSCRIBERS);
+        let epoch = self.epoch;
+        let parts: Vec<Mutex<Option<&mut [SpreadEntry<'_>]>>> = entries
+            .chunks_mut(part)
+            .map(|chunk| Mutex::new(Some(chunk)))
+            .collect();
+        let made: Vec<Mutex<PartMade>> = parts.iter().map(|_| Mutex::default()).collect();
+        self.counters.fan_out_parts += parts.len() as u64;
+        self.counters.fan_out_parts_helped += helpers.run(parts.len(), &|i| {
+            let Some(chunk) = lock(&parts[i]).take() else {
+                return;
+            };
+            *lock(&made[i]) = make_part(chunk, views, layer, epoch, step, send);
+        }) as u64;
+        for part in made {
+            let mut part = part.into_inner().unwrap_or_else(PoisonError::into_inner);
+            part.tallies.fold_into(&mut self.counters);
+            self.layer_watch.append(&mut part.watch);
+        }
+        true
+    }
+
     /// Hands every queued cascade datagram (encoded, for `MediaChannel::send_encoded`) to
     /// `send`, then empties the queue (keeping its buffer).
     pub fn drain_link_datagrams(&mut self, mut send: impl FnMut(LinkId, &[u8])) {
@@ -2279,6 +2347,311 @@ fn upgrade_cost(selector: &LayerSelector, rates: &[Option<Bitrate>]) -> Option<u
     let current = target.and_then(rate).unwrap_or(0);
     let margin = LayerSelectorConfig::default().upgrade_margin_percent;
     Some((rate(next)? * margin / 100).saturating_sub(current))
+}
+
+/// A run is spread over threads ([`ShardCore::fan_out_spread`]) from this many copies on.
+/// Below it, handing part of it to another thread (a wake-up, tens of microseconds on a busy
+/// host) would cost about what it saves: a copy is ~2-5 µs of rewriting, encryption and send.
+pub const SPREAD_MIN_COPIES: usize = 128;
+/// A spread run is cut into parts of about this many copies (~0.2-0.5 ms of work): small
+/// enough that a helper that wakes late still finds parts left and that waiting for a part a
+/// helper is making is short, large enough that claiming one is nothing beside it.
+const SPREAD_PART_COPIES: usize = 64;
+/// ... and of at least this many subscribers (a run of many packets to few subscribers).
+const SPREAD_PART_MIN_SUBSCRIBERS: usize = 4;
+
+/// One subscriber of a spread run, with its subscription and transport borrowed for the part
+/// that makes its copies.
+struct SpreadEntry<'a> {
+    sid: SubscriptionId,
+    s: &'a mut Subscription,
+    t: &'a mut Transport,
+}
+
+/// What a part of a spread run leaves for its shard: tallies and the subscriptions whose
+/// layers moved.
+#[derive(Default)]
+struct PartMade {
+    tallies: CopyTallies,
+    watch: Vec<SubscriptionId>,
+}
+
+/// A lock that a panic elsewhere left poisoned is still usable: each part's slot is taken or
+/// written whole.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Borrows, for each of `sids` that has a subscription and transport, both at once; `None`
+/// when two of them share a transport. `seen` is scratch, kept by the caller.
+fn borrow_disjoint<'a>(
+    subscriptions: &'a mut FxHashMap<SubscriptionId, Subscription>,
+    transports: &'a mut FxHashMap<TransportId, Transport>,
+    sids: &[SubscriptionId],
+    seen: &mut Vec<TransportId>,
+) -> Option<Vec<SpreadEntry<'a>>> {
+    seen.clear();
+    let mut found = Vec::with_capacity(sids.len());
+    for &sid in sids {
+        let Some(s) = subscriptions.get_mut(&sid) else {
+            continue;
+        };
+        let tid = s.spec.transport;
+        let s: *mut Subscription = s;
+        let Some(t) = transports.get_mut(&tid) else {
+            continue;
+        };
+        seen.push(tid);
+        found.push((sid, s, std::ptr::from_mut(t)));
+    }
+    // Each subscription has one transport, so distinct transports mean distinct subscriptions.
+    seen.sort_unstable();
+    if seen.windows(2).any(|w| w[0] == w[1]) {
+        return None;
+    }
+    Some(
+        found
+            .into_iter()
+            // SAFETY: the pointers come from `get_mut` on maps borrowed mutably for 'a, so
+            // nothing else reads or moves their entries while the references live; every
+            // subscription and every transport is pointed to once (checked above), so no two
+            // of the references alias.
+            .map(|(sid, s, t)| unsafe {
+                SpreadEntry {
+                    sid,
+                    s: &mut *s,
+                    t: &mut *t,
+                }
+            })
+            .collect(),
+    )
+}
+
+/// Makes and sends the copies of `entries`, one part of a spread run, `step` subscribers at a
+/// time, on whichever thread claimed it.
+fn make_part(
+    entries: &mut [SpreadEntry<'_>],
+    views: &[(&PendingPacket, RtpView<'_>)],
+    layer: u8,
+    epoch: (Instant, SystemTime),
+    step: usize,
+    send: &(dyn Fn(&mut Vec<Transmit>) + Sync),
+) -> PartMade {
+    let mut made = PartMade::default();
+    PART_BUFFERS.with_borrow_mut(|bufs| {
+        for chunk in entries.chunks_mut(step) {
+            for i in 0..chunk.len() {
+                if let Some(next) = chunk.get(i + 1) {
+                    prefetch_copy_state(next.s, next.t);
+                }
+                let e = &mut chunk[i];
+                let mut out = CopyOut {
+                    scratch: &mut bufs.scratch,
+                    arena: &mut bufs.arena,
+                    transmits: &mut bufs.transmits,
+                    tallies: &mut made.tallies,
+                    watch: &mut made.watch,
+                };
+                for (packet, view) in views {
+                    let copy = CopyOf {
+                        layer,
+                        ext_seq: packet.ext_seq,
+                        view,
+                        keyframe: packet.keyframe,
+                        audio_level: packet.audio_level,
+                        now: packet.now,
+                    };
+                    make_copy(e.sid, e.s, e.t, &copy, epoch, &mut out);
+                }
+            }
+            if !bufs.transmits.is_empty() {
+                send(&mut bufs.transmits);
+                bufs.transmits.clear();
+            }
+        }
+    });
+    made
+}
+
+thread_local! {
+    /// The buffers a fan-out thread makes its parts' copies in, kept from part to part.
+    static PART_BUFFERS: std::cell::RefCell<PartBuffers> = std::cell::RefCell::new(PartBuffers {
+        scratch: vec![0u8; 2048],
+        arena: bytes::BytesMut::with_capacity(TX_ARENA),
+        transmits: Vec::new(),
+    });
+}
+
+struct PartBuffers {
+    scratch: Vec<u8>,
+    arena: bytes::BytesMut,
+    transmits: Vec<Transmit>,
+}
+
+/// Starts loading what making the next subscriber's copy reads first (see
+/// [`ShardCore::prefetch_ahead`], whose one-ahead part this is).
+fn prefetch_copy_state(s: &Subscription, t: &Transport) {
+    use kcs_media::prefetch::prefetch;
+    prefetch(s.sequencer.next_slot(), 1);
+    if let Some(srtp) = &t.srtp {
+        for r in srtp.outbound_rtp_lines(s.spec.ssrc) {
+            prefetch(r, 1);
+        }
+    }
+    for r in t.bwe.next_entries() {
+        prefetch(r, 1);
+    }
+}
+
+/// One packet of a fan-out, as every copy of it is made.
+struct CopyOf<'a> {
+    layer: u8,
+    ext_seq: u64,
+    view: &'a RtpView<'a>,
+    keyframe: bool,
+    audio_level: Option<u8>,
+    /// The `now` the packet was taken in with.
+    now: Instant,
+}
+
+/// Where making a copy writes, besides its subscription and transport: the shard's own
+/// buffers and lists on its thread, a [`Lane`]'s on a fan-out thread.
+struct CopyOut<'a> {
+    scratch: &'a mut Vec<u8>,
+    arena: &'a mut bytes::BytesMut,
+    transmits: &'a mut Vec<Transmit>,
+    tallies: &'a mut CopyTallies,
+    watch: &'a mut Vec<SubscriptionId>,
+}
+
+/// Copies made and bytes queued, folded into [`ShardCounters`] after a fan-out.
+#[derive(Debug, Default, Clone, Copy)]
+struct CopyTallies {
+    packets: u64,
+    bytes: u64,
+    encrypt_failures: u64,
+}
+
+impl CopyTallies {
+    fn fold_into(&mut self, counters: &mut ShardCounters) {
+        counters.packets_out += self.packets;
+        counters.bytes_out += self.bytes;
+        counters.encrypt_failures += self.encrypt_failures;
+        *self = CopyTallies::default();
+    }
+}
+
+/// Makes subscription `sid`'s copy of `packet`: its layer decision, the rewritten header,
+/// the VP8 munging and the SRTP encryption, queued on `out.transmits`. It touches only `s`,
+/// `t` and `out`, which is what lets a fan-out give disjoint subscribers to several threads.
+fn make_copy(
+    sid: SubscriptionId,
+    s: &mut Subscription,
+    t: &mut Transport,
+    packet: &CopyOf<'_>,
+    epoch: (Instant, SystemTime),
+    out: &mut CopyOut<'_>,
+) {
+    let CopyOf {
+        layer,
+        ext_seq,
+        view,
+        keyframe,
+        audio_level,
+        now,
+    } = *packet;
+    let (Some(addr), Some(srtp)) = (t.addr, t.srtp.as_mut()) else {
+        return;
+    };
+    if s.spec.paused {
+        return;
+    }
+    let input = RewriteInput {
+        layer: SpatialLayer(layer),
+        ext_seq,
+        timestamp: view.timestamp,
+        arrival: now,
+    };
+    // Audio has no layers and no keyframes: every packet is forwarded.
+    let decision = if s.audio {
+        Decision::Forward { switch: false }
+    } else {
+        let d = s.selector.handle_packet(SpatialLayer(layer), keyframe, now);
+        s.watch_layers(sid, out.watch);
+        d
+    };
+    let decision = match decision {
+        Decision::Forward { switch: false } if s.shed => Decision::Drop,
+        d => d,
+    };
+    let switch = match decision {
+        Decision::Drop => {
+            if s.selector.current() == Some(SpatialLayer(layer)) {
+                s.rewriter.skip(&input);
+            }
+            return;
+        }
+        Decision::Forward { switch } => switch || !s.started,
+    };
+    let Some(rewritten) = s.rewriter.rewrite(&input, switch) else {
+        return;
+    };
+    s.started = true;
+    let twcc = t.ext_out.transport_cc.map(|id| {
+        let seq = t.twcc_out_seq;
+        t.twcc_out_seq = t.twcc_out_seq.wrapping_add(1);
+        (id, seq)
+    });
+    let ext = rtp::OutExtensions {
+        abs_send_time: t
+            .ext_out
+            .abs_send_time
+            .map(|id| (id, rtp::abs_send_time(micros_since(epoch, now)))),
+        transport_cc: twcc,
+        audio_level: t.ext_out.audio_level.zip(audio_level),
+        mid: None,
+    };
+    let payload = view.payload();
+    let buf = &mut *out.scratch;
+    if buf.len() < MAX_OUT_HEADER + payload.len() {
+        buf.resize(MAX_OUT_HEADER + payload.len(), 0);
+    }
+    let n = rtp::write_header(
+        buf,
+        view.marker,
+        s.spec.payload_type,
+        rewritten.seq,
+        rewritten.timestamp,
+        s.spec.ssrc,
+        &ext,
+    );
+    buf[n..n + payload.len()].copy_from_slice(payload);
+    if let Some(m) = s.vp8.as_mut() {
+        // A payload the munger cannot parse is forwarded as it came.
+        let _ = m.rewrite(&mut buf[n..n + payload.len()], switch);
+    }
+    let len = n + payload.len();
+    match srtp.encrypt_rtp_into(&buf[..len], out.arena) {
+        Ok(data) => {
+            if let Some((_, seq)) = twcc {
+                t.bwe.handle_sent(seq, data.len(), now);
+            }
+            s.stats.handle_sent(payload.len(), rewritten.timestamp, now);
+            s.last_out_seq = Some(rewritten.seq);
+            s.sequencer.record(
+                rewritten.seq,
+                SentPacket {
+                    layer: SpatialLayer(layer),
+                    ext_seq,
+                    timestamp: rewritten.timestamp,
+                },
+            );
+            out.tallies.packets += 1;
+            out.tallies.bytes += data.len() as u64;
+            out.transmits.push(Transmit { to: addr, data });
+        }
+        Err(_) => out.tallies.encrypt_failures += 1,
+    }
 }
 
 /// Resends what subscription `s` sent as `seq`: on its RTX stream when negotiated, else as it

@@ -821,3 +821,163 @@ fn a_fan_out_left_part_way_is_finished_before_the_next_input() {
         );
     }
 }
+
+/// What a spread fan-out handed to its `send`: each call's copies, and whether a helper made
+/// them.
+fn spread_and_collect(h: &mut Harness, helpers: usize, step: usize) -> Vec<(bool, Vec<Transmit>)> {
+    let helpers = crate::spread::Helpers::start(helpers, "test-fan-out").unwrap();
+    let sent = std::sync::Mutex::new(Vec::new());
+    let send = |t: &mut Vec<Transmit>| {
+        let on_helper = std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("test-fan-out"));
+        sent.lock().unwrap().push((on_helper, t.clone()));
+    };
+    h.core.fan_out_spread(&helpers, step, &send);
+    sent.into_inner().unwrap()
+}
+
+/// What a subscriber sees of a copy: rewritten sequence, timestamp, marker, payload.
+type SeenCopy = (u16, u32, bool, Vec<u8>);
+
+/// Each subscriber's copies, in the order that subscriber got them.
+fn per_subscriber(h: &mut Harness, out: &[Transmit]) -> Vec<Vec<SeenCopy>> {
+    let mut each = vec![Vec::new(); h.subscribers.len()];
+    for (i, plain) in decrypt_all(h, out) {
+        let v = RtpView::parse(&plain).unwrap();
+        each[i].push((v.seq, v.timestamp, v.marker, v.payload().to_vec()));
+    }
+    each
+}
+
+#[test]
+fn a_large_fan_out_spread_over_threads_gives_every_subscriber_the_copies_one_thread_would() {
+    // Keyframes of 9 packets to 40 subscribers (360 copies: spread), each followed by a
+    // 2-packet delta frame (80 copies: made by the caller alone), fanned out as the shell does,
+    // a burst at a time. Which parts the helper makes depends on when it wakes, so bursts go
+    // on until it has made some (the first, almost always).
+    let burst = |k: u16, key: bool| -> Vec<(u16, u32, bool)> {
+        let (first, n) = (k * 11 + if key { 0 } else { 9 }, if key { 9 } else { 2 });
+        (0..n)
+            .map(|i| {
+                (
+                    first + i,
+                    u32::from(k) * 6000 + if key { 0 } else { 3000 },
+                    key && i == 0,
+                )
+            })
+            .collect()
+    };
+    let feed = |h: &mut Harness, burst: &[(u16, u32, bool)]| {
+        for &(seq, ts, key) in burst {
+            let p = h.publisher_packet(seq, ts, key, 300 + usize::from(seq % 100));
+            h.from_publisher(&p);
+        }
+    };
+    let profile = SrtpProfile::AeadAes128Gcm;
+    let mut whole = Harness::new(40, profile);
+    let mut spread = Harness::new(40, profile);
+    let mut helped = 0;
+    let mut k = 0;
+    while k < 3 || (helped == 0 && k < 50) {
+        let key = burst(k, true);
+        let delta = burst(k, false);
+        feed(&mut whole, &key);
+        let mut all = whole.drain();
+        feed(&mut whole, &delta);
+        all.extend(whole.drain());
+        let expected = per_subscriber(&mut whole, &all);
+        assert!(
+            expected.iter().all(|s| s.len() == 11),
+            "every packet to everyone"
+        );
+
+        feed(&mut spread, &key);
+        let key_sends = spread_and_collect(&mut spread, 1, 4);
+        helped += key_sends.iter().filter(|(by_helper, _)| *by_helper).count();
+        for (_, t) in &key_sends {
+            assert!(
+                t.len() <= 4 * 9 && t.len() % 9 == 0,
+                "a send is at most 4 whole subscribers, got {} copies",
+                t.len()
+            );
+        }
+        feed(&mut spread, &delta);
+        let delta_sends = spread_and_collect(&mut spread, 1, 4);
+        assert!(
+            delta_sends.iter().all(|(by_helper, _)| !by_helper),
+            "a small fan-out is made by the caller"
+        );
+        let joined: Vec<Transmit> = key_sends
+            .into_iter()
+            .chain(delta_sends)
+            .flat_map(|(_, t)| t)
+            .collect();
+        assert_eq!(joined.len(), 440);
+        let got = per_subscriber(&mut spread, &joined);
+        assert!(
+            got == expected,
+            "burst {k}: each subscriber got the same copies in order"
+        );
+        k += 1;
+    }
+    assert!(
+        helped > 0,
+        "the helper made parts of some keyframe in {k} bursts"
+    );
+    assert_eq!(
+        spread.core.counters.packets_out,
+        whole.core.counters.packets_out
+    );
+    assert_eq!(
+        spread.core.counters.bytes_out,
+        whole.core.counters.bytes_out
+    );
+    assert_eq!(spread.core.queued_transmits(), 0, "nothing left to make");
+    assert!(
+        spread_and_collect(&mut spread, 1, 4).is_empty(),
+        "nothing is made twice"
+    );
+}
+
+#[test]
+fn subscribers_sharing_a_transport_are_served_by_one_thread() {
+    let mut h = Harness::new(40, SrtpProfile::AeadAes128Gcm);
+    // A second subscription to the same publication on subscriber 0's transport.
+    let now = h.now;
+    h.core.handle_command(
+        Command::AddSubscription {
+            id: SubscriptionId(3000),
+            spec: SubscriptionSpec {
+                transport: h.subscribers[0].transport,
+                publication: h.publication,
+                mid: "1".into(),
+                ssrc: 0x3000_0000,
+                rtx_ssrc: None,
+                payload_type: VIDEO_PT,
+                rtx_payload_type: None,
+                max_layer: Some(SpatialLayer(0)),
+                paused: false,
+            },
+        },
+        now,
+    );
+    h.drain();
+    for k in 0..9u16 {
+        let p = h.publisher_packet(100 + k, 0, k == 0, 300);
+        h.from_publisher(&p);
+    }
+    let sends = spread_and_collect(&mut h, 1, 4);
+    assert!(sends.iter().all(|(by_helper, _)| !by_helper), "not spread");
+    let joined: Vec<Transmit> = sends.into_iter().flat_map(|(_, t)| t).collect();
+    let got = per_subscriber(&mut h, &joined);
+    assert_eq!(
+        got[0].len(),
+        18,
+        "both subscriptions of the shared transport"
+    );
+    assert!(
+        got[1..].iter().all(|s| s.len() == 9),
+        "the keyframe to everyone else"
+    );
+}

@@ -251,6 +251,7 @@ pub fn start(
     if config.gso && !gso {
         tracing::info!("this kernel has no UDP GSO (UDP_SEGMENT): one datagram per message");
     }
+    let fan_out_helpers = config.fan_out_helper_count();
     for (index, (socket, inbox)) in sockets.into_iter().zip(receivers).enumerate() {
         let shard = ShardShell {
             index,
@@ -263,6 +264,7 @@ pub fn start(
             room_events: room_events.clone(),
             links: links.clone(),
             gso,
+            fan_out_helpers,
         };
         std::thread::Builder::new()
             .name(format!("kcs-shard-{index}"))
@@ -310,6 +312,8 @@ struct ShardShell {
     links: Arc<crate::cascade::LinkChannels>,
     /// Whether copies to one destination go as GSO messages (configured, and the kernel can).
     gso: bool,
+    /// Threads that help this shard make its large fan-outs (see [`crate::spread`]).
+    fan_out_helpers: usize,
 }
 
 /// A finished DTLS handshake: the transport and its SRTP keys (or why it failed).
@@ -356,6 +360,20 @@ impl ShardShell {
         let mut core = ShardCore::new((Instant::now(), SystemTime::now()));
         let mut batch = batch::RecvBatch::new();
         let mut sender = batch::SendBatch::new(self.gso);
+        let helpers = crate::spread::Helpers::start(
+            self.fan_out_helpers,
+            &format!("kcs-fan-out-{}", self.index),
+        )
+        .unwrap_or_else(|e| {
+            tracing::warn!(shard = self.index, error = %e, "no fan-out helpers: large fan-outs stay on the shard's thread");
+            crate::spread::Helpers::none()
+        });
+        let spread = (helpers.count() > 0).then(|| SpreadSend {
+            helpers,
+            fd,
+            gso: self.gso,
+            sent: Default::default(),
+        });
         // The stream whose copies are queued: a packet of another sends them first.
         let mut burst: Option<u64> = None;
         let mut sessions: HashMap<SessionId, mpsc::Sender<Event>> = HashMap::new();
@@ -386,7 +404,7 @@ impl ShardShell {
                                     let Some((from, data)) = batch.get(i) else { continue };
                                     let stream = rtp_ssrc(data).map(u64::from);
                                     if flush_before(core.queued_transmits(), &mut burst, stream) {
-                                        make_and_send(&mut core, &socket, &mut sender, &mut transmits).await;
+                                        make_and_send(&mut core, &socket, &mut sender, &mut transmits, spread.as_ref()).await;
                                         observe_residence(&mut arrivals, &mut residence);
                                     }
                                     // The residence histogram is about forwarded media, not
@@ -417,7 +435,7 @@ impl ShardShell {
                             // Bit 63 keeps relayed streams apart from SSRCs.
                             let stream = Some(1 << 63 | p.publication.0 << 8 | u64::from(p.layer));
                             if flush_before(core.queued_transmits(), &mut burst, stream) {
-                                make_and_send(&mut core, &socket, &mut sender, &mut transmits).await;
+                                make_and_send(&mut core, &socket, &mut sender, &mut transmits, spread.as_ref()).await;
                                 cascade
                                     .subscribers
                                     .observe_handed_on(&mut cascade.to_subscribers, Instant::now);
@@ -447,7 +465,11 @@ impl ShardShell {
                     let now = Instant::now();
                     core.handle_timeout(now);
                     next_tick = tokio::time::Instant::now() + TICK;
-                    let (datagrams, messages) = sender.take_sent();
+                    let (mut datagrams, mut messages) = sender.take_sent();
+                    if let Some(spread) = &spread {
+                        let (d, m) = spread.take_sent();
+                        (datagrams, messages) = (datagrams + d, messages + m);
+                    }
                     core.counters.udp_datagrams_out += datagrams;
                     core.counters.udp_messages_out += messages;
                     self.metrics.absorb(&mut core.counters);
@@ -487,7 +509,14 @@ impl ShardShell {
                     core.layer_demand_dropped(publication);
                 }
             }
-            make_and_send(&mut core, &socket, &mut sender, &mut transmits).await;
+            make_and_send(
+                &mut core,
+                &socket,
+                &mut sender,
+                &mut transmits,
+                spread.as_ref(),
+            )
+            .await;
             burst = None;
             observe_residence(&mut arrivals, &mut residence);
             cascade
@@ -690,7 +719,13 @@ async fn make_and_send(
     socket: &tokio::net::UdpSocket,
     sender: &mut batch::SendBatch,
     transmits: &mut Vec<crate::sfu::Transmit>,
+    spread: Option<&SpreadSend>,
 ) {
+    if let Some(spread) = spread {
+        let send = |t: &mut Vec<crate::sfu::Transmit>| spread.send(t);
+        core.fan_out_spread(&spread.helpers, FAN_OUT_STEP, &send);
+        return;
+    }
     loop {
         let more = core.poll_transmits_upto(transmits, FAN_OUT_STEP);
         if !transmits.is_empty() {
@@ -703,6 +738,90 @@ async fn make_and_send(
     }
 }
 
+/// How a spread fan-out's parts send ([`ShardCore::fan_out_spread`]), from whichever thread
+/// made them: with that thread's own [`batch::SendBatch`] on the shard's socket, waiting in
+/// `poll(2)` when the socket's buffer is full, as [`send_all`] waits for writability.
+struct SpreadSend {
+    helpers: crate::spread::Helpers,
+    fd: std::os::fd::RawFd,
+    gso: bool,
+    /// Datagrams and messages the parts' sends handed to the kernel, for the shard's counters.
+    sent: [std::sync::atomic::AtomicU64; 2],
+}
+
+thread_local! {
+    /// A fan-out thread's send buffers, kept from part to part.
+    static SPREAD_SENDER: std::cell::RefCell<Option<batch::SendBatch>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl SpreadSend {
+    fn send(&self, transmits: &[crate::sfu::Transmit]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        SPREAD_SENDER.with_borrow_mut(|sender| {
+            let sender = sender.get_or_insert_with(|| batch::SendBatch::new(self.gso));
+            send_blocking(self.fd, sender, transmits);
+            let (datagrams, messages) = sender.take_sent();
+            self.sent[0].fetch_add(datagrams, Relaxed);
+            self.sent[1].fetch_add(messages, Relaxed);
+        });
+    }
+
+    fn take_sent(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.sent[0].swap(0, Relaxed), self.sent[1].swap(0, Relaxed))
+    }
+}
+
+/// Each destination's copies side by side, in the order they were queued, so a frame's
+/// packets to one subscriber go as one GSO message.
+fn send_items<'a>(
+    sender: &batch::SendBatch,
+    transmits: &'a [crate::sfu::Transmit],
+) -> Vec<(SocketAddr, &'a [u8])> {
+    let mut items: Vec<(SocketAddr, &[u8])> =
+        transmits.iter().map(|t| (t.to, &t.data[..])).collect();
+    if sender.gso() {
+        // Stable: each destination's packets keep their order.
+        items.sort_by_key(|&(to, _)| to);
+    }
+    items
+}
+
+/// [`send_all`] for a thread outside the shard's runtime: waits for writability in `poll(2)`,
+/// a millisecond at a time, as long as `send_all` waits.
+fn send_blocking(
+    fd: std::os::fd::RawFd,
+    sender: &mut batch::SendBatch,
+    transmits: &[crate::sfu::Transmit],
+) {
+    let items = send_items(sender, transmits);
+    let mut done = 0;
+    let mut spins = 0;
+    while done < items.len() {
+        match sender.send(fd, &items[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.error.kind() == io::ErrorKind::WouldBlock => {
+                spins += 1;
+                if spins > 16 {
+                    break;
+                }
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid `pollfd` for the call's duration.
+                unsafe { libc::poll(&mut pfd, 1, 1) };
+            }
+            Err(refused) => {
+                tracing::trace!(error = %refused.error, datagrams = refused.datagrams, "sendmmsg");
+                done += refused.datagrams.max(1);
+            }
+        }
+    }
+}
+
 /// Sends every transmit, waiting for writability when the socket buffer is full. Each
 /// destination's copies are put side by side, in the order they were queued, so a frame's
 /// packets to one subscriber go as one GSO message.
@@ -711,12 +830,7 @@ async fn send_all(
     sender: &mut batch::SendBatch,
     transmits: &[crate::sfu::Transmit],
 ) {
-    let mut items: Vec<(SocketAddr, &[u8])> =
-        transmits.iter().map(|t| (t.to, &t.data[..])).collect();
-    if sender.gso() {
-        // Stable: each destination's packets keep their order.
-        items.sort_by_key(|&(to, _)| to);
-    }
+    let items = send_items(sender, transmits);
     let fd = socket.as_raw_fd();
     let mut done = 0;
     let mut spins = 0;
