@@ -14,10 +14,13 @@ from `_sum`:
   - links: `kcs_cascade_residence_seconds{to="links"}` (origins, and edges relaying to child
     edges; quinn's delivery to the copies handed to quinn);
   - subscribers: `kcs_cascade_residence_seconds{to="subscribers"}` (edges; quinn's delivery
-    to the SRTP copies handed to the kernel).
+    to the SRTP copies handed to the kernel);
+  - shard wait: `kcs_cascade_shard_wait_seconds` (edges; quinn's delivery to the room's
+    shard taking the datagram from its inbox): the part of the links and subscribers stays
+    spent waiting for the shard's thread, not working.
 
 Then one line, "per cascade hop p99 <= X ms", X the largest p99 of the cascade series (links,
-subscribers) over all nodes. What each span includes and excludes: docs/cascade.md
+subscribers; not the shard wait, which is inside them) over all nodes. What each span includes and excludes: docs/cascade.md
 ("Residence"). Prints figures only; never fails on speed. Exit 1 when a scrape is missing
 or unreadable, or, with --expect-cascade, when no node timed cascade datagrams to links or none
 to subscribers in the window (the media did not cross the cascade, or the histograms are not
@@ -35,6 +38,7 @@ SERIES = {
     "client": ("kcs_media_residence_seconds", ""),
     "links": ("kcs_cascade_residence_seconds", 'to="links"'),
     "subscribers": ("kcs_cascade_residence_seconds", 'to="subscribers"'),
+    "shard wait": ("kcs_cascade_shard_wait_seconds", ""),
 }
 LINE = re.compile(r'^(\w+)\{([^}]*)\} (\S+)$|^(\w+) (\S+)$')
 
@@ -115,7 +119,7 @@ def main() -> int:
             print(f"{node:14} {key:11}  {packets:>7}  {fmt(p50):>6}  {fmt(p99):>6}  {mean:7.2f}")
             if key in seen:
                 seen[key] += packets
-            if key != "client":
+            if key in seen:
                 p = math.inf if p99 is None else p99
                 if worst is None or p > worst[0]:
                     worst = (p, node, key, packets)

@@ -121,6 +121,9 @@ pub struct CascadeResidence {
     pub links: ResidenceTotals,
     /// Until the SRTP copies for local subscribers were handed to the kernel (`sendmmsg`).
     pub subscribers: ResidenceTotals,
+    /// Until the room's shard took the datagram from its inbox: the wait part of either stay,
+    /// `kcs_cascade_shard_wait_seconds` (edges only).
+    pub shard_wait: ResidenceTotals,
 }
 
 /// `# HELP` and `# TYPE` of a histogram (once per name, before its series).
@@ -281,6 +284,14 @@ impl Metrics {
             let (buckets, sum) = totals.load();
             histogram_series(&mut out, name, &format!("to=\"{to}\""), &buckets, sum);
         }
+        let name = "kcs_cascade_shard_wait_seconds";
+        histogram_header(
+            &mut out,
+            name,
+            "time from a cascade datagram's delivery by quinn to its room's shard taking it from the inbox (the wait part of kcs_cascade_residence_seconds)",
+        );
+        let (buckets, sum) = self.cascade_residence.shard_wait.load();
+        histogram_series(&mut out, name, "", &buckets, sum);
         for (name, help, v) in [
             (
                 "participants",
@@ -546,6 +557,8 @@ mod tests {
         let mut c = Residence::default();
         c.observe(Duration::from_micros(80));
         m.cascade_residence.links.absorb(&mut c);
+        c.observe(Duration::from_micros(1_500));
+        m.cascade_residence.shard_wait.absorb(&mut c);
         let text = m.render();
         for line in [
             "# TYPE kcs_cascade_residence_seconds histogram\n",
@@ -554,6 +567,10 @@ mod tests {
             "kcs_cascade_residence_seconds_sum{to=\"links\"} 0.00008\n",
             "kcs_cascade_residence_seconds_count{to=\"links\"} 1\n",
             "kcs_cascade_residence_seconds_count{to=\"subscribers\"} 0\n",
+            "# TYPE kcs_cascade_shard_wait_seconds histogram\n",
+            "kcs_cascade_shard_wait_seconds_bucket{le=\"0.001\"} 0\n",
+            "kcs_cascade_shard_wait_seconds_bucket{le=\"0.002\"} 1\n",
+            "kcs_cascade_shard_wait_seconds_count 1\n",
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }

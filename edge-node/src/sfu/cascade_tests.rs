@@ -460,6 +460,8 @@ fn a_relayed_packet_is_timed_only_where_it_made_copies() {
         .observe_handed_on(&mut stays.to_subscribers, Instant::now);
     assert_eq!(counts(&stays), (0, 0));
     assert_eq!((stays.links.count(), stays.subscribers.count()), (2, 2));
+    // Every packet taken from the inbox is timed in the shard wait, copies or not.
+    assert_eq!(stays.shard_wait.count(), 4);
     // What the core queued is what was counted.
     assert_eq!(link_datagrams(&mut b.core).len(), 2);
     let out = b.drain();

@@ -106,11 +106,16 @@ pub(crate) struct CascadeStays {
     pub(crate) to_subscribers: Vec<Instant>,
     pub(crate) links: Residence,
     pub(crate) subscribers: Residence,
+    /// From quinn's delivery to the shard taking the datagram from its inbox
+    /// (`kcs_cascade_shard_wait_seconds`): the part of a stay spent waiting for the shard.
+    pub(crate) shard_wait: Residence,
 }
 
 impl CascadeStays {
     /// One relayed packet into the core, noting which copies it made.
     pub(crate) fn relay(&mut self, core: &mut ShardCore, p: RelayedPacket, now: Instant) {
+        self.shard_wait
+            .observe(now.saturating_duration_since(p.received));
         let (links, transmits) = (core.queued_link_datagrams(), core.queued_transmits());
         core.handle_relayed(p.publication, p.layer, p.flags, &p.rtp, now);
         if core.queued_link_datagrams() > links {
@@ -476,6 +481,7 @@ impl ShardShell {
                     self.metrics.residence.absorb(&mut residence);
                     self.metrics.cascade_residence.links.absorb(&mut cascade.links);
                     self.metrics.cascade_residence.subscribers.absorb(&mut cascade.subscribers);
+                    self.metrics.cascade_residence.shard_wait.absorb(&mut cascade.shard_wait);
                 }
             }
             // Flush: handed-off datagrams, transmits, events.
