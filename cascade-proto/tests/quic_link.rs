@@ -6,7 +6,9 @@ use cascade_proto::link::{
     ControlMessage, FlowId, GoodbyeCode, Hello, Label, Layer, MediaDatagram, MediaFlags, NodeRole,
     ALPN, PROTOCOL_VERSION,
 };
-use cascade_proto::quic::{ClusterCa, Link, LinkConfig, LinkEndpoint, LinkError, NodeCredentials};
+use cascade_proto::quic::{
+    ClusterCa, Link, LinkConfig, LinkEndpoint, LinkError, NodeCredentials, DEFAULT_INITIAL_WINDOW,
+};
 use cascade_proto::room::{
     Audience, EdgeToOrigin, Intent, OriginToEdge, RequestId, RoomEvent, RoomEventBody,
 };
@@ -173,6 +175,15 @@ async fn two_nodes_exchange_control_messages_and_datagrams() {
         (9, 2, true, rtp(7))
     );
     assert!(edge_link.media.max_size().is_some_and(|m| m >= 1200));
+    // Both ends start with the cascade's window, not QUIC's usual ~14 KB, so a keyframe burst
+    // is not paced out over an inter-region round trip (LinkConfig::initial_window).
+    for link in [&edge_link, &origin_link] {
+        assert!(
+            link.media.congestion_window() >= DEFAULT_INITIAL_WINDOW,
+            "window {} bytes",
+            link.media.congestion_window()
+        );
+    }
     origin.endpoint.close(GoodbyeCode::Normal, "test over");
 }
 

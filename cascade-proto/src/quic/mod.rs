@@ -34,6 +34,9 @@ pub use tls::{ClusterCa, NodeCredentials, TlsError};
 /// Largest chunk read from the control stream at once.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Default of [`LinkConfig::initial_window`]: 16 MiB.
+pub const DEFAULT_INITIAL_WINDOW: u64 = 16 << 20;
+
 /// Plain data for a [`LinkEndpoint`], with the defaults documented.
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
@@ -60,6 +63,20 @@ pub struct LinkConfig {
     /// Datagrams buffered per link before the oldest are dropped (default 4 MiB: about 1.3 s of
     /// 25 Mbit/s of media, enough to ride out a scheduling hiccup).
     pub datagram_buffer: usize,
+    /// The congestion window a link's QUIC connection starts with (default
+    /// [`DEFAULT_INITIAL_WINDOW`], 16 MiB; Cubic from there, so loss still shrinks it).
+    ///
+    /// Why so large: quinn paces what it sends at 1.25 windows per round trip, in bursts of the
+    /// window's 2 ms share (at least 10 packets). With QUIC's usual start (about 14 KB,
+    /// growing only while the sender is not application-limited, which media almost always
+    /// is) a keyframe (20-40 KB, more for a screen) on a 100-250 ms inter-region link was
+    /// spread over milliseconds at every hop: in the multi-region bench, 2-4 ms of the
+    /// receivers' p99 (BENCHMARKS.md). The cascade's rate is set by the media layer (each
+    /// publisher's congestion control, the simulcast layers the receivers behind a link
+    /// demand), not by QUIC: its datagrams are never retransmitted, so QUIC's window only
+    /// decides whether a burst queues. At 16 MiB a 40 KB burst leaves at once on links up to
+    /// ~800 ms round trip, and pacing only bites above ~500 Mbit/s on a 300 ms link.
+    pub initial_window: u64,
 }
 
 impl LinkConfig {
@@ -73,6 +90,7 @@ impl LinkConfig {
             tree_idle_timeout: Duration::from_millis(750),
             max_frame_body: DEFAULT_MAX_FRAME_BODY,
             datagram_buffer: 4 << 20,
+            initial_window: DEFAULT_INITIAL_WINDOW,
         }
     }
 
@@ -96,6 +114,9 @@ impl LinkConfig {
         t.max_concurrent_uni_streams(0u8.into());
         t.datagram_receive_buffer_size(Some(self.datagram_buffer));
         t.datagram_send_buffer_size(self.datagram_buffer);
+        let mut cubic = quinn::congestion::CubicConfig::default();
+        cubic.initial_window(self.initial_window);
+        t.congestion_controller_factory(Arc::new(cubic));
         Ok(t)
     }
 }
@@ -562,6 +583,11 @@ impl MediaChannel {
     /// Smoothed round-trip time of the link.
     pub fn rtt(&self) -> Duration {
         self.conn.rtt()
+    }
+
+    /// The link's congestion window now, in bytes (see [`LinkConfig::initial_window`]).
+    pub fn congestion_window(&self) -> u64 {
+        self.conn.stats().path.cwnd
     }
 
     /// Closes the whole link with a goodbye code and reason.
