@@ -8,20 +8,27 @@
 //! (a datagram never leaves before the one ahead of it), as on a real path where jitter comes
 //! from queueing.
 //!
-//! Structure: one receive task per socket feeds one scheduler task through a bounded channel;
+//! Structure: one receive task per socket feeds one scheduler thread through a bounded channel;
 //! the scheduler holds a deadline-ordered heap and sends when due. When the channel is full the
 //! datagram is dropped and counted, like a full router queue.
+//!
+//! Why a thread for the scheduler: the relay stands for the network, so its delay should be the
+//! configured one. A tokio timer has millisecond ticks and fires at the first tick at or after
+//! the deadline, which added 0-1 ms (about 0.5 ms on average, more under load) to every
+//! datagram at every relay, and the multi-region bench has two relays on each remote path. The
+//! thread waits with `recv_timeout` (a futex with a high-resolution timeout) and sends with
+//! plain `send_to` on its own handle of each socket.
 
 use rand::Rng;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::task::JoinSet;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RelayConfig {
@@ -44,10 +51,23 @@ pub struct RelayStats {
 /// Queue depth between receivers and the scheduler: ~1 s of a few hundred Mbit/s.
 const QUEUE: usize = 65_536;
 
+/// How long the scheduler waits for a full socket buffer to drain before it drops a datagram.
+const SEND_WAIT_MS: i32 = 20;
+
+/// A socket as the receive task (tokio) and the scheduler thread (blocking calls) each hold it:
+/// two handles of one file, non-blocking.
+fn socket_pair(
+    sock: std::net::UdpSocket,
+) -> std::io::Result<(UdpSocket, Arc<std::net::UdpSocket>)> {
+    sock.set_nonblocking(true)?;
+    let sender = sock.try_clone()?;
+    Ok((UdpSocket::from_std(sock)?, Arc::new(sender)))
+}
+
 struct Item {
     due: Instant,
     order: u64,
-    out: Arc<UdpSocket>,
+    out: Arc<std::net::UdpSocket>,
     to: SocketAddr,
     data: Vec<u8>,
 }
@@ -69,124 +89,171 @@ impl Ord for Item {
     }
 }
 
-/// Binds the listening socket; returns its address and a future that runs the relay forever.
+/// Binds the listening socket; returns its address and a future that runs the relay until it
+/// is dropped (the scheduler thread then ends with the receive tasks).
 pub async fn start(
     cfg: RelayConfig,
     stats: Arc<RelayStats>,
 ) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    let listen = Arc::new(UdpSocket::bind(cfg.listen).await?);
+    let (listen, listen_out) = socket_pair(std::net::UdpSocket::bind(cfg.listen)?)?;
     let addr = listen.local_addr()?;
-    Ok((addr, run(cfg, listen, stats)))
+    Ok((addr, run(cfg, listen, listen_out, stats)))
 }
 
 /// What a receive task hands the scheduler: (arrival, flow key, out socket, destination, data).
-type Received = (Instant, u64, Arc<UdpSocket>, SocketAddr, Vec<u8>);
+type Received = (Instant, u64, Arc<std::net::UdpSocket>, SocketAddr, Vec<u8>);
 
-async fn run(cfg: RelayConfig, listen: Arc<UdpSocket>, stats: Arc<RelayStats>) {
-    let (tx, mut rx) = mpsc::channel::<Received>(QUEUE);
+/// Hands a datagram to the scheduler, or counts it dropped when the queue is full.
+fn enqueue(tx: &SyncSender<Received>, item: Received, stats: &RelayStats) {
+    if let Err(TrySendError::Full(_)) = tx.try_send(item) {
+        stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+async fn run(
+    cfg: RelayConfig,
+    listen: UdpSocket,
+    listen_out: Arc<std::net::UdpSocket>,
+    stats: Arc<RelayStats>,
+) {
+    let (tx, rx) = mpsc::sync_channel::<Received>(QUEUE);
+    let scheduler_stats = stats.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("relay-scheduler".into())
+        .spawn(move || schedule(cfg, rx, &scheduler_stats))
+    {
+        eprintln!("relay: cannot start the scheduler thread: {e}");
+        return;
+    }
     let upstream_ip = if cfg.upstream.ip().is_loopback() {
         cfg.upstream.ip()
     } else {
         std::net::IpAddr::from([0, 0, 0, 0])
     };
-    // Client -> upstream: one upstream socket per client address.
-    {
-        let listen = listen.clone();
-        let tx = tx.clone();
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            let mut flows: HashMap<SocketAddr, (u64, Arc<UdpSocket>)> = HashMap::new();
-            let mut buf = vec![0u8; 65_536];
-            loop {
-                let Ok((n, from)) = listen.recv_from(&mut buf).await else {
+    // Client -> upstream: one upstream socket per client address; each flow's replies are read
+    // by a task of its own. Dropping this future drops the tasks, their senders with them, and
+    // the scheduler thread sees the channel close.
+    let mut flows: HashMap<SocketAddr, (u64, Arc<std::net::UdpSocket>)> = HashMap::new();
+    let mut replies = JoinSet::new();
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, from)) = listen.recv_from(&mut buf).await else {
+            continue;
+        };
+        let at = Instant::now();
+        let id = flows.len() as u64 * 2;
+        let (id, up) = match flows.get(&from) {
+            Some(f) => f.clone(),
+            None => {
+                let Ok((sock, sock_out)) =
+                    std::net::UdpSocket::bind(SocketAddr::new(upstream_ip, 0))
+                        .and_then(socket_pair)
+                else {
                     continue;
                 };
-                let next_id = flows.len() as u64 * 2;
-                let (id, up) = match flows.get(&from) {
-                    Some(f) => f.clone(),
-                    None => {
-                        let Ok(sock) = UdpSocket::bind(SocketAddr::new(upstream_ip, 0)).await
-                        else {
+                // Upstream -> client for this flow.
+                let (listen_out, tx, stats) = (listen_out.clone(), tx.clone(), stats.clone());
+                replies.spawn(async move {
+                    let mut buf = vec![0u8; 65_536];
+                    loop {
+                        let Ok((n, _)) = sock.recv_from(&mut buf).await else {
                             continue;
                         };
-                        let sock = Arc::new(sock);
-                        // Upstream -> client for this flow.
-                        let (sock2, listen2, tx2, stats2) =
-                            (sock.clone(), listen.clone(), tx.clone(), stats.clone());
-                        tokio::spawn(async move {
-                            let mut buf = vec![0u8; 65_536];
-                            loop {
-                                let Ok((n, _)) = sock2.recv_from(&mut buf).await else {
-                                    continue;
-                                };
-                                let item = (
-                                    Instant::now(),
-                                    next_id + 1,
-                                    listen2.clone(),
-                                    from,
-                                    buf[..n].to_vec(),
-                                );
-                                if tx2.try_send(item).is_err() {
-                                    stats2.dropped_queue.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        });
-                        flows.insert(from, (next_id, sock.clone()));
-                        (next_id, sock)
+                        let item = (
+                            Instant::now(),
+                            id + 1,
+                            listen_out.clone(),
+                            from,
+                            buf[..n].to_vec(),
+                        );
+                        enqueue(&tx, item, &stats);
                     }
-                };
-                if tx
-                    .try_send((Instant::now(), id, up, cfg.upstream, buf[..n].to_vec()))
-                    .is_err()
-                {
-                    stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
-                }
+                });
+                flows.insert(from, (id, sock_out.clone()));
+                (id, sock_out)
             }
-        });
+        };
+        enqueue(&tx, (at, id, up, cfg.upstream, buf[..n].to_vec()), &stats);
     }
-    drop(tx);
-    // Scheduler.
+}
+
+/// The scheduler thread: admits datagrams (loss, delay, jitter, per-flow order) and sends each
+/// when due. Ends when every receive task is gone.
+fn schedule(cfg: RelayConfig, rx: mpsc::Receiver<Received>, stats: &RelayStats) {
     let mut heap: BinaryHeap<Reverse<Item>> = BinaryHeap::new();
     let mut last_due: HashMap<u64, Instant> = HashMap::new();
     let mut order = 0u64;
     let mut rng = rand::rngs::StdRng::from_entropy();
     loop {
-        let next_due = heap.peek().map(|Reverse(i)| i.due);
-        tokio::select! {
-            got = rx.recv() => {
-                let Some((at, flow, out, to, data)) = got else { return };
-                if cfg.loss > 0.0 && rng.gen::<f64>() < cfg.loss {
-                    stats.dropped_loss.fetch_add(1, Ordering::Relaxed);
-                    continue;
+        let now = Instant::now();
+        while heap.peek().is_some_and(|Reverse(i)| i.due <= now) {
+            let Reverse(item) = heap.pop().expect("peeked");
+            match send(&item) {
+                Ok(()) => stats.forwarded.fetch_add(1, Ordering::Relaxed),
+                // The socket buffer stayed full: a full queue, as in a router.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    stats.dropped_queue.fetch_add(1, Ordering::Relaxed)
                 }
-                let jitter = if cfg.jitter.is_zero() {
-                    Duration::ZERO
-                } else {
-                    Duration::from_secs_f64(rng.gen_range(0.0..=2.0 * cfg.jitter.as_secs_f64()))
-                };
-                let mut due = (at + cfg.delay + jitter).checked_sub(cfg.jitter).unwrap_or(at);
-                // Keep the flow's order.
-                if let Some(prev) = last_due.get(&flow) {
-                    due = due.max(*prev);
-                }
-                last_due.insert(flow, due);
-                order += 1;
-                heap.push(Reverse(Item { due, order, out, to, data }));
-            }
-            _ = async {
-                match next_due {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                let now = Instant::now();
-                while heap.peek().is_some_and(|Reverse(i)| i.due <= now) {
-                    let Reverse(item) = heap.pop().expect("peeked");
-                    let _ = item.out.send_to(&item.data, item.to).await;
-                    stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+                // Refused by the destination (an ICMP error): lost on the path.
+                Err(_) => 0,
+            };
         }
+        let got = match heap.peek() {
+            Some(Reverse(next)) => match rx.recv_timeout(next.due.saturating_duration_since(now)) {
+                Ok(got) => got,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+            None => match rx.recv() {
+                Ok(got) => got,
+                Err(_) => return,
+            },
+        };
+        let (at, flow, out, to, data) = got;
+        if cfg.loss > 0.0 && rng.gen::<f64>() < cfg.loss {
+            stats.dropped_loss.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let jitter = if cfg.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(rng.gen_range(0.0..=2.0 * cfg.jitter.as_secs_f64()))
+        };
+        let mut due = (at + cfg.delay + jitter)
+            .checked_sub(cfg.jitter)
+            .unwrap_or(at);
+        // Keep the flow's order.
+        if let Some(prev) = last_due.get(&flow) {
+            due = due.max(*prev);
+        }
+        last_due.insert(flow, due);
+        order += 1;
+        heap.push(Reverse(Item {
+            due,
+            order,
+            out,
+            to,
+            data,
+        }));
+    }
+}
+
+/// Sends one datagram from the scheduler thread; when the socket buffer is full, waits up to
+/// [`SEND_WAIT_MS`] for room once.
+fn send(item: &Item) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    match item.out.send_to(&item.data, item.to) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            let mut pfd = libc::pollfd {
+                fd: item.out.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the call's duration.
+            unsafe { libc::poll(&mut pfd, 1, SEND_WAIT_MS) };
+            item.out.send_to(&item.data, item.to).map(drop)
+        }
+        r => r.map(drop),
     }
 }
 
